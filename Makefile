@@ -1,0 +1,46 @@
+# Duplex: the two commands a newcomer needs are `make demo` and `make test`.
+# Each installs what is missing (Debian packages, quietly), configures and builds in build/.
+
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+TSAN_BUILD ?= build-tsan
+JOBS       ?= $(shell nproc)
+GENERATOR  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
+CTEST_ARGS ?= --output-on-failure -j $(JOBS) --timeout 900
+
+.PHONY: all deps build demo test test-asan test-tsan bench clean
+
+all: build
+
+deps:
+	@./scripts/install-deps
+
+$(BUILD)/CMakeCache.txt: | deps
+	@cmake -S . -B $(BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+
+build: deps $(BUILD)/CMakeCache.txt
+	@cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	@./scripts/demo $(BUILD)
+
+test: build
+	@cd $(BUILD) && ctest $(CTEST_ARGS)
+
+test-asan: deps
+	@cmake -S . -B $(ASAN_BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=Debug -DDUPLEX_SANITIZE=ON -DDUPLEX_WITH_CUDA=OFF >/dev/null
+	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+	@cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/.ci/lsan.supp \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest $(CTEST_ARGS)
+
+test-tsan: deps
+	@cmake -S . -B $(TSAN_BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=Debug -DDUPLEX_TSAN=ON -DDUPLEX_WITH_CUDA=OFF \
+		-DDUPLEX_WITH_MPI=OFF -DDUPLEX_WITH_UCX=OFF >/dev/null
+	@cmake --build $(TSAN_BUILD) -j $(JOBS)
+	@cd $(TSAN_BUILD) && TSAN_OPTIONS=halt_on_error=1 ctest $(CTEST_ARGS) -L "core|comm"
+
+bench: build
+	@./scripts/bench-comm $(BUILD)
+
+clean:
+	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

@@ -1,0 +1,510 @@
+#include "comm/communicator.hpp"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/knobs.hpp"
+#include "core/log.hpp"
+
+namespace duplex {
+
+namespace {
+
+const Knob<double> kCommTimeout("DUPLEX_COMM_TIMEOUT", 300.0,
+                                "seconds a communication operation may wait for a peer before TimeoutError");
+
+// Point-to-point work: the transport request itself.
+class P2PWork : public Work {
+public:
+    P2PWork(std::shared_ptr<Transport> t, std::shared_ptr<Request> r, std::string context, double default_timeout)
+        : transport_(std::move(t)), request_(std::move(r)), context_(std::move(context)), timeout_(default_timeout) {}
+    bool test() override {
+        if (!request_->done()) return false;
+        request_->rethrow();
+        return true;
+    }
+    void wait(double timeout_s) override {
+        double t = timeout_s < 0 ? timeout_ : timeout_s;
+        if (!transport_->wait(*request_, Deadline(t))) {
+            transport_->cancel(*request_);
+            try {
+                request_->rethrow();
+            } catch (const CommError&) {
+                throw TimeoutError(context_, t);
+            }
+            return;  // it completed while being cancelled
+        }
+        request_->rethrow();
+    }
+
+private:
+    std::shared_ptr<Transport> transport_;
+    std::shared_ptr<Request> request_;
+    std::string context_;
+    double timeout_;
+};
+
+
+uint32_t mix_context(uint32_t parent, uint32_t seq) {
+    uint64_t x = (uint64_t(parent) << 32) ^ (seq + 0x9E3779B97F4A7C15ull);
+    x ^= x >> 33;
+    x *= 0xFF51AFD7ED558CCDull;
+    x ^= x >> 33;
+    // NOTE: contexts are 16 bits (8 on MPI) and never 0 (the world); a collision only matters when two groups
+    // sharing a pair of ranks have operations in flight at once with equal tags.
+    return static_cast<uint32_t>(x % 0xFFFFu) + 1;
+}
+
+}  // namespace
+
+// The per-communicator progress thread for collectives: runs queued operations in order.
+// The per-communicator progress thread for collectives: runs queued operations strictly in order. A caller
+// that waits on the operation at the head of an idle queue runs it on its own thread instead, which saves
+// two thread hand-offs when nothing was left to overlap.
+struct Communicator::Worker {
+    struct Task {
+        uint64_t id;
+        std::function<void()> run;
+    };
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::deque<Task> queue;
+    uint64_t next_id = 0;
+    bool busy = false;
+    bool stopping = false;
+    std::thread thread;
+
+    uint64_t push(std::function<void()> fn) {
+        uint64_t id;
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            id = next_id++;
+            queue.push_back({id, std::move(fn)});
+            if (!thread.joinable()) thread = std::thread([this] { run(); });
+        }
+        cv.notify_all();
+        return id;
+    }
+    // Runs task `id` here if it is next and nothing else runs; false otherwise.
+    bool try_run_inline(uint64_t id) {
+        Task task;
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            if (busy || queue.empty() || queue.front().id != id) return false;
+            task = std::move(queue.front());
+            queue.pop_front();
+            busy = true;
+        }
+        task.run();
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            busy = false;
+        }
+        cv.notify_all();
+        return true;
+    }
+    void run() {
+        for (;;) {
+            Task task;
+            {
+                std::unique_lock<std::mutex> lock(mutex);
+                cv.wait(lock, [&] { return (stopping && !busy) || (!queue.empty() && !busy); });
+                if (queue.empty()) return;
+                task = std::move(queue.front());
+                queue.pop_front();
+                busy = true;
+            }
+            task.run();
+            {
+                std::lock_guard<std::mutex> lock(mutex);
+                busy = false;
+            }
+            cv.notify_all();
+        }
+    }
+    // Drains the queue and joins the thread; later try_run_inline calls find nothing to run.
+    void shutdown() {
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            stopping = true;
+        }
+        cv.notify_all();
+        if (thread.joinable()) thread.join();
+    }
+};
+
+// Collective work: completed by the communicator's worker thread.
+class CollectiveWork : public Work {
+public:
+    explicit CollectiveWork(std::string context, std::shared_ptr<Communicator::Worker> worker)
+        : context_(std::move(context)), worker_(std::move(worker)) {}
+    void set_id(uint64_t id) { id_ = id; }
+    void finish(std::exception_ptr error) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            done_ = true;
+            error_ = std::move(error);
+        }
+        cv_.notify_all();
+    }
+    bool test() override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (done_ && error_) std::rethrow_exception(error_);
+        return done_;
+    }
+    void wait(double timeout_s) override {
+        // NOTE: by default wait for the worker: the collective has its own deadline and its error names the
+        // peer that did not answer, which a second, racing deadline here would hide.
+        double t = timeout_s < 0 ? 0 : timeout_s;
+        Deadline deadline(t);
+        if (!test()) worker_->try_run_inline(id_);
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (deadline.infinite()) {
+            cv_.wait(lock, [&] { return done_; });
+        } else if (!cv_.wait_until(lock, deadline.at(), [&] { return done_; })) {
+            throw TimeoutError(context_, t);
+        }
+        if (error_) std::rethrow_exception(error_);
+    }
+
+private:
+    std::string context_;
+    std::shared_ptr<Communicator::Worker> worker_;
+    uint64_t id_ = 0;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool done_ = false;
+    std::exception_ptr error_;
+};
+
+// What a collective's body sees: posting in group ranks, waiting with the collective's deadline.
+struct CollectiveCtx {
+    Communicator& comm;
+    const char* op;
+    uint32_t seq;
+    Deadline deadline;
+
+    std::shared_ptr<Request> send(int peer, int phase, const void* buf, size_t bytes) const {
+        comm.count_send(peer, bytes);
+        return comm.transport_->isend(comm.world_rank(peer), tag(phase), buf, bytes);
+    }
+    std::shared_ptr<Request> recv(int peer, int phase, void* buf, size_t bytes) const {
+        return comm.transport_->irecv(comm.world_rank(peer), tag(phase), buf, bytes);
+    }
+    uint64_t tag(int phase) const { return comm.wire_tag(true, (seq << 3) | static_cast<uint32_t>(phase)); }
+
+    // Waits for all requests; on timeout cancels the rest and names the first peer that did not answer.
+    void wait(std::vector<std::shared_ptr<Request>>& requests) const {
+        for (auto& r : requests) {
+            if (!comm.transport_->wait(*r, deadline)) {
+                int peer_world = r->peer;
+                for (auto& q : requests) comm.transport_->cancel(*q);
+                int peer = static_cast<int>(std::find(comm.members_.begin(), comm.members_.end(), peer_world) -
+                                            comm.members_.begin());
+                throw TimeoutError(
+                    fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer), r->is_send ? "sending" : "receiving", r->bytes),
+                    deadline.timeout_s());
+            }
+            r->rethrow();
+        }
+        requests.clear();
+    }
+};
+
+void wait_all(const std::vector<WorkPtr>& works, double timeout_s) {
+    for (const WorkPtr& w : works) w->wait(timeout_s);
+}
+
+std::shared_ptr<Communicator> Communicator::create(std::shared_ptr<Transport> transport, Topology topology,
+                                                   CommOptions options) {
+    int n = transport->size();
+    if (topology.size() != n)
+        throw ConfigError("topology", fmt::format("describes {} ranks but the world has {}", topology.size(), n));
+    std::vector<int> members(n);
+    for (int r = 0; r < n; ++r) members[r] = r;
+    double timeout = options.timeout_s < 0 ? kCommTimeout.get() : options.timeout_s;
+    return std::shared_ptr<Communicator>(
+        new Communicator(std::move(transport), std::move(topology), std::move(members), 0, timeout));
+}
+
+Communicator::Communicator(std::shared_ptr<Transport> transport, Topology world, std::vector<int> members,
+                           uint32_t context, double timeout_s)
+    : transport_(std::move(transport)),
+      world_topology_(std::move(world)),
+      topology_(world_topology_.subset(members)),
+      members_(std::move(members)),
+      context_(context),
+      timeout_s_(timeout_s),
+      worker_(std::make_shared<Worker>()) {
+    int me = transport_->rank();
+    auto it = std::find(members_.begin(), members_.end(), me);
+    if (it == members_.end()) throw Error(fmt::format("rank {} is not a member of its own communicator", me));
+    rank_ = static_cast<int>(it - members_.begin());
+}
+
+Communicator::~Communicator() { worker_->shutdown(); }
+
+uint64_t Communicator::wire_tag(bool collective, uint32_t tag) const {
+    return (uint64_t(context_) << 33) | (uint64_t(collective ? 1 : 0) << 32) | tag;
+}
+
+void Communicator::count_send(int peer, size_t bytes) {
+    LinkClass c = topology_.link(rank_, peer);
+    sent_bytes_[static_cast<int>(c)].fetch_add(bytes, std::memory_order_relaxed);
+}
+
+LinkBytes Communicator::bytes_sent() const {
+    return {sent_bytes_[static_cast<int>(LinkClass::IntraNode)].load(),
+            sent_bytes_[static_cast<int>(LinkClass::InterNode)].load()};
+}
+
+void Communicator::reset_counters() {
+    for (auto& c : sent_bytes_) c.store(0);
+}
+
+WorkPtr Communicator::isend(const void* buf, size_t bytes, int peer, uint32_t tag) {
+    DUPLEX_CHECK_ARG(peer >= 0 && peer < size(), "isend peer", "rank {}: peer {} outside 0..{}", rank_, peer, size() - 1);
+    DUPLEX_CHECK_ARG(tag < kMaxUserTag, "isend tag", "rank {}: tag {} must be below {}", rank_, tag, kMaxUserTag);
+    count_send(peer, bytes);
+    auto r = transport_->isend(world_rank(peer), wire_tag(false, tag), buf, bytes);
+    return std::make_shared<P2PWork>(transport_, std::move(r),
+                                     fmt::format("{} (tag {}, {} bytes)", comm_context(rank_, "isend", peer), tag, bytes),
+                                     timeout_s_);
+}
+
+WorkPtr Communicator::irecv(void* buf, size_t bytes, int peer, uint32_t tag) {
+    DUPLEX_CHECK_ARG(peer >= 0 && peer < size(), "irecv peer", "rank {}: peer {} outside 0..{}", rank_, peer, size() - 1);
+    DUPLEX_CHECK_ARG(tag < kMaxUserTag, "irecv tag", "rank {}: tag {} must be below {}", rank_, tag, kMaxUserTag);
+    auto r = transport_->irecv(world_rank(peer), wire_tag(false, tag), buf, bytes);
+    return std::make_shared<P2PWork>(transport_, std::move(r),
+                                     fmt::format("{} (tag {}, {} bytes)", comm_context(rank_, "irecv", peer), tag, bytes),
+                                     timeout_s_);
+}
+
+WorkPtr Communicator::enqueue(const char* op, std::function<void(const CollectiveCtx&)> body) {
+    uint32_t seq = collective_seq_++;
+    auto work = std::make_shared<CollectiveWork>(comm_context(rank_, op), worker_);
+    // NOTE: `this` outlives the task: ~Communicator drains the worker's queue before it returns.
+    uint64_t id = worker_->push([this, work, op, seq, body = std::move(body)] {
+        try {
+            CollectiveCtx ctx{*this, op, seq, Deadline(timeout_s_)};
+            body(ctx);
+            work->finish(nullptr);
+        } catch (...) {
+            work->finish(std::current_exception());
+        }
+    });
+    work->set_id(id);
+    return work;
+}
+
+namespace {
+
+template <typename T>
+void add_into(T* dst, const T* src, size_t n) {
+    for (size_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// Posts receives from every peer, then sends in a rotated order (rank+1, rank+2, ...) so that no rank is
+// everyone's first target; the block to self is a local copy.
+void exchange_blocks(const CollectiveCtx& ctx, int phase, const char* send, const std::vector<size_t>& send_bytes,
+                     const std::vector<size_t>& send_off, char* recv, const std::vector<size_t>& recv_bytes,
+                     const std::vector<size_t>& recv_off) {
+    int n = ctx.comm.size(), me = ctx.comm.rank();
+    std::vector<std::shared_ptr<Request>> requests;
+    requests.reserve(2 * n);
+    for (int i = 1; i < n; ++i) {
+        int peer = (me - i + n) % n;
+        requests.push_back(ctx.recv(peer, phase, recv + recv_off[peer], recv_bytes[peer]));
+    }
+    for (int i = 1; i < n; ++i) {
+        int peer = (me + i) % n;
+        requests.push_back(ctx.send(peer, phase, send + send_off[peer], send_bytes[peer]));
+    }
+    if (send_bytes[me] != recv_bytes[me])
+        throw CommError(fmt::format("{}: sends {} bytes to itself but expects {}", comm_context(me, ctx.op),
+                                    send_bytes[me], recv_bytes[me]));
+    if (send_bytes[me] > 0 && send + send_off[me] != recv + recv_off[me])
+        std::memmove(recv + recv_off[me], send + send_off[me], send_bytes[me]);
+    ctx.wait(requests);
+}
+
+// Sum of the blocks that land on each rank: block p of rank q (counts[p] elements at offsets[p]) is added
+// into rank p's `out` in rank order q = 0..n-1.
+void reduce_scatter_blocks(const CollectiveCtx& ctx, int phase, const char* send, char* out,
+                           const std::vector<size_t>& counts, const std::vector<size_t>& offsets, DType dtype) {
+    int n = ctx.comm.size(), me = ctx.comm.rank();
+    size_t esize = dtype_size(dtype);
+    size_t mine = counts[me];
+    std::vector<char> scratch(mine * esize * static_cast<size_t>(n));
+    std::vector<std::shared_ptr<Request>> requests;
+    for (int i = 1; i < n; ++i) {
+        int peer = (me - i + n) % n;
+        requests.push_back(ctx.recv(peer, phase, scratch.data() + size_t(peer) * mine * esize, mine * esize));
+    }
+    for (int i = 1; i < n; ++i) {
+        int peer = (me + i) % n;
+        requests.push_back(ctx.send(peer, phase, send + offsets[peer] * esize, counts[peer] * esize));
+    }
+    std::memcpy(scratch.data() + size_t(me) * mine * esize, send + offsets[me] * esize, mine * esize);
+    ctx.wait(requests);
+    if (dtype == DType::BF16) {
+        std::vector<float> acc(mine, 0.0f);
+        for (int q = 0; q < n; ++q) {
+            auto src = reinterpret_cast<const uint16_t*>(scratch.data() + size_t(q) * mine * esize);
+            for (size_t i = 0; i < mine; ++i) acc[i] += bf16_to_fp32(src[i]);
+        }
+        auto dst = reinterpret_cast<uint16_t*>(out);
+        for (size_t i = 0; i < mine; ++i) dst[i] = fp32_to_bf16(acc[i]);
+        return;
+    }
+    std::memcpy(out, scratch.data(), mine * esize);
+    for (int q = 1; q < n; ++q) reduce_sum_into(out, scratch.data() + size_t(q) * mine * esize, mine, dtype);
+}
+
+std::vector<size_t> even_split(size_t count, int n, std::vector<size_t>& offsets) {
+    std::vector<size_t> counts(n);
+    offsets.assign(n, 0);
+    for (int i = 0; i < n; ++i) {
+        counts[i] = count / n + (size_t(i) < count % n ? 1 : 0);
+        if (i > 0) offsets[i] = offsets[i - 1] + counts[i - 1];
+    }
+    return counts;
+}
+
+void check_reduce_dtype(DType dtype, int rank, const char* op) {
+    if (dtype == DType::E4M3 || dtype == DType::U8)
+        throw ConfigError(fmt::format("{} dtype", op),
+                          fmt::format("rank {}: cannot sum {} (use float, double, bf16, int32, int64)", rank,
+                                      dtype_name(dtype)));
+}
+
+}  // namespace
+
+void reduce_sum_into(void* dst, const void* src, size_t count, DType dtype) {
+    switch (dtype) {
+        case DType::F32: add_into(static_cast<float*>(dst), static_cast<const float*>(src), count); break;
+        case DType::F64: add_into(static_cast<double*>(dst), static_cast<const double*>(src), count); break;
+        case DType::I32: add_into(static_cast<int32_t*>(dst), static_cast<const int32_t*>(src), count); break;
+        case DType::I64: add_into(static_cast<int64_t*>(dst), static_cast<const int64_t*>(src), count); break;
+        case DType::BF16: {
+            auto d = static_cast<uint16_t*>(dst);
+            auto s = static_cast<const uint16_t*>(src);
+            for (size_t i = 0; i < count; ++i) d[i] = fp32_to_bf16(bf16_to_fp32(d[i]) + bf16_to_fp32(s[i]));
+            break;
+        }
+        default:
+            throw ConfigError("reduce dtype", fmt::format("cannot sum {}", dtype_name(dtype)));
+    }
+}
+
+WorkPtr Communicator::all_to_all_v(const void* send, std::span<const size_t> send_bytes,
+                                   std::span<const size_t> send_offsets, void* recv, std::span<const size_t> recv_bytes,
+                                   std::span<const size_t> recv_offsets) {
+    size_t n = static_cast<size_t>(size());
+    if (send_bytes.size() != n || send_offsets.size() != n || recv_bytes.size() != n || recv_offsets.size() != n)
+        throw ConfigError("all_to_all_v counts",
+                          fmt::format("rank {}: need {} entries per list, got send {}/{} recv {}/{}", rank_, n,
+                                      send_bytes.size(), send_offsets.size(), recv_bytes.size(), recv_offsets.size()));
+    std::vector<size_t> sb(send_bytes.begin(), send_bytes.end()), so(send_offsets.begin(), send_offsets.end());
+    std::vector<size_t> rb(recv_bytes.begin(), recv_bytes.end()), ro(recv_offsets.begin(), recv_offsets.end());
+    auto s = static_cast<const char*>(send);
+    auto r = static_cast<char*>(recv);
+    return enqueue("all_to_all_v", [=](const CollectiveCtx& ctx) { exchange_blocks(ctx, 0, s, sb, so, r, rb, ro); });
+}
+
+WorkPtr Communicator::all_to_all(const void* send, void* recv, size_t bytes_per_peer) {
+    int n = size();
+    std::vector<size_t> bytes(n, bytes_per_peer), offsets(n);
+    for (int i = 0; i < n; ++i) offsets[i] = size_t(i) * bytes_per_peer;
+    return all_to_all_v(send, bytes, offsets, recv, bytes, offsets);
+}
+
+WorkPtr Communicator::all_gather(const void* send, void* recv, size_t bytes) {
+    int n = size();
+    auto s = static_cast<const char*>(send);
+    auto r = static_cast<char*>(recv);
+    return enqueue("all_gather", [=](const CollectiveCtx& ctx) {
+        // Own block goes to everyone: every send "block" starts at `s`; the self block is copied here.
+        std::vector<size_t> sb(n, bytes), so(n, 0), rb(n, bytes), ro(n);
+        for (int i = 0; i < n; ++i) ro[i] = size_t(i) * bytes;
+        int me = ctx.comm.rank();
+        if (bytes > 0) std::memmove(r + ro[me], s, bytes);
+        sb[me] = rb[me] = 0;
+        exchange_blocks(ctx, 0, s, sb, so, r, rb, ro);
+    });
+}
+
+WorkPtr Communicator::reduce_scatter(const void* send, void* recv, size_t count, DType dtype, ReduceOp) {
+    check_reduce_dtype(dtype, rank_, "reduce_scatter");
+    int n = size();
+    auto s = static_cast<const char*>(send);
+    auto r = static_cast<char*>(recv);
+    return enqueue("reduce_scatter", [=](const CollectiveCtx& ctx) {
+        std::vector<size_t> counts(n, count), offsets(n);
+        for (int i = 0; i < n; ++i) offsets[i] = size_t(i) * count;
+        reduce_scatter_blocks(ctx, 0, s, r, counts, offsets, dtype);
+    });
+}
+
+WorkPtr Communicator::all_reduce(void* buf, size_t count, DType dtype, ReduceOp) {
+    check_reduce_dtype(dtype, rank_, "all_reduce");
+    int n = size();
+    auto b = static_cast<char*>(buf);
+    return enqueue("all_reduce", [=](const CollectiveCtx& ctx) {
+        std::vector<size_t> offsets;
+        std::vector<size_t> counts = even_split(count, n, offsets);
+        size_t esize = dtype_size(dtype);
+        int me = ctx.comm.rank();
+        std::vector<char> mine(counts[me] * esize);
+        reduce_scatter_blocks(ctx, 0, b, mine.data(), counts, offsets, dtype);
+        std::memcpy(b + offsets[me] * esize, mine.data(), mine.size());
+        std::vector<size_t> bytes(n), boff(n), sb(n, counts[me] * esize), so(n, offsets[me] * esize);
+        for (int i = 0; i < n; ++i) {
+            bytes[i] = counts[i] * esize;
+            boff[i] = offsets[i] * esize;
+        }
+        exchange_blocks(ctx, 1, b, sb, so, b, bytes, boff);
+    });
+}
+
+WorkPtr Communicator::barrier() {
+    return enqueue("barrier", [](const CollectiveCtx& ctx) {
+        // Dissemination barrier: ceil(log2 n) rounds of empty messages.
+        int n = ctx.comm.size(), me = ctx.comm.rank();
+        std::vector<std::shared_ptr<Request>> requests;
+        for (int dist = 1, round = 0; dist < n; dist *= 2, ++round) {
+            requests.push_back(ctx.recv((me - dist + n) % n, round, nullptr, 0));
+            requests.push_back(ctx.send((me + dist) % n, round, nullptr, 0));
+            ctx.wait(requests);
+        }
+    });
+}
+
+std::shared_ptr<Communicator> Communicator::split(int color, int key) {
+    int n = size();
+    std::vector<int32_t> mine = {color, key, rank_}, all(3 * size_t(n));
+    all_gather(mine.data(), all.data(), sizeof(int32_t) * 3)->wait();
+    uint32_t child_context = mix_context(context_, split_seq_++);
+    if (color < 0) return nullptr;
+    std::vector<std::pair<std::pair<int, int>, int>> group;  // ((key, rank), rank)
+    for (int r = 0; r < n; ++r)
+        if (all[3 * r] == color) group.push_back({{all[3 * r + 1], all[3 * r + 2]}, r});
+    std::sort(group.begin(), group.end());
+    std::vector<int> members;
+    for (auto& g : group) members.push_back(members_[g.second]);
+    log::debug("comm", "rank {}: split color {} -> group of {} (context {})", rank_, color, members.size(),
+               child_context);
+    return std::shared_ptr<Communicator>(
+        new Communicator(transport_, world_topology_, std::move(members), child_context, timeout_s_));
+}
+
+}  // namespace duplex

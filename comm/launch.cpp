@@ -1,0 +1,188 @@
+#include "comm/launch.hpp"
+
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include "comm/inproc/inproc_transport.hpp"
+#include "comm/tcp_store.hpp"
+#include "core/error.hpp"
+#include "core/knobs.hpp"
+#include "core/log.hpp"
+#ifdef DUPLEX_HAVE_MPI
+#include "comm/mpi/mpi_transport.hpp"
+#endif
+#ifdef DUPLEX_HAVE_UCX
+#include "comm/ucx/ucx_transport.hpp"
+#endif
+
+namespace duplex {
+
+namespace {
+
+const Knob<std::string> kStoreToken("DUPLEX_STORE_TOKEN", "duplex",
+                                    "shared secret every rank presents to the TCP store on connect");
+
+const char* env(const char* name) {
+    const char* v = std::getenv(name);
+    return (v && *v) ? v : nullptr;
+}
+
+int env_int(const char* name, const char* text) {
+    try {
+        size_t used = 0;
+        int v = std::stoi(text, &used);
+        if (used == std::string(text).size()) return v;
+    } catch (const std::exception&) {
+    }
+    throw ConfigError(name, fmt::format("expected an integer, got '{}'", text));
+}
+
+Topology make_topology(const LaunchOptions& o, const Transport& t) {
+    if (o.virtual_nodes > 0) return Topology::virtual_nodes(t.size(), o.virtual_nodes);
+    return Topology::from_hostnames(t.hostnames());
+}
+
+void launch_inproc(const LaunchOptions& o, const RankFn& fn) {
+    auto fabric = InprocFabric::create(o.ranks);
+    if (o.virtual_nodes > 0) Topology::virtual_nodes(o.ranks, o.virtual_nodes);  // validate before starting
+    std::mutex mutex;
+    std::exception_ptr first;
+    std::vector<std::thread> threads;
+    threads.reserve(o.ranks);
+    for (int r = 0; r < o.ranks; ++r) {
+        threads.emplace_back([&, r] {
+            auto transport = fabric->transport(r);
+            try {
+                if (o.bind_cores) bind_thread_to_core(r);
+                auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
+                fn(comm);
+            } catch (const std::exception& e) {
+                {
+                    std::lock_guard<std::mutex> lock(mutex);
+                    if (!first) first = std::current_exception();
+                }
+                transport->abort(e.what());
+            }
+        });
+    }
+    for (auto& t : threads) t.join();
+    if (first) std::rethrow_exception(first);
+}
+
+}  // namespace
+
+ProcessEnv process_env() {
+    ProcessEnv p;
+    if (const char* r = env("DUPLEX_RANK")) {
+        p.rank = env_int("DUPLEX_RANK", r);
+        const char* w = env("DUPLEX_WORLD_SIZE");
+        if (!w) throw ConfigError("DUPLEX_WORLD_SIZE", "must be set together with DUPLEX_RANK");
+        p.world_size = env_int("DUPLEX_WORLD_SIZE", w);
+        p.source = "DUPLEX_*";
+    } else if (const char* r2 = env("RANK"); r2 && env("WORLD_SIZE")) {
+        p.rank = env_int("RANK", r2);
+        p.world_size = env_int("WORLD_SIZE", env("WORLD_SIZE"));
+        p.source = "torchrun (RANK/WORLD_SIZE)";
+    } else if (const char* r3 = env("OMPI_COMM_WORLD_RANK")) {
+        p.rank = env_int("OMPI_COMM_WORLD_RANK", r3);
+        const char* w = env("OMPI_COMM_WORLD_SIZE");
+        if (!w) throw ConfigError("OMPI_COMM_WORLD_SIZE", "missing under mpirun");
+        p.world_size = env_int("OMPI_COMM_WORLD_SIZE", w);
+        p.source = "Open MPI (OMPI_COMM_WORLD_*)";
+    } else {
+        p.source = "single process";
+    }
+    if (const char* a = env("DUPLEX_STORE_ADDR")) {
+        p.store_addr = a;
+    } else if (env("MASTER_ADDR") || env("MASTER_PORT")) {
+        p.store_addr = fmt::format("{}:{}", env("MASTER_ADDR") ? env("MASTER_ADDR") : "127.0.0.1",
+                                   env("MASTER_PORT") ? env("MASTER_PORT") : "29500");
+    } else {
+        p.store_addr = "127.0.0.1:29500";
+    }
+    if (p.world_size < 1 || p.rank < 0 || p.rank >= p.world_size)
+        throw ConfigError("rank", fmt::format("rank {} of world size {} from {}", p.rank, p.world_size, p.source));
+    return p;
+}
+
+std::vector<std::string> built_backends() {
+    std::vector<std::string> b = {"inproc"};
+#ifdef DUPLEX_HAVE_MPI
+    b.push_back("mpi");
+#endif
+#ifdef DUPLEX_HAVE_UCX
+    b.push_back("ucx");
+#endif
+    return b;
+}
+
+bool backend_built(const std::string& name) {
+    for (const std::string& b : built_backends())
+        if (b == name) return true;
+    return false;
+}
+
+bool backend_is_multiprocess(const std::string& name) { return name == "mpi" || name == "ucx"; }
+
+void launch(const LaunchOptions& o, const RankFn& fn) {
+    if (o.backend == "inproc") return launch_inproc(o, fn);
+    if (o.backend != "mpi" && o.backend != "ucx")
+        throw ConfigError("--backend", fmt::format("unknown backend '{}' (inproc, mpi, ucx)", o.backend));
+    if (!backend_built(o.backend))
+        throw ConfigError("--backend", fmt::format("'{}' is not built into this binary (built: {})", o.backend,
+                                                   fmt::join(built_backends(), ", ")));
+#ifdef DUPLEX_HAVE_MPI
+    if (o.backend == "mpi") {
+        auto transport = make_mpi_transport();
+        try {
+            if (o.bind_cores) bind_thread_to_core(transport->rank());
+            auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
+            fn(comm);
+            comm->barrier()->wait();
+        } catch (const std::exception& e) {
+            log::error("comm", "rank {} failed: {}", transport->rank(), e.what());
+            transport->abort(e.what());
+        }
+        return;
+    }
+#endif
+#ifdef DUPLEX_HAVE_UCX
+    if (o.backend == "ucx") {
+        ProcessEnv p = process_env();
+        auto [host, port] = parse_host_port(p.store_addr, "DUPLEX_STORE_ADDR");
+        std::unique_ptr<TcpStoreServer> server;
+        if (p.rank == 0) server = std::make_unique<TcpStoreServer>(host, port, kStoreToken.get());
+        auto store = std::make_shared<TcpStore>(host, port, kStoreToken.get());
+        std::exception_ptr failure;
+        {
+            auto transport = make_ucx_transport(store, p.rank, p.world_size);
+            try {
+                if (o.bind_cores) bind_thread_to_core(p.rank);
+                auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
+                fn(comm);
+                comm->barrier()->wait();
+            } catch (const std::exception& e) {
+                log::error("comm", "rank {} failed: {}", p.rank, e.what());
+                transport->abort(e.what());
+                failure = std::current_exception();
+            }
+        }
+        // The server lives until every rank has torn its transport down.
+        store->add("launch/exit", 1);
+        if (server) {
+            Deadline d(30);
+            while (std::stoll(store->get("launch/exit", 30)) < p.world_size && !d.expired())
+                std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        if (failure) std::rethrow_exception(failure);
+        return;
+    }
+#endif
+}
+
+}  // namespace duplex

@@ -1,0 +1,49 @@
+// Starting a world of ranks on any backend, the way people already launch jobs.
+//
+//   inproc  ranks are threads of this process:        launch({.backend = "inproc", .ranks = 8}, fn);
+//   mpi     one rank per process under mpirun:        mpirun -np 8 duplex commbench --backend mpi
+//   ucx     one rank per process, bootstrapped through the TCP store; rank, world size and store address
+//           come from DUPLEX_RANK / DUPLEX_WORLD_SIZE / DUPLEX_STORE_ADDR, or torchrun's RANK / WORLD_SIZE /
+//           MASTER_ADDR / MASTER_PORT, or Open MPI's OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE.
+//
+// `fn` runs once per rank with that rank's world communicator. If one rank throws, every other rank's
+// pending and later operations fail with a CommError naming it (inproc), or the job is aborted (mpi, ucx),
+// and launch() rethrows the first failure.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.hpp"
+
+namespace duplex {
+
+struct LaunchOptions {
+    std::string backend = "inproc";
+    int ranks = 1;            // inproc only; process backends take the world size from the environment
+    int virtual_nodes = 0;    // > 0: a virtual topology of that many nodes; 0: placement from host names
+    double timeout_s = -1;    // < 0: DUPLEX_COMM_TIMEOUT
+    bool bind_cores = false;  // bind each rank to a core (hwloc)
+};
+
+struct ProcessEnv {
+    int rank = 0;
+    int world_size = 1;
+    std::string store_addr;  // host:port of the rendezvous store
+    std::string source;      // which variables supplied them
+};
+
+// Reads rank, world size and store address from the environment (see above); a single process otherwise.
+ProcessEnv process_env();
+
+// Names of the backends compiled into this build, and whether `name` is one of them.
+std::vector<std::string> built_backends();
+bool backend_built(const std::string& name);
+bool backend_is_multiprocess(const std::string& name);
+
+using RankFn = std::function<void(const std::shared_ptr<Communicator>& world)>;
+void launch(const LaunchOptions& options, const RankFn& fn);
+
+}  // namespace duplex

@@ -1,0 +1,242 @@
+#include "comm/mpi/mpi_transport.hpp"
+
+#include <mpi.h>
+
+#include <atomic>
+#include <climits>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include "core/error.hpp"
+#include "core/log.hpp"
+
+#define DUPLEX_MPI_CHECK(call)                                                                  \
+    do {                                                                                        \
+        int duplex_mpi_rc_ = (call);                                                            \
+        if (duplex_mpi_rc_ != MPI_SUCCESS) {                                                    \
+            char duplex_mpi_msg_[MPI_MAX_ERROR_STRING];                                         \
+            int duplex_mpi_len_ = 0;                                                            \
+            MPI_Error_string(duplex_mpi_rc_, duplex_mpi_msg_, &duplex_mpi_len_);                \
+            ::duplex::throw_api_error("MPI", #call, duplex_mpi_rc_, duplex_mpi_msg_, __FILE__, __LINE__); \
+        }                                                                                       \
+    } while (0)
+
+namespace duplex {
+
+namespace {
+
+// MPI tags hold 31 bits here: 8 bits of group context, the collective bit and 22 bits of tag.
+int mpi_tag(uint64_t wire_tag) {
+    uint64_t context = (wire_tag >> 33) & 0xFF;
+    uint64_t kind = (wire_tag >> 32) & 1;
+    return static_cast<int>((context << 23) | (kind << 22) | (wire_tag & 0x3FFFFF));
+}
+
+void finalize_at_exit() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Finalize();
+}
+
+}  // namespace
+
+void mpi_ensure_initialized() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        int initialized = 0;
+        MPI_Initialized(&initialized);
+        if (!initialized) {
+            int provided = 0;
+            DUPLEX_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided));
+            if (provided < MPI_THREAD_MULTIPLE)
+                throw CommError(fmt::format("MPI provides thread level {}, Duplex needs MPI_THREAD_MULTIPLE", provided));
+            std::atexit(finalize_at_exit);
+        }
+        int* tag_ub = nullptr;
+        int flag = 0;
+        MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &tag_ub, &flag);
+        if (flag && *tag_ub < INT_MAX)
+            throw CommError(fmt::format("MPI_TAG_UB is {}, Duplex needs 2^31-1", *tag_ub));
+    });
+}
+
+namespace {
+
+struct MpiRequest : Request {
+    using Request::Request;
+    MPI_Request handle = MPI_REQUEST_NULL;
+};
+
+class MpiTransport : public Transport {
+public:
+    MpiTransport() {
+        mpi_ensure_initialized();
+        DUPLEX_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm_));
+        MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+        MPI_Comm_rank(comm_, &rank_);
+        MPI_Comm_size(comm_, &size_);
+        char host[256] = {};
+        gethostname(host, sizeof(host) - 1);
+        std::vector<char> all(256 * size_t(size_));
+        DUPLEX_MPI_CHECK(MPI_Allgather(host, 256, MPI_CHAR, all.data(), 256, MPI_CHAR, comm_));
+        for (int r = 0; r < size_; ++r) hostnames_.emplace_back(all.data() + 256 * size_t(r));
+        progress_ = std::thread([this] { progress_loop(); });
+    }
+    ~MpiTransport() override {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+        }
+        cv_.notify_all();
+        progress_.join();
+        MPI_Comm_free(&comm_);
+    }
+
+    const char* name() const override { return "mpi"; }
+    int rank() const override { return rank_; }
+    int size() const override { return size_; }
+    std::vector<std::string> hostnames() const override { return hostnames_; }
+
+    std::shared_ptr<Request> isend(int peer, uint64_t tag, const void* buf, size_t bytes) override {
+        auto req = std::make_shared<MpiRequest>(peer, tag, bytes, true);
+        check_size(bytes, "isend");
+        DUPLEX_MPI_CHECK(MPI_Isend(buf, static_cast<int>(bytes), MPI_BYTE, peer, mpi_tag(tag), comm_, &req->handle));
+        track(req);
+        return req;
+    }
+
+    std::shared_ptr<Request> irecv(int peer, uint64_t tag, void* buf, size_t bytes) override {
+        auto req = std::make_shared<MpiRequest>(peer, tag, bytes, false);
+        check_size(bytes, "irecv");
+        DUPLEX_MPI_CHECK(MPI_Irecv(buf, static_cast<int>(bytes), MPI_BYTE, peer, mpi_tag(tag), comm_, &req->handle));
+        track(req);
+        return req;
+    }
+
+    void cancel(Request& request) override {
+        if (request.done()) return;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            auto& r = static_cast<MpiRequest&>(request);
+            if (r.handle != MPI_REQUEST_NULL) MPI_Cancel(&r.handle);
+        }
+        request.wait_until(Deadline(0));
+    }
+
+    void abort(const std::string& reason) override {
+        log::error("comm", "rank {} aborting the MPI job: {}", rank_, reason);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+
+private:
+    void check_size(size_t bytes, const char* op) const {
+        if (bytes > static_cast<size_t>(INT_MAX))
+            throw CommError(fmt::format("{}: {} bytes exceed one MPI message (2^31-1)", comm_context(rank_, op), bytes));
+    }
+
+    void track(std::shared_ptr<MpiRequest> req) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            incoming_.push_back(std::move(req));
+        }
+        cv_.notify_one();
+    }
+
+    // Tests outstanding requests; sleeps on a condition variable when none are in flight and backs off from
+    // spinning to short sleeps while transfers are slow (oversubscribed ranks need the core back).
+    void progress_loop() {
+        std::vector<std::shared_ptr<MpiRequest>> active;
+        std::vector<MPI_Request> handles;
+        std::vector<int> indices;
+        std::vector<MPI_Status> statuses;
+        int idle_rounds = 0;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                if (active.empty()) cv_.wait(lock, [&] { return stopping_ || !incoming_.empty(); });
+                if (stopping_ && active.empty() && incoming_.empty()) return;
+                for (auto& r : incoming_) active.push_back(std::move(r));
+                incoming_.clear();
+                handles.resize(active.size());
+                for (size_t i = 0; i < active.size(); ++i) handles[i] = active[i]->handle;
+                indices.resize(active.size());
+                statuses.resize(active.size());
+                int count = 0;
+                int rc = MPI_Testsome(static_cast<int>(handles.size()), handles.data(), &count, indices.data(),
+                                      statuses.data());
+                bool errors_in_status = rc == MPI_ERR_IN_STATUS;
+                if (rc != MPI_SUCCESS && !errors_in_status) count = MPI_UNDEFINED;
+                for (size_t i = 0; i < active.size(); ++i) active[i]->handle = handles[i];
+                if (count == MPI_UNDEFINED || count == 0) {
+                    lock.unlock();
+                    backoff(idle_rounds++);
+                    continue;
+                }
+                idle_rounds = 0;
+                for (int k = 0; k < count; ++k) finish(*active[indices[k]], statuses[k], errors_in_status);
+                std::vector<std::shared_ptr<MpiRequest>> still;
+                for (auto& r : active)
+                    if (!r->done()) still.push_back(std::move(r));
+                active.swap(still);
+            }
+        }
+    }
+
+    void finish(MpiRequest& r, const MPI_Status& status, bool errors_in_status) {
+        int cancelled = 0;
+        MPI_Test_cancelled(&status, &cancelled);
+        if (cancelled) {
+            r.complete(fmt::format("rank {}: {} to/from rank {} cancelled", rank_, r.is_send ? "send" : "receive", r.peer));
+            return;
+        }
+        if (errors_in_status && status.MPI_ERROR != MPI_SUCCESS) {
+            char msg[MPI_MAX_ERROR_STRING];
+            int len = 0;
+            MPI_Error_string(status.MPI_ERROR, msg, &len);
+            r.complete(fmt::format("rank {}: {} rank {} failed ({} bytes): {}", rank_, r.is_send ? "send to" : "receive from",
+                                   r.peer, r.bytes, std::string(msg, len)));
+            return;
+        }
+        if (!r.is_send) {
+            int count = 0;
+            MPI_Get_count(&status, MPI_BYTE, &count);
+            if (static_cast<size_t>(count) != r.bytes) {
+                r.complete(fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes",
+                                       r.peer, count, rank_, r.bytes));
+                return;
+            }
+        }
+        r.complete();
+    }
+
+    // Spin, then yield (oversubscribed ranks get the core back), then sleep when a transfer stays quiet.
+    static void backoff(int round) {
+        if (round < 16) return;
+        if (round < 4096) {
+            std::this_thread::yield();
+            return;
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+
+    MPI_Comm comm_ = MPI_COMM_NULL;
+    int rank_ = 0, size_ = 1;
+    std::vector<std::string> hostnames_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    std::vector<std::shared_ptr<MpiRequest>> incoming_;
+    bool stopping_ = false;
+    std::thread progress_;
+};
+
+}  // namespace
+
+std::shared_ptr<Transport> make_mpi_transport() { return std::make_shared<MpiTransport>(); }
+
+}  // namespace duplex

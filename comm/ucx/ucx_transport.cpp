@@ -1,0 +1,339 @@
+#include "comm/ucx/ucx_transport.hpp"
+
+#include <poll.h>
+#include <ucp/api/ucp.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/log.hpp"
+
+#define DUPLEX_UCX_CHECK(call)                                                                           \
+    do {                                                                                                 \
+        ucs_status_t duplex_ucx_st_ = (call);                                                            \
+        if (duplex_ucx_st_ != UCS_OK)                                                                    \
+            ::duplex::throw_api_error("UCX", #call, duplex_ucx_st_, ucs_status_string(duplex_ucx_st_), __FILE__, \
+                                      __LINE__);                                                         \
+    } while (0)
+
+namespace duplex {
+
+namespace {
+
+constexpr int kSourceShift = 49;  // bits 49..63 carry the sender's rank; below them the wire tag
+constexpr uint64_t kWireMask = (uint64_t(1) << kSourceShift) - 1;
+
+struct UcxRequest : Request {
+    using Request::Request;
+    void* handle = nullptr;  // UCX's request while in flight
+    class UcxTransport* owner = nullptr;
+};
+
+class UcxTransport : public Transport {
+public:
+    UcxTransport(std::shared_ptr<Store> store, int rank, int size) : store_(std::move(store)), rank_(rank), size_(size) {
+        if (size > (1 << (64 - kSourceShift)))
+            throw ConfigError("world size", fmt::format("UCX backend supports up to {} ranks, got {}",
+                                                        1 << (64 - kSourceShift), size));
+        ucp_config_t* config = nullptr;
+        DUPLEX_UCX_CHECK(ucp_config_read(nullptr, nullptr, &config));
+        ucp_params_t params{};
+        params.field_mask = UCP_PARAM_FIELD_FEATURES;
+        params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
+        ucs_status_t st = ucp_init(&params, config, &context_);
+        ucp_config_release(config);
+        DUPLEX_UCX_CHECK(st);
+        ucp_worker_params_t wparams{};
+        wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+        wparams.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // every call below holds ucx_mutex_
+        DUPLEX_UCX_CHECK(ucp_worker_create(context_, &wparams, &worker_));
+        DUPLEX_UCX_CHECK(ucp_worker_get_efd(worker_, &efd_));
+
+        ucp_address_t* address = nullptr;
+        size_t address_len = 0;
+        DUPLEX_UCX_CHECK(ucp_worker_get_address(worker_, &address, &address_len));
+        char host[256] = {};
+        gethostname(host, sizeof(host) - 1);
+        store_->set(fmt::format("ucx/addr/{}", rank_), std::string(reinterpret_cast<char*>(address), address_len));
+        store_->set(fmt::format("ucx/host/{}", rank_), host);
+        ucp_worker_release_address(worker_, address);
+
+        endpoints_.resize(size_, nullptr);
+        for (int r = 0; r < size_; ++r) {
+            std::string a = store_->get(fmt::format("ucx/addr/{}", r), 120.0);
+            hostnames_.push_back(store_->get(fmt::format("ucx/host/{}", r), 120.0));
+            ucp_ep_params_t ep{};
+            ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+            ep.address = reinterpret_cast<const ucp_address_t*>(a.data());
+            DUPLEX_UCX_CHECK(ucp_ep_create(worker_, &ep, &endpoints_[r]));
+        }
+        progress_ = std::thread([this] { progress_loop(); });
+        log::debug("comm", "rank {}: UCX worker ready with {} endpoints", rank_, size_);
+    }
+
+    ~UcxTransport() override {
+        // Every rank stops sending before anyone closes endpoints.
+        try {
+            int64_t arrived = store_->add("ucx/closing", 1);
+            while (arrived < size_ && !aborted_) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(2));
+                arrived = store_parse_int("ucx/closing", store_->get("ucx/closing", 60));
+            }
+        } catch (const Error& e) {
+            log::warn("comm", "rank {}: UCX shutdown barrier: {}", rank_, e.what());
+        }
+        {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            stopping_ = true;
+        }
+        state_cv_.notify_all();
+        wake();
+        progress_.join();
+        std::lock_guard<std::mutex> lock(ucx_mutex_);
+        for (ucp_ep_h ep : endpoints_) {
+            ucp_request_param_t p{};
+            p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+            p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+            void* req = ucp_ep_close_nbx(ep, &p);
+            if (UCS_PTR_IS_PTR(req)) {
+                while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+                ucp_request_free(req);
+            }
+        }
+        ucp_worker_destroy(worker_);
+        ucp_cleanup(context_);
+    }
+
+    const char* name() const override { return "ucx"; }
+    int rank() const override { return rank_; }
+    int size() const override { return size_; }
+    std::vector<std::string> hostnames() const override { return hostnames_; }
+
+    std::shared_ptr<Request> isend(int peer, uint64_t tag, const void* buf, size_t bytes) override {
+        auto req = std::make_shared<UcxRequest>(peer, tag, bytes, true);
+        if (failed(*req)) return req;
+        ucp_request_param_t p{};
+        p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        p.cb.send = &UcxTransport::on_send;
+        p.user_data = req.get();
+        post(req, [&] {
+            return ucp_tag_send_nbx(endpoints_.at(peer), buf, bytes, (uint64_t(rank_) << kSourceShift) | (tag & kWireMask), &p);
+        });
+        return req;
+    }
+
+    std::shared_ptr<Request> irecv(int peer, uint64_t tag, void* buf, size_t bytes) override {
+        auto req = std::make_shared<UcxRequest>(peer, tag, bytes, false);
+        if (failed(*req)) return req;
+        ucp_request_param_t p{};
+        p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        p.cb.recv = &UcxTransport::on_recv;
+        p.user_data = req.get();
+        post(req, [&] {
+            return ucp_tag_recv_nbx(worker_, buf, bytes, (uint64_t(peer) << kSourceShift) | (tag & kWireMask),
+                                    ~uint64_t(0), &p);
+        });
+        return req;
+    }
+
+    bool wait(Request& request, const Deadline& deadline) override {
+        // Drive the worker from the waiting thread while messages keep arriving; when it goes quiet, sleep
+        // on the request and leave progress to the progress thread.
+        Stopwatch quiet;
+        while (!request.done()) {
+            if (deadline.expired()) return false;
+            unsigned progressed = 0;
+            if (ucx_mutex_.try_lock()) {
+                progressed = ucp_worker_progress(worker_);
+                ucx_mutex_.unlock();
+            }
+            if (progressed) {
+                quiet.reset();
+            } else if (quiet.seconds() > 200e-6) {
+                Deadline slice(1e-3);
+                if (request.wait_until(deadline.infinite() || slice.at() < deadline.at() ? slice : deadline)) break;
+            } else {
+                std::this_thread::yield();
+            }
+        }
+        return true;
+    }
+
+    void cancel(Request& request) override {
+        if (request.done()) return;
+        {
+            std::lock_guard<std::mutex> lock(ucx_mutex_);
+            auto& r = static_cast<UcxRequest&>(request);
+            if (r.handle) ucp_request_cancel(worker_, r.handle);
+        }
+        wake();
+        request.wait_until(Deadline(0));
+    }
+
+    void abort(const std::string& reason) override {
+        std::string why = fmt::format("rank {} failed: {}", rank_, reason);
+        try {
+            store_->set("ucx/abort", why);
+        } catch (const Error&) {
+        }
+        fail_all(why);
+    }
+
+private:
+    template <typename Post>
+    void post(const std::shared_ptr<UcxRequest>& req, Post&& call) {
+        req->owner = this;
+        {
+            std::lock_guard<std::mutex> lock(ucx_mutex_);
+            {
+                std::lock_guard<std::mutex> slock(state_mutex_);
+                in_flight_[req.get()] = req;
+            }
+            // NOTE: UCX may run the completion callback inside this call, before it returns the handle.
+            ucs_status_ptr_t h = call();
+            if (UCS_PTR_IS_ERR(h)) {
+                {
+                    std::lock_guard<std::mutex> slock(state_mutex_);
+                    in_flight_.erase(req.get());
+                }
+                req->complete(fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, req->is_send ? "send to" : "receive from",
+                                          req->peer, ucs_status_string(UCS_PTR_STATUS(h))));
+                return;
+            }
+            if (!req->done()) req->handle = h;
+        }
+        state_cv_.notify_one();
+        wake();
+    }
+
+    bool failed(Request& req) {
+        if (!aborted_) return false;
+        std::lock_guard<std::mutex> lock(state_mutex_);
+        req.complete(abort_reason_);
+        return true;
+    }
+
+    void wake() {
+        std::lock_guard<std::mutex> lock(ucx_mutex_);
+        ucp_worker_signal(worker_);
+    }
+
+    // Called inside ucp_worker_progress, with ucx_mutex_ held.
+    void finish(UcxRequest* r, void* ucx_request, ucs_status_t status, size_t received) {
+        std::shared_ptr<UcxRequest> keep;
+        {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            auto it = in_flight_.find(r);
+            if (it != in_flight_.end()) {
+                keep = std::move(it->second);
+                in_flight_.erase(it);
+            }
+        }
+        ucp_request_free(ucx_request);
+        r->handle = nullptr;
+        if (status == UCS_ERR_CANCELED) {
+            r->complete(fmt::format("rank {}: {} rank {} cancelled", rank_, r->is_send ? "send to" : "receive from", r->peer));
+        } else if (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && !r->is_send && received != r->bytes)) {
+            r->complete(fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes", r->peer,
+                                    status == UCS_OK ? std::to_string(received) : std::string("more"), rank_, r->bytes));
+        } else if (status != UCS_OK) {
+            r->complete(fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, r->is_send ? "send to" : "receive from",
+                                    r->peer, ucs_status_string(status)));
+        } else {
+            r->complete();
+        }
+    }
+
+    static void on_send(void* ucx_request, ucs_status_t status, void* user) {
+        auto r = static_cast<UcxRequest*>(user);
+        r->owner->finish(r, ucx_request, status, r->bytes);
+    }
+    static void on_recv(void* ucx_request, ucs_status_t status, const ucp_tag_recv_info_t* info, void* user) {
+        auto r = static_cast<UcxRequest*>(user);
+        r->owner->finish(r, ucx_request, status, info ? info->length : 0);
+    }
+
+    void fail_all(const std::string& why) {
+        std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> pending;
+        {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            aborted_ = true;
+            abort_reason_ = why;
+            pending = in_flight_;
+        }
+        for (auto& [p, r] : pending) r->complete(why);
+    }
+
+    // Drives the worker while anything is in flight; sleeps on the condition variable otherwise, and on the
+    // worker's event descriptor when a progress round found nothing to do.
+    void progress_loop() {
+        // Yield-spin this long after the last progress before sleeping: oversubscribed ranks get the core back
+        // and a message that arrives soon is still seen within microseconds.
+        constexpr double kSpinBeforeSleep_s = 200e-6;
+        Stopwatch since_abort_check, idle;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(state_mutex_);
+                state_cv_.wait(lock, [&] { return stopping_ || !in_flight_.empty(); });
+                if (stopping_ && in_flight_.empty()) return;
+            }
+            unsigned progressed = 0;
+            ucs_status_t armed = UCS_ERR_BUSY;
+            {
+                std::lock_guard<std::mutex> lock(ucx_mutex_);
+                while (unsigned n = ucp_worker_progress(worker_)) progressed += n;
+                if (progressed) {
+                    idle.reset();
+                } else if (idle.seconds() > kSpinBeforeSleep_s) {
+                    armed = ucp_worker_arm(worker_);
+                }
+            }
+            if (armed == UCS_OK) {
+                // NOTE: shared-memory transports may not signal the event descriptor, hence the short timeout.
+                pollfd pfd{efd_, POLLIN, 0};
+                poll(&pfd, 1, 1);
+            } else if (!progressed) {
+                std::this_thread::yield();
+            }
+            if (since_abort_check.seconds() > 0.5 && !aborted_) {
+                since_abort_check.reset();
+                try {
+                    if (auto why = store_->try_get("ucx/abort")) fail_all(*why);
+                } catch (const Error&) {
+                }
+            }
+        }
+    }
+
+    std::shared_ptr<Store> store_;
+    int rank_, size_;
+    ucp_context_h context_ = nullptr;
+    ucp_worker_h worker_ = nullptr;
+    int efd_ = -1;
+    std::vector<ucp_ep_h> endpoints_;
+    std::vector<std::string> hostnames_;
+    std::mutex ucx_mutex_;    // serializes every UCX call
+    std::mutex state_mutex_;  // guards in_flight_, stopping_, abort state
+    std::condition_variable state_cv_;
+    std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> in_flight_;
+    bool stopping_ = false;
+    std::atomic<bool> aborted_{false};
+    std::string abort_reason_;
+    std::thread progress_;
+};
+
+}  // namespace
+
+std::shared_ptr<Transport> make_ucx_transport(std::shared_ptr<Store> store, int rank, int world_size) {
+    return std::make_shared<UcxTransport>(std::move(store), rank, world_size);
+}
+
+}  // namespace duplex

@@ -1,0 +1,220 @@
+// Checks of every Communicator operation against a straightforward reference, shared by the in-process
+// suite (ranks as threads) and the multi-process one (ranks under mpirun). Each returns "" on success or
+// a description of the first mismatch, so both suites can assert on it from any thread.
+#pragma once
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "comm/communicator.hpp"
+#include "core/clock.hpp"
+#include "core/error.hpp"
+
+namespace duplex::testing {
+
+inline const std::vector<size_t> kMessageSizes = {0, 1, 7, 4096, (1u << 20) + 3};
+inline const std::vector<std::string> kOps = {"p2p", "all_to_all_v", "all_gather", "reduce_scatter", "all_reduce",
+                                              "barrier"};
+
+inline uint8_t pattern(int src, int dst, size_t i) {
+    uint32_t x = uint32_t(src + 1) * 0x9E3779B1u ^ uint32_t(dst + 7) * 0x85EBCA77u ^ uint32_t(i) * 0x27D4EB2Fu;
+    return uint8_t(x ^ (x >> 13) ^ (x >> 24));
+}
+inline float rand_value(int src, size_t i) {
+    uint32_t x = uint32_t(src) * 0x9E3779B1u + uint32_t(i) * 0x85EBCA77u;
+    x ^= x >> 15;
+    x *= 0x2C1B3C6Du;
+    x ^= x >> 12;
+    return float(int(x % 2001) - 1000) / 997.0f;
+}
+
+// Bytes rank src sends rank dst in the uneven all-to-all: varies per pair, zero for some pairs.
+inline size_t a2a_bytes(size_t base, int src, int dst) {
+    if (base == 0) return 0;
+    size_t extra = size_t((src * 3 + dst * 5) % 4);
+    return (src + dst) % 3 == 2 ? 0 : base + extra;
+}
+
+inline std::string check_p2p(Communicator& c, size_t bytes) {
+    int n = c.size(), me = c.rank(), to = (me + 1) % n, from = (me - 1 + n) % n;
+    std::vector<uint8_t> send(bytes), recv(bytes, 0xAB);
+    for (size_t i = 0; i < bytes; ++i) send[i] = pattern(me, to, i);
+    auto r = c.irecv(recv.data(), bytes, from, 11);
+    auto s = c.isend(send.data(), bytes, to, 11);
+    s->wait();
+    r->wait();
+    for (size_t i = 0; i < bytes; ++i)
+        if (recv[i] != pattern(from, me, i)) return fmt::format("rank {}: byte {} from {} wrong", me, i, from);
+    return "";
+}
+
+inline std::string check_all_to_all_v(Communicator& c, size_t base) {
+    int n = c.size(), me = c.rank();
+    std::vector<size_t> sb(n), so(n), rb(n), ro(n);
+    size_t st = 0, rt = 0;
+    // Receive blocks are laid out in reverse peer order to exercise arbitrary offsets.
+    for (int p = 0; p < n; ++p) {
+        sb[p] = a2a_bytes(base, me, p);
+        so[p] = st;
+        st += sb[p] + 1;  // a gap byte between blocks
+    }
+    for (int p = n - 1; p >= 0; --p) {
+        rb[p] = a2a_bytes(base, p, me);
+        ro[p] = rt;
+        rt += rb[p];
+    }
+    std::vector<uint8_t> send(st), recv(rt, 0xCD);
+    for (int p = 0; p < n; ++p)
+        for (size_t i = 0; i < sb[p]; ++i) send[so[p] + i] = pattern(me, p, i);
+    c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro)->wait();
+    for (int p = 0; p < n; ++p)
+        for (size_t i = 0; i < rb[p]; ++i)
+            if (recv[ro[p] + i] != pattern(p, me, i))
+                return fmt::format("rank {}: all_to_all_v byte {} from {} wrong", me, i, p);
+    return "";
+}
+
+inline std::string check_all_gather(Communicator& c, size_t bytes) {
+    int n = c.size(), me = c.rank();
+    std::vector<uint8_t> send(bytes), recv(bytes * n, 0xEE);
+    for (size_t i = 0; i < bytes; ++i) send[i] = pattern(me, -1, i);
+    c.all_gather(send.data(), recv.data(), bytes)->wait();
+    for (int p = 0; p < n; ++p)
+        for (size_t i = 0; i < bytes; ++i)
+            if (recv[p * bytes + i] != pattern(p, -1, i))
+                return fmt::format("rank {}: all_gather byte {} of block {} wrong", me, i, p);
+    return "";
+}
+
+// Elements for the reductions: the small sizes as counts, the large ones as bytes of fp32.
+inline size_t reduce_count(size_t size) { return size < 4096 ? size : size / 4; }
+
+// The reference: values of ranks 0..n-1 added in rank order (fp32 accumulation for bf16).
+inline float reference_sum(int n, size_t i, DType dtype) {
+    float acc = 0;
+    for (int r = 0; r < n; ++r) {
+        float v = rand_value(r, i);
+        if (dtype == DType::BF16) v = bf16_to_fp32(fp32_to_bf16(v));
+        acc = (r == 0 && dtype == DType::F32) ? v : acc + v;
+    }
+    return dtype == DType::BF16 ? bf16_to_fp32(fp32_to_bf16(acc)) : acc;
+}
+
+inline void fill_values(void* buf, size_t count, size_t first, int rank, DType dtype) {
+    for (size_t i = 0; i < count; ++i) {
+        float v = rand_value(rank, first + i);
+        if (dtype == DType::BF16) static_cast<uint16_t*>(buf)[i] = fp32_to_bf16(v);
+        else static_cast<float*>(buf)[i] = v;
+    }
+}
+
+inline float read_value(const void* buf, size_t i, DType dtype) {
+    return dtype == DType::BF16 ? bf16_to_fp32(static_cast<const uint16_t*>(buf)[i]) : static_cast<const float*>(buf)[i];
+}
+
+inline std::string check_reduce_scatter(Communicator& c, size_t size, DType dtype) {
+    int n = c.size(), me = c.rank();
+    size_t count = reduce_count(size), es = dtype_size(dtype);
+    std::vector<char> send(count * n * es), recv(count * es + 1);
+    fill_values(send.data(), count * n, 0, me, dtype);
+    c.reduce_scatter(send.data(), recv.data(), count, dtype)->wait();
+    for (size_t i = 0; i < count; ++i) {
+        float want = reference_sum(n, size_t(me) * count + i, dtype), got = read_value(recv.data(), i, dtype);
+        if (std::memcmp(&want, &got, 4) != 0)
+            return fmt::format("rank {}: reduce_scatter {} element {}: {} != {}", me, dtype_name(dtype), i, got, want);
+    }
+    return "";
+}
+
+inline std::string check_all_reduce(Communicator& c, size_t size, DType dtype) {
+    int me = c.rank();
+    size_t count = reduce_count(size), es = dtype_size(dtype);
+    std::vector<char> buf(count * es + 1);
+    fill_values(buf.data(), count, 0, me, dtype);
+    c.all_reduce(buf.data(), count, dtype)->wait();
+    for (size_t i = 0; i < count; ++i) {
+        float want = reference_sum(c.size(), i, dtype), got = read_value(buf.data(), i, dtype);
+        if (std::memcmp(&want, &got, 4) != 0)
+            return fmt::format("rank {}: all_reduce {} element {}: {} != {}", me, dtype_name(dtype), i, got, want);
+    }
+    return "";
+}
+
+inline std::string check_op(Communicator& c, const std::string& op, size_t size) {
+    if (op == "p2p") return check_p2p(c, size);
+    if (op == "all_to_all_v") return check_all_to_all_v(c, size);
+    if (op == "all_gather") return check_all_gather(c, size);
+    if (op == "reduce_scatter") {
+        std::string e = check_reduce_scatter(c, size, DType::F32);
+        return e.empty() ? check_reduce_scatter(c, size, DType::BF16) : e;
+    }
+    if (op == "all_reduce") {
+        std::string e = check_all_reduce(c, size, DType::F32);
+        return e.empty() ? check_all_reduce(c, size, DType::BF16) : e;
+    }
+    if (op == "barrier") {
+        for (int i = 0; i < 3; ++i) c.barrier()->wait();
+        return "";
+    }
+    return "unknown op " + op;
+}
+
+// Splits by parity with reversed keys, reduces inside each group, then splits a group again.
+inline std::string check_split(Communicator& c) {
+    int n = c.size(), me = c.rank();
+    auto sub = c.split(me % 2, -me);
+    int members = (n + 1 - me % 2) / 2;
+    if (!sub || sub->size() != members) return fmt::format("rank {}: split group size wrong", me);
+    // Reversed keys: the highest world rank of the group is its rank 0.
+    int expected_rank = (members - 1) - me / 2;
+    if (sub->rank() != expected_rank)
+        return fmt::format("rank {}: split rank {} != {}", me, sub->rank(), expected_rank);
+    int64_t v = me;
+    sub->all_reduce(&v, 1, DType::I64)->wait();
+    int64_t want = 0;
+    for (int r = me % 2; r < n; r += 2) want += r;
+    if (v != want) return fmt::format("rank {}: sum over split group {} != {}", me, v, want);
+    // Operations on parent and child interleave without confusion.
+    auto w1 = c.barrier();
+    auto inner = sub->split(sub->rank() == 0 ? -1 : 0, 0);
+    w1->wait();
+    if (sub->rank() == 0 && inner) return "negative color must give no group";
+    if (sub->rank() != 0 && (!inner || inner->size() != members - 1)) return "nested split size wrong";
+    std::string e = check_all_to_all_v(*sub, 33);
+    return e;
+}
+
+// Many operations posted at once and completed out of order.
+inline std::string check_many_in_flight(Communicator& c) {
+    int n = c.size(), me = c.rank(), to = (me + 1) % n, from = (me - 1 + n) % n;
+    constexpr int kMessages = 24;
+    std::vector<std::vector<uint8_t>> in(kMessages), out(kMessages);
+    std::vector<WorkPtr> recvs, sends;
+    for (int t = 0; t < kMessages; ++t) {
+        in[t].assign(100 + t * 37, 0);
+        recvs.push_back(c.irecv(in[t].data(), in[t].size(), from, uint32_t(t)));
+    }
+    std::vector<int64_t> red(1000, me);
+    WorkPtr coll = c.all_reduce(red.data(), red.size(), DType::I64);
+    for (int t = kMessages - 1; t >= 0; --t) {
+        out[t].resize(100 + t * 37);
+        for (size_t i = 0; i < out[t].size(); ++i) out[t][i] = pattern(me, t, i);
+        sends.push_back(c.isend(out[t].data(), out[t].size(), to, uint32_t(t)));
+    }
+    for (int t = 0; t < kMessages; t += 2) recvs[t]->wait();  // even tags first
+    for (int t = 1; t < kMessages; t += 2) recvs[t]->wait();
+    wait_all(sends);
+    coll->wait();
+    for (int t = 0; t < kMessages; ++t)
+        for (size_t i = 0; i < in[t].size(); ++i)
+            if (in[t][i] != pattern(from, t, i)) return fmt::format("rank {}: message tag {} byte {} wrong", me, t, i);
+    int64_t want = int64_t(n) * (n - 1) / 2;
+    for (int64_t v : red)
+        if (v != want) return fmt::format("rank {}: all_reduce in flight gave {} != {}", me, v, want);
+    return "";
+}
+
+}  // namespace duplex::testing

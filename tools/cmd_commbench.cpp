@@ -1,0 +1,175 @@
+// duplex commbench: nccl-tests-style communication benchmark on any backend.
+#include <fstream>
+#include <thread>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "comm/bench.hpp"
+#include "comm/launch.hpp"
+#include "core/error.hpp"
+#include "tools/commands.hpp"
+
+namespace duplex::tools {
+
+namespace {
+
+struct Args {
+    LaunchOptions launch;
+    CommBenchOptions bench;
+    int check = 1;
+    std::string json;
+    bool ceiling = true;
+};
+
+size_t parse_size(const std::string& text, const char* flag) {
+    size_t pos = 0;
+    double v = 0;
+    try {
+        v = std::stod(text, &pos);
+    } catch (const std::exception&) {
+        throw ConfigError(flag, fmt::format("expected a size like 1024, 64K or 16M, got '{}'", text));
+    }
+    std::string unit = text.substr(pos);
+    double mult = 1;
+    if (unit == "K" || unit == "k" || unit == "KiB") mult = 1024;
+    else if (unit == "M" || unit == "m" || unit == "MiB") mult = 1024.0 * 1024;
+    else if (unit == "G" || unit == "g" || unit == "GiB") mult = 1024.0 * 1024 * 1024;
+    else if (!unit.empty()) throw ConfigError(flag, fmt::format("unknown unit '{}' in '{}' (K, M, G)", unit, text));
+    if (v < 0) throw ConfigError(flag, fmt::format("size must not be negative, got '{}'", text));
+    return static_cast<size_t>(v * mult);
+}
+
+void print_header(const CommBenchResult& r, const Args& a) {
+    fmt::print("# duplex commbench: {} on {} ranks ({} node{}), backend {}, {} iterations after {} warm-up\n",
+               a.bench.op, r.ranks, r.nodes, r.nodes == 1 ? "" : "s", r.backend, a.bench.iters, a.bench.warmup);
+    if (a.bench.op == "alltoallv") fmt::print("# per-peer counts: Zipf skew {} seed {}\n", a.bench.skew, a.bench.seed);
+    fmt::print("#\n# {:>10} {:>12} {:>8} {:>10} {:>11} {:>11} {:>7}{}\n", "size(B)", "count", "type", "time(us)",
+               "algbw(GB/s)", "busbw(GB/s)", "#wrong", a.bench.compare_mpi ? "    mpi(us)  ours/mpi" : "");
+}
+
+void print_row(const CommBenchRow& row, const Args& a) {
+    std::string extra;
+    if (a.bench.compare_mpi)
+        extra = fmt::format(" {:>10.2f} {:>9.2f}", row.mpi_time_us, row.mpi_time_us > 0 ? row.time_us / row.mpi_time_us : 0);
+    fmt::print("  {:>10} {:>12} {:>8} {:>10.2f} {:>11.3f} {:>11.3f} {:>7}{}\n", row.bytes, row.count, row.type,
+               row.time_us, row.algbw_gbs, row.busbw_gbs, row.wrong, extra);
+    std::fflush(stdout);
+}
+
+int run(Args& a) {
+    a.bench.check = a.check != 0;
+    validate(a.bench);
+    bool multiprocess = backend_is_multiprocess(a.launch.backend);
+    if (multiprocess && a.launch.ranks != 1)
+        throw ConfigError("--ranks", fmt::format("backend {} runs one rank per process: use mpirun -np {} duplex commbench "
+                                                 "--backend {}", a.launch.backend, a.launch.ranks, a.launch.backend));
+    double ceiling_gbs = 0;
+    int cores = std::max(1u, std::thread::hardware_concurrency());
+    if (a.launch.backend == "inproc" && a.ceiling) {
+        ceiling_gbs = measure_memcpy_bandwidth(cores) / 1e9;
+    }
+    CommBenchResult result;
+    bool header = false;
+    launch(a.launch, [&](const std::shared_ptr<Communicator>& comm) {
+        auto on_row = [&](const CommBenchRow& row) {
+            if (!header) {
+                CommBenchResult h;
+                h.ranks = comm->size();
+                h.nodes = comm->topology().num_nodes();
+                h.backend = comm->backend();
+                print_header(h, a);
+                header = true;
+            }
+            print_row(row, a);
+        };
+        CommBenchResult r = run_commbench(*comm, a.bench, on_row);
+        if (comm->rank() == 0) result = std::move(r);
+    });
+    if (result.ranks == 0) return 0;  // not rank 0 of a process backend
+    uint64_t wrong = 0;
+    for (auto& row : result.rows) wrong += row.wrong;
+    fmt::print("# Out of bounds values : {} {}\n", wrong, wrong ? "FAILED" : "OK");
+    fmt::print("# Avg bus bandwidth    : {:.3f} GB/s\n", result.avg_busbw_gbs);
+    double per_rank_ceiling = ceiling_gbs / result.ranks;
+    if (ceiling_gbs > 0) {
+        fmt::print("# Copy ceiling         : memcpy {:.2f} GB/s over {} cores / {} ranks = {:.3f} GB/s busbw per rank\n",
+                   ceiling_gbs, cores, result.ranks, per_rank_ceiling);
+        if (!result.rows.empty())
+            fmt::print("# busbw / ceiling      : {:.2f} at {} bytes\n", result.rows.back().busbw_gbs / per_rank_ceiling,
+                       result.rows.back().bytes);
+    }
+    fmt::print("# Bytes sent by rank 0 : intra-node {}, inter-node {}\n", result.bytes_sent.intra_node,
+               result.bytes_sent.inter_node);
+    if (!a.json.empty()) {
+        nlohmann::json j;
+        j["op"] = result.op;
+        j["backend"] = result.backend;
+        j["ranks"] = result.ranks;
+        j["nodes"] = result.nodes;
+        j["iters"] = a.bench.iters;
+        j["warmup"] = a.bench.warmup;
+        j["avg_busbw_gbs"] = result.avg_busbw_gbs;
+        if (ceiling_gbs > 0) {
+            j["memcpy_aggregate_gbs"] = ceiling_gbs;
+            j["copy_ceiling_busbw_gbs"] = per_rank_ceiling;
+        }
+        j["bytes_sent_rank0"] = {{"intra_node", result.bytes_sent.intra_node},
+                                 {"inter_node", result.bytes_sent.inter_node}};
+        for (auto& row : result.rows) {
+            nlohmann::json r = {{"size", row.bytes},        {"count", row.count},         {"type", row.type},
+                                {"time_us", row.time_us},   {"algbw_gbs", row.algbw_gbs}, {"busbw_gbs", row.busbw_gbs},
+                                {"wrong", row.wrong}};
+            if (a.bench.compare_mpi) r["mpi_time_us"] = row.mpi_time_us;
+            if (ceiling_gbs > 0) r["fraction_of_ceiling"] = row.busbw_gbs / per_rank_ceiling;
+            j["rows"].push_back(r);
+        }
+        std::ofstream out(a.json);
+        if (!out) throw ConfigError("--json", fmt::format("cannot write '{}'", a.json));
+        out << j.dump(2) << "\n";
+        fmt::print("# JSON written to {}\n", a.json);
+    }
+    return wrong ? 1 : 0;
+}
+
+}  // namespace
+
+Command add_commbench(CLI::App& app) {
+    auto a = std::make_shared<Args>();
+    auto* cmd = app.add_subcommand("commbench",
+                                   "Measure p2p, all-to-all(v) and the DP collectives (nccl-tests layout).\n"
+                                   "Examples:\n"
+                                   "  duplex commbench --ranks 8 --op alltoall -b 1K -e 64M\n"
+                                   "  mpirun -np 8 duplex commbench --backend ucx --op alltoallv --compare-mpi");
+    auto min_b = std::make_shared<std::string>("1K"), max_b = std::make_shared<std::string>("64M");
+    cmd->add_option("--backend", a->launch.backend, "inproc (threads), mpi or ucx (processes under mpirun)")
+        ->capture_default_str();
+    cmd->add_option("--op", a->bench.op, "p2p, alltoall, alltoallv, allgather, reducescatter, allreduce")
+        ->capture_default_str();
+    cmd->add_option("--ranks", a->launch.ranks, "ranks as threads (inproc only)")->capture_default_str();
+    cmd->add_option("-b,--minbytes", *min_b, "smallest size (bytes; K, M, G suffixes)")->capture_default_str();
+    cmd->add_option("-e,--maxbytes", *max_b, "largest size")->capture_default_str();
+    cmd->add_option("-f,--stepfactor", a->bench.factor, "multiply the size by this each step")->capture_default_str();
+    cmd->add_option("-n,--iters", a->bench.iters, "timed iterations per size")->capture_default_str();
+    cmd->add_option("-w,--warmup_iters", a->bench.warmup, "untimed warm-up iterations per size")->capture_default_str();
+    cmd->add_option("-c,--check", a->check, "1: verify every element against a reference pattern (#wrong)")
+        ->capture_default_str();
+    cmd->add_option("--skew", a->bench.skew, "alltoallv: Zipf exponent of per-peer counts (0 = uniform)")
+        ->capture_default_str();
+    cmd->add_option("--seed", a->bench.seed, "alltoallv: seed of the per-peer counts")->capture_default_str();
+    cmd->add_option("--virtual-nodes", a->launch.virtual_nodes,
+                    "split ranks into this many virtual nodes (intra/inter-node byte counters)");
+    cmd->add_option("--timeout", a->launch.timeout_s, "seconds before an operation times out (default: DUPLEX_COMM_TIMEOUT)");
+    cmd->add_flag("--compare-mpi", a->bench.compare_mpi,
+                  "also time plain MPI (MPI_Alltoallv, ...) on the same buffers; needs mpirun");
+    cmd->add_flag("--bind", a->launch.bind_cores, "bind each rank to a core (hwloc)");
+    cmd->add_flag("!--no-ceiling", a->ceiling, "inproc: skip measuring the memcpy copy ceiling");
+    cmd->add_option("--json", a->json, "also write the rows as JSON to this file");
+    return [a, min_b, max_b] {
+        a->bench.min_bytes = parse_size(*min_b, "-b");
+        a->bench.max_bytes = parse_size(*max_b, "-e");
+        return run(*a);
+    };
+}
+
+}  // namespace duplex::tools

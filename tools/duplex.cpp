@@ -1,0 +1,60 @@
+// duplex: the command-line front end. Thin mains over the library; see `duplex --help`.
+#include <cstdio>
+#include <map>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+#include "core/knobs.hpp"
+#include "tools/commands.hpp"
+
+namespace duplex::tools {
+
+void print_config() {
+    fmt::print("{:<28} {:<12} {:<12} {}\n", "# knob", "default", "value", "help");
+    for (const KnobInfo& k : all_knobs())
+        fmt::print("{:<28} {:<12} {:<12} {}\n", k.name, k.default_value.empty() ? "\"\"" : k.default_value,
+                   k.value.empty() ? "\"\"" : k.value, k.help);
+}
+
+}  // namespace duplex::tools
+
+int main(int argc, char** argv) {
+    CLI::App app{
+        "Duplex: DeepSeek-V3-style distributed training runtime (DualPipe, expert parallelism, ZeRO-1).\n"
+        "Ranks run as threads (--backend inproc, the default) or as processes under mpirun (mpi, ucx)."};
+    app.require_subcommand(0, 1);
+    bool print = false;
+    app.add_flag("--print-config", print, "print every DUPLEX_* environment knob with its effective value");
+    std::map<CLI::App*, duplex::tools::Command> commands;
+    auto add = [&](auto registrar) {
+        size_t before = app.get_subcommands({}).size();
+        auto cmd = registrar(app);
+        commands[app.get_subcommands({})[before]] = cmd;
+    };
+    add(duplex::tools::add_commbench);
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    }
+    if (print) {
+        duplex::tools::print_config();
+        return 0;
+    }
+    for (auto& [sub, run] : commands) {
+        if (!sub->parsed()) continue;
+        try {
+            return run();
+        } catch (const duplex::Error& e) {
+            fmt::print(stderr, "duplex {}: error: {}\n", sub->get_name(), e.what());
+            return 2;
+        } catch (const std::exception& e) {
+            fmt::print(stderr, "duplex {}: unexpected error: {}\n", sub->get_name(), e.what());
+            return 3;
+        }
+    }
+    fmt::print("{}", app.help());
+    return 0;
+}
