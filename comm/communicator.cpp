@@ -354,7 +354,7 @@ void reduce_scatter_blocks(const CollectiveCtx& ctx, int phase, const char* send
         int peer = (me + i) % n;
         requests.push_back(ctx.send(peer, phase, send + offsets[peer] * esize, counts[peer] * esize));
     }
-    std::memcpy(scratch.data() + size_t(me) * mine * esize, send + offsets[me] * esize, mine * esize);
+    if (mine > 0) std::memcpy(scratch.data() + size_t(me) * mine * esize, send + offsets[me] * esize, mine * esize);
     ctx.wait(requests);
     if (dtype == DType::BF16) {
         std::vector<float> acc(mine, 0.0f);
@@ -366,6 +366,7 @@ void reduce_scatter_blocks(const CollectiveCtx& ctx, int phase, const char* send
         for (size_t i = 0; i < mine; ++i) dst[i] = fp32_to_bf16(acc[i]);
         return;
     }
+    if (mine == 0) return;
     std::memcpy(out, scratch.data(), mine * esize);
     for (int q = 1; q < n; ++q) reduce_sum_into(out, scratch.data() + size_t(q) * mine * esize, mine, dtype);
 }
@@ -466,7 +467,7 @@ WorkPtr Communicator::all_reduce(void* buf, size_t count, DType dtype, ReduceOp)
         int me = ctx.comm.rank();
         std::vector<char> mine(counts[me] * esize);
         reduce_scatter_blocks(ctx, 0, b, mine.data(), counts, offsets, dtype);
-        std::memcpy(b + offsets[me] * esize, mine.data(), mine.size());
+        if (!mine.empty()) std::memcpy(b + offsets[me] * esize, mine.data(), mine.size());
         std::vector<size_t> bytes(n), boff(n), sb(n, counts[me] * esize), so(n, offsets[me] * esize);
         for (int i = 0; i < n; ++i) {
             bytes[i] = counts[i] * esize;
