@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
         commands[app.get_subcommands({})[before]] = cmd;
     };
     add(duplex::tools::add_commbench);
+    add(duplex::tools::add_schedule);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

@@ -1,0 +1,242 @@
+// The validator: a discrete-event replay of every rank's list together. Each rank runs its instructions in
+// order, each as soon as the rank is free and its inputs exist; the only shared resources are the
+// dependencies, so one pass per instruction gives the exact as-soon-as-possible timeline.
+#include <algorithm>
+#include <map>
+#include <set>
+#include <tuple>
+
+#include <fmt/format.h>
+
+#include "parallel/schedule.hpp"
+
+namespace duplex::sched {
+
+namespace {
+
+enum Product { kAct = 0, kGrad = 1, kWeight = 2 };
+using Key = std::tuple<int, int, int, int>;  // (product, mb, stage, dir)
+
+Key key(Product p, const Chunk& c) { return {p, c.mb, c.stage, c.dir}; }
+std::string chunk_str(const Chunk& c) { return fmt::format("mb {} stage {} dir {}", c.mb, c.stage, c.dir); }
+std::string what(Product p) { return p == kAct ? "activation" : p == kGrad ? "gradient" : "weight gradient"; }
+
+struct Need {
+    Product product;
+    Chunk chunk;
+    bool remote;  // produced on another rank: a transfer
+};
+
+// What an instruction consumes.
+std::vector<Need> needs_of(const Schedule& s, int rank, const Instr& in) {
+    std::vector<Need> needs;
+    auto forward = [&](const Chunk& c) {
+        if (c.stage > 0) {
+            Chunk src{c.mb, c.stage - 1, c.dir};
+            needs.push_back({kAct, src, s.rank_of(src.stage, src.dir) != rank});
+        }
+    };
+    auto backward = [&](const Chunk& c) {
+        needs.push_back({kAct, c, false});  // its own forward, on this rank
+        if (c.stage < s.pp - 1) {
+            Chunk src{c.mb, c.stage + 1, c.dir};
+            needs.push_back({kGrad, src, s.rank_of(src.stage, src.dir) != rank});
+        }
+    };
+    switch (in.op) {
+        case Op::F: forward(in.f); break;
+        case Op::B:
+        case Op::BW: backward(in.b); break;
+        case Op::W: needs.push_back({kGrad, in.b, false}); break;
+        case Op::FB:
+            forward(in.f);
+            backward(in.b);
+            break;
+    }
+    return needs;
+}
+
+}  // namespace
+
+void check_costs(const Costs& c) {
+    DUPLEX_CHECK_ARG(c.f >= 0, "--cost-f", "must not be negative, got {}", c.f);
+    DUPLEX_CHECK_ARG(c.b >= 0, "--cost-b", "must not be negative, got {}", c.b);
+    DUPLEX_CHECK_ARG(c.w >= 0, "--cost-w", "must not be negative, got {}", c.w);
+    DUPLEX_CHECK_ARG(c.fb < 0 || c.fb >= 0, "--cost-fb", "must not be negative, got {}", c.fb);
+    DUPLEX_CHECK_ARG(c.p2p >= 0, "--p2p-latency", "must not be negative, got {}", c.p2p);
+    DUPLEX_CHECK_ARG(c.w <= c.b, "--cost-w", "the weight-gradient part ({}) cannot exceed the full backward ({})", c.w, c.b);
+}
+
+Replay replay(const Schedule& s, const Costs& costs) {
+    check_costs(costs);
+    int R = s.num_ranks;
+    std::vector<std::string> problems;
+
+    // Static checks: placement, duplicates, completeness.
+    std::map<Key, int> produced_by;  // product -> rank
+    auto produce = [&](Product p, const Chunk& c, int rank) {
+        if (c.stage < 0 || c.stage >= s.pp || c.dir < 0 || c.dir >= s.num_directions) {
+            problems.push_back(fmt::format("rank {}: {} of {} is outside the pipeline", rank, what(p), chunk_str(c)));
+            return;
+        }
+        if (s.rank_of(c.stage, c.dir) != rank)
+            problems.push_back(fmt::format("rank {}: runs {} which lives on rank {}", rank, chunk_str(c),
+                                           s.rank_of(c.stage, c.dir)));
+        auto [it, fresh] = produced_by.emplace(key(p, c), rank);
+        if (!fresh)
+            problems.push_back(fmt::format("rank {}: duplicate {} of {} (also on rank {})", rank,
+                                           p == kAct ? "F" : p == kGrad ? "B" : "W", chunk_str(c), it->second));
+    };
+    for (int r = 0; r < R; ++r) {
+        for (const Instr& in : s.ranks[r]) {
+            if (in.op == Op::F || in.op == Op::FB) produce(kAct, in.f, r);
+            if (in.op == Op::B || in.op == Op::BW || in.op == Op::FB) produce(kGrad, in.b, r);
+            if (in.op == Op::W || in.op == Op::BW || in.op == Op::FB) produce(kWeight, in.b, r);
+        }
+    }
+    int missing = 0;
+    for (int mb = 0; mb < s.num_microbatches; ++mb) {
+        int dir = s.direction_of_mb(mb);
+        for (int st = 0; st < s.pp; ++st) {
+            for (Product p : {kAct, kGrad, kWeight}) {
+                if (produced_by.count(key(p, {mb, st, dir}))) continue;
+                if (++missing <= 20) {
+                    const char* op = p == kAct ? "F" : p == kGrad ? "B" : "W";
+                    std::string extra;
+                    if (p == kAct && st > 0 && produced_by.count(key(kAct, {mb, st - 1, dir})))
+                        extra = fmt::format(": the activation sent by stage {} has no matching receive", st - 1);
+                    if (p == kWeight && produced_by.count(key(kGrad, {mb, st, dir})))
+                        extra = ": a deferred W is left in the queue";
+                    problems.push_back(fmt::format("missing {} of mb {} stage {} dir {}{}", op, mb, st, dir, extra));
+                }
+            }
+        }
+    }
+    if (missing > 20) problems.push_back(fmt::format("... and {} more missing instructions", missing - 20));
+    if (!problems.empty())
+        throw ScheduleError(fmt::format("invalid {} schedule (PP={}, N={}):\n  {}", kind_name(s.kind), s.pp,
+                                        s.num_microbatches, fmt::join(problems, "\n  ")));
+
+    // Timed replay.
+    Replay out;
+    out.busy.assign(R, 0);
+    out.spans.resize(R);
+    std::map<Key, double> done_at;
+    std::vector<size_t> pc(R, 0);
+    std::vector<double> free_at(R, 0);
+    auto cost = [&](Op op) {
+        switch (op) {
+            case Op::F: return costs.f;
+            case Op::B: return costs.b - costs.w;
+            case Op::W: return costs.w;
+            case Op::BW: return costs.b;
+            case Op::FB: return costs.fb_cost();
+        }
+        return 0.0;
+    };
+    for (bool progress = true; progress;) {
+        progress = false;
+        for (int r = 0; r < R; ++r) {
+            while (pc[r] < s.ranks[r].size()) {
+                const Instr& in = s.ranks[r][pc[r]];
+                double start = free_at[r];
+                bool ready = true;
+                for (const Need& n : needs_of(s, r, in)) {
+                    auto it = done_at.find(key(n.product, n.chunk));
+                    if (it == done_at.end()) {
+                        ready = false;
+                        break;
+                    }
+                    start = std::max(start, it->second + (n.remote ? costs.p2p : 0.0));
+                }
+                if (!ready) break;
+                double end = start + cost(in.op);
+                if (in.op == Op::F || in.op == Op::FB) done_at[key(kAct, in.f)] = end;
+                if (in.op == Op::B || in.op == Op::BW || in.op == Op::FB) done_at[key(kGrad, in.b)] = end;
+                if (in.op == Op::W || in.op == Op::BW || in.op == Op::FB) done_at[key(kWeight, in.b)] = end;
+                out.spans[r].push_back({start, end});
+                out.busy[r] += end - start;
+                free_at[r] = end;
+                ++pc[r];
+                progress = true;
+            }
+        }
+    }
+
+    // Deadlock: follow "waits for" edges from a blocked rank until a rank repeats.
+    std::vector<int> waits_for(R, -1);
+    std::vector<std::string> waiting_on(R);
+    bool blocked = false;
+    for (int r = 0; r < R; ++r) {
+        if (pc[r] >= s.ranks[r].size()) continue;
+        blocked = true;
+        const Instr& in = s.ranks[r][pc[r]];
+        for (const Need& n : needs_of(s, r, in)) {
+            if (done_at.count(key(n.product, n.chunk))) continue;
+            waits_for[r] = s.rank_of(n.chunk.stage, n.chunk.dir);
+            waiting_on[r] = fmt::format("rank {} at instruction {} ({}) waits for the {} of {} from rank {}{}", r, pc[r],
+                                        op_name(in.op), what(n.product), chunk_str(n.chunk), waits_for[r],
+                                        waits_for[r] == r ? " (itself: it comes later in its own list)" : "");
+            break;
+        }
+    }
+    if (blocked) {
+        int start = 0;
+        while (waits_for[start] < 0) ++start;
+        std::vector<int> seen(R, -1), path;
+        int r = start;
+        while (r >= 0 && seen[r] < 0) {
+            seen[r] = static_cast<int>(path.size());
+            path.push_back(r);
+            r = waits_for[r];
+        }
+        std::vector<std::string> cycle;
+        if (r >= 0) {
+            for (size_t i = static_cast<size_t>(seen[r]); i < path.size(); ++i) cycle.push_back(waiting_on[path[i]]);
+        } else {
+            for (int p : path)
+                if (!waiting_on[p].empty()) cycle.push_back(waiting_on[p]);
+        }
+        throw ScheduleError(fmt::format("deadlock in {} schedule (PP={}, N={}); cycle of waiting ranks:\n  {}",
+                                        kind_name(s.kind), s.pp, s.num_microbatches, fmt::join(cycle, "\n  ")));
+    }
+
+    for (int r = 0; r < R; ++r) out.makespan = std::max(out.makespan, free_at[r]);
+    out.idle.resize(R);
+    out.peak_activations.assign(R, 0);
+    out.param_copies.assign(R, 0);
+    for (int r = 0; r < R; ++r) {
+        out.idle[r] = out.makespan - out.busy[r];
+        int live = 0;
+        std::set<std::pair<int, int>> stages;
+        for (const Instr& in : s.ranks[r]) {
+            // NOTE: counted at instruction boundaries: an FB pair frees its backward chunk and keeps its forward
+            // one, net zero, while an unpaired F followed by B peaks one higher (DualPipe's middle ranks).
+            if (in.op == Op::F) live += 1;
+            if (in.op == Op::B || in.op == Op::BW) live -= 1;
+            out.peak_activations[r] = std::max(out.peak_activations[r], live);
+            if (in.op == Op::F || in.op == Op::FB) stages.insert({in.f.stage, 0});
+            if (in.op != Op::F) stages.insert({in.b.stage, 0});
+        }
+        out.param_copies[r] = static_cast<int>(stages.size());
+    }
+    return out;
+}
+
+double formula_bubble(ScheduleKind kind, int pp, const Costs& c) {
+    switch (kind) {
+        case ScheduleKind::OneFOneB: return (pp - 1) * (c.f + c.b);
+        case ScheduleKind::ZB1P: return (pp - 1) * (c.f + c.b - 2 * c.w);
+        case ScheduleKind::DualPipe:
+        case ScheduleKind::DualPipeV: return (pp / 2 - 1) * (c.fb_cost() + c.b - 3 * c.w);
+    }
+    return 0;
+}
+
+bool formula_is_exact(ScheduleKind kind, const Costs& c) {
+    if (c.p2p != 0) return false;
+    if (kind == ScheduleKind::OneFOneB) return true;
+    return c.b - c.w == c.f;
+}
+
+}  // namespace duplex::sched

@@ -1,0 +1,271 @@
+#include "parallel/schedule.hpp"
+
+#include <map>
+#include <string>
+
+#include <gtest/gtest.h>
+
+namespace duplex::sched {
+namespace {
+
+Costs costs(double f, double b, double w, double fb = -1) {
+    Costs c;
+    c.f = f;
+    c.b = b;
+    c.w = w;
+    c.fb = fb;
+    return c;
+}
+
+TEST(Schedule, DualPipePublishedNumbersAtPP8N20) {
+    Schedule s = generate(ScheduleKind::DualPipe, 8, 20);
+    Replay r3 = replay(s, costs(1, 2, 1, 3));
+    EXPECT_EQ(r3.makespan, 66);
+    for (double idle : r3.idle) EXPECT_EQ(idle, 6);
+    EXPECT_EQ(replay(s, costs(1, 2, 1, 2)).makespan, 52);
+    EXPECT_EQ(r3.peak_activations, (std::vector<int>{8, 8, 8, 9, 9, 8, 8, 8}));
+    EXPECT_EQ(r3.param_copies, std::vector<int>(8, 2));
+}
+
+TEST(Schedule, OneFOneBPublishedNumbersAtPP8N20) {
+    Replay r = replay(generate(ScheduleKind::OneFOneB, 8, 20), costs(1, 2, 1));
+    EXPECT_EQ(r.makespan, 81);  // (N + PP - 1)(F + B)
+    EXPECT_EQ(r.peak_activations[0], 8);
+    EXPECT_EQ(r.param_copies[0], 1);
+}
+
+// The op letters of a rank's list: F, B (B or BW), W, X (F&B pair).
+std::string letters(const std::vector<Instr>& list) {
+    std::string out;
+    for (const Instr& in : list) out += in.op == Op::F ? 'F' : in.op == Op::W ? 'W' : in.op == Op::FB ? 'X' : 'B';
+    return out;
+}
+
+std::string repeat(const std::string& unit, int n) {
+    std::string out;
+    for (int i = 0; i < n; ++i) out += unit;
+    return out;
+}
+
+TEST(Schedule, DualPipeStepCountsMatchReference) {
+    // shared/REFERENCE.md, PP=8, N=20, steps 1..8 for h = min(r, PP-1-r).
+    const std::map<int, std::vector<int>> steps = {{0, {6, 1, 3, 3, 3, 1, 3, 1}},
+                                                   {1, {4, 2, 2, 4, 2, 2, 2, 2}},
+                                                   {2, {2, 3, 1, 5, 1, 3, 1, 3}},
+                                                   {3, {0, 4, 0, 6, 0, 4, 0, 4}}};
+    Schedule s = generate(ScheduleKind::DualPipe, 8, 20);
+    for (int r = 0; r < 8; ++r) {
+        const auto& n = steps.at(std::min(r, 7 - r));
+        bool middle = r == 3 || r == 4;
+        std::string step4 = middle ? "FBX" + repeat("XX", n[3] - 1) : repeat("XX", n[3]);
+        std::string want = repeat("F", n[0]) + repeat("FF", n[1]) + repeat("BWF", n[2]) + step4 + repeat("BX", n[4]) +
+                           repeat("BB", n[5]) + repeat("WB", n[6]) + repeat("W", n[7]);
+        EXPECT_EQ(letters(s.ranks[r]), want) << "rank " << r;
+        // Warm-up forwards before the first backward: PP on every rank.
+        int warm = 0;
+        for (const Instr& in : s.ranks[r]) {
+            if (in.op != Op::F) break;
+            ++warm;
+        }
+        // (the middle ranks' first F&B pair runs unoverlapped: its F is not a warm-up forward)
+        EXPECT_EQ(warm - (middle ? 1 : 0), 8) << "rank " << r;
+    }
+}
+
+TEST(Schedule, DualPipeRanksHoldMirroredStages) {
+    Schedule s = generate(ScheduleKind::DualPipe, 6, 12);
+    for (int r = 0; r < 6; ++r) {
+        EXPECT_EQ(s.rank_of(r, 0), r);
+        EXPECT_EQ(s.rank_of(5 - r, 1), r);
+        for (const Instr& in : s.ranks[r]) {
+            if (in.op == Op::F || in.op == Op::FB) EXPECT_EQ(in.f.stage, in.f.dir == 0 ? r : 5 - r);
+        }
+    }
+}
+
+struct Grid {
+    ScheduleKind kind;
+    int pp, n;
+};
+
+std::vector<Grid> property_grid() {
+    std::vector<Grid> g;
+    for (int pp = 2; pp <= 32; pp += 2)
+        for (int n = 2 * pp; n <= 4 * pp; n += 2)
+            for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV})
+                g.push_back({k, pp, n});
+    return g;
+}
+
+TEST(ScheduleProperties, EveryScheduleValidatesAndMeetsItsFormula) {
+    const std::vector<Costs> exact_costs = {costs(1, 2, 1, 3), costs(1, 2, 1, 2), costs(1.5, 2.25, 0.75, 3.2)};
+    std::map<std::pair<int, int>, double> dualpipe_idle_at_min_n;  // (kind, pp) -> idle at N = 2PP
+    int checked = 0;
+    for (const Grid& g : property_grid()) {
+        Schedule s = generate(g.kind, g.pp, g.n);
+        for (const Costs& c : exact_costs) {
+            Replay r;
+            ASSERT_NO_THROW(r = replay(s, c)) << kind_name(g.kind) << " PP=" << g.pp << " N=" << g.n;
+            // Every F has exactly one B and one W (the replay throws otherwise); the counts add up.
+            int f = 0, b = 0, w = 0;
+            for (const auto& list : s.ranks) {
+                OpCounts oc = count_ops(list);
+                f += oc.f + oc.fb;
+                b += oc.b + oc.bw + oc.fb;
+                w += oc.w + oc.bw + oc.fb;
+            }
+            ASSERT_EQ(f, g.pp * g.n);
+            ASSERT_EQ(b, g.pp * g.n);
+            ASSERT_EQ(w, g.pp * g.n);
+            double formula = formula_bubble(g.kind, g.pp, c);
+            double max_idle = *std::max_element(r.idle.begin(), r.idle.end());
+            ASSERT_NEAR(max_idle, formula, 1e-9)
+                << kind_name(g.kind) << " PP=" << g.pp << " N=" << g.n << " F&B=" << c.fb_cost();
+            if (g.kind == ScheduleKind::OneFOneB || g.kind == ScheduleKind::ZB1P)
+                for (double idle : r.idle) ASSERT_NEAR(idle, formula, 1e-9) << kind_name(g.kind) << " PP=" << g.pp;
+            if (g.kind == ScheduleKind::OneFOneB || g.kind == ScheduleKind::ZB1P)
+                ASSERT_EQ(r.peak_activations[0], g.pp);
+            if (&c == &exact_costs[0] && (g.kind == ScheduleKind::DualPipe || g.kind == ScheduleKind::DualPipeV)) {
+                auto key = std::make_pair(static_cast<int>(g.kind), g.pp);
+                if (!dualpipe_idle_at_min_n.count(key)) dualpipe_idle_at_min_n[key] = max_idle;
+                // Idle does not grow with N.
+                ASSERT_LE(max_idle, dualpipe_idle_at_min_n[key] + 1e-9) << "PP=" << g.pp << " N=" << g.n;
+            }
+            ++checked;
+        }
+    }
+    EXPECT_GT(checked, 1000);
+}
+
+TEST(ScheduleProperties, FormulaIsAnEstimateWhenBMinusWDiffersFromF) {
+    // B - W != F: the replay still validates; the formula is flagged as inexact.
+    Costs c = costs(1, 3, 1, 3.5);
+    EXPECT_FALSE(formula_is_exact(ScheduleKind::DualPipe, c));
+    EXPECT_NO_THROW(replay(generate(ScheduleKind::DualPipe, 8, 20), c));
+}
+
+TEST(Schedule, BadInputNamesTheConstraint) {
+    auto message = [](auto fn) {
+        try {
+            fn();
+        } catch (const ConfigError& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 7, 28); }).find("even number of stages"), std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 8, 21); }).find("N must be even"), std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 8, 14); }).find("N >= 2*PP = 16"), std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::OneFOneB, 0, 4); }).find("at least 1"), std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::DualPipeV, 8, 6); }).find("N >= 2*ranks"), std::string::npos);
+    EXPECT_NE(message([] { replay(generate(ScheduleKind::OneFOneB, 2, 4), costs(-1, 2, 1)); }).find("--cost-f"),
+              std::string::npos);
+    EXPECT_NE(message([] { replay(generate(ScheduleKind::OneFOneB, 2, 4), costs(1, 2, 3)); }).find("cannot exceed"),
+              std::string::npos);
+    EXPECT_THROW(kind_from_name("gpipe"), ConfigError);
+}
+
+std::string replay_error(const Schedule& s) {
+    try {
+        replay(s, Costs{});
+    } catch (const ScheduleError& e) {
+        return e.what();
+    }
+    return "valid";
+}
+
+TEST(Validator, ReportsDeadlockWithTheCycle) {
+    Schedule s = generate(ScheduleKind::OneFOneB, 2, 4);
+    // Rank 1 starts with mb 1, which rank 0 sends only after the backward of mb 0 -- which needs rank 1.
+    s.ranks[0] = {{Op::F, {0, 0, 0}, {}}, {Op::BW, {}, {0, 0, 0}}, {Op::F, {1, 0, 0}, {}}, {Op::BW, {}, {1, 0, 0}},
+                  {Op::F, {2, 0, 0}, {}}, {Op::BW, {}, {2, 0, 0}}, {Op::F, {3, 0, 0}, {}}, {Op::BW, {}, {3, 0, 0}}};
+    s.ranks[1] = {{Op::F, {1, 1, 0}, {}}, {Op::BW, {}, {1, 1, 0}}, {Op::F, {0, 1, 0}, {}}, {Op::BW, {}, {0, 1, 0}},
+                  {Op::F, {2, 1, 0}, {}}, {Op::BW, {}, {2, 1, 0}}, {Op::F, {3, 1, 0}, {}}, {Op::BW, {}, {3, 1, 0}}};
+    std::string e = replay_error(s);
+    EXPECT_NE(e.find("deadlock"), std::string::npos) << e;
+    EXPECT_NE(e.find("rank 0"), std::string::npos) << e;
+    EXPECT_NE(e.find("rank 1"), std::string::npos) << e;
+    EXPECT_NE(e.find("gradient of mb 0"), std::string::npos) << e;
+    EXPECT_NE(e.find("activation of mb 1"), std::string::npos) << e;
+}
+
+TEST(Validator, ReportsABackwardBeforeItsOwnForward) {
+    Schedule s = generate(ScheduleKind::OneFOneB, 2, 4);
+    std::swap(s.ranks[1][0], s.ranks[1][1]);  // BW(0) before F(0) on the last stage
+    std::string e = replay_error(s);
+    EXPECT_NE(e.find("later in its own list"), std::string::npos) << e;
+}
+
+TEST(Validator, ReportsMissingDuplicateMisplacedAndLeftoverW) {
+    Schedule s = generate(ScheduleKind::DualPipe, 4, 8);
+    // Drop the last W on rank 0: a deferred W is left over.
+    Schedule a = s;
+    for (size_t i = a.ranks[0].size(); i-- > 0;)
+        if (a.ranks[0][i].op == Op::W) {
+            a.ranks[0].erase(a.ranks[0].begin() + static_cast<long>(i));
+            break;
+        }
+    EXPECT_NE(replay_error(a).find("deferred W is left"), std::string::npos) << replay_error(a);
+    // Drop a forward on rank 1: the activation rank 0 sends has no receive.
+    Schedule b = s;
+    for (size_t i = 0; i < b.ranks[1].size(); ++i)
+        if (b.ranks[1][i].op == Op::F && b.ranks[1][i].f.dir == 0) {
+            b.ranks[1].erase(b.ranks[1].begin() + static_cast<long>(i));
+            break;
+        }
+    EXPECT_NE(replay_error(b).find("has no matching receive"), std::string::npos) << replay_error(b);
+    // Duplicate and misplaced chunks.
+    Schedule c = s;
+    c.ranks[0].push_back(c.ranks[0][0]);
+    EXPECT_NE(replay_error(c).find("duplicate F"), std::string::npos);
+    Schedule d = s;
+    d.ranks[2].push_back({Op::F, {0, 0, 0}, {}});
+    EXPECT_NE(replay_error(d).find("lives on rank 0"), std::string::npos);
+}
+
+TEST(P2P, EverySendHasOneMatchingReceive) {
+    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV}) {
+        Schedule s = generate(k, 8, 16);
+        std::map<std::tuple<int, int, uint32_t>, int> balance;  // (from, to, tag) -> sends - receives
+        int sends = 0;
+        for (int r = 0; r < s.num_ranks; ++r)
+            for (const Instr& in : s.ranks[r])
+                for (const P2P& p : p2p_of(s, r, in)) {
+                    EXPECT_NE(p.peer, r);
+                    if (p.send) {
+                        ++balance[{r, p.peer, p.tag}];
+                        ++sends;
+                    } else {
+                        --balance[{p.peer, r, p.tag}];
+                    }
+                }
+        for (auto& [k2, v] : balance) EXPECT_EQ(v, 0) << kind_name(k) << " tag " << std::get<2>(k2);
+        // Activations and gradients both cross every stage boundary between different ranks.
+        int boundaries = 0;
+        for (int dir = 0; dir < s.num_directions; ++dir)
+            for (int st = 0; st + 1 < s.pp; ++st) boundaries += s.rank_of(st, dir) != s.rank_of(st + 1, dir);
+        EXPECT_EQ(sends, 2 * boundaries * (s.num_microbatches / s.num_directions)) << kind_name(k);
+    }
+}
+
+TEST(Render, SvgAndTextShowEveryRankAndInstruction) {
+    Schedule s = generate(ScheduleKind::DualPipe, 4, 8);
+    Costs c = costs(1, 2, 1, 3);
+    Replay r = replay(s, c);
+    std::string svg = render_svg(s, r, c);
+    EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+    EXPECT_NE(svg.find("rank 3"), std::string::npos);
+    EXPECT_NE(svg.find("makespan"), std::string::npos);
+    size_t rects = 0;
+    for (size_t p = svg.find("<rect"); p != std::string::npos; p = svg.find("<rect", p + 1)) ++rects;
+    size_t boxes = 0;
+    for (const auto& l : s.ranks)
+        for (const Instr& in : l) boxes += (in.op == Op::BW || in.op == Op::FB) ? 2 : 1;
+    EXPECT_GE(rects, boxes);
+    std::string text = render_text(s, r);
+    EXPECT_NE(text.find("rank   3 |"), std::string::npos);
+    EXPECT_NE(text.find('X'), std::string::npos);
+}
+
+}  // namespace
+}  // namespace duplex::sched
