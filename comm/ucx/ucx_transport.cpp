@@ -148,6 +148,11 @@ public:
         // Drive the worker from the waiting thread while messages keep arriving; when it goes quiet, sleep
         // on the request and leave progress to the progress thread.
         Stopwatch quiet;
+        drivers_.fetch_add(1, std::memory_order_relaxed);
+        struct Leave {
+            std::atomic<int>& n;
+            ~Leave() { n.fetch_sub(1, std::memory_order_relaxed); }
+        } leave{drivers_};
         while (!request.done()) {
             if (deadline.expired()) return false;
             unsigned progressed = 0;
@@ -158,7 +163,14 @@ public:
             if (progressed) {
                 quiet.reset();
             } else if (quiet.seconds() > 200e-6) {
+                // Quiet for a while: hand progress back to the progress thread and sleep on the request.
+                drivers_.fetch_sub(1, std::memory_order_relaxed);
+                state_cv_.notify_all();
                 Deadline slice(1e-3);
+                struct Rejoin {
+                    std::atomic<int>& n;
+                    ~Rejoin() { n.fetch_add(1, std::memory_order_relaxed); }
+                } rejoin{drivers_};
                 if (request.wait_until(deadline.infinite() || slice.at() < deadline.at() ? slice : deadline)) break;
             } else {
                 std::this_thread::yield();
@@ -221,7 +233,9 @@ private:
         return true;
     }
 
+    // Interrupts the progress thread's poll(); a system call, so only when it may be sleeping there.
     void wake() {
+        if (!polling_.load()) return;
         std::lock_guard<std::mutex> lock(ucx_mutex_);
         ucp_worker_signal(worker_);
     }
@@ -285,6 +299,12 @@ private:
                 state_cv_.wait(lock, [&] { return stopping_ || !in_flight_.empty(); });
                 if (stopping_ && in_flight_.empty()) return;
             }
+            if (drivers_.load(std::memory_order_relaxed) > 0) {
+                // A waiting caller drives the worker itself; competing for it would only cost a core.
+                std::unique_lock<std::mutex> lock(state_mutex_);
+                state_cv_.wait_for(lock, std::chrono::milliseconds(1));
+                continue;
+            }
             unsigned progressed = 0;
             ucs_status_t armed = UCS_ERR_BUSY;
             {
@@ -293,6 +313,7 @@ private:
                 if (progressed) {
                     idle.reset();
                 } else if (idle.seconds() > kSpinBeforeSleep_s) {
+                    polling_.store(true);
                     armed = ucp_worker_arm(worker_);
                 }
             }
@@ -300,7 +321,9 @@ private:
                 // NOTE: shared-memory transports may not signal the event descriptor, hence the short timeout.
                 pollfd pfd{efd_, POLLIN, 0};
                 poll(&pfd, 1, 1);
-            } else if (!progressed) {
+            }
+            polling_.store(false);
+            if (armed != UCS_OK && !progressed) {
                 std::this_thread::yield();
             }
             if (since_abort_check.seconds() > 0.5 && !aborted_) {
@@ -326,6 +349,8 @@ private:
     std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> in_flight_;
     bool stopping_ = false;
     std::atomic<bool> aborted_{false};
+    std::atomic<int> drivers_{0};  // callers inside wait() driving the worker
+    std::atomic<bool> polling_{false};  // the progress thread may be asleep in poll()
     std::string abort_reason_;
     std::thread progress_;
 };
