@@ -1,0 +1,578 @@
+#include "runtime/model/stage.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include <fmt/format.h>
+
+#include "core/clock.hpp"
+#include "core/error.hpp"
+#include "kernels/cpu/ops.hpp"
+
+namespace duplex {
+
+using kernels::gemm;
+
+namespace {
+
+template <typename T>
+using Buf = std::shared_ptr<std::vector<T>>;
+
+template <typename T>
+Buf<T> buf(size_t n) {
+    return std::make_shared<std::vector<T>>(n);
+}
+template <typename T>
+Buf<T> buf(std::vector<T>&& v) {
+    return std::make_shared<std::vector<T>>(std::move(v));
+}
+
+uint64_t name_hash(const std::string& s, uint64_t seed) {
+    uint64_t h = 1469598103934665603ull ^ seed;
+    for (char c : s) h = (h ^ uint8_t(c)) * 1099511628211ull;
+    return h;
+}
+
+}  // namespace
+
+template <typename T>
+struct ModelStage<T>::Impl {
+    struct Layer {
+        int index = 0;
+        bool moe = false;
+        Param<T>*attn_norm, *wq, *wk, *wv, *wo, *ffn_norm;
+        Param<T>*w1 = nullptr, *w3 = nullptr, *w2 = nullptr;  // dense FFN
+        Param<T>* router = nullptr;
+        std::vector<Param<T>*> e1, e3, e2;  // local routed experts
+        std::vector<Param<T>*> s1, s3, s2;  // shared experts
+        int moe_slot = -1;                  // index into bias_/counts
+        std::vector<int64_t> counts;
+    };
+
+    // What one layer keeps between F and B of a microbatch.
+    struct LayerStash {
+        Buf<T> x_in, rstd1, n1, q, k, v, probs, attn, h, rstd2, n2;
+        Buf<T> a1, a3, s;                       // dense FFN (s dropped under recompute)
+        Buf<T> scores, y_slots;                 // MoE
+        Routing routing;
+        RoutedTokens<T> routed;
+        std::vector<Buf<T>> ea1, ea3, es, sa1, sa3, ss;  // per local / shared expert
+        std::vector<Buf<T>> erows;                       // per local expert input rows
+    };
+
+    struct Micro {
+        int tokens = 0, B = 0, S = 0;
+        std::vector<int> ids, targets, pos;
+        std::vector<LayerStash> layers;
+        Buf<T> head_in, rstd_f, nf, dlogits;
+        double loss = 0;
+        std::vector<std::function<void()>> wgrad;
+        std::set<const void*> counted;  // buffers already in the ledger's weight-gradient category
+        int64_t act_bytes = 0, w_bytes = 0;
+        bool forward_done = false, backward_done = false;
+    };
+
+    ModelStage<T>& self;
+    std::deque<Param<T>> params;
+    Param<T>*embed = nullptr, *final_norm = nullptr, *head = nullptr;
+    std::vector<Layer> layers;
+    std::shared_ptr<ExpertExchange<T>> exchange;
+    std::map<int, Micro> micro;
+    uint64_t seed;
+
+    Impl(ModelStage<T>& s, uint64_t seed_) : self(s), seed(seed_) {}
+
+    Param<T>* make(const std::string& name, std::vector<int64_t> shape, bool ones = false, bool expert = false) {
+        Param<T> p;
+        p.name = name;
+        p.shape = shape;
+        p.is_expert = expert;
+        size_t n = 1;
+        for (int64_t d : shape) n *= size_t(d);
+        p.value.resize(n);
+        p.grad.assign(n, T(0));
+        Rng rng(name_hash(name, seed));
+        for (T& v : p.value) v = ones ? T(1) : T(rng.normal() * self.cfg_.init_std);
+        params.push_back(std::move(p));
+        return &params.back();
+    }
+
+    const ModelConfig& cfg() const { return self.cfg_; }
+    int A() const { return cfg().heads * cfg().head_dim; }
+
+    // ---- helpers over row-major activations ----
+    static void linear(const std::vector<T>& x, const Param<T>* w, int rows, std::vector<T>& y) {
+        int in = int(w->shape[0]), out = int(w->shape[1]);
+        y.resize(size_t(rows) * out);
+        gemm<T>(false, false, rows, out, in, T(1), x.data(), w->value.data(), T(0), y.data());
+    }
+    // dx (+)= dy W^T
+    static void linear_dx(const std::vector<T>& dy, const Param<T>* w, int rows, std::vector<T>& dx, bool accumulate) {
+        int in = int(w->shape[0]), out = int(w->shape[1]);
+        if (!accumulate) dx.assign(size_t(rows) * in, T(0));
+        gemm<T>(false, true, rows, in, out, T(1), dy.data(), w->value.data(), T(1), dx.data());
+    }
+    // Queue dW += x^T dy for the W pass.
+    void defer_dw(Micro& m, const Buf<T>& x, const Buf<T>& dy, int rows, Param<T>* w) {
+        for (const Buf<T>& b : {x, dy}) {
+            if (m.counted.insert(b.get()).second) {
+                int64_t bytes = int64_t(b->size() * sizeof(T));
+                m.w_bytes += bytes;
+                self.ledger_.add("wgrad_inputs", bytes);
+            }
+        }
+        m.wgrad.push_back([x, dy, rows, w] {
+            int in = int(w->shape[0]), out = int(w->shape[1]);
+            gemm<T>(true, false, in, out, rows, T(1), x->data(), dy->data(), T(1), w->grad.data());
+        });
+    }
+
+    Buf<T> rmsnorm(const std::vector<T>& x, const Param<T>* g, int rows, Buf<T>& rstd) {
+        int d = cfg().hidden;
+        auto y = buf<T>(size_t(rows) * d);
+        if (!rstd) rstd = buf<T>(size_t(rows));
+        kernels::rmsnorm_forward<T>(x.data(), g->value.data(), rows, d, T(cfg().norm_eps), y->data(), rstd->data());
+        return y;
+    }
+
+    // A SwiGLU MLP on rows x: returns (a1, a3, s) and writes out = s W2.
+    void mlp_forward(const std::vector<T>& x, int rows, Param<T>* w1, Param<T>* w3, Param<T>* w2, Buf<T>& a1, Buf<T>& a3,
+                     Buf<T>& s, std::vector<T>& out) {
+        a1 = buf<T>(0);
+        a3 = buf<T>(0);
+        linear(x, w1, rows, *a1);
+        linear(x, w3, rows, *a3);
+        s = buf<T>(a1->size());
+        kernels::swiglu_forward<T>(a1->data(), a3->data(), a1->size(), s->data());
+        linear(*s, w2, rows, out);
+    }
+    // Backward of the MLP: dx (+)= d(input); queues the three weight gradients.
+    void mlp_backward(Micro& m, const Buf<T>& x, int rows, Param<T>* w1, Param<T>* w3, Param<T>* w2, const Buf<T>& a1,
+                      const Buf<T>& a3, Buf<T> s, const Buf<T>& dout, std::vector<T>& dx, bool accumulate) {
+        if (!s) {  // recompute the SwiGLU activation
+            s = buf<T>(a1->size());
+            kernels::swiglu_forward<T>(a1->data(), a3->data(), a1->size(), s->data());
+        }
+        std::vector<T> ds;
+        linear_dx(*dout, w2, rows, ds, false);
+        defer_dw(m, s, dout, rows, w2);
+        auto da1 = buf<T>(ds.size()), da3 = buf<T>(ds.size());
+        kernels::swiglu_backward<T>(ds.data(), a1->data(), a3->data(), ds.size(), da1->data(), da3->data());
+        linear_dx(*da1, w1, rows, dx, accumulate);
+        linear_dx(*da3, w3, rows, dx, true);
+        defer_dw(m, x, da1, rows, w1);
+        defer_dw(m, x, da3, rows, w3);
+    }
+
+    // ---- layer forward ----
+    std::vector<T> layer_forward(Layer& L, Micro& m, LayerStash& st, std::vector<T>&& x) {
+        const ModelConfig& c = cfg();
+        int n = m.tokens, d = c.hidden;
+        st.x_in = buf<T>(std::move(x));
+        st.n1 = rmsnorm(*st.x_in, L.attn_norm, n, st.rstd1);
+        st.q = buf<T>(0);
+        st.k = buf<T>(0);
+        st.v = buf<T>(0);
+        linear(*st.n1, L.wq, n, *st.q);
+        linear(*st.n1, L.wk, n, *st.k);
+        linear(*st.n1, L.wv, n, *st.v);
+        kernels::rope<T>(st.q->data(), m.pos.data(), n, c.heads, c.head_dim, c.rope_base, false);
+        kernels::rope<T>(st.k->data(), m.pos.data(), n, c.heads, c.head_dim, c.rope_base, false);
+        st.attn = buf<T>(size_t(n) * A());
+        st.probs = buf<T>(size_t(m.B) * c.heads * m.S * m.S);
+        kernels::attention_forward<T>(st.q->data(), st.k->data(), st.v->data(), m.B, m.S, c.heads, c.head_dim,
+                                      st.attn->data(), st.probs->data());
+        std::vector<T> o;
+        linear(*st.attn, L.wo, n, o);
+        st.h = buf<T>(std::vector<T>(*st.x_in));
+        for (size_t i = 0; i < o.size(); ++i) (*st.h)[i] += o[i];
+        st.n2 = rmsnorm(*st.h, L.ffn_norm, n, st.rstd2);
+        std::vector<T> f(size_t(n) * d, T(0));
+        if (!L.moe) {
+            mlp_forward(*st.n2, n, L.w1, L.w3, L.w2, st.a1, st.a3, st.s, f);
+        } else {
+            moe_forward(L, m, st, f);
+        }
+        std::vector<T> out(*st.h);
+        for (size_t i = 0; i < out.size(); ++i) out[i] += f[i];
+        if (self.recompute_) {
+            st.n1.reset();
+            st.n2.reset();
+            st.s.reset();
+            for (auto& b : st.es) b.reset();
+            for (auto& b : st.ss) b.reset();
+        }
+        return out;
+    }
+
+    void moe_forward(Layer& L, Micro& m, LayerStash& st, std::vector<T>& f) {
+        const ModelConfig& c = cfg();
+        int n = m.tokens, d = c.hidden, E = c.experts, K = c.top_k;
+        std::vector<T> u;
+        linear(*st.n2, L.router, n, u);
+        st.scores = buf<T>(u.size());
+        for (size_t i = 0; i < u.size(); ++i) (*st.scores)[i] = T(1) / (T(1) + std::exp(-u[i]));
+        st.routing = route<T>(st.scores->data(), self.bias_[L.moe_slot], n, c);
+        for (int e : st.routing.expert) ++L.counts[e];
+        // Shared experts see every token.
+        int shared = c.shared_experts;
+        st.sa1.resize(shared), st.sa3.resize(shared), st.ss.resize(shared);
+        for (int j = 0; j < shared; ++j) {
+            std::vector<T> out;
+            mlp_forward(*st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], out);
+            for (size_t i = 0; i < f.size(); ++i) f[i] += out[i];
+        }
+        // Routed experts: dispatch, compute the local ones, combine.
+        exchange->dispatch(st.n2->data(), n, d, st.routing, st.routed);
+        int local = exchange->num_local_experts();
+        st.ea1.resize(local), st.ea3.resize(local), st.es.resize(local), st.erows.resize(local);
+        std::vector<std::vector<T>> outputs(local);
+        for (int e = 0; e < local; ++e) {
+            int rows = int(st.routed.slots[e].size());
+            st.erows[e] = buf<T>(std::move(st.routed.rows[e]));
+            mlp_forward(*st.erows[e], rows, L.e1[e], L.e3[e], L.e2[e], st.ea1[e], st.ea3[e], st.es[e], outputs[e]);
+        }
+        st.y_slots = buf<T>(size_t(n) * K * d);
+        exchange->combine(st.routed, outputs, n, d, K, st.y_slots->data());
+        for (int t = 0; t < n; ++t)
+            for (int k = 0; k < K; ++k) {
+                T g = T(st.routing.gate[size_t(t) * K + k]);
+                const T* y = st.y_slots->data() + (size_t(t) * K + k) * d;
+                for (int i = 0; i < d; ++i) f[size_t(t) * d + i] += g * y[i];
+            }
+        (void)E;
+    }
+
+    // ---- layer backward (B; W work queued) ----
+    std::vector<T> layer_backward(Layer& L, Micro& m, LayerStash& st, const std::vector<T>& dout) {
+        const ModelConfig& c = cfg();
+        int n = m.tokens, d = c.hidden;
+        if (!st.n2) st.n2 = rmsnorm(*st.h, L.ffn_norm, n, st.rstd2);  // recompute
+        auto df = buf<T>(std::vector<T>(dout));
+        std::vector<T> dn2;
+        if (!L.moe) {
+            mlp_backward(m, st.n2, n, L.w1, L.w3, L.w2, st.a1, st.a3, st.s, df, dn2, false);
+        } else {
+            moe_backward(L, m, st, df, dn2);
+        }
+        std::vector<T> dh(dout);
+        std::vector<T> tmp(dh.size());
+        kernels::rmsnorm_backward_input<T>(dn2.data(), st.h->data(), L.ffn_norm->value.data(), st.rstd2->data(), n, d,
+                                           tmp.data());
+        for (size_t i = 0; i < dh.size(); ++i) dh[i] += tmp[i];
+        {
+            auto dn2b = buf<T>(std::move(dn2));
+            auto h = st.h;
+            auto rstd = st.rstd2;
+            Param<T>* g = L.ffn_norm;
+            m.wgrad.push_back([dn2b, h, rstd, g, n, d] {
+                kernels::rmsnorm_backward_weight<T>(dn2b->data(), h->data(), rstd->data(), n, d, g->grad.data());
+            });
+        }
+        // Attention.
+        auto dhb = buf<T>(std::vector<T>(dh));
+        std::vector<T> dattn;
+        linear_dx(*dhb, L.wo, n, dattn, false);
+        defer_dw(m, st.attn, dhb, n, L.wo);
+        auto dq = buf<T>(dattn.size()), dk = buf<T>(dattn.size()), dv = buf<T>(dattn.size());
+        kernels::attention_backward<T>(dattn.data(), st.q->data(), st.k->data(), st.v->data(), st.probs->data(), m.B, m.S,
+                                       c.heads, c.head_dim, dq->data(), dk->data(), dv->data());
+        kernels::rope<T>(dq->data(), m.pos.data(), n, c.heads, c.head_dim, c.rope_base, true);
+        kernels::rope<T>(dk->data(), m.pos.data(), n, c.heads, c.head_dim, c.rope_base, true);
+        if (!st.n1) st.n1 = rmsnorm(*st.x_in, L.attn_norm, n, st.rstd1);  // recompute
+        std::vector<T> dn1;
+        linear_dx(*dq, L.wq, n, dn1, false);
+        linear_dx(*dk, L.wk, n, dn1, true);
+        linear_dx(*dv, L.wv, n, dn1, true);
+        defer_dw(m, st.n1, dq, n, L.wq);
+        defer_dw(m, st.n1, dk, n, L.wk);
+        defer_dw(m, st.n1, dv, n, L.wv);
+        std::vector<T> dx(dh);
+        kernels::rmsnorm_backward_input<T>(dn1.data(), st.x_in->data(), L.attn_norm->value.data(), st.rstd1->data(), n, d,
+                                           tmp.data());
+        for (size_t i = 0; i < dx.size(); ++i) dx[i] += tmp[i];
+        auto dn1b = buf<T>(std::move(dn1));
+        auto xin = st.x_in;
+        auto rstd1 = st.rstd1;
+        Param<T>* g1 = L.attn_norm;
+        m.wgrad.push_back([dn1b, xin, rstd1, g1, n, d] {
+            kernels::rmsnorm_backward_weight<T>(dn1b->data(), xin->data(), rstd1->data(), n, d, g1->grad.data());
+        });
+        return dx;
+    }
+
+    void moe_backward(Layer& L, Micro& m, LayerStash& st, const Buf<T>& df, std::vector<T>& dn2) {
+        const ModelConfig& c = cfg();
+        int n = m.tokens, d = c.hidden, E = c.experts, K = c.top_k;
+        dn2.assign(size_t(n) * d, T(0));
+        for (int j = 0; j < c.shared_experts; ++j)
+            mlp_backward(m, st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], df, dn2, true);
+        // Combine backward: each slot's output gets gate * df; each gate gets df . y.
+        std::vector<T> dy_slots(size_t(n) * K * d);
+        std::vector<double> dgate(size_t(n) * K);
+        for (int t = 0; t < n; ++t)
+            for (int k = 0; k < K; ++k) {
+                size_t slot = size_t(t) * K + k;
+                T g = T(st.routing.gate[slot]);
+                const T* y = st.y_slots->data() + slot * d;
+                const T* dft = df->data() + size_t(t) * d;
+                double acc = 0;
+                for (int i = 0; i < d; ++i) {
+                    dy_slots[slot * d + i] = g * dft[i];
+                    acc += double(dft[i]) * y[i];
+                }
+                dgate[slot] = acc;
+            }
+        std::vector<std::vector<T>> d_out;
+        exchange->combine_backward(st.routed, dy_slots.data(), n, d, K, d_out);
+        int local = exchange->num_local_experts();
+        std::vector<std::vector<T>> d_rows(local);
+        for (int e = 0; e < local; ++e) {
+            int rows = int(st.routed.slots[e].size());
+            auto dout_e = buf<T>(std::move(d_out[e]));
+            mlp_backward(m, st.erows[e], rows, L.e1[e], L.e3[e], L.e2[e], st.ea1[e], st.ea3[e], st.es[e], dout_e, d_rows[e],
+                         false);
+            d_rows[e].resize(size_t(rows) * d);
+        }
+        exchange->dispatch_backward(st.routed, d_rows, n, d, K, dn2.data());
+        // Gates: g_k = scale * s_k / S over the selected experts; then through the sigmoid.
+        auto du = buf<T>(size_t(n) * E);
+        for (int t = 0; t < n; ++t) {
+            double S = st.routing.sel_sum[t], cross = 0;
+            for (int k = 0; k < K; ++k) cross += dgate[size_t(t) * K + k] * st.routing.gate[size_t(t) * K + k];
+            std::vector<double> ds(E, 0.0);
+            for (int k = 0; k < K; ++k) {
+                int e = st.routing.expert[size_t(t) * K + k];
+                ds[e] = (c.route_scale * dgate[size_t(t) * K + k] - cross) / S;
+            }
+            for (int e = 0; e < E; ++e) {
+                double s = (*st.scores)[size_t(t) * E + e];
+                (*du)[size_t(t) * E + e] = T(ds[e] * s * (1 - s));
+            }
+        }
+        linear_dx(*du, L.router, n, dn2, true);
+        defer_dw(m, st.n2, du, n, L.router);
+    }
+
+    int64_t stash_bytes(const LayerStash& st) const {
+        int64_t b = 0;
+        auto add = [&](const Buf<T>& x) {
+            if (x) b += int64_t(x->size() * sizeof(T));
+        };
+        for (const Buf<T>* x : {&st.x_in, &st.rstd1, &st.n1, &st.q, &st.k, &st.v, &st.probs, &st.attn, &st.h, &st.rstd2,
+                                &st.n2, &st.a1, &st.a3, &st.s, &st.scores, &st.y_slots})
+            add(*x);
+        for (const auto* v : {&st.ea1, &st.ea3, &st.es, &st.sa1, &st.sa3, &st.ss, &st.erows})
+            for (const Buf<T>& x : *v) add(x);
+        return b;
+    }
+};
+
+template <typename T>
+ModelStage<T>::ModelStage(const ModelConfig& cfg, int first_layer, int num_layers, bool has_embedding, bool has_head,
+                          uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange)
+    : cfg_(cfg), first_layer_(first_layer), num_layers_(num_layers), has_embedding_(has_embedding), has_head_(has_head) {
+    cfg_.validate();
+    DUPLEX_CHECK_ARG(first_layer >= 0 && num_layers >= 0 && first_layer + num_layers <= cfg.layers, "stage layers",
+                     "layers {}..{} outside the model's {}", first_layer, first_layer + num_layers - 1, cfg.layers);
+    impl_ = std::make_unique<Impl>(*this, seed);
+    Impl& I = *impl_;
+    I.exchange = exchange ? exchange : std::make_shared<LocalExchange<T>>(cfg.experts);
+    int d = cfg.hidden, A = cfg.heads * cfg.head_dim;
+    if (has_embedding) I.embed = I.make("embed", {cfg.vocab, d});
+    for (int l = first_layer; l < first_layer + num_layers; ++l) {
+        typename Impl::Layer L;
+        L.index = l;
+        L.moe = cfg.is_moe_layer(l);
+        std::string p = fmt::format("layer{}.", l);
+        L.attn_norm = I.make(p + "attn_norm", {d}, true);
+        L.wq = I.make(p + "wq", {d, A});
+        L.wk = I.make(p + "wk", {d, A});
+        L.wv = I.make(p + "wv", {d, A});
+        L.wo = I.make(p + "wo", {A, d});
+        L.ffn_norm = I.make(p + "ffn_norm", {d}, true);
+        if (!L.moe) {
+            L.w1 = I.make(p + "w1", {d, cfg.dense_ffn});
+            L.w3 = I.make(p + "w3", {d, cfg.dense_ffn});
+            L.w2 = I.make(p + "w2", {cfg.dense_ffn, d});
+        } else {
+            L.router = I.make(p + "router", {d, cfg.experts});
+            for (int j = 0; j < cfg.shared_experts; ++j) {
+                std::string q = p + fmt::format("shared{}.", j);
+                L.s1.push_back(I.make(q + "w1", {d, cfg.expert_ffn}));
+                L.s3.push_back(I.make(q + "w3", {d, cfg.expert_ffn}));
+                L.s2.push_back(I.make(q + "w2", {cfg.expert_ffn, d}));
+            }
+            int first = I.exchange->first_local_expert();
+            for (int e = first; e < first + I.exchange->num_local_experts(); ++e) {
+                std::string q = p + fmt::format("expert{}.", e);
+                L.e1.push_back(I.make(q + "w1", {d, cfg.expert_ffn}, false, true));
+                L.e3.push_back(I.make(q + "w3", {d, cfg.expert_ffn}, false, true));
+                L.e2.push_back(I.make(q + "w2", {cfg.expert_ffn, d}, false, true));
+            }
+            L.moe_slot = static_cast<int>(bias_.size());
+            bias_.emplace_back(cfg.experts, 0.0);
+            L.counts.assign(cfg.experts, 0);
+        }
+        I.layers.push_back(std::move(L));
+    }
+    if (has_head) {
+        I.final_norm = I.make("final_norm", {d}, true);
+        I.head = I.make("head", {d, cfg.vocab});
+    }
+}
+
+template <typename T>
+ModelStage<T>::~ModelStage() = default;
+
+template <typename T>
+std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, const std::vector<T>& input) {
+    Impl& I = *impl_;
+    auto [it, fresh] = I.micro.try_emplace(mb);
+    if (!fresh) throw Error(fmt::format("stage {}: forward of microbatch {} twice", first_layer_, mb));
+    auto& m = it->second;
+    m.B = batch.sequences;
+    m.S = batch.seq_len;
+    m.tokens = batch.num_tokens();
+    int d = cfg_.hidden;
+    m.pos.resize(m.tokens);
+    for (int t = 0; t < m.tokens; ++t) m.pos[t] = t % m.S;
+    std::vector<T> x;
+    if (has_embedding_) {
+        DUPLEX_CHECK_ARG(int(batch.tokens.size()) == m.tokens, "batch", "{} tokens for {} x {}", batch.tokens.size(), m.B,
+                         m.S);
+        for (int id : batch.tokens)
+            DUPLEX_CHECK_ARG(id >= 0 && id < cfg_.vocab, "batch", "token {} outside the vocabulary of {}", id, cfg_.vocab);
+        m.ids = batch.tokens;
+        x.resize(size_t(m.tokens) * d);
+        kernels::embedding_forward<T>(I.embed->value.data(), m.ids.data(), m.tokens, d, x.data());
+    } else {
+        DUPLEX_CHECK_ARG(input.size() == size_t(m.tokens) * d, "stage input", "{} values for {} tokens x {}", input.size(),
+                         m.tokens, d);
+        x = input;
+    }
+    m.layers.resize(I.layers.size());
+    for (size_t l = 0; l < I.layers.size(); ++l) x = I.layer_forward(I.layers[l], m, m.layers[l], std::move(x));
+    for (auto& st : m.layers) m.act_bytes += I.stash_bytes(st);
+    if (has_head_) {
+        m.targets = batch.targets;
+        m.head_in = buf<T>(std::move(x));
+        m.nf = I.rmsnorm(*m.head_in, I.final_norm, m.tokens, m.rstd_f);
+        std::vector<T> logits;
+        I.linear(*m.nf, I.head, m.tokens, logits);
+        m.dlogits = buf<T>(logits.size());
+        m.loss = kernels::softmax_cross_entropy<T>(logits.data(), m.targets.data(), m.tokens, cfg_.vocab,
+                                                   m.dlogits->data(), loss_scale_);
+        m.act_bytes += int64_t((m.head_in->size() + m.nf->size() + m.rstd_f->size() + m.dlogits->size()) * sizeof(T));
+        x.clear();
+    }
+    ledger_.add("activations", m.act_bytes);
+    m.forward_done = true;
+    return x;
+}
+
+template <typename T>
+double ModelStage<T>::loss(int mb) const {
+    auto it = impl_->micro.find(mb);
+    if (it == impl_->micro.end() || !has_head_) throw Error(fmt::format("no loss for microbatch {} on this stage", mb));
+    return it->second.loss;
+}
+
+template <typename T>
+std::vector<T> ModelStage<T>::backward_input(int mb, const std::vector<T>& grad_output) {
+    Impl& I = *impl_;
+    auto it = I.micro.find(mb);
+    if (it == I.micro.end() || !it->second.forward_done || it->second.backward_done)
+        throw Error(fmt::format("stage {}: backward of microbatch {} without its forward", first_layer_, mb));
+    auto& m = it->second;
+    int d = cfg_.hidden;
+    std::vector<T> dx;
+    if (has_head_) {
+        std::vector<T> dnf;
+        I.linear_dx(*m.dlogits, I.head, m.tokens, dnf, false);
+        I.defer_dw(m, m.nf, m.dlogits, m.tokens, I.head);
+        dx.resize(dnf.size());
+        kernels::rmsnorm_backward_input<T>(dnf.data(), m.head_in->data(), I.final_norm->value.data(), m.rstd_f->data(),
+                                           m.tokens, d, dx.data());
+        auto dnfb = buf<T>(std::move(dnf));
+        auto hin = m.head_in;
+        auto rstd = m.rstd_f;
+        Param<T>* g = I.final_norm;
+        int n = m.tokens;
+        m.wgrad.push_back([dnfb, hin, rstd, g, n, d] {
+            kernels::rmsnorm_backward_weight<T>(dnfb->data(), hin->data(), rstd->data(), n, d, g->grad.data());
+        });
+    } else {
+        DUPLEX_CHECK_ARG(grad_output.size() == size_t(m.tokens) * d, "stage output gradient", "{} values for {} x {}",
+                         grad_output.size(), m.tokens, d);
+        dx = grad_output;
+    }
+    for (size_t l = I.layers.size(); l-- > 0;) dx = I.layer_backward(I.layers[l], m, m.layers[l], dx);
+    if (has_embedding_) {
+        auto dxb = buf<T>(std::move(dx));
+        auto ids = m.ids;
+        Param<T>* e = I.embed;
+        int n = m.tokens;
+        m.wgrad.push_back([dxb, ids, e, n, d] {
+            kernels::embedding_backward_weight<T>(dxb->data(), ids.data(), n, d, e->grad.data());
+        });
+        dx.clear();
+    }
+    m.layers.clear();  // activations no longer needed (W keeps what it uses)
+    ledger_.release("activations", m.act_bytes);
+    m.backward_done = true;
+    return dx;
+}
+
+template <typename T>
+void ModelStage<T>::backward_weight(int mb) {
+    Impl& I = *impl_;
+    auto it = I.micro.find(mb);
+    if (it == I.micro.end() || !it->second.backward_done)
+        throw Error(fmt::format("stage {}: weight gradient of microbatch {} before its backward", first_layer_, mb));
+    for (auto& f : it->second.wgrad) f();
+    ledger_.release("wgrad_inputs", it->second.w_bytes);
+    I.micro.erase(it);
+}
+
+template <typename T>
+std::vector<T> ModelStage<T>::backward(int mb, const std::vector<T>& grad_output) {
+    std::vector<T> dx = backward_input(mb, grad_output);
+    backward_weight(mb);
+    return dx;
+}
+
+template <typename T>
+std::vector<Param<T>*> ModelStage<T>::parameters() {
+    std::vector<Param<T>*> out;
+    for (auto& p : impl_->params) out.push_back(&p);
+    return out;
+}
+
+template <typename T>
+void ModelStage<T>::zero_grad() {
+    for (auto& p : impl_->params) std::fill(p.grad.begin(), p.grad.end(), T(0));
+}
+
+template <typename T>
+std::vector<std::vector<int64_t>> ModelStage<T>::take_expert_counts() {
+    std::vector<std::vector<int64_t>> out;
+    for (auto& L : impl_->layers)
+        if (L.moe) {
+            out.push_back(L.counts);
+            std::fill(L.counts.begin(), L.counts.end(), 0);
+        }
+    return out;
+}
+
+template <typename T>
+void ModelStage<T>::update_router_bias(const std::vector<std::vector<int64_t>>& counts) {
+    for (size_t i = 0; i < bias_.size() && i < counts.size(); ++i) update_bias(bias_[i], counts[i], cfg_.bias_update_speed);
+}
+
+template class ModelStage<float>;
+template class ModelStage<double>;
+
+}  // namespace duplex

@@ -1,0 +1,93 @@
+// A pipeline stage of the reference model: a contiguous range of layers; the first stage also owns the
+// embedding, the last the final norm, the output head and the loss. This is the interface the executor
+// drives, microbatch by microbatch:
+//
+//   ModelStage<float> stage(cfg, /*first_layer=*/0, /*num_layers=*/cfg.layers, /*embedding=*/true, /*head=*/true, seed);
+//   stage.forward(mb, batch, {});           // F
+//   stage.backward_input(mb, {});           // B: input gradient; weight-gradient work is queued
+//   stage.backward_weight(mb);              // W: runs the queued weight gradients (may come much later)
+//   for (Param<float>* p : stage.parameters()) ...   // p->value, p->grad
+//
+// Parameters are initialized from (seed, parameter name), so any split into stages starts from the same
+// model. With recompute on, RMSNorm outputs and SwiGLU activations are dropped after forward and recomputed
+// in backward (bitwise the same results); the ledger shows the saving.
+#pragma once
+
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "memory/ledger.hpp"
+#include "runtime/model/config.hpp"
+#include "runtime/model/expert_exchange.hpp"
+
+namespace duplex {
+
+template <typename T>
+struct Param {
+    std::string name;
+    std::vector<int64_t> shape;
+    std::vector<T> value, grad;
+    bool is_expert = false;  // routed-expert weights (their own data-parallel group under expert parallelism)
+};
+
+struct Batch {
+    int sequences = 0;
+    int seq_len = 0;
+    std::vector<int> tokens, targets;  // [sequences * seq_len]
+    int num_tokens() const { return sequences * seq_len; }
+};
+
+template <typename T>
+class ModelStage {
+public:
+    ModelStage(const ModelConfig& cfg, int first_layer, int num_layers, bool has_embedding, bool has_head,
+               uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange = nullptr);
+    ~ModelStage();
+
+    // F: the first stage reads batch.tokens, the others `input` [tokens, hidden]. Returns the output hidden
+    // states (empty on the last stage, which computes the loss).
+    std::vector<T> forward(int mb, const Batch& batch, const std::vector<T>& input);
+    double loss(int mb) const;  // last stage, after forward
+    // B: gradient of the stage input (empty on the first stage); queues the weight-gradient work of mb.
+    std::vector<T> backward_input(int mb, const std::vector<T>& grad_output);
+    // W: the queued weight gradients of mb, accumulated into Param::grad.
+    void backward_weight(int mb);
+    // B and W together.
+    std::vector<T> backward(int mb, const std::vector<T>& grad_output);
+
+    std::vector<Param<T>*> parameters();
+    void zero_grad();
+    void set_recompute(bool on) { recompute_ = on; }
+    bool recompute() const { return recompute_; }
+    void set_loss_scale(double s) { loss_scale_ = s; }  // d(step loss)/d(microbatch loss), e.g. 1/N
+    MemoryLedger& ledger() { return ledger_; }
+    const ModelConfig& config() const { return cfg_; }
+    int first_layer() const { return first_layer_; }
+    int num_layers() const { return num_layers_; }
+    bool has_embedding() const { return has_embedding_; }
+    bool has_head() const { return has_head_; }
+
+    // Tokens per expert routed since the last call, per MoE layer of this stage (global expert ids).
+    std::vector<std::vector<int64_t>> take_expert_counts();
+    // The selection bias per MoE layer; update with the step's whole-batch counts.
+    std::vector<std::vector<double>>& router_bias() { return bias_; }
+    void update_router_bias(const std::vector<std::vector<int64_t>>& counts);
+
+    struct Impl;
+
+private:
+    ModelConfig cfg_;
+    int first_layer_, num_layers_;
+    bool has_embedding_, has_head_;
+    bool recompute_ = false;
+    double loss_scale_ = 1.0;
+    MemoryLedger ledger_;
+    std::vector<std::vector<double>> bias_;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace duplex
