@@ -11,6 +11,7 @@ using Command = std::function<int()>;
 
 Command add_commbench(CLI::App& app);
 Command add_schedule(CLI::App& app);
+Command add_train(CLI::App& app);
 
 // Prints every DUPLEX_* knob with its default, effective value and help (the --print-config flag).
 void print_config();

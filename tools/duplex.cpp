@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
     };
     add(duplex::tools::add_commbench);
     add(duplex::tools::add_schedule);
+    add(duplex::tools::add_train);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

@@ -1,0 +1,91 @@
+#include "runtime/trainer.hpp"
+
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "core/clock.hpp"
+#include "core/error.hpp"
+#include "runtime/model/router.hpp"
+
+namespace duplex {
+
+void TrainOptions::validate() const {
+    DUPLEX_CHECK_ARG(steps >= 1, "--steps", "must be at least 1, got {}", steps);
+    DUPLEX_CHECK_ARG(microbatches >= 1, "--microbatches", "must be at least 1, got {}", microbatches);
+    DUPLEX_CHECK_ARG(sequences_per_microbatch >= 1, "--mb-sequences", "must be at least 1, got {}",
+                     sequences_per_microbatch);
+    DUPLEX_CHECK_ARG(lr > 0, "--lr", "must be positive, got {}", lr);
+    DUPLEX_CHECK_ARG(clip >= 0, "--clip", "must not be negative, got {}", clip);
+}
+
+template <typename T>
+ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
+    : o_(o), cfg_(ModelConfig::preset(o.model)), task_(cfg_.vocab, cfg_.seq_len, o.seed) {
+    o_.validate();
+    if (o.bias_update_speed >= 0) cfg_.bias_update_speed = o.bias_update_speed;
+    kernels::blas_single_threaded();
+    stage_ = std::make_unique<ModelStage<T>>(cfg_, 0, cfg_.layers, true, true, o.seed);
+    stage_->set_recompute(o.recompute);
+    stage_->set_loss_scale(1.0 / o.microbatches);
+    for (Param<T>* p : stage_->parameters()) {
+        m_.emplace_back(p->value.size(), T(0));
+        v_.emplace_back(p->value.size(), T(0));
+    }
+}
+
+template <typename T>
+int ReferenceTrainer<T>::tokens_per_step() const {
+    return o_.microbatches * o_.sequences_per_microbatch * cfg_.seq_len;
+}
+
+template <typename T>
+StepMetrics ReferenceTrainer<T>::step() {
+    Stopwatch sw;
+    ++step_;
+    StepMetrics m;
+    m.step = step_;
+    stage_->zero_grad();
+    for (int mb = 0; mb < o_.microbatches; ++mb) {
+        uint64_t batch_seed = (o_.seed * 1000003ull + uint64_t(step_)) * 1009ull + uint64_t(mb);
+        Batch b = task_.batch(o_.sequences_per_microbatch, batch_seed, o_.token_skew);
+        stage_->forward(mb, b, {});
+        m.loss += stage_->loss(mb) / o_.microbatches;
+        stage_->backward(mb, {});
+    }
+    auto params = stage_->parameters();
+    double ss = 0;
+    for (Param<T>* p : params) ss += kernels::sum_squares<T>(p->grad.data(), p->grad.size());
+    m.grad_norm = std::sqrt(ss);
+    double clip_scale = (o_.clip > 0 && m.grad_norm > o_.clip) ? o_.clip / m.grad_norm : 1.0;
+    kernels::AdamWConfig ac;
+    ac.lr = o_.lr;
+    for (size_t i = 0; i < params.size(); ++i) {
+        Param<T>* p = params[i];
+        if (clip_scale != 1.0)
+            for (T& g : p->grad) g = T(g * clip_scale);
+        ac.weight_decay = p->shape.size() > 1 ? o_.weight_decay : 0.0;  // no decay on norms
+        kernels::adamw_step<T>(p->value.data(), p->grad.data(), m_[i].data(), v_[i].data(), p->value.size(), ac, step_);
+    }
+    auto counts = stage_->take_expert_counts();
+    for (const auto& c : counts) m.max_vio = std::max(m.max_vio, max_violation(c));
+    if (o_.bias_update) stage_->update_router_bias(counts);
+    m.step_time_s = sw.seconds();
+    m.tokens_per_s = tokens_per_step() / std::max(m.step_time_s, 1e-9);
+    return m;
+}
+
+template <typename T>
+std::vector<StepMetrics> ReferenceTrainer<T>::run(const std::function<void(const StepMetrics&)>& on_step) {
+    std::vector<StepMetrics> all;
+    for (int s = 0; s < o_.steps; ++s) {
+        all.push_back(step());
+        if (on_step) on_step(all.back());
+    }
+    return all;
+}
+
+template class ReferenceTrainer<float>;
+template class ReferenceTrainer<double>;
+
+}  // namespace duplex

@@ -1,0 +1,65 @@
+// The single-rank reference trainer: the whole model as one stage, microbatches run one after another, the
+// gradients summed, clipped by their global norm, AdamW, then the router bias update from the step's counts.
+// This is the oracle every distributed run is compared with.
+//
+//   TrainOptions o; o.model = "tiny"; o.steps = 300;
+//   ReferenceTrainer<float> t(o);
+//   t.run([](const StepMetrics& m) { ... });
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/ops.hpp"
+#include "runtime/data.hpp"
+#include "runtime/model/stage.hpp"
+
+namespace duplex {
+
+struct TrainOptions {
+    std::string model = "tiny";
+    int steps = 300;
+    int microbatches = 4;
+    int sequences_per_microbatch = 4;
+    uint64_t seed = 1;
+    double lr = 3e-3;
+    double weight_decay = 0.1;
+    double clip = 1.0;
+    bool recompute = false;
+    bool bias_update = true;
+    double bias_update_speed = -1;  // gamma; < 0: the model preset's (0.001 as in V3)
+    double token_skew = 0.0;  // Zipf exponent of the input tokens (skewed expert load); 0: uniform
+    void validate() const;
+};
+
+struct StepMetrics {
+    int step = 0;
+    double loss = 0;
+    double max_vio = 0;  // over the MoE layers, of the whole step's expert counts
+    double grad_norm = 0;
+    double step_time_s = 0;
+    double tokens_per_s = 0;
+};
+
+template <typename T>
+class ReferenceTrainer {
+public:
+    explicit ReferenceTrainer(const TrainOptions& o);
+    StepMetrics step();
+    std::vector<StepMetrics> run(const std::function<void(const StepMetrics&)>& on_step = {});
+    ModelStage<T>& model() { return *stage_; }
+    const SyntheticTask& task() const { return task_; }
+    int tokens_per_step() const;
+
+private:
+    TrainOptions o_;
+    ModelConfig cfg_;
+    SyntheticTask task_;
+    std::unique_ptr<ModelStage<T>> stage_;
+    std::vector<std::vector<T>> m_, v_;
+    int step_ = 0;
+};
+
+}  // namespace duplex
