@@ -41,6 +41,7 @@ test-tsan: deps
 
 bench: build
 	@./scripts/bench-comm $(BUILD)
+	@./scripts/bench-model $(BUILD)
 
 clean:
 	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

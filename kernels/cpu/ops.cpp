@@ -18,10 +18,16 @@ namespace duplex::kernels {
 
 void blas_single_threaded() { openblas_set_num_threads(1); }
 
+namespace {
+thread_local std::vector<GemmShape>* g_gemm_sink = nullptr;
+}
+void gemm_record(std::vector<GemmShape>* sink) { g_gemm_sink = sink; }
+
 template <>
 void gemm<float>(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, const float* B, float beta,
                  float* C) {
     if (M == 0 || N == 0) return;
+    if (g_gemm_sink) g_gemm_sink->push_back({ta, tb, M, N, K});
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
                 ta ? M : K, B, tb ? K : N, beta, C, N);
 }
@@ -30,6 +36,7 @@ template <>
 void gemm<double>(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, const double* B, double beta,
                   double* C) {
     if (M == 0 || N == 0) return;
+    if (g_gemm_sink) g_gemm_sink->push_back({ta, tb, M, N, K});
     cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
                 ta ? M : K, B, tb ? K : N, beta, C, N);
 }

@@ -10,11 +10,19 @@
 
 #include <cstdint>
 #include <cstddef>
+#include <vector>
 
 namespace duplex::kernels {
 
 // Limits OpenBLAS to one thread per calling rank (ranks are threads or processes already).
 void blas_single_threaded();
+
+// Records the shape of every gemm call made on this thread while a sink is set (benchmarks replay them).
+struct GemmShape {
+    bool ta, tb;
+    int M, N, K;
+};
+void gemm_record(std::vector<GemmShape>* sink);  // nullptr stops recording
 
 // C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C, row-major, op = transpose when ta/tb.
 template <typename T>
