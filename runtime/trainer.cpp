@@ -24,6 +24,8 @@ ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
     : o_(o), cfg_(ModelConfig::preset(o.model)), task_(cfg_.vocab, cfg_.seq_len, o.seed) {
     o_.validate();
     if (o.bias_update_speed >= 0) cfg_.bias_update_speed = o.bias_update_speed;
+    DUPLEX_CHECK_ARG(o.balance_alpha >= 0, "--balance-alpha", "must not be negative, got {}", o.balance_alpha);
+    cfg_.balance_alpha = o.balance_alpha;
     kernels::blas_single_threaded();
     stage_ = std::make_unique<ModelStage<T>>(cfg_, 0, cfg_.layers, true, true, o.seed);
     stage_->set_recompute(o.recompute);
@@ -51,6 +53,7 @@ StepMetrics ReferenceTrainer<T>::step() {
         Batch b = task_.batch(o_.sequences_per_microbatch, batch_seed, o_.token_skew);
         stage_->forward(mb, b, {});
         m.loss += stage_->loss(mb) / o_.microbatches;
+        m.aux_loss += stage_->aux_loss(mb) / o_.microbatches;
         stage_->backward(mb, {});
     }
     auto params = stage_->parameters();

@@ -30,13 +30,15 @@ struct TrainOptions {
     bool recompute = false;
     bool bias_update = true;
     double bias_update_speed = -1;  // gamma; < 0: the model preset's (0.001 as in V3)
+    double balance_alpha = 0.0;     // sequence-wise balance loss weight (V3: 0.0001); 0: off
     double token_skew = 0.0;  // Zipf exponent of the input tokens (skewed expert load); 0: uniform
     void validate() const;
 };
 
 struct StepMetrics {
     int step = 0;
-    double loss = 0;
+    double loss = 0;      // task cross-entropy, mean over the step's microbatches
+    double aux_loss = 0;  // sequence-wise balance loss (when enabled)
     double max_vio = 0;  // over the MoE layers, of the whole step's expert counts
     double grad_norm = 0;
     double step_time_s = 0;

@@ -39,6 +39,7 @@ int run_typed(const Args& a) {
         if (m.step == 1) first_loss = m.loss;
         steps.push_back({{"step", m.step},
                          {"loss", m.loss},
+                         {"aux_loss", m.aux_loss},
                          {"max_vio", m.max_vio},
                          {"grad_norm", m.grad_norm},
                          {"step_time_s", m.step_time_s},
@@ -87,6 +88,8 @@ Command add_train(CLI::App& app) {
     cmd->add_flag("--recompute", a->train.recompute, "recompute RMSNorm and SwiGLU outputs in backward");
     cmd->add_option("--bias-update-speed", a->train.bias_update_speed,
                     "gamma of the aux-loss-free bias update (default: the preset's 0.001)");
+    cmd->add_option("--balance-alpha", a->train.balance_alpha, "weight of the sequence-wise balance loss (0: off)")
+        ->capture_default_str();
     cmd->add_flag("--no-bias-update", a->no_bias_update, "freeze the aux-loss-free routing bias");
     cmd->add_flag("--fp64", a->fp64, "train in double precision");
     cmd->add_option("--log-every", a->log_every, "print a progress line every N steps")->capture_default_str();

@@ -67,7 +67,7 @@ struct ModelStage<T>::Impl {
         std::vector<int> ids, targets, pos;
         std::vector<LayerStash> layers;
         Buf<T> head_in, rstd_f, nf, dlogits;
-        double loss = 0;
+        double loss = 0, aux_loss = 0;
         std::vector<std::function<void()>> wgrad;
         std::set<const void*> counted;  // buffers already in the ledger's weight-gradient category
         int64_t act_bytes = 0, w_bytes = 0;
@@ -207,6 +207,34 @@ struct ModelStage<T>::Impl {
         return out;
     }
 
+    // Sequence-wise balance loss alpha * sum_i f_i P_i per sequence, averaged over the sequences:
+    // f_i = E / (K S) * (tokens of the sequence routed to i), P_i = mean over its tokens of s_i / sum_j s_j.
+    // With ds, adds d(loss_scale * loss)/d(scores) into ds[tokens, E].
+    double balance_loss(const Micro& m, const LayerStash& st, std::vector<double>* ds) const {
+        const ModelConfig& c = cfg();
+        int E = c.experts, K = c.top_k, S = m.S;
+        double total = 0;
+        for (int b = 0; b < m.B; ++b) {
+            std::vector<double> f(E, 0.0), P(E, 0.0);
+            for (int t = b * S; t < (b + 1) * S; ++t)
+                for (int k = 0; k < K; ++k) f[st.routing.expert[size_t(t) * K + k]] += double(E) / (double(K) * S);
+            for (int t = b * S; t < (b + 1) * S; ++t) {
+                const T* s = st.scores->data() + size_t(t) * E;
+                double sum = 0;
+                for (int e = 0; e < E; ++e) sum += double(s[e]);
+                for (int e = 0; e < E; ++e) P[e] += double(s[e]) / sum / S;
+                if (ds) {
+                    double cross = 0;  // sum_i dL/ds'_i * s'_i
+                    for (int e = 0; e < E; ++e) cross += f[e] * double(s[e]) / sum;
+                    double scale = c.balance_alpha / S / m.B * self.loss_scale_;
+                    for (int e = 0; e < E; ++e) (*ds)[size_t(t) * E + e] += scale * (f[e] - cross) / sum;
+                }
+            }
+            for (int e = 0; e < E; ++e) total += c.balance_alpha * f[e] * P[e];
+        }
+        return total / m.B;
+    }
+
     void moe_forward(Layer& L, Micro& m, LayerStash& st, std::vector<T>& f) {
         const ModelConfig& c = cfg();
         int n = m.tokens, d = c.hidden, E = c.experts, K = c.top_k;
@@ -216,6 +244,7 @@ struct ModelStage<T>::Impl {
         for (size_t i = 0; i < u.size(); ++i) (*st.scores)[i] = T(1) / (T(1) + std::exp(-u[i]));
         st.routing = route<T>(st.scores->data(), self.bias_[L.moe_slot], n, c);
         for (int e : st.routing.expert) ++L.counts[e];
+        if (c.balance_alpha > 0) m.aux_loss += balance_loss(m, st, nullptr);
         // Shared experts see every token.
         int shared = c.shared_experts;
         st.sa1.resize(shared), st.sa3.resize(shared), st.ss.resize(shared);
@@ -339,17 +368,18 @@ struct ModelStage<T>::Impl {
         exchange->dispatch_backward(st.routed, d_rows, n, d, K, dn2.data());
         // Gates: g_k = scale * s_k / S over the selected experts; then through the sigmoid.
         auto du = buf<T>(size_t(n) * E);
+        std::vector<double> ds(size_t(n) * E, 0.0);
+        if (c.balance_alpha > 0) balance_loss(m, st, &ds);
         for (int t = 0; t < n; ++t) {
             double S = st.routing.sel_sum[t], cross = 0;
             for (int k = 0; k < K; ++k) cross += dgate[size_t(t) * K + k] * st.routing.gate[size_t(t) * K + k];
-            std::vector<double> ds(E, 0.0);
             for (int k = 0; k < K; ++k) {
                 int e = st.routing.expert[size_t(t) * K + k];
-                ds[e] = (c.route_scale * dgate[size_t(t) * K + k] - cross) / S;
+                ds[size_t(t) * E + e] += (c.route_scale * dgate[size_t(t) * K + k] - cross) / S;
             }
             for (int e = 0; e < E; ++e) {
                 double s = (*st.scores)[size_t(t) * E + e];
-                (*du)[size_t(t) * E + e] = T(ds[e] * s * (1 - s));
+                (*du)[size_t(t) * E + e] = T(ds[size_t(t) * E + e] * s * (1 - s));
             }
         }
         linear_dx(*du, L.router, n, dn2, true);
@@ -478,6 +508,13 @@ double ModelStage<T>::loss(int mb) const {
     auto it = impl_->micro.find(mb);
     if (it == impl_->micro.end() || !has_head_) throw Error(fmt::format("no loss for microbatch {} on this stage", mb));
     return it->second.loss;
+}
+
+template <typename T>
+double ModelStage<T>::aux_loss(int mb) const {
+    auto it = impl_->micro.find(mb);
+    if (it == impl_->micro.end()) throw Error(fmt::format("no microbatch {} on this stage", mb));
+    return it->second.aux_loss;
 }
 
 template <typename T>

@@ -46,13 +46,16 @@ Batch random_batch(const ModelConfig& c, int sequences, uint64_t seed) {
 
 double loss_of(ModelStage<double>& s, const Batch& b) {
     s.forward(999, b, {});
-    double l = s.loss(999);
+    double l = s.loss(999) + s.aux_loss(999);
     s.backward(999, {});  // clear the stash
     return l;
 }
 
-TEST(Model, WholeTwoLayerModelGradientsMatchFiniteDifferences) {
+class WholeModel : public ::testing::TestWithParam<double> {};  // the balance-loss weight
+
+TEST_P(WholeModel, TwoLayerGradientsMatchFiniteDifferences) {
     ModelConfig c = two_layer();
+    c.balance_alpha = GetParam();
     ModelStage<double> s(c, 0, 2, true, true, 7);
     Batch b = random_batch(c, 2, 3);
     s.zero_grad();
@@ -85,6 +88,8 @@ TEST(Model, WholeTwoLayerModelGradientsMatchFiniteDifferences) {
     }
     EXPECT_GT(checked, 60);
 }
+
+INSTANTIATE_TEST_SUITE_P(BalanceLoss, WholeModel, ::testing::Values(0.0, 0.3));
 
 TEST(Model, SplitIntoStagesEqualsTheWholeModel) {
     ModelConfig c = two_layer();
