@@ -1,11 +1,16 @@
 // duplex train: training runs. Today the single-rank reference (--ranks 1); the distributed executor
 // (--pp/--dp/--ep and schedules) arrives with the runtime issue.
+#include <cmath>
+#include <cstring>
 #include <fstream>
+#include <map>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "comm/launch.hpp"
 #include "core/error.hpp"
+#include "runtime/pipeline_trainer.hpp"
 #include "runtime/trainer.hpp"
 #include "tools/commands.hpp"
 
@@ -15,6 +20,11 @@ namespace {
 
 struct Args {
     TrainOptions train;
+    PipelineOptions pipe;
+    std::string schedule = "1f1b";
+    std::string backend = "inproc";
+    bool check_reference = false;
+    int virtual_nodes = 0;
     int ranks = 1;
     int log_every = 10;
     std::string json;
@@ -67,6 +77,145 @@ int run_typed(const Args& a) {
     return 0;
 }
 
+// Sends every rank's owned parameters to rank 0 (name, values) over the world communicator.
+template <typename T>
+std::map<std::string, std::vector<T>> gather_parameters(Communicator& world,
+                                                        const std::map<std::string, std::vector<T>>& mine) {
+    std::string blob;
+    for (const auto& [name, v] : mine) {
+        uint64_t n = name.size(), m = v.size();
+        blob.append(reinterpret_cast<const char*>(&n), 8).append(name);
+        blob.append(reinterpret_cast<const char*>(&m), 8).append(reinterpret_cast<const char*>(v.data()), m * sizeof(T));
+    }
+    std::map<std::string, std::vector<T>> all;
+    auto parse = [&](const std::string& b) {
+        size_t pos = 0;
+        while (pos < b.size()) {
+            uint64_t n, m;
+            std::memcpy(&n, b.data() + pos, 8);
+            std::string name = b.substr(pos + 8, n);
+            pos += 8 + n;
+            std::memcpy(&m, b.data() + pos, 8);
+            std::vector<T> v(m);
+            std::memcpy(v.data(), b.data() + pos + 8, m * sizeof(T));
+            pos += 8 + m * sizeof(T);
+            all[name] = std::move(v);
+        }
+    };
+    std::vector<uint64_t> sizes(world.size());
+    uint64_t my = blob.size();
+    world.all_gather(&my, sizes.data(), 8)->wait();
+    if (world.rank() == 0) {
+        parse(blob);
+        for (int r = 1; r < world.size(); ++r) {
+            std::string b(sizes[r], '\0');
+            world.irecv(b.data(), b.size(), r, 77)->wait();
+            parse(b);
+        }
+    } else {
+        world.isend(blob.data(), blob.size(), 0, 77)->wait();
+    }
+    return all;
+}
+
+template <typename T>
+int run_distributed(const Args& a) {
+    PipelineOptions p = a.pipe;
+    p.schedule = sched::kind_from_name(a.schedule);
+    TrainOptions o = a.train;
+    o.bias_update = !a.no_bias_update;
+    int pipeline_ranks = p.schedule == sched::ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
+    int world_size = pipeline_ranks * p.dp;
+    LaunchOptions l;
+    l.backend = a.backend;
+    l.ranks = world_size;
+    l.virtual_nodes = a.virtual_nodes;
+    if (backend_is_multiprocess(a.backend)) {
+        ProcessEnv env = process_env();
+        if (env.world_size != world_size)
+            throw ConfigError("--pp/--dp", fmt::format("the layout needs {} ranks but {} were launched", world_size,
+                                                       env.world_size));
+    }
+    PipelineTrainer<T>::validate(p, o, world_size);
+    launch(l, [&](const std::shared_ptr<Communicator>& world) {
+        PipelineTrainer<T> trainer(world, p, o);
+        std::unique_ptr<ReferenceTrainer<T>> ref;
+        bool lead = world->rank() == 0;
+        TrainOptions ref_o = o;
+        ref_o.microbatches = o.microbatches * p.dp;
+        if (lead && a.check_reference) ref = std::make_unique<ReferenceTrainer<T>>(ref_o);
+        const ModelConfig& c = ModelConfig::preset(o.model);
+        if (lead) {
+            fmt::print("# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}\n", c.name,
+                       c.num_parameters(), world_size, world->backend(), a.schedule, p.pp, p.dp, p.ep,
+                       a.fp64 ? "fp64" : "fp32");
+            fmt::print("# {} steps x {} microbatches per replica x {} sequences x {} tokens\n", o.steps, o.microbatches,
+                       o.sequences_per_microbatch, c.seq_len);
+        }
+        nlohmann::json steps = nlohmann::json::array();
+        double first = 0, last = 0, worst_loss_diff = 0;
+        for (int s = 0; s < o.steps; ++s) {
+            StepMetrics m = trainer.step();
+            if (!lead) continue;
+            if (m.step == 1) first = m.loss;
+            last = m.loss;
+            nlohmann::json j = {{"step", m.step},           {"loss", m.loss},
+                                {"max_vio", m.max_vio},     {"grad_norm", m.grad_norm},
+                                {"step_time_s", m.step_time_s}, {"tokens_per_s", m.tokens_per_s}};
+            double ref_loss = 0;
+            if (ref) {
+                StepMetrics r = ref->step();
+                ref_loss = r.loss;
+                double diff = std::fabs(r.loss - m.loss) / std::max(std::fabs(r.loss), 1e-30);
+                worst_loss_diff = std::max(worst_loss_diff, diff);
+                j["reference_loss"] = r.loss;
+                j["reference_loss_rel_diff"] = diff;
+            }
+            steps.push_back(j);
+            if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
+                fmt::print("step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  MaxVio {:6.3f}  |g| {:7.3f}{}\n", m.step, m.loss,
+                           m.tokens_per_s, m.max_vio, m.grad_norm,
+                           ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
+            std::fflush(stdout);
+        }
+        auto params = gather_parameters<T>(*world, trainer.owned_parameters());
+        if (!lead) return;
+        nlohmann::json out = {{"model", c.name},
+                              {"schedule", a.schedule},
+                              {"pp", p.pp},
+                              {"dp", p.dp},
+                              {"ep", p.ep},
+                              {"ranks", world_size},
+                              {"backend", world->backend()},
+                              {"dtype", a.fp64 ? "fp64" : "fp32"},
+                              {"steps", steps}};
+        fmt::print("# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
+        if (ref) {
+            double worst_param = 0;
+            for (Param<T>* prm : ref->model().parameters()) {
+                const auto& have = params.at(prm->name);
+                double diff = 0, norm = 0;
+                for (size_t i = 0; i < have.size(); ++i) {
+                    diff += double(have[i] - prm->value[i]) * double(have[i] - prm->value[i]);
+                    norm += double(prm->value[i]) * double(prm->value[i]);
+                }
+                worst_param = std::max(worst_param, std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30));
+            }
+            out["reference_max_loss_diff"] = worst_loss_diff;
+            out["reference_max_param_rel_diff"] = worst_param;
+            fmt::print("# against the single-rank reference: max loss rel diff {:.3g}, max parameter rel diff {:.3g}\n",
+                       worst_loss_diff, worst_param);
+        }
+        if (!a.json.empty()) {
+            std::ofstream f(a.json);
+            if (!f) throw ConfigError("--json", fmt::format("cannot write '{}'", a.json));
+            f << out.dump(1) << "\n";
+            fmt::print("# metrics written to {}\n", a.json);
+        }
+    });
+    return 0;
+}
+
 }  // namespace
 
 Command add_train(CLI::App& app) {
@@ -74,7 +223,16 @@ Command add_train(CLI::App& app) {
     auto* cmd = app.add_subcommand("train",
                                    "Train the built-in DeepSeek-V3-style MoE model on the synthetic task.\n"
                                    "Example: duplex train --ranks 1 --model tiny --steps 300 --json metrics.json");
-    cmd->add_option("--ranks", a->ranks, "ranks (1: the single-rank reference)")->capture_default_str();
+    cmd->add_option("--ranks", a->ranks, "1: the single-rank reference (the default without --pp/--dp)")
+        ->capture_default_str();
+    cmd->add_option("--pp", a->pipe.pp, "pipeline stages (dualpipev: on pp/2 ranks)")->capture_default_str();
+    cmd->add_option("--dp", a->pipe.dp, "data-parallel replicas")->capture_default_str();
+    cmd->add_option("--ep", a->pipe.ep, "expert parallelism inside DP (1 today)")->capture_default_str();
+    cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe or dualpipev")->capture_default_str();
+    cmd->add_option("--backend", a->backend, "inproc (threads), or mpi / ucx under mpirun")->capture_default_str();
+    cmd->add_option("--virtual-nodes", a->virtual_nodes, "split the ranks into this many virtual nodes");
+    cmd->add_flag("--check-reference", a->check_reference,
+                  "rank 0 also trains the single-rank reference on the same batch and reports the differences");
     cmd->add_option("--model", a->train.model, "tiny or small")->capture_default_str();
     cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
     cmd->add_option("--microbatches", a->train.microbatches, "microbatches per step")->capture_default_str();
@@ -94,11 +252,14 @@ Command add_train(CLI::App& app) {
     cmd->add_flag("--fp64", a->fp64, "train in double precision");
     cmd->add_option("--log-every", a->log_every, "print a progress line every N steps")->capture_default_str();
     cmd->add_option("--json", a->json, "write per-step metrics (loss, max_vio, ...) to this file");
-    return [a] {
-        if (a->ranks != 1)
-            throw ConfigError("--ranks", fmt::format("only the single-rank reference (--ranks 1) is available yet, got {}",
-                                                     a->ranks));
-        return a->fp64 ? run_typed<double>(*a) : run_typed<float>(*a);
+    return [a, cmd] {
+        bool distributed = a->pipe.pp * a->pipe.dp > 1 || cmd->count("--schedule") || a->backend != "inproc";
+        if (!distributed) {
+            if (a->ranks != 1)
+                throw ConfigError("--ranks", fmt::format("{} ranks: give the layout with --pp and --dp instead", a->ranks));
+            return a->fp64 ? run_typed<double>(*a) : run_typed<float>(*a);
+        }
+        return a->fp64 ? run_distributed<double>(*a) : run_distributed<float>(*a);
     };
 }
 

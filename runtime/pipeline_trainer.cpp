@@ -1,0 +1,262 @@
+#include "runtime/pipeline_trainer.hpp"
+
+#include <cmath>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "core/clock.hpp"
+#include "core/error.hpp"
+#include "runtime/model/router.hpp"
+
+namespace duplex {
+
+using sched::Chunk;
+using sched::Instr;
+using sched::Op;
+using sched::ScheduleKind;
+
+namespace {
+template <typename T>
+DType dtype_of() {
+    return sizeof(T) == 4 ? DType::F32 : DType::F64;
+}
+}  // namespace
+
+template <typename T>
+struct PipelineTrainer<T>::Impl {
+    PipelineOptions p;
+    TrainOptions o;
+    ModelConfig cfg;
+    std::shared_ptr<Communicator> world, pipe, pair;
+    GroupComms groups;
+    RankGrid grid;
+    sched::Schedule schedule;
+    int prank = 0;  // rank inside the pipeline
+    SyntheticTask task;
+    std::map<int, std::unique_ptr<ModelStage<T>>> stages;          // by model stage id
+    std::map<int, std::unique_ptr<Zero1AdamW<T>>> optimizers;      // by model stage id
+    std::map<int, bool> owner;                                     // stage id -> this copy counts for norms
+    std::map<std::pair<int, int>, std::vector<T>> local_act, local_grad;  // same-rank handoffs (DualPipeV)
+    int step_ = 0;
+
+    Impl(std::shared_ptr<Communicator> w, const PipelineOptions& po, const TrainOptions& to)
+        : p(po), o(to), cfg(ModelConfig::preset(to.model)), world(std::move(w)), task(cfg.vocab, cfg.seq_len, to.seed) {}
+
+    int stage_first_layer(int s) const { return s * cfg.layers / p.pp; }
+    int stage_num_layers(int s) const { return stage_first_layer(s + 1) - stage_first_layer(s); }
+    int global_mb(int mb) const { return grid.dp_index * o.microbatches + mb; }
+
+    Batch batch_of(int mb) const {
+        uint64_t batch_seed = (o.seed * 1000003ull + uint64_t(step_)) * 1009ull + uint64_t(global_mb(mb));
+        return task.batch(o.sequences_per_microbatch, batch_seed, o.token_skew);
+    }
+    size_t act_size() const { return size_t(o.sequences_per_microbatch) * cfg.seq_len * cfg.hidden; }
+
+    std::vector<T> receive(const Chunk& producer, bool gradient, std::vector<WorkPtr>&) {
+        int from = schedule.rank_of(producer.stage, producer.dir);
+        auto key = std::make_pair(producer.mb, producer.stage);
+        if (from == prank) {
+            auto& store = gradient ? local_grad : local_act;
+            auto it = store.find(key);
+            if (it == store.end())
+                throw Error(fmt::format("rank {}: local {} of mb {} stage {} missing", prank,
+                                        gradient ? "gradient" : "activation", producer.mb, producer.stage));
+            std::vector<T> v = std::move(it->second);
+            store.erase(it);
+            return v;
+        }
+        std::vector<T> buf(act_size());
+        pipe->irecv(buf.data(), buf.size() * sizeof(T), from, sched::p2p_tag(schedule, producer, gradient))->wait();
+        return buf;
+    }
+
+    void send(const Chunk& producer, bool gradient, int to_stage, std::vector<T>&& data,
+              std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<T>>>>& pending) {
+        int to = schedule.rank_of(to_stage, producer.dir);
+        if (to == prank) {
+            (gradient ? local_grad : local_act)[{producer.mb, producer.stage}] = std::move(data);
+            return;
+        }
+        auto buf = std::make_shared<std::vector<T>>(std::move(data));
+        auto w = pipe->isend(buf->data(), buf->size() * sizeof(T), to, sched::p2p_tag(schedule, producer, gradient));
+        pending.push_back({w, buf});
+    }
+};
+
+template <typename T>
+void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& o, int world_size) {
+    o.validate();
+    ModelConfig cfg = ModelConfig::preset(o.model);
+    sched::check_arguments(p.schedule, p.pp, o.microbatches);
+    int ranks = p.schedule == ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
+    GridConfig g{ranks, p.dp, p.ep};
+    RankGrid::validate(g, world_size, cfg.experts);
+    DUPLEX_CHECK_ARG(p.ep == 1, "--ep", "expert parallelism across ranks is not available yet (got {}); use --ep 1", p.ep);
+    DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages", cfg.name,
+                     cfg.layers, p.pp);
+}
+
+template <typename T>
+PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const PipelineOptions& p, const TrainOptions& o)
+    : impl_(std::make_unique<Impl>(world, p, o)) {
+    validate(p, o, world->size());
+    Impl& I = *impl_;
+    kernels::blas_single_threaded();
+    if (o.bias_update_speed >= 0) I.cfg.bias_update_speed = o.bias_update_speed;
+    I.cfg.balance_alpha = o.balance_alpha;
+    int ranks = pipeline_ranks();
+    I.grid = RankGrid::make({ranks, p.dp, p.ep}, world->size(), I.cfg.experts, world->rank());
+    I.groups = make_groups(*world, I.grid);
+    I.pipe = I.groups.pp;
+    I.prank = I.pipe->rank();
+    I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
+    // The stages this pipeline rank runs, from the schedule's placement.
+    for (int dir = 0; dir < I.schedule.num_directions; ++dir)
+        for (int s = 0; s < p.pp; ++s)
+            if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s)) {
+                I.stages[s] = std::make_unique<ModelStage<T>>(I.cfg, I.stage_first_layer(s), I.stage_num_layers(s), s == 0,
+                                                              s == p.pp - 1, o.seed);
+                I.stages[s]->set_recompute(o.recompute);
+                I.stages[s]->set_loss_scale(1.0 / (double(o.microbatches) * p.dp));
+                // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
+                I.owner[s] = p.schedule != ScheduleKind::DualPipe || I.schedule.rank_of(s, 0) == I.prank;
+            }
+    if (p.schedule == ScheduleKind::DualPipe)
+        I.pair = world->split(I.grid.dp_index * ranks + std::min(I.prank, ranks - 1 - I.prank), I.prank);
+    kernels::AdamWConfig ac;
+    ac.lr = o.lr;
+    ac.weight_decay = o.weight_decay;
+    for (auto& [s, stage] : I.stages) {
+        std::vector<ParamRef<T>> refs;
+        std::vector<double> decay;
+        for (Param<T>* prm : stage->parameters()) {
+            refs.push_back({prm->value.data(), prm->grad.data(), prm->value.size()});
+            decay.push_back(prm->shape.size() > 1 ? o.weight_decay : 0.0);
+        }
+        I.optimizers[s] = std::make_unique<Zero1AdamW<T>>(I.groups.dp, refs, ac, decay);
+    }
+}
+
+template <typename T>
+PipelineTrainer<T>::~PipelineTrainer() = default;
+
+template <typename T>
+int PipelineTrainer<T>::pipeline_ranks() const {
+    return impl_->p.schedule == ScheduleKind::DualPipeV ? impl_->p.pp / 2 : impl_->p.pp;
+}
+
+template <typename T>
+StepMetrics PipelineTrainer<T>::step() {
+    Impl& I = *impl_;
+    Stopwatch sw;
+    ++I.step_;
+    StepMetrics m;
+    m.step = I.step_;
+    for (auto& [s, stage] : I.stages) stage->zero_grad();
+    int N = I.o.microbatches, last = I.p.pp - 1;
+    std::vector<double> losses(size_t(N) * I.p.dp, 0.0);
+    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<T>>>> pending;
+    std::vector<WorkPtr> unused;
+
+    auto forward = [&](const Chunk& c) {
+        ModelStage<T>& st = *I.stages.at(c.stage);
+        Batch b = (c.stage == 0 || c.stage == last) ? I.batch_of(c.mb) : Batch{I.o.sequences_per_microbatch,
+                                                                                I.cfg.seq_len, {}, {}};
+        std::vector<T> in;
+        if (c.stage > 0) in = I.receive({c.mb, c.stage - 1, c.dir}, false, unused);
+        std::vector<T> out = st.forward(c.mb, b, in);
+        if (c.stage == last) losses[size_t(I.global_mb(c.mb))] = st.loss(c.mb);
+        if (c.stage < last) I.send(c, false, c.stage + 1, std::move(out), pending);
+    };
+    auto backward = [&](const Chunk& c, bool with_weight) {
+        ModelStage<T>& st = *I.stages.at(c.stage);
+        std::vector<T> dy;
+        if (c.stage < last) dy = I.receive({c.mb, c.stage + 1, c.dir}, true, unused);
+        std::vector<T> dx = st.backward_input(c.mb, dy);
+        if (with_weight) st.backward_weight(c.mb);
+        if (c.stage > 0) I.send(c, true, c.stage - 1, std::move(dx), pending);
+    };
+    for (const Instr& in : I.schedule.ranks[I.prank]) {
+        switch (in.op) {
+            case Op::F: forward(in.f); break;
+            case Op::B: backward(in.b, false); break;
+            case Op::BW: backward(in.b, true); break;
+            case Op::W: I.stages.at(in.b.stage)->backward_weight(in.b.mb); break;
+            case Op::FB:
+                forward(in.f);
+                backward(in.b, true);
+                break;
+        }
+    }
+    for (auto& [w, buf] : pending) w->wait();
+
+    // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
+    if (I.pair) {
+        std::vector<T> flat;
+        for (auto& [s, stage] : I.stages)
+            for (Param<T>* prm : stage->parameters()) flat.insert(flat.end(), prm->grad.begin(), prm->grad.end());
+        I.pair->all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
+        size_t off = 0;
+        for (auto& [s, stage] : I.stages)
+            for (Param<T>* prm : stage->parameters()) {
+                std::memcpy(prm->grad.data(), flat.data() + off, prm->grad.size() * sizeof(T));
+                off += prm->grad.size();
+            }
+    }
+    // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
+    double sq = 0;
+    for (auto& [s, opt] : I.optimizers) {
+        double part = opt->reduce();
+        if (I.owner.at(s)) sq += part;
+    }
+    I.world->all_reduce(&sq, 1, DType::F64)->wait();
+    m.grad_norm = std::sqrt(sq);
+    double clip_scale = (I.o.clip > 0 && m.grad_norm > I.o.clip) ? I.o.clip / m.grad_norm : 1.0;
+    for (auto& [s, opt] : I.optimizers) opt->apply(I.step_, clip_scale);
+
+    // Whole-batch expert counts (every layer, all replicas, one DualPipe copy) drive the bias update.
+    int E = I.cfg.experts;
+    std::vector<int64_t> counts(size_t(I.cfg.layers) * E, 0);
+    for (auto& [s, stage] : I.stages) {
+        auto c = stage->take_expert_counts();
+        int moe = 0;
+        for (int l = stage->first_layer(); l < stage->first_layer() + stage->num_layers(); ++l)
+            if (I.cfg.is_moe_layer(l)) {
+                for (int e = 0; e < E; ++e) counts[size_t(l) * E + e] += c[moe][e];
+                ++moe;
+            }
+    }
+    I.world->all_reduce(counts.data(), counts.size(), DType::I64)->wait();
+    // Each DualPipe stage is counted on both copies' ranks for half the microbatches each: the sum is the batch.
+    for (auto& [s, stage] : I.stages) {
+        std::vector<std::vector<int64_t>> mine;
+        for (int l = stage->first_layer(); l < stage->first_layer() + stage->num_layers(); ++l)
+            if (I.cfg.is_moe_layer(l)) mine.emplace_back(counts.begin() + long(l) * E, counts.begin() + long(l + 1) * E);
+        if (I.o.bias_update) stage->update_router_bias(mine);
+    }
+    for (int l = 0; l < I.cfg.layers; ++l)
+        if (I.cfg.is_moe_layer(l))
+            m.max_vio = std::max(m.max_vio, max_violation({counts.begin() + long(l) * E, counts.begin() + long(l + 1) * E}));
+
+    // Losses: each microbatch's loss sits on the rank that ran its last stage; the world sums them.
+    I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
+    for (double l : losses) m.loss += l / double(losses.size());
+    m.step_time_s = sw.seconds();
+    m.tokens_per_s = double(losses.size()) * I.o.sequences_per_microbatch * I.cfg.seq_len / std::max(m.step_time_s, 1e-9);
+    return m;
+}
+
+template <typename T>
+std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
+    std::map<std::string, std::vector<T>> out;
+    for (auto& [s, stage] : impl_->stages)
+        if (impl_->owner.at(s))
+            for (Param<T>* prm : stage->parameters()) out[prm->name] = prm->value;
+    return out;
+}
+
+template class PipelineTrainer<float>;
+template class PipelineTrainer<double>;
+
+}  // namespace duplex
