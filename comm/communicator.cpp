@@ -509,3 +509,31 @@ std::shared_ptr<Communicator> Communicator::split(int color, int key) {
 }
 
 }  // namespace duplex
+
+namespace duplex {
+
+std::vector<std::string> gather_strings(Communicator& comm, const std::string& mine, int root) {
+    constexpr uint32_t kTag = kMaxUserTag - 1;
+    std::vector<uint64_t> sizes(comm.size());
+    uint64_t my = mine.size();
+    comm.all_gather(&my, sizes.data(), sizeof(uint64_t))->wait();
+    std::vector<std::string> out;
+    if (comm.rank() != root) {
+        comm.isend(mine.data(), mine.size(), root, kTag)->wait();
+        return out;
+    }
+    out.resize(comm.size());
+    std::vector<WorkPtr> works;
+    for (int r = 0; r < comm.size(); ++r) {
+        if (r == root) {
+            out[r] = mine;
+            continue;
+        }
+        out[r].resize(sizes[r]);
+        works.push_back(comm.irecv(out[r].data(), sizes[r], r, kTag));
+    }
+    wait_all(works);
+    return out;
+}
+
+}  // namespace duplex

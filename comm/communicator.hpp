@@ -123,3 +123,11 @@ private:
 void reduce_sum_into(void* dst, const void* src, size_t count, DType dtype);
 
 }  // namespace duplex
+
+namespace duplex {
+
+// Collects one byte string from every rank on `root` (index = rank); other ranks get an empty list.
+// Collective: every rank calls it.
+std::vector<std::string> gather_strings(Communicator& comm, const std::string& mine, int root = 0);
+
+}  // namespace duplex

@@ -7,6 +7,7 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "memory/ema.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {
@@ -39,9 +40,13 @@ struct PipelineTrainer<T>::Impl {
     std::map<int, bool> owner;                                     // stage id -> this copy counts for norms
     std::map<std::pair<int, int>, std::vector<T>> local_act, local_grad;  // same-rank handoffs (DualPipeV)
     int step_ = 0;
+    Tracer tracer;
+    std::unique_ptr<CpuEma<T>> ema;
+    std::vector<Param<T>*> ema_params;  // owned parameters, in EMA order
 
     Impl(std::shared_ptr<Communicator> w, const PipelineOptions& po, const TrainOptions& to)
-        : p(po), o(to), cfg(ModelConfig::preset(to.model)), world(std::move(w)), task(cfg.vocab, cfg.seq_len, to.seed) {}
+        : p(po), o(to), cfg(ModelConfig::preset(to.model)), world(std::move(w)), task(cfg.vocab, cfg.seq_len, to.seed),
+          tracer(world->rank(), po.trace) {}
 
     int stage_first_layer(int s) const { return s * cfg.layers / p.pp; }
     int stage_num_layers(int s) const { return stage_first_layer(s + 1) - stage_first_layer(s); }
@@ -67,6 +72,8 @@ struct PipelineTrainer<T>::Impl {
             return v;
         }
         std::vector<T> buf(act_size());
+        auto span = tracer.scope(Lane::Comm, fmt::format("recv {} mb {} from stage {}", gradient ? "grad" : "act",
+                                                         producer.mb, producer.stage));
         pipe->irecv(buf.data(), buf.size() * sizeof(T), from, sched::p2p_tag(schedule, producer, gradient))->wait();
         return buf;
     }
@@ -136,6 +143,19 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
         }
         I.optimizers[s] = std::make_unique<Zero1AdamW<T>>(I.groups.dp, refs, ac, decay);
     }
+    if (p.ema_decay > 0) {
+        std::vector<size_t> sizes;
+        std::vector<const T*> values;
+        for (auto& [s, stage] : I.stages)
+            if (I.owner.at(s))
+                for (Param<T>* prm : stage->parameters()) {
+                    I.ema_params.push_back(prm);
+                    sizes.push_back(prm->value.size());
+                    values.push_back(prm->value.data());
+                }
+        I.ema = std::make_unique<CpuEma<T>>(sizes, p.ema_decay);
+        I.ema->initialize(values);
+    }
 }
 
 template <typename T>
@@ -159,13 +179,22 @@ StepMetrics PipelineTrainer<T>::step() {
     std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<T>>>> pending;
     std::vector<WorkPtr> unused;
 
+    double compute_us = 0;
+    auto compute = [&](const std::string& name, auto&& fn) {
+        double t0 = I.tracer.now_us();
+        fn();
+        double t1 = I.tracer.now_us();
+        compute_us += t1 - t0;
+        I.tracer.add(Lane::Compute, name, t0, t1);
+    };
     auto forward = [&](const Chunk& c) {
         ModelStage<T>& st = *I.stages.at(c.stage);
         Batch b = (c.stage == 0 || c.stage == last) ? I.batch_of(c.mb) : Batch{I.o.sequences_per_microbatch,
                                                                                 I.cfg.seq_len, {}, {}};
         std::vector<T> in;
         if (c.stage > 0) in = I.receive({c.mb, c.stage - 1, c.dir}, false, unused);
-        std::vector<T> out = st.forward(c.mb, b, in);
+        std::vector<T> out;
+        compute(fmt::format("F mb {} stage {}", c.mb, c.stage), [&] { out = st.forward(c.mb, b, in); });
         if (c.stage == last) losses[size_t(I.global_mb(c.mb))] = st.loss(c.mb);
         if (c.stage < last) I.send(c, false, c.stage + 1, std::move(out), pending);
     };
@@ -173,23 +202,36 @@ StepMetrics PipelineTrainer<T>::step() {
         ModelStage<T>& st = *I.stages.at(c.stage);
         std::vector<T> dy;
         if (c.stage < last) dy = I.receive({c.mb, c.stage + 1, c.dir}, true, unused);
-        std::vector<T> dx = st.backward_input(c.mb, dy);
-        if (with_weight) st.backward_weight(c.mb);
+        std::vector<T> dx;
+        compute(fmt::format("{} mb {} stage {}", with_weight ? "BW" : "B", c.mb, c.stage), [&] {
+            dx = st.backward_input(c.mb, dy);
+            if (with_weight) st.backward_weight(c.mb);
+        });
         if (c.stage > 0) I.send(c, true, c.stage - 1, std::move(dx), pending);
     };
+    double schedule_start = I.tracer.now_us();
     for (const Instr& in : I.schedule.ranks[I.prank]) {
         switch (in.op) {
             case Op::F: forward(in.f); break;
             case Op::B: backward(in.b, false); break;
             case Op::BW: backward(in.b, true); break;
-            case Op::W: I.stages.at(in.b.stage)->backward_weight(in.b.mb); break;
+            case Op::W:
+                compute(fmt::format("W mb {} stage {}", in.b.mb, in.b.stage),
+                        [&] { I.stages.at(in.b.stage)->backward_weight(in.b.mb); });
+                break;
             case Op::FB:
                 forward(in.f);
                 backward(in.b, true);
                 break;
         }
     }
-    for (auto& [w, buf] : pending) w->wait();
+    {
+        auto span = I.tracer.scope(Lane::Comm, "drain sends");
+        for (auto& [w, buf] : pending) w->wait();
+    }
+    double schedule_us = I.tracer.now_us() - schedule_start;
+    double idle_share = schedule_us > 0 ? std::max(0.0, 1.0 - compute_us / schedule_us) : 0.0;
+    double opt_start = I.tracer.now_us();
 
     // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
     if (I.pair) {
@@ -214,6 +256,12 @@ StepMetrics PipelineTrainer<T>::step() {
     m.grad_norm = std::sqrt(sq);
     double clip_scale = (I.o.clip > 0 && m.grad_norm > I.o.clip) ? I.o.clip / m.grad_norm : 1.0;
     for (auto& [s, opt] : I.optimizers) opt->apply(I.step_, clip_scale);
+    if (I.ema) {
+        std::vector<const T*> values;
+        for (Param<T>* prm : I.ema_params) values.push_back(prm->value.data());
+        I.ema->submit(values);  // a copy; the update runs in the background during the next step
+    }
+    I.tracer.add(Lane::Optimizer, "grad sync + ZeRO-1 AdamW", opt_start, I.tracer.now_us());
 
     // Whole-batch expert counts (every layer, all replicas, one DualPipe copy) drive the bias update.
     int E = I.cfg.experts;
@@ -240,7 +288,10 @@ StepMetrics PipelineTrainer<T>::step() {
             m.max_vio = std::max(m.max_vio, max_violation({counts.begin() + long(l) * E, counts.begin() + long(l + 1) * E}));
 
     // Losses: each microbatch's loss sits on the rank that ran its last stage; the world sums them.
+    losses.push_back(idle_share);
     I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
+    m.bubble_fraction = losses.back() / I.world->size();
+    losses.pop_back();
     for (double l : losses) m.loss += l / double(losses.size());
     m.step_time_s = sw.seconds();
     m.tokens_per_s = double(losses.size()) * I.o.sequences_per_microbatch * I.cfg.seq_len / std::max(m.step_time_s, 1e-9);
@@ -253,6 +304,20 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
     for (auto& [s, stage] : impl_->stages)
         if (impl_->owner.at(s))
             for (Param<T>* prm : stage->parameters()) out[prm->name] = prm->value;
+    return out;
+}
+
+template <typename T>
+std::string PipelineTrainer<T>::trace_blob() const {
+    return impl_->tracer.serialize();
+}
+
+template <typename T>
+std::map<std::string, std::vector<T>> PipelineTrainer<T>::ema_parameters() {
+    std::map<std::string, std::vector<T>> out;
+    if (!impl_->ema) return out;
+    const auto& shadow = impl_->ema->shadow();
+    for (size_t i = 0; i < impl_->ema_params.size(); ++i) out[impl_->ema_params[i]->name] = shadow[i];
     return out;
 }
 

@@ -25,6 +25,7 @@
 #include "parallel/grid.hpp"
 #include "parallel/schedule.hpp"
 #include "parallel/zero1.hpp"
+#include "runtime/trace.hpp"
 #include "runtime/trainer.hpp"
 
 namespace duplex {
@@ -34,6 +35,8 @@ struct PipelineOptions {
     int pp = 2;  // pipeline stages of the model (DualPipeV runs them on pp/2 ranks)
     int dp = 1;
     int ep = 1;
+    bool trace = false;      // record compute/communication spans (trace_blob)
+    double ema_decay = 0;    // > 0: keep an EMA of the weights in host memory, updated in the background
 };
 
 template <typename T>
@@ -47,6 +50,10 @@ public:
     // per DP replica).
     std::map<std::string, std::vector<T>> owned_parameters();
     int pipeline_ranks() const;
+    // This rank's recorded spans since construction (see runtime/trace.hpp), for write_chrome_trace.
+    std::string trace_blob() const;
+    // The EMA of the owned parameters (empty without ema_decay); waits for the pending update.
+    std::map<std::string, std::vector<T>> ema_parameters();
     static void validate(const PipelineOptions& p, const TrainOptions& o, int world_size);
 
     struct Impl;

@@ -88,6 +88,25 @@ std::vector<StepMetrics> ReferenceTrainer<T>::run(const std::function<void(const
     return all;
 }
 
+template <typename T>
+double evaluate_loss(const ModelConfig& cfg, const std::map<std::string, std::vector<T>>& params, const Batch& batch) {
+    ModelStage<T> stage(cfg, 0, cfg.layers, true, true, 0);
+    for (Param<T>* p : stage.parameters()) {
+        auto it = params.find(p->name);
+        if (it == params.end()) continue;
+        if (it->second.size() != p->value.size())
+            throw ConfigError("parameters", fmt::format("'{}' has {} values, the model needs {}", p->name,
+                                                        it->second.size(), p->value.size()));
+        p->value = it->second;
+    }
+    stage.forward(0, batch, {});
+    return stage.loss(0);
+}
+
+template double evaluate_loss<float>(const ModelConfig&, const std::map<std::string, std::vector<float>>&, const Batch&);
+template double evaluate_loss<double>(const ModelConfig&, const std::map<std::string, std::vector<double>>&,
+                                      const Batch&);
+
 template class ReferenceTrainer<float>;
 template class ReferenceTrainer<double>;
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,9 +42,15 @@ struct StepMetrics {
     double aux_loss = 0;  // sequence-wise balance loss (when enabled)
     double max_vio = 0;  // over the MoE layers, of the whole step's expert counts
     double grad_norm = 0;
+    double bubble_fraction = 0;  // pipeline runs: mean over ranks of the schedule's idle share
     double step_time_s = 0;
     double tokens_per_s = 0;
 };
+
+// Loss of the whole model with the given parameters (by name; missing names keep their initial values) on
+// one batch: evaluates saved or EMA weights.
+template <typename T>
+double evaluate_loss(const ModelConfig& cfg, const std::map<std::string, std::vector<T>>& params, const Batch& batch);
 
 template <typename T>
 class ReferenceTrainer {

@@ -24,6 +24,7 @@ struct Args {
     std::string schedule = "1f1b";
     std::string backend = "inproc";
     bool check_reference = false;
+    std::string trace;
     int virtual_nodes = 0;
     int ranks = 1;
     int log_every = 10;
@@ -77,7 +78,7 @@ int run_typed(const Args& a) {
     return 0;
 }
 
-// Sends every rank's owned parameters to rank 0 (name, values) over the world communicator.
+// Every rank's owned parameters, by name, on rank 0.
 template <typename T>
 std::map<std::string, std::vector<T>> gather_parameters(Communicator& world,
                                                         const std::map<std::string, std::vector<T>>& mine) {
@@ -88,7 +89,7 @@ std::map<std::string, std::vector<T>> gather_parameters(Communicator& world,
         blob.append(reinterpret_cast<const char*>(&m), 8).append(reinterpret_cast<const char*>(v.data()), m * sizeof(T));
     }
     std::map<std::string, std::vector<T>> all;
-    auto parse = [&](const std::string& b) {
+    for (const std::string& b : gather_strings(world, blob)) {
         size_t pos = 0;
         while (pos < b.size()) {
             uint64_t n, m;
@@ -101,19 +102,6 @@ std::map<std::string, std::vector<T>> gather_parameters(Communicator& world,
             pos += 8 + m * sizeof(T);
             all[name] = std::move(v);
         }
-    };
-    std::vector<uint64_t> sizes(world.size());
-    uint64_t my = blob.size();
-    world.all_gather(&my, sizes.data(), 8)->wait();
-    if (world.rank() == 0) {
-        parse(blob);
-        for (int r = 1; r < world.size(); ++r) {
-            std::string b(sizes[r], '\0');
-            world.irecv(b.data(), b.size(), r, 77)->wait();
-            parse(b);
-        }
-    } else {
-        world.isend(blob.data(), blob.size(), 0, 77)->wait();
     }
     return all;
 }
@@ -122,6 +110,7 @@ template <typename T>
 int run_distributed(const Args& a) {
     PipelineOptions p = a.pipe;
     p.schedule = sched::kind_from_name(a.schedule);
+    p.trace = !a.trace.empty();
     TrainOptions o = a.train;
     o.bias_update = !a.no_bias_update;
     int pipeline_ranks = p.schedule == sched::ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
@@ -159,9 +148,13 @@ int run_distributed(const Args& a) {
             if (!lead) continue;
             if (m.step == 1) first = m.loss;
             last = m.loss;
-            nlohmann::json j = {{"step", m.step},           {"loss", m.loss},
-                                {"max_vio", m.max_vio},     {"grad_norm", m.grad_norm},
-                                {"step_time_s", m.step_time_s}, {"tokens_per_s", m.tokens_per_s}};
+            nlohmann::json j = {{"step", m.step},
+                                {"loss", m.loss},
+                                {"max_vio", m.max_vio},
+                                {"grad_norm", m.grad_norm},
+                                {"bubble_fraction", m.bubble_fraction},
+                                {"step_time_s", m.step_time_s},
+                                {"tokens_per_s", m.tokens_per_s}};
             double ref_loss = 0;
             if (ref) {
                 StepMetrics r = ref->step();
@@ -173,12 +166,14 @@ int run_distributed(const Args& a) {
             }
             steps.push_back(j);
             if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
-                fmt::print("step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  MaxVio {:6.3f}  |g| {:7.3f}{}\n", m.step, m.loss,
-                           m.tokens_per_s, m.max_vio, m.grad_norm,
+                fmt::print("step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  bubble {:5.1f}%  MaxVio {:6.3f}  |g| {:7.3f}{}\n",
+                           m.step, m.loss, m.tokens_per_s, 100 * m.bubble_fraction, m.max_vio, m.grad_norm,
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
             std::fflush(stdout);
         }
         auto params = gather_parameters<T>(*world, trainer.owned_parameters());
+        auto ema = gather_parameters<T>(*world, trainer.ema_parameters());
+        std::vector<std::string> traces = gather_strings(*world, trainer.trace_blob());
         if (!lead) return;
         nlohmann::json out = {{"model", c.name},
                               {"schedule", a.schedule},
@@ -206,6 +201,19 @@ int run_distributed(const Args& a) {
             fmt::print("# against the single-rank reference: max loss rel diff {:.3g}, max parameter rel diff {:.3g}\n",
                        worst_loss_diff, worst_param);
         }
+        if (p.ema_decay > 0) {
+            Batch eval = SyntheticTask(c.vocab, c.seq_len, o.seed).batch(8, 0xE7A1ull);
+            double live = evaluate_loss<T>(c, params, eval), smoothed = evaluate_loss<T>(c, ema, eval);
+            out["eval_loss"] = live;
+            out["ema_eval_loss"] = smoothed;
+            fmt::print("# held-out batch: loss {:.4f} with the trained weights, {:.4f} with their EMA (decay {})\n", live,
+                       smoothed, p.ema_decay);
+        }
+        if (!a.trace.empty()) {
+            write_chrome_trace(a.trace, traces);
+            fmt::print("# trace of {} ranks written to {} (open in ui.perfetto.dev or chrome://tracing)\n",
+                       traces.size(), a.trace);
+        }
         if (!a.json.empty()) {
             std::ofstream f(a.json);
             if (!f) throw ConfigError("--json", fmt::format("cannot write '{}'", a.json));
@@ -231,6 +239,8 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe or dualpipev")->capture_default_str();
     cmd->add_option("--backend", a->backend, "inproc (threads), or mpi / ucx under mpirun")->capture_default_str();
     cmd->add_option("--virtual-nodes", a->virtual_nodes, "split the ranks into this many virtual nodes");
+    cmd->add_option("--trace", a->trace, "write a Chrome-trace / Perfetto JSON of every rank's compute and comm");
+    cmd->add_option("--ema-decay", a->pipe.ema_decay, "keep a CPU EMA of the weights with this decay (0: off)");
     cmd->add_flag("--check-reference", a->check_reference,
                   "rank 0 also trains the single-rank reference on the same batch and reports the differences");
     cmd->add_option("--model", a->train.model, "tiny or small")->capture_default_str();

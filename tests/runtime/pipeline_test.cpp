@@ -2,6 +2,8 @@
 #include "runtime/pipeline_trainer.hpp"
 
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <mutex>
 
 #include <gtest/gtest.h>
@@ -106,6 +108,78 @@ TEST(PipelineTrainer, RejectsImpossibleLayouts) {
     EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::OneFOneB, 2, 2, 2}, o, 4), ConfigError);  // EP soon
     o.microbatches = 6;
     EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::DualPipe, 4, 1, 1}, o, 4), ConfigError);  // N < 2PP
+}
+
+}  // namespace
+}  // namespace duplex
+
+namespace duplex {
+namespace {
+
+TEST(PipelineTrainer, CpuEmaEqualsAStraightforwardEmaOfTheWeights) {
+    TrainOptions o;
+    o.microbatches = 4;
+    o.sequences_per_microbatch = 2;
+    PipelineOptions p{sched::ScheduleKind::OneFOneB, 2, 1, 1};
+    p.ema_decay = 0.8;
+    std::mutex m;
+    double worst = 0;
+    LaunchOptions l;
+    l.ranks = 2;
+    launch(l, [&](const std::shared_ptr<Communicator>& world) {
+        PipelineTrainer<float> t(world, p, o);
+        auto ref = t.owned_parameters();
+        for (int s = 0; s < 4; ++s) {
+            t.step();
+            for (auto& [name, v] : t.owned_parameters())
+                for (size_t i = 0; i < v.size(); ++i) ref[name][i] = float(0.8 * ref[name][i] + (1 - 0.8) * v[i]);
+        }
+        double w = 0;
+        for (auto& [name, v] : t.ema_parameters())
+            for (size_t i = 0; i < v.size(); ++i) w = std::max(w, double(std::fabs(v[i] - ref[name][i])));
+        std::lock_guard<std::mutex> lock(m);
+        worst = std::max(worst, w);
+    });
+    EXPECT_EQ(worst, 0.0);
+}
+
+TEST(PipelineTrainer, TracesComputeAndCommunicationOfEveryRank) {
+    TrainOptions o;
+    o.microbatches = 4;
+    o.sequences_per_microbatch = 2;
+    PipelineOptions p{sched::ScheduleKind::DualPipe, 2, 1, 1};
+    p.trace = true;
+    std::vector<std::string> blobs;
+    std::mutex m;
+    double bubble = -1;
+    LaunchOptions l;
+    l.ranks = 2;
+    launch(l, [&](const std::shared_ptr<Communicator>& world) {
+        PipelineTrainer<float> t(world, p, o);
+        StepMetrics s = t.step();
+        auto all = gather_strings(*world, t.trace_blob());
+        std::lock_guard<std::mutex> lock(m);
+        if (world->rank() == 0) {
+            blobs = all;
+            bubble = s.bubble_fraction;
+        }
+    });
+    ASSERT_EQ(blobs.size(), 2u);
+    for (const auto& b : blobs) {
+        EXPECT_NE(b.find("F mb"), std::string::npos);
+        EXPECT_NE(b.find("BW mb"), std::string::npos);
+        EXPECT_NE(b.find("recv act"), std::string::npos);
+        EXPECT_NE(b.find("ZeRO-1"), std::string::npos);
+    }
+    EXPECT_GE(bubble, 0.0);
+    EXPECT_LT(bubble, 1.0);
+    std::string path = ::testing::TempDir() + "pipeline_trace.json";
+    write_chrome_trace(path, blobs);
+    std::ifstream in(path);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_NE(text.find("\"traceEvents\""), std::string::npos);
+    EXPECT_NE(text.find("rank 1"), std::string::npos);
+    std::remove(path.c_str());
 }
 
 }  // namespace
