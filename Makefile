@@ -42,6 +42,7 @@ test-tsan: deps
 bench: build
 	@./scripts/bench-comm $(BUILD)
 	@./scripts/bench-model $(BUILD)
+	@./scripts/bench-ema $(BUILD)
 
 clean:
 	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
