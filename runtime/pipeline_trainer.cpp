@@ -36,7 +36,8 @@ struct PipelineTrainer<T>::Impl {
     int prank = 0;  // rank inside the pipeline
     SyntheticTask task;
     std::map<int, std::unique_ptr<ModelStage<T>>> stages;          // by model stage id
-    std::map<int, std::unique_ptr<Zero1AdamW<T>>> optimizers;      // by model stage id
+    // By model stage id: ZeRO-1 for the dense parameters over DP and for the routed experts over expert-DP.
+    std::map<int, std::vector<std::unique_ptr<Zero1AdamW<T>>>> optimizers;
     std::map<int, bool> owner;                                     // stage id -> this copy counts for norms
     std::map<std::pair<int, int>, std::vector<T>> local_act, local_grad;  // same-rank handoffs (DualPipeV)
     int step_ = 0;
@@ -99,7 +100,6 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     int ranks = p.schedule == ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
     GridConfig g{ranks, p.dp, p.ep};
     RankGrid::validate(g, world_size, cfg.experts);
-    DUPLEX_CHECK_ARG(p.ep == 1, "--ep", "expert parallelism across ranks is not available yet (got {}); use --ep 1", p.ep);
     DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages", cfg.name,
                      cfg.layers, p.pp);
 }
@@ -118,12 +118,14 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.pipe = I.groups.pp;
     I.prank = I.pipe->rank();
     I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
+    std::shared_ptr<ExpertExchange<T>> exchange;
+    if (p.ep > 1) exchange = std::make_shared<DistributedExchange<T>>(I.groups.ep, I.cfg.experts);
     // The stages this pipeline rank runs, from the schedule's placement.
     for (int dir = 0; dir < I.schedule.num_directions; ++dir)
         for (int s = 0; s < p.pp; ++s)
             if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s)) {
                 I.stages[s] = std::make_unique<ModelStage<T>>(I.cfg, I.stage_first_layer(s), I.stage_num_layers(s), s == 0,
-                                                              s == p.pp - 1, o.seed);
+                                                              s == p.pp - 1, o.seed, exchange);
                 I.stages[s]->set_recompute(o.recompute);
                 I.stages[s]->set_loss_scale(1.0 / (double(o.microbatches) * p.dp));
                 // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
@@ -135,13 +137,18 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     ac.lr = o.lr;
     ac.weight_decay = o.weight_decay;
     for (auto& [s, stage] : I.stages) {
-        std::vector<ParamRef<T>> refs;
-        std::vector<double> decay;
-        for (Param<T>* prm : stage->parameters()) {
-            refs.push_back({prm->value.data(), prm->grad.data(), prm->value.size()});
-            decay.push_back(prm->shape.size() > 1 ? o.weight_decay : 0.0);
+        for (bool experts : {false, true}) {
+            std::vector<ParamRef<T>> refs;
+            std::vector<double> decay;
+            for (Param<T>* prm : stage->parameters()) {
+                if (prm->is_expert != experts) continue;
+                refs.push_back({prm->value.data(), prm->grad.data(), prm->value.size()});
+                decay.push_back(prm->shape.size() > 1 ? o.weight_decay : 0.0);
+            }
+            if (refs.empty()) continue;
+            I.optimizers[s].push_back(
+                std::make_unique<Zero1AdamW<T>>(experts ? I.groups.edp : I.groups.dp, refs, ac, decay));
         }
-        I.optimizers[s] = std::make_unique<Zero1AdamW<T>>(I.groups.dp, refs, ac, decay);
     }
     if (p.ema_decay > 0) {
         std::vector<size_t> sizes;
@@ -248,14 +255,16 @@ StepMetrics PipelineTrainer<T>::step() {
     }
     // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
     double sq = 0;
-    for (auto& [s, opt] : I.optimizers) {
-        double part = opt->reduce();
-        if (I.owner.at(s)) sq += part;
-    }
+    for (auto& [s, opts] : I.optimizers)
+        for (auto& opt : opts) {
+            double part = opt->reduce();
+            if (I.owner.at(s)) sq += part;
+        }
     I.world->all_reduce(&sq, 1, DType::F64)->wait();
     m.grad_norm = std::sqrt(sq);
     double clip_scale = (I.o.clip > 0 && m.grad_norm > I.o.clip) ? I.o.clip / m.grad_norm : 1.0;
-    for (auto& [s, opt] : I.optimizers) opt->apply(I.step_, clip_scale);
+    for (auto& [s, opts] : I.optimizers)
+        for (auto& opt : opts) opt->apply(I.step_, clip_scale);
     if (I.ema) {
         std::vector<const T*> values;
         for (Param<T>* prm : I.ema_params) values.push_back(prm->value.data());

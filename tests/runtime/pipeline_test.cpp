@@ -18,11 +18,12 @@ using sched::ScheduleKind;
 
 struct Case {
     ScheduleKind kind;
-    int pp, dp;
+    int pp, dp, ep;
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-    return fmt::format("{}_pp{}_dp{}", sched::kind_name(info.param.kind), info.param.pp, info.param.dp);
+    return fmt::format("{}_pp{}_dp{}_ep{}", sched::kind_name(info.param.kind), info.param.pp, info.param.dp,
+                       info.param.ep);
 }
 
 template <typename T>
@@ -33,7 +34,7 @@ void check_equivalence(const Case& c, double param_tol) {
     o.microbatches = 2 * c.pp;  // N per replica: DualPipe needs N >= 2 PP
     o.sequences_per_microbatch = 2;
     o.seed = 5;
-    PipelineOptions p{c.kind, c.pp, c.dp, 1};
+    PipelineOptions p{c.kind, c.pp, c.dp, c.ep};
     int ranks = (c.kind == ScheduleKind::DualPipeV ? c.pp / 2 : c.pp) * c.dp;
 
     TrainOptions ref_o = o;
@@ -64,8 +65,13 @@ void check_equivalence(const Case& c, double param_tol) {
         }
     });
     ASSERT_EQ(steps.size(), ref_steps.size());
-    // Step 1 runs on identical weights: the same losses, bit for bit.
-    EXPECT_EQ(steps[0].loss, ref_steps[0].loss);
+    // Step 1 runs on identical weights: the same losses, bit for bit while experts are local; with experts
+    // spread over ranks their GEMMs see other row counts, so the last bits may differ.
+    if (c.ep == 1) {
+        EXPECT_EQ(steps[0].loss, ref_steps[0].loss);
+    } else {
+        EXPECT_NEAR(steps[0].loss, ref_steps[0].loss, 1e-6 * std::fabs(ref_steps[0].loss));
+    }
     for (size_t s = 1; s < steps.size(); ++s)
         EXPECT_NEAR(steps[s].loss, ref_steps[s].loss, 1e-6 * std::fabs(ref_steps[s].loss)) << "step " << s + 1;
     ASSERT_EQ(got.size(), ref_params.size());
@@ -86,14 +92,22 @@ void check_equivalence(const Case& c, double param_tol) {
 
 class PipelineEquivalence : public ::testing::TestWithParam<Case> {};
 
-TEST_P(PipelineEquivalence, Fp32MatchesTheReference) { check_equivalence<float>(GetParam(), 1e-5); }
+// NOTE: with EP > 1 an expert's weight gradient adds the rows of two replicas' microbatches in one GEMM, an
+// order of additions the single-rank run cannot share; in fp32 AdamW's first steps (update ~ lr * sign(g))
+// turn those last-bit differences on near-zero gradients into ~1e-5 relative parameter differences. fp64
+// shows the algorithm itself is exact (1e-12).
+TEST_P(PipelineEquivalence, Fp32MatchesTheReference) {
+    check_equivalence<float>(GetParam(), GetParam().ep == 1 ? 1e-5 : 5e-5);
+}
 TEST_P(PipelineEquivalence, Fp64MatchesTheReference) { check_equivalence<double>(GetParam(), 1e-12); }
 
 std::vector<Case> cases() {
     std::vector<Case> out;
     for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV})
         for (int pp : {2, 4})
-            for (int dp : {1, 2}) out.push_back({k, pp, dp});
+            for (int dp : {1, 2})
+                for (int ep : {1, 2})
+                    if (ep <= dp) out.push_back({k, pp, dp, ep});
     return out;
 }
 
@@ -105,7 +119,7 @@ TEST(PipelineTrainer, RejectsImpossibleLayouts) {
     EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::DualPipe, 3, 1, 1}, o, 3), ConfigError);
     EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::OneFOneB, 4, 2, 1}, o, 6), ConfigError);
     EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::OneFOneB, 8, 1, 1}, o, 8), ConfigError);  // 4 layers
-    EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::OneFOneB, 2, 2, 2}, o, 4), ConfigError);  // EP soon
+    EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::OneFOneB, 2, 2, 3}, o, 4), ConfigError);  // EP | DP
     o.microbatches = 6;
     EXPECT_THROW(PipelineTrainer<float>::validate({ScheduleKind::DualPipe, 4, 1, 1}, o, 4), ConfigError);  // N < 2PP
 }
