@@ -90,6 +90,20 @@ std::vector<std::vector<T>> DistributedExchange<T>::exchange_rows(const std::vec
     return out;
 }
 
+namespace {
+// Rows of per-expert data, regrouped per sender in the order that sender sent them.
+template <typename T>
+std::vector<std::vector<T>> rows_for_senders(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& data,
+                                             int dim) {
+    std::vector<std::vector<T>> back(routed.received.size());
+    for (size_t p = 0; p < routed.received.size(); ++p)
+        for (auto [e, row] : routed.received[p])
+            back[p].insert(back[p].end(), data[e].begin() + long(size_t(row) * dim),
+                           data[e].begin() + long(size_t(row + 1) * dim));
+    return back;
+}
+}  // namespace
+
 template <typename T>
 void DistributedExchange<T>::dispatch(const T* x, int tokens, int dim, const Routing& r, RoutedTokens<T>& out) {
     int n = group_->size();
@@ -126,12 +140,7 @@ template <typename T>
 void DistributedExchange<T>::combine(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int tokens,
                                      int dim, int top_k, T* y_slots) {
     int n = group_->size();
-    std::vector<std::vector<T>> back(n);
-    for (int p = 0; p < n; ++p)
-        for (auto [e, row] : routed.received[p])
-            back[p].insert(back[p].end(), outputs[e].begin() + long(size_t(row) * dim),
-                           outputs[e].begin() + long(size_t(row + 1) * dim));
-    auto got = exchange_rows(back, dim);
+    auto got = exchange_rows(rows_for_senders(routed, outputs, dim), dim);
     std::fill(y_slots, y_slots + size_t(tokens) * top_k * dim, T(0));
     for (int p = 0; p < n; ++p)
         for (size_t i = 0; i < routed.sent_slots[p].size(); ++i)
@@ -160,12 +169,7 @@ template <typename T>
 void DistributedExchange<T>::dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows,
                                                int, int dim, int top_k, T* dx) {
     int n = group_->size();
-    std::vector<std::vector<T>> back(n);
-    for (int p = 0; p < n; ++p)
-        for (auto [e, row] : routed.received[p])
-            back[p].insert(back[p].end(), d_rows[e].begin() + long(size_t(row) * dim),
-                           d_rows[e].begin() + long(size_t(row + 1) * dim));
-    auto got = exchange_rows(back, dim);
+    auto got = exchange_rows(rows_for_senders(routed, d_rows, dim), dim);
     // NOTE: add per token in slot order, as LocalExchange does, so placement never changes the sum.
     std::vector<std::pair<int, const T*>> by_slot;
     for (int p = 0; p < n; ++p)

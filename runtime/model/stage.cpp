@@ -129,6 +129,19 @@ struct ModelStage<T>::Impl {
         });
     }
 
+    // B of an RMSNorm: acc += d(input) for upstream gradient dy; queues the gain's gradient for W.
+    void norm_backward(Micro& m, std::vector<T>&& dy, const Buf<T>& x, const Buf<T>& rstd, Param<T>* g, int rows,
+                       std::vector<T>& acc) {
+        int d = cfg().hidden;
+        std::vector<T> tmp(acc.size());
+        kernels::rmsnorm_backward_input<T>(dy.data(), x->data(), g->value.data(), rstd->data(), rows, d, tmp.data());
+        for (size_t i = 0; i < acc.size(); ++i) acc[i] += tmp[i];
+        auto dyb = buf<T>(std::move(dy));
+        m.wgrad.push_back([dyb, x, rstd, g, rows, d] {
+            kernels::rmsnorm_backward_weight<T>(dyb->data(), x->data(), rstd->data(), rows, d, g->grad.data());
+        });
+    }
+
     Buf<T> rmsnorm(const std::vector<T>& x, const Param<T>* g, int rows, Buf<T>& rstd) {
         int d = cfg().hidden;
         auto y = buf<T>(size_t(rows) * d);
@@ -287,19 +300,7 @@ struct ModelStage<T>::Impl {
             moe_backward(L, m, st, df, dn2);
         }
         std::vector<T> dh(dout);
-        std::vector<T> tmp(dh.size());
-        kernels::rmsnorm_backward_input<T>(dn2.data(), st.h->data(), L.ffn_norm->value.data(), st.rstd2->data(), n, d,
-                                           tmp.data());
-        for (size_t i = 0; i < dh.size(); ++i) dh[i] += tmp[i];
-        {
-            auto dn2b = buf<T>(std::move(dn2));
-            auto h = st.h;
-            auto rstd = st.rstd2;
-            Param<T>* g = L.ffn_norm;
-            m.wgrad.push_back([dn2b, h, rstd, g, n, d] {
-                kernels::rmsnorm_backward_weight<T>(dn2b->data(), h->data(), rstd->data(), n, d, g->grad.data());
-            });
-        }
+        norm_backward(m, std::move(dn2), st.h, st.rstd2, L.ffn_norm, n, dh);
         // Attention.
         auto dhb = buf<T>(std::vector<T>(dh));
         std::vector<T> dattn;
@@ -319,16 +320,7 @@ struct ModelStage<T>::Impl {
         defer_dw(m, st.n1, dk, n, L.wk);
         defer_dw(m, st.n1, dv, n, L.wv);
         std::vector<T> dx(dh);
-        kernels::rmsnorm_backward_input<T>(dn1.data(), st.x_in->data(), L.attn_norm->value.data(), st.rstd1->data(), n, d,
-                                           tmp.data());
-        for (size_t i = 0; i < dx.size(); ++i) dx[i] += tmp[i];
-        auto dn1b = buf<T>(std::move(dn1));
-        auto xin = st.x_in;
-        auto rstd1 = st.rstd1;
-        Param<T>* g1 = L.attn_norm;
-        m.wgrad.push_back([dn1b, xin, rstd1, g1, n, d] {
-            kernels::rmsnorm_backward_weight<T>(dn1b->data(), xin->data(), rstd1->data(), n, d, g1->grad.data());
-        });
+        norm_backward(m, std::move(dn1), st.x_in, st.rstd1, L.attn_norm, n, dx);
         return dx;
     }
 
@@ -530,17 +522,8 @@ std::vector<T> ModelStage<T>::backward_input(int mb, const std::vector<T>& grad_
         std::vector<T> dnf;
         I.linear_dx(*m.dlogits, I.head, m.tokens, dnf, false);
         I.defer_dw(m, m.nf, m.dlogits, m.tokens, I.head);
-        dx.resize(dnf.size());
-        kernels::rmsnorm_backward_input<T>(dnf.data(), m.head_in->data(), I.final_norm->value.data(), m.rstd_f->data(),
-                                           m.tokens, d, dx.data());
-        auto dnfb = buf<T>(std::move(dnf));
-        auto hin = m.head_in;
-        auto rstd = m.rstd_f;
-        Param<T>* g = I.final_norm;
-        int n = m.tokens;
-        m.wgrad.push_back([dnfb, hin, rstd, g, n, d] {
-            kernels::rmsnorm_backward_weight<T>(dnfb->data(), hin->data(), rstd->data(), n, d, g->grad.data());
-        });
+        dx.assign(dnf.size(), T(0));
+        I.norm_backward(m, std::move(dnf), m.head_in, m.rstd_f, I.final_norm, m.tokens, dx);
     } else {
         DUPLEX_CHECK_ARG(grad_output.size() == size_t(m.tokens) * d, "stage output gradient", "{} values for {} x {}",
                          grad_output.size(), m.tokens, d);
