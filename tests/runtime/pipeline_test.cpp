@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "comm/launch.hpp"
+#include "core/clock.hpp"
 #include "core/error.hpp"
 
 namespace duplex {
@@ -194,6 +195,43 @@ TEST(PipelineTrainer, TracesComputeAndCommunicationOfEveryRank) {
     EXPECT_NE(text.find("\"traceEvents\""), std::string::npos);
     EXPECT_NE(text.find("rank 1"), std::string::npos);
     std::remove(path.c_str());
+}
+
+}  // namespace
+}  // namespace duplex
+
+namespace duplex {
+namespace {
+
+// A rank that fails mid-run stops every other rank with an error naming it, long before any timeout.
+TEST(PipelineTrainer, ARankThatThrowsStopsTheOthers) {
+    TrainOptions o;
+    o.microbatches = 8;
+    o.sequences_per_microbatch = 2;
+    PipelineOptions p{sched::ScheduleKind::DualPipe, 4, 1, 1};
+    std::mutex m;
+    std::vector<std::string> errors;
+    LaunchOptions l;
+    l.ranks = 4;
+    l.timeout_s = 120;
+    Stopwatch sw;
+    EXPECT_THROW(launch(l,
+                        [&](const std::shared_ptr<Communicator>& world) {
+                            PipelineTrainer<float> t(world, p, o);
+                            t.step();
+                            if (world->rank() == 2) throw std::runtime_error("injected failure in step 2");
+                            try {
+                                t.step();
+                            } catch (const CommError& e) {
+                                std::lock_guard<std::mutex> lock(m);
+                                errors.push_back(e.what());
+                                throw;
+                            }
+                        }),
+                 std::runtime_error);
+    EXPECT_LT(sw.seconds(), 60.0);
+    ASSERT_EQ(errors.size(), 3u);
+    for (const auto& e : errors) EXPECT_NE(e.find("rank 2 failed: injected failure"), std::string::npos) << e;
 }
 
 }  // namespace
