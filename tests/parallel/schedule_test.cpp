@@ -78,7 +78,9 @@ TEST(Schedule, DualPipeRanksHoldMirroredStages) {
         EXPECT_EQ(s.rank_of(r, 0), r);
         EXPECT_EQ(s.rank_of(5 - r, 1), r);
         for (const Instr& in : s.ranks[r]) {
-            if (in.op == Op::F || in.op == Op::FB) EXPECT_EQ(in.f.stage, in.f.dir == 0 ? r : 5 - r);
+            if (in.op == Op::F || in.op == Op::FB) {
+                EXPECT_EQ(in.f.stage, in.f.dir == 0 ? r : 5 - r);
+            }
         }
     }
 }
