@@ -317,6 +317,11 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
 }
 
 template <typename T>
+LinkBytes PipelineTrainer<T>::expert_bytes_sent() const {
+    return impl_->groups.ep ? impl_->groups.ep->bytes_sent() : LinkBytes{};
+}
+
+template <typename T>
 std::string PipelineTrainer<T>::trace_blob() const {
     return impl_->tracer.serialize();
 }

@@ -52,6 +52,8 @@ public:
     int pipeline_ranks() const;
     // This rank's recorded spans since construction (see runtime/trace.hpp), for write_chrome_trace.
     std::string trace_blob() const;
+    // Bytes this rank sent to expert-parallel peers so far (dispatch + combine, forward and backward), by link.
+    LinkBytes expert_bytes_sent() const;
     // The EMA of the owned parameters (empty without ema_decay); waits for the pending update.
     std::map<std::string, std::vector<T>> ema_parameters();
     static void validate(const PipelineOptions& p, const TrainOptions& o, int world_size);

@@ -171,6 +171,9 @@ int run_distributed(const Args& a) {
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
             std::fflush(stdout);
         }
+        LinkBytes eb = trainer.expert_bytes_sent();
+        int64_t ep_bytes[2] = {int64_t(eb.intra_node), int64_t(eb.inter_node)};
+        world->all_reduce(ep_bytes, 2, DType::I64)->wait();
         auto params = gather_parameters<T>(*world, trainer.owned_parameters());
         auto ema = gather_parameters<T>(*world, trainer.ema_parameters());
         std::vector<std::string> traces = gather_strings(*world, trainer.trace_blob());
@@ -185,6 +188,11 @@ int run_distributed(const Args& a) {
                               {"dtype", a.fp64 ? "fp64" : "fp32"},
                               {"steps", steps}};
         fmt::print("# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
+        if (p.ep > 1) {
+            out["expert_bytes"] = {{"intra_node", ep_bytes[0]}, {"inter_node", ep_bytes[1]}};
+            fmt::print("# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes)\n",
+                       ep_bytes[0], ep_bytes[1], world->topology().num_nodes());
+        }
         if (ref) {
             double worst_param = 0;
             for (Param<T>* prm : ref->model().parameters()) {
