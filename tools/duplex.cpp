@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
         "Duplex: DeepSeek-V3-style distributed training runtime (DualPipe, expert parallelism, ZeRO-1).\n"
         "Ranks run as threads (--backend inproc, the default) or as processes under mpirun (mpi, ucx)."};
     app.require_subcommand(0, 1);
+    app.fallthrough();  // global flags (--print-config) also after a subcommand
     bool print = false;
     app.add_flag("--print-config", print, "print every DUPLEX_* environment knob with its effective value");
     std::map<CLI::App*, duplex::tools::Command> commands;
