@@ -43,6 +43,7 @@ bench: build
 	@./scripts/bench-comm $(BUILD)
 	@./scripts/bench-model $(BUILD)
 	@./scripts/bench-ema $(BUILD)
+	@./scripts/bench-emulate $(BUILD)
 
 clean:
 	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

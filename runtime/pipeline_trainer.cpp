@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <set>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -39,6 +41,7 @@ struct PipelineTrainer<T>::Impl {
     // By model stage id: ZeRO-1 for the dense parameters over DP and for the routed experts over expert-DP.
     std::map<int, std::vector<std::unique_ptr<Zero1AdamW<T>>>> optimizers;
     std::map<int, bool> owner;                                     // stage id -> this copy counts for norms
+    std::set<int> emulated_stages;                                 // emulate mode: the stages placed here
     std::map<std::pair<int, int>, std::vector<T>> local_act, local_grad;  // same-rank handoffs (DualPipeV)
     int step_ = 0;
     Tracer tracer;
@@ -58,6 +61,19 @@ struct PipelineTrainer<T>::Impl {
         return task.batch(o.sequences_per_microbatch, batch_seed, o.token_skew);
     }
     size_t act_size() const { return size_t(o.sequences_per_microbatch) * cfg.seq_len * cfg.hidden; }
+
+    // The schedule's idle share: 1 - compute / (the slowest rank's schedule time), averaged over the world.
+    double bubble_share(double schedule_us, double compute_us, double& slowest_us) {
+        double vals[2] = {schedule_us, compute_us};
+        std::vector<double> all(2 * size_t(world->size()));
+        world->all_gather(vals, all.data(), sizeof(vals))->wait();
+        slowest_us = 0;
+        for (int r = 0; r < world->size(); ++r) slowest_us = std::max(slowest_us, all[2 * r]);
+        double idle = 0;
+        for (int r = 0; r < world->size(); ++r)
+            idle += slowest_us > 0 ? std::max(0.0, 1.0 - all[2 * r + 1] / slowest_us) : 0.0;
+        return idle / world->size();
+    }
 
     std::vector<T> receive(const Chunk& producer, bool gradient, std::vector<WorkPtr>&) {
         int from = schedule.rank_of(producer.stage, producer.dir);
@@ -100,8 +116,10 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     int ranks = p.schedule == ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
     GridConfig g{ranks, p.dp, p.ep};
     RankGrid::validate(g, world_size, cfg.experts);
-    DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages", cfg.name,
-                     cfg.layers, p.pp);
+    if (!p.emulate)
+        DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",
+                         cfg.name, cfg.layers, p.pp);
+    DUPLEX_CHECK_ARG(!p.emulate || p.ep == 1, "--ep", "emulate mode does not model expert traffic yet (got EP {})", p.ep);
 }
 
 template <typename T>
@@ -123,7 +141,11 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     // The stages this pipeline rank runs, from the schedule's placement.
     for (int dir = 0; dir < I.schedule.num_directions; ++dir)
         for (int s = 0; s < p.pp; ++s)
-            if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s)) {
+            if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s) && !I.emulated_stages.count(s)) {
+                if (p.emulate) {
+                    I.emulated_stages.insert(s);
+                    continue;
+                }
                 I.stages[s] = std::make_unique<ModelStage<T>>(I.cfg, I.stage_first_layer(s), I.stage_num_layers(s), s == 0,
                                                               s == p.pp - 1, o.seed, exchange);
                 I.stages[s]->set_recompute(o.recompute);
@@ -175,6 +197,7 @@ int PipelineTrainer<T>::pipeline_ranks() const {
 
 template <typename T>
 StepMetrics PipelineTrainer<T>::step() {
+    if (impl_->p.emulate) return emulate_step();
     Impl& I = *impl_;
     Stopwatch sw;
     ++I.step_;
@@ -236,8 +259,8 @@ StepMetrics PipelineTrainer<T>::step() {
         auto span = I.tracer.scope(Lane::Comm, "drain sends");
         for (auto& [w, buf] : pending) w->wait();
     }
-    double schedule_us = I.tracer.now_us() - schedule_start;
-    double idle_share = schedule_us > 0 ? std::max(0.0, 1.0 - compute_us / schedule_us) : 0.0;
+    double schedule_us = I.tracer.now_us() - schedule_start, slowest_us = 0;
+    m.bubble_fraction = I.bubble_share(schedule_us, compute_us, slowest_us);
     double opt_start = I.tracer.now_us();
 
     // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
@@ -297,10 +320,7 @@ StepMetrics PipelineTrainer<T>::step() {
             m.max_vio = std::max(m.max_vio, max_violation({counts.begin() + long(l) * E, counts.begin() + long(l + 1) * E}));
 
     // Losses: each microbatch's loss sits on the rank that ran its last stage; the world sums them.
-    losses.push_back(idle_share);
     I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
-    m.bubble_fraction = losses.back() / I.world->size();
-    losses.pop_back();
     for (double l : losses) m.loss += l / double(losses.size());
     m.step_time_s = sw.seconds();
     m.tokens_per_s = double(losses.size()) * I.o.sequences_per_microbatch * I.cfg.seq_len / std::max(m.step_time_s, 1e-9);
@@ -314,6 +334,98 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
         if (impl_->owner.at(s))
             for (Param<T>* prm : stage->parameters()) out[prm->name] = prm->value;
     return out;
+}
+
+// Emulate mode: the schedule with timed waits for compute and link-delayed transfers of real sizes. The first
+// 8 bytes of every message carry its send time (the steady clock is shared by threads and by processes on
+// one host); the receiver holds the message until send time + latency + bytes / bandwidth.
+template <typename T>
+StepMetrics PipelineTrainer<T>::emulate_step() {
+    Impl& I = *impl_;
+    Stopwatch sw;
+    ++I.step_;
+    StepMetrics m;
+    m.step = I.step_;
+    int last = I.p.pp - 1;
+    const size_t bytes = std::max<size_t>(I.act_size() * sizeof(T), sizeof(double));
+    std::map<int, ChunkCosts> costs;
+    for (int s : I.emulated_stages)
+        costs[s] = I.p.emulate_costs.f > 0 ? I.p.emulate_costs
+                                           : I.p.cost_model.chunk(I.cfg, I.stage_num_layers(s),
+                                                                  I.o.sequences_per_microbatch * I.cfg.seq_len);
+    double compute_us = 0;
+    auto wait_for = [&](double seconds, const std::string& name) {
+        double t0 = I.tracer.now_us();
+        Clock::time_point until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                     std::chrono::duration<double>(seconds));
+        std::this_thread::sleep_until(until);
+        double t1 = I.tracer.now_us();
+        compute_us += t1 - t0;
+        I.tracer.add(Lane::Compute, name, t0, t1);
+    };
+    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<char>>>> pending;
+    auto recv = [&](const Chunk& producer, bool gradient) {
+        int from = I.schedule.rank_of(producer.stage, producer.dir);
+        if (from == I.prank) return;
+        std::vector<char> buf(bytes);
+        double t0 = I.tracer.now_us();
+        I.pipe->irecv(buf.data(), bytes, from, sched::p2p_tag(I.schedule, producer, gradient))->wait();
+        double sent;
+        std::memcpy(&sent, buf.data(), sizeof(double));
+        LinkClass link = I.pipe->topology().link(from, I.prank);
+        double ready = sent + I.p.cost_model.transfer_s(double(bytes), link);
+        std::this_thread::sleep_until(Clock::time_point(std::chrono::duration_cast<Clock::duration>(
+            std::chrono::duration<double>(ready))));
+        I.tracer.add(Lane::Comm, fmt::format("recv {} mb {}", gradient ? "grad" : "act", producer.mb), t0,
+                     I.tracer.now_us());
+    };
+    auto send = [&](const Chunk& producer, bool gradient, int to_stage) {
+        int to = I.schedule.rank_of(to_stage, producer.dir);
+        if (to == I.prank) return;
+        auto buf = std::make_shared<std::vector<char>>(bytes, 0);
+        double now = std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+        std::memcpy(buf->data(), &now, sizeof(double));
+        pending.push_back({I.pipe->isend(buf->data(), bytes, to, sched::p2p_tag(I.schedule, producer, gradient)), buf});
+    };
+    double start = I.tracer.now_us();
+    for (const Instr& in : I.schedule.ranks[I.prank]) {
+        switch (in.op) {
+            case Op::F:
+                if (in.f.stage > 0) recv({in.f.mb, in.f.stage - 1, in.f.dir}, false);
+                wait_for(costs.at(in.f.stage).f, fmt::format("F mb {} stage {}", in.f.mb, in.f.stage));
+                if (in.f.stage < last) send(in.f, false, in.f.stage + 1);
+                break;
+            case Op::B:
+            case Op::BW: {
+                if (in.b.stage < last) recv({in.b.mb, in.b.stage + 1, in.b.dir}, true);
+                const ChunkCosts& c = costs.at(in.b.stage);
+                wait_for(in.op == Op::BW ? c.b : c.b - c.w,
+                         fmt::format("{} mb {} stage {}", in.op == Op::BW ? "BW" : "B", in.b.mb, in.b.stage));
+                if (in.b.stage > 0) send(in.b, true, in.b.stage - 1);
+                break;
+            }
+            case Op::W:
+                wait_for(costs.at(in.b.stage).w, fmt::format("W mb {} stage {}", in.b.mb, in.b.stage));
+                break;
+            case Op::FB:
+                if (in.f.stage > 0) recv({in.f.mb, in.f.stage - 1, in.f.dir}, false);
+                if (in.b.stage < last) recv({in.b.mb, in.b.stage + 1, in.b.dir}, true);
+                wait_for(costs.at(in.f.stage).fb, fmt::format("FB mb {}/{}", in.f.mb, in.b.mb));
+                if (in.f.stage < last) send(in.f, false, in.f.stage + 1);
+                if (in.b.stage > 0) send(in.b, true, in.b.stage - 1);
+                break;
+        }
+    }
+    for (auto& [w, buf] : pending) w->wait();
+    double schedule_us = I.tracer.now_us() - start;
+    // The step ends when the slowest rank ends: its time and the mean idle share, over the world.
+    double slowest = 0;
+    m.bubble_fraction = I.bubble_share(schedule_us, compute_us, slowest);
+    m.step_time_s = slowest * 1e-6;
+    m.tokens_per_s = double(I.o.microbatches) * I.p.dp * I.o.sequences_per_microbatch * I.cfg.seq_len /
+                     std::max(m.step_time_s, 1e-9);
+    (void)sw;
+    return m;
 }
 
 template <typename T>

@@ -25,6 +25,7 @@
 #include "parallel/grid.hpp"
 #include "parallel/schedule.hpp"
 #include "parallel/zero1.hpp"
+#include "runtime/cost_model.hpp"
 #include "runtime/trace.hpp"
 #include "runtime/trainer.hpp"
 
@@ -37,6 +38,11 @@ struct PipelineOptions {
     int ep = 1;
     bool trace = false;      // record compute/communication spans (trace_blob)
     double ema_decay = 0;    // > 0: keep an EMA of the weights in host memory, updated in the background
+    // Emulate mode: the same schedule, ranks and transfers (real byte counts, zero payloads), but each chunk's
+    // compute is a timed wait and each transfer is delivered after latency + bytes / bandwidth of its link.
+    bool emulate = false;
+    ChunkCosts emulate_costs{};            // seconds per chunk; f == 0: from the cost model per stage
+    CostModel cost_model = CostModel::preset("h800");
 };
 
 template <typename T>
@@ -61,6 +67,7 @@ public:
     struct Impl;
 
 private:
+    StepMetrics emulate_step();
     std::unique_ptr<Impl> impl_;
 };
 

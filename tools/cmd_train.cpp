@@ -10,6 +10,7 @@
 
 #include "comm/launch.hpp"
 #include "core/error.hpp"
+#include "parallel/schedule.hpp"
 #include "runtime/pipeline_trainer.hpp"
 #include "runtime/trainer.hpp"
 #include "tools/commands.hpp"
@@ -25,6 +26,10 @@ struct Args {
     std::string backend = "inproc";
     bool check_reference = false;
     std::string trace;
+    std::string mode = "math";
+    std::string device = "h800";
+    double time_scale = 1.0;
+    double cost_f_ms = 0, cost_b_ms = 0, cost_w_ms = 0, cost_fb_ms = -1;
     int virtual_nodes = 0;
     int ranks = 1;
     int log_every = 10;
@@ -111,6 +116,19 @@ int run_distributed(const Args& a) {
     PipelineOptions p = a.pipe;
     p.schedule = sched::kind_from_name(a.schedule);
     p.trace = !a.trace.empty();
+    if (a.mode != "math" && a.mode != "emulate")
+        throw ConfigError("--mode", fmt::format("'{}' is not math or emulate", a.mode));
+    p.emulate = a.mode == "emulate";
+    if (p.emulate) {
+        p.cost_model = CostModel::preset(a.device);
+        p.cost_model.device().time_scale = a.time_scale;
+        if (a.cost_f_ms > 0) {
+            sched::Costs c{a.cost_f_ms, a.cost_b_ms, a.cost_w_ms, a.cost_fb_ms, 0};
+            sched::check_costs(c);
+            p.emulate_costs = {a.cost_f_ms * 1e-3, a.cost_b_ms * 1e-3, a.cost_w_ms * 1e-3, c.fb_cost() * 1e-3};
+        }
+        DUPLEX_CHECK_ARG(!a.check_reference, "--check-reference", "needs --mode math (emulate computes nothing)");
+    }
     TrainOptions o = a.train;
     o.bias_update = !a.no_bias_update;
     int pipeline_ranks = p.schedule == sched::ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
@@ -133,13 +151,28 @@ int run_distributed(const Args& a) {
         TrainOptions ref_o = o;
         ref_o.microbatches = o.microbatches * p.dp;
         if (lead && a.check_reference) ref = std::make_unique<ReferenceTrainer<T>>(ref_o);
+        if (lead && p.emulate) {
+            sched::Schedule sch = sched::generate(p.schedule, p.pp, o.microbatches);
+            ChunkCosts cc = p.emulate_costs.f > 0 ? p.emulate_costs
+                                                  : p.cost_model.chunk(ModelConfig::preset(o.model),
+                                                                       ModelConfig::preset(o.model).layers / p.pp,
+                                                                       o.sequences_per_microbatch *
+                                                                           ModelConfig::preset(o.model).seq_len);
+            double act_bytes = double(o.sequences_per_microbatch) * ModelConfig::preset(o.model).seq_len *
+                               ModelConfig::preset(o.model).hidden * sizeof(T);
+            sched::Costs sc{cc.f, cc.b, cc.w, cc.fb, p.cost_model.transfer_s(act_bytes, LinkClass::IntraNode)};
+            sched::Replay rp = sched::replay(sch, sc);
+            fmt::print("# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
+                       "the schedule replay predicts {:.4g} ms per step\n",
+                       cc.f * 1e3, cc.b * 1e3, cc.w * 1e3, cc.fb * 1e3, sc.p2p * 1e3, rp.makespan * 1e3);
+        }
         const ModelConfig& c = ModelConfig::preset(o.model);
         if (lead) {
             fmt::print("# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}\n", c.name,
                        c.num_parameters(), world_size, world->backend(), a.schedule, p.pp, p.dp, p.ep,
                        a.fp64 ? "fp64" : "fp32");
-            fmt::print("# {} steps x {} microbatches per replica x {} sequences x {} tokens\n", o.steps, o.microbatches,
-                       o.sequences_per_microbatch, c.seq_len);
+            fmt::print("# {} steps x {} microbatches per replica x {} sequences x {} tokens{}\n", o.steps, o.microbatches,
+                       o.sequences_per_microbatch, c.seq_len, p.emulate ? " (emulated compute)" : "");
         }
         nlohmann::json steps = nlohmann::json::array();
         double first = 0, last = 0, worst_loss_diff = 0;
@@ -166,8 +199,9 @@ int run_distributed(const Args& a) {
             }
             steps.push_back(j);
             if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
-                fmt::print("step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  bubble {:5.1f}%  MaxVio {:6.3f}  |g| {:7.3f}{}\n",
-                           m.step, m.loss, m.tokens_per_s, 100 * m.bubble_fraction, m.max_vio, m.grad_norm,
+                fmt::print("step {:>5}  {}  step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  MaxVio {:6.3f}  |g| {:7.3f}{}\n",
+                           m.step, p.emulate ? std::string("(emulated)   ") : fmt::format("loss {:8.4f}", m.loss),
+                           m.step_time_s * 1e3, m.tokens_per_s, 100 * m.bubble_fraction, m.max_vio, m.grad_norm,
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
             std::fflush(stdout);
         }
@@ -187,7 +221,9 @@ int run_distributed(const Args& a) {
                               {"backend", world->backend()},
                               {"dtype", a.fp64 ? "fp64" : "fp32"},
                               {"steps", steps}};
-        fmt::print("# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
+        if (!p.emulate)
+            fmt::print("# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
+        out["mode"] = a.mode;
         if (p.ep > 1) {
             out["expert_bytes"] = {{"intra_node", ep_bytes[0]}, {"inter_node", ep_bytes[1]}};
             fmt::print("# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes)\n",
@@ -247,6 +283,14 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe or dualpipev")->capture_default_str();
     cmd->add_option("--backend", a->backend, "inproc (threads), or mpi / ucx under mpirun")->capture_default_str();
     cmd->add_option("--virtual-nodes", a->virtual_nodes, "split the ranks into this many virtual nodes");
+    cmd->add_option("--mode", a->mode, "math (real compute) or emulate (timed waits from the cost model)")
+        ->capture_default_str();
+    cmd->add_option("--device", a->device, "emulate: device preset of the cost model")->capture_default_str();
+    cmd->add_option("--time-scale", a->time_scale, "emulate: multiply every modelled duration")->capture_default_str();
+    cmd->add_option("--cost-f", a->cost_f_ms, "emulate: forward chunk in ms (default: from the cost model)");
+    cmd->add_option("--cost-b", a->cost_b_ms, "emulate: full backward chunk in ms");
+    cmd->add_option("--cost-w", a->cost_w_ms, "emulate: weight-gradient part of the backward in ms");
+    cmd->add_option("--cost-fb", a->cost_fb_ms, "emulate: overlapped F&B pair in ms (default F+B)");
     cmd->add_option("--trace", a->trace, "write a Chrome-trace / Perfetto JSON of every rank's compute and comm");
     cmd->add_option("--ema-decay", a->pipe.ema_decay, "keep a CPU EMA of the weights with this decay (0: off)");
     cmd->add_flag("--check-reference", a->check_reference,
@@ -271,7 +315,8 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--log-every", a->log_every, "print a progress line every N steps")->capture_default_str();
     cmd->add_option("--json", a->json, "write per-step metrics (loss, max_vio, ...) to this file");
     return [a, cmd] {
-        bool distributed = a->pipe.pp * a->pipe.dp > 1 || cmd->count("--schedule") || a->backend != "inproc";
+        bool distributed = a->pipe.pp * a->pipe.dp > 1 || cmd->count("--schedule") || a->backend != "inproc" ||
+                           a->mode != "math";
         if (!distributed) {
             if (a->ranks != 1)
                 throw ConfigError("--ranks", fmt::format("{} ranks: give the layout with --pp and --dp instead", a->ranks));
