@@ -60,6 +60,7 @@ void print_row(const CommBenchRow& row, const Args& a) {
 int run(Args& a) {
     a.bench.check = a.check != 0;
     validate(a.bench);
+    check_writable(a.json, "--json");
     bool multiprocess = backend_is_multiprocess(a.launch.backend);
     if (multiprocess && a.launch.ranks != 1)
         throw ConfigError("--ranks", fmt::format("backend {} runs one rank per process: use mpirun -np {} duplex commbench "
@@ -124,9 +125,7 @@ int run(Args& a) {
             if (ceiling_gbs > 0) r["fraction_of_ceiling"] = row.busbw_gbs / per_rank_ceiling;
             j["rows"].push_back(r);
         }
-        std::ofstream out(a.json);
-        if (!out) throw ConfigError("--json", fmt::format("cannot write '{}'", a.json));
-        out << j.dump(2) << "\n";
+        write_text_file(a.json, j.dump(2) + "\n", "--json");
         fmt::print("# JSON written to {}\n", a.json);
     }
     return wrong ? 1 : 0;

@@ -38,11 +38,7 @@ int run(const Args& a) {
     double formula = sched::formula_bubble(kind, a.pp, a.costs);
     bool exact = sched::formula_is_exact(kind, a.costs);
     double max_idle = *std::max_element(r.idle.begin(), r.idle.end());
-    if (!a.svg.empty()) {
-        std::ofstream out(a.svg);
-        if (!out) throw ConfigError("--svg", fmt::format("cannot write '{}'", a.svg));
-        out << sched::render_svg(s, r, a.costs);
-    }
+    if (!a.svg.empty()) write_text_file(a.svg, sched::render_svg(s, r, a.costs), "--svg");
     if (a.json) {
         nlohmann::json j;
         j["kind"] = a.kind;

@@ -75,9 +75,7 @@ int run_typed(const Args& a) {
                             {"recompute", o.recompute},
                             {"peak_activation_bytes", trainer.model().ledger().peak("activations")},
                             {"steps", steps}};
-        std::ofstream out(a.json);
-        if (!out) throw ConfigError("--json", fmt::format("cannot write '{}'", a.json));
-        out << j.dump(1) << "\n";
+        write_text_file(a.json, j.dump(1) + "\n", "--json");
         fmt::print("# metrics written to {}\n", a.json);
     }
     return 0;
@@ -259,9 +257,7 @@ int run_distributed(const Args& a) {
                        traces.size(), a.trace);
         }
         if (!a.json.empty()) {
-            std::ofstream f(a.json);
-            if (!f) throw ConfigError("--json", fmt::format("cannot write '{}'", a.json));
-            f << out.dump(1) << "\n";
+            write_text_file(a.json, out.dump(1) + "\n", "--json");
             fmt::print("# metrics written to {}\n", a.json);
         }
     });
@@ -315,6 +311,8 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--log-every", a->log_every, "print a progress line every N steps")->capture_default_str();
     cmd->add_option("--json", a->json, "write per-step metrics (loss, max_vio, ...) to this file");
     return [a, cmd] {
+        check_writable(a->json, "--json");
+        check_writable(a->trace, "--trace");
         bool distributed = a->pipe.pp * a->pipe.dp > 1 || cmd->count("--schedule") || a->backend != "inproc" ||
                            a->mode != "math";
         if (!distributed) {

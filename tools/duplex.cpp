@@ -1,5 +1,6 @@
 // duplex: the command-line front end. Thin mains over the library; see `duplex --help`.
 #include <cstdio>
+#include <fstream>
 #include <map>
 
 #include <CLI/CLI.hpp>
@@ -10,6 +11,17 @@
 #include "tools/commands.hpp"
 
 namespace duplex::tools {
+
+void check_writable(const std::string& path, const char* flag) {
+    if (path.empty()) return;
+    std::ofstream probe(path, std::ios::app);
+    if (!probe) throw ConfigError(flag, fmt::format("cannot write '{}'", path));
+}
+
+void write_text_file(const std::string& path, const std::string& text, const char* flag) {
+    std::ofstream out(path);
+    if (!out || !(out << text)) throw ConfigError(flag, fmt::format("cannot write '{}'", path));
+}
 
 void print_config() {
     fmt::print("{:<28} {:<12} {:<12} {}\n", "# knob", "default", "value", "help");
