@@ -28,8 +28,9 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 }
 
 template <typename T>
-void check_equivalence(const Case& c, double param_tol) {
+void check_equivalence(const Case& c, double param_tol, bool recompute = false) {
     TrainOptions o;
+    o.recompute = recompute;
     o.model = "tiny";
     o.steps = 3;
     o.microbatches = 2 * c.pp;  // N per replica: DualPipe needs N >= 2 PP
@@ -40,6 +41,7 @@ void check_equivalence(const Case& c, double param_tol) {
 
     TrainOptions ref_o = o;
     ref_o.microbatches = o.microbatches * c.dp;
+    ref_o.recompute = false;
     ReferenceTrainer<T> ref(ref_o);
     std::vector<StepMetrics> ref_steps = ref.run();
     std::map<std::string, std::vector<T>> ref_params;
@@ -113,6 +115,14 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Schedules, PipelineEquivalence, ::testing::ValuesIn(cases()), case_name);
+
+// Recompute under every schedule: the distributed run with recompute equals the reference without it.
+class PipelineRecompute : public ::testing::TestWithParam<ScheduleKind> {};
+TEST_P(PipelineRecompute, Fp64MatchesTheReference) { check_equivalence<double>({GetParam(), 4, 2, 2}, 1e-12, true); }
+INSTANTIATE_TEST_SUITE_P(Schedules, PipelineRecompute,
+                         ::testing::Values(ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe,
+                                           ScheduleKind::DualPipeV),
+                         [](const auto& info) { return std::string(sched::kind_name(info.param)); });
 
 TEST(PipelineTrainer, RejectsImpossibleLayouts) {
     TrainOptions o;
