@@ -197,9 +197,10 @@ int run_distributed(const Args& a) {
             }
             steps.push_back(j);
             if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
-                fmt::print("step {:>5}  {}  step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  MaxVio {:6.3f}  |g| {:7.3f}{}\n",
-                           m.step, p.emulate ? std::string("(emulated)   ") : fmt::format("loss {:8.4f}", m.loss),
-                           m.step_time_s * 1e3, m.tokens_per_s, 100 * m.bubble_fraction, m.max_vio, m.grad_norm,
+                fmt::print("step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%{}{}\n", m.step,
+                           p.emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss), m.step_time_s * 1e3,
+                           m.tokens_per_s, 100 * m.bubble_fraction,
+                           p.emulate ? std::string() : fmt::format("  MaxVio {:6.3f}  |g| {:7.3f}", m.max_vio, m.grad_norm),
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
             std::fflush(stdout);
         }
