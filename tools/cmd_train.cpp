@@ -163,6 +163,10 @@ int run_distributed(const Args& a) {
             fmt::print("# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
                        "the schedule replay predicts {:.4g} ms per step\n",
                        cc.f * 1e3, cc.b * 1e3, cc.w * 1e3, cc.fb * 1e3, sc.p2p * 1e3, rp.makespan * 1e3);
+            if (cc.f < 1e-3)
+                fmt::print("# note: emulated chunks under 1 ms are dominated by timer and thread overheads on a CPU; "
+                           "raise --time-scale (e.g. {:.0f}) or give --cost-f/--cost-b/--cost-w\n",
+                           std::ceil(5e-3 / std::max(cc.f, 1e-12) * p.cost_model.device().time_scale));
         }
         const ModelConfig& c = ModelConfig::preset(o.model);
         if (lead) {
