@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <mutex>
 #include <thread>
 
 #include <fmt/format.h>
@@ -42,6 +43,7 @@ struct PipelineTrainer<T>::Impl {
     std::map<int, std::vector<std::unique_ptr<Zero1AdamW<T>>>> optimizers;
     std::map<int, bool> owner;                                     // stage id -> this copy counts for norms
     std::set<int> emulated_stages;                                 // emulate mode: the stages placed here
+    std::mutex shared;  // the two halves of an overlapped F&B pair share the handoff maps and the send list
     std::map<std::pair<int, int>, std::vector<T>> local_act, local_grad;  // same-rank handoffs (DualPipeV)
     int step_ = 0;
     Tracer tracer;
@@ -79,6 +81,7 @@ struct PipelineTrainer<T>::Impl {
         int from = schedule.rank_of(producer.stage, producer.dir);
         auto key = std::make_pair(producer.mb, producer.stage);
         if (from == prank) {
+            std::lock_guard<std::mutex> lock(shared);
             auto& store = gradient ? local_grad : local_act;
             auto it = store.find(key);
             if (it == store.end())
@@ -98,6 +101,7 @@ struct PipelineTrainer<T>::Impl {
     void send(const Chunk& producer, bool gradient, int to_stage, std::vector<T>&& data,
               std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<T>>>>& pending) {
         int to = schedule.rank_of(to_stage, producer.dir);
+        std::lock_guard<std::mutex> lock(shared);
         if (to == prank) {
             (gradient ? local_grad : local_act)[{producer.mb, producer.stage}] = std::move(data);
             return;
@@ -214,6 +218,7 @@ StepMetrics PipelineTrainer<T>::step() {
         double t0 = I.tracer.now_us();
         fn();
         double t1 = I.tracer.now_us();
+        std::lock_guard<std::mutex> lock(I.shared);
         compute_us += t1 - t0;
         I.tracer.add(Lane::Compute, name, t0, t1);
     };
@@ -250,8 +255,31 @@ StepMetrics PipelineTrainer<T>::step() {
                         [&] { I.stages.at(in.b.stage)->backward_weight(in.b.mb); });
                 break;
             case Op::FB:
-                forward(in.f);
-                backward(in.b, true);
+                if (I.p.ep == 1 && in.f.stage != in.b.stage) {
+                    // Overlap: the two chunks belong to different stages (and microbatches), so the forward runs on
+                    // a helper thread while this one runs the backward; whichever waits for its input lets the
+                    // other compute. NOTE: with EP > 1 both would use the EP communicator at once, so they
+                    // run one after the other there.
+                    std::exception_ptr failed;
+                    std::thread helper([&] {
+                        try {
+                            forward(in.f);
+                        } catch (...) {
+                            failed = std::current_exception();
+                        }
+                    });
+                    try {
+                        backward(in.b, true);
+                    } catch (...) {
+                        helper.join();
+                        throw;
+                    }
+                    helper.join();
+                    if (failed) std::rethrow_exception(failed);
+                } else {
+                    forward(in.f);
+                    backward(in.b, true);
+                }
                 break;
         }
     }

@@ -24,7 +24,9 @@ Tracer::Tracer(int rank, bool enabled) : rank_(rank), enabled_(enabled) {}
 double Tracer::now_us() const { return now_seconds() * 1e6; }
 
 void Tracer::add(Lane lane, std::string name, double start_us, double end_us) {
-    if (enabled_) spans_.push_back({lane, std::move(name), start_us, end_us});
+    if (!enabled_) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    spans_.push_back({lane, std::move(name), start_us, end_us});
 }
 
 std::string Tracer::serialize() const {

@@ -6,6 +6,7 @@
 //   write_chrome_trace("trace.json", {blob0, blob1, ...});
 #pragma once
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,7 @@ public:
 private:
     int rank_;
     bool enabled_;
+    std::mutex mutex_;  // spans may come from the two halves of an overlapped pair
     std::vector<TraceSpan> spans_;
 };
 
