@@ -23,23 +23,20 @@ thread_local std::vector<GemmShape>* g_gemm_sink = nullptr;
 }
 void gemm_record(std::vector<GemmShape>* sink) { g_gemm_sink = sink; }
 
-template <>
-void gemm<float>(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, const float* B, float beta,
-                 float* C) {
+template <typename T>
+void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, const T* B, T beta, T* C) {
     if (M == 0 || N == 0) return;
     if (g_gemm_sink) g_gemm_sink->push_back({ta, tb, M, N, K});
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
-                ta ? M : K, B, tb ? K : N, beta, C, N);
+    const CBLAS_TRANSPOSE opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
+    if constexpr (sizeof(T) == 4) {
+        cblas_sgemm(CblasRowMajor, opa, opb, M, N, K, alpha, A, ta ? M : K, B, tb ? K : N, beta, C, N);
+    } else {
+        cblas_dgemm(CblasRowMajor, opa, opb, M, N, K, alpha, A, ta ? M : K, B, tb ? K : N, beta, C, N);
+    }
 }
 
-template <>
-void gemm<double>(bool ta, bool tb, int M, int N, int K, double alpha, const double* A, const double* B, double beta,
-                  double* C) {
-    if (M == 0 || N == 0) return;
-    if (g_gemm_sink) g_gemm_sink->push_back({ta, tb, M, N, K});
-    cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
-                ta ? M : K, B, tb ? K : N, beta, C, N);
-}
+template void gemm<float>(bool, bool, int, int, int, float, const float*, const float*, float, float*);
+template void gemm<double>(bool, bool, int, int, int, double, const double*, const double*, double, double*);
 
 template <typename T>
 void rmsnorm_forward(const T* x, const T* g, int rows, int cols, T eps, T* y, T* rstd) {
