@@ -475,6 +475,38 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::ema_parameters() {
     return out;
 }
 
+template <typename T>
+std::map<std::string, std::vector<T>> gather_named_tensors(Communicator& world,
+                                                           const std::map<std::string, std::vector<T>>& mine) {
+    std::string blob;
+    for (const auto& [name, v] : mine) {
+        uint64_t n = name.size(), m = v.size();
+        blob.append(reinterpret_cast<const char*>(&n), 8).append(name);
+        blob.append(reinterpret_cast<const char*>(&m), 8).append(reinterpret_cast<const char*>(v.data()), m * sizeof(T));
+    }
+    std::map<std::string, std::vector<T>> all;
+    for (const std::string& b : gather_strings(world, blob)) {
+        size_t pos = 0;
+        while (pos < b.size()) {
+            uint64_t n, m;
+            std::memcpy(&n, b.data() + pos, 8);
+            std::string name = b.substr(pos + 8, n);
+            pos += 8 + n;
+            std::memcpy(&m, b.data() + pos, 8);
+            std::vector<T> v(m);
+            std::memcpy(v.data(), b.data() + pos + 8, m * sizeof(T));
+            pos += 8 + m * sizeof(T);
+            all[name] = std::move(v);
+        }
+    }
+    return all;
+}
+
+template std::map<std::string, std::vector<float>> gather_named_tensors<float>(
+    Communicator&, const std::map<std::string, std::vector<float>>&);
+template std::map<std::string, std::vector<double>> gather_named_tensors<double>(
+    Communicator&, const std::map<std::string, std::vector<double>>&);
+
 template class PipelineTrainer<float>;
 template class PipelineTrainer<double>;
 

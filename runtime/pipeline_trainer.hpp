@@ -45,6 +45,12 @@ struct PipelineOptions {
     CostModel cost_model = CostModel::preset("h800");
 };
 
+// Every rank's named tensors (owned parameters, their EMA, ...) collected on rank 0; a collective. Other ranks
+// get an empty map.
+template <typename T>
+std::map<std::string, std::vector<T>> gather_named_tensors(Communicator& world,
+                                                           const std::map<std::string, std::vector<T>>& mine);
+
 template <typename T>
 class PipelineTrainer {
 public:

@@ -81,34 +81,6 @@ int run_typed(const Args& a) {
     return 0;
 }
 
-// Every rank's owned parameters, by name, on rank 0.
-template <typename T>
-std::map<std::string, std::vector<T>> gather_parameters(Communicator& world,
-                                                        const std::map<std::string, std::vector<T>>& mine) {
-    std::string blob;
-    for (const auto& [name, v] : mine) {
-        uint64_t n = name.size(), m = v.size();
-        blob.append(reinterpret_cast<const char*>(&n), 8).append(name);
-        blob.append(reinterpret_cast<const char*>(&m), 8).append(reinterpret_cast<const char*>(v.data()), m * sizeof(T));
-    }
-    std::map<std::string, std::vector<T>> all;
-    for (const std::string& b : gather_strings(world, blob)) {
-        size_t pos = 0;
-        while (pos < b.size()) {
-            uint64_t n, m;
-            std::memcpy(&n, b.data() + pos, 8);
-            std::string name = b.substr(pos + 8, n);
-            pos += 8 + n;
-            std::memcpy(&m, b.data() + pos, 8);
-            std::vector<T> v(m);
-            std::memcpy(v.data(), b.data() + pos + 8, m * sizeof(T));
-            pos += 8 + m * sizeof(T);
-            all[name] = std::move(v);
-        }
-    }
-    return all;
-}
-
 template <typename T>
 int run_distributed(const Args& a) {
     PipelineOptions p = a.pipe;
@@ -211,8 +183,8 @@ int run_distributed(const Args& a) {
         LinkBytes eb = trainer.expert_bytes_sent();
         int64_t ep_bytes[2] = {int64_t(eb.intra_node), int64_t(eb.inter_node)};
         world->all_reduce(ep_bytes, 2, DType::I64)->wait();
-        auto params = gather_parameters<T>(*world, trainer.owned_parameters());
-        auto ema = gather_parameters<T>(*world, trainer.ema_parameters());
+        auto params = gather_named_tensors<T>(*world, trainer.owned_parameters());
+        auto ema = gather_named_tensors<T>(*world, trainer.ema_parameters());
         std::vector<std::string> traces = gather_strings(*world, trainer.trace_blob());
         if (!lead) return;
         nlohmann::json out = {{"model", c.name},

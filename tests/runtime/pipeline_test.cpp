@@ -298,3 +298,28 @@ TEST(CostModel, ChunkCostsFollowTheModelAndTheDevice) {
 
 }  // namespace
 }  // namespace duplex
+
+namespace duplex {
+namespace {
+
+TEST(PipelineTrainer, GatherNamedTensorsCollectsEveryRankOnRankZero) {
+    std::mutex m;
+    std::map<std::string, std::vector<double>> got;
+    size_t others = 99;
+    LaunchOptions l;
+    l.ranks = 3;
+    launch(l, [&](const std::shared_ptr<Communicator>& world) {
+        std::map<std::string, std::vector<double>> mine = {
+            {fmt::format("w{}", world->rank()), std::vector<double>(size_t(world->rank()) + 1, world->rank() + 0.5)}};
+        auto all = gather_named_tensors<double>(*world, mine);
+        std::lock_guard<std::mutex> lock(m);
+        if (world->rank() == 0) got = all;
+        else others = std::min(others, all.size());
+    });
+    EXPECT_EQ(others, 0u);
+    ASSERT_EQ(got.size(), 3u);
+    EXPECT_EQ(got["w2"], std::vector<double>(3, 2.5));
+}
+
+}  // namespace
+}  // namespace duplex
