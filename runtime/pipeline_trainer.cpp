@@ -120,6 +120,8 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     int ranks = p.schedule == ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
     GridConfig g{ranks, p.dp, p.ep};
     RankGrid::validate(g, world_size, cfg.experts);
+    DUPLEX_CHECK_ARG(p.dispatch == "hierarchical" || p.dispatch == "flat", "--dispatch",
+                     "'{}' is not a dispatch path (hierarchical, flat)", p.dispatch);
     if (!p.emulate)
         DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",
                          cfg.name, cfg.layers, p.pp);
@@ -141,7 +143,12 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.prank = I.pipe->rank();
     I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
     std::shared_ptr<ExpertExchange<T>> exchange;
-    if (p.ep > 1) exchange = std::make_shared<DistributedExchange<T>>(I.groups.ep, I.cfg.experts);
+    if (p.ep > 1) {
+        if (p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1)
+            exchange = std::make_shared<HierarchicalExchange<T>>(I.groups.ep, I.cfg.experts);
+        else
+            exchange = std::make_shared<DistributedExchange<T>>(I.groups.ep, I.cfg.experts);
+    }
     // The stages this pipeline rank runs, from the schedule's placement.
     for (int dir = 0; dir < I.schedule.num_directions; ++dir)
         for (int s = 0; s < p.pp; ++s)

@@ -12,8 +12,6 @@
 //       StepMetrics m = t.step();
 //   });
 //
-// Today F&B pairs run their two halves one after the other and EP = 1 (experts local to each stage);
-// overlap, distributed expert dispatch and emulate mode build on this.
 #pragma once
 
 #include <map>
@@ -36,6 +34,9 @@ struct PipelineOptions {
     int pp = 2;  // pipeline stages of the model (DualPipeV runs them on pp/2 ranks)
     int dp = 1;
     int ep = 1;
+    // EP groups spanning several (virtual) nodes: "hierarchical" (node-limited, two hops; the default) or
+    // "flat" (one copy per expert straight to its rank — the baseline the hierarchical path is measured against).
+    std::string dispatch = "hierarchical";
     bool trace = false;      // record compute/communication spans (trace_blob)
     double ema_decay = 0;    // > 0: keep an EMA of the weights in host memory, updated in the background
     // Emulate mode: the same schedule, ranks and transfers (real byte counts, zero payloads), but each chunk's

@@ -201,8 +201,19 @@ int run_distributed(const Args& a) {
         out["mode"] = a.mode;
         if (p.ep > 1) {
             out["expert_bytes"] = {{"intra_node", ep_bytes[0]}, {"inter_node", ep_bytes[1]}};
-            fmt::print("# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes)\n",
-                       ep_bytes[0], ep_bytes[1], world->topology().num_nodes());
+            fmt::print("# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes, {} "
+                       "dispatch)\n",
+                       ep_bytes[0], ep_bytes[1], world->topology().num_nodes(), p.dispatch);
+            // Per token, MoE layer and direction (dispatch, combine and their two gradients), against the
+            // node-limited bound M x hidden x element size.
+            double token_layers = double(o.steps) * p.dp * o.microbatches * o.sequences_per_microbatch * c.seq_len *
+                                  (c.layers - c.dense_layers) * 4;
+            double per = double(ep_bytes[1]) / std::max(token_layers, 1.0);
+            double bound = double(c.top_groups) * c.hidden * (a.fp64 ? 8 : 4);
+            out["expert_bytes"]["inter_node_per_token_direction"] = per;
+            out["expert_bytes"]["node_limited_bound"] = bound;
+            fmt::print("# inter-node bytes per token, MoE layer and direction: {:.1f} (bound M x hidden x elem = {:.0f})\n",
+                       per, bound);
         }
         if (ref) {
             double worst_param = 0;
@@ -252,7 +263,12 @@ Command add_train(CLI::App& app) {
         ->capture_default_str();
     cmd->add_option("--pp", a->pipe.pp, "pipeline stages (dualpipev: on pp/2 ranks)")->capture_default_str();
     cmd->add_option("--dp", a->pipe.dp, "data-parallel replicas")->capture_default_str();
-    cmd->add_option("--ep", a->pipe.ep, "expert parallelism inside DP (1 today)")->capture_default_str();
+    cmd->add_option("--ep", a->pipe.ep, "expert parallelism inside DP (divides DP and the routed experts)")
+        ->capture_default_str();
+    cmd->add_option("--dispatch", a->pipe.dispatch,
+                    "EP groups over several nodes: hierarchical (node-limited, one crossing per node) or flat "
+                    "(one copy per expert)")
+        ->capture_default_str();
     cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe or dualpipev")->capture_default_str();
     cmd->add_option("--backend", a->backend, "inproc (threads), or mpi / ucx under mpirun")->capture_default_str();
     cmd->add_option("--virtual-nodes", a->virtual_nodes, "split the ranks into this many virtual nodes");

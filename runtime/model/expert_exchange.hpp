@@ -1,9 +1,11 @@
 // How tokens reach their experts and come back: dispatch and combine as explicit calls, so the MoE layer
-// is the same code whether every expert is local (LocalExchange, here) or spread over an expert-parallel
-// group (the distributed exchange plugs in behind the same interface).
+// is the same code whether every expert is local (LocalExchange), spread over an expert-parallel group with
+// one copy per expert (DistributedExchange), or spread over several nodes with the node-limited two-hop path
+// (HierarchicalExchange).
 //
-// A slot is one (token, k) pair: slot = token * top_k + k. Combine returns each slot's expert output; the
-// layer adds them in slot order, so sums are deterministic wherever the experts ran.
+// A slot is one (token, k) pair: slot = token * top_k + k. Combine returns, per token, the gate-weighted sum
+// of its experts' outputs; combine_backward returns the expert-output gradients and each slot's gate gradient.
+// Every exchange adds in a fixed order, so results never depend on timing.
 #pragma once
 
 #include <memory>
@@ -16,12 +18,24 @@ namespace duplex {
 
 template <typename T>
 struct RoutedTokens {
-    std::vector<std::vector<int>> slots;  // per local expert: the slots it serves (the sender's numbering)
-    std::vector<std::vector<T>> rows;     // per local expert: [slots, dim] input rows
-    // Distributed exchanges only: the slots this rank sent to each peer (ascending), and for each peer the
-    // (local expert, row) each of its rows landed in, in the order the peer sent them.
-    std::vector<std::vector<int>> sent_slots;
+    std::vector<std::vector<int>> slots;  // per local expert: one id per row it serves (its count is what matters)
+    std::vector<std::vector<T>> rows;     // per local expert: [rows, dim] input rows
+    // On the expert's rank, for each peer that sent rows: the (local expert, row) each one landed in, in order.
     std::vector<std::vector<std::pair<int, int>>> received;
+    // On the token's rank: the slots sent to each peer (ascending); hierarchical: also the tokens (ascending).
+    std::vector<std::vector<int>> sent_slots, sent_tokens;
+    // Local and flat exchanges: each slot's expert output [tokens * top_k, dim], kept for the gate gradient.
+    std::vector<T> slot_outputs;
+    // Hierarchical, on a relay: one entry per slot it forwarded inside its node, in arrival order.
+    struct Forwarded {
+        int src = 0;    // the token's rank (group rank)
+        int row = 0;    // index of the token's row among the rows that arrived from src
+        int dest = 0;   // the expert's rank (group rank, same node as the relay)
+        T gate = 0;
+    };
+    std::vector<Forwarded> forwarded;
+    std::vector<int> rows_from;   // per source rank: token rows that arrived from it
+    std::vector<T> relay_outputs; // per forwarded slot: the expert output (for the gate gradient)
 };
 
 template <typename T>
@@ -31,42 +45,16 @@ public:
     virtual int first_local_expert() const = 0;
     virtual int num_local_experts() const = 0;
     // x[tokens, dim] and the routing -> the rows each local expert processes.
-    virtual void dispatch(const T* x, int tokens, int dim, const Routing& r, RoutedTokens<T>& out) = 0;
-    // Expert outputs (laid out like routed.rows) -> y_slots[tokens * top_k, dim] back where the tokens live.
-    virtual void combine(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int tokens, int dim,
-                         int top_k, T* y_slots) = 0;
-    // d y_slots -> gradients of the expert outputs.
-    virtual void combine_backward(const RoutedTokens<T>& routed, const T* dy_slots, int tokens, int dim, int top_k,
-                                  std::vector<std::vector<T>>& d_outputs) = 0;
+    virtual void dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) = 0;
+    // Expert outputs (laid out like routed.rows) -> y[tokens, dim] = sum over k of gate * output (overwritten).
+    virtual void combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim, const Routing& r,
+                         T* y) = 0;
+    // dy[tokens, dim] -> gradients of the expert outputs (laid out like routed.rows) and d gate per slot.
+    virtual void combine_backward(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
+                                  std::vector<std::vector<T>>& d_outputs, std::vector<double>& d_gate) = 0;
     // Gradients of the expert input rows -> dx[tokens, dim] (accumulated).
-    virtual void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int tokens,
-                                   int dim, int top_k, T* dx) = 0;
-};
-
-// Experts spread over an expert-parallel group: expert e lives on group rank e / (experts / group size).
-// Every call is a collective over the group (all ranks of an EP group run the same layers in the same order):
-// dispatch sends each slot's routing metadata and row to the expert's rank with all-to-all-v; combine returns
-// the outputs the same way; the backward calls mirror them. Sums happen on the token's own rank in slot order,
-// so results do not depend on where experts live.
-template <typename T>
-class DistributedExchange : public ExpertExchange<T> {
-public:
-    DistributedExchange(std::shared_ptr<Communicator> group, int experts);
-    int first_local_expert() const override { return group_->rank() * per_rank_; }
-    int num_local_experts() const override { return per_rank_; }
-    void dispatch(const T* x, int tokens, int dim, const Routing& r, RoutedTokens<T>& out) override;
-    void combine(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int tokens, int dim,
-                 int top_k, T* y_slots) override;
-    void combine_backward(const RoutedTokens<T>& routed, const T* dy_slots, int tokens, int dim, int top_k,
-                          std::vector<std::vector<T>>& d_outputs) override;
-    void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int tokens,
-                           int dim, int top_k, T* dx) override;
-
-private:
-    // Rows of `per_peer` (concatenated per destination) to every peer; returns what each peer sent.
-    std::vector<std::vector<T>> exchange_rows(const std::vector<std::vector<T>>& per_peer, int dim);
-    std::shared_ptr<Communicator> group_;
-    int experts_, per_rank_;
+    virtual void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
+                                   const Routing& r, T* dx) = 0;
 };
 
 // Every expert on this rank.
@@ -76,16 +64,70 @@ public:
     explicit LocalExchange(int experts) : experts_(experts) {}
     int first_local_expert() const override { return 0; }
     int num_local_experts() const override { return experts_; }
-    void dispatch(const T* x, int tokens, int dim, const Routing& r, RoutedTokens<T>& out) override;
-    void combine(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int tokens, int dim,
-                 int top_k, T* y_slots) override;
-    void combine_backward(const RoutedTokens<T>& routed, const T* dy_slots, int tokens, int dim, int top_k,
-                          std::vector<std::vector<T>>& d_outputs) override;
-    void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int tokens,
-                           int dim, int top_k, T* dx) override;
+    void dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) override;
+    void combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim, const Routing& r,
+                 T* y) override;
+    void combine_backward(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
+                          std::vector<std::vector<T>>& d_outputs, std::vector<double>& d_gate) override;
+    void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
+                           const Routing& r, T* dx) override;
 
 private:
     int experts_;
+};
+
+// Experts spread over an expert-parallel group: expert e lives on group rank e / (experts / group size).
+// Every call is a collective over the group (all ranks of an EP group run the same layers in the same order).
+// The flat path: each slot's routing metadata and row go straight to the expert's rank with all-to-all-v (one
+// copy per expert, whatever link it crosses); outputs come back per slot and are summed on the token's rank
+// in slot order, exactly as LocalExchange sums them.
+template <typename T>
+class DistributedExchange : public ExpertExchange<T> {
+public:
+    DistributedExchange(std::shared_ptr<Communicator> group, int experts);
+    int first_local_expert() const override { return group_->rank() * per_rank_; }
+    int num_local_experts() const override { return per_rank_; }
+    void dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) override;
+    void combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim, const Routing& r,
+                 T* y) override;
+    void combine_backward(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
+                          std::vector<std::vector<T>>& d_outputs, std::vector<double>& d_gate) override;
+    void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
+                           const Routing& r, T* dx) override;
+
+protected:
+    int owner(int expert) const { return expert / per_rank_; }
+    std::shared_ptr<Communicator> group_;
+    int experts_, per_rank_;
+};
+
+// The node-limited two-hop path of DeepSeek-V3 over a group whose topology has several (virtual) nodes of
+// equal size. Dispatch: a token crosses the inter-node link at most once per target node, to the relay there
+// with the same local index as its own rank, carrying the (slot, expert, gate) of each of its experts on that
+// node; the relay forwards one row per slot inside its node to the expert's rank. Combine runs the path back:
+// experts return their outputs to the relay, which sums gate * output per token (slot order) before the
+// one crossing back; the token's rank adds the per-node partial sums in node order. The backward calls mirror
+// this (the relay computes the gate gradients from the outputs it kept, and reduces input gradients per token
+// before they cross). Inter-node bytes per direction are at most tokens x nodes-per-token x dim x sizeof(T)
+// plus a few metadata values per slot.
+template <typename T>
+class HierarchicalExchange : public DistributedExchange<T> {
+public:
+    // ConfigError unless the group's nodes all have the same number of ranks.
+    HierarchicalExchange(std::shared_ptr<Communicator> group, int experts);
+    void dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) override;
+    void combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim, const Routing& r,
+                 T* y) override;
+    void combine_backward(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
+                          std::vector<std::vector<T>>& d_outputs, std::vector<double>& d_gate) override;
+    void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
+                           const Routing& r, T* dx) override;
+
+private:
+    using DistributedExchange<T>::group_;
+    using DistributedExchange<T>::per_rank_;
+    using DistributedExchange<T>::owner;
+    int relay_for(int expert) const;  // the rank on the expert's node with this rank's local index
 };
 
 }  // namespace duplex

@@ -55,7 +55,7 @@ struct ModelStage<T>::Impl {
     struct LayerStash {
         Buf<T> x_in, rstd1, n1, q, k, v, probs, attn, h, rstd2, n2;
         Buf<T> a1, a3, s;                       // dense FFN (s dropped under recompute)
-        Buf<T> scores, y_slots;                 // MoE
+        Buf<T> scores;                          // MoE
         Routing routing;
         RoutedTokens<T> routed;
         std::vector<Buf<T>> ea1, ea3, es, sa1, sa3, ss;  // per local / shared expert
@@ -250,7 +250,7 @@ struct ModelStage<T>::Impl {
 
     void moe_forward(Layer& L, Micro& m, LayerStash& st, std::vector<T>& f) {
         const ModelConfig& c = cfg();
-        int n = m.tokens, d = c.hidden, E = c.experts, K = c.top_k;
+        int n = m.tokens, d = c.hidden;
         std::vector<T> u;
         linear(*st.n2, L.router, n, u);
         st.scores = buf<T>(u.size());
@@ -267,7 +267,7 @@ struct ModelStage<T>::Impl {
             for (size_t i = 0; i < f.size(); ++i) f[i] += out[i];
         }
         // Routed experts: dispatch, compute the local ones, combine.
-        exchange->dispatch(st.n2->data(), n, d, st.routing, st.routed);
+        exchange->dispatch(st.n2->data(), d, st.routing, st.routed);
         int local = exchange->num_local_experts();
         st.ea1.resize(local), st.ea3.resize(local), st.es.resize(local), st.erows.resize(local);
         std::vector<std::vector<T>> outputs(local);
@@ -276,21 +276,15 @@ struct ModelStage<T>::Impl {
             st.erows[e] = buf<T>(std::move(st.routed.rows[e]));
             mlp_forward(*st.erows[e], rows, L.e1[e], L.e3[e], L.e2[e], st.ea1[e], st.ea3[e], st.es[e], outputs[e]);
         }
-        st.y_slots = buf<T>(size_t(n) * K * d);
-        exchange->combine(st.routed, outputs, n, d, K, st.y_slots->data());
-        for (int t = 0; t < n; ++t)
-            for (int k = 0; k < K; ++k) {
-                T g = T(st.routing.gate[size_t(t) * K + k]);
-                const T* y = st.y_slots->data() + (size_t(t) * K + k) * d;
-                for (int i = 0; i < d; ++i) f[size_t(t) * d + i] += g * y[i];
-            }
-        (void)E;
+        std::vector<T> y(size_t(n) * d);
+        exchange->combine(st.routed, outputs, d, st.routing, y.data());
+        for (size_t i = 0; i < f.size(); ++i) f[i] += y[i];
     }
 
     // ---- layer backward (B; W work queued) ----
     std::vector<T> layer_backward(Layer& L, Micro& m, LayerStash& st, const std::vector<T>& dout) {
         const ModelConfig& c = cfg();
-        int n = m.tokens, d = c.hidden;
+        int n = m.tokens;
         if (!st.n2) st.n2 = rmsnorm(*st.h, L.ffn_norm, n, st.rstd2);  // recompute
         auto df = buf<T>(std::vector<T>(dout));
         std::vector<T> dn2;
@@ -330,24 +324,10 @@ struct ModelStage<T>::Impl {
         dn2.assign(size_t(n) * d, T(0));
         for (int j = 0; j < c.shared_experts; ++j)
             mlp_backward(m, st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], df, dn2, true);
-        // Combine backward: each slot's output gets gate * df; each gate gets df . y.
-        std::vector<T> dy_slots(size_t(n) * K * d);
-        std::vector<double> dgate(size_t(n) * K);
-        for (int t = 0; t < n; ++t)
-            for (int k = 0; k < K; ++k) {
-                size_t slot = size_t(t) * K + k;
-                T g = T(st.routing.gate[slot]);
-                const T* y = st.y_slots->data() + slot * d;
-                const T* dft = df->data() + size_t(t) * d;
-                double acc = 0;
-                for (int i = 0; i < d; ++i) {
-                    dy_slots[slot * d + i] = g * dft[i];
-                    acc += double(dft[i]) * y[i];
-                }
-                dgate[slot] = acc;
-            }
+        // Combine backward: each slot's output gets gate * df; each gate gets df . output.
         std::vector<std::vector<T>> d_out;
-        exchange->combine_backward(st.routed, dy_slots.data(), n, d, K, d_out);
+        std::vector<double> dgate;
+        exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate);
         int local = exchange->num_local_experts();
         std::vector<std::vector<T>> d_rows(local);
         for (int e = 0; e < local; ++e) {
@@ -357,7 +337,7 @@ struct ModelStage<T>::Impl {
                          false);
             d_rows[e].resize(size_t(rows) * d);
         }
-        exchange->dispatch_backward(st.routed, d_rows, n, d, K, dn2.data());
+        exchange->dispatch_backward(st.routed, d_rows, d, st.routing, dn2.data());
         // Gates: g_k = scale * s_k / S over the selected experts; then through the sigmoid.
         auto du = buf<T>(size_t(n) * E);
         std::vector<double> ds(size_t(n) * E, 0.0);
@@ -384,10 +364,11 @@ struct ModelStage<T>::Impl {
             if (x) b += int64_t(x->size() * sizeof(T));
         };
         for (const Buf<T>* x : {&st.x_in, &st.rstd1, &st.n1, &st.q, &st.k, &st.v, &st.probs, &st.attn, &st.h, &st.rstd2,
-                                &st.n2, &st.a1, &st.a3, &st.s, &st.scores, &st.y_slots})
+                                &st.n2, &st.a1, &st.a3, &st.s, &st.scores})
             add(*x);
         for (const auto* v : {&st.ea1, &st.ea3, &st.es, &st.sa1, &st.sa3, &st.ss, &st.erows})
             for (const Buf<T>& x : *v) add(x);
+        b += int64_t((st.routed.slot_outputs.size() + st.routed.relay_outputs.size()) * sizeof(T));
         return b;
     }
 };

@@ -20,11 +20,12 @@ using sched::ScheduleKind;
 struct Case {
     ScheduleKind kind;
     int pp, dp, ep;
+    int nodes = 0;  // > 0: virtual nodes (EP groups spanning nodes take the node-limited path)
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-    return fmt::format("{}_pp{}_dp{}_ep{}", sched::kind_name(info.param.kind), info.param.pp, info.param.dp,
-                       info.param.ep);
+    return fmt::format("{}_pp{}_dp{}_ep{}{}", sched::kind_name(info.param.kind), info.param.pp, info.param.dp,
+                       info.param.ep, info.param.nodes ? fmt::format("_nodes{}", info.param.nodes) : "");
 }
 
 template <typename T>
@@ -52,6 +53,7 @@ void check_equivalence(const Case& c, double param_tol, bool recompute = false) 
     std::vector<StepMetrics> steps;
     LaunchOptions l;
     l.ranks = ranks;
+    l.virtual_nodes = c.nodes;
     l.timeout_s = 60;
     launch(l, [&](const std::shared_ptr<Communicator>& world) {
         PipelineTrainer<T> t(world, p, o);
@@ -111,6 +113,8 @@ std::vector<Case> cases() {
             for (int dp : {1, 2})
                 for (int ep : {1, 2})
                     if (ep <= dp) out.push_back({k, pp, dp, ep});
+    // EP groups of 4 ranks over 2 virtual nodes: the node-limited two-hop dispatch.
+    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::DualPipe}) out.push_back({k, 2, 4, 4, 4});
     return out;
 }
 
