@@ -44,6 +44,7 @@ bench: build
 	@./scripts/bench-model $(BUILD)
 	@./scripts/bench-ema $(BUILD)
 	@./scripts/bench-emulate $(BUILD)
+	@./scripts/bench-dispatch $(BUILD)
 
 clean:
 	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

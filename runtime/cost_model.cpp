@@ -11,9 +11,14 @@ CostModel CostModel::preset(const std::string& name) {
     throw ConfigError("--device", fmt::format("unknown device preset '{}' (h800)", name));
 }
 
-double CostModel::forward_flops(const ModelConfig& c, int layer, int tokens) const {
+double CostModel::attention_flops(const ModelConfig& c, int tokens) const {
     double d = c.hidden, a = double(c.heads) * c.head_dim, t = tokens;
-    double attn = 2 * t * d * a * 4 + 2 * 2 * t * (c.seq_len + 1) / 2.0 * a;  // projections + causal QK^T and PV
+    return 2 * t * d * a * 4 + 2 * 2 * t * (c.seq_len + 1) / 2.0 * a;  // projections + causal QK^T and PV
+}
+
+double CostModel::forward_flops(const ModelConfig& c, int layer, int tokens) const {
+    double d = c.hidden, t = tokens;
+    double attn = attention_flops(c, tokens);
     double ffn;
     if (c.is_moe_layer(layer)) {
         double expert = 2 * 3 * d * c.expert_ffn;

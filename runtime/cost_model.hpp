@@ -40,6 +40,8 @@ public:
     // weight-gradient halves of backward each cost about one forward.
     ChunkCosts chunk(const ModelConfig& cfg, int layers, int tokens) const;
     double forward_flops(const ModelConfig& cfg, int layer, int tokens) const;
+    // The attention part of forward_flops (projections, scores, values).
+    double attention_flops(const ModelConfig& cfg, int tokens) const;
     double transfer_s(double bytes, LinkClass link) const;
     const DevicePreset& device() const { return device_; }
     DevicePreset& device() { return device_; }

@@ -1,121 +1,15 @@
 #include "runtime/pipeline_trainer.hpp"
 
-#include <cmath>
 #include <cstring>
-#include <set>
-#include <mutex>
-#include <thread>
 
-#include <fmt/format.h>
-
-#include "core/clock.hpp"
-#include "core/error.hpp"
-#include "memory/ema.hpp"
-#include "runtime/model/router.hpp"
+#include "runtime/pipeline_impl.hpp"
 
 namespace duplex {
-
-using sched::Chunk;
-using sched::Instr;
-using sched::Op;
-using sched::ScheduleKind;
-
-namespace {
-template <typename T>
-DType dtype_of() {
-    return sizeof(T) == 4 ? DType::F32 : DType::F64;
-}
-}  // namespace
-
-template <typename T>
-struct PipelineTrainer<T>::Impl {
-    PipelineOptions p;
-    TrainOptions o;
-    ModelConfig cfg;
-    std::shared_ptr<Communicator> world, pipe, pair;
-    GroupComms groups;
-    RankGrid grid;
-    sched::Schedule schedule;
-    int prank = 0;  // rank inside the pipeline
-    SyntheticTask task;
-    std::map<int, std::unique_ptr<ModelStage<T>>> stages;          // by model stage id
-    // By model stage id: ZeRO-1 for the dense parameters over DP and for the routed experts over expert-DP.
-    std::map<int, std::vector<std::unique_ptr<Zero1AdamW<T>>>> optimizers;
-    std::map<int, bool> owner;                                     // stage id -> this copy counts for norms
-    std::set<int> emulated_stages;                                 // emulate mode: the stages placed here
-    std::mutex shared;  // the two halves of an overlapped F&B pair share the handoff maps and the send list
-    std::map<std::pair<int, int>, std::vector<T>> local_act, local_grad;  // same-rank handoffs (DualPipeV)
-    int step_ = 0;
-    Tracer tracer;
-    std::unique_ptr<CpuEma<T>> ema;
-    std::vector<Param<T>*> ema_params;  // owned parameters, in EMA order
-
-    Impl(std::shared_ptr<Communicator> w, const PipelineOptions& po, const TrainOptions& to)
-        : p(po), o(to), cfg(ModelConfig::preset(to.model)), world(std::move(w)), task(cfg.vocab, cfg.seq_len, to.seed),
-          tracer(world->rank(), po.trace) {}
-
-    int stage_first_layer(int s) const { return s * cfg.layers / p.pp; }
-    int stage_num_layers(int s) const { return stage_first_layer(s + 1) - stage_first_layer(s); }
-    int global_mb(int mb) const { return grid.dp_index * o.microbatches + mb; }
-
-    Batch batch_of(int mb) const {
-        uint64_t batch_seed = (o.seed * 1000003ull + uint64_t(step_)) * 1009ull + uint64_t(global_mb(mb));
-        return task.batch(o.sequences_per_microbatch, batch_seed, o.token_skew);
-    }
-    size_t act_size() const { return size_t(o.sequences_per_microbatch) * cfg.seq_len * cfg.hidden; }
-
-    // The schedule's idle share: 1 - compute / (the slowest rank's schedule time), averaged over the world.
-    double bubble_share(double schedule_us, double compute_us, double& slowest_us) {
-        double vals[2] = {schedule_us, compute_us};
-        std::vector<double> all(2 * size_t(world->size()));
-        world->all_gather(vals, all.data(), sizeof(vals))->wait();
-        slowest_us = 0;
-        for (int r = 0; r < world->size(); ++r) slowest_us = std::max(slowest_us, all[2 * r]);
-        double idle = 0;
-        for (int r = 0; r < world->size(); ++r)
-            idle += slowest_us > 0 ? std::max(0.0, 1.0 - all[2 * r + 1] / slowest_us) : 0.0;
-        return idle / world->size();
-    }
-
-    std::vector<T> receive(const Chunk& producer, bool gradient, std::vector<WorkPtr>&) {
-        int from = schedule.rank_of(producer.stage, producer.dir);
-        auto key = std::make_pair(producer.mb, producer.stage);
-        if (from == prank) {
-            std::lock_guard<std::mutex> lock(shared);
-            auto& store = gradient ? local_grad : local_act;
-            auto it = store.find(key);
-            if (it == store.end())
-                throw Error(fmt::format("rank {}: local {} of mb {} stage {} missing", prank,
-                                        gradient ? "gradient" : "activation", producer.mb, producer.stage));
-            std::vector<T> v = std::move(it->second);
-            store.erase(it);
-            return v;
-        }
-        std::vector<T> buf(act_size());
-        auto span = tracer.scope(Lane::Comm, fmt::format("recv {} mb {} from stage {}", gradient ? "grad" : "act",
-                                                         producer.mb, producer.stage));
-        pipe->irecv(buf.data(), buf.size() * sizeof(T), from, sched::p2p_tag(schedule, producer, gradient))->wait();
-        return buf;
-    }
-
-    void send(const Chunk& producer, bool gradient, int to_stage, std::vector<T>&& data,
-              std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<T>>>>& pending) {
-        int to = schedule.rank_of(to_stage, producer.dir);
-        std::lock_guard<std::mutex> lock(shared);
-        if (to == prank) {
-            (gradient ? local_grad : local_act)[{producer.mb, producer.stage}] = std::move(data);
-            return;
-        }
-        auto buf = std::make_shared<std::vector<T>>(std::move(data));
-        auto w = pipe->isend(buf->data(), buf->size() * sizeof(T), to, sched::p2p_tag(schedule, producer, gradient));
-        pending.push_back({w, buf});
-    }
-};
 
 template <typename T>
 void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& o, int world_size) {
     o.validate();
-    ModelConfig cfg = ModelConfig::preset(o.model);
+    ModelConfig cfg = o.model_config();
     sched::check_arguments(p.schedule, p.pp, o.microbatches);
     int ranks = p.schedule == ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
     GridConfig g{ranks, p.dp, p.ep};
@@ -125,7 +19,6 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     if (!p.emulate)
         DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",
                          cfg.name, cfg.layers, p.pp);
-    DUPLEX_CHECK_ARG(!p.emulate || p.ep == 1, "--ep", "emulate mode does not model expert traffic yet (got EP {})", p.ep);
 }
 
 template <typename T>
@@ -134,8 +27,6 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     validate(p, o, world->size());
     Impl& I = *impl_;
     kernels::blas_single_threaded();
-    if (o.bias_update_speed >= 0) I.cfg.bias_update_speed = o.bias_update_speed;
-    I.cfg.balance_alpha = o.balance_alpha;
     int ranks = pipeline_ranks();
     I.grid = RankGrid::make({ranks, p.dp, p.ep}, world->size(), I.cfg.experts, world->rank());
     I.groups = make_groups(*world, I.grid);
@@ -143,8 +34,9 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.prank = I.pipe->rank();
     I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
     std::shared_ptr<ExpertExchange<T>> exchange;
-    if (p.ep > 1) {
-        if (p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1)
+    I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
+    if (p.ep > 1 && !p.emulate) {
+        if (I.hierarchical)
             exchange = std::make_shared<HierarchicalExchange<T>>(I.groups.ep, I.cfg.experts);
         else
             exchange = std::make_shared<DistributedExchange<T>>(I.groups.ep, I.cfg.experts);
@@ -225,6 +117,7 @@ StepMetrics PipelineTrainer<T>::step() {
         double t0 = I.tracer.now_us();
         fn();
         double t1 = I.tracer.now_us();
+        I.note(I.compute_iv, t0, t1);
         std::lock_guard<std::mutex> lock(I.shared);
         compute_us += t1 - t0;
         I.tracer.add(Lane::Compute, name, t0, t1);
@@ -296,6 +189,7 @@ StepMetrics PipelineTrainer<T>::step() {
     }
     double schedule_us = I.tracer.now_us() - schedule_start, slowest_us = 0;
     m.bubble_fraction = I.bubble_share(schedule_us, compute_us, slowest_us);
+    I.hidden_shares(m);
     double opt_start = I.tracer.now_us();
 
     // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
@@ -371,100 +265,9 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
     return out;
 }
 
-// Emulate mode: the schedule with timed waits for compute and link-delayed transfers of real sizes. The first
-// 8 bytes of every message carry its send time (the steady clock is shared by threads and by processes on
-// one host); the receiver holds the message until send time + latency + bytes / bandwidth.
-template <typename T>
-StepMetrics PipelineTrainer<T>::emulate_step() {
-    Impl& I = *impl_;
-    Stopwatch sw;
-    ++I.step_;
-    StepMetrics m;
-    m.step = I.step_;
-    int last = I.p.pp - 1;
-    const size_t bytes = std::max<size_t>(I.act_size() * sizeof(T), sizeof(double));
-    std::map<int, ChunkCosts> costs;
-    for (int s : I.emulated_stages)
-        costs[s] = I.p.emulate_costs.f > 0 ? I.p.emulate_costs
-                                           : I.p.cost_model.chunk(I.cfg, I.stage_num_layers(s),
-                                                                  I.o.sequences_per_microbatch * I.cfg.seq_len);
-    double compute_us = 0;
-    auto wait_for = [&](double seconds, const std::string& name) {
-        double t0 = I.tracer.now_us();
-        Clock::time_point until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                                     std::chrono::duration<double>(seconds));
-        std::this_thread::sleep_until(until);
-        double t1 = I.tracer.now_us();
-        compute_us += t1 - t0;
-        I.tracer.add(Lane::Compute, name, t0, t1);
-    };
-    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<char>>>> pending;
-    auto recv = [&](const Chunk& producer, bool gradient) {
-        int from = I.schedule.rank_of(producer.stage, producer.dir);
-        if (from == I.prank) return;
-        std::vector<char> buf(bytes);
-        double t0 = I.tracer.now_us();
-        I.pipe->irecv(buf.data(), bytes, from, sched::p2p_tag(I.schedule, producer, gradient))->wait();
-        double sent;
-        std::memcpy(&sent, buf.data(), sizeof(double));
-        LinkClass link = I.pipe->topology().link(from, I.prank);
-        double ready = sent + I.p.cost_model.transfer_s(double(bytes), link);
-        std::this_thread::sleep_until(Clock::time_point(std::chrono::duration_cast<Clock::duration>(
-            std::chrono::duration<double>(ready))));
-        I.tracer.add(Lane::Comm, fmt::format("recv {} mb {}", gradient ? "grad" : "act", producer.mb), t0,
-                     I.tracer.now_us());
-    };
-    auto send = [&](const Chunk& producer, bool gradient, int to_stage) {
-        int to = I.schedule.rank_of(to_stage, producer.dir);
-        if (to == I.prank) return;
-        auto buf = std::make_shared<std::vector<char>>(bytes, 0);
-        double now = std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
-        std::memcpy(buf->data(), &now, sizeof(double));
-        pending.push_back({I.pipe->isend(buf->data(), bytes, to, sched::p2p_tag(I.schedule, producer, gradient)), buf});
-    };
-    double start = I.tracer.now_us();
-    for (const Instr& in : I.schedule.ranks[I.prank]) {
-        switch (in.op) {
-            case Op::F:
-                if (in.f.stage > 0) recv({in.f.mb, in.f.stage - 1, in.f.dir}, false);
-                wait_for(costs.at(in.f.stage).f, fmt::format("F mb {} stage {}", in.f.mb, in.f.stage));
-                if (in.f.stage < last) send(in.f, false, in.f.stage + 1);
-                break;
-            case Op::B:
-            case Op::BW: {
-                if (in.b.stage < last) recv({in.b.mb, in.b.stage + 1, in.b.dir}, true);
-                const ChunkCosts& c = costs.at(in.b.stage);
-                wait_for(in.op == Op::BW ? c.b : c.b - c.w,
-                         fmt::format("{} mb {} stage {}", in.op == Op::BW ? "BW" : "B", in.b.mb, in.b.stage));
-                if (in.b.stage > 0) send(in.b, true, in.b.stage - 1);
-                break;
-            }
-            case Op::W:
-                wait_for(costs.at(in.b.stage).w, fmt::format("W mb {} stage {}", in.b.mb, in.b.stage));
-                break;
-            case Op::FB:
-                if (in.f.stage > 0) recv({in.f.mb, in.f.stage - 1, in.f.dir}, false);
-                if (in.b.stage < last) recv({in.b.mb, in.b.stage + 1, in.b.dir}, true);
-                wait_for(costs.at(in.f.stage).fb, fmt::format("FB mb {}/{}", in.f.mb, in.b.mb));
-                if (in.f.stage < last) send(in.f, false, in.f.stage + 1);
-                if (in.b.stage > 0) send(in.b, true, in.b.stage - 1);
-                break;
-        }
-    }
-    for (auto& [w, buf] : pending) w->wait();
-    double schedule_us = I.tracer.now_us() - start;
-    // The step ends when the slowest rank ends: its time and the mean idle share, over the world.
-    double slowest = 0;
-    m.bubble_fraction = I.bubble_share(schedule_us, compute_us, slowest);
-    m.step_time_s = slowest * 1e-6;
-    m.tokens_per_s = double(I.o.microbatches) * I.p.dp * I.o.sequences_per_microbatch * I.cfg.seq_len /
-                     std::max(m.step_time_s, 1e-9);
-    (void)sw;
-    return m;
-}
-
 template <typename T>
 LinkBytes PipelineTrainer<T>::expert_bytes_sent() const {
+    if (impl_->p.emulate) return impl_->emulated_ep_bytes;
     return impl_->groups.ep ? impl_->groups.ep->bytes_sent() : LinkBytes{};
 }
 

@@ -19,13 +19,24 @@ void TrainOptions::validate() const {
     DUPLEX_CHECK_ARG(clip >= 0, "--clip", "must not be negative, got {}", clip);
 }
 
+ModelConfig TrainOptions::model_config() const {
+    ModelConfig c = ModelConfig::preset(model);
+    if (bias_update_speed >= 0) c.bias_update_speed = bias_update_speed;
+    DUPLEX_CHECK_ARG(balance_alpha >= 0, "--balance-alpha", "must not be negative, got {}", balance_alpha);
+    c.balance_alpha = balance_alpha;
+    if (dense_layers >= 0) {
+        DUPLEX_CHECK_ARG(dense_layers <= c.layers, "--dense-layers", "the {} model has {} layers, got {}", c.name,
+                         c.layers, dense_layers);
+        c.dense_layers = dense_layers;
+    }
+    c.validate();
+    return c;
+}
+
 template <typename T>
 ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
-    : o_(o), cfg_(ModelConfig::preset(o.model)), task_(cfg_.vocab, cfg_.seq_len, o.seed) {
+    : o_(o), cfg_(o.model_config()), task_(cfg_.vocab, cfg_.seq_len, o.seed) {
     o_.validate();
-    if (o.bias_update_speed >= 0) cfg_.bias_update_speed = o.bias_update_speed;
-    DUPLEX_CHECK_ARG(o.balance_alpha >= 0, "--balance-alpha", "must not be negative, got {}", o.balance_alpha);
-    cfg_.balance_alpha = o.balance_alpha;
     kernels::blas_single_threaded();
     stage_ = std::make_unique<ModelStage<T>>(cfg_, 0, cfg_.layers, true, true, o.seed);
     stage_->set_recompute(o.recompute);

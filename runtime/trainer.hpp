@@ -33,7 +33,10 @@ struct TrainOptions {
     double bias_update_speed = -1;  // gamma; < 0: the model preset's (0.001 as in V3)
     double balance_alpha = 0.0;     // sequence-wise balance loss weight (V3: 0.0001); 0: off
     double token_skew = 0.0;  // Zipf exponent of the input tokens (skewed expert load); 0: uniform
+    int dense_layers = -1;    // >= 0: override the preset's number of leading dense layers
     void validate() const;
+    // The preset named by `model` with the overrides above applied (validated).
+    ModelConfig model_config() const;
 };
 
 struct StepMetrics {
@@ -43,6 +46,10 @@ struct StepMetrics {
     double max_vio = 0;  // over the MoE layers, of the whole step's expert counts
     double grad_norm = 0;
     double bubble_fraction = 0;  // pipeline runs: mean over ranks of the schedule's idle share
+    // Pipeline runs: the share of communication wait time (P2P receives, expert exchanges) during which the
+    // same rank computed something else, over all ranks; and the same for expert exchanges inside F&B pairs.
+    double comm_hidden_fraction = 0;
+    double fb_ep_comm_hidden_fraction = 0;
     double step_time_s = 0;
     double tokens_per_s = 0;
 };

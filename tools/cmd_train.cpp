@@ -121,15 +121,13 @@ int run_distributed(const Args& a) {
         TrainOptions ref_o = o;
         ref_o.microbatches = o.microbatches * p.dp;
         if (lead && a.check_reference) ref = std::make_unique<ReferenceTrainer<T>>(ref_o);
+        const ModelConfig mc = o.model_config();
         if (lead && p.emulate) {
             sched::Schedule sch = sched::generate(p.schedule, p.pp, o.microbatches);
             ChunkCosts cc = p.emulate_costs.f > 0 ? p.emulate_costs
-                                                  : p.cost_model.chunk(ModelConfig::preset(o.model),
-                                                                       ModelConfig::preset(o.model).layers / p.pp,
-                                                                       o.sequences_per_microbatch *
-                                                                           ModelConfig::preset(o.model).seq_len);
-            double act_bytes = double(o.sequences_per_microbatch) * ModelConfig::preset(o.model).seq_len *
-                               ModelConfig::preset(o.model).hidden * sizeof(T);
+                                                  : p.cost_model.chunk(mc, mc.layers / p.pp,
+                                                                       o.sequences_per_microbatch * mc.seq_len);
+            double act_bytes = double(o.sequences_per_microbatch) * mc.seq_len * mc.hidden * sizeof(T);
             sched::Costs sc{cc.f, cc.b, cc.w, cc.fb, p.cost_model.transfer_s(act_bytes, LinkClass::IntraNode)};
             sched::Replay rp = sched::replay(sch, sc);
             fmt::print("# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
@@ -140,7 +138,7 @@ int run_distributed(const Args& a) {
                            "raise --time-scale (e.g. {:.0f}) or give --cost-f/--cost-b/--cost-w\n",
                            std::ceil(5e-3 / std::max(cc.f, 1e-12) * p.cost_model.device().time_scale));
         }
-        const ModelConfig& c = ModelConfig::preset(o.model);
+        const ModelConfig& c = mc;
         if (lead) {
             fmt::print("# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}\n", c.name,
                        c.num_parameters(), world_size, world->backend(), a.schedule, p.pp, p.dp, p.ep,
@@ -161,7 +159,9 @@ int run_distributed(const Args& a) {
                                 {"grad_norm", m.grad_norm},
                                 {"bubble_fraction", m.bubble_fraction},
                                 {"step_time_s", m.step_time_s},
-                                {"tokens_per_s", m.tokens_per_s}};
+                                {"tokens_per_s", m.tokens_per_s},
+                                {"comm_hidden_fraction", m.comm_hidden_fraction},
+                                {"fb_ep_comm_hidden_fraction", m.fb_ep_comm_hidden_fraction}};
             double ref_loss = 0;
             if (ref) {
                 StepMetrics r = ref->step();
@@ -173,9 +173,11 @@ int run_distributed(const Args& a) {
             }
             steps.push_back(j);
             if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
-                fmt::print("step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%{}{}\n", m.step,
-                           p.emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss), m.step_time_s * 1e3,
-                           m.tokens_per_s, 100 * m.bubble_fraction,
+                fmt::print("step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n",
+                           m.step, p.emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss),
+                           m.step_time_s * 1e3, m.tokens_per_s, 100 * m.bubble_fraction,
+                           std::isnan(m.comm_hidden_fraction) ? std::string("  -  ")
+                                                              : fmt::format("{:5.1f}%", 100 * m.comm_hidden_fraction),
                            p.emulate ? std::string() : fmt::format("  MaxVio {:6.3f}  |g| {:7.3f}", m.max_vio, m.grad_norm),
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
             std::fflush(stdout);
@@ -297,6 +299,8 @@ Command add_train(CLI::App& app) {
     cmd->add_flag("--recompute", a->train.recompute, "recompute RMSNorm and SwiGLU outputs in backward");
     cmd->add_option("--bias-update-speed", a->train.bias_update_speed,
                     "gamma of the aux-loss-free bias update (default: the preset's 0.001)");
+    cmd->add_option("--dense-layers", a->train.dense_layers,
+                    "override the model's number of leading dense (non-MoE) layers");
     cmd->add_option("--balance-alpha", a->train.balance_alpha, "weight of the sequence-wise balance loss (0: off)")
         ->capture_default_str();
     cmd->add_flag("--no-bias-update", a->no_bias_update, "freeze the aux-loss-free routing bias");

@@ -283,7 +283,50 @@ TEST(PipelineTrainer, EmulateModeRunsEverySchedule) {
     TrainOptions o;
     PipelineOptions bad{ScheduleKind::OneFOneB, 2, 2, 2};
     bad.emulate = true;
+    bad.dispatch = "ring";
     EXPECT_THROW(PipelineTrainer<float>::validate(bad, o, 4), ConfigError);
+}
+
+// Expert traffic in emulate mode: nominal bytes from a real routing per microbatch and layer, the node-limited
+// path sending fewer inter-node bytes than the flat one, expert exchanges traced, and the F&B pairs' share of
+// hidden expert communication reported (its size is a benchmark: scripts/bench-emulate).
+TEST(PipelineTrainer, EmulateModeCarriesExpertTraffic) {
+    std::map<std::string, LinkBytes> bytes;
+    for (std::string dispatch : {"flat", "hierarchical"}) {
+        TrainOptions o;
+        o.microbatches = 8;
+        o.dense_layers = 0;
+        PipelineOptions p{ScheduleKind::DualPipe, 4, 4, 4};
+        p.dispatch = dispatch;
+        p.emulate = true;
+        p.trace = true;
+        p.emulate_costs = {4e-4, 8e-4, 4e-4, 12e-4};
+        std::mutex m;
+        StepMetrics seen;
+        LinkBytes total;
+        bool traced = false;
+        LaunchOptions l;
+        l.ranks = 16;
+        l.virtual_nodes = 8;  // EP groups of 4 ranks over 2 nodes
+        launch(l, [&](const std::shared_ptr<Communicator>& world) {
+            PipelineTrainer<float> t(world, p, o);
+            StepMetrics s = t.step();
+            std::lock_guard<std::mutex> lock(m);
+            if (world->rank() == 0) seen = s;
+            total.inter_node += t.expert_bytes_sent().inter_node;
+            total.intra_node += t.expert_bytes_sent().intra_node;
+            traced |= t.trace_blob().find("dispatch L") != std::string::npos;
+        });
+        EXPECT_TRUE(traced) << dispatch;
+        EXPECT_FALSE(std::isnan(seen.fb_ep_comm_hidden_fraction)) << dispatch;
+        EXPECT_GE(seen.fb_ep_comm_hidden_fraction, 0) << dispatch;
+        EXPECT_LE(seen.fb_ep_comm_hidden_fraction, 1) << dispatch;
+        EXPECT_GT(total.inter_node, 0u) << dispatch;
+        bytes[dispatch] = total;
+    }
+    EXPECT_LT(bytes["hierarchical"].inter_node, bytes["flat"].inter_node);
+    RecordProperty("emulated_inter_node_bytes",
+                   fmt::format("hierarchical {} flat {}", bytes["hierarchical"].inter_node, bytes["flat"].inter_node));
 }
 
 TEST(CostModel, ChunkCostsFollowTheModelAndTheDevice) {
