@@ -71,7 +71,7 @@ struct PipelineTrainer<T>::Impl {
     PipelineOptions p;
     TrainOptions o;
     ModelConfig cfg;
-    std::shared_ptr<Communicator> world, pipe, pair;
+    std::shared_ptr<Communicator> world, pipe, pair, ep_bwd;
     GroupComms groups;
     RankGrid grid;
     sched::Schedule schedule;

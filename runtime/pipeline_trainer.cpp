@@ -33,13 +33,18 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.pipe = I.groups.pp;
     I.prank = I.pipe->rank();
     I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
-    std::shared_ptr<ExpertExchange<T>> exchange;
+    // Expert exchanges: forwards on the EP group, backwards on a second communicator over the same ranks, so the
+    // two halves of an overlapped F&B pair never interleave collectives on one communicator.
+    std::shared_ptr<ExpertExchange<T>> exchange, bwd_exchange;
     I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
     if (p.ep > 1 && !p.emulate) {
-        if (I.hierarchical)
-            exchange = std::make_shared<HierarchicalExchange<T>>(I.groups.ep, I.cfg.experts);
-        else
-            exchange = std::make_shared<DistributedExchange<T>>(I.groups.ep, I.cfg.experts);
+        I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
+        auto make = [&](std::shared_ptr<Communicator> group) -> std::shared_ptr<ExpertExchange<T>> {
+            if (I.hierarchical) return std::make_shared<HierarchicalExchange<T>>(group, I.cfg.experts);
+            return std::make_shared<DistributedExchange<T>>(group, I.cfg.experts);
+        };
+        exchange = make(I.groups.ep);
+        bwd_exchange = make(I.ep_bwd);
     }
     // The stages this pipeline rank runs, from the schedule's placement.
     for (int dir = 0; dir < I.schedule.num_directions; ++dir)
@@ -50,7 +55,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
                     continue;
                 }
                 I.stages[s] = std::make_unique<ModelStage<T>>(I.cfg, I.stage_first_layer(s), I.stage_num_layers(s), s == 0,
-                                                              s == p.pp - 1, o.seed, exchange);
+                                                              s == p.pp - 1, o.seed, exchange, bwd_exchange);
                 I.stages[s]->set_recompute(o.recompute);
                 I.stages[s]->set_loss_scale(1.0 / (double(o.microbatches) * p.dp));
                 // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
@@ -155,11 +160,10 @@ StepMetrics PipelineTrainer<T>::step() {
                         [&] { I.stages.at(in.b.stage)->backward_weight(in.b.mb); });
                 break;
             case Op::FB:
-                if (I.p.ep == 1 && in.f.stage != in.b.stage) {
+                if (in.f.stage != in.b.stage) {
                     // Overlap: the two chunks belong to different stages (and microbatches), so the forward runs on
-                    // a helper thread while this one runs the backward; whichever waits for its input lets the
-                    // other compute. NOTE: with EP > 1 both would use the EP communicator at once, so they
-                    // run one after the other there.
+                    // a helper thread while this one runs the backward; whichever waits for its input, a dispatch
+                    // or a combine lets the other compute (expert exchanges of the two run on two communicators).
                     std::exception_ptr failed;
                     std::thread helper([&] {
                         try {
@@ -268,7 +272,12 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
 template <typename T>
 LinkBytes PipelineTrainer<T>::expert_bytes_sent() const {
     if (impl_->p.emulate) return impl_->emulated_ep_bytes;
-    return impl_->groups.ep ? impl_->groups.ep->bytes_sent() : LinkBytes{};
+    LinkBytes b = impl_->groups.ep ? impl_->groups.ep->bytes_sent() : LinkBytes{};
+    if (impl_->ep_bwd) {
+        b.intra_node += impl_->ep_bwd->bytes_sent().intra_node;
+        b.inter_node += impl_->ep_bwd->bytes_sent().inter_node;
+    }
+    return b;
 }
 
 template <typename T>

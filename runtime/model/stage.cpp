@@ -78,7 +78,7 @@ struct ModelStage<T>::Impl {
     std::deque<Param<T>> params;
     Param<T>*embed = nullptr, *final_norm = nullptr, *head = nullptr;
     std::vector<Layer> layers;
-    std::shared_ptr<ExpertExchange<T>> exchange;
+    std::shared_ptr<ExpertExchange<T>> exchange, bwd_exchange;  // backward: may run beside another forward
     std::map<int, Micro> micro;
     uint64_t seed;
 
@@ -327,7 +327,7 @@ struct ModelStage<T>::Impl {
         // Combine backward: each slot's output gets gate * df; each gate gets df . output.
         std::vector<std::vector<T>> d_out;
         std::vector<double> dgate;
-        exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate);
+        bwd_exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate);
         int local = exchange->num_local_experts();
         std::vector<std::vector<T>> d_rows(local);
         for (int e = 0; e < local; ++e) {
@@ -337,7 +337,7 @@ struct ModelStage<T>::Impl {
                          false);
             d_rows[e].resize(size_t(rows) * d);
         }
-        exchange->dispatch_backward(st.routed, d_rows, d, st.routing, dn2.data());
+        bwd_exchange->dispatch_backward(st.routed, d_rows, d, st.routing, dn2.data());
         // Gates: g_k = scale * s_k / S over the selected experts; then through the sigmoid.
         auto du = buf<T>(size_t(n) * E);
         std::vector<double> ds(size_t(n) * E, 0.0);
@@ -375,7 +375,8 @@ struct ModelStage<T>::Impl {
 
 template <typename T>
 ModelStage<T>::ModelStage(const ModelConfig& cfg, int first_layer, int num_layers, bool has_embedding, bool has_head,
-                          uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange)
+                          uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange,
+                          std::shared_ptr<ExpertExchange<T>> backward_exchange)
     : cfg_(cfg), first_layer_(first_layer), num_layers_(num_layers), has_embedding_(has_embedding), has_head_(has_head) {
     cfg_.validate();
     DUPLEX_CHECK_ARG(first_layer >= 0 && num_layers >= 0 && first_layer + num_layers <= cfg.layers, "stage layers",
@@ -383,6 +384,7 @@ ModelStage<T>::ModelStage(const ModelConfig& cfg, int first_layer, int num_layer
     impl_ = std::make_unique<Impl>(*this, seed);
     Impl& I = *impl_;
     I.exchange = exchange ? exchange : std::make_shared<LocalExchange<T>>(cfg.experts);
+    I.bwd_exchange = backward_exchange ? backward_exchange : I.exchange;
     int d = cfg.hidden, A = cfg.heads * cfg.head_dim;
     if (has_embedding) I.embed = I.make("embed", {cfg.vocab, d});
     for (int l = first_layer; l < first_layer + num_layers; ++l) {

@@ -45,7 +45,8 @@ template <typename T>
 class ModelStage {
 public:
     ModelStage(const ModelConfig& cfg, int first_layer, int num_layers, bool has_embedding, bool has_head,
-               uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange = nullptr);
+               uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange = nullptr,
+               std::shared_ptr<ExpertExchange<T>> backward_exchange = nullptr);
     ~ModelStage();
 
     // F: the first stage reads batch.tokens, the others `input` [tokens, hidden]. Returns the output hidden
