@@ -1,5 +1,7 @@
 #include "comm/launch.hpp"
 
+#include <atomic>
+
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -158,9 +160,38 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
         std::unique_ptr<TcpStoreServer> server;
         if (p.rank == 0) server = std::make_unique<TcpStoreServer>(host, port, kStoreToken.get());
         auto store = std::make_shared<TcpStore>(host, port, kStoreToken.get());
+        store->set(kStoreRankPrefix + std::to_string(p.rank), std::to_string(p.rank));
         std::exception_ptr failure;
+        std::atomic<bool> store_lost{false};
         {
             auto transport = make_ucx_transport(store, p.rank, p.world_size);
+            // Watchdog: a rank whose process dies cannot say so; the store server sees its connection close.
+            // Abort this rank's pending communication with a message naming the lost rank, instead of waiting
+            // for the timeout. It polls on a connection of its own.
+            std::atomic<bool> done{false};
+            std::thread watchdog([&] {
+                try {
+                    TcpStore watch(host, port, kStoreToken.get(), /*connect_timeout_s=*/10, /*request_timeout_s=*/3);
+                    while (!done.load()) {
+                        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+                        auto lost = watch.try_get(kStoreLostCount);
+                        if (!lost || std::stoll(*lost) == 0) continue;
+                        std::vector<std::string> who;
+                        for (int r = 0; r < p.world_size; ++r)
+                            if (auto at = watch.try_get(kStoreLostPrefix + std::to_string(r)))
+                                who.push_back(fmt::format("rank {} ({})", r, *at));
+                        transport->abort(fmt::format("lost {}: the process ended without a clean exit (killed or "
+                                                     "crashed)", fmt::join(who, ", ")));
+                        return;
+                    }
+                } catch (const Error& e) {
+                    // The store lives in rank 0's process: losing it means losing rank 0.
+                    if (!done.load()) {
+                        store_lost.store(true);
+                        transport->abort(fmt::format("lost rank 0 (the store server at {}): {}", p.store_addr, e.what()));
+                    }
+                }
+            });
             try {
                 if (o.bind_cores) bind_thread_to_core(p.rank);
                 auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
@@ -171,12 +202,20 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
                 transport->abort(e.what());
                 failure = std::current_exception();
             }
+            done.store(true);
+            watchdog.join();
         }
-        // The server lives until every rank has torn its transport down.
+        // The server lives until every rank has torn its transport down (or was lost).
+        if (store_lost.load()) std::rethrow_exception(failure);
+        store->set(kStoreExitedPrefix + std::to_string(p.rank), "1");
         store->add("launch/exit", 1);
         if (server) {
             Deadline d(30);
-            while (std::stoll(store->get("launch/exit", 30)) < p.world_size && !d.expired())
+            auto count = [&](const char* key) {
+                auto v = store->try_get(key);
+                return v ? std::stoll(*v) : 0;
+            };
+            while (count("launch/exit") + count(kStoreLostCount) < p.world_size && !d.expired())
                 std::this_thread::sleep_for(std::chrono::milliseconds(5));
         }
         if (failure) std::rethrow_exception(failure);

@@ -103,7 +103,7 @@ struct TcpStoreServer::Impl {
         void read_header() {
             auto self = shared_from_this();
             asio::async_read(socket_, asio::buffer(header_, 4), [this, self](boost::system::error_code ec, size_t) {
-                if (ec) return;  // peer closed: nothing to report
+                if (ec) return closed();
                 uint32_t len = get_u32(header_);
                 if (len == 0 || len > server_.max_frame_bytes) {
                     reject(fmt::format("frame of {} bytes (limit {})", len, server_.max_frame_bytes));
@@ -116,7 +116,7 @@ struct TcpStoreServer::Impl {
         void read_body() {
             auto self = shared_from_this();
             asio::async_read(socket_, asio::buffer(body_), [this, self](boost::system::error_code ec, size_t) {
-                if (ec) return;
+                if (ec) return closed();
                 std::string reply;
                 if (!handle(reply)) return;
                 asio::async_write(socket_, asio::buffer(reply_ = std::move(reply)),
@@ -124,6 +124,14 @@ struct TcpStoreServer::Impl {
                                       if (!wec) read_header();
                                   });
             });
+        }
+        // The peer's connection ended. A rank that announced itself (kLivenessRank) and did not announce a
+        // clean exit (kLivenessExited) is recorded as lost, so the others can name it.
+        void closed() {
+            if (rank_ < 0 || clean_exit_) return;
+            server_.data.set(std::string(kStoreLostPrefix) + std::to_string(rank_), peer_);
+            server_.data.add(kStoreLostCount, 1);
+            log::warn("store", "rank {} ({}) closed its connection without a clean exit", rank_, peer_);
         }
         void reject(const std::string& why) {
             server_.rejected.fetch_add(1);
@@ -156,6 +164,8 @@ struct TcpStoreServer::Impl {
                 switch (op) {
                     case kSet:
                         if (f.size() != 2) break;
+                        if (f[0].rfind(kStoreRankPrefix, 0) == 0) rank_ = int(store_parse_int(f[0], f[1]));
+                        if (f[0].rfind(kStoreExitedPrefix, 0) == 0) clean_exit_ = true;
                         server_.data.set(f[0], f[1]);
                         reply = encode(kOk, {});
                         return true;
@@ -192,6 +202,8 @@ struct TcpStoreServer::Impl {
         std::string body_;
         std::string reply_;
         bool authenticated_ = false;
+        int rank_ = -1;
+        bool clean_exit_ = false;
     };
 
     void accept() {

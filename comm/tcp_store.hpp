@@ -24,6 +24,14 @@ namespace duplex {
 
 constexpr size_t kStoreDefaultMaxFrameBytes = 64u << 20;
 
+// Liveness: a rank's client sets kStoreRankPrefix + rank (value: the rank) on its connection, and
+// kStoreExitedPrefix + rank before it disconnects cleanly. When a connection that announced a rank ends without
+// that, the server sets kStoreLostPrefix + rank (value: the peer address) and adds 1 to kStoreLostCount.
+constexpr const char* kStoreRankPrefix = "liveness/rank/";
+constexpr const char* kStoreExitedPrefix = "liveness/exited/";
+constexpr const char* kStoreLostPrefix = "liveness/lost/";
+constexpr const char* kStoreLostCount = "liveness/lost";
+
 class TcpStoreServer {
 public:
     // Binds host:port (port 0 picks a free port). Throws StoreError when it cannot bind.

@@ -98,6 +98,17 @@ public:
         wake();
         progress_.join();
         std::lock_guard<std::mutex> lock(ucx_mutex_);
+        if (aborted_) {
+            // Operations still posted (with a lost peer): cancel them and let their callbacks run.
+            std::vector<void*> handles;
+            {
+                std::lock_guard<std::mutex> slock(state_mutex_);
+                for (auto& [p, r] : in_flight_)
+                    if (r->handle) handles.push_back(r->handle);
+            }
+            for (void* h : handles) ucp_request_cancel(worker_, h);
+            for (int i = 0; i < 100 && !in_flight_empty(); ++i) ucp_worker_progress(worker_);
+        }
         for (ucp_ep_h ep : endpoints_) {
             ucp_request_param_t p{};
             p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
@@ -226,6 +237,11 @@ private:
         wake();
     }
 
+    bool in_flight_empty() {
+        std::lock_guard<std::mutex> lock(state_mutex_);
+        return in_flight_.empty();
+    }
+
     bool failed(Request& req) {
         if (!aborted_) return false;
         std::lock_guard<std::mutex> lock(state_mutex_);
@@ -297,7 +313,8 @@ private:
             {
                 std::unique_lock<std::mutex> lock(state_mutex_);
                 state_cv_.wait(lock, [&] { return stopping_ || !in_flight_.empty(); });
-                if (stopping_ && in_flight_.empty()) return;
+                // After an abort, operations with a lost peer never finish: stop anyway (the destructor cancels them).
+                if (stopping_ && (in_flight_.empty() || aborted_)) return;
             }
             if (drivers_.load(std::memory_order_relaxed) > 0) {
                 // A waiting caller drives the worker itself; competing for it would only cost a core.
