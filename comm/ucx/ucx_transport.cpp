@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include "core/error.hpp"
+#include "core/knobs.hpp"
 #include "core/log.hpp"
 
 #define DUPLEX_UCX_CHECK(call)                                                                           \
@@ -27,6 +28,10 @@
 namespace duplex {
 
 namespace {
+
+const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", true,
+                                 "UCX endpoints report a dead peer as an error naming it (1) or let UCX abort the "
+                                 "process (0: UCX may pick faster transports)");
 
 constexpr int kSourceShift = 49;  // bits 49..63 carry the sender's rank; below them the wire tag
 constexpr uint64_t kWireMask = (uint64_t(1) << kSourceShift) - 1;
@@ -67,12 +72,21 @@ public:
         ucp_worker_release_address(worker_, address);
 
         endpoints_.resize(size_, nullptr);
+        peers_.resize(size_);
         for (int r = 0; r < size_; ++r) {
             std::string a = store_->get(fmt::format("ucx/addr/{}", r), 120.0);
             hostnames_.push_back(store_->get(fmt::format("ucx/host/{}", r), 120.0));
             ucp_ep_params_t ep{};
             ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
             ep.address = reinterpret_cast<const ucp_address_t*>(a.data());
+            if (kUcxPeerErrors.get()) {
+                // A peer that dies fails this rank's operations naming it, instead of UCX aborting the process.
+                ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+                ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+                peers_[r] = {this, r};
+                ep.err_handler.cb = on_peer_error;
+                ep.err_handler.arg = &peers_[r];
+            }
             DUPLEX_UCX_CHECK(ucp_ep_create(worker_, &ep, &endpoints_[r]));
         }
         progress_ = std::thread([this] { progress_loop(); });
@@ -291,15 +305,26 @@ private:
         r->owner->finish(r, ucx_request, status, info ? info->length : 0);
     }
 
+    struct PeerRef {
+        UcxTransport* self = nullptr;
+        int peer = 0;
+    };
+    // Called inside ucp_worker_progress (ucx_mutex_ held) when an endpoint's peer is unreachable.
+    static void on_peer_error(void* arg, ucp_ep_h, ucs_status_t status) {
+        auto ref = static_cast<PeerRef*>(arg);
+        ref->self->fail_all(fmt::format("rank {}: lost rank {} (UCX: {})", ref->self->rank_, ref->peer,
+                                        ucs_status_string(status)));
+    }
+
     void fail_all(const std::string& why) {
         std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> pending;
         {
             std::lock_guard<std::mutex> lock(state_mutex_);
+            if (!aborted_) abort_reason_ = why;  // the first reason names the culprit
             aborted_ = true;
-            abort_reason_ = why;
             pending = in_flight_;
         }
-        for (auto& [p, r] : pending) r->complete(why);
+        for (auto& [p, r] : pending) r->complete(abort_reason_);
     }
 
     // Drives the worker while anything is in flight; sleeps on the condition variable otherwise, and on the
@@ -359,6 +384,7 @@ private:
     ucp_worker_h worker_ = nullptr;
     int efd_ = -1;
     std::vector<ucp_ep_h> endpoints_;
+    std::vector<PeerRef> peers_;  // error-handler arguments, one per endpoint
     std::vector<std::string> hostnames_;
     std::mutex ucx_mutex_;    // serializes every UCX call
     std::mutex state_mutex_;  // guards in_flight_, stopping_, abort state
