@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -94,6 +95,13 @@ public:
 // of waiting ranks), a transfer nobody receives, a dependency nobody produces, a chunk on the wrong rank, a
 // missing or duplicated F/B/W, or a deferred W left over; otherwise returns timings and memory.
 Replay replay(const Schedule& s, const Costs& costs);
+// The same replay with durations per instruction (stages of different cost, modelled overlap) and a transfer
+// time per pair of ranks (links of different classes): what the simulator runs.
+struct Timing {
+    std::function<double(int rank, const Instr&)> duration;
+    std::function<double(int from, int to)> transfer;  // empty: 0
+};
+Replay replay(const Schedule& s, const Timing& timing);
 
 // The published bubble per rank (shared/REFERENCE.md) and whether it is exact for these costs.
 double formula_bubble(ScheduleKind kind, int pp, const Costs& c);

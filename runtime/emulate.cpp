@@ -45,7 +45,8 @@ StepMetrics PipelineTrainer<T>::emulate_step() {
     for (int s : I.emulated_stages) {
         int first = I.stage_first_layer(s), n = I.stage_num_layers(s);
         bool given = I.p.emulate_costs.f > 0;
-        costs[s] = given ? I.p.emulate_costs : I.p.cost_model.chunk(cfg, n, tokens);
+        costs[s] = given ? I.p.emulate_costs
+                         : I.p.cost_model.chunk(cfg, first, n, tokens, {false, I.o.recompute}, s == last);
         double total = 0;
         shares[s] = {};  // a stage may hold no layers when emulating more stages than the model has layers
         for (int l = first; l < first + n; ++l) total += I.p.cost_model.forward_flops(cfg, l, tokens);

@@ -16,6 +16,7 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     RankGrid::validate(g, world_size, cfg.experts);
     DUPLEX_CHECK_ARG(p.dispatch == "hierarchical" || p.dispatch == "flat", "--dispatch",
                      "'{}' is not a dispatch path (hierarchical, flat)", p.dispatch);
+    if (!p.emulate) cfg.check_runnable();
     if (!p.emulate)
         DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",
                          cfg.name, cfg.layers, p.pp);

@@ -37,6 +37,7 @@ template <typename T>
 ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
     : o_(o), cfg_(o.model_config()), task_(cfg_.vocab, cfg_.seq_len, o.seed) {
     o_.validate();
+    cfg_.check_runnable();
     kernels::blas_single_threaded();
     stage_ = std::make_unique<ModelStage<T>>(cfg_, 0, cfg_.layers, true, true, o.seed);
     stage_->set_recompute(o.recompute);

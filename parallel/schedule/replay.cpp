@@ -25,6 +25,7 @@ struct Need {
     Product product;
     Chunk chunk;
     bool remote;  // produced on another rank: a transfer
+    int from = -1;  // the producing rank
 };
 
 // What an instruction consumes.
@@ -33,21 +34,21 @@ std::vector<Need> needs_of(const Schedule& s, int rank, const Instr& in) {
     auto forward = [&](const Chunk& c) {
         if (c.stage > 0) {
             Chunk src{c.mb, c.stage - 1, c.dir};
-            needs.push_back({kAct, src, s.rank_of(src.stage, src.dir) != rank});
+            needs.push_back({kAct, src, s.rank_of(src.stage, src.dir) != rank, s.rank_of(src.stage, src.dir)});
         }
     };
     auto backward = [&](const Chunk& c) {
-        needs.push_back({kAct, c, false});  // its own forward, on this rank
+        needs.push_back({kAct, c, false, rank});  // its own forward, on this rank
         if (c.stage < s.pp - 1) {
             Chunk src{c.mb, c.stage + 1, c.dir};
-            needs.push_back({kGrad, src, s.rank_of(src.stage, src.dir) != rank});
+            needs.push_back({kGrad, src, s.rank_of(src.stage, src.dir) != rank, s.rank_of(src.stage, src.dir)});
         }
     };
     switch (in.op) {
         case Op::F: forward(in.f); break;
         case Op::B:
         case Op::BW: backward(in.b); break;
-        case Op::W: needs.push_back({kGrad, in.b, false}); break;
+        case Op::W: needs.push_back({kGrad, in.b, false, rank}); break;
         case Op::FB:
             forward(in.f);
             backward(in.b);
@@ -69,6 +70,23 @@ void check_costs(const Costs& c) {
 
 Replay replay(const Schedule& s, const Costs& costs) {
     check_costs(costs);
+    Timing t;
+    t.duration = [&](int, const Instr& in) {
+        switch (in.op) {
+            case Op::F: return costs.f;
+            case Op::B: return costs.b - costs.w;
+            case Op::W: return costs.w;
+            case Op::BW: return costs.b;
+            case Op::FB: return costs.fb_cost();
+        }
+        return 0.0;
+    };
+    double p2p = costs.p2p;
+    t.transfer = [p2p](int, int) { return p2p; };
+    return replay(s, t);
+}
+
+Replay replay(const Schedule& s, const Timing& timing) {
     int R = s.num_ranks;
     std::vector<std::string> problems;
 
@@ -124,16 +142,6 @@ Replay replay(const Schedule& s, const Costs& costs) {
     std::map<Key, double> done_at;
     std::vector<size_t> pc(R, 0);
     std::vector<double> free_at(R, 0);
-    auto cost = [&](Op op) {
-        switch (op) {
-            case Op::F: return costs.f;
-            case Op::B: return costs.b - costs.w;
-            case Op::W: return costs.w;
-            case Op::BW: return costs.b;
-            case Op::FB: return costs.fb_cost();
-        }
-        return 0.0;
-    };
     for (bool progress = true; progress;) {
         progress = false;
         for (int r = 0; r < R; ++r) {
@@ -147,10 +155,11 @@ Replay replay(const Schedule& s, const Costs& costs) {
                         ready = false;
                         break;
                     }
-                    start = std::max(start, it->second + (n.remote ? costs.p2p : 0.0));
+                    double link = n.remote && timing.transfer ? timing.transfer(n.from, r) : 0.0;
+                    start = std::max(start, it->second + link);
                 }
                 if (!ready) break;
-                double end = start + cost(in.op);
+                double end = start + timing.duration(r, in);
                 if (in.op == Op::F || in.op == Op::FB) done_at[key(kAct, in.f)] = end;
                 if (in.op == Op::B || in.op == Op::BW || in.op == Op::FB) done_at[key(kGrad, in.b)] = end;
                 if (in.op == Op::W || in.op == Op::BW || in.op == Op::FB) done_at[key(kWeight, in.b)] = end;

@@ -1,6 +1,10 @@
 #include "runtime/model/config.hpp"
 
+#include <fstream>
+#include <set>
+
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "core/error.hpp"
 
@@ -26,7 +30,71 @@ ModelConfig ModelConfig::preset(const std::string& name) {
         c.seq_len = 64;
         return c;
     }
-    throw ConfigError("--model", fmt::format("unknown model '{}' (tiny, small)", name));
+    if (name == "deepseek-v3") {
+        // arXiv 2412.19437, section 4.2 and its config: 61 layers (first 3 dense), MLA, 1 shared + 256 routed
+        // experts (top-8, at most 4 of 8 node groups), one MTP module, sequences of 4096.
+        c.name = "deepseek-v3";
+        c.vocab = 129280;
+        c.hidden = 7168;
+        c.heads = 128;
+        c.head_dim = 128;
+        c.rope_dim = 64;
+        c.v_head_dim = 128;
+        c.q_lora = 1536;
+        c.kv_lora = 512;
+        c.layers = 61;
+        c.dense_layers = 3;
+        c.dense_ffn = 18432;
+        c.experts = 256;
+        c.expert_ffn = 2048;
+        c.shared_experts = 1;
+        c.top_k = 8;
+        c.groups = 8;
+        c.top_groups = 4;
+        c.mtp_depth = 1;
+        c.seq_len = 4096;
+        return c;
+    }
+    if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return from_json_file(name);
+    throw ConfigError("--model", fmt::format("unknown model '{}' (tiny, small, deepseek-v3, or a .json file)", name));
+}
+
+ModelConfig ModelConfig::from_json_file(const std::string& path) {
+    std::ifstream in(path);
+    if (!in) throw ConfigError("--model", fmt::format("cannot read '{}'", path));
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(in);
+    } catch (const std::exception& e) {
+        throw ConfigError("--model", fmt::format("'{}' is not valid JSON: {}", path, e.what()));
+    }
+    ModelConfig c;
+    c.name = path;
+    auto get = [&](const char* key, auto& field) {
+        if (!j.contains(key)) return;
+        try {
+            j.at(key).get_to(field);
+        } catch (const std::exception&) {
+            throw ConfigError("--model", fmt::format("'{}': field '{}' has the wrong type", path, key));
+        }
+    };
+    get("name", c.name);
+    get("vocab", c.vocab), get("hidden", c.hidden), get("heads", c.heads), get("head_dim", c.head_dim);
+    get("layers", c.layers), get("dense_layers", c.dense_layers), get("dense_ffn", c.dense_ffn);
+    get("experts", c.experts), get("expert_ffn", c.expert_ffn), get("shared_experts", c.shared_experts);
+    get("top_k", c.top_k), get("groups", c.groups), get("top_groups", c.top_groups), get("seq_len", c.seq_len);
+    get("q_lora", c.q_lora), get("kv_lora", c.kv_lora), get("rope_dim", c.rope_dim), get("v_head_dim", c.v_head_dim);
+    get("mtp_depth", c.mtp_depth), get("route_scale", c.route_scale);
+    for (auto it = j.begin(); it != j.end(); ++it) {
+        static const std::set<std::string> known = {
+            "name", "vocab", "hidden", "heads", "head_dim", "layers", "dense_layers", "dense_ffn", "experts",
+            "expert_ffn", "shared_experts", "top_k", "groups", "top_groups", "seq_len", "q_lora", "kv_lora",
+            "rope_dim", "v_head_dim", "mtp_depth", "route_scale"};
+        if (!known.count(it.key()))
+            throw ConfigError("--model", fmt::format("'{}': unknown field '{}'", path, it.key()));
+    }
+    c.validate();
+    return c;
 }
 
 void ModelConfig::validate() const {
@@ -48,6 +116,46 @@ void ModelConfig::validate() const {
                          "top_k ({}) exceeds the experts of {} groups", top_k, top_groups);
     }
     DUPLEX_CHECK_ARG(seq_len >= 1, "model.seq_len", "must be positive, got {}", seq_len);
+}
+
+void ModelConfig::check_runnable() const {
+    DUPLEX_CHECK_ARG(!mla() && mtp_depth == 0 && num_parameters() < 1000000000LL, "--model",
+                     "'{}' ({:.0f}B parameters{}) is for --mode emulate and `duplex simulate`; the runtime model "
+                     "trains tiny, small or a JSON model without MLA/MTP under 1B parameters",
+                     name, total_params() / 1e9, mla() ? ", MLA" : "");
+}
+
+double ModelConfig::attention_params() const {
+    double h = hidden, H = heads;
+    if (!mla()) return 4 * h * H * head_dim;
+    double q = q_lora > 0 ? h * q_lora + q_lora * H * (head_dim + rope_dim) : h * H * (head_dim + rope_dim);
+    return q + h * (kv_lora + rope_dim) + kv_lora * H * (head_dim + v_head_dim) + H * v_head_dim * h;
+}
+
+double ModelConfig::expert_params() const { return 3.0 * hidden * expert_ffn; }
+
+double ModelConfig::layer_params(int layer) const {
+    double ffn = is_moe_layer(layer) ? expert_params() * (experts + shared_experts) + double(hidden) * experts
+                                     : 3.0 * hidden * dense_ffn;
+    return attention_params() + ffn;
+}
+
+double ModelConfig::activated_params() const {
+    double a = 0;
+    for (int l = 0; l < layers; ++l)
+        a += attention_params() + (is_moe_layer(l) ? expert_params() * (top_k + shared_experts) + double(hidden) * experts
+                                                  : 3.0 * hidden * dense_ffn);
+    double head = double(vocab) * hidden;
+    // An MTP module: a projection of [hidden, hidden] pairs, one MoE layer, the shared head.
+    double mtp = mtp_depth * (2.0 * hidden * hidden + attention_params() +
+                              expert_params() * (top_k + shared_experts) + double(hidden) * experts + head);
+    return a + head + mtp;
+}
+
+double ModelConfig::total_params() const {
+    double t = 2.0 * vocab * hidden;
+    for (int l = 0; l < layers; ++l) t += layer_params(l);
+    return t + mtp_depth * (2.0 * hidden * hidden + layer_params(layers - 1));
 }
 
 int64_t ModelConfig::num_parameters() const {

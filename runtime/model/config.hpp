@@ -33,11 +33,30 @@ struct ModelConfig {
     double norm_eps = 1e-6;
     double init_std = 0.02;
     int seq_len = 16;
+    // Multi-head latent attention (cost model only; the runtime model uses plain multi-head attention): with
+    // kv_lora > 0, queries go through a q_lora-rank projection (0: none) and keys/values through a kv_lora-rank
+    // one; head_dim is the no-rope part of a query/key head, rope_dim its rotary part, v_head_dim a value head.
+    int q_lora = 0, kv_lora = 0, rope_dim = 0, v_head_dim = 0;
+    int mtp_depth = 0;  // multi-token-prediction modules after the last layer (cost model only)
 
-    static ModelConfig preset(const std::string& name);  // "tiny" or "small"; ConfigError otherwise
+    // "tiny", "small" (runnable), "deepseek-v3" (the published architecture, for emulate and simulate); a path
+    // ending in .json reads a ModelConfig object (fields as above, missing ones take the tiny defaults).
+    // ConfigError otherwise.
+    static ModelConfig preset(const std::string& name);
+    static ModelConfig from_json_file(const std::string& path);
     void validate() const;
+    // ConfigError unless the built-in runtime model can train it here (plain attention, no MTP, under ~1B
+    // parameters): the published-scale presets are for emulate mode and the simulator.
+    void check_runnable() const;
     bool is_moe_layer(int layer) const { return layer >= dense_layers; }
-    int64_t num_parameters() const;
+    bool mla() const { return kv_lora > 0; }
+    int64_t num_parameters() const;          // of the runtime model (plain attention, no MTP)
+    // Parameters by kind, for the cost model (MLA-aware, MTP modules included).
+    double attention_params() const;          // one layer's attention projections
+    double expert_params() const;             // one routed or shared expert
+    double layer_params(int layer) const;     // everything in one layer (all experts)
+    double activated_params() const;          // what one token runs through (top-K + shared experts, head, MTP)
+    double total_params() const;
 };
 
 }  // namespace duplex
