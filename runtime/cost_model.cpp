@@ -30,12 +30,12 @@ DevicePreset hopper(const std::string& name) {
     //   peak in GEMM-bound compute (e.g. Megatron-LM's published H100 GPT runs at ~45-50% MFU);
     // - FP8 GEMMs 1.3x BF16 end to end: Transformer Engine reports 1.3-1.5x for large GPT training, and
     //   DeepSeek's fine-grained (1x128 / 128x128) scaling adds work on the CUDA cores;
-    // - attention scores 0.40: FlashAttention-3 reaches 0.5-0.75 forward on H100 in BF16, less in backward,
-    //   and MLA's 192/128 head dims are less tuned than 128/128;
+    // - attention scores 0.50: FlashAttention-3 reaches ~0.6-0.75 of BF16 peak forward and ~0.45-0.55 backward
+    //   on H100 at these sequence lengths; backward is two thirds of the work;
     // - other work (norms, SwiGLU, routing, permutation, (de)quantization) 10% on top of the GEMMs.
     d.gemm_efficiency = 0.50;
     d.fp8_gemm_speedup = 1.3;
-    d.attention_efficiency = 0.40;
+    d.attention_efficiency = 0.50;
     d.other_overhead = 0.10;
     d.latency_s = 10e-6;  // per transfer: a few microseconds of RDMA latency plus kernel launch
     d.gpus_per_node = 8;
@@ -129,10 +129,14 @@ LayerFlops CostModel::layer_flops(const ModelConfig& c, int layer, int tokens) {
         double up_q = c.q_lora > 0 ? c.q_lora * H * (c.head_dim + c.rope_dim) : 0;
         f.recompute = 2 * t * (up_q + c.kv_lora * H * (c.head_dim + c.v_head_dim));
     }
-    if (c.is_moe_layer(layer))
+    if (c.is_moe_layer(layer)) {
         f.ffn = 2 * t * (h * c.experts + c.expert_params() * (c.shared_experts + c.top_k));
-    else
+        // The gate gradient needs each routed expert's output: recompute runs their down-projections again
+        // rather than keeping [tokens, K, hidden] alive between forward and backward.
+        f.recompute += 2 * t * c.top_k * h * c.expert_ffn;
+    } else {
         f.ffn = 2 * t * 3 * h * c.dense_ffn;
+    }
     return f;
 }
 
@@ -193,6 +197,11 @@ double CostModel::transfer_s(double bytes, LinkClass link) const {
     if (link == LinkClass::Self) return 0;
     double bw = link == LinkClass::IntraNode ? device_.intra_bytes_s : device_.inter_bytes_s;
     return (device_.latency_s + bytes / bw) * device_.time_scale;
+}
+
+double CostModel::ep_transfer_s(double bytes, LinkClass link) const {
+    if (link == LinkClass::Self) return 0;
+    return (device_.latency_s + bytes / device_.ep_bandwidth(link)) * device_.time_scale;
 }
 
 }  // namespace duplex

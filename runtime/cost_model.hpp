@@ -61,7 +61,7 @@ struct LayerFlops {
     double attn_linear = 0;  // attention projections
     double scores = 0;       // QK^T and PV (causal)
     double ffn = 0;          // dense FFN or router + shared + top-K experts
-    double recompute = 0;    // what a backward with recompute runs again (MLA up-projections)
+    double recompute = 0;    // what a backward with recompute runs again (MLA up-projections, experts' down-projections)
     double linear() const { return attn_linear + ffn; }
     double total() const { return attn_linear + scores + ffn; }
 };
@@ -84,6 +84,8 @@ public:
     // Layers 0.. of the model (emulate's older form).
     ChunkCosts chunk(const ModelConfig& cfg, int layers, int tokens) const { return chunk(cfg, 0, layers, tokens); }
     double transfer_s(double bytes, LinkClass link) const;
+    // An expert-exchange message: the bandwidth its reserved SMs reach on the link.
+    double ep_transfer_s(double bytes, LinkClass link) const;
     const DevicePreset& device() const { return device_; }
     DevicePreset& device() { return device_; }
 

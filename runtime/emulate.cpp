@@ -119,7 +119,7 @@ StepMetrics PipelineTrainer<T>::emulate_step() {
         for (int p = 0; p < n; ++p) {
             if (p == me) continue;
             LinkClass link = tp->link(me, p);
-            double ready = now + I.p.cost_model.transfer_s(total[int(link)], link);
+            double ready = now + I.p.cost_model.ep_transfer_s(total[int(link)], link);
             std::memcpy(&out[p][0], &ready, sizeof(double));
             for (int k = 0; k < width; ++k) out[p][k + 1] = counts.empty() ? 0 : counts[p][k];
             works.push_back(group->isend(out[p].data(), out[p].size() * 8, p, tag));

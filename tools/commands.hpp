@@ -13,6 +13,7 @@ using Command = std::function<int()>;
 Command add_commbench(CLI::App& app);
 Command add_schedule(CLI::App& app);
 Command add_train(CLI::App& app);
+Command add_simulate(CLI::App& app);
 
 // Fails now, with a ConfigError naming `flag`, if `path` cannot be written: a long run must not end with its
 // results unwritable. An empty path is fine (no output asked for).

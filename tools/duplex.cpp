@@ -49,6 +49,7 @@ int main(int argc, char** argv) {
     add(duplex::tools::add_commbench);
     add(duplex::tools::add_schedule);
     add(duplex::tools::add_train);
+    add(duplex::tools::add_simulate);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

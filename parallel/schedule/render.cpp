@@ -36,8 +36,8 @@ std::string render_svg(const Schedule& s, const Replay& r, const Costs& c) {
         "<text x=\"{}\" y=\"22\" font-size=\"16\" font-weight=\"bold\">{} — PP={} ({} ranks), {} microbatches</text>\n",
         left, kind_name(s.kind), s.pp, s.num_ranks, s.num_microbatches);
     out += fmt::format(
-        "<text x=\"{}\" y=\"42\" font-size=\"12\" fill=\"#444\">costs F={} B={} W={} F&amp;B={} · makespan {:g} · "
-        "max idle per rank {:g} (formula {:g})</text>\n",
+        "<text x=\"{}\" y=\"42\" font-size=\"12\" fill=\"#444\">costs F={:.3g} B={:.3g} W={:.3g} F&amp;B={:.3g} · makespan {:.4g} · "
+        "max idle per rank {:.4g} (formula {:.4g})</text>\n",
         left, c.f, c.b, c.w, c.fb_cost(), r.makespan, worst_idle, formula_bubble(s.kind, s.pp, c));
     for (int rank = 0; rank < s.num_ranks; ++rank) {
         double y = top + rank * row_h;

@@ -1,0 +1,335 @@
+// duplex simulate: predicted step time, bubbles, exposed communication, MFU, cost and memory of a model on a
+// cluster with a parallel layout, from the executor's own schedules and the shared cost model; sweeps.
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "core/clock.hpp"
+#include "core/error.hpp"
+#include "runtime/simulator.hpp"
+#include "tools/commands.hpp"
+
+namespace duplex::tools {
+
+namespace {
+
+struct Args {
+    std::string model = "deepseek-v3";
+    std::string cluster = "h800x2048";
+    std::string device;  // overrides the cluster's device preset
+    int gpus = 0;        // overrides the cluster's GPU count
+    int gpus_per_node = 0;
+    std::string pp = "16", ep = "64", schedule = "dualpipe", microbatches = "0";
+    int global_batch = 15360, mb_sequences = 1;
+    bool no_fp8 = false, no_recompute = false, free_comm = false, ignore_memory = false, sequential_hops = false;
+    int comm_sms = -1;
+    int dense_layers = -1;
+    std::string dispatch = "hierarchical";
+    std::string partition = "balanced";
+    double elem_bytes = 2, time_scale = 1;
+    std::string svg, trace, json, csv = "sweep.csv";
+    int top = 5;
+};
+
+std::vector<std::string> split_list(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream in(s);
+    for (std::string item; std::getline(in, item, ',');)
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+std::vector<int> int_list(const std::string& s, const char* flag) {
+    std::vector<int> out;
+    for (const std::string& item : split_list(s)) {
+        try {
+            size_t used = 0;
+            out.push_back(std::stoi(item, &used));
+            if (used != item.size()) throw std::invalid_argument(item);
+        } catch (const std::exception&) {
+            throw ConfigError(flag, fmt::format("'{}' is not a comma-separated list of integers", s));
+        }
+    }
+    if (out.empty()) throw ConfigError(flag, "needs at least one value");
+    return out;
+}
+
+std::string gb(double bytes) { return fmt::format("{:.1f}", bytes / 1e9); }
+
+nlohmann::json result_json(const SimResult& r, const ModelConfig& m, const ClusterConfig& cl, const std::string& kind,
+                           bool with_timing) {
+    nlohmann::json j = {{"model", m.name},
+                        {"cluster", cl.name},
+                        {"gpus", r.gpus},
+                        {"schedule", kind},
+                        {"pp", r.pp},
+                        {"dp", r.dp},
+                        {"ep", r.ep},
+                        {"edp", r.edp},
+                        {"microbatches", r.microbatches},
+                        {"fits", r.fits},
+                        {"memory_per_gpu_bytes", r.memory_per_gpu_bytes},
+                        {"memory_total_bytes", r.memory_total_bytes},
+                        {"memory_capacity_bytes", r.memory_capacity_bytes}};
+    if (!with_timing) return j;
+    j.update({{"step_time_s", r.step_time_s},
+              {"pipeline_s", r.pipeline_s},
+              {"bubble_fraction", r.bubble_fraction},
+              {"mfu", r.mfu},
+              {"achieved_tflops_per_gpu", r.achieved_flops_s / 1e12},
+              {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu},
+              {"gpu_hours_per_trillion_tokens", r.gpu_hours_per_trillion_tokens},
+              {"model_flops_per_token", r.model_flops_per_token},
+              {"exposed_comm_s", r.exposed_comm_s},
+              {"ep_remote_nodes_per_token", r.ep_remote_nodes_per_token},
+              {"ep_inter_node_bytes_per_token", r.ep_inter_bytes_per_token}});
+    nlohmann::json stages = nlohmann::json::array();
+    for (size_t s = 0; s < r.stage_costs.size(); ++s)
+        stages.push_back({{"f_s", r.stage_costs[s].f},
+                          {"b_s", r.stage_costs[s].b},
+                          {"w_s", r.stage_costs[s].w},
+                          {"ep_forward_s", r.stage_ep_forward_s[s]},
+                          {"ep_backward_s", r.stage_ep_backward_s[s]}});
+    j["stages"] = stages;
+    return j;
+}
+
+SimOptions options_of(const Args& a) {
+    SimOptions o;
+    o.global_batch = a.global_batch;
+    o.mb_sequences = a.mb_sequences;
+    o.fp8 = !a.no_fp8;
+    o.recompute = !a.no_recompute;
+    o.dispatch = a.dispatch;
+    o.partition = a.partition;
+    o.pipelined_hops = !a.sequential_hops;
+    o.comm_sms = a.comm_sms;
+    o.elem_bytes = a.elem_bytes;
+    o.free_communication = a.free_comm;
+    o.ignore_memory = a.ignore_memory;
+    return o;
+}
+
+void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig& cl, const Args& a,
+                  const std::string& kind, double seconds) {
+    fmt::print("# duplex simulate: {} ({:.0f}B parameters, {:.1f}B activated) on {} ({} GPUs, {} per node, {})\n",
+               m.name, m.total_params() / 1e9, m.activated_params() / 1e9, cl.name, r.gpus, cl.device.gpus_per_node,
+               cl.device.name);
+    fmt::print("# {} PP={} x DP={} (EP={}, expert-DP={}), {} microbatches of {} x {} tokens per replica; {}{}, {} SMs "
+               "for communication, {} dispatch\n",
+               kind, r.pp, r.dp, r.ep, r.edp, r.microbatches, a.mb_sequences, m.seq_len, a.no_fp8 ? "BF16" : "FP8",
+               a.no_recompute ? "" : " + recompute", a.comm_sms >= 0 ? a.comm_sms : cl.device.comm_sms, a.dispatch);
+    auto mem = r.memory_per_gpu_bytes;
+    std::string mem_line = fmt::format(
+        "{} GB of {} GB: parameters {}, gradients {}, optimizer {}, activations {}, communication buffers {}",
+        gb(r.memory_total_bytes), gb(r.memory_capacity_bytes), gb(mem["parameters"]), gb(mem["gradients"]),
+        gb(mem["optimizer"]), gb(mem["activations"]), gb(mem["communication_buffers"]));
+    if (!r.fits && !a.ignore_memory) {
+        fmt::print("DOES NOT FIT   memory per GPU {}\n", mem_line);
+        return;
+    }
+    fmt::print("step time      {:.3f} s (pipeline {:.3f} s + gradient sync {:.3f} s)\n", r.step_time_s, r.pipeline_s,
+               r.exposed_comm_s.at("data_parallel"));
+    fmt::print("bubble         {:.1f}% of the pipeline\n", 100 * r.bubble_fraction);
+    fmt::print("exposed comm   expert {:.3f} s, pipeline {:.3f} s, data-parallel {:.3f} s\n",
+               r.exposed_comm_s.at("expert"), r.exposed_comm_s.at("pipeline"), r.exposed_comm_s.at("data_parallel"));
+    fmt::print("throughput     {:.0f} tokens/s/GPU, {:.0f} TFLOP/s/GPU achieved (MFU {:.1f}% of {:.0f} TFLOP/s BF16)\n",
+               r.tokens_per_s_per_gpu, r.achieved_flops_s / 1e12, 100 * r.mfu, cl.device.bf16_flops / 1e12);
+    fmt::print("cost           {:.1f}K GPU-hours per trillion tokens{}\n", r.gpu_hours_per_trillion_tokens / 1e3,
+               m.name == "deepseek-v3" ? fmt::format(" (published for DeepSeek-V3 on H800: 180K, {:+.1f}%)",
+                                                     100 * (r.gpu_hours_per_trillion_tokens / 180e3 - 1))
+                                       : "");
+    fmt::print("memory per GPU {}{}\n", mem_line, r.fits ? "" : "  -- DOES NOT FIT (simulated anyway: --ignore-memory)");
+    int mid = r.pp / 2;
+    fmt::print("stage {} chunk F {:.2f} ms, B {:.2f} ms (W {:.2f} ms); expert exchanges per chunk: forward {:.2f} ms, "
+               "backward {:.2f} ms; P2P {:.3f} ms\n",
+               mid, r.stage_costs[mid].f * 1e3, r.stage_costs[mid].b * 1e3, r.stage_costs[mid].w * 1e3,
+               r.stage_ep_forward_s[mid] * 1e3, r.stage_ep_backward_s[mid] * 1e3, r.p2p_s * 1e3);
+    fmt::print("# simulated in {:.3f} s\n", seconds);
+}
+
+int run(const Args& a) {
+    check_writable(a.svg, "--svg");
+    check_writable(a.trace, "--trace");
+    check_writable(a.json, "--json");
+    ModelConfig m = ModelConfig::preset(a.model);
+    if (a.dense_layers >= 0) {
+        DUPLEX_CHECK_ARG(a.dense_layers <= m.layers, "--dense-layers", "{} exceeds the {} layers", a.dense_layers,
+                         m.layers);
+        m.dense_layers = a.dense_layers;
+    }
+    ClusterConfig cl = ClusterConfig::preset(a.cluster);
+    if (!a.device.empty()) {
+        int gpn = cl.device.gpus_per_node;
+        cl.device = CostModel::preset(a.device).device();
+        cl.device.gpus_per_node = gpn;
+    }
+    if (a.gpus > 0) cl.gpus = a.gpus;
+    if (a.gpus_per_node > 0) cl.device.gpus_per_node = a.gpus_per_node;
+    DUPLEX_CHECK_ARG(a.time_scale > 0, "--time-scale", "must be positive, got {}", a.time_scale);
+    cl.device.time_scale = a.time_scale;
+    auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
+    auto kinds = split_list(a.schedule);
+    for (const auto& k : kinds) sched::kind_from_name(k);  // ConfigError for an unknown name
+    bool sweep = pps.size() * eps.size() * mbs.size() * kinds.size() > 1;
+    SimOptions base = options_of(a);
+
+    if (!sweep) {
+        SimOptions o = base;
+        o.schedule = sched::kind_from_name(kinds[0]);
+        o.pp = pps[0];
+        o.ep = eps[0];
+        o.microbatches = mbs[0];
+        Stopwatch sw;
+        SimResult r = simulate(m, cl, o);
+        double seconds = sw.seconds();
+        print_report(r, m, cl, a, kinds[0], seconds);
+        if (!a.json.empty()) {
+            write_text_file(a.json, result_json(r, m, cl, kinds[0], r.fits || a.ignore_memory).dump(1) + "\n", "--json");
+            fmt::print("# metrics written to {}\n", a.json);
+        }
+        if (!r.fits && !a.ignore_memory) {
+            fmt::print(stderr,
+                       "duplex simulate: the layout does not fit in {} GB per GPU (needs {} GB); change PP/EP/"
+                       "microbatch size or pass --ignore-memory to simulate it anyway\n",
+                       gb(r.memory_capacity_bytes), gb(r.memory_total_bytes));
+            return 3;
+        }
+        if (!a.svg.empty() || !a.trace.empty()) {
+            // Times in units of the middle stage's forward chunk, so the drawing reads like the schedule figures.
+            double unit = std::max(r.stage_costs[r.pp / 2].f, 1e-12);
+            sched::Replay scaled = r.replay;
+            scaled.makespan /= unit;
+            for (auto& v : scaled.idle) v /= unit;
+            for (auto& v : scaled.busy) v /= unit;
+            for (auto& rank : scaled.spans)
+                for (auto& sp : rank) sp.start /= unit, sp.end /= unit;
+            const ChunkCosts& c = r.stage_costs[r.pp / 2];
+            sched::Costs costs{1, c.b / unit, c.w / unit, -1, 0};
+            if (!a.svg.empty()) {
+                write_text_file(a.svg, sched::render_svg(r.schedule, scaled, costs), "--svg");
+                fmt::print("# timeline written to {} (time unit: stage {} forward chunk, {:.2f} ms)\n", a.svg, r.pp / 2,
+                           unit * 1e3);
+            }
+            if (!a.trace.empty()) {
+                write_text_file(a.trace, sim_trace_json(r), "--trace");
+                fmt::print("# trace written to {} (open in ui.perfetto.dev)\n", a.trace);
+            }
+        }
+        return 0;
+    }
+
+    // Sweep: every combination; layouts that cannot run are listed with the reason, the rest go to the CSV.
+    struct Row {
+        std::string kind;
+        int pp, ep, mb;
+        SimResult r;
+    };
+    std::vector<Row> rows;
+    std::vector<std::string> rejected;
+    Stopwatch sw;
+    size_t total = pps.size() * eps.size() * mbs.size() * kinds.size(), done = 0;
+    for (const auto& k : kinds)
+        for (int pp : pps)
+            for (int ep : eps)
+                for (int mb : mbs) {
+                    SimOptions o = base;
+                    o.schedule = sched::kind_from_name(k);
+                    o.pp = pp;
+                    o.ep = ep;
+                    o.microbatches = mb;
+                    o.ignore_memory = true;  // the CSV shows the time of every layout, with whether it fits
+                    ++done;
+                    try {
+                        rows.push_back({k, pp, ep, mb, simulate(m, cl, o)});
+                    } catch (const ConfigError& e) {
+                        rejected.push_back(fmt::format("{} pp {} ep {} mb {}: {}", k, pp, ep, mb, e.what()));
+                    }
+                    if (done % 100 == 0)
+                        fmt::print(stderr, "# sweep: {}/{} layouts, {:.1f} s\n", done, total, sw.seconds());
+                }
+    std::string csv =
+        "schedule,pp,ep,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
+        "gpu_hours_per_trillion_tokens,exposed_expert_s,exposed_pipeline_s,exposed_dp_s,memory_gb,fits\n";
+    for (const Row& w : rows)
+        csv += fmt::format("{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n", w.kind,
+                           w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
+                           w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens, w.r.exposed_comm_s.at("expert"),
+                           w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
+                           w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
+    write_text_file(a.csv, csv, "--csv");
+    fmt::print("# swept {} layouts of {} on {} in {:.2f} s ({} could not run); CSV: {}\n", total, m.name, cl.name,
+               sw.seconds(), rejected.size(), a.csv);
+    for (size_t i = 0; i < std::min<size_t>(rejected.size(), 5); ++i) fmt::print("#   rejected: {}\n", rejected[i]);
+    std::vector<const Row*> fit;
+    for (const Row& w : rows)
+        if (w.r.fits) fit.push_back(&w);
+    std::sort(fit.begin(), fit.end(),
+              [](const Row* x, const Row* y) { return x->r.tokens_per_s_per_gpu > y->r.tokens_per_s_per_gpu; });
+    fmt::print("# best layouts that fit in {} GB ({} of {}):\n", gb(cl.device.memory_bytes), fit.size(), rows.size());
+    fmt::print("{:>10} {:>4} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp", "ep", "dp", "mb",
+               "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
+    for (size_t i = 0; i < std::min<size_t>(fit.size(), size_t(a.top)); ++i) {
+        const Row& w = *fit[i];
+        fmt::print("{:>10} {:>4} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n", w.kind,
+                   w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
+                   w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens / 1e3, w.r.memory_total_bytes / 1e9);
+    }
+    return 0;
+}
+
+}  // namespace
+
+Command add_simulate(CLI::App& app) {
+    auto a = std::make_shared<Args>();
+    auto* cmd = app.add_subcommand(
+        "simulate",
+        "Predict step time, bubbles, exposed communication, MFU, GPU-hours and memory of a model on a cluster by "
+        "replaying the executor's schedules against the cost model. Comma lists in --pp/--ep/--microbatches/"
+        "--schedule sweep every combination to a CSV and print the best layouts that fit.");
+    cmd->add_option("--model", a->model, "deepseek-v3, small, tiny, or a model .json")->capture_default_str();
+    cmd->add_option("--cluster", a->cluster, "DEVICExGPUS (h800x2048, h100x1024, h200x64, ...) or a cluster .json")
+        ->capture_default_str();
+    cmd->add_option("--device", a->device, "override the cluster's device preset (h800, h100, h200, or a .json)");
+    cmd->add_option("--gpus", a->gpus, "override the cluster's GPU count");
+    cmd->add_option("--gpus-per-node", a->gpus_per_node, "override GPUs per node (default 8)");
+    cmd->add_option("--pp", a->pp, "pipeline stages (a comma list sweeps)")->capture_default_str();
+    cmd->add_option("--ep", a->ep, "expert parallelism inside a stage's DP ranks (a comma list sweeps)")
+        ->capture_default_str();
+    cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe, dualpipev (a comma list sweeps)")
+        ->capture_default_str();
+    cmd->add_option("--microbatches", a->microbatches,
+                    "per DP replica; 0: global batch / (DP x sequences per microbatch) (a comma list sweeps)")
+        ->capture_default_str();
+    cmd->add_option("--global-batch", a->global_batch, "sequences per step")->capture_default_str();
+    cmd->add_option("--mb-sequences", a->mb_sequences, "sequences per microbatch")->capture_default_str();
+    cmd->add_flag("--no-fp8", a->no_fp8, "linear layers in BF16 (default: FP8 GEMMs, FP8 dispatch)");
+    cmd->add_flag("--no-recompute", a->no_recompute, "keep every activation (default: recompute the cheap ones)");
+    cmd->add_option("--comm-sms", a->comm_sms, "SMs reserved for expert communication (default: the device's, 20)");
+    cmd->add_option("--dispatch", a->dispatch, "hierarchical (node-limited, two hops) or flat")->capture_default_str();
+    cmd->add_option("--partition", a->partition,
+                    "layers per stage: balanced (minimize the slowest stage) or uniform (as the executor splits)")
+        ->capture_default_str();
+    cmd->add_flag("--sequential-hops", a->sequential_hops,
+                  "hierarchical exchanges: the intra-node hop after the inter-node one (the CPU executor), not "
+                  "pipelined with it (GPU kernels)");
+    cmd->add_option("--dense-layers", a->dense_layers, "override the model's leading dense layers");
+    cmd->add_option("--elem-bytes", a->elem_bytes, "bytes per activation element on the wire (2: BF16; 4 to match "
+                                                   "fp32 emulate runs)")
+        ->capture_default_str();
+    cmd->add_option("--time-scale", a->time_scale, "multiply every duration (to compare with emulate mode)")
+        ->capture_default_str();
+    cmd->add_flag("--free-comm", a->free_comm, "every transfer and exchange costs nothing (validation)");
+    cmd->add_flag("--ignore-memory", a->ignore_memory, "simulate a layout that does not fit in GPU memory");
+    cmd->add_option("--svg", a->svg, "write the replayed pipeline as an SVG timeline");
+    cmd->add_option("--trace", a->trace, "write the replayed pipeline as Chrome-trace JSON");
+    cmd->add_option("--json", a->json, "write the result as JSON");
+    cmd->add_option("--csv", a->csv, "sweep: where the CSV goes")->capture_default_str();
+    cmd->add_option("--top", a->top, "sweep: how many of the best layouts to print")->capture_default_str();
+    return [a] { return run(*a); };
+}
+
+}  // namespace duplex::tools
