@@ -290,6 +290,7 @@ Command add_simulate(CLI::App& app) {
         "Predict step time, bubbles, exposed communication, MFU, GPU-hours and memory of a model on a cluster by "
         "replaying the executor's schedules against the cost model. Comma lists in --pp/--ep/--microbatches/"
         "--schedule sweep every combination to a CSV and print the best layouts that fit.");
+    cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later flag overrides
     cmd->add_option("--model", a->model, "deepseek-v3, small, tiny, or a model .json")->capture_default_str();
     cmd->add_option("--cluster", a->cluster, "DEVICExGPUS (h800x2048, h100x1024, h200x64, ...) or a cluster .json")
         ->capture_default_str();
