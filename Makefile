@@ -45,6 +45,7 @@ bench: build
 	@./scripts/bench-ema $(BUILD)
 	@./scripts/bench-emulate $(BUILD)
 	@./scripts/bench-dispatch $(BUILD)
+	@./scripts/bench-simulate $(BUILD)
 
 clean:
 	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
