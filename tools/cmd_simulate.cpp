@@ -25,6 +25,7 @@ struct Args {
     std::string pp = "16", ep = "64", schedule = "dualpipe", microbatches = "0";
     int global_batch = 15360, mb_sequences = 1;
     bool no_fp8 = false, no_recompute = false, free_comm = false, ignore_memory = false, sequential_hops = false;
+    bool sweep = false;
     int comm_sms = -1;
     int dense_layers = -1;
     std::string dispatch = "hierarchical";
@@ -174,7 +175,7 @@ int run(const Args& a) {
     auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
     auto kinds = split_list(a.schedule);
     for (const auto& k : kinds) sched::kind_from_name(k);  // ConfigError for an unknown name
-    bool sweep = pps.size() * eps.size() * mbs.size() * kinds.size() > 1;
+    bool sweep = a.sweep || pps.size() * eps.size() * mbs.size() * kinds.size() > 1;
     SimOptions base = options_of(a);
 
     if (!sweep) {
@@ -328,6 +329,8 @@ Command add_simulate(CLI::App& app) {
     cmd->add_option("--svg", a->svg, "write the replayed pipeline as an SVG timeline");
     cmd->add_option("--trace", a->trace, "write the replayed pipeline as Chrome-trace JSON");
     cmd->add_option("--json", a->json, "write the result as JSON");
+    cmd->add_flag("--sweep", a->sweep, "sweep mode even for single values (lists in --pp/--ep/--microbatches/--schedule "
+                                     "sweep by themselves)");
     cmd->add_option("--csv", a->csv, "sweep: where the CSV goes")->capture_default_str();
     cmd->add_option("--top", a->top, "sweep: how many of the best layouts to print")->capture_default_str();
     return [a] { return run(*a); };
