@@ -3,15 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "core/dtype.hpp"
-#include "core/error.hpp"
-
-#define DUPLEX_CUDA_CHECK(call)                                                                        \
-    do {                                                                                               \
-        cudaError_t duplex_cuda_rc_ = (call);                                                          \
-        if (duplex_cuda_rc_ != cudaSuccess)                                                            \
-            ::duplex::throw_api_error("CUDA", #call, duplex_cuda_rc_, cudaGetErrorString(duplex_cuda_rc_), \
-                                      __FILE__, __LINE__);                                             \
-    } while (0)
+#include "kernels/cuda/check.cuh"
 
 namespace duplex {
 

@@ -1,0 +1,75 @@
+#include "kernels/cpu/permute.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.hpp"
+
+namespace duplex::kernels {
+
+DispatchLayout dispatch_layout(const std::vector<int>& dest, int num_peers) {
+    DUPLEX_CHECK_ARG(num_peers >= 1, "dispatch layout", "needs at least one peer, got {}", num_peers);
+    DispatchLayout l;
+    l.num_peers = num_peers;
+    l.counts.assign(num_peers, 0);
+    for (size_t i = 0; i < dest.size(); ++i) {
+        DUPLEX_CHECK_ARG(dest[i] >= 0 && dest[i] < num_peers, "dispatch layout",
+                         "item {} goes to peer {} outside 0..{}", i, dest[i], num_peers - 1);
+        ++l.counts[dest[i]];
+    }
+    l.offsets.assign(num_peers + 1, 0);
+    for (int p = 0; p < num_peers; ++p) l.offsets[p + 1] = l.offsets[p] + l.counts[p];
+    std::vector<int64_t> next(l.offsets.begin(), l.offsets.end() - 1);
+    l.item_row.resize(dest.size());
+    for (size_t i = 0; i < dest.size(); ++i) l.item_row[i] = next[dest[i]]++;
+    return l;
+}
+
+void node_items(const std::vector<int>& expert, int tokens, int top_k, int experts_per_rank, int ranks_per_node,
+                std::vector<int>& dest_node, std::vector<int>& src_token) {
+    DUPLEX_CHECK_ARG(experts_per_rank >= 1 && ranks_per_node >= 1, "node items", "needs positive group sizes");
+    DUPLEX_CHECK_ARG(expert.size() == size_t(tokens) * top_k, "node items", "{} slots for {} tokens x top-{}",
+                     expert.size(), tokens, top_k);
+    dest_node.clear();
+    src_token.clear();
+    std::vector<int> seen;
+    for (int t = 0; t < tokens; ++t) {
+        seen.clear();
+        for (int k = 0; k < top_k; ++k) {
+            int node = (expert[size_t(t) * top_k + k] / experts_per_rank) / ranks_per_node;
+            if (std::find(seen.begin(), seen.end(), node) != seen.end()) continue;
+            seen.push_back(node);
+            dest_node.push_back(node);
+            src_token.push_back(t);
+        }
+    }
+}
+
+void permute_rows(const float* x, int dim, const std::vector<int>& src_row, const DispatchLayout& layout, float* send) {
+    DUPLEX_CHECK_ARG(src_row.size() == layout.item_row.size(), "permute", "{} source rows for {} items",
+                     src_row.size(), layout.item_row.size());
+    for (size_t i = 0; i < src_row.size(); ++i)
+        std::memcpy(send + size_t(layout.item_row[i]) * dim, x + size_t(src_row[i]) * dim, sizeof(float) * dim);
+}
+
+void combine_rows(const float* recv, int dim, const DispatchLayout& layout, const float* gates, int tokens, int top_k,
+                  float* y) {
+    DUPLEX_CHECK_ARG(layout.item_row.size() == size_t(tokens) * top_k, "combine", "{} items for {} tokens x top-{}",
+                     layout.item_row.size(), tokens, top_k);
+    for (int t = 0; t < tokens; ++t) {
+        float* yt = y + size_t(t) * dim;
+        std::fill(yt, yt + dim, 0.0f);
+        for (int k = 0; k < top_k; ++k) {
+            size_t slot = size_t(t) * top_k + k;
+            const float* r = recv + size_t(layout.item_row[slot]) * dim;
+            float g = gates[slot];
+            // NOTE: multiply then add, each rounded (no fused multiply-add): the CUDA kernel does the same.
+            for (int c = 0; c < dim; ++c) {
+                volatile float p = g * r[c];
+                yt[c] = yt[c] + p;
+            }
+        }
+    }
+}
+
+}  // namespace duplex::kernels

@@ -1,0 +1,54 @@
+// Expert GEMMs through cuBLAS: BF16 inputs, fp32 accumulation and output. The CPU reference is kernels::gemm on
+// the same BF16 values widened to fp32 (tests/cuda/kernels_test.cpp).
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "kernels/cuda/check.cuh"
+#include "kernels/cuda/kernels.hpp"
+
+#define DUPLEX_CUBLAS_CHECK(call)                                                                          \
+    do {                                                                                                   \
+        cublasStatus_t duplex_cublas_rc_ = (call);                                                         \
+        if (duplex_cublas_rc_ != CUBLAS_STATUS_SUCCESS)                                                    \
+            ::duplex::throw_api_error("cuBLAS", #call, duplex_cublas_rc_,                                  \
+                                      cublasGetStatusString(duplex_cublas_rc_), __FILE__, __LINE__);       \
+    } while (0)
+
+namespace duplex::cuda {
+
+namespace {
+// One handle per thread (cuBLAS handles are not to be shared across threads without care).
+cublasHandle_t handle() {
+    thread_local cublasHandle_t h = [] {
+        cublasHandle_t made = nullptr;
+        DUPLEX_CUBLAS_CHECK(cublasCreate(&made));
+        return made;
+    }();
+    return h;
+}
+}  // namespace
+
+void expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<const uint16_t*>& b,
+                      const std::vector<float*>& c, const std::vector<int>& rows, int k, int n, cudaStream_t stream) {
+    size_t experts = rows.size();
+    DUPLEX_CHECK_ARG(a.size() == experts && b.size() == experts && c.size() == experts, "expert gemm",
+                     "{} A, {} B, {} C matrices for {} experts", a.size(), b.size(), c.size(), experts);
+    DUPLEX_CHECK_ARG(k >= 1 && n >= 1, "expert gemm", "bad inner/outer sizes k {} n {}", k, n);
+    for (size_t e = 0; e < experts; ++e)
+        DUPLEX_CHECK_ARG(rows[e] >= 0, "expert gemm", "expert {} has {} rows", e, rows[e]);
+    cublasHandle_t h = handle();
+    DUPLEX_CUBLAS_CHECK(cublasSetStream(h, stream));
+    const float one = 1.0f, zero = 0.0f;
+    for (size_t e = 0; e < experts; ++e) {
+        if (rows[e] == 0) continue;
+        // Row-major C[m x n] = A[m x k] B[k x n] is column-major C^T[n x m] = B^T[n x k] A^T[k x m].
+        DUPLEX_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, rows[e], k, &one, b[e], CUDA_R_16BF, n, a[e],
+                                         CUDA_R_16BF, k, &zero, c[e], CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT));
+    }
+}
+
+}  // namespace duplex::cuda

@@ -1,0 +1,83 @@
+// The GPU kernels of the expert-parallel path. Host launchers with explicit arguments and a stream (pointers are
+// device pointers unless named host_*); each one validates its arguments on the host and throws ConfigError
+// before anything is launched. Every kernel has a CPU reference (kernels/cpu/) and a test comparing the two
+// (tests/cuda/, ctest label `gpu`, skipped without a device).
+//
+//   FP8:      quantize_fp8_1x128 / dequantize_fp8_1x128 (activations), *_128x128 (weights) — bit-equal to the
+//             CPU reference (same e4m3 conversion, IEEE division).
+//   permute:  permute_rows / combine_rows — the dispatch layout of kernels/cpu/permute.hpp; combine multiplies
+//             and adds without fusing, in slot order, so it is bit-equal to the CPU reference.
+//   exchange: exchange_rows — the warp-specialized all-to-all of dispatch and combine between "virtual ranks"
+//             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs.
+//   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products through cuBLAS, BF16 in, fp32 out.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/permute.hpp"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace duplex::cuda {
+
+// ---- FP8 (e4m3, fp32 scales) ----
+void quantize_fp8_1x128(const float* x, int rows, int cols, uint8_t* q, float* scales, cudaStream_t stream);
+void dequantize_fp8_1x128(const uint8_t* q, const float* scales, int rows, int cols, float* x, cudaStream_t stream);
+void quantize_fp8_128x128(const float* w, int rows, int cols, uint8_t* q, float* scales, cudaStream_t stream);
+void dequantize_fp8_128x128(const uint8_t* q, const float* scales, int rows, int cols, float* w, cudaStream_t stream);
+
+// ---- permute / combine ----
+// A dispatch layout uploaded to the device (item_row only; the counts stay on the host).
+class DeviceLayout {
+public:
+    explicit DeviceLayout(const kernels::DispatchLayout& layout);
+    ~DeviceLayout();
+    DeviceLayout(const DeviceLayout&) = delete;
+    DeviceLayout& operator=(const DeviceLayout&) = delete;
+    const int64_t* item_row() const { return item_row_; }
+    int64_t num_items() const { return num_items_; }
+    int64_t num_rows() const { return num_rows_; }
+
+private:
+    int64_t* item_row_ = nullptr;
+    int64_t num_items_ = 0, num_rows_ = 0;
+};
+
+// send[item_row[i]] = x[src_row[i]]; src_row has layout.num_items() entries (device).
+void permute_rows(const float* x, int dim, const int* src_row, const DeviceLayout& layout, float* send,
+                  cudaStream_t stream);
+// y[t] = sum_k gates[t, k] * recv[item_row[t * top_k + k]] (k in order, unfused), for a layout over slots.
+void combine_rows(const float* recv, int dim, const DeviceLayout& layout, const float* gates, int tokens, int top_k,
+                  float* y, cudaStream_t stream);
+
+// ---- exchange between virtual ranks ----
+struct ExchangeConfig {
+    int num_sms = 20;           // blocks of the kernel: the SMs it may occupy (DeepSeek-V3: 20 of 132)
+    int rows_per_chunk = 4;     // rows per queue slot
+    int queue_chunks = 8;       // slots per channel queue
+    double timeout_s = 10;      // a stalled queue fails the call instead of hanging
+};
+// Per rank r: send[r] holds its rows grouped by destination (send_offsets[r][p] .. +send_counts[r][p] go to p);
+// recv[r] receives them source-major: rows from rank 0 first, then rank 1, ... Every (source, destination)
+// pair is a channel with a chunked queue in the destination's memory; in each block one warp per channel
+// sends (source buffer -> queue) and one receives (queue -> destination buffer). Returns the kernel's time in
+// seconds. ConfigError (before launch) for an SM budget beyond the device, counts that do not fit the buffers
+// (recv_capacity_rows[r] rows), or a bad configuration; CommError when a queue stalls past the timeout.
+double exchange_rows(const std::vector<const float*>& send, const std::vector<std::vector<int64_t>>& send_offsets,
+                     const std::vector<std::vector<int64_t>>& send_counts, const std::vector<float*>& recv,
+                     const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,
+                     cudaStream_t stream);
+// The host-side checks of exchange_rows, callable without a device (device_sms: the device's SM count).
+void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send_counts,
+                    const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,
+                    int device_sms);
+
+// ---- expert GEMMs (cuBLAS, BF16 in, fp32 accumulate and out) ----
+// For each expert e: c[e] [rows[e] x n] = a[e] [rows[e] x k] * b[e] [k x n], row-major. a and b hold BF16 bit
+// patterns (uint16_t). Experts with zero rows are skipped.
+void expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<const uint16_t*>& b,
+                      const std::vector<float*>& c, const std::vector<int>& rows, int k, int n, cudaStream_t stream);
+
+}  // namespace duplex::cuda

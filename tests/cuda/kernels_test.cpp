@@ -1,0 +1,238 @@
+// Every CUDA kernel against its CPU reference (ctest label `gpu`): FP8 bit for bit, permute/combine bit for bit,
+// the exchange equal to a plain copy under several SM budgets, the expert GEMM within BF16 tolerance. Tests that
+// need a device skip without one; the argument checks run everywhere.
+#include "kernels/cuda/kernels.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstring>
+
+#include <gtest/gtest.h>
+
+#include "core/clock.hpp"
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "kernels/cpu/ops.hpp"
+#include "kernels/cpu/permute.hpp"
+#include "kernels/cuda/device.hpp"
+
+namespace duplex::cuda {
+namespace {
+
+bool have_gpu() { return !cuda_devices().empty(); }
+
+#define NEED_GPU() \
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+// A device copy of a host vector, copied back on demand.
+template <typename T>
+class Dev {
+public:
+    explicit Dev(size_t n) : n_(n) {
+        if (n_ && cudaMalloc(&p_, n_ * sizeof(T)) != cudaSuccess) throw Error("cudaMalloc failed");
+    }
+    explicit Dev(const std::vector<T>& v) : Dev(v.size()) {
+        if (n_) cudaMemcpy(p_, v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice);
+    }
+    ~Dev() {
+        if (p_) cudaFree(p_);
+    }
+    T* get() { return p_; }
+    size_t size() const { return n_; }
+    std::vector<T> host() const {
+        std::vector<T> v(n_);
+        if (n_) cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost);
+        return v;
+    }
+
+private:
+    T* p_ = nullptr;
+    size_t n_;
+};
+
+std::vector<float> random_floats(size_t n, uint64_t seed) {
+    Rng rng(seed);
+    std::vector<float> v(n);
+    for (float& x : v) x = float(rng.normal() * std::pow(2.0, double(rng.below(12)) - 6));
+    return v;
+}
+
+TEST(CudaFp8, ActivationTilesMatchTheCpuBitForBit) {
+    NEED_GPU();
+    const int rows = 67, cols = 512;
+    auto x = random_floats(size_t(rows) * cols, 5);
+    std::vector<uint8_t> q(x.size());
+    std::vector<float> s(size_t(rows) * cols / 128), back(x.size());
+    kernels::quantize_fp8_1x128(x.data(), rows, cols, q.data(), s.data());
+    kernels::dequantize_fp8_1x128(q.data(), s.data(), rows, cols, back.data());
+    Dev<float> dx(x), ds(s.size()), dback(x.size());
+    Dev<uint8_t> dq(q.size());
+    quantize_fp8_1x128(dx.get(), rows, cols, dq.get(), ds.get(), nullptr);
+    dequantize_fp8_1x128(dq.get(), ds.get(), rows, cols, dback.get(), nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(dq.host(), q);
+    EXPECT_EQ(ds.host(), s);
+    EXPECT_EQ(dback.host(), back);
+}
+
+TEST(CudaFp8, WeightBlocksMatchTheCpuBitForBit) {
+    NEED_GPU();
+    const int rows = 256, cols = 384;
+    auto w = random_floats(size_t(rows) * cols, 6);
+    std::vector<uint8_t> q(w.size());
+    std::vector<float> s(size_t(rows / 128) * (cols / 128)), back(w.size());
+    kernels::quantize_fp8_128x128(w.data(), rows, cols, q.data(), s.data());
+    kernels::dequantize_fp8_128x128(q.data(), s.data(), rows, cols, back.data());
+    Dev<float> dw(w), ds(s.size()), dback(w.size());
+    Dev<uint8_t> dq(q.size());
+    quantize_fp8_128x128(dw.get(), rows, cols, dq.get(), ds.get(), nullptr);
+    dequantize_fp8_128x128(dq.get(), ds.get(), rows, cols, dback.get(), nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(dq.host(), q);
+    EXPECT_EQ(ds.host(), s);
+    EXPECT_EQ(dback.host(), back);
+}
+
+TEST(CudaFp8, RejectsWidthsThatAreNotTiles) {
+    // Checked on the host before any launch: no device needed.
+    EXPECT_THROW(quantize_fp8_1x128(nullptr, 4, 100, nullptr, nullptr, nullptr), ConfigError);
+    EXPECT_THROW(quantize_fp8_128x128(nullptr, 100, 128, nullptr, nullptr, nullptr), ConfigError);
+}
+
+TEST(CudaPermute, PermuteAndCombineMatchTheCpuBitForBit) {
+    NEED_GPU();
+    const int tokens = 300, top_k = 8, dim = 136, peers = 16;
+    Rng rng(9);
+    auto x = random_floats(size_t(tokens) * dim, 7);
+    std::vector<float> gates(size_t(tokens) * top_k);
+    for (float& g : gates) g = float(rng.uniform());
+    std::vector<int> dest(gates.size()), src(gates.size());
+    for (size_t i = 0; i < dest.size(); ++i) dest[i] = int(rng.below(peers)), src[i] = int(i / top_k);
+    kernels::DispatchLayout l = kernels::dispatch_layout(dest, peers);
+    std::vector<float> send(size_t(l.num_rows()) * dim), y(x.size());
+    kernels::permute_rows(x.data(), dim, src, l, send.data());
+    kernels::combine_rows(send.data(), dim, l, gates.data(), tokens, top_k, y.data());
+    DeviceLayout dl(l);
+    Dev<float> dx(x), dsend(send.size()), dgates(gates), dy(y.size());
+    Dev<int> dsrc(src);
+    permute_rows(dx.get(), dim, dsrc.get(), dl, dsend.get(), nullptr);
+    combine_rows(dsend.get(), dim, dl, dgates.get(), tokens, top_k, dy.get(), nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(dsend.host(), send);
+    EXPECT_EQ(dy.host(), y);
+}
+
+struct ExchangeCase {
+    std::vector<std::vector<int64_t>> counts, offsets;
+    std::vector<int64_t> send_rows, recv_rows;
+};
+
+ExchangeCase random_exchange(int ranks, uint64_t seed) {
+    Rng rng(seed);
+    ExchangeCase c;
+    c.counts.assign(ranks, std::vector<int64_t>(ranks));
+    c.offsets.assign(ranks, std::vector<int64_t>(ranks));
+    c.send_rows.assign(ranks, 0);
+    c.recv_rows.assign(ranks, 0);
+    for (int s = 0; s < ranks; ++s)
+        for (int d = 0; d < ranks; ++d) {
+            c.counts[s][d] = int64_t(rng.below(200));  // zero included
+            c.offsets[s][d] = c.send_rows[s];
+            c.send_rows[s] += c.counts[s][d];
+            c.recv_rows[d] += c.counts[s][d];
+        }
+    return c;
+}
+
+TEST(CudaExchange, EqualsAPlainCopyUnderEverySmBudget) {
+    NEED_GPU();
+    const int ranks = 8, dim = 96;
+    ExchangeCase c = random_exchange(ranks, 21);
+    std::vector<std::vector<float>> host_send(ranks);
+    std::vector<std::unique_ptr<Dev<float>>> send, recv;
+    std::vector<const float*> send_ptr;
+    std::vector<float*> recv_ptr;
+    for (int r = 0; r < ranks; ++r) {
+        host_send[r] = random_floats(size_t(c.send_rows[r]) * dim, 100 + r);
+        send.push_back(std::make_unique<Dev<float>>(host_send[r]));
+        recv.push_back(std::make_unique<Dev<float>>(size_t(c.recv_rows[r]) * dim));
+        send_ptr.push_back(send.back()->get());
+        recv_ptr.push_back(recv.back()->get());
+    }
+    // The reference: destination d gets source 0's rows for d, then source 1's, ...
+    std::vector<std::vector<float>> want(ranks);
+    for (int d = 0; d < ranks; ++d)
+        for (int s = 0; s < ranks; ++s)
+            want[d].insert(want[d].end(), host_send[s].begin() + c.offsets[s][d] * dim,
+                           host_send[s].begin() + (c.offsets[s][d] + c.counts[s][d]) * dim);
+    for (int sms : {1, 4, 20, 32}) {
+        ExchangeConfig cfg;
+        cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
+        cfg.rows_per_chunk = 3;
+        cfg.queue_chunks = 2;  // small queues: senders wait on receivers
+        for (auto& b : recv) cudaMemset(b->get(), 0xFF, b->size() * sizeof(float));  // stale results must not pass
+        exchange_rows(send_ptr, c.offsets, c.counts, recv_ptr, c.recv_rows, dim, cfg, nullptr);
+        for (int d = 0; d < ranks; ++d) ASSERT_EQ(recv[d]->host(), want[d]) << "rank " << d << ", " << sms << " SMs";
+    }
+}
+
+TEST(CudaExchange, RejectsBadBudgetsAndBuffersBeforeLaunch) {
+    // Host-side checks: no device needed (132 SMs stands for an H800/H100).
+    ExchangeCase c = random_exchange(4, 3);
+    ExchangeConfig cfg;
+    EXPECT_NO_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132));
+    cfg.num_sms = 133;
+    EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
+    cfg.num_sms = 0;
+    EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
+    cfg.num_sms = 20;
+    auto small = c.recv_rows;
+    small[2] -= 1;
+    EXPECT_THROW(check_exchange(4, c.counts, small, 64, cfg, 132), ConfigError);
+    cfg.queue_chunks = 0;
+    EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
+}
+
+TEST(CudaGemm, ExpertGemmsMatchTheCpuWithinBf16Tolerance) {
+    NEED_GPU();
+    const int k = 256, n = 192;
+    std::vector<int> rows = {0, 17, 64, 130};
+    Rng rng(4);
+    std::vector<std::vector<uint16_t>> a(rows.size()), b(rows.size());
+    std::vector<std::unique_ptr<Dev<uint16_t>>> da, db;
+    std::vector<std::unique_ptr<Dev<float>>> dc;
+    std::vector<const uint16_t*> pa, pb;
+    std::vector<float*> pc;
+    for (size_t e = 0; e < rows.size(); ++e) {
+        a[e].resize(size_t(rows[e]) * k);
+        b[e].resize(size_t(k) * n);
+        for (auto& v : a[e]) v = fp32_to_bf16(float(rng.normal()));
+        for (auto& v : b[e]) v = fp32_to_bf16(float(rng.normal() * 0.1));
+        da.push_back(std::make_unique<Dev<uint16_t>>(a[e]));
+        db.push_back(std::make_unique<Dev<uint16_t>>(b[e]));
+        dc.push_back(std::make_unique<Dev<float>>(size_t(rows[e]) * n));
+        pa.push_back(da.back()->get());
+        pb.push_back(db.back()->get());
+        pc.push_back(dc.back()->get());
+    }
+    expert_gemm_bf16(pa, pb, pc, rows, k, n, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    for (size_t e = 0; e < rows.size(); ++e) {
+        std::vector<float> got = dc[e]->host();
+        for (int i = 0; i < rows[e]; ++i)
+            for (int j = 0; j < n; ++j) {
+                double want = 0, mag = 0;
+                for (int t = 0; t < k; ++t) {
+                    double p = double(bf16_to_fp32(a[e][size_t(i) * k + t])) * bf16_to_fp32(b[e][size_t(t) * n + j]);
+                    want += p;
+                    mag += std::fabs(p);
+                }
+                // fp32 accumulation of exact BF16 products: k = 256 roundings of 2^-24 at most.
+                ASSERT_NEAR(got[size_t(i) * n + j], want, 1e-4 * mag + 1e-6) << "expert " << e;
+            }
+    }
+}
+
+}  // namespace
+}  // namespace duplex::cuda

@@ -1,0 +1,66 @@
+// The CPU reference of dispatch permutation and combine: layouts, round trips, fixed-order sums.
+#include "kernels/cpu/permute.hpp"
+
+#include <gtest/gtest.h>
+
+#include "core/clock.hpp"
+#include "core/error.hpp"
+
+namespace duplex::kernels {
+namespace {
+
+TEST(Permute, LayoutGroupsItemsByPeerInOrder) {
+    DispatchLayout l = dispatch_layout({2, 0, 2, 1, 0}, 3);
+    EXPECT_EQ(l.counts, (std::vector<int64_t>{2, 1, 2}));
+    EXPECT_EQ(l.offsets, (std::vector<int64_t>{0, 2, 3, 5}));
+    EXPECT_EQ(l.item_row, (std::vector<int64_t>{3, 0, 4, 2, 1}));
+    EXPECT_EQ(l.num_rows(), 5);
+    EXPECT_THROW(dispatch_layout({0, 3}, 3), ConfigError);
+    EXPECT_THROW(dispatch_layout({-1}, 3), ConfigError);
+    EXPECT_EQ(dispatch_layout({}, 4).num_rows(), 0);
+}
+
+TEST(Permute, PermuteThenCombineSumsGatedRowsPerToken) {
+    const int tokens = 37, top_k = 4, dim = 24, peers = 5;
+    Rng rng(11);
+    std::vector<float> x(size_t(tokens) * dim), gates(size_t(tokens) * top_k);
+    for (float& v : x) v = float(rng.normal());
+    for (float& g : gates) g = float(rng.uniform());
+    std::vector<int> dest(size_t(tokens) * top_k), src(dest.size());
+    for (size_t i = 0; i < dest.size(); ++i) dest[i] = int(rng.below(peers)), src[i] = int(i / top_k);
+    DispatchLayout l = dispatch_layout(dest, peers);
+    std::vector<float> send(size_t(l.num_rows()) * dim, -1.0f);
+    permute_rows(x.data(), dim, src, l, send.data());
+    for (size_t i = 0; i < dest.size(); ++i) {
+        // every item lands in its peer's block, with its token's row
+        EXPECT_GE(l.item_row[i], l.offsets[dest[i]]);
+        EXPECT_LT(l.item_row[i], l.offsets[dest[i] + 1]);
+        for (int c = 0; c < dim; ++c) ASSERT_EQ(send[size_t(l.item_row[i]) * dim + c], x[size_t(src[i]) * dim + c]);
+    }
+    std::vector<float> y(x.size());
+    combine_rows(send.data(), dim, l, gates.data(), tokens, top_k, y.data());
+    for (int t = 0; t < tokens; ++t)
+        for (int c = 0; c < dim; ++c) {
+            float want = 0;
+            for (int k = 0; k < top_k; ++k) {
+                volatile float p = gates[size_t(t) * top_k + k] * x[size_t(t) * dim + c];
+                want = want + p;
+            }
+            ASSERT_EQ(y[size_t(t) * dim + c], want);
+        }
+}
+
+TEST(Permute, NodeItemsCrossToEachTargetNodeOnce) {
+    // 4 ranks of 2 experts, 2 ranks per node: experts 0-3 on node 0, 4-7 on node 1.
+    std::vector<int> expert = {0, 1, 2, 3,   // token 0: node 0 only
+                               1, 5, 6, 2,   // token 1: nodes 0 and 1
+                               7, 4, 5, 6};  // token 2: node 1 only
+    std::vector<int> node, token;
+    node_items(expert, 3, 4, 2, 2, node, token);
+    EXPECT_EQ(node, (std::vector<int>{0, 0, 1, 1}));
+    EXPECT_EQ(token, (std::vector<int>{0, 1, 1, 2}));
+    EXPECT_THROW(node_items(expert, 4, 4, 2, 2, node, token), ConfigError);
+}
+
+}  // namespace
+}  // namespace duplex::kernels
