@@ -20,6 +20,11 @@ namespace {
 
 const Knob<double> kCommTimeout("DUPLEX_COMM_TIMEOUT", 300.0,
                                 "seconds a communication operation may wait for a peer before TimeoutError");
+}  // namespace
+
+double default_comm_timeout() { return kCommTimeout.get(); }
+
+namespace {
 
 // Point-to-point work: the transport request itself.
 class P2PWork : public Work {

@@ -52,6 +52,9 @@ using WorkPtr = std::shared_ptr<Work>;
 // Waits for every work in order; the first failure propagates.
 void wait_all(const std::vector<WorkPtr>& works, double timeout_s = -1);
 
+// DUPLEX_COMM_TIMEOUT: the seconds an operation of any backend waits for a peer by default.
+double default_comm_timeout();
+
 struct CommOptions {
     double timeout_s = -1;  // < 0: DUPLEX_COMM_TIMEOUT (default 300 s)
 };
