@@ -8,7 +8,7 @@ JOBS       ?= $(shell nproc)
 GENERATOR  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 CTEST_ARGS ?= --output-on-failure -j $(JOBS) --timeout 900
 
-.PHONY: all deps build demo test test-asan test-tsan bench clean
+.PHONY: all deps build demo test test-asan test-tsan bench bench-gpu clean
 
 all: build
 
@@ -46,6 +46,9 @@ bench: build
 	@./scripts/bench-emulate $(BUILD)
 	@./scripts/bench-dispatch $(BUILD)
 	@./scripts/bench-simulate $(BUILD)
+
+bench-gpu: build
+	@./scripts/bench-gpu $(BUILD)
 
 clean:
 	@rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)

@@ -9,6 +9,7 @@
 #include "comm/launch.hpp"
 #include "core/error.hpp"
 #include "tools/commands.hpp"
+#include "tools/gpu_commbench.hpp"
 
 namespace duplex::tools {
 
@@ -17,6 +18,9 @@ namespace {
 struct Args {
     LaunchOptions launch;
     CommBenchOptions bench;
+    GpuCommBenchOptions gpu;  // --backend cuda
+    std::string sms = "4,8,16,20,32";
+    bool ranks_given = false;
     int check = 1;
     std::string json;
     bool ceiling = true;
@@ -57,7 +61,42 @@ void print_row(const CommBenchRow& row, const Args& a) {
     std::fflush(stdout);
 }
 
+int run_cuda(Args& a) {
+#ifdef DUPLEX_HAVE_CUDA
+    GpuCommBenchOptions& o = a.gpu;
+    o.op = a.bench.op;
+    o.ranks = a.ranks_given ? a.launch.ranks : 8;
+    o.min_bytes = a.bench.min_bytes;
+    o.max_bytes = a.bench.max_bytes;
+    o.factor = a.bench.factor;
+    o.iters = a.bench.iters;
+    o.warmup = a.bench.warmup;
+    o.check = a.check != 0;
+    o.seed = a.bench.seed;
+    o.json = a.json;
+    o.sms.clear();
+    size_t pos = 0;
+    while (pos <= a.sms.size()) {
+        size_t comma = a.sms.find(',', pos);
+        std::string item = a.sms.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+        try {
+            o.sms.push_back(std::stoi(item));
+        } catch (const std::exception&) {
+            throw ConfigError("--sms", fmt::format("'{}' is not a comma-separated list of SM counts", a.sms));
+        }
+        if (comma == std::string::npos) break;
+        pos = comma + 1;
+    }
+    check_writable(a.json, "--json");
+    return run_gpu_commbench(o);
+#else
+    (void)a;
+    throw ConfigError("--backend", "cuda is not built into this binary (no nvcc at configure time)");
+#endif
+}
+
 int run(Args& a) {
+    if (a.launch.backend == "cuda") return run_cuda(a);
     a.bench.check = a.check != 0;
     validate(a.bench);
     check_writable(a.json, "--json");
@@ -141,9 +180,13 @@ Command add_commbench(CLI::App& app) {
                                    "  duplex commbench --ranks 8 --op alltoall -b 1K -e 64M\n"
                                    "  mpirun -np 8 duplex commbench --backend ucx --op alltoallv --compare-mpi");
     auto min_b = std::make_shared<std::string>("1K"), max_b = std::make_shared<std::string>("64M");
-    cmd->add_option("--backend", a->launch.backend, "inproc (threads), mpi or ucx (processes under mpirun)")
+    cmd->add_option("--backend", a->launch.backend,
+                    "inproc (threads), mpi or ucx (processes under mpirun), or cuda (dispatch/combine between "
+                    "virtual ranks on one GPU)")
         ->capture_default_str();
-    cmd->add_option("--op", a->bench.op, "p2p, alltoall, alltoallv, allgather, reducescatter, allreduce")
+    cmd->add_option("--op", a->bench.op,
+                    "p2p, alltoall, alltoallv, allgather, reducescatter, allreduce; with --backend cuda: dispatch, "
+                    "combine")
         ->capture_default_str();
     cmd->add_option("--ranks", a->launch.ranks, "ranks as threads (inproc only)")->capture_default_str();
     cmd->add_option("-b,--minbytes", *min_b, "smallest size (bytes; K, M, G suffixes)")->capture_default_str();
@@ -164,9 +207,13 @@ Command add_commbench(CLI::App& app) {
     cmd->add_flag("--bind", a->launch.bind_cores, "bind each rank to a core (hwloc)");
     cmd->add_flag("!--no-ceiling", a->ceiling, "inproc: skip measuring the memcpy copy ceiling");
     cmd->add_option("--json", a->json, "also write the rows as JSON to this file");
-    return [a, min_b, max_b] {
+    cmd->add_option("--sms", a->sms, "cuda: SM budgets of the exchange kernel to measure")->capture_default_str();
+    cmd->add_option("--hidden", a->gpu.hidden, "cuda: row width in floats")->capture_default_str();
+    cmd->add_option("--top-k", a->gpu.top_k, "cuda: slots per token (to distinct virtual ranks)")->capture_default_str();
+    return [a, min_b, max_b, cmd] {
         a->bench.min_bytes = parse_size(*min_b, "-b");
         a->bench.max_bytes = parse_size(*max_b, "-e");
+        a->ranks_given = cmd->get_option("--ranks")->count() > 0;
         return run(*a);
     };
 }

@@ -1,0 +1,168 @@
+// duplex_bench_gpu: what the reserved SMs cost and buy on one GPU.
+//   1. FP8 1x128 quantize throughput against device-to-device copy bandwidth (the HBM ceiling);
+//   2. a large BF16 GEMM (cuBLAS) alone, the expert exchange alone on an SM budget, and both at once on two
+//      streams: how much GEMM throughput the exchange's SMs take, and whether both progress (overlap).
+// Numbers go to BENCHMARKS.md with the device named; without a device it says so and exits 2.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <memory>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "core/clock.hpp"
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "kernels/cuda/device.hpp"
+#include "kernels/cuda/kernels.hpp"
+
+namespace {
+
+using namespace duplex;
+
+void check(cudaError_t rc, const char* what) {
+    if (rc != cudaSuccess) throw_api_error("CUDA", what, rc, cudaGetErrorString(rc), __FILE__, __LINE__);
+}
+
+template <typename T>
+struct Buf {
+    explicit Buf(size_t n) : n(n) { check(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc"); }
+    ~Buf() { cudaFree(p); }
+    T* p = nullptr;
+    size_t n;
+};
+
+// Milliseconds of fn() on `stream`, best of `reps`.
+template <typename Fn>
+float time_ms(cudaStream_t stream, int reps, Fn&& fn) {
+    cudaEvent_t s, e;
+    check(cudaEventCreate(&s), "cudaEventCreate");
+    check(cudaEventCreate(&e), "cudaEventCreate");
+    float best = 1e30f;
+    for (int i = 0; i < reps; ++i) {
+        check(cudaEventRecord(s, stream), "cudaEventRecord");
+        fn();
+        check(cudaEventRecord(e, stream), "cudaEventRecord");
+        check(cudaEventSynchronize(e), "cudaEventSynchronize");
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, s, e), "cudaEventElapsedTime");
+        best = std::min(best, ms);
+    }
+    cudaEventDestroy(s);
+    cudaEventDestroy(e);
+    return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    CLI::App app{"GPU benchmarks of the expert-parallel kernels: FP8 quantize vs HBM, GEMM vs exchange overlap"};
+    int gemm_n = 8192, ranks = 8, hidden = 7168, tokens = 4096, top_k = 8, reps = 5;
+    std::string sms_list = "4,8,16,20,32";
+    app.add_option("--gemm-n", gemm_n, "BF16 GEMM size (n x n x n)")->capture_default_str();
+    app.add_option("--ranks", ranks, "virtual ranks of the exchange")->capture_default_str();
+    app.add_option("--hidden", hidden, "row width")->capture_default_str();
+    app.add_option("--tokens", tokens, "tokens per virtual rank")->capture_default_str();
+    app.add_option("--top-k", top_k, "slots per token")->capture_default_str();
+    app.add_option("--sms", sms_list, "SM budgets of the exchange")->capture_default_str();
+    app.add_option("--reps", reps, "repetitions (best is reported)")->capture_default_str();
+    CLI11_PARSE(app, argc, argv);
+    try {
+        auto devices = cuda_devices();
+        if (devices.empty()) {
+            fmt::print(stderr, "duplex_bench_gpu: no CUDA device on this machine\n");
+            return 2;
+        }
+        std::vector<int> sms;
+        for (size_t pos = 0; pos < sms_list.size();) {
+            size_t comma = sms_list.find(',', pos);
+            sms.push_back(std::stoi(sms_list.substr(pos, comma - pos)));
+            if (comma == std::string::npos) break;
+            pos = comma + 1;
+        }
+        fmt::print("# device: {} ({} SMs, {:.0f} GB)\n", devices[0].name, devices[0].num_sms, devices[0].memory_bytes / 1e9);
+
+        // 1. FP8 quantize vs copy bandwidth.
+        {
+            int rows = 16384, cols = hidden - hidden % 128;
+            size_t n = size_t(rows) * cols;
+            Buf<float> x(n), back(n), scales(size_t(rows) * cols / 128);
+            Buf<uint8_t> q(n);
+            check(cudaMemset(x.p, 0x3F, n * sizeof(float)), "cudaMemset");
+            float copy = time_ms(nullptr, reps, [&] { check(cudaMemcpyAsync(back.p, x.p, n * sizeof(float), cudaMemcpyDeviceToDevice), "copy"); });
+            float quant = time_ms(nullptr, reps, [&] { cuda::quantize_fp8_1x128(x.p, rows, cols, q.p, scales.p, nullptr); });
+            double copy_bw = 2.0 * n * sizeof(float) / (copy * 1e-3);          // read + write
+            double quant_bw = (n * (sizeof(float) + 1) + scales.n * 4.0) / (quant * 1e-3);
+            fmt::print("fp8 quantize 1x128 [{} x {}]: {:.3f} ms, {:.0f} GB/s moved; D2D copy {:.0f} GB/s; ratio {:.2f}\n",
+                       rows, cols, quant, quant_bw / 1e9, copy_bw / 1e9, quant_bw / copy_bw);
+        }
+
+        // 2. GEMM alone, exchange alone, both together.
+        Buf<uint16_t> a(size_t(gemm_n) * gemm_n), b(size_t(gemm_n) * gemm_n);
+        Buf<float> c(size_t(gemm_n) * gemm_n);
+        check(cudaMemset(a.p, 0x3C, a.n * 2), "cudaMemset");
+        check(cudaMemset(b.p, 0x3C, b.n * 2), "cudaMemset");
+        cudaStream_t gemm_stream, comm_stream;
+        check(cudaStreamCreateWithFlags(&gemm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+        check(cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+        auto gemm = [&] { cuda::expert_gemm_bf16({a.p}, {b.p}, {c.p}, {gemm_n}, gemm_n, gemm_n, gemm_stream); };
+        double flops = 2.0 * gemm_n * double(gemm_n) * gemm_n;
+        float alone = time_ms(gemm_stream, reps, gemm);
+        fmt::print("bf16 gemm {}^3 alone: {:.3f} ms, {:.0f} TFLOP/s\n", gemm_n, alone, flops / (alone * 1e-3) / 1e12);
+        // Exchange buffers: uniform counts.
+        int64_t rows_per_peer = int64_t(tokens) * top_k / ranks;
+        std::vector<std::unique_ptr<Buf<float>>> send, recv;
+        std::vector<const float*> sp;
+        std::vector<float*> rp;
+        std::vector<std::vector<int64_t>> counts(ranks, std::vector<int64_t>(ranks, rows_per_peer)),
+            offsets(ranks, std::vector<int64_t>(ranks));
+        std::vector<int64_t> cap(ranks, rows_per_peer * ranks);
+        for (int r = 0; r < ranks; ++r) {
+            for (int p = 0; p < ranks; ++p) offsets[r][p] = p * rows_per_peer;
+            send.push_back(std::make_unique<Buf<float>>(size_t(rows_per_peer) * ranks * hidden));
+            recv.push_back(std::make_unique<Buf<float>>(size_t(rows_per_peer) * ranks * hidden));
+            sp.push_back(send.back()->p);
+            rp.push_back(recv.back()->p);
+        }
+        double bytes = double(rows_per_peer) * ranks * ranks * hidden * sizeof(float);
+        fmt::print("# exchange: {} virtual ranks x {} tokens x top-{} x {} floats = {:.0f} MB in all\n", ranks, tokens,
+                   top_k, hidden, bytes / 1e6);
+        fmt::print("# {:>4} {:>12} {:>12} {:>16} {:>16} {:>12}\n", "SMs", "exch alone", "exch GB/s", "exch w/ gemm",
+                   "gemm w/ exch", "gemm kept");
+        for (int s : sms) {
+            if (s > devices[0].num_sms) continue;
+            cuda::ExchangeConfig cfg;
+            cfg.num_sms = s;
+            double ex_alone = 1e30;
+            for (int i = 0; i < reps; ++i)
+                ex_alone = std::min(ex_alone, cuda::exchange_rows(sp, offsets, counts, rp, cap, hidden, cfg, comm_stream));
+            // Together: the GEMM queued first on its stream, the exchange on the other.
+            double ex_with = 1e30;
+            float gemm_with = 1e30f;
+            for (int i = 0; i < reps; ++i) {
+                cudaEvent_t gs, ge;
+                check(cudaEventCreate(&gs), "cudaEventCreate");
+                check(cudaEventCreate(&ge), "cudaEventCreate");
+                check(cudaEventRecord(gs, gemm_stream), "cudaEventRecord");
+                gemm();
+                check(cudaEventRecord(ge, gemm_stream), "cudaEventRecord");
+                ex_with = std::min(ex_with, cuda::exchange_rows(sp, offsets, counts, rp, cap, hidden, cfg, comm_stream));
+                check(cudaEventSynchronize(ge), "cudaEventSynchronize");
+                float ms = 0;
+                check(cudaEventElapsedTime(&ms, gs, ge), "cudaEventElapsedTime");
+                gemm_with = std::min(gemm_with, ms);
+                cudaEventDestroy(gs);
+                cudaEventDestroy(ge);
+            }
+            fmt::print("  {:>4} {:>10.3f}ms {:>12.0f} {:>14.3f}ms {:>14.3f}ms {:>11.1f}%\n", s, ex_alone * 1e3,
+                       bytes / ex_alone / 1e9, ex_with * 1e3, gemm_with, 100.0 * alone / gemm_with);
+        }
+        cudaStreamDestroy(gemm_stream);
+        cudaStreamDestroy(comm_stream);
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "duplex_bench_gpu: {}\n", e.what());
+        return 1;
+    }
+    return 0;
+}
