@@ -169,26 +169,44 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
             // Abort this rank's pending communication with a message naming the lost rank, instead of waiting
             // for the timeout. It polls on a connection of its own.
             std::atomic<bool> done{false};
+            std::mutex lost_mutex;
+            std::string lost;  // set when a rank was lost: why
+            // Once a rank is lost this one is done too: abort its communication and, if the transport does not
+            // unwind in a few seconds (a communication library blocked on the dead peer), report and exit.
+            auto lose = [&](const std::string& why) {
+                {
+                    std::lock_guard<std::mutex> lock(lost_mutex);
+                    lost = why;
+                }
+                transport->abort(why);
+                Deadline grace(std::min(5.0, o.timeout_s > 0 ? o.timeout_s : 5.0));
+                while (!done.load() && !grace.expired()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                if (!done.load()) {
+                    log::error("comm", "rank {} failed: {} (exiting: the transport did not unwind)", p.rank, why);
+                    std::fflush(nullptr);
+                    std::_Exit(2);
+                }
+            };
             std::thread watchdog([&] {
                 try {
                     TcpStore watch(host, port, kStoreToken.get(), /*connect_timeout_s=*/10, /*request_timeout_s=*/3);
                     while (!done.load()) {
                         std::this_thread::sleep_for(std::chrono::milliseconds(100));
-                        auto lost = watch.try_get(kStoreLostCount);
-                        if (!lost || std::stoll(*lost) == 0) continue;
+                        auto count = watch.try_get(kStoreLostCount);
+                        if (!count || std::stoll(*count) == 0) continue;
                         std::vector<std::string> who;
                         for (int r = 0; r < p.world_size; ++r)
                             if (auto at = watch.try_get(kStoreLostPrefix + std::to_string(r)))
                                 who.push_back(fmt::format("rank {} ({})", r, *at));
-                        transport->abort(fmt::format("lost {}: the process ended without a clean exit (killed or "
-                                                     "crashed)", fmt::join(who, ", ")));
+                        lose(fmt::format("lost {}: the process ended without a clean exit (killed or crashed)",
+                                         fmt::join(who, ", ")));
                         return;
                     }
                 } catch (const Error& e) {
                     // The store lives in rank 0's process: losing it means losing rank 0.
                     if (!done.load()) {
                         store_lost.store(true);
-                        transport->abort(fmt::format("lost rank 0 (the store server at {}): {}", p.store_addr, e.what()));
+                        lose(fmt::format("lost rank 0 (the store server at {}): {}", p.store_addr, e.what()));
                     }
                 }
             });
@@ -204,6 +222,16 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
             }
             done.store(true);
             watchdog.join();
+            {
+                std::lock_guard<std::mutex> lock(lost_mutex);
+                if (!lost.empty()) {
+                    // Tearing UCX down with a dead peer can block or crash inside the library: the job is over,
+                    // so report and leave without it.
+                    log::error("comm", "rank {}: {}", p.rank, lost);
+                    std::fflush(nullptr);
+                    std::_Exit(2);
+                }
+            }
         }
         // The server lives until every rank has torn its transport down (or was lost).
         if (store_lost.load()) std::rethrow_exception(failure);
