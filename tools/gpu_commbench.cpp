@@ -17,6 +17,7 @@
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
 #include "tools/commands.hpp"
+#include "tools/gpu_timing.hpp"
 
 namespace duplex::tools {
 
@@ -24,35 +25,6 @@ namespace {
 
 void check(cudaError_t rc, const char* what) {
     if (rc != cudaSuccess) throw_api_error("CUDA", what, rc, cudaGetErrorString(rc), __FILE__, __LINE__);
-}
-
-struct DeviceBuffer {
-    explicit DeviceBuffer(size_t bytes) : bytes(bytes) { check(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "cudaMalloc"); }
-    ~DeviceBuffer() { cudaFree(p); }
-    void* p = nullptr;
-    size_t bytes;
-    float* f() { return static_cast<float*>(p); }
-};
-
-// Device-to-device copy bandwidth of `bytes` (bytes read and written once), best of a few runs.
-double copy_bandwidth(size_t bytes) {
-    DeviceBuffer a(bytes), b(bytes);
-    cudaEvent_t s, e;
-    check(cudaEventCreate(&s), "cudaEventCreate");
-    check(cudaEventCreate(&e), "cudaEventCreate");
-    float best = 1e30f;
-    for (int i = 0; i < 5; ++i) {
-        check(cudaEventRecord(s), "cudaEventRecord");
-        check(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
-        check(cudaEventRecord(e), "cudaEventRecord");
-        check(cudaEventSynchronize(e), "cudaEventSynchronize");
-        float ms = 0;
-        check(cudaEventElapsedTime(&ms, s, e), "cudaEventElapsedTime");
-        best = std::min(best, ms);
-    }
-    cudaEventDestroy(s);
-    cudaEventDestroy(e);
-    return bytes / (best * 1e-3);
 }
 
 }  // namespace
@@ -135,10 +107,10 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
         std::vector<const float*> send_p, recv_cp;
         std::vector<float*> recv_p, send_mp;
         for (int r = 0; r < R; ++r) {
-            send_p.push_back(send[r]->f());
-            recv_p.push_back(recv[r]->f());
-            recv_cp.push_back(recv[r]->f());
-            send_mp.push_back(send[r]->f());
+            send_p.push_back(send[r]->as<float>());
+            recv_p.push_back(recv[r]->as<float>());
+            recv_cp.push_back(recv[r]->as<float>());
+            send_mp.push_back(send[r]->as<float>());
         }
         // Combine sends back what arrived: counts transposed, receive offsets source-major.
         std::vector<std::vector<int64_t>> back_counts(R, std::vector<int64_t>(R)), back_off(R, std::vector<int64_t>(R));
@@ -157,12 +129,12 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
                 Stopwatch sw;
                 double kernel_s = 0;
                 if (o.op == "dispatch") {
-                    for (int r = 0; r < R; ++r) cuda::permute_rows(x[r]->f(), d, static_cast<int*>(src[r]->p), *dl[r], send[r]->f(), nullptr);
+                    for (int r = 0; r < R; ++r) cuda::permute_rows(x[r]->as<float>(), d, src[r]->as<int>(), *dl[r], send[r]->as<float>(), nullptr);
                     kernel_s = cuda::exchange_rows(send_p, offsets, counts, recv_p, recv_rows, d, cfg, nullptr);
                 } else {
                     // The rows that arrived go back to their token's rank, then each rank sums them per token.
                     kernel_s = cuda::exchange_rows(recv_cp, back_off, back_counts, send_mp, send_rows, d, cfg, nullptr);
-                    for (int r = 0; r < R; ++r) cuda::combine_rows(send[r]->f(), d, *dl[r], static_cast<float*>(gates[r]->p), tokens, K, y[r]->f(), nullptr);
+                    for (int r = 0; r < R; ++r) cuda::combine_rows(send[r]->as<float>(), d, *dl[r], gates[r]->as<float>(), tokens, K, y[r]->as<float>(), nullptr);
                     check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
                 }
                 if (it >= o.warmup) best = std::min(best, kernel_s);

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "core/clock.hpp"
+#include "core/cuda_check.hpp"
 #include "core/error.hpp"
 #include "core/log.hpp"
 
@@ -19,13 +20,6 @@
         if (duplex_nccl_rc_ != ncclSuccess)                                                                \
             ::duplex::throw_api_error("NCCL", #call, duplex_nccl_rc_, ncclGetErrorString(duplex_nccl_rc_), \
                                       __FILE__, __LINE__);                                                 \
-    } while (0)
-#define DUPLEX_CUDA_CHECK(call)                                                                        \
-    do {                                                                                               \
-        cudaError_t duplex_cuda_rc_ = (call);                                                          \
-        if (duplex_cuda_rc_ != cudaSuccess)                                                            \
-            ::duplex::throw_api_error("CUDA", #call, duplex_cuda_rc_, cudaGetErrorString(duplex_cuda_rc_), \
-                                      __FILE__, __LINE__);                                             \
     } while (0)
 
 namespace duplex {

@@ -3,7 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "core/dtype.hpp"
-#include "kernels/cuda/check.cuh"
+#include "core/cuda_check.hpp"
 
 namespace duplex {
 

@@ -14,7 +14,7 @@
 
 #include <fmt/format.h>
 
-#include "kernels/cuda/check.cuh"
+#include "core/cuda_check.hpp"
 #include "kernels/cuda/kernels.hpp"
 
 namespace duplex::cuda {

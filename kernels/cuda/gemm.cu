@@ -6,7 +6,7 @@
 
 #include <mutex>
 
-#include "kernels/cuda/check.cuh"
+#include "core/cuda_check.hpp"
 #include "kernels/cuda/kernels.hpp"
 
 #define DUPLEX_CUBLAS_CHECK(call)                                                                          \

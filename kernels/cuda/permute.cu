@@ -1,7 +1,7 @@
 // Dispatch permutation and combine on the device: the CPU reference is kernels/cpu/permute.cpp.
 #include <cuda_runtime.h>
 
-#include "kernels/cuda/check.cuh"
+#include "core/cuda_check.hpp"
 #include "kernels/cuda/kernels.hpp"
 
 namespace duplex::cuda {

@@ -16,6 +16,7 @@
 #include "core/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
+#include "tools/gpu_timing.hpp"
 
 namespace {
 
@@ -26,33 +27,11 @@ void check(cudaError_t rc, const char* what) {
 }
 
 template <typename T>
-struct Buf {
-    explicit Buf(size_t n) : n(n) { check(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)), "cudaMalloc"); }
-    ~Buf() { cudaFree(p); }
-    T* p = nullptr;
+struct Buf : tools::DeviceBuffer {
+    explicit Buf(size_t n) : DeviceBuffer(n * sizeof(T)), p(as<T>()), n(n) {}
+    T* p;
     size_t n;
 };
-
-// Milliseconds of fn() on `stream`, best of `reps`.
-template <typename Fn>
-float time_ms(cudaStream_t stream, int reps, Fn&& fn) {
-    cudaEvent_t s, e;
-    check(cudaEventCreate(&s), "cudaEventCreate");
-    check(cudaEventCreate(&e), "cudaEventCreate");
-    float best = 1e30f;
-    for (int i = 0; i < reps; ++i) {
-        check(cudaEventRecord(s, stream), "cudaEventRecord");
-        fn();
-        check(cudaEventRecord(e, stream), "cudaEventRecord");
-        check(cudaEventSynchronize(e), "cudaEventSynchronize");
-        float ms = 0;
-        check(cudaEventElapsedTime(&ms, s, e), "cudaEventElapsedTime");
-        best = std::min(best, ms);
-    }
-    cudaEventDestroy(s);
-    cudaEventDestroy(e);
-    return best;
-}
 
 }  // namespace
 
@@ -90,8 +69,8 @@ int main(int argc, char** argv) {
             Buf<float> x(n), back(n), scales(size_t(rows) * cols / 128);
             Buf<uint8_t> q(n);
             check(cudaMemset(x.p, 0x3F, n * sizeof(float)), "cudaMemset");
-            float copy = time_ms(nullptr, reps, [&] { check(cudaMemcpyAsync(back.p, x.p, n * sizeof(float), cudaMemcpyDeviceToDevice), "copy"); });
-            float quant = time_ms(nullptr, reps, [&] { cuda::quantize_fp8_1x128(x.p, rows, cols, q.p, scales.p, nullptr); });
+            float copy = tools::best_ms(nullptr, reps, [&] { check(cudaMemcpyAsync(back.p, x.p, n * sizeof(float), cudaMemcpyDeviceToDevice), "copy"); });
+            float quant = tools::best_ms(nullptr, reps, [&] { cuda::quantize_fp8_1x128(x.p, rows, cols, q.p, scales.p, nullptr); });
             double copy_bw = 2.0 * n * sizeof(float) / (copy * 1e-3);          // read + write
             double quant_bw = (n * (sizeof(float) + 1) + scales.n * 4.0) / (quant * 1e-3);
             fmt::print("fp8 quantize 1x128 [{} x {}]: {:.3f} ms, {:.0f} GB/s moved; D2D copy {:.0f} GB/s; ratio {:.2f}\n",
@@ -108,7 +87,7 @@ int main(int argc, char** argv) {
         check(cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
         auto gemm = [&] { cuda::expert_gemm_bf16({a.p}, {b.p}, {c.p}, {gemm_n}, gemm_n, gemm_n, gemm_stream); };
         double flops = 2.0 * gemm_n * double(gemm_n) * gemm_n;
-        float alone = time_ms(gemm_stream, reps, gemm);
+        float alone = tools::best_ms(gemm_stream, reps, gemm);
         fmt::print("bf16 gemm {}^3 alone: {:.3f} ms, {:.0f} TFLOP/s\n", gemm_n, alone, flops / (alone * 1e-3) / 1e12);
         // Exchange buffers: uniform counts.
         int64_t rows_per_peer = int64_t(tokens) * top_k / ranks;

@@ -1,4 +1,5 @@
-// One checking macro per C API (STYLE.md): the call text, the code and file:line in a duplex::Error.
+// One checking macro per C API (STYLE.md): the call text, the code and file:line in a duplex::Error. For CUDA
+// sources and the host code that calls the CUDA runtime (include only where cuda_runtime.h is available).
 #pragma once
 
 #include <cuda_runtime.h>
