@@ -271,6 +271,12 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
 }
 
 template <typename T>
+std::string PipelineTrainer<T>::dispatch_path() const {
+    if (impl_->p.ep == 1) return "local";
+    return impl_->hierarchical ? "hierarchical" : "flat";
+}
+
+template <typename T>
 LinkBytes PipelineTrainer<T>::expert_bytes_sent() const {
     if (impl_->p.emulate) return impl_->emulated_ep_bytes;
     LinkBytes b = impl_->groups.ep ? impl_->groups.ep->bytes_sent() : LinkBytes{};

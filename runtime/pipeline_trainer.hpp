@@ -65,6 +65,8 @@ public:
     int pipeline_ranks() const;
     // This rank's recorded spans since construction (see runtime/trace.hpp), for write_chrome_trace.
     std::string trace_blob() const;
+    // How tokens reach their experts here: "local" (EP = 1), "flat" or "hierarchical" (an EP group spanning nodes).
+    std::string dispatch_path() const;
     // Bytes this rank sent to expert-parallel peers so far (dispatch + combine, forward and backward), by link.
     LinkBytes expert_bytes_sent() const;
     // The EMA of the owned parameters (empty without ema_decay); waits for the pending update.

@@ -204,9 +204,10 @@ int run_distributed(const Args& a) {
         out["mode"] = a.mode;
         if (p.ep > 1) {
             out["expert_bytes"] = {{"intra_node", ep_bytes[0]}, {"inter_node", ep_bytes[1]}};
+            out["dispatch"] = trainer.dispatch_path();
             fmt::print("# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes, {} "
                        "dispatch)\n",
-                       ep_bytes[0], ep_bytes[1], world->topology().num_nodes(), p.dispatch);
+                       ep_bytes[0], ep_bytes[1], world->topology().num_nodes(), trainer.dispatch_path());
             // Per token, MoE layer and direction (dispatch, combine and their two gradients), against the
             // node-limited bound M x hidden x element size.
             double token_layers = double(o.steps) * p.dp * o.microbatches * o.sequences_per_microbatch * c.seq_len *
