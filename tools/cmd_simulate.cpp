@@ -132,10 +132,10 @@ void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig&
         fmt::print("DOES NOT FIT   memory per GPU {}\n", mem_line);
         return;
     }
-    fmt::print("step time      {:.3f} s (pipeline {:.3f} s + gradient sync {:.3f} s)\n", r.step_time_s, r.pipeline_s,
+    fmt::print("step time      {:.4g} s (pipeline {:.4g} s + gradient sync {:.4g} s)\n", r.step_time_s, r.pipeline_s,
                r.exposed_comm_s.at("data_parallel"));
     fmt::print("bubble         {:.1f}% of the pipeline\n", 100 * r.bubble_fraction);
-    fmt::print("exposed comm   expert {:.3f} s, pipeline {:.3f} s, data-parallel {:.3f} s\n",
+    fmt::print("exposed comm   expert {:.4g} s, pipeline {:.4g} s, data-parallel {:.4g} s\n",
                r.exposed_comm_s.at("expert"), r.exposed_comm_s.at("pipeline"), r.exposed_comm_s.at("data_parallel"));
     fmt::print("throughput     {:.0f} tokens/s/GPU, {:.0f} TFLOP/s/GPU achieved (MFU {:.1f}% of {:.0f} TFLOP/s BF16)\n",
                r.tokens_per_s_per_gpu, r.achieved_flops_s / 1e12, 100 * r.mfu, cl.device.bf16_flops / 1e12);
@@ -145,8 +145,8 @@ void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig&
                                        : "");
     fmt::print("memory per GPU {}{}\n", mem_line, r.fits ? "" : "  -- DOES NOT FIT (simulated anyway: --ignore-memory)");
     int mid = r.pp / 2;
-    fmt::print("stage {} chunk F {:.2f} ms, B {:.2f} ms (W {:.2f} ms); expert exchanges per chunk: forward {:.2f} ms, "
-               "backward {:.2f} ms; P2P {:.3f} ms\n",
+    fmt::print("stage {} chunk F {:.4g} ms, B {:.4g} ms (W {:.4g} ms); expert exchanges per chunk: forward {:.4g} ms, "
+               "backward {:.4g} ms; P2P {:.4g} ms\n",
                mid, r.stage_costs[mid].f * 1e3, r.stage_costs[mid].b * 1e3, r.stage_costs[mid].w * 1e3,
                r.stage_ep_forward_s[mid] * 1e3, r.stage_ep_backward_s[mid] * 1e3, r.p2p_s * 1e3);
     fmt::print("# simulated in {:.3f} s\n", seconds);
