@@ -144,7 +144,7 @@ StepMetrics PipelineTrainer<T>::emulate_step() {
         }
         sleep_until_seconds(latest);
         double t1 = I.tracer.now_us();
-        I.tracer.add(Lane::Comm, name, t0, t1);
+        I.tracer.add(Lane::Comm, in_fb ? name + " [F&B]" : name, t0, t1);  // the mark lets a trace reader find them
         I.note(I.comm_iv, t0, t1);
         if (in_fb) I.note(I.fb_ep_iv, t0, t1);
         return got;
