@@ -283,7 +283,9 @@ private:
         }
         ucp_request_free(ucx_request);
         r->handle = nullptr;
-        if (status == UCS_ERR_CANCELED) {
+        if (status == UCS_ERR_CANCELED && aborted_) {
+            r->complete(abort_reason_);
+        } else if (status == UCS_ERR_CANCELED) {
             r->complete(fmt::format("rank {}: {} rank {} cancelled", rank_, r->is_send ? "send to" : "receive from", r->peer));
         } else if (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && !r->is_send && received != r->bytes)) {
             r->complete(fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes", r->peer,
@@ -313,16 +315,30 @@ private:
     static void on_peer_error(void* arg, ucp_ep_h, ucs_status_t status) {
         auto ref = static_cast<PeerRef*>(arg);
         ref->self->fail_all(fmt::format("rank {}: lost rank {} (UCX: {})", ref->self->rank_, ref->peer,
-                                        ucs_status_string(status)));
+                                        ucs_status_string(status)),
+                            /*worker_locked=*/true);
     }
 
-    void fail_all(const std::string& why) {
+    // Fails every operation in flight with the first abort reason. What UCX still holds is cancelled first, so no
+    // late message lands in a buffer its owner frees once its wait() has failed. worker_locked: called from inside
+    // ucp_worker_progress (a UCX callback), where the worker is ours already.
+    void fail_all(const std::string& why, bool worker_locked = false) {
         std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> pending;
         {
             std::lock_guard<std::mutex> lock(state_mutex_);
             if (!aborted_) abort_reason_ = why;  // the first reason names the culprit
             aborted_ = true;
             pending = in_flight_;
+        }
+        std::unique_lock<std::mutex> worker(ucx_mutex_, std::defer_lock);
+        // NOTE: never block on the worker here: a caller may be stuck inside UCX on the dead peer.
+        for (int i = 0; !worker_locked && i < 100 && !worker.try_lock(); ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        if (worker_locked || worker.owns_lock()) {
+            for (auto& [p, r] : pending)
+                if (r->handle) ucp_request_cancel(worker_, r->handle);
+            if (!worker_locked)
+                for (int i = 0; i < 8; ++i) ucp_worker_progress(worker_);  // deliver the cancellations
         }
         for (auto& [p, r] : pending) r->complete(abort_reason_);
     }
