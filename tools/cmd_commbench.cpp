@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "tools/commands.hpp"
 #include "tools/gpu_commbench.hpp"
+#include "tools/lists.hpp"
 
 namespace duplex::tools {
 
@@ -74,19 +75,7 @@ int run_cuda(Args& a) {
     o.check = a.check != 0;
     o.seed = a.bench.seed;
     o.json = a.json;
-    o.sms.clear();
-    size_t pos = 0;
-    while (pos <= a.sms.size()) {
-        size_t comma = a.sms.find(',', pos);
-        std::string item = a.sms.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-        try {
-            o.sms.push_back(std::stoi(item));
-        } catch (const std::exception&) {
-            throw ConfigError("--sms", fmt::format("'{}' is not a comma-separated list of SM counts", a.sms));
-        }
-        if (comma == std::string::npos) break;
-        pos = comma + 1;
-    }
+    o.sms = int_list(a.sms, "--sms");
     check_writable(a.json, "--json");
     return run_gpu_commbench(o);
 #else

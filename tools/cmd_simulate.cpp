@@ -2,7 +2,6 @@
 // cluster with a parallel layout, from the executor's own schedules and the shared cost model; sweeps.
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -11,6 +10,7 @@
 #include "core/error.hpp"
 #include "runtime/simulator.hpp"
 #include "tools/commands.hpp"
+#include "tools/lists.hpp"
 
 namespace duplex::tools {
 
@@ -34,29 +34,6 @@ struct Args {
     std::string svg, trace, json, csv = "sweep.csv";
     int top = 5;
 };
-
-std::vector<std::string> split_list(const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream in(s);
-    for (std::string item; std::getline(in, item, ',');)
-        if (!item.empty()) out.push_back(item);
-    return out;
-}
-
-std::vector<int> int_list(const std::string& s, const char* flag) {
-    std::vector<int> out;
-    for (const std::string& item : split_list(s)) {
-        try {
-            size_t used = 0;
-            out.push_back(std::stoi(item, &used));
-            if (used != item.size()) throw std::invalid_argument(item);
-        } catch (const std::exception&) {
-            throw ConfigError(flag, fmt::format("'{}' is not a comma-separated list of integers", s));
-        }
-    }
-    if (out.empty()) throw ConfigError(flag, "needs at least one value");
-    return out;
-}
 
 std::string gb(double bytes) { return fmt::format("{:.1f}", bytes / 1e9); }
 

@@ -21,14 +21,6 @@
 
 namespace duplex::tools {
 
-namespace {
-
-void check(cudaError_t rc, const char* what) {
-    if (rc != cudaSuccess) throw_api_error("CUDA", what, rc, cudaGetErrorString(rc), __FILE__, __LINE__);
-}
-
-}  // namespace
-
 void check_gpu_commbench(const GpuCommBenchOptions& o) {
     DUPLEX_CHECK_ARG(o.op == "dispatch" || o.op == "combine", "--op", "the cuda backend runs dispatch or combine, not {}",
                      o.op);
@@ -91,17 +83,17 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
             host_x[r].resize(size_t(tokens) * d);
             for (float& v : host_x[r]) v = float(rng.normal());
             x.push_back(std::make_unique<DeviceBuffer>(host_x[r].size() * sizeof(float)));
-            check(cudaMemcpy(x[r]->p, host_x[r].data(), x[r]->bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+            DUPLEX_CUDA_CHECK(cudaMemcpy(x[r]->p, host_x[r].data(), x[r]->bytes, cudaMemcpyHostToDevice));
             send.push_back(std::make_unique<DeviceBuffer>(slots * row_bytes));
             recv.push_back(std::make_unique<DeviceBuffer>(size_t(recv_rows[r]) * row_bytes));
             y.push_back(std::make_unique<DeviceBuffer>(size_t(tokens) * row_bytes));
             std::vector<float> g(slots, 1.0f / K);
             gates.push_back(std::make_unique<DeviceBuffer>(slots * sizeof(float)));
-            check(cudaMemcpy(gates[r]->p, g.data(), gates[r]->bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+            DUPLEX_CUDA_CHECK(cudaMemcpy(gates[r]->p, g.data(), gates[r]->bytes, cudaMemcpyHostToDevice));
             std::vector<int> s(slots);
             for (size_t i = 0; i < slots; ++i) s[i] = int(i / K);
             src.push_back(std::make_unique<DeviceBuffer>(slots * sizeof(int)));
-            check(cudaMemcpy(src[r]->p, s.data(), src[r]->bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+            DUPLEX_CUDA_CHECK(cudaMemcpy(src[r]->p, s.data(), src[r]->bytes, cudaMemcpyHostToDevice));
             dl.push_back(std::make_unique<cuda::DeviceLayout>(layouts[r]));
         }
         std::vector<const float*> send_p, recv_cp;
@@ -126,7 +118,6 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
             cfg.num_sms = sms;
             double best = 1e30;
             for (int it = 0; it < o.warmup + o.iters; ++it) {
-                Stopwatch sw;
                 double kernel_s = 0;
                 if (o.op == "dispatch") {
                     for (int r = 0; r < R; ++r) cuda::permute_rows(x[r]->as<float>(), d, src[r]->as<int>(), *dl[r], send[r]->as<float>(), nullptr);
@@ -135,19 +126,18 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
                     // The rows that arrived go back to their token's rank, then each rank sums them per token.
                     kernel_s = cuda::exchange_rows(recv_cp, back_off, back_counts, send_mp, send_rows, d, cfg, nullptr);
                     for (int r = 0; r < R; ++r) cuda::combine_rows(send[r]->as<float>(), d, *dl[r], gates[r]->as<float>(), tokens, K, y[r]->as<float>(), nullptr);
-                    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+                    DUPLEX_CUDA_CHECK(cudaDeviceSynchronize());
                 }
                 if (it >= o.warmup) best = std::min(best, kernel_s);
-                (void)sw;
             }
             // Check: dispatch — every slot's row arrived at its peer; combine — y = x (gates 1/K of the same row).
             uint64_t wrong = 0;
             if (o.check) {
-                check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+                DUPLEX_CUDA_CHECK(cudaDeviceSynchronize());
                 if (o.op == "dispatch") {
                     for (int p = 0; p < R; ++p) {
                         std::vector<float> got(size_t(recv_rows[p]) * d);
-                        check(cudaMemcpy(got.data(), recv[p]->p, got.size() * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+                        DUPLEX_CUDA_CHECK(cudaMemcpy(got.data(), recv[p]->p, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
                         int64_t row = 0;
                         for (int r = 0; r < R; ++r)
                             for (size_t i = 0; i < slots; ++i)
@@ -161,7 +151,7 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
                 } else {
                     for (int r = 0; r < R; ++r) {
                         std::vector<float> got(size_t(tokens) * d);
-                        check(cudaMemcpy(got.data(), y[r]->p, got.size() * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+                        DUPLEX_CUDA_CHECK(cudaMemcpy(got.data(), y[r]->p, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
                         for (size_t i = 0; i < got.size(); ++i)
                             wrong += std::fabs(got[i] - host_x[r][i]) > 1e-5f * (1 + std::fabs(host_x[r][i]));
                     }

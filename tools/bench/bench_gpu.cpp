@@ -17,14 +17,11 @@
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
 #include "tools/gpu_timing.hpp"
+#include "tools/lists.hpp"
 
 namespace {
 
 using namespace duplex;
-
-void check(cudaError_t rc, const char* what) {
-    if (rc != cudaSuccess) throw_api_error("CUDA", what, rc, cudaGetErrorString(rc), __FILE__, __LINE__);
-}
 
 template <typename T>
 struct Buf : tools::DeviceBuffer {
@@ -53,13 +50,7 @@ int main(int argc, char** argv) {
             fmt::print(stderr, "duplex_bench_gpu: no CUDA device on this machine\n");
             return 2;
         }
-        std::vector<int> sms;
-        for (size_t pos = 0; pos < sms_list.size();) {
-            size_t comma = sms_list.find(',', pos);
-            sms.push_back(std::stoi(sms_list.substr(pos, comma - pos)));
-            if (comma == std::string::npos) break;
-            pos = comma + 1;
-        }
+        std::vector<int> sms = tools::int_list(sms_list, "--sms");
         fmt::print("# device: {} ({} SMs, {:.0f} GB)\n", devices[0].name, devices[0].num_sms, devices[0].memory_bytes / 1e9);
 
         // 1. FP8 quantize vs copy bandwidth.
@@ -68,8 +59,8 @@ int main(int argc, char** argv) {
             size_t n = size_t(rows) * cols;
             Buf<float> x(n), back(n), scales(size_t(rows) * cols / 128);
             Buf<uint8_t> q(n);
-            check(cudaMemset(x.p, 0x3F, n * sizeof(float)), "cudaMemset");
-            float copy = tools::best_ms(nullptr, reps, [&] { check(cudaMemcpyAsync(back.p, x.p, n * sizeof(float), cudaMemcpyDeviceToDevice), "copy"); });
+            DUPLEX_CUDA_CHECK(cudaMemset(x.p, 0x3F, n * sizeof(float)));
+            float copy = tools::best_ms(nullptr, reps, [&] { DUPLEX_CUDA_CHECK(cudaMemcpyAsync(back.p, x.p, n * sizeof(float), cudaMemcpyDeviceToDevice)); });
             float quant = tools::best_ms(nullptr, reps, [&] { cuda::quantize_fp8_1x128(x.p, rows, cols, q.p, scales.p, nullptr); });
             double copy_bw = 2.0 * n * sizeof(float) / (copy * 1e-3);          // read + write
             double quant_bw = (n * (sizeof(float) + 1) + scales.n * 4.0) / (quant * 1e-3);
@@ -80,11 +71,11 @@ int main(int argc, char** argv) {
         // 2. GEMM alone, exchange alone, both together.
         Buf<uint16_t> a(size_t(gemm_n) * gemm_n), b(size_t(gemm_n) * gemm_n);
         Buf<float> c(size_t(gemm_n) * gemm_n);
-        check(cudaMemset(a.p, 0x3C, a.n * 2), "cudaMemset");
-        check(cudaMemset(b.p, 0x3C, b.n * 2), "cudaMemset");
+        DUPLEX_CUDA_CHECK(cudaMemset(a.p, 0x3C, a.n * 2));
+        DUPLEX_CUDA_CHECK(cudaMemset(b.p, 0x3C, b.n * 2));
         cudaStream_t gemm_stream, comm_stream;
-        check(cudaStreamCreateWithFlags(&gemm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
-        check(cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+        DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&gemm_stream, cudaStreamNonBlocking));
+        DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking));
         auto gemm = [&] { cuda::expert_gemm_bf16({a.p}, {b.p}, {c.p}, {gemm_n}, gemm_n, gemm_n, gemm_stream); };
         double flops = 2.0 * gemm_n * double(gemm_n) * gemm_n;
         float alone = tools::best_ms(gemm_stream, reps, gemm);
@@ -121,15 +112,15 @@ int main(int argc, char** argv) {
             float gemm_with = 1e30f;
             for (int i = 0; i < reps; ++i) {
                 cudaEvent_t gs, ge;
-                check(cudaEventCreate(&gs), "cudaEventCreate");
-                check(cudaEventCreate(&ge), "cudaEventCreate");
-                check(cudaEventRecord(gs, gemm_stream), "cudaEventRecord");
+                DUPLEX_CUDA_CHECK(cudaEventCreate(&gs));
+                DUPLEX_CUDA_CHECK(cudaEventCreate(&ge));
+                DUPLEX_CUDA_CHECK(cudaEventRecord(gs, gemm_stream));
                 gemm();
-                check(cudaEventRecord(ge, gemm_stream), "cudaEventRecord");
+                DUPLEX_CUDA_CHECK(cudaEventRecord(ge, gemm_stream));
                 ex_with = std::min(ex_with, cuda::exchange_rows(sp, offsets, counts, rp, cap, hidden, cfg, comm_stream));
-                check(cudaEventSynchronize(ge), "cudaEventSynchronize");
+                DUPLEX_CUDA_CHECK(cudaEventSynchronize(ge));
                 float ms = 0;
-                check(cudaEventElapsedTime(&ms, gs, ge), "cudaEventElapsedTime");
+                DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, gs, ge));
                 gemm_with = std::min(gemm_with, ms);
                 cudaEventDestroy(gs);
                 cudaEventDestroy(ge);
