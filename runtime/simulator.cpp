@@ -310,14 +310,14 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
             return std::make_pair(t, inter);
         };
         auto [dispatch_s, dispatch_inter] = exchange(e_dispatch, true);
+        // Combine and both backward exchanges move BF16 rows without metadata, the same bytes each way.
         double combine_s = exchange(e, false).first;
         r.ep_inter_bytes_per_token = dispatch_inter / T;
         for (int s = 0; s < S; ++s) {
             int moe = 0;
             for (int l = first_layer(s); l < first_layer(s) + num_layers(s); ++l) moe += cfg.is_moe_layer(l);
-            // Backward: the combine's gradient travels like a dispatch, the dispatch's like a combine.
             r.stage_ep_forward_s[s] = moe * (dispatch_s + combine_s);
-            r.stage_ep_backward_s[s] = moe * (exchange(e, false).first + combine_s);
+            r.stage_ep_backward_s[s] = moe * 2 * combine_s;  // combine's gradient out, dispatch's gradient back
         }
     }
 
