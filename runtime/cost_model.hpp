@@ -81,8 +81,6 @@ public:
     // Costs of layers [first, first + layers) on `tokens` tokens; with_head adds the output head and MTP.
     ChunkCosts chunk(const ModelConfig& cfg, int first, int layers, int tokens, const ChunkOptions& o = {},
                      bool with_head = false) const;
-    // Layers 0.. of the model (emulate's older form).
-    ChunkCosts chunk(const ModelConfig& cfg, int layers, int tokens) const { return chunk(cfg, 0, layers, tokens); }
     double transfer_s(double bytes, LinkClass link) const;
     // An expert-exchange message: the bandwidth its reserved SMs reach on the link.
     double ep_transfer_s(double bytes, LinkClass link) const;

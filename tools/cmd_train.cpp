@@ -125,9 +125,12 @@ int run_distributed(const Args& a) {
         const ModelConfig mc = o.model_config();
         if (lead && p.emulate) {
             sched::Schedule sch = sched::generate(p.schedule, p.pp, o.microbatches);
-            ChunkCosts cc = p.emulate_costs.f > 0 ? p.emulate_costs
-                                                  : p.cost_model.chunk(mc, mc.layers / p.pp,
-                                                                       o.sequences_per_microbatch * mc.seq_len);
+            // A middle stage, costed as the executor costs it (its own layers, recompute or not).
+            int mid = p.pp / 2, first = mid * mc.layers / p.pp, n = (mid + 1) * mc.layers / p.pp - first;
+            ChunkCosts cc = p.emulate_costs.f > 0
+                                ? p.emulate_costs
+                                : p.cost_model.chunk(mc, first, n, o.sequences_per_microbatch * mc.seq_len,
+                                                     {false, o.recompute});
             double act_bytes = double(o.sequences_per_microbatch) * mc.seq_len * mc.hidden * sizeof(T);
             sched::Costs sc{cc.f, cc.b, cc.w, cc.fb, p.cost_model.transfer_s(act_bytes, LinkClass::IntraNode)};
             sched::Replay rp = sched::replay(sch, sc);

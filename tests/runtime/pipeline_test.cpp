@@ -332,12 +332,12 @@ TEST(PipelineTrainer, EmulateModeCarriesExpertTraffic) {
 TEST(CostModel, ChunkCostsFollowTheModelAndTheDevice) {
     ModelConfig c = ModelConfig::preset("small");
     CostModel cm = CostModel::preset("h800");
-    ChunkCosts one = cm.chunk(c, 1, 256), two = cm.chunk(c, 2, 256);
+    ChunkCosts one = cm.chunk(c, 0, 1, 256), two = cm.chunk(c, 0, 2, 256);
     EXPECT_GT(one.f, 0);
     EXPECT_DOUBLE_EQ(one.b, 2 * one.f);
     EXPECT_GT(two.f, one.f);  // layer 1 is MoE, layer 0 dense: not simply double
     cm.device().time_scale = 1000;
-    EXPECT_NEAR(cm.chunk(c, 1, 256).f, 1000 * one.f, 1e-12);
+    EXPECT_NEAR(cm.chunk(c, 0, 1, 256).f, 1000 * one.f, 1e-12);
     EXPECT_NEAR(cm.transfer_s(50e9, LinkClass::InterNode), 1000 * (1.0 + 10e-6), 1e-6);
     EXPECT_EQ(cm.transfer_s(1e9, LinkClass::Self), 0);
     EXPECT_THROW(CostModel::preset("tpu"), ConfigError);
