@@ -11,6 +11,9 @@
 #include "tools/commands.hpp"
 #include "tools/gpu_commbench.hpp"
 #include "tools/lists.hpp"
+#ifdef DUPLEX_HAVE_NCCL
+#include "tools/nccl_commbench.hpp"
+#endif
 
 namespace duplex::tools {
 
@@ -84,8 +87,25 @@ int run_cuda(Args& a) {
 #endif
 }
 
+int run_nccl(Args& a) {
+#ifdef DUPLEX_HAVE_NCCL
+    NcclCommBenchOptions o;
+    o.bench = a.bench;
+    o.bench.check = a.check != 0;
+    o.ranks = a.ranks_given ? a.launch.ranks : 0;
+    o.json = a.json;
+    validate(o.bench);
+    check_writable(a.json, "--json");
+    return run_nccl_commbench(o);
+#else
+    (void)a;
+    throw ConfigError("--backend", "nccl is not built into this binary (no CUDA/NCCL at configure time)");
+#endif
+}
+
 int run(Args& a) {
     if (a.launch.backend == "cuda") return run_cuda(a);
+    if (a.launch.backend == "nccl") return run_nccl(a);
     a.bench.check = a.check != 0;
     validate(a.bench);
     check_writable(a.json, "--json");
@@ -167,17 +187,19 @@ Command add_commbench(CLI::App& app) {
                                    "Measure p2p, all-to-all(v) and the DP collectives (nccl-tests layout).\n"
                                    "Examples:\n"
                                    "  duplex commbench --ranks 8 --op alltoall -b 1K -e 64M\n"
-                                   "  mpirun -np 8 duplex commbench --backend ucx --op alltoallv --compare-mpi");
+                                   "  mpirun -np 8 duplex commbench --backend ucx --op alltoallv --compare-mpi\n"
+                                   "  duplex commbench --backend nccl --op allreduce -b 1M -e 1G\n"
+                                   "  duplex commbench --backend cuda --op dispatch --ranks 8 --sms 4,8,16,20,32");
     auto min_b = std::make_shared<std::string>("1K"), max_b = std::make_shared<std::string>("64M");
     cmd->add_option("--backend", a->launch.backend,
-                    "inproc (threads), mpi or ucx (processes under mpirun), or cuda (dispatch/combine between "
-                    "virtual ranks on one GPU)")
+                    "inproc (threads), mpi or ucx (processes under mpirun), nccl (device buffers, one rank per "
+                    "GPU of this machine, as threads), or cuda (dispatch/combine between virtual ranks on one GPU)")
         ->capture_default_str();
     cmd->add_option("--op", a->bench.op,
                     "p2p, alltoall, alltoallv, allgather, reducescatter, allreduce; with --backend cuda: dispatch, "
                     "combine")
         ->capture_default_str();
-    cmd->add_option("--ranks", a->launch.ranks, "ranks as threads (inproc only)")->capture_default_str();
+    cmd->add_option("--ranks", a->launch.ranks, "ranks as threads (inproc; nccl: default one per GPU; cuda: virtual ranks)")->capture_default_str();
     cmd->add_option("-b,--minbytes", *min_b, "smallest size (bytes; K, M, G suffixes)")->capture_default_str();
     cmd->add_option("-e,--maxbytes", *max_b, "largest size")->capture_default_str();
     cmd->add_option("-f,--stepfactor", a->bench.factor, "multiply the size by this each step")->capture_default_str();
