@@ -70,6 +70,7 @@ int run_cuda(Args& a) {
     GpuCommBenchOptions& o = a.gpu;
     o.op = a.bench.op;
     o.ranks = a.ranks_given ? a.launch.ranks : 8;
+    o.nodes = std::max(1, a.launch.virtual_nodes);
     o.min_bytes = a.bench.min_bytes;
     o.max_bytes = a.bench.max_bytes;
     o.factor = a.bench.factor;
@@ -211,7 +212,8 @@ Command add_commbench(CLI::App& app) {
         ->capture_default_str();
     cmd->add_option("--seed", a->bench.seed, "alltoallv: seed of the per-peer counts")->capture_default_str();
     cmd->add_option("--virtual-nodes", a->launch.virtual_nodes,
-                    "split ranks into this many virtual nodes (intra/inter-node byte counters)");
+                    "split ranks into this many virtual nodes (intra/inter-node byte counters; cuda dispatch: the "
+                    "node-limited path through forwarder warps)");
     cmd->add_option("--timeout", a->launch.timeout_s, "seconds before an operation times out (default: DUPLEX_COMM_TIMEOUT)");
     cmd->add_flag("--compare-mpi", a->bench.compare_mpi,
                   "also time plain MPI (MPI_Alltoallv, ...) on the same buffers; needs mpirun");

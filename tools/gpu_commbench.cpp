@@ -28,6 +28,10 @@ void check_gpu_commbench(const GpuCommBenchOptions& o) {
     DUPLEX_CHECK_ARG(o.hidden >= 1 && o.top_k >= 1 && o.top_k <= o.ranks, "--hidden/--top-k",
                      "need hidden >= 1 and 1 <= top_k <= ranks (got {}, {})", o.hidden, o.top_k);
     DUPLEX_CHECK_ARG(!o.sms.empty(), "--sms", "needs at least one SM budget");
+    DUPLEX_CHECK_ARG(o.nodes >= 1 && o.ranks % o.nodes == 0 && o.ranks / o.nodes <= 30, "--virtual-nodes",
+                     "{} virtual ranks do not split into {} nodes of equal size (at most 30 each)", o.ranks, o.nodes);
+    DUPLEX_CHECK_ARG(o.nodes == 1 || o.op == "dispatch", "--virtual-nodes",
+                     "the forwarder path is built for dispatch; combine runs the flat exchange");
     DUPLEX_CHECK_ARG(o.min_bytes <= o.max_bytes && o.factor > 1, "-b/-e/-f", "sizes {}..{} with factor {}", o.min_bytes,
                      o.max_bytes, o.factor);
 }
@@ -44,6 +48,9 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
     fmt::print("# duplex commbench: {} between {} virtual ranks on {} ({} SMs), hidden {}, top-{}, {} iterations\n",
                o.op, R, devices[0].name, device_sms, d, K, o.iters);
     fmt::print("# size = bytes each rank sends; algbw = all ranks' bytes / time; copy = cudaMemcpy D2D of the same bytes\n");
+    if (o.nodes > 1)
+        fmt::print("# {} virtual nodes of {} ranks: sender -> forwarder (one row per token and node) -> receivers\n",
+                   o.nodes, R / o.nodes);
     fmt::print("#\n# {:>10} {:>6} {:>5} {:>10} {:>11} {:>11} {:>9} {:>7}\n", "size(B)", "tokens", "SMs", "time(us)",
                "algbw(GB/s)", "copy(GB/s)", "of copy", "#wrong");
     nlohmann::json rows = nlohmann::json::array();
@@ -112,6 +119,14 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
         }
         std::vector<int64_t> send_rows(R, int64_t(slots));
         double bytes_all = double(slots) * row_bytes * R;
+        // The node-limited path takes each token once with the set of ranks it goes to.
+        std::vector<std::vector<uint64_t>> masks(R, std::vector<uint64_t>(tokens, 0));
+        std::vector<const float*> x_cp;
+        for (int r = 0; r < R; ++r) {
+            x_cp.push_back(x[r]->as<float>());
+            for (size_t i = 0; i < slots; ++i) masks[r][i / K] |= 1ull << dest[r][i];
+        }
+        int64_t inter_rows = 0, flat_inter_rows = 0;
         double copy_bw = copy_bandwidth(size_t(bytes_all));
         for (int sms : o.sms) {
             cuda::ExchangeConfig cfg;
@@ -119,7 +134,12 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
             double best = 1e30;
             for (int it = 0; it < o.warmup + o.iters; ++it) {
                 double kernel_s = 0;
-                if (o.op == "dispatch") {
+                if (o.op == "dispatch" && o.nodes > 1) {
+                    auto h = cuda::dispatch_rows_hierarchical(x_cp, masks, o.nodes, recv_p, recv_rows, d, cfg, nullptr);
+                    kernel_s = h.seconds;
+                    inter_rows = h.inter_node_rows;
+                    flat_inter_rows = h.flat_inter_node_rows;
+                } else if (o.op == "dispatch") {
                     for (int r = 0; r < R; ++r) cuda::permute_rows(x[r]->as<float>(), d, src[r]->as<int>(), *dl[r], send[r]->as<float>(), nullptr);
                     kernel_s = cuda::exchange_rows(send_p, offsets, counts, recv_p, recv_rows, d, cfg, nullptr);
                 } else {
@@ -159,17 +179,20 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
             }
             total_wrong += wrong;
             double algbw = bytes_all / best / 1e9;
-            fmt::print("  {:>10} {:>6} {:>5} {:>10.2f} {:>11.2f} {:>11.2f} {:>8.1f}% {:>7}\n", size_t(slots * row_bytes),
+            fmt::print("  {:>10} {:>6} {:>5} {:>10.2f} {:>11.2f} {:>11.2f} {:>8.1f}% {:>7}", size_t(slots * row_bytes),
                        tokens, sms, best * 1e6, algbw, copy_bw / 1e9, 100 * algbw * 1e9 / copy_bw, wrong);
+            if (o.nodes > 1)
+                fmt::print("   inter-node rows {} (flat {})", inter_rows, flat_inter_rows);
+            fmt::print("\n");
             rows.push_back({{"size", size_t(slots * row_bytes)}, {"tokens", tokens}, {"sms", sms}, {"time_us", best * 1e6},
                             {"algbw_gbs", algbw}, {"copy_gbs", copy_bw / 1e9}, {"fraction_of_copy", algbw * 1e9 / copy_bw},
-                            {"wrong", wrong}});
+                            {"wrong", wrong}, {"inter_node_rows", inter_rows}, {"flat_inter_node_rows", flat_inter_rows}});
             std::fflush(stdout);
         }
     }
     fmt::print("# Out of bounds values : {} {}\n", total_wrong, total_wrong ? "FAILED" : "OK");
     if (!o.json.empty()) {
-        nlohmann::json j = {{"op", o.op}, {"backend", "cuda"}, {"ranks", R}, {"device", devices[0].name}, {"rows", rows}};
+        nlohmann::json j = {{"op", o.op}, {"backend", "cuda"}, {"ranks", R}, {"nodes", o.nodes}, {"device", devices[0].name}, {"rows", rows}};
         write_text_file(o.json, j.dump(2) + "\n", "--json");
         fmt::print("# JSON written to {}\n", o.json);
     }

@@ -12,6 +12,7 @@ namespace duplex::tools {
 struct GpuCommBenchOptions {
     std::string op = "dispatch";   // dispatch or combine
     int ranks = 8;                 // virtual ranks sharing the device
+    int nodes = 1;                 // > 1: dispatch through forwarder warps, once per node (the node-limited path)
     int hidden = 7168;             // row width (floats)
     int top_k = 8;                 // slots per token, to distinct ranks
     std::vector<int> sms = {4, 8, 16, 20, 32};

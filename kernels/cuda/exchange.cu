@@ -16,12 +16,15 @@
 
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/kernels.hpp"
+#include "kernels/cuda/queue.cuh"
 
 namespace duplex::cuda {
 
 namespace {
 
-using Counter = ::cuda::atomic_ref<long long, ::cuda::thread_scope_device>;
+using detail::copy_floats;
+using detail::Counter;
+using detail::publish;
 
 struct Args {
     int num_ranks, dim, rows_per_chunk, queue_chunks, warps_per_role;
@@ -38,16 +41,7 @@ struct Args {
 };
 
 __device__ bool stalled(const Args& a, long long start, int channel) {
-    if (*reinterpret_cast<volatile int*>(a.error) != 0) return true;
-    if (clock64() - start > a.timeout_cycles) {
-        atomicCAS(a.error, 0, channel + 1);
-        return true;
-    }
-    return false;
-}
-
-__device__ void copy_rows(float* to, const float* from, long long n, int lane) {
-    for (long long i = lane; i < n; i += 32) to[i] = from[i];
+    return detail::stalled(a.error, a.timeout_cycles, start, channel);
 }
 
 __device__ void send_channel(const Args& a, int channel, int lane) {
@@ -61,11 +55,9 @@ __device__ void send_channel(const Args& a, int channel, int lane) {
         while (i - tail.load(::cuda::memory_order_acquire) >= a.queue_chunks)
             if (stalled(a, start, channel)) return;
         long long rows = min((long long)a.rows_per_chunk, total - i * a.rows_per_chunk);
-        copy_rows(queue + (i % a.queue_chunks) * a.rows_per_chunk * a.dim, src + i * a.rows_per_chunk * a.dim,
-                  rows * a.dim, lane);
-        __threadfence();
-        __syncwarp();
-        if (lane == 0) head.store(i + 1, ::cuda::memory_order_release);
+        copy_floats(queue + (i % a.queue_chunks) * a.rows_per_chunk * a.dim, src + i * a.rows_per_chunk * a.dim,
+                    rows * a.dim, lane);
+        publish(head, i + 1, lane);
     }
 }
 
@@ -80,11 +72,9 @@ __device__ void receive_channel(const Args& a, int channel, int lane) {
         while (head.load(::cuda::memory_order_acquire) <= i)
             if (stalled(a, start, channel)) return;
         long long rows = min((long long)a.rows_per_chunk, total - i * a.rows_per_chunk);
-        copy_rows(dst + i * a.rows_per_chunk * a.dim, queue + (i % a.queue_chunks) * a.rows_per_chunk * a.dim,
-                  rows * a.dim, lane);
-        __threadfence();
-        __syncwarp();
-        if (lane == 0) tail.store(i + 1, ::cuda::memory_order_release);
+        copy_floats(dst + i * a.rows_per_chunk * a.dim, queue + (i % a.queue_chunks) * a.rows_per_chunk * a.dim,
+                    rows * a.dim, lane);
+        publish(tail, i + 1, lane);
     }
 }
 
@@ -164,68 +154,42 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
     size_t channels = size_t(R) * R;
     size_t queue_floats = channels * c.queue_chunks * size_t(c.rows_per_chunk) * dim;
     // One allocation for the tables, the queues and the counters.
-    size_t bytes = 2 * sizeof(void*) * R + 3 * sizeof(long long) * channels + 2 * 32 * sizeof(long long) * channels +
-                   sizeof(int) + sizeof(float) * queue_floats + 256;
-    char* base = nullptr;
-    DUPLEX_CUDA_CHECK(cudaMalloc(&base, bytes));
-    char* p = base;
-    auto take = [&](size_t n) {
-        char* at = p;
-        p += (n + 15) / 16 * 16;
-        return at;
-    };
+    using detail::Arena;
+    Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(channels) +
+                2 * Arena::size_of<long long>(32 * channels) + Arena::size_of<int>(1) + Arena::size_of<float>(queue_floats));
     Args a{};
     a.num_ranks = R;
     a.dim = dim;
     a.rows_per_chunk = c.rows_per_chunk;
     a.queue_chunks = c.queue_chunks;
     a.warps_per_role = warps_per_role(R, c.num_sms);
-    auto* d_send = reinterpret_cast<const float**>(take(sizeof(void*) * R));
-    auto* d_recv = reinterpret_cast<float**>(take(sizeof(void*) * R));
-    auto* d_off = reinterpret_cast<long long*>(take(sizeof(long long) * channels));
-    auto* d_cnt = reinterpret_cast<long long*>(take(sizeof(long long) * channels));
-    auto* d_roff = reinterpret_cast<long long*>(take(sizeof(long long) * channels));
-    a.head = reinterpret_cast<long long*>(take(32 * sizeof(long long) * channels));
-    a.tail = reinterpret_cast<long long*>(take(32 * sizeof(long long) * channels));
-    a.error = reinterpret_cast<int*>(take(sizeof(int)));
-    a.queues = reinterpret_cast<float*>(take(sizeof(float) * queue_floats));
+    auto* d_send = arena.take<const float*>(R);
+    auto* d_recv = arena.take<float*>(R);
+    auto* d_off = arena.take<long long>(channels);
+    auto* d_cnt = arena.take<long long>(channels);
+    auto* d_roff = arena.take<long long>(channels);
+    a.head = arena.take<long long>(32 * channels);
+    a.tail = arena.take<long long>(32 * channels);
+    a.error = arena.take<int>(1);
+    a.queues = arena.take<float>(queue_floats);
     a.send = d_send;
     a.recv = d_recv;
     a.send_off = d_off;
     a.count = d_cnt;
     a.recv_off = d_roff;
     a.timeout_cycles = (long long)(c.timeout_s * clock_khz * 1e3);
-    cudaEvent_t start = nullptr, stop = nullptr;
-    double seconds = 0;
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_send, send.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_recv, recv.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_off, off.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_cnt, cnt.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_roff, roff.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.head, 0, 32 * sizeof(long long) * channels, stream));
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.tail, 0, 32 * sizeof(long long) * channels, stream));
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.error, 0, sizeof(int), stream));
     int error = 0;
-    try {
-        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_send, send.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
-        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_recv, recv.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
-        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_off, off.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_cnt, cnt.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_roff, roff.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-        DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.head, 0, 2 * 32 * sizeof(long long) * channels + 16, stream));
-        DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.error, 0, sizeof(int), stream));
-        DUPLEX_CUDA_CHECK(cudaEventCreate(&start));
-        DUPLEX_CUDA_CHECK(cudaEventCreate(&stop));
-        DUPLEX_CUDA_CHECK(cudaEventRecord(start, stream));
+    double seconds = detail::timed_launch(stream, a.error, error, [&] {
         exchange_kernel<<<c.num_sms, 64 * a.warps_per_role, 0, stream>>>(a);
-        DUPLEX_CUDA_CHECK(cudaGetLastError());
-        DUPLEX_CUDA_CHECK(cudaEventRecord(stop, stream));
-        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(&error, a.error, sizeof(int), cudaMemcpyDeviceToHost, stream));
-        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(stream));
-        float ms = 0;
-        DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-        seconds = ms * 1e-3;
-    } catch (...) {
-        if (start) cudaEventDestroy(start);
-        if (stop) cudaEventDestroy(stop);
-        cudaFree(base);
-        throw;
-    }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    cudaFree(base);
+    });
     if (error != 0)
         throw CommError(fmt::format("exchange: the queue from virtual rank {} to {} stalled for {} s", (error - 1) / R,
                                     (error - 1) % R, c.timeout_s));

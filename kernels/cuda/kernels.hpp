@@ -8,7 +8,8 @@
 //   permute:  permute_rows / combine_rows — the dispatch layout of kernels/cpu/permute.hpp; combine multiplies
 //             and adds without fusing, in slot order, so it is bit-equal to the CPU reference.
 //   exchange: exchange_rows — the warp-specialized all-to-all of dispatch and combine between "virtual ranks"
-//             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs.
+//             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs;
+//             dispatch_rows_hierarchical — the node-limited dispatch with forwarder warps (one crossing per node).
 //   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products through cuBLAS, BF16 in, fp32 out.
 #pragma once
 
@@ -73,6 +74,33 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
 void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send_counts,
                     const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,
                     int device_sms);
+
+// ---- node-limited dispatch: sender / forwarder / receiver warps ----
+// The virtual ranks form `nodes` nodes of equal size L (rank r is local rank r % L of node r / L). Per rank s:
+// x[s] holds its tokens (one row each) and host_masks[s][t] the ranks token t goes to (bit p: rank p; at most
+// 64 ranks). A token crosses to each target node once — into the queue of the relay there with s's local index
+// — whatever number of its experts live on that node; the relay forwards it to each of those ranks inside the
+// node. recv[p] receives, like exchange_rows, source-major: the tokens of rank 0 that go to p (ascending), then
+// rank 1's, ...
+//
+// Every (s, node m) pair is a pipeline run by warps of one block: a sender (x[s] -> the inter-node queue of the
+// pipeline, one row per token), a forwarder (that queue -> the intra-node queue of (s, d) for each rank d of m
+// the row is for) and L receivers (the queue of (s, d) -> recv[d]).
+struct HierarchicalResult {
+    double seconds = 0;
+    int64_t inter_node_rows = 0;       // rows that crossed between nodes (one per token and target node)
+    int64_t flat_inter_node_rows = 0;  // what one row per (token, destination rank) would have sent across
+};
+HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x,
+                                              const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
+                                              const std::vector<float*>& recv,
+                                              const std::vector<int64_t>& recv_capacity_rows, int dim,
+                                              const ExchangeConfig& config, cudaStream_t stream);
+// The host-side checks of dispatch_rows_hierarchical (device_sms: the device's SM count); returns the rows each
+// rank receives.
+std::vector<int64_t> check_hierarchical_dispatch(const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
+                                                 const std::vector<int64_t>& recv_capacity_rows, int dim,
+                                                 const ExchangeConfig& config, int device_sms);
 
 // ---- expert GEMMs (cuBLAS, BF16 in, fp32 accumulate and out) ----
 // For each expert e: c[e] [rows[e] x n] = a[e] [rows[e] x k] * b[e] [k x n], row-major. a and b hold BF16 bit

@@ -194,6 +194,97 @@ TEST(CudaExchange, RejectsBadBudgetsAndBuffersBeforeLaunch) {
     EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
 }
 
+// Per rank: tokens and, per token, the ranks it goes to (top-k experts, grouped so a token reaches at most
+// `max_nodes` nodes, like the node-limited routing).
+std::vector<std::vector<uint64_t>> random_masks(int ranks, int nodes, int tokens, int top_k, int max_nodes,
+                                                uint64_t seed) {
+    Rng rng(seed);
+    int L = ranks / nodes;
+    std::vector<std::vector<uint64_t>> m(ranks);
+    for (int s = 0; s < ranks; ++s)
+        for (int t = 0; t < tokens + int(rng.below(7)); ++t) {
+            uint64_t mask = 0;
+            int first_node = int(rng.below(uint64_t(nodes)));
+            for (int k = 0; k < top_k; ++k) {
+                int node = (first_node + int(rng.below(uint64_t(max_nodes)))) % nodes;
+                mask |= 1ull << (node * L + int(rng.below(uint64_t(L))));
+            }
+            if (t % 11 == 5) mask = 0;  // a token no rank takes (all its experts dropped) is skipped
+            m[s].push_back(mask);
+        }
+    return m;
+}
+
+TEST(CudaHierarchical, ForwardersDeliverWhatAPlainGatherDoesAndCrossEachNodeOnce) {
+    NEED_GPU();
+    const int ranks = 8, nodes = 2, dim = 160;
+    auto masks = random_masks(ranks, nodes, 300, 8, 2, 5);
+    std::vector<std::vector<float>> host_x(ranks);
+    std::vector<std::unique_ptr<Dev<float>>> x, recv;
+    std::vector<const float*> xp;
+    std::vector<float*> rp;
+    // The reference: rank d gets rank 0's tokens for d (ascending), then rank 1's, ...
+    std::vector<std::vector<float>> want(ranks);
+    for (int s = 0; s < ranks; ++s) host_x[s] = random_floats(masks[s].size() * dim, 40 + s);
+    for (int d = 0; d < ranks; ++d)
+        for (int s = 0; s < ranks; ++s)
+            for (size_t t = 0; t < masks[s].size(); ++t)
+                if ((masks[s][t] >> d) & 1)
+                    want[d].insert(want[d].end(), host_x[s].begin() + t * dim, host_x[s].begin() + (t + 1) * dim);
+    std::vector<int64_t> cap(ranks);
+    for (int r = 0; r < ranks; ++r) {
+        x.push_back(std::make_unique<Dev<float>>(host_x[r]));
+        recv.push_back(std::make_unique<Dev<float>>(want[r].size()));
+        xp.push_back(x.back()->get());
+        rp.push_back(recv.back()->get());
+        cap[r] = int64_t(want[r].size() / dim);
+    }
+    int64_t inter = 0, flat = 0;  // rows crossing nodes: one per (token, other node) vs one per (token, rank)
+    for (int s = 0; s < ranks; ++s)
+        for (uint64_t mk : masks[s])
+            for (int m = 0; m < nodes; ++m) {
+                uint64_t here = (mk >> (m * 4)) & 0xF;
+                if (here && m != s / 4) ++inter, flat += __builtin_popcountll(here);
+            }
+    for (int sms : {1, 3, 20}) {
+        for (int rpc : {1, 4}) {
+            ExchangeConfig cfg;
+            cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
+            cfg.rows_per_chunk = rpc;
+            cfg.queue_chunks = 2;  // small queues: senders wait on forwarders, forwarders on receivers
+            for (auto& b : recv) cudaMemset(b->get(), 0xFF, b->size() * sizeof(float));
+            HierarchicalResult r = dispatch_rows_hierarchical(xp, masks, nodes, rp, cap, dim, cfg, nullptr);
+            for (int d = 0; d < ranks; ++d)
+                ASSERT_EQ(recv[d]->host(), want[d]) << "rank " << d << ", " << sms << " SMs, " << rpc << " rows/chunk";
+            EXPECT_EQ(r.inter_node_rows, inter);
+            EXPECT_EQ(r.flat_inter_node_rows, flat);
+            EXPECT_LT(r.inter_node_rows, r.flat_inter_node_rows);
+        }
+    }
+}
+
+TEST(CudaHierarchical, RejectsBadTopologiesAndBuffersBeforeLaunch) {
+    auto masks = random_masks(8, 2, 50, 4, 2, 9);
+    std::vector<int64_t> cap(8, 1 << 20);
+    ExchangeConfig cfg;
+    auto rows = check_hierarchical_dispatch(masks, 2, cap, 128, cfg, 132);
+    int64_t total = 0;
+    for (int64_t r : rows) total += r;
+    EXPECT_GT(total, 0);
+    EXPECT_THROW(check_hierarchical_dispatch(masks, 3, cap, 128, cfg, 132), ConfigError);  // 8 ranks, 3 nodes
+    auto small = rows;
+    small[5] -= 1;
+    EXPECT_THROW(check_hierarchical_dispatch(masks, 2, small, 128, cfg, 132), ConfigError);
+    auto beyond = masks;
+    beyond[0][0] |= 1ull << 9;  // rank 9 of 8
+    EXPECT_THROW(check_hierarchical_dispatch(beyond, 2, cap, 128, cfg, 132), ConfigError);
+    cfg.num_sms = 200;
+    EXPECT_THROW(check_hierarchical_dispatch(masks, 2, cap, 128, cfg, 132), ConfigError);
+    std::vector<std::vector<uint64_t>> wide(32, std::vector<uint64_t>(4, 1));
+    EXPECT_THROW(check_hierarchical_dispatch(wide, 1, std::vector<int64_t>(32, 100), 128, ExchangeConfig{}, 132),
+                 ConfigError);  // 32 ranks on one node: more warps than a block holds
+}
+
 TEST(CudaGemm, ExpertGemmsMatchTheCpuWithinBf16Tolerance) {
     NEED_GPU();
     const int k = 256, n = 192;

@@ -1,0 +1,284 @@
+// The node-limited dispatch with forwarder warps (DeepSeek-V3's two hops: across nodes once per node, then
+// inside the node), between virtual ranks on one device. The CPU reference is the plain gather it must equal
+// (tests/cuda/kernels_test.cpp).
+//
+// Pipeline (s, m) — rank s's tokens for node m — owns one inter-node queue (chunks of rows plus, per row, the
+// bit mask of the node's ranks it is for) and the intra-node queues (s, d) of the ranks d of node m (rows).
+// Its warps live in one block: sender, forwarder and the L receivers, so every queue's two ends are resident
+// together and the queues cannot deadlock however small they are. Each queue has one producer and one
+// consumer; counters are monotonic (head: written, tail: consumed).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+#include "core/cuda_check.hpp"
+#include "kernels/cuda/kernels.hpp"
+#include "kernels/cuda/queue.cuh"
+
+namespace duplex::cuda {
+
+namespace {
+
+using detail::copy_floats;
+using detail::Counter;
+using detail::publish;
+
+struct HArgs {
+    int R, L, N, dim, rpc, qc, Q, slots;
+    const float* const* x;
+    const unsigned long long* const* masks;
+    const long long* tokens;    // [R]
+    float* const* recv;
+    const long long* pipe_rows;  // [R * N]: rows through pipeline (s, m)
+    const long long* count;      // [R * R]: rows from s to d
+    const long long* recv_off;   // [R * R]: first row in recv[d] of the rows from s
+    float* inter;                // per pipeline: qc * rpc * dim floats
+    unsigned* meta;              // per pipeline: qc * rpc local masks
+    float* intra;                // per (s, d): Q * dim floats
+    long long *inter_head, *inter_tail, *intra_head, *intra_tail;  // 32 apart (own cache line)
+    int* error;
+    long long timeout_cycles;
+};
+
+__device__ bool stalled(const HArgs& a, long long start, int channel) {
+    return detail::stalled(a.error, a.timeout_cycles, start, channel);
+}
+
+__device__ unsigned long long local_bits(int L) { return L >= 64 ? ~0ull : (1ull << L) - 1; }
+
+// x[s] -> inter-node queue of (s, m): each token with a rank on node m, once.
+__device__ void h_send(const HArgs& a, int s, int m, int lane) {
+    int pipe = s * a.N + m;
+    long long total = a.pipe_rows[pipe];
+    if (total == 0) return;
+    float* queue = a.inter + (long long)pipe * a.qc * a.rpc * a.dim;
+    unsigned* meta = a.meta + (long long)pipe * a.qc * a.rpc;
+    Counter head(a.inter_head[pipe * 32]), tail(a.inter_tail[pipe * 32]);
+    const float* x = a.x[s];
+    const unsigned long long* masks = a.masks[s];
+    long long row = 0;
+    for (long long t = 0; t < a.tokens[s] && row < total; ++t) {
+        unsigned long long here = (masks[t] >> (m * a.L)) & local_bits(a.L);
+        if (here == 0) continue;
+        long long chunk = row / a.rpc;
+        int in = int(row % a.rpc);
+        if (in == 0) {
+            long long start = clock64();
+            while (chunk - tail.load(::cuda::memory_order_acquire) >= a.qc)
+                if (stalled(a, start, pipe)) return;
+        }
+        long long at = (chunk % a.qc) * a.rpc + in;
+        copy_floats(queue + at * a.dim, x + t * a.dim, a.dim, lane);
+        if (lane == 0) meta[at] = unsigned(here);
+        ++row;
+        if (row % a.rpc == 0 || row == total) publish(head, chunk + 1, lane);
+    }
+}
+
+// Inter-node queue of (s, m) -> intra-node queues (s, d) of the ranks the rows are for.
+__device__ void h_forward(const HArgs& a, int s, int m, int lane) {
+    int pipe = s * a.N + m;
+    long long total = a.pipe_rows[pipe];
+    long long chunks = (total + a.rpc - 1) / a.rpc;
+    const float* queue = a.inter + (long long)pipe * a.qc * a.rpc * a.dim;
+    const unsigned* meta = a.meta + (long long)pipe * a.qc * a.rpc;
+    Counter head(a.inter_head[pipe * 32]), tail(a.inter_tail[pipe * 32]);
+    for (long long i = 0; i < chunks; ++i) {
+        long long start = clock64();
+        while (head.load(::cuda::memory_order_acquire) <= i)
+            if (stalled(a, start, pipe)) return;
+        int rows = int(min((long long)a.rpc, total - i * a.rpc));
+        long long base = (i % a.qc) * a.rpc;
+        for (int ld = 0; ld < a.L; ++ld) {
+            int cnt = 0;
+            for (int j = 0; j < rows; ++j) cnt += (meta[base + j] >> ld) & 1u;
+            if (cnt == 0) continue;
+            int ch = s * a.R + m * a.L + ld;
+            Counter ihead(a.intra_head[ch * 32]), itail(a.intra_tail[ch * 32]);
+            long long h = ihead.load(::cuda::memory_order_relaxed);  // this warp is its only writer
+            long long wait_start = clock64();
+            while (h + cnt - itail.load(::cuda::memory_order_acquire) > a.Q)
+                if (stalled(a, wait_start, a.R * a.N + ch)) return;
+            float* iq = a.intra + (long long)ch * a.Q * a.dim;
+            long long put = h;
+            for (int j = 0; j < rows; ++j)
+                if ((meta[base + j] >> ld) & 1u) {
+                    copy_floats(iq + (put % a.Q) * a.dim, queue + (base + j) * a.dim, a.dim, lane);
+                    ++put;
+                }
+            publish(ihead, put, lane);
+        }
+        publish(tail, i + 1, lane);
+    }
+}
+
+// Intra-node queue (s, d) -> recv[d], after the rows of ranks below s.
+__device__ void h_receive(const HArgs& a, int s, int d, int lane) {
+    int ch = s * a.R + d;
+    long long total = a.count[ch];
+    float* dst = a.recv[d] + a.recv_off[ch] * a.dim;
+    const float* iq = a.intra + (long long)ch * a.Q * a.dim;
+    Counter ihead(a.intra_head[ch * 32]), itail(a.intra_tail[ch * 32]);
+    long long got = 0;
+    while (got < total) {
+        long long start = clock64(), h;
+        while ((h = ihead.load(::cuda::memory_order_acquire)) <= got)
+            if (stalled(a, start, a.R * a.N + ch)) return;
+        for (long long r = got; r < h; ++r) copy_floats(dst + r * a.dim, iq + (r % a.Q) * a.dim, a.dim, lane);
+        publish(itail, h, lane);
+        got = h;
+    }
+}
+
+__global__ void hierarchical_kernel(HArgs a) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, W = a.slots;
+    int role = warp < W ? 0 : warp < 2 * W ? 1 : 2;
+    int slot = role == 0 ? warp : role == 1 ? warp - W : (warp - 2 * W) / a.L;
+    int local = role == 2 ? (warp - 2 * W) % a.L : 0;
+    for (int j = slot;; j += W) {
+        int pipe = blockIdx.x + j * gridDim.x;
+        if (pipe >= a.R * a.N) break;
+        int s = pipe / a.N, m = pipe % a.N;
+        if (role == 0)
+            h_send(a, s, m, lane);
+        else if (role == 1)
+            h_forward(a, s, m, lane);
+        else
+            h_receive(a, s, m * a.L + local, lane);
+    }
+}
+
+}  // namespace
+
+std::vector<int64_t> check_hierarchical_dispatch(const std::vector<std::vector<uint64_t>>& masks, int nodes,
+                                                 const std::vector<int64_t>& recv_capacity_rows, int dim,
+                                                 const ExchangeConfig& c, int device_sms) {
+    int R = int(masks.size());
+    DUPLEX_CHECK_ARG(R >= 1 && R <= 64, "hierarchical dispatch", "1..64 ranks (a 64-bit mask per token), got {}", R);
+    DUPLEX_CHECK_ARG(nodes >= 1 && R % nodes == 0, "hierarchical dispatch: nodes",
+                     "{} ranks do not split into {} nodes of equal size", R, nodes);
+    DUPLEX_CHECK_ARG(R / nodes <= 30, "hierarchical dispatch: nodes",
+                     "{} ranks per node; a pipeline's sender, forwarder and receivers share one block (at most 30)",
+                     R / nodes);
+    std::vector<std::vector<int64_t>> counts(R, std::vector<int64_t>(R, 0));
+    for (int s = 0; s < R; ++s)
+        for (size_t t = 0; t < masks[s].size(); ++t) {
+            DUPLEX_CHECK_ARG(R == 64 || (masks[s][t] >> R) == 0, "hierarchical dispatch: routing",
+                             "token {} of rank {} goes to a rank beyond the {} present", t, s, R);
+            for (int d = 0; d < R; ++d) counts[s][d] += (masks[s][t] >> d) & 1u;
+        }
+    check_exchange(R, counts, recv_capacity_rows, dim, c, device_sms);
+    std::vector<int64_t> rows(R, 0);
+    for (int s = 0; s < R; ++s)
+        for (int d = 0; d < R; ++d) rows[d] += counts[s][d];
+    return rows;
+}
+
+HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x,
+                                              const std::vector<std::vector<uint64_t>>& masks, int nodes,
+                                              const std::vector<float*>& recv,
+                                              const std::vector<int64_t>& recv_capacity_rows, int dim,
+                                              const ExchangeConfig& c, cudaStream_t stream) {
+    int device = 0, sms = 0, clock_khz = 0;
+    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+    check_hierarchical_dispatch(masks, nodes, recv_capacity_rows, dim, c, sms);
+    const int R = int(masks.size()), N = nodes, L = R / nodes, P = R * N;
+    DUPLEX_CHECK_ARG(int(x.size()) == R && int(recv.size()) == R, "hierarchical dispatch",
+                     "{} inputs and {} receive buffers for {} ranks", x.size(), recv.size(), R);
+    // Host tables: rows per pipeline and per (s, d), receive offsets source-major.
+    HierarchicalResult result;
+    std::vector<long long> tokens(R), pipe_rows(P, 0), count(size_t(R) * R, 0), roff(size_t(R) * R, 0);
+    for (int s = 0; s < R; ++s) {
+        tokens[s] = (long long)masks[s].size();
+        for (uint64_t mk : masks[s]) {
+            for (int m = 0; m < N; ++m) {
+                uint64_t here = (mk >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1);
+                if (!here) continue;
+                ++pipe_rows[size_t(s) * N + m];
+                if (m != s / L) {
+                    ++result.inter_node_rows;
+                    result.flat_inter_node_rows += __builtin_popcountll(here);
+                }
+            }
+            for (int d = 0; d < R; ++d) count[size_t(s) * R + d] += (mk >> d) & 1u;
+        }
+    }
+    for (int d = 0; d < R; ++d) {
+        long long at = 0;
+        for (int s = 0; s < R; ++s) roff[size_t(s) * R + d] = at, at += count[size_t(s) * R + d];
+    }
+    HArgs a{};
+    a.R = R, a.L = L, a.N = N, a.dim = dim, a.rpc = c.rows_per_chunk, a.qc = c.queue_chunks;
+    a.Q = c.queue_chunks * c.rows_per_chunk;
+    a.slots = std::max(1, std::min(32 / (2 + L), (P + c.num_sms - 1) / c.num_sms));
+    size_t channels = size_t(R) * R, total_tokens = 0;
+    for (long long t : tokens) total_tokens += size_t(t);
+    using detail::Arena;
+    Arena arena(2 * Arena::size_of<void*>(R) + Arena::size_of<void*>(R) + Arena::size_of<long long>(R) +
+                Arena::size_of<long long>(P) + 2 * Arena::size_of<long long>(channels) +
+                Arena::size_of<float>(size_t(P) * a.qc * a.rpc * dim) + Arena::size_of<unsigned>(size_t(P) * a.qc * a.rpc) +
+                Arena::size_of<float>(channels * a.Q * dim) + 2 * Arena::size_of<long long>(32 * size_t(P)) +
+                2 * Arena::size_of<long long>(32 * channels) + Arena::size_of<int>(1) +
+                Arena::size_of<unsigned long long>(std::max<size_t>(total_tokens, 1)));
+    auto* d_x = arena.take<const float*>(R);
+    auto* d_recv = arena.take<float*>(R);
+    auto* d_masks = arena.take<const unsigned long long*>(R);
+    auto* d_tokens = arena.take<long long>(R);
+    auto* d_pipe = arena.take<long long>(P);
+    auto* d_count = arena.take<long long>(channels);
+    auto* d_roff = arena.take<long long>(channels);
+    a.inter = arena.take<float>(size_t(P) * a.qc * a.rpc * dim);
+    a.meta = arena.take<unsigned>(size_t(P) * a.qc * a.rpc);
+    a.intra = arena.take<float>(channels * a.Q * dim);
+    a.inter_head = arena.take<long long>(32 * size_t(P));
+    a.inter_tail = arena.take<long long>(32 * size_t(P));
+    a.intra_head = arena.take<long long>(32 * channels);
+    a.intra_tail = arena.take<long long>(32 * channels);
+    a.error = arena.take<int>(1);
+    auto* d_all_masks = arena.take<unsigned long long>(std::max<size_t>(total_tokens, 1));
+    std::vector<const unsigned long long*> mask_ptr(R);
+    size_t at = 0;
+    for (int s = 0; s < R; ++s) {
+        mask_ptr[s] = d_all_masks + at;
+        if (tokens[s])
+            DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_all_masks + at, masks[s].data(), sizeof(uint64_t) * tokens[s],
+                                              cudaMemcpyHostToDevice, stream));
+        at += size_t(tokens[s]);
+    }
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_x, x.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_recv, recv.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_masks, mask_ptr.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_tokens, tokens.data(), sizeof(long long) * R, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_pipe, pipe_rows.data(), sizeof(long long) * P, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_count, count.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_roff, roff.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
+    for (long long* counter : {a.inter_head, a.inter_tail})
+        DUPLEX_CUDA_CHECK(cudaMemsetAsync(counter, 0, 32 * sizeof(long long) * P, stream));
+    for (long long* counter : {a.intra_head, a.intra_tail})
+        DUPLEX_CUDA_CHECK(cudaMemsetAsync(counter, 0, 32 * sizeof(long long) * channels, stream));
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.error, 0, sizeof(int), stream));
+    a.x = d_x, a.recv = d_recv, a.masks = d_masks, a.tokens = d_tokens, a.pipe_rows = d_pipe, a.count = d_count;
+    a.recv_off = d_roff;
+    a.timeout_cycles = (long long)(c.timeout_s * clock_khz * 1e3);
+    int error = 0;
+    int threads = 32 * a.slots * (2 + L);
+    result.seconds = detail::timed_launch(stream, a.error, error, [&] {
+        hierarchical_kernel<<<c.num_sms, threads, 0, stream>>>(a);
+    });
+    if (error != 0) {
+        int ch = error - 1;
+        if (ch < P)
+            throw CommError(fmt::format("hierarchical dispatch: the inter-node queue of rank {} to node {} stalled for {} s",
+                                        ch / N, ch % N, c.timeout_s));
+        ch -= P;
+        throw CommError(fmt::format("hierarchical dispatch: the intra-node queue of rank {} to rank {} stalled for {} s",
+                                    ch / R, ch % R, c.timeout_s));
+    }
+    return result;
+}
+
+}  // namespace duplex::cuda

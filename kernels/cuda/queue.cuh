@@ -1,0 +1,89 @@
+// Pieces shared by the queue-based exchange kernels (exchange.cu, hierarchical.cu): device-scope counters, the
+// stall check that turns a stuck queue into an error instead of a hang, and a warp-wide row copy.
+#pragma once
+
+#include <cuda/atomic>
+#include <cuda_runtime.h>
+
+#include "core/cuda_check.hpp"
+
+namespace duplex::cuda::detail {
+
+using Counter = ::cuda::atomic_ref<long long, ::cuda::thread_scope_device>;
+
+// True when another warp already failed, or this wait has lasted past the timeout (then records `channel`).
+__device__ inline bool stalled(int* error, long long timeout_cycles, long long start, int channel) {
+    if (*reinterpret_cast<volatile int*>(error) != 0) return true;
+    if (clock64() - start > timeout_cycles) {
+        atomicCAS(error, 0, channel + 1);
+        return true;
+    }
+    return false;
+}
+
+// n floats, the warp's 32 lanes striding.
+__device__ inline void copy_floats(float* to, const float* from, long long n, int lane) {
+    for (long long i = lane; i < n; i += 32) to[i] = from[i];
+}
+
+// Publishes what this warp wrote: every lane's stores are visible device-wide before lane 0 moves the counter.
+__device__ inline void publish(Counter& counter, long long value, int lane) {
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) counter.store(value, ::cuda::memory_order_release);
+}
+
+// One device allocation carved into 16-byte aligned pieces: the tables, queues and counters of one launch.
+class Arena {
+public:
+    explicit Arena(size_t bytes) { DUPLEX_CUDA_CHECK(cudaMalloc(&base_, bytes + 256)); }
+    ~Arena() { cudaFree(base_); }
+    Arena(const Arena&) = delete;
+    Arena& operator=(const Arena&) = delete;
+    template <typename T>
+    T* take(size_t count) {
+        char* at = base_ + used_;
+        used_ += (count * sizeof(T) + 15) / 16 * 16;
+        return reinterpret_cast<T*>(at);
+    }
+    // Bytes the pieces of `counts` elements of T take (for sizing).
+    template <typename T>
+    static size_t size_of(size_t count) {
+        return (count * sizeof(T) + 15) / 16 * 16;
+    }
+
+private:
+    char* base_ = nullptr;
+    size_t used_ = 0;
+};
+
+// Runs launch() on `stream` between two events and reads back the kernel's error word; returns the seconds
+// between the events and the error (0: none).
+template <typename Launch>
+double timed_launch(cudaStream_t stream, const int* d_error, int& error, Launch&& launch) {
+    cudaEvent_t start = nullptr, stop = nullptr;
+    DUPLEX_CUDA_CHECK(cudaEventCreate(&start));
+    if (cudaEventCreate(&stop) != cudaSuccess) {
+        cudaEventDestroy(start);
+        DUPLEX_CUDA_CHECK(cudaErrorMemoryAllocation);
+    }
+    float ms = 0;
+    try {
+        DUPLEX_CUDA_CHECK(cudaEventRecord(start, stream));
+        launch();
+        DUPLEX_CUDA_CHECK(cudaGetLastError());
+        DUPLEX_CUDA_CHECK(cudaEventRecord(stop, stream));
+        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(&error, d_error, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+        DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    } catch (...) {
+        cudaEventDestroy(start);
+        cudaEventDestroy(stop);
+        throw;
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    return ms * 1e-3;
+}
+
+}  // namespace duplex::cuda::detail
