@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "runtime/device_experts.hpp"
 #include "runtime/pipeline_impl.hpp"
 
 namespace duplex {
@@ -17,6 +18,8 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     DUPLEX_CHECK_ARG(p.dispatch == "hierarchical" || p.dispatch == "flat", "--dispatch",
                      "'{}' is not a dispatch path (hierarchical, flat)", p.dispatch);
     if (!p.emulate) cfg.check_runnable();
+    DUPLEX_CHECK_ARG(!p.emulate || o.device == "cpu", "--device", "emulate mode runs no math; drop --device {}",
+                     o.device);
     if (!p.emulate)
         DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",
                          cfg.name, cfg.layers, p.pp);
@@ -58,6 +61,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
                 I.stages[s] = std::make_unique<ModelStage<T>>(I.cfg, I.stage_first_layer(s), I.stage_num_layers(s), s == 0,
                                                               s == p.pp - 1, o.seed, exchange, bwd_exchange);
                 I.stages[s]->set_recompute(o.recompute);
+                attach_device_experts(*I.stages[s], o.device_index(world->rank()));
                 I.stages[s]->set_loss_scale(1.0 / (double(o.microbatches) * p.dp));
                 // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
                 I.owner[s] = p.schedule != ScheduleKind::DualPipe || I.schedule.rank_of(s, 0) == I.prank;

@@ -6,6 +6,7 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "runtime/device_experts.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {
@@ -17,6 +18,26 @@ void TrainOptions::validate() const {
                      sequences_per_microbatch);
     DUPLEX_CHECK_ARG(lr > 0, "--lr", "must be positive, got {}", lr);
     DUPLEX_CHECK_ARG(clip >= 0, "--clip", "must not be negative, got {}", clip);
+    DUPLEX_CHECK_ARG(device == "cpu" || device == "cuda" || device.rfind("cuda:", 0) == 0, "--device",
+                     "cpu, cuda or cuda:N, got '{}'", device);
+}
+
+int TrainOptions::device_index(int rank) const {
+    if (device == "cpu") return -1;
+    if (!device_experts_available())
+        throw ConfigError("--device", fmt::format("{}: no CUDA device here (or CUDA not built in)", device));
+    int count = cuda_device_count();
+    if (device == "cuda") return rank % count;
+    int n = -1;
+    try {
+        size_t used = 0;
+        n = std::stoi(device.substr(5), &used);
+        if (used != device.size() - 5) n = -1;
+    } catch (const std::exception&) {
+        n = -1;
+    }
+    DUPLEX_CHECK_ARG(n >= 0 && n < count, "--device", "'{}': this machine has GPUs 0..{}", device, count - 1);
+    return n;
 }
 
 ModelConfig TrainOptions::model_config() const {
@@ -42,6 +63,7 @@ ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
     stage_ = std::make_unique<ModelStage<T>>(cfg_, 0, cfg_.layers, true, true, o.seed);
     stage_->set_recompute(o.recompute);
     stage_->set_loss_scale(1.0 / o.microbatches);
+    attach_device_experts(*stage_, o_.device_index(0));
     for (Param<T>* p : stage_->parameters()) {
         m_.emplace_back(p->value.size(), T(0));
         v_.emplace_back(p->value.size(), T(0));

@@ -34,7 +34,12 @@ struct TrainOptions {
     double balance_alpha = 0.0;     // sequence-wise balance loss weight (V3: 0.0001); 0: off
     double token_skew = 0.0;  // Zipf exponent of the input tokens (skewed expert load); 0: uniform
     int dense_layers = -1;    // >= 0: override the preset's number of leading dense layers
+    // Where the routed experts compute: "cpu", or "cuda" (rank r on GPU r % GPUs) / "cuda:N" — the executor's
+    // device path (runtime/device_experts.hpp), fp32 only.
+    std::string device = "cpu";
     void validate() const;
+    // The GPU index of `rank` under --device (-1 for cpu); ConfigError when there is no such device.
+    int device_index(int rank) const;
     // The preset named by `model` with the overrides above applied (validated).
     ModelConfig model_config() const;
 };

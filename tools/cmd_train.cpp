@@ -46,9 +46,9 @@ int run_typed(const Args& a) {
     const ModelConfig& c = trainer.model().config();
     fmt::print("# duplex train: model {} ({} parameters, {} layers, {} routed experts top-{}), 1 rank, {}\n", c.name,
                c.num_parameters(), c.layers, c.experts, c.top_k, a.fp64 ? "fp64" : "fp32");
-    fmt::print("# {} steps x {} microbatches x {} sequences x {} tokens; lr {}; recompute {}; bias update {}\n", o.steps,
-               o.microbatches, o.sequences_per_microbatch, c.seq_len, o.lr, o.recompute ? "on" : "off",
-               o.bias_update ? "on" : "off");
+    fmt::print("# {} steps x {} microbatches x {} sequences x {} tokens; lr {}; recompute {}; bias update {}; experts "
+               "on {}\n", o.steps, o.microbatches, o.sequences_per_microbatch, c.seq_len, o.lr, o.recompute ? "on" : "off",
+               o.bias_update ? "on" : "off", o.device);
     nlohmann::json steps = nlohmann::json::array();
     double first_loss = 0;
     auto metrics = trainer.run([&](const StepMetrics& m) {
@@ -144,9 +144,9 @@ int run_distributed(const Args& a) {
         }
         const ModelConfig& c = mc;
         if (lead) {
-            fmt::print("# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}\n", c.name,
+            fmt::print("# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}{}\n", c.name,
                        c.num_parameters(), world_size, world->backend(), a.schedule, p.pp, p.dp, p.ep,
-                       a.fp64 ? "fp64" : "fp32");
+                       a.fp64 ? "fp64" : "fp32", o.device == "cpu" ? "" : ", routed experts on " + o.device);
             fmt::print("# {} steps x {} microbatches per replica x {} sequences x {} tokens{}\n", o.steps, o.microbatches,
                        o.sequences_per_microbatch, c.seq_len, p.emulate ? " (emulated compute)" : "");
         }
@@ -279,6 +279,10 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--pp", a->pipe.pp, "pipeline stages (dualpipev: on pp/2 ranks)")->capture_default_str();
     cmd->add_option("--dp", a->pipe.dp, "data-parallel replicas")->capture_default_str();
     cmd->add_option("--ep", a->pipe.ep, "expert parallelism inside DP (divides DP and the routed experts)")
+        ->capture_default_str();
+    cmd->add_option("--device", a->train.device,
+                    "where the routed experts compute: cpu, or cuda (rank r on GPU r % GPUs) / cuda:N — the CUDA "
+                    "path of the MoE layers (fp32)")
         ->capture_default_str();
     cmd->add_option("--dispatch", a->pipe.dispatch,
                     "EP groups over several nodes: hierarchical (node-limited, one crossing per node) or flat "

@@ -51,4 +51,17 @@ void expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<c
     }
 }
 
+void gemm_f32(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c,
+              cudaStream_t stream) {
+    DUPLEX_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "gemm", "negative size {} x {} x {}", m, n, k);
+    if (m == 0 || n == 0) return;
+    cublasHandle_t h = handle();
+    DUPLEX_CUBLAS_CHECK(cublasSetStream(h, stream));
+    DUPLEX_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_PEDANTIC_MATH));
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T; a row-major buffer read column-major is
+    // its transpose, so B goes first, each with its own flag, and the leading dimensions are the row lengths.
+    DUPLEX_CUBLAS_CHECK(cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b,
+                                    tb ? k : n, a, ta ? m : k, &beta, c, n));
+}
+
 }  // namespace duplex::cuda

@@ -10,7 +10,8 @@
 //   exchange: exchange_rows — the warp-specialized all-to-all of dispatch and combine between "virtual ranks"
 //             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs;
 //             dispatch_rows_hierarchical — the node-limited dispatch with forwarder warps (one crossing per node).
-//   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products through cuBLAS, BF16 in, fp32 out.
+//   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products through cuBLAS, BF16 in, fp32 out;
+//             gemm_f32 and swiglu_* — the fp32 expert MLP of the executor's device path (runtime/device_experts).
 #pragma once
 
 #include <cstddef>
@@ -107,5 +108,14 @@ std::vector<int64_t> check_hierarchical_dispatch(const std::vector<std::vector<u
 // patterns (uint16_t). Experts with zero rows are skipped.
 void expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<const uint16_t*>& b,
                       const std::vector<float*>& c, const std::vector<int>& rows, int k, int n, cudaStream_t stream);
+
+// ---- the fp32 math of an expert MLP on the device (the executor's CUDA stage path) ----
+// Row-major C [m x n] = alpha op(A) op(B) + beta C, as kernels::gemm, through cuBLAS in pedantic fp32 (no TF32).
+void gemm_f32(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, const float* b, float beta,
+              float* c, cudaStream_t stream);
+// h = silu(a) * b and its backward, elementwise, as kernels::swiglu_forward / swiglu_backward.
+void swiglu_forward(const float* a, const float* b, size_t n, float* h, cudaStream_t stream);
+void swiglu_backward(const float* dh, const float* a, const float* b, size_t n, float* da, float* db,
+                     cudaStream_t stream);
 
 }  // namespace duplex::cuda

@@ -63,6 +63,7 @@ struct ModelStage<T>::Impl {
     };
 
     struct Micro {
+        int id = 0;
         int tokens = 0, B = 0, S = 0;
         std::vector<int> ids, targets, pos;
         std::vector<LayerStash> layers;
@@ -248,6 +249,9 @@ struct ModelStage<T>::Impl {
         return total / m.B;
     }
 
+    // Names (layer, microbatch) for the expert compute.
+    uint64_t expert_key(const Layer& L, const Micro& m) const { return (uint64_t(m.id) << 32) | uint32_t(L.index); }
+
     void moe_forward(Layer& L, Micro& m, LayerStash& st, std::vector<T>& f) {
         const ModelConfig& c = cfg();
         int n = m.tokens, d = c.hidden;
@@ -269,8 +273,16 @@ struct ModelStage<T>::Impl {
         // Routed experts: dispatch, compute the local ones, combine.
         exchange->dispatch(st.n2->data(), d, st.routing, st.routed);
         int local = exchange->num_local_experts();
-        st.ea1.resize(local), st.ea3.resize(local), st.es.resize(local), st.erows.resize(local);
         std::vector<std::vector<T>> outputs(local);
+        if (const auto& dev = self.expert_compute_) {
+            dev->forward(expert_key(L, m), {L.e1, L.e3, L.e2}, st.routed.rows, outputs);
+            st.routed.rows.clear();
+            std::vector<T> y(size_t(n) * d);
+            exchange->combine(st.routed, outputs, d, st.routing, y.data());
+            for (size_t i = 0; i < f.size(); ++i) f[i] += y[i];
+            return;
+        }
+        st.ea1.resize(local), st.ea3.resize(local), st.es.resize(local), st.erows.resize(local);
         for (int e = 0; e < local; ++e) {
             int rows = int(st.routed.slots[e].size());
             st.erows[e] = buf<T>(std::move(st.routed.rows[e]));
@@ -330,7 +342,9 @@ struct ModelStage<T>::Impl {
         bwd_exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate);
         int local = exchange->num_local_experts();
         std::vector<std::vector<T>> d_rows(local);
-        for (int e = 0; e < local; ++e) {
+        if (const auto& dev = self.expert_compute_)
+            m.wgrad.push_back(dev->backward(expert_key(L, m), {L.e1, L.e3, L.e2}, d_out, d_rows));
+        for (int e = 0; e < local && !self.expert_compute_; ++e) {
             int rows = int(st.routed.slots[e].size());
             auto dout_e = buf<T>(std::move(d_out[e]));
             mlp_backward(m, st.erows[e], rows, L.e1[e], L.e3[e], L.e2[e], st.ea1[e], st.ea3[e], st.es[e], dout_e, d_rows[e],
@@ -438,6 +452,7 @@ std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, const std::vec
     auto [it, fresh] = I.micro.try_emplace(mb);
     if (!fresh) throw Error(fmt::format("stage {}: forward of microbatch {} twice", first_layer_, mb));
     auto& m = it->second;
+    m.id = mb;
     m.B = batch.sequences;
     m.S = batch.seq_len;
     m.tokens = batch.num_tokens();

@@ -34,6 +34,26 @@ struct Param {
     bool is_expert = false;  // routed-expert weights (their own data-parallel group under expert parallelism)
 };
 
+// Where the routed experts of the MoE layers compute. Without one, ModelStage runs them on the CPU; the device
+// implementation (runtime/device_experts.hpp) runs them on a GPU. For one (key = layer and microbatch): forward,
+// later backward, later the weight-gradient work backward returned. Calls for different keys may come from
+// different threads at the same time (the F&B pairs of DualPipe).
+template <typename T>
+class ExpertCompute {
+public:
+    struct Weights {
+        std::vector<Param<T>*> w1, w3, w2;  // per local expert: SwiGLU MLP [hidden, ffn], [hidden, ffn], [ffn, hidden]
+    };
+    virtual ~ExpertCompute() = default;
+    virtual std::string name() const = 0;
+    // rows[e] [n_e, hidden] -> out[e] [n_e, hidden] = (silu(x W1) * (x W3)) W2; keeps what backward needs.
+    virtual void forward(uint64_t key, const Weights& w, const std::vector<std::vector<T>>& rows,
+                         std::vector<std::vector<T>>& out) = 0;
+    // d_out[e] -> d_rows[e]; returns the weight-gradient work (adds into Param::grad), which frees the rest.
+    virtual std::function<void()> backward(uint64_t key, const Weights& w, const std::vector<std::vector<T>>& d_out,
+                                           std::vector<std::vector<T>>& d_rows) = 0;
+};
+
 struct Batch {
     int sequences = 0;
     int seq_len = 0;
@@ -66,6 +86,9 @@ public:
     void set_recompute(bool on) { recompute_ = on; }
     bool recompute() const { return recompute_; }
     void set_loss_scale(double s) { loss_scale_ = s; }  // d(step loss)/d(microbatch loss), e.g. 1/N
+    // Runs the routed experts there (nullptr: on the CPU, the default).
+    void set_expert_compute(std::shared_ptr<ExpertCompute<T>> c) { expert_compute_ = std::move(c); }
+    const std::shared_ptr<ExpertCompute<T>>& expert_compute() const { return expert_compute_; }
     MemoryLedger& ledger() { return ledger_; }
     const ModelConfig& config() const { return cfg_; }
     int first_layer() const { return first_layer_; }
@@ -87,6 +110,7 @@ private:
     bool has_embedding_, has_head_;
     bool recompute_ = false;
     double loss_scale_ = 1.0;
+    std::shared_ptr<ExpertCompute<T>> expert_compute_;
     MemoryLedger ledger_;
     std::vector<std::vector<double>> bias_;
     std::unique_ptr<Impl> impl_;

@@ -7,6 +7,7 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "kernels/cpu/ops.hpp"
 #include "runtime/model/router.hpp"
 #include "runtime/model/stage.hpp"
 
@@ -152,6 +153,97 @@ TEST(Model, WeightGradientCanRunLaterAndOutOfOrder) {
         for (size_t j = 0; j < pa[i]->grad.size(); ++j) ASSERT_NEAR(pa[i]->grad[j], pb[i]->grad[j], 1e-13) << pa[i]->name;
     EXPECT_THROW(split.backward_weight(0), Error);
     EXPECT_THROW(split.backward_input(5, {}), Error);
+}
+
+// An ExpertCompute on the host with the device path's discipline (forward keeps inputs and projections under
+// the key, backward recomputes the SwiGLU output, the weight gradients come back as the W work) — so the stage's
+// hook is proven here, on the CPU, the way tests/cuda/stage_test.cpp proves the CUDA implementation on a GPU.
+class HostExperts : public ExpertCompute<double> {
+public:
+    std::string name() const override { return "host"; }
+    struct Kept {
+        std::vector<std::vector<double>> x, a1, a3;
+    };
+    void forward(uint64_t key, const Weights& w, const std::vector<std::vector<double>>& rows,
+                 std::vector<std::vector<double>>& out) override {
+        Kept k;
+        out.assign(rows.size(), {});
+        for (size_t e = 0; e < rows.size(); ++e) {
+            int d = int(w.w1[e]->shape[0]), f = int(w.w1[e]->shape[1]), r = int(rows[e].size()) / d;
+            std::vector<double> a1(size_t(r) * f), a3(a1.size()), s(a1.size());
+            kernels::gemm<double>(false, false, r, f, d, 1, rows[e].data(), w.w1[e]->value.data(), 0, a1.data());
+            kernels::gemm<double>(false, false, r, f, d, 1, rows[e].data(), w.w3[e]->value.data(), 0, a3.data());
+            kernels::swiglu_forward<double>(a1.data(), a3.data(), s.size(), s.data());
+            out[e].resize(size_t(r) * d);
+            kernels::gemm<double>(false, false, r, d, f, 1, s.data(), w.w2[e]->value.data(), 0, out[e].data());
+            k.x.push_back(rows[e]), k.a1.push_back(a1), k.a3.push_back(a3);
+        }
+        ASSERT_TRUE(kept.emplace(key, std::move(k)).second) << "forward twice for one key";
+        ++forwards;
+    }
+    std::function<void()> backward(uint64_t key, const Weights& w, const std::vector<std::vector<double>>& d_out,
+                                   std::vector<std::vector<double>>& d_rows) override {
+        auto it = kept.find(key);
+        if (it == kept.end()) throw Error("backward without forward");
+        auto k = std::make_shared<Kept>(std::move(it->second));
+        kept.erase(it);
+        auto douts = std::make_shared<std::vector<std::vector<double>>>(d_out);
+        auto da1s = std::make_shared<std::vector<std::vector<double>>>(), da3s = std::make_shared<std::vector<std::vector<double>>>();
+        d_rows.assign(d_out.size(), {});
+        for (size_t e = 0; e < d_out.size(); ++e) {
+            int d = int(w.w1[e]->shape[0]), f = int(w.w1[e]->shape[1]), r = int(d_out[e].size()) / d;
+            std::vector<double> s(size_t(r) * f), ds(s.size()), da1(s.size()), da3(s.size());
+            kernels::swiglu_forward<double>(k->a1[e].data(), k->a3[e].data(), s.size(), s.data());
+            kernels::gemm<double>(false, true, r, f, d, 1, d_out[e].data(), w.w2[e]->value.data(), 0, ds.data());
+            kernels::swiglu_backward<double>(ds.data(), k->a1[e].data(), k->a3[e].data(), s.size(), da1.data(), da3.data());
+            d_rows[e].assign(size_t(r) * d, 0);
+            kernels::gemm<double>(false, true, r, d, f, 1, da1.data(), w.w1[e]->value.data(), 0, d_rows[e].data());
+            kernels::gemm<double>(false, true, r, d, f, 1, da3.data(), w.w3[e]->value.data(), 1, d_rows[e].data());
+            da1s->push_back(da1), da3s->push_back(da3);
+        }
+        ++backwards;
+        return [k, douts, da1s, da3s, w] {
+            for (size_t e = 0; e < douts->size(); ++e) {
+                int d = int(w.w1[e]->shape[0]), f = int(w.w1[e]->shape[1]), r = int((*douts)[e].size()) / d;
+                std::vector<double> s(size_t(r) * f);
+                kernels::swiglu_forward<double>(k->a1[e].data(), k->a3[e].data(), s.size(), s.data());
+                kernels::gemm<double>(true, false, d, f, r, 1, k->x[e].data(), (*da1s)[e].data(), 1, w.w1[e]->grad.data());
+                kernels::gemm<double>(true, false, d, f, r, 1, k->x[e].data(), (*da3s)[e].data(), 1, w.w3[e]->grad.data());
+                kernels::gemm<double>(true, false, f, d, r, 1, s.data(), (*douts)[e].data(), 1, w.w2[e]->grad.data());
+            }
+        };
+    }
+    std::map<uint64_t, Kept> kept;
+    int forwards = 0, backwards = 0;
+};
+
+TEST(Model, ExpertComputeHookGivesTheCpuStageResults) {
+    ModelConfig c = ModelConfig::preset("tiny");
+    Batch b0 = random_batch(c, 2, 8), b1 = random_batch(c, 2, 9);
+    ModelStage<double> plain(c, 0, c.layers, true, true, 3), hooked(c, 0, c.layers, true, true, 3);
+    auto host = std::make_shared<HostExperts>();
+    hooked.set_expert_compute(host);
+    std::vector<double> losses;
+    for (ModelStage<double>* st : {&plain, &hooked}) {  // two microbatches in flight, W later and out of order
+        st->forward(0, b0, {});
+        st->forward(1, b1, {});
+        losses.push_back(st->loss(0) + st->loss(1));
+        st->backward_input(1, {});
+        st->backward_input(0, {});
+        st->backward_weight(0);
+        st->backward_weight(1);
+    }
+    int moe_layers = 0;
+    for (int l = 0; l < c.layers; ++l) moe_layers += c.is_moe_layer(l);
+    EXPECT_EQ(host->forwards, 2 * moe_layers);
+    EXPECT_EQ(host->backwards, 2 * moe_layers);
+    EXPECT_TRUE(host->kept.empty());
+    EXPECT_EQ(losses[0], losses[1]);  // the same GEMMs in the same order
+    auto pa = plain.parameters(), pb = hooked.parameters();
+    ASSERT_EQ(pa.size(), pb.size());
+    for (size_t i = 0; i < pa.size(); ++i)
+        for (size_t j = 0; j < pa[i]->grad.size(); ++j)
+            ASSERT_NEAR(pa[i]->grad[j], pb[i]->grad[j], 1e-12 * (1 + std::fabs(pa[i]->grad[j]))) << pa[i]->name;
 }
 
 TEST(Router, NodeLimitedRoutingNeverExceedsMGroups) {

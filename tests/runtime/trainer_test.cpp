@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "core/error.hpp"
+#include "runtime/device_experts.hpp"
 
 namespace duplex {
 namespace {
@@ -74,6 +75,27 @@ TEST(Trainer, BadOptionsAreRejected) {
     o = TrainOptions{};
     o.model = "gigantic";
     EXPECT_THROW(ReferenceTrainer<float>{o}, ConfigError);
+}
+
+// --device: cpu, cuda or cuda:N; the CUDA path is fp32 and needs a device (its math is checked against the CPU
+// in tests/cuda/stage_test.cpp, on a GPU).
+TEST(Trainer, DeviceChoicesAreChecked) {
+    TrainOptions o;
+    EXPECT_EQ(o.device_index(3), -1);
+    o.device = "gpu";
+    EXPECT_THROW(o.validate(), ConfigError);
+    EXPECT_THROW(ReferenceTrainer<float>{o}, ConfigError);
+    o.device = "cuda:x";
+    EXPECT_THROW(o.device_index(0), ConfigError);
+    o.device = "cuda:9999";
+    EXPECT_THROW(o.device_index(0), ConfigError);
+    o.device = "cuda";
+    o.steps = 1;
+    EXPECT_THROW(ReferenceTrainer<double>{o}, ConfigError);  // fp32 only (or no device here)
+    if (!device_experts_available()) {
+        EXPECT_THROW(o.device_index(0), ConfigError);
+        EXPECT_THROW(ReferenceTrainer<float>{o}, ConfigError);
+    }
 }
 
 }  // namespace

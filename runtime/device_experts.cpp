@@ -1,0 +1,232 @@
+#include "runtime/device_experts.hpp"
+
+#include <fmt/format.h>
+
+#include "core/error.hpp"
+
+#ifdef DUPLEX_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "core/cuda_check.hpp"
+#include "kernels/cuda/device.hpp"
+#include "kernels/cuda/kernels.hpp"
+#endif
+
+namespace duplex {
+
+#ifdef DUPLEX_HAVE_CUDA
+namespace {
+
+// A device allocation of n floats.
+class DevFloats {
+public:
+    DevFloats() = default;
+    explicit DevFloats(size_t n) : n_(n) {
+        if (n_) DUPLEX_CUDA_CHECK(cudaMalloc(&p_, n_ * sizeof(float)));
+    }
+    ~DevFloats() {
+        if (p_) cudaFree(p_);
+    }
+    DevFloats(DevFloats&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+    DevFloats& operator=(DevFloats&& o) noexcept {
+        std::swap(p_, o.p_);
+        std::swap(n_, o.n_);
+        return *this;
+    }
+    float* get() const { return p_; }
+    float* at(size_t i) const { return p_ + i; }
+
+private:
+    float* p_ = nullptr;
+    size_t n_ = 0;
+};
+
+// The calling thread's own stream: the two threads of an F&B pair overlap on the device.
+const cudaStream_t kStream = cudaStreamPerThread;
+
+void upload(float* to, const float* from, size_t n) {
+    if (n) DUPLEX_CUDA_CHECK(cudaMemcpyAsync(to, from, n * sizeof(float), cudaMemcpyHostToDevice, kStream));
+}
+void download(float* to, const float* from, size_t n) {
+    if (n) DUPLEX_CUDA_CHECK(cudaMemcpyAsync(to, from, n * sizeof(float), cudaMemcpyDeviceToHost, kStream));
+}
+
+class DeviceExperts : public ExpertCompute<float> {
+public:
+    explicit DeviceExperts(int device) : device_(device) {}
+    std::string name() const override { return fmt::format("cuda:{}", device_); }
+
+    // What one (layer, microbatch) keeps on the device: rows are experts' rows back to back.
+    struct Stash {
+        int experts = 0, d = 0, f = 0;
+        std::vector<size_t> first;  // per expert: its first row; first[experts] = all rows
+        DevFloats w1, w3, w2;       // this step's weights, [experts][d x f], [experts][d x f], [experts][f x d]
+        DevFloats x, a1, a3;        // forward: input rows and the two projections
+        DevFloats s, dout, da1, da3;  // backward, kept for the W pass
+        size_t rows(int e) const { return first[e + 1] - first[e]; }
+    };
+
+    void forward(uint64_t key, const Weights& w, const std::vector<std::vector<float>>& rows,
+                 std::vector<std::vector<float>>& out) override {
+        DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
+        auto st = std::make_shared<Stash>();
+        const int E = int(w.w1.size());
+        DUPLEX_CHECK_ARG(int(rows.size()) == E && int(w.w3.size()) == E && int(w.w2.size()) == E, "device experts",
+                         "{} row blocks for {} experts", rows.size(), E);
+        st->experts = E;
+        st->d = E ? int(w.w1[0]->shape[0]) : 0;
+        st->f = E ? int(w.w1[0]->shape[1]) : 0;
+        const int d = st->d, f = st->f;
+        st->first.assign(E + 1, 0);
+        for (int e = 0; e < E; ++e) {
+            DUPLEX_CHECK_ARG(rows[e].size() % size_t(d) == 0, "device experts", "expert {}: {} values are not rows of {}",
+                             e, rows[e].size(), d);
+            st->first[e + 1] = st->first[e] + rows[e].size() / d;
+        }
+        const size_t n = st->first[E], per = size_t(d) * f;
+        st->w1 = DevFloats(per * E), st->w3 = DevFloats(per * E), st->w2 = DevFloats(per * E);
+        st->x = DevFloats(n * d), st->a1 = DevFloats(n * f), st->a3 = DevFloats(n * f);
+        DevFloats s(n * f), y(n * d);
+        for (int e = 0; e < E; ++e) {
+            upload(st->w1.at(per * e), w.w1[e]->value.data(), per);
+            upload(st->w3.at(per * e), w.w3[e]->value.data(), per);
+            upload(st->w2.at(per * e), w.w2[e]->value.data(), per);
+            upload(st->x.at(st->first[e] * d), rows[e].data(), rows[e].size());
+        }
+        for (int e = 0; e < E; ++e) {
+            int r = int(st->rows(e));
+            if (r == 0) continue;
+            size_t at = st->first[e];
+            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), st->w1.at(per * e), 0, st->a1.at(at * f), kStream);
+            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), st->w3.at(per * e), 0, st->a3.at(at * f), kStream);
+        }
+        cuda::swiglu_forward(st->a1.get(), st->a3.get(), n * f, s.get(), kStream);
+        for (int e = 0; e < E; ++e) {
+            int r = int(st->rows(e));
+            if (r == 0) continue;
+            size_t at = st->first[e];
+            cuda::gemm_f32(false, false, r, d, f, 1, s.at(at * f), st->w2.at(per * e), 0, y.at(at * d), kStream);
+        }
+        out.assign(E, {});
+        for (int e = 0; e < E; ++e) {
+            out[e].resize(st->rows(e) * d);
+            download(out[e].data(), y.at(st->first[e] * d), out[e].size());
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
+        std::lock_guard<std::mutex> lock(mutex_);
+        DUPLEX_CHECK_ARG(stash_.emplace(key, std::move(st)).second, "device experts", "forward of key {:#x} twice", key);
+    }
+
+    std::function<void()> backward(uint64_t key, const Weights& w, const std::vector<std::vector<float>>& d_out,
+                                   std::vector<std::vector<float>>& d_rows) override {
+        DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
+        std::shared_ptr<Stash> st;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            auto it = stash_.find(key);
+            if (it == stash_.end()) throw Error(fmt::format("device experts: backward of key {:#x} without its forward", key));
+            st = std::move(it->second);
+            stash_.erase(it);
+        }
+        const int E = st->experts, d = st->d, f = st->f;
+        const size_t n = st->first[E], per = size_t(d) * f;
+        DUPLEX_CHECK_ARG(int(d_out.size()) == E, "device experts", "{} gradient blocks for {} experts", d_out.size(), E);
+        st->dout = DevFloats(n * d), st->s = DevFloats(n * f), st->da1 = DevFloats(n * f), st->da3 = DevFloats(n * f);
+        DevFloats ds(n * f), dx(n * d);
+        for (int e = 0; e < E; ++e) {
+            DUPLEX_CHECK_ARG(d_out[e].size() == st->rows(e) * d, "device experts", "expert {}: {} gradient values for {} rows",
+                             e, d_out[e].size(), st->rows(e));
+            upload(st->dout.at(st->first[e] * d), d_out[e].data(), d_out[e].size());
+        }
+        cuda::swiglu_forward(st->a1.get(), st->a3.get(), n * f, st->s.get(), kStream);  // recomputed
+        for (int e = 0; e < E; ++e) {
+            int r = int(st->rows(e));
+            if (r == 0) continue;
+            size_t at = st->first[e];
+            cuda::gemm_f32(false, true, r, f, d, 1, st->dout.at(at * d), st->w2.at(per * e), 0, ds.at(at * f), kStream);
+        }
+        cuda::swiglu_backward(ds.get(), st->a1.get(), st->a3.get(), n * f, st->da1.get(), st->da3.get(), kStream);
+        for (int e = 0; e < E; ++e) {
+            int r = int(st->rows(e));
+            if (r == 0) continue;
+            size_t at = st->first[e];
+            cuda::gemm_f32(false, true, r, d, f, 1, st->da1.at(at * f), st->w1.at(per * e), 0, dx.at(at * d), kStream);
+            cuda::gemm_f32(false, true, r, d, f, 1, st->da3.at(at * f), st->w3.at(per * e), 1, dx.at(at * d), kStream);
+        }
+        d_rows.assign(E, {});
+        for (int e = 0; e < E; ++e) {
+            d_rows[e].resize(st->rows(e) * d);
+            download(d_rows[e].data(), dx.at(st->first[e] * d), d_rows[e].size());
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
+        st->w1 = DevFloats(), st->w3 = DevFloats(), st->w2 = DevFloats();  // W needs no weights
+        int device = device_;
+        Weights params = w;
+        return [st, params, device] {
+            DUPLEX_CUDA_CHECK(cudaSetDevice(device));
+            const int E = st->experts, d = st->d, f = st->f;
+            const size_t per = size_t(d) * f;
+            DevFloats g(3 * per);
+            std::vector<float> host(per);
+            for (int e = 0; e < E; ++e) {
+                int r = int(st->rows(e));
+                if (r == 0) continue;
+                size_t at = st->first[e];
+                // dW1 = x^T da1, dW3 = x^T da3 [d x f]; dW2 = s^T dout [f x d]
+                cuda::gemm_f32(true, false, d, f, r, 1, st->x.at(at * d), st->da1.at(at * f), 0, g.at(0), kStream);
+                cuda::gemm_f32(true, false, d, f, r, 1, st->x.at(at * d), st->da3.at(at * f), 0, g.at(per), kStream);
+                cuda::gemm_f32(true, false, f, d, r, 1, st->s.at(at * f), st->dout.at(at * d), 0, g.at(2 * per), kStream);
+                Param<float>* targets[3] = {params.w1[e], params.w3[e], params.w2[e]};
+                for (int j = 0; j < 3; ++j) {
+                    download(host.data(), g.at(j * per), per);
+                    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
+                    for (size_t i = 0; i < per; ++i) targets[j]->grad[i] += host[i];
+                }
+            }
+        };
+    }
+
+private:
+    int device_;
+    std::mutex mutex_;
+    std::unordered_map<uint64_t, std::shared_ptr<Stash>> stash_;
+};
+
+}  // namespace
+
+bool device_experts_available() { return !cuda_devices().empty(); }
+int cuda_device_count() { return int(cuda_devices().size()); }
+
+std::shared_ptr<ExpertCompute<float>> make_device_experts(int device) {
+    auto devices = cuda_devices();
+    if (devices.empty()) throw ConfigError("--device", "cuda: no CUDA device on this machine");
+    DUPLEX_CHECK_ARG(device >= 0 && device < int(devices.size()), "--device", "cuda:{} requested, this machine has {}",
+                     device, devices.size());
+    return std::make_shared<DeviceExperts>(device);
+}
+
+#else
+
+bool device_experts_available() { return false; }
+int cuda_device_count() { return 0; }
+
+std::shared_ptr<ExpertCompute<float>> make_device_experts(int) {
+    throw ConfigError("--device", "cuda is not built into this binary (no nvcc at configure time)");
+}
+
+#endif
+
+template <>
+void attach_device_experts<float>(ModelStage<float>& stage, int device) {
+    if (device >= 0) stage.set_expert_compute(make_device_experts(device));
+}
+
+template <>
+void attach_device_experts<double>(ModelStage<double>&, int device) {
+    if (device >= 0) throw ConfigError("--device", "the CUDA path runs fp32; drop --fp64 or use --device cpu");
+}
+
+}  // namespace duplex
