@@ -202,8 +202,8 @@ int cuda_device_count() { return int(cuda_devices().size()); }
 
 std::shared_ptr<ExpertCompute<float>> make_device_experts(int device) {
     auto devices = cuda_devices();
-    if (devices.empty()) throw ConfigError("--device", "cuda: no CUDA device on this machine");
-    DUPLEX_CHECK_ARG(device >= 0 && device < int(devices.size()), "--device", "cuda:{} requested, this machine has {}",
+    if (devices.empty()) throw ConfigError("--experts-on", "cuda: no CUDA device on this machine");
+    DUPLEX_CHECK_ARG(device >= 0 && device < int(devices.size()), "--experts-on", "cuda:{} requested, this machine has {}",
                      device, devices.size());
     return std::make_shared<DeviceExperts>(device);
 }
@@ -214,7 +214,7 @@ bool device_experts_available() { return false; }
 int cuda_device_count() { return 0; }
 
 std::shared_ptr<ExpertCompute<float>> make_device_experts(int) {
-    throw ConfigError("--device", "cuda is not built into this binary (no nvcc at configure time)");
+    throw ConfigError("--experts-on", "cuda is not built into this binary (no nvcc at configure time)");
 }
 
 #endif
@@ -226,7 +226,7 @@ void attach_device_experts<float>(ModelStage<float>& stage, int device) {
 
 template <>
 void attach_device_experts<double>(ModelStage<double>&, int device) {
-    if (device >= 0) throw ConfigError("--device", "the CUDA path runs fp32; drop --fp64 or use --device cpu");
+    if (device >= 0) throw ConfigError("--experts-on", "the CUDA path runs fp32; drop --fp64 or use --experts-on cpu");
 }
 
 }  // namespace duplex

@@ -1,6 +1,6 @@
-// The routed experts of a stage on a GPU: the executor's CUDA path for the MoE layers (`duplex train --device
-// cuda`). Expert rows arrive from the dispatch (any exchange: local, flat or hierarchical), the SwiGLU MLPs of
-// the local experts run on the device — cuBLAS fp32 GEMMs per expert, the SwiGLU kernel — on the calling thread's
+// The routed experts of a stage on a GPU: the executor's CUDA path for the MoE layers (`duplex train --experts-on
+// cuda`). Expert rows arrive from the dispatch (any exchange: local, flat or hierarchical), the SwiGLU MLPs of the
+// local experts run on the device — cuBLAS fp32 GEMMs per expert, the SwiGLU kernel — on the calling thread's
 // own stream (cudaStreamPerThread), so the two halves of a DualPipe F&B pair, which run on two threads, overlap
 // on the device as they do on the CPU. What backward needs stays on the device between the passes (inputs and
 // the two gate projections; the SwiGLU output is recomputed, it is cheap); the weight gradients are computed

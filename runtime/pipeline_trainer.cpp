@@ -18,7 +18,7 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     DUPLEX_CHECK_ARG(p.dispatch == "hierarchical" || p.dispatch == "flat", "--dispatch",
                      "'{}' is not a dispatch path (hierarchical, flat)", p.dispatch);
     if (!p.emulate) cfg.check_runnable();
-    DUPLEX_CHECK_ARG(!p.emulate || o.device == "cpu", "--device", "emulate mode runs no math; drop --device {}",
+    DUPLEX_CHECK_ARG(!p.emulate || o.device == "cpu", "--experts-on", "emulate mode runs no math; drop --experts-on {}",
                      o.device);
     if (!p.emulate)
         DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",

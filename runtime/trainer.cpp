@@ -18,14 +18,14 @@ void TrainOptions::validate() const {
                      sequences_per_microbatch);
     DUPLEX_CHECK_ARG(lr > 0, "--lr", "must be positive, got {}", lr);
     DUPLEX_CHECK_ARG(clip >= 0, "--clip", "must not be negative, got {}", clip);
-    DUPLEX_CHECK_ARG(device == "cpu" || device == "cuda" || device.rfind("cuda:", 0) == 0, "--device",
+    DUPLEX_CHECK_ARG(device == "cpu" || device == "cuda" || device.rfind("cuda:", 0) == 0, "--experts-on",
                      "cpu, cuda or cuda:N, got '{}'", device);
 }
 
 int TrainOptions::device_index(int rank) const {
     if (device == "cpu") return -1;
     if (!device_experts_available())
-        throw ConfigError("--device", fmt::format("{}: no CUDA device here (or CUDA not built in)", device));
+        throw ConfigError("--experts-on", fmt::format("{}: no CUDA device here (or CUDA not built in)", device));
     int count = cuda_device_count();
     if (device == "cuda") return rank % count;
     int n = -1;
@@ -36,7 +36,7 @@ int TrainOptions::device_index(int rank) const {
     } catch (const std::exception&) {
         n = -1;
     }
-    DUPLEX_CHECK_ARG(n >= 0 && n < count, "--device", "'{}': this machine has GPUs 0..{}", device, count - 1);
+    DUPLEX_CHECK_ARG(n >= 0 && n < count, "--experts-on", "'{}': this machine has GPUs 0..{}", device, count - 1);
     return n;
 }
 

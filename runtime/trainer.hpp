@@ -38,7 +38,7 @@ struct TrainOptions {
     // device path (runtime/device_experts.hpp), fp32 only.
     std::string device = "cpu";
     void validate() const;
-    // The GPU index of `rank` under --device (-1 for cpu); ConfigError when there is no such device.
+    // The GPU index of `rank` under --experts-on (-1 for cpu); ConfigError when there is no such device.
     int device_index(int rank) const;
     // The preset named by `model` with the overrides above applied (validated).
     ModelConfig model_config() const;

@@ -240,6 +240,9 @@ int run_distributed(const Args& a) {
             // The tolerances of the equivalence tests: fp32 sums in another order (experts spread over ranks
             // see other GEMM row counts) drift in the last bits; fp64 shows the algorithm is exact.
             double loss_tol = a.fp64 ? 1e-12 : 1e-5, param_tol = a.fp64 ? 1e-12 : (p.ep > 1 ? 5e-5 : 1e-5);
+            // On a GPU cuBLAS picks its kernels (and summation orders) by shape, and expert row counts differ
+            // between the spread-out run and the single rank.
+            if (o.device != "cpu") loss_tol = 1e-4, param_tol = 1e-3;
             if (worst_loss_diff > loss_tol || worst_param > param_tol) {
                 mismatch = true;
                 fmt::print(stderr, "duplex train: MISMATCH with the reference (allowed: loss {:.0e}, parameters {:.0e})\n",
@@ -280,7 +283,7 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--dp", a->pipe.dp, "data-parallel replicas")->capture_default_str();
     cmd->add_option("--ep", a->pipe.ep, "expert parallelism inside DP (divides DP and the routed experts)")
         ->capture_default_str();
-    cmd->add_option("--device", a->train.device,
+    cmd->add_option("--experts-on", a->train.device,
                     "where the routed experts compute: cpu, or cuda (rank r on GPU r % GPUs) / cuda:N — the CUDA "
                     "path of the MoE layers (fp32)")
         ->capture_default_str();

@@ -72,4 +72,28 @@ void combine_rows(const float* recv, int dim, const DispatchLayout& layout, cons
     }
 }
 
+void gate_rows(float* rows, int dim, const DispatchLayout& layout, const float* gates) {
+    for (size_t slot = 0; slot < layout.item_row.size(); ++slot) {
+        float* r = rows + size_t(layout.item_row[slot]) * dim;
+        for (int c = 0; c < dim; ++c) r[c] = r[c] * gates[slot];
+    }
+}
+
+void slot_dots(const float* dy, const float* outputs, int dim, const DispatchLayout& layout, int tokens, int top_k,
+               float* dots) {
+    DUPLEX_CHECK_ARG(layout.item_row.size() == size_t(tokens) * top_k, "slot dots", "{} items for {} tokens x top-{}",
+                     layout.item_row.size(), tokens, top_k);
+    for (size_t slot = 0; slot < layout.item_row.size(); ++slot) {
+        const float* g = dy + (slot / top_k) * dim;
+        const float* o = outputs + size_t(layout.item_row[slot]) * dim;
+        float acc = 0;
+        // NOTE: multiply then add, each rounded, columns in order: the CUDA kernel does the same.
+        for (int c = 0; c < dim; ++c) {
+            volatile float p = g[c] * o[c];
+            acc = acc + p;
+        }
+        dots[slot] = acc;
+    }
+}
+
 }  // namespace duplex::kernels

@@ -40,4 +40,11 @@ void permute_rows(const float* x, int dim, const std::vector<int>& src_row, cons
 void combine_rows(const float* recv, int dim, const DispatchLayout& layout, const float* gates, int tokens, int top_k,
                   float* y);
 
+// Combine backward, per slot s = (t, k) of a slot layout: rows[item_row[s]] *= gates[s] (the gate times the
+// token's gradient, after permute_rows put dy there), and dots[s] = dy[t] . outputs[item_row[s]] summed over the
+// columns in order (the gate's gradient).
+void gate_rows(float* rows, int dim, const DispatchLayout& layout, const float* gates);
+void slot_dots(const float* dy, const float* outputs, int dim, const DispatchLayout& layout, int tokens, int top_k,
+               float* dots);
+
 }  // namespace duplex::kernels

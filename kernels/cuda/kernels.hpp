@@ -54,6 +54,12 @@ void permute_rows(const float* x, int dim, const int* src_row, const DeviceLayou
 void combine_rows(const float* recv, int dim, const DeviceLayout& layout, const float* gates, int tokens, int top_k,
                   float* y, cudaStream_t stream);
 
+// Combine backward (kernels/cpu/permute.hpp): rows[item_row[s]] *= gates[s]; dots[s] = dy[t] . outputs[row of s]
+// (columns in order, unfused — bit-equal to the CPU reference).
+void gate_rows(float* rows, int dim, const DeviceLayout& layout, const float* gates, cudaStream_t stream);
+void slot_dots(const float* dy, const float* outputs, int dim, const DeviceLayout& layout, int tokens, int top_k,
+               float* dots, cudaStream_t stream);
+
 // ---- exchange between virtual ranks ----
 struct ExchangeConfig {
     int num_sms = 20;           // blocks of the kernel: the SMs it may occupy (DeepSeek-V3: 20 of 132)

@@ -42,6 +42,24 @@ __global__ void combine_kernel(const float* recv, int dim, const int64_t* item_r
     }
 }
 
+__global__ void gate_rows_kernel(float* rows, int dim, const int64_t* item_row, const float* gates) {
+    int64_t slot = blockIdx.x;
+    float* r = rows + item_row[slot] * dim;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) r[c] = __fmul_rn(r[c], gates[slot]);
+}
+
+// One thread per slot, columns in order: the CPU's summation order exactly.
+__global__ void slot_dots_kernel(const float* dy, const float* outputs, int dim, const int64_t* item_row, int64_t slots,
+                                 int top_k, float* dots) {
+    int64_t slot = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (slot >= slots) return;
+    const float* g = dy + (slot / top_k) * dim;
+    const float* o = outputs + item_row[slot] * dim;
+    float acc = 0.0f;
+    for (int c = 0; c < dim; ++c) acc = __fadd_rn(acc, __fmul_rn(g[c], o[c]));
+    dots[slot] = acc;
+}
+
 int threads_for(int dim) { return dim >= 256 ? 256 : ((dim + 31) / 32) * 32; }
 
 }  // namespace
@@ -63,6 +81,25 @@ void combine_rows(const float* recv, int dim, const DeviceLayout& layout, const 
                      layout.num_items(), tokens, top_k);
     if (tokens == 0) return;
     combine_kernel<<<unsigned(tokens), threads_for(dim), 0, stream>>>(recv, dim, layout.item_row(), gates, top_k, y);
+    DUPLEX_CUDA_CHECK(cudaGetLastError());
+}
+
+void gate_rows(float* rows, int dim, const DeviceLayout& layout, const float* gates, cudaStream_t stream) {
+    DUPLEX_CHECK_ARG(dim >= 1, "gate rows", "row width must be positive, got {}", dim);
+    if (layout.num_items() == 0) return;
+    gate_rows_kernel<<<unsigned(layout.num_items()), threads_for(dim), 0, stream>>>(rows, dim, layout.item_row(), gates);
+    DUPLEX_CUDA_CHECK(cudaGetLastError());
+}
+
+void slot_dots(const float* dy, const float* outputs, int dim, const DeviceLayout& layout, int tokens, int top_k,
+               float* dots, cudaStream_t stream) {
+    DUPLEX_CHECK_ARG(dim >= 1 && top_k >= 1, "slot dots", "bad shape: dim {}, top_k {}", dim, top_k);
+    DUPLEX_CHECK_ARG(layout.num_items() == int64_t(tokens) * top_k, "slot dots", "{} items for {} tokens x top-{}",
+                     layout.num_items(), tokens, top_k);
+    if (tokens == 0) return;
+    int64_t slots = layout.num_items();
+    slot_dots_kernel<<<unsigned((slots + 127) / 128), 128, 0, stream>>>(dy, outputs, dim, layout.item_row(), slots, top_k,
+                                                                        dots);
     DUPLEX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -77,7 +77,7 @@ TEST(Trainer, BadOptionsAreRejected) {
     EXPECT_THROW(ReferenceTrainer<float>{o}, ConfigError);
 }
 
-// --device: cpu, cuda or cuda:N; the CUDA path is fp32 and needs a device (its math is checked against the CPU
+// --experts-on: cpu, cuda or cuda:N; the CUDA path is fp32 and needs a device (its math is checked against the CPU
 // in tests/cuda/stage_test.cpp, on a GPU).
 TEST(Trainer, DeviceChoicesAreChecked) {
     TrainOptions o;
