@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "core/cuda_check.hpp"
+#include "kernels/cuda/buffer.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
 #endif
@@ -20,29 +21,7 @@ namespace duplex {
 #ifdef DUPLEX_HAVE_CUDA
 namespace {
 
-// A device allocation of n floats.
-class DevFloats {
-public:
-    DevFloats() = default;
-    explicit DevFloats(size_t n) : n_(n) {
-        if (n_) DUPLEX_CUDA_CHECK(cudaMalloc(&p_, n_ * sizeof(float)));
-    }
-    ~DevFloats() {
-        if (p_) cudaFree(p_);
-    }
-    DevFloats(DevFloats&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
-    DevFloats& operator=(DevFloats&& o) noexcept {
-        std::swap(p_, o.p_);
-        std::swap(n_, o.n_);
-        return *this;
-    }
-    float* get() const { return p_; }
-    float* at(size_t i) const { return p_ + i; }
-
-private:
-    float* p_ = nullptr;
-    size_t n_ = 0;
-};
+using DevFloats = cuda::DeviceArray<float>;
 
 // The calling thread's own stream: the two threads of an F&B pair overlap on the device.
 const cudaStream_t kStream = cudaStreamPerThread;

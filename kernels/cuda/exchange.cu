@@ -156,7 +156,7 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
     // One allocation for the tables, the queues and the counters.
     using detail::Arena;
     Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(channels) +
-                2 * Arena::size_of<long long>(32 * channels) + Arena::size_of<int>(1) + Arena::size_of<float>(queue_floats));
+                2 * Arena::size_of<long long>(32 * channels) + Arena::size_of<int>(1) + Arena::size_of<float>(queue_floats), stream);
     Args a{};
     a.num_ranks = R;
     a.dim = dim;

@@ -223,7 +223,7 @@ HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x
                 Arena::size_of<float>(size_t(P) * a.qc * a.rpc * dim) + Arena::size_of<unsigned>(size_t(P) * a.qc * a.rpc) +
                 Arena::size_of<float>(channels * a.Q * dim) + 2 * Arena::size_of<long long>(32 * size_t(P)) +
                 2 * Arena::size_of<long long>(32 * channels) + Arena::size_of<int>(1) +
-                Arena::size_of<unsigned long long>(std::max<size_t>(total_tokens, 1)));
+                Arena::size_of<unsigned long long>(std::max<size_t>(total_tokens, 1)), stream);
     auto* d_x = arena.take<const float*>(R);
     auto* d_recv = arena.take<float*>(R);
     auto* d_masks = arena.take<const unsigned long long*>(R);

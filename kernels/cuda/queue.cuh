@@ -34,10 +34,14 @@ __device__ inline void publish(Counter& counter, long long value, int lane) {
 }
 
 // One device allocation carved into 16-byte aligned pieces: the tables, queues and counters of one launch.
+// Stream-ordered (cudaMallocAsync / cudaFreeAsync): a plain cudaFree would wait for the whole device, so an
+// exchange could never overlap the compute stream's work.
 class Arena {
 public:
-    explicit Arena(size_t bytes) { DUPLEX_CUDA_CHECK(cudaMalloc(&base_, bytes + 256)); }
-    ~Arena() { cudaFree(base_); }
+    Arena(size_t bytes, cudaStream_t stream) : stream_(stream) {
+        DUPLEX_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&base_), bytes + 256, stream_));
+    }
+    ~Arena() { cudaFreeAsync(base_, stream_); }
     Arena(const Arena&) = delete;
     Arena& operator=(const Arena&) = delete;
     template <typename T>
@@ -53,6 +57,7 @@ public:
     }
 
 private:
+    cudaStream_t stream_;
     char* base_ = nullptr;
     size_t used_ = 0;
 };

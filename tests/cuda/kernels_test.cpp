@@ -121,6 +121,17 @@ TEST(CudaPermute, PermuteAndCombineMatchTheCpuBitForBit) {
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(dsend.host(), send);
     EXPECT_EQ(dy.host(), y);
+    // Combine backward: gate the permuted rows, dot each slot's output with its token's gradient.
+    auto outputs = random_floats(send.size(), 8);
+    std::vector<float> dots(gates.size()), gated = send;
+    kernels::gate_rows(gated.data(), dim, l, gates.data());
+    kernels::slot_dots(x.data(), outputs.data(), dim, l, tokens, top_k, dots.data());
+    Dev<float> dout(outputs), ddots(dots.size());
+    gate_rows(dsend.get(), dim, dl, dgates.get(), nullptr);
+    slot_dots(dx.get(), dout.get(), dim, dl, tokens, top_k, ddots.get(), nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(dsend.host(), gated);
+    EXPECT_EQ(ddots.host(), dots);
 }
 
 struct ExchangeCase {

@@ -50,6 +50,32 @@ TEST(Permute, PermuteThenCombineSumsGatedRowsPerToken) {
         }
 }
 
+TEST(Permute, CombineBackwardGatesRowsAndDotsEachSlot) {
+    const int tokens = 9, top_k = 3, dim = 7, peers = 4;
+    Rng rng(12);
+    std::vector<float> dy(size_t(tokens) * dim), gates(size_t(tokens) * top_k);
+    for (float& v : dy) v = float(rng.normal());
+    for (float& g : gates) g = float(rng.uniform());
+    std::vector<int> dest(gates.size()), src(gates.size());
+    for (size_t i = 0; i < dest.size(); ++i) dest[i] = int(rng.below(peers)), src[i] = int(i / top_k);
+    DispatchLayout l = dispatch_layout(dest, peers);
+    std::vector<float> rows(size_t(l.num_rows()) * dim), outputs(rows.size()), dots(gates.size());
+    for (float& v : outputs) v = float(rng.normal());
+    permute_rows(dy.data(), dim, src, l, rows.data());
+    gate_rows(rows.data(), dim, l, gates.data());
+    slot_dots(dy.data(), outputs.data(), dim, l, tokens, top_k, dots.data());
+    for (size_t slot = 0; slot < gates.size(); ++slot) {
+        const float* o = outputs.data() + size_t(l.item_row[slot]) * dim;
+        double want = 0;
+        for (int c = 0; c < dim; ++c) {
+            ASSERT_EQ(rows[size_t(l.item_row[slot]) * dim + c], dy[(slot / top_k) * dim + c] * gates[slot]);
+            want += double(dy[(slot / top_k) * dim + c]) * o[c];
+        }
+        EXPECT_NEAR(dots[slot], want, 1e-5 * (1 + std::fabs(want)));
+    }
+    EXPECT_THROW(slot_dots(dy.data(), outputs.data(), dim, l, tokens + 1, top_k, dots.data()), ConfigError);
+}
+
 TEST(Permute, NodeItemsCrossToEachTargetNodeOnce) {
     // 4 ranks of 2 experts, 2 ranks per node: experts 0-3 on node 0, 4-7 on node 1.
     std::vector<int> expert = {0, 1, 2, 3,   // token 0: node 0 only

@@ -1,0 +1,365 @@
+#include "runtime/device_moe.hpp"
+
+#include <cuda_runtime.h>
+
+#include <chrono>
+
+#include <fmt/format.h>
+
+#include "core/cuda_check.hpp"
+#include "core/error.hpp"
+#include "kernels/cpu/permute.hpp"
+#include "kernels/cuda/buffer.hpp"
+#include "kernels/cuda/device.hpp"
+
+namespace duplex {
+
+using cuda::DeviceArray;
+
+namespace {
+
+double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+struct DeviceMoeLayer::Impl {
+    DeviceMoeOptions o;
+    int V = 0, per = 0, d = 0, f = 0, K = 0;
+    DeviceArray<float> w1, w3, w2, g1, g3, g2;  // [experts][d x f], [experts][d x f], [experts][f x d]
+    cudaStream_t comm = nullptr, compute = nullptr;
+
+    // One rank's part of one microbatch: as a token owner (slots) and as an expert owner (rows it serves).
+    struct Rank {
+        int tokens = 0;
+        kernels::DispatchLayout layout;  // items = slots, grouped by expert (so by destination rank too)
+        std::unique_ptr<cuda::DeviceLayout> dl;
+        DeviceArray<int> src_row;        // slot -> token
+        DeviceArray<float> gates, ones, x, send, back, dgate, y;
+        std::vector<int64_t> send_off, send_cnt;  // per destination: first row in send, rows
+        // As an expert owner: rows from each source, source-major, expert-major inside a source.
+        int64_t rows_in = 0;
+        std::vector<int64_t> recv_off;            // per source: first row in recv
+        DeviceArray<float> recv, a1, a3, out;
+        DeviceArray<float> s, ds, da1, da3, dxr;  // expert MLP temporaries (allocated up front: a cudaFree in
+                                                  // the pipelined section would synchronize the whole device)
+    };
+    struct Micro {
+        std::vector<Rank> ranks;
+        cudaEvent_t dispatched = nullptr, computed = nullptr;
+    };
+    std::vector<Micro> mbs;
+
+    int64_t count(const Micro& m, int src, int expert) const { return m.ranks[src].layout.counts[expert]; }
+
+    ~Impl() {
+        release();
+        if (comm) cudaStreamDestroy(comm);
+        if (compute) cudaStreamDestroy(compute);
+    }
+    void release() {
+        for (auto& m : mbs) {
+            if (m.dispatched) cudaEventDestroy(m.dispatched);
+            if (m.computed) cudaEventDestroy(m.computed);
+        }
+        mbs.clear();
+    }
+
+    void setup(const std::vector<std::vector<MoeRankInput>>& in) {
+        release();
+        mbs.resize(in.size());
+        for (size_t i = 0; i < in.size(); ++i) {
+            Micro& m = mbs[i];
+            DUPLEX_CUDA_CHECK(cudaEventCreateWithFlags(&m.dispatched, cudaEventDisableTiming));
+            DUPLEX_CUDA_CHECK(cudaEventCreateWithFlags(&m.computed, cudaEventDisableTiming));
+            DUPLEX_CHECK_ARG(int(in[i].size()) == V, "device moe", "microbatch {} has inputs for {} ranks, not {}", i,
+                             in[i].size(), V);
+            m.ranks.resize(V);
+            for (int s = 0; s < V; ++s) {
+                const MoeRankInput& r = in[i][s];
+                Rank& R = m.ranks[s];
+                DUPLEX_CHECK_ARG(r.x.size() % size_t(d) == 0, "device moe", "rank {}: {} values are not rows of {}", s,
+                                 r.x.size(), d);
+                R.tokens = int(r.x.size() / d);
+                size_t slots = size_t(R.tokens) * K;
+                DUPLEX_CHECK_ARG(r.expert.size() == slots && r.gate.size() == slots, "device moe",
+                                 "rank {}: {} experts and {} gates for {} slots", s, r.expert.size(), r.gate.size(), slots);
+                R.layout = kernels::dispatch_layout(r.expert, o.experts);  // ConfigError for an expert out of range
+                R.dl = std::make_unique<cuda::DeviceLayout>(R.layout);
+                std::vector<int> src(slots);
+                for (size_t j = 0; j < slots; ++j) src[j] = int(j / K);
+                R.src_row = DeviceArray<int>(slots), R.src_row.upload(src.data(), slots, compute);
+                R.gates = DeviceArray<float>(slots), R.gates.upload(r.gate.data(), slots, compute);
+                std::vector<float> one(slots, 1.0f);
+                R.ones = DeviceArray<float>(slots), R.ones.upload(one.data(), slots, compute);
+                R.x = DeviceArray<float>(r.x.size()), R.x.upload(r.x.data(), r.x.size(), compute);
+                R.send = DeviceArray<float>(slots * d), R.back = DeviceArray<float>(slots * d);
+                R.dgate = DeviceArray<float>(slots), R.y = DeviceArray<float>(r.x.size());
+                R.send_off.assign(V, 0), R.send_cnt.assign(V, 0);
+                for (int p = 0; p < V; ++p) {
+                    R.send_off[p] = R.layout.offsets[size_t(p) * per];
+                    R.send_cnt[p] = R.layout.offsets[size_t(p + 1) * per] - R.send_off[p];
+                }
+            }
+            for (int dst = 0; dst < V; ++dst) {
+                Rank& D = m.ranks[dst];
+                D.recv_off.assign(V, 0);
+                for (int s = 0; s < V; ++s) D.recv_off[s] = D.rows_in, D.rows_in += m.ranks[s].send_cnt[dst];
+                D.recv = DeviceArray<float>(size_t(D.rows_in) * d), D.out = DeviceArray<float>(size_t(D.rows_in) * d);
+                size_t nf = size_t(D.rows_in) * f;
+                D.a1 = DeviceArray<float>(nf), D.a3 = DeviceArray<float>(nf), D.s = DeviceArray<float>(nf);
+                D.ds = DeviceArray<float>(nf), D.da1 = DeviceArray<float>(nf), D.da3 = DeviceArray<float>(nf);
+                D.dxr = DeviceArray<float>(size_t(D.rows_in) * d);
+            }
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(compute));
+    }
+
+    // Calls fn(expert, row in the destination's buffers, rows) for each (local expert, source) block of `dst`,
+    // experts in order, sources in order inside an expert (the order weight gradients add up in).
+    template <typename Fn>
+    void for_blocks(const Micro& m, int dst, Fn&& fn) const {
+        for (int le = 0; le < per; ++le) {
+            int e = dst * per + le;
+            for (int s = 0; s < V; ++s) {
+                int64_t at = m.ranks[dst].recv_off[s];
+                for (int l = 0; l < le; ++l) at += count(m, s, dst * per + l);
+                int64_t rows = count(m, s, e);
+                if (rows) fn(e, at, int(rows));
+            }
+        }
+    }
+
+    // Token rows (or their gradients) of every rank to the experts' ranks: src_buf[s] in layout order ->
+    // dst_buf[d] source-major.
+    double to_experts(Micro& m, DeviceArray<float> Rank::*src_buf, DeviceArray<float> Rank::*dst_buf) {
+        std::vector<const float*> send;
+        std::vector<float*> recv;
+        std::vector<std::vector<int64_t>> off(V), cnt(V);
+        std::vector<int64_t> cap(V);
+        for (int r = 0; r < V; ++r) {
+            send.push_back((m.ranks[r].*src_buf).get());
+            recv.push_back((m.ranks[r].*dst_buf).get());
+            off[r] = m.ranks[r].send_off, cnt[r] = m.ranks[r].send_cnt, cap[r] = m.ranks[r].rows_in;
+        }
+        return cuda::exchange_rows(send, off, cnt, recv, cap, d, o.exchange, comm);
+    }
+    // The experts' rows back to their tokens' ranks: src_buf[d] source-major -> dst_buf[s] in layout order.
+    double to_tokens(Micro& m, DeviceArray<float> Rank::*src_buf, DeviceArray<float> Rank::*dst_buf) {
+        std::vector<const float*> send;
+        std::vector<float*> recv;
+        std::vector<std::vector<int64_t>> off(V, std::vector<int64_t>(V)), cnt(V, std::vector<int64_t>(V));
+        std::vector<int64_t> cap(V);
+        for (int r = 0; r < V; ++r) {
+            send.push_back((m.ranks[r].*src_buf).get());
+            recv.push_back((m.ranks[r].*dst_buf).get());
+            cap[r] = m.ranks[r].layout.num_rows();
+            for (int s = 0; s < V; ++s) off[r][s] = m.ranks[r].recv_off[s], cnt[r][s] = m.ranks[s].send_cnt[r];
+        }
+        return cuda::exchange_rows(send, off, cnt, recv, cap, d, o.exchange, comm);
+    }
+
+    void experts_forward(Micro& m) {
+        const size_t wsz = size_t(d) * f;
+        for (int dst = 0; dst < V; ++dst) {
+            Rank& D = m.ranks[dst];
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_f32(false, false, rows, f, d, 1, D.recv.at(at * d), w1.at(wsz * e), 0, D.a1.at(at * f), compute);
+                cuda::gemm_f32(false, false, rows, f, d, 1, D.recv.at(at * d), w3.at(wsz * e), 0, D.a3.at(at * f), compute);
+            });
+            cuda::swiglu_forward(D.a1.get(), D.a3.get(), D.s.size(), D.s.get(), compute);
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_f32(false, false, rows, d, f, 1, D.s.at(at * f), w2.at(wsz * e), 0, D.out.at(at * d), compute);
+            });
+        }
+    }
+
+    // d out (in D.out) -> d input rows (in D.dxr); the weight gradients add up in block order.
+    void experts_backward(Micro& m) {
+        const size_t wsz = size_t(d) * f;
+        for (int dst = 0; dst < V; ++dst) {
+            Rank& D = m.ranks[dst];
+            size_t n = size_t(D.rows_in) * f;
+            cuda::swiglu_forward(D.a1.get(), D.a3.get(), n, D.s.get(), compute);  // recomputed
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_f32(false, true, rows, f, d, 1, D.out.at(at * d), w2.at(wsz * e), 0, D.ds.at(at * f), compute);
+            });
+            cuda::swiglu_backward(D.ds.get(), D.a1.get(), D.a3.get(), n, D.da1.get(), D.da3.get(), compute);
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_f32(false, true, rows, d, f, 1, D.da1.at(at * f), w1.at(wsz * e), 0, D.dxr.at(at * d), compute);
+                cuda::gemm_f32(false, true, rows, d, f, 1, D.da3.at(at * f), w3.at(wsz * e), 1, D.dxr.at(at * d), compute);
+                cuda::gemm_f32(true, false, d, f, rows, 1, D.recv.at(at * d), D.da1.at(at * f), 1, g1.at(wsz * e), compute);
+                cuda::gemm_f32(true, false, d, f, rows, 1, D.recv.at(at * d), D.da3.at(at * f), 1, g3.at(wsz * e), compute);
+                cuda::gemm_f32(true, false, f, d, rows, 1, D.s.at(at * f), D.out.at(at * d), 1, g2.at(wsz * e), compute);
+            });
+        }
+    }
+};
+
+DeviceMoeLayer::DeviceMoeLayer(const DeviceMoeOptions& o, const std::vector<std::vector<float>>& w1,
+                               const std::vector<std::vector<float>>& w3, const std::vector<std::vector<float>>& w2)
+    : impl_(std::make_unique<Impl>()) {
+    Impl& I = *impl_;
+    I.o = o;
+    DUPLEX_CHECK_ARG(o.ranks >= 1 && o.experts >= 1 && o.experts % o.ranks == 0, "device moe",
+                     "{} experts do not split over {} ranks", o.experts, o.ranks);
+    DUPLEX_CHECK_ARG(o.hidden >= 1 && o.ffn >= 1 && o.top_k >= 1 && o.top_k <= o.experts, "device moe",
+                     "bad shape: hidden {}, ffn {}, top-{} of {}", o.hidden, o.ffn, o.top_k, o.experts);
+    size_t wsz = size_t(o.hidden) * o.ffn;
+    DUPLEX_CHECK_ARG(int(w1.size()) == o.experts && int(w3.size()) == o.experts && int(w2.size()) == o.experts,
+                     "device moe", "weights for {}/{}/{} experts, expected {}", w1.size(), w3.size(), w2.size(), o.experts);
+    for (int e = 0; e < o.experts; ++e)
+        DUPLEX_CHECK_ARG(w1[e].size() == wsz && w3[e].size() == wsz && w2[e].size() == wsz, "device moe",
+                         "expert {}: weights of {}/{}/{} values, expected {}", e, w1[e].size(), w3[e].size(), w2[e].size(),
+                         wsz);
+    auto devices = cuda_devices();
+    if (devices.empty()) throw ConfigError("device moe", "no CUDA device on this machine");
+    DUPLEX_CHECK_ARG(o.device >= 0 && o.device < int(devices.size()), "device moe", "device {} of {}", o.device,
+                     devices.size());
+    // The exchange's own checks with the row counts unknown yet: budget and queue shape.
+    cuda::check_exchange(o.ranks, std::vector<std::vector<int64_t>>(o.ranks, std::vector<int64_t>(o.ranks, 0)),
+                         std::vector<int64_t>(o.ranks, 0), o.hidden, o.exchange, devices[o.device].num_sms);
+    I.V = o.ranks, I.per = o.experts / o.ranks, I.d = o.hidden, I.f = o.ffn, I.K = o.top_k;
+    DUPLEX_CUDA_CHECK(cudaSetDevice(o.device));
+    DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&I.comm, cudaStreamNonBlocking));
+    DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&I.compute, cudaStreamNonBlocking));
+    size_t all = wsz * o.experts;
+    I.w1 = DeviceArray<float>(all), I.w3 = DeviceArray<float>(all), I.w2 = DeviceArray<float>(all);
+    I.g1 = DeviceArray<float>(all), I.g3 = DeviceArray<float>(all), I.g2 = DeviceArray<float>(all);
+    for (int e = 0; e < o.experts; ++e) {
+        I.w1.upload(w1[e].data(), wsz, I.compute, wsz * e);
+        I.w3.upload(w3[e].data(), wsz, I.compute, wsz * e);
+        I.w2.upload(w2[e].data(), wsz, I.compute, wsz * e);
+    }
+    for (auto* g : {&I.g1, &I.g3, &I.g2}) DUPLEX_CUDA_CHECK(cudaMemsetAsync(g->get(), 0, all * sizeof(float), I.compute));
+    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.compute));
+}
+
+DeviceMoeLayer::~DeviceMoeLayer() = default;
+
+MoeTiming DeviceMoeLayer::forward(const std::vector<std::vector<MoeRankInput>>& in,
+                                  std::vector<std::vector<std::vector<float>>>& y) {
+    Impl& I = *impl_;
+    DUPLEX_CUDA_CHECK(cudaSetDevice(I.o.device));
+    I.setup(in);
+    const int M = int(I.mbs.size()), V = I.V, d = I.d;
+    using Rank = Impl::Rank;
+    MoeTiming t;
+    double start = now_s();
+    // Microbatch i+1 dispatches while microbatch i's experts compute; i's combine waits for its experts.
+    auto combine = [&](int i) {
+        Impl::Micro& m = I.mbs[i];
+        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.comm, m.computed, 0));
+        t.exchange_seconds += I.to_tokens(m, &Rank::out, &Rank::back);
+        for (int s = 0; s < V; ++s) {
+            Rank& R = m.ranks[s];
+            cuda::combine_rows(R.back.get(), d, *R.dl, R.gates.get(), R.tokens, I.K, R.y.get(), I.comm);
+        }
+    };
+    for (int i = 0; i < M; ++i) {
+        Impl::Micro& m = I.mbs[i];
+        for (int s = 0; s < V; ++s)
+            cuda::permute_rows(m.ranks[s].x.get(), d, m.ranks[s].src_row.get(), *m.ranks[s].dl, m.ranks[s].send.get(),
+                               I.comm);
+        t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::recv);
+        DUPLEX_CUDA_CHECK(cudaEventRecord(m.dispatched, I.comm));
+        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.compute, m.dispatched, 0));
+        I.experts_forward(m);
+        DUPLEX_CUDA_CHECK(cudaEventRecord(m.computed, I.compute));
+        if (i > 0) combine(i - 1);
+        if (serial_) DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.compute));
+    }
+    if (M > 0) combine(M - 1);
+    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
+    t.seconds = now_s() - start;
+    y.assign(M, std::vector<std::vector<float>>(V));
+    for (int i = 0; i < M; ++i)
+        for (int s = 0; s < V; ++s) {
+            Rank& R = I.mbs[i].ranks[s];
+            y[i][s].resize(size_t(R.tokens) * d);
+            R.y.download(y[i][s].data(), y[i][s].size(), I.comm);
+        }
+    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
+    return t;
+}
+
+MoeTiming DeviceMoeLayer::backward(const std::vector<std::vector<std::vector<float>>>& dy,
+                                   std::vector<std::vector<std::vector<float>>>& dx,
+                                   std::vector<std::vector<std::vector<float>>>& d_gate) {
+    Impl& I = *impl_;
+    DUPLEX_CUDA_CHECK(cudaSetDevice(I.o.device));
+    const int M = int(I.mbs.size()), V = I.V, d = I.d, K = I.K;
+    using Rank = Impl::Rank;
+    DUPLEX_CHECK_ARG(int(dy.size()) == M, "device moe", "{} gradients for the {} microbatches of the last forward",
+                     dy.size(), M);
+    // Upload dy into x's place (x is not needed any more).
+    for (int i = 0; i < M; ++i) {
+        DUPLEX_CHECK_ARG(int(dy[i].size()) == V, "device moe", "microbatch {}: gradients for {} ranks", i, dy[i].size());
+        for (int s = 0; s < V; ++s) {
+            Rank& R = I.mbs[i].ranks[s];
+            DUPLEX_CHECK_ARG(dy[i][s].size() == size_t(R.tokens) * d, "device moe", "rank {}: {} gradient values for {} "
+                             "tokens", s, dy[i][s].size(), R.tokens);
+            R.x.upload(dy[i][s].data(), dy[i][s].size(), I.comm);
+        }
+    }
+    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
+    MoeTiming t;
+    double start = now_s();
+    auto unpermute = [&](int i) {
+        Impl::Micro& m = I.mbs[i];
+        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.comm, m.computed, 0));
+        t.exchange_seconds += I.to_tokens(m, &Rank::dxr, &Rank::send);
+        for (int s = 0; s < V; ++s) {  // dx[t] = sum over its slots of the rows' gradients (gates 1)
+            Rank& R = m.ranks[s];
+            cuda::combine_rows(R.send.get(), d, *R.dl, R.ones.get(), R.tokens, K, R.y.get(), I.comm);
+        }
+    };
+    for (int i = 0; i < M; ++i) {
+        Impl::Micro& m = I.mbs[i];
+        for (int s = 0; s < V; ++s) {  // combine backward: d out = gate * dy per slot, d gate = dy . out
+            Rank& R = m.ranks[s];
+            cuda::slot_dots(R.x.get(), R.back.get(), d, *R.dl, R.tokens, K, R.dgate.get(), I.comm);
+            cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
+            cuda::gate_rows(R.send.get(), d, *R.dl, R.gates.get(), I.comm);
+        }
+        t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::out);
+        DUPLEX_CUDA_CHECK(cudaEventRecord(m.dispatched, I.comm));
+        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.compute, m.dispatched, 0));
+        I.experts_backward(m);
+        DUPLEX_CUDA_CHECK(cudaEventRecord(m.computed, I.compute));
+        if (i > 0) unpermute(i - 1);
+        if (serial_) DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.compute));
+    }
+    if (M > 0) unpermute(M - 1);
+    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
+    t.seconds = now_s() - start;
+    dx.assign(M, std::vector<std::vector<float>>(V));
+    d_gate.assign(M, std::vector<std::vector<float>>(V));
+    for (int i = 0; i < M; ++i)
+        for (int s = 0; s < V; ++s) {
+            Rank& R = I.mbs[i].ranks[s];
+            dx[i][s].resize(size_t(R.tokens) * d);
+            R.y.download(dx[i][s].data(), dx[i][s].size(), I.comm);
+            d_gate[i][s].resize(size_t(R.tokens) * K);
+            R.dgate.download(d_gate[i][s].data(), d_gate[i][s].size(), I.comm);
+        }
+    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
+    I.release();
+    return t;
+}
+
+void DeviceMoeLayer::grads(std::vector<std::vector<float>>& g1, std::vector<std::vector<float>>& g3,
+                           std::vector<std::vector<float>>& g2) const {
+    const Impl& I = *impl_;
+    size_t wsz = size_t(I.d) * I.f;
+    for (auto* g : {&g1, &g3, &g2}) g->assign(I.o.experts, std::vector<float>(wsz));
+    for (int e = 0; e < I.o.experts; ++e) {
+        I.g1.download(g1[e].data(), wsz, I.compute, wsz * e);
+        I.g3.download(g3[e].data(), wsz, I.compute, wsz * e);
+        I.g2.download(g2[e].data(), wsz, I.compute, wsz * e);
+    }
+    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.compute));
+}
+
+}  // namespace duplex
