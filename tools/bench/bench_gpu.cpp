@@ -1,7 +1,9 @@
 // duplex_bench_gpu: what the reserved SMs cost and buy on one GPU.
 //   1. FP8 1x128 quantize throughput against device-to-device copy bandwidth (the HBM ceiling);
 //   2. a large BF16 GEMM (cuBLAS) alone, the expert exchange alone on an SM budget, and both at once on two
-//      streams: how much GEMM throughput the exchange's SMs take, and whether both progress (overlap).
+//      streams: how much GEMM throughput the exchange's SMs take, and whether both progress (overlap);
+//   3. one MoE layer forward + backward on the virtual ranks (runtime/device_moe.hpp), microbatches pipelined
+//      (dispatch beside expert compute) against the same work serialized: the time the overlap saves.
 // Numbers go to BENCHMARKS.md with the device named; without a device it says so and exits 2.
 #include <cuda_runtime.h>
 
@@ -16,6 +18,7 @@
 #include "core/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
+#include "runtime/device_moe.hpp"
 #include "tools/gpu_timing.hpp"
 #include "tools/lists.hpp"
 
@@ -43,6 +46,12 @@ int main(int argc, char** argv) {
     app.add_option("--top-k", top_k, "slots per token")->capture_default_str();
     app.add_option("--sms", sms_list, "SM budgets of the exchange")->capture_default_str();
     app.add_option("--reps", reps, "repetitions (best is reported)")->capture_default_str();
+    int moe_hidden = 2048, moe_ffn = 1408, moe_experts = 32, moe_tokens = 1024, moe_microbatches = 4;
+    app.add_option("--moe-hidden", moe_hidden, "MoE layer: hidden size")->capture_default_str();
+    app.add_option("--moe-ffn", moe_ffn, "MoE layer: expert FFN size")->capture_default_str();
+    app.add_option("--moe-experts", moe_experts, "MoE layer: routed experts (divided by --ranks)")->capture_default_str();
+    app.add_option("--moe-tokens", moe_tokens, "MoE layer: tokens per virtual rank and microbatch")->capture_default_str();
+    app.add_option("--moe-microbatches", moe_microbatches, "MoE layer: microbatches pipelined")->capture_default_str();
     CLI11_PARSE(app, argc, argv);
     try {
         auto devices = cuda_devices();
@@ -130,6 +139,51 @@ int main(int argc, char** argv) {
         }
         cudaStreamDestroy(gemm_stream);
         cudaStreamDestroy(comm_stream);
+
+        // 3. The MoE layer: the same routing pipelined and serialized, best of reps.
+        DeviceMoeOptions mo;
+        mo.ranks = ranks, mo.hidden = moe_hidden, mo.ffn = moe_ffn, mo.experts = moe_experts, mo.top_k = top_k;
+        mo.exchange.num_sms = std::min(20, devices[0].num_sms);
+        Rng rng(7);
+        std::vector<std::vector<float>> w(moe_experts, std::vector<float>(size_t(moe_hidden) * moe_ffn));
+        for (auto& m : w)
+            for (float& v : m) v = float(rng.normal() * 0.02);
+        std::vector<std::vector<MoeRankInput>> in(moe_microbatches, std::vector<MoeRankInput>(ranks));
+        std::vector<std::vector<std::vector<float>>> dy(moe_microbatches);
+        for (auto& mb : in)
+            for (auto& r : mb) {
+                r.x.resize(size_t(moe_tokens) * moe_hidden);
+                for (float& v : r.x) v = float(rng.normal());
+                for (int t = 0; t < moe_tokens; ++t) {
+                    std::vector<int> e(moe_experts);
+                    for (int i = 0; i < moe_experts; ++i) e[i] = i;
+                    for (int k = 0; k < top_k; ++k) std::swap(e[k], e[k + rng.below(uint64_t(moe_experts - k))]);
+                    std::sort(e.begin(), e.begin() + top_k);
+                    for (int k = 0; k < top_k; ++k) r.expert.push_back(e[k]), r.gate.push_back(1.0f / top_k);
+                }
+            }
+        for (auto& mb : dy) mb.assign(ranks, std::vector<float>(size_t(moe_tokens) * moe_hidden, 1e-3f));
+        fmt::print("\n# MoE layer: {} virtual ranks x {} microbatches x {} tokens, hidden {}, ffn {}, {} experts top-{}, "
+                   "exchange on {} SMs\n", ranks, moe_microbatches, moe_tokens, moe_hidden, moe_ffn, moe_experts, top_k,
+                   mo.exchange.num_sms);
+        fmt::print("# {:>10} {:>12} {:>12} {:>14}\n", "mode", "forward", "backward", "exchange part");
+        double best[2][2] = {{1e30, 1e30}, {1e30, 1e30}}, exch[2] = {0, 0};
+        for (int serial : {1, 0}) {
+            DeviceMoeLayer layer(mo, w, w, w);
+            layer.set_serial(serial != 0);
+            for (int i = 0; i < reps; ++i) {
+                std::vector<std::vector<std::vector<float>>> y, dx, dg;
+                MoeTiming f = layer.forward(in, y);
+                MoeTiming b = layer.backward(dy, dx, dg);
+                best[serial][0] = std::min(best[serial][0], f.seconds);
+                best[serial][1] = std::min(best[serial][1], b.seconds);
+                exch[serial] = f.exchange_seconds + b.exchange_seconds;
+            }
+            fmt::print("  {:>10} {:>10.3f}ms {:>10.3f}ms {:>12.3f}ms\n", serial ? "serial" : "pipelined",
+                       best[serial][0] * 1e3, best[serial][1] * 1e3, exch[serial] * 1e3);
+        }
+        fmt::print("# pipelined / serial: forward {:.3f}, backward {:.3f}\n", best[0][0] / best[1][0],
+                   best[0][1] / best[1][1]);
     } catch (const std::exception& e) {
         fmt::print(stderr, "duplex_bench_gpu: {}\n", e.what());
         return 1;
