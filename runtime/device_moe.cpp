@@ -160,6 +160,30 @@ struct DeviceMoeLayer::Impl {
         return cuda::exchange_rows(send, off, cnt, recv, cap, d, o.exchange, comm);
     }
 
+    // Microbatch i+1 goes to the experts (comm stream) while microbatch i's experts compute (compute stream);
+    // i's way back waits for its experts. Returns the wall time of the whole.
+    template <typename ToExperts, typename Compute, typename Back>
+    double pipeline(bool serial, ToExperts&& to_experts_of, Compute&& compute_of, Back&& back_of) {
+        double start = now_s();
+        auto back = [&](Micro& m) {
+            DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(comm, m.computed, 0));
+            back_of(m);
+        };
+        for (size_t i = 0; i < mbs.size(); ++i) {
+            Micro& m = mbs[i];
+            to_experts_of(m);
+            DUPLEX_CUDA_CHECK(cudaEventRecord(m.dispatched, comm));
+            DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(compute, m.dispatched, 0));
+            compute_of(m);
+            DUPLEX_CUDA_CHECK(cudaEventRecord(m.computed, compute));
+            if (i > 0) back(mbs[i - 1]);
+            if (serial) DUPLEX_CUDA_CHECK(cudaStreamSynchronize(compute));
+        }
+        if (!mbs.empty()) back(mbs.back());
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(comm));
+        return now_s() - start;
+    }
+
     void experts_forward(Micro& m) {
         const size_t wsz = size_t(d) * f;
         for (int dst = 0; dst < V; ++dst) {
@@ -246,33 +270,18 @@ MoeTiming DeviceMoeLayer::forward(const std::vector<std::vector<MoeRankInput>>& 
     const int M = int(I.mbs.size()), V = I.V, d = I.d;
     using Rank = Impl::Rank;
     MoeTiming t;
-    double start = now_s();
-    // Microbatch i+1 dispatches while microbatch i's experts compute; i's combine waits for its experts.
-    auto combine = [&](int i) {
-        Impl::Micro& m = I.mbs[i];
-        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.comm, m.computed, 0));
-        t.exchange_seconds += I.to_tokens(m, &Rank::out, &Rank::back);
-        for (int s = 0; s < V; ++s) {
-            Rank& R = m.ranks[s];
-            cuda::combine_rows(R.back.get(), d, *R.dl, R.gates.get(), R.tokens, I.K, R.y.get(), I.comm);
-        }
-    };
-    for (int i = 0; i < M; ++i) {
-        Impl::Micro& m = I.mbs[i];
-        for (int s = 0; s < V; ++s)
-            cuda::permute_rows(m.ranks[s].x.get(), d, m.ranks[s].src_row.get(), *m.ranks[s].dl, m.ranks[s].send.get(),
-                               I.comm);
-        t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::recv);
-        DUPLEX_CUDA_CHECK(cudaEventRecord(m.dispatched, I.comm));
-        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.compute, m.dispatched, 0));
-        I.experts_forward(m);
-        DUPLEX_CUDA_CHECK(cudaEventRecord(m.computed, I.compute));
-        if (i > 0) combine(i - 1);
-        if (serial_) DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.compute));
-    }
-    if (M > 0) combine(M - 1);
-    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
-    t.seconds = now_s() - start;
+    t.seconds = I.pipeline(
+        serial_,
+        [&](Impl::Micro& m) {  // permute and dispatch
+            for (Rank& R : m.ranks) cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
+            t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::recv);
+        },
+        [&](Impl::Micro& m) { I.experts_forward(m); },
+        [&](Impl::Micro& m) {  // outputs back, gate-weighted sum per token in slot order
+            t.exchange_seconds += I.to_tokens(m, &Rank::out, &Rank::back);
+            for (Rank& R : m.ranks)
+                cuda::combine_rows(R.back.get(), d, *R.dl, R.gates.get(), R.tokens, I.K, R.y.get(), I.comm);
+        });
     y.assign(M, std::vector<std::vector<float>>(V));
     for (int i = 0; i < M; ++i)
         for (int s = 0; s < V; ++s) {
@@ -305,35 +314,22 @@ MoeTiming DeviceMoeLayer::backward(const std::vector<std::vector<std::vector<flo
     }
     DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
     MoeTiming t;
-    double start = now_s();
-    auto unpermute = [&](int i) {
-        Impl::Micro& m = I.mbs[i];
-        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.comm, m.computed, 0));
-        t.exchange_seconds += I.to_tokens(m, &Rank::dxr, &Rank::send);
-        for (int s = 0; s < V; ++s) {  // dx[t] = sum over its slots of the rows' gradients (gates 1)
-            Rank& R = m.ranks[s];
-            cuda::combine_rows(R.send.get(), d, *R.dl, R.ones.get(), R.tokens, K, R.y.get(), I.comm);
-        }
-    };
-    for (int i = 0; i < M; ++i) {
-        Impl::Micro& m = I.mbs[i];
-        for (int s = 0; s < V; ++s) {  // combine backward: d out = gate * dy per slot, d gate = dy . out
-            Rank& R = m.ranks[s];
-            cuda::slot_dots(R.x.get(), R.back.get(), d, *R.dl, R.tokens, K, R.dgate.get(), I.comm);
-            cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
-            cuda::gate_rows(R.send.get(), d, *R.dl, R.gates.get(), I.comm);
-        }
-        t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::out);
-        DUPLEX_CUDA_CHECK(cudaEventRecord(m.dispatched, I.comm));
-        DUPLEX_CUDA_CHECK(cudaStreamWaitEvent(I.compute, m.dispatched, 0));
-        I.experts_backward(m);
-        DUPLEX_CUDA_CHECK(cudaEventRecord(m.computed, I.compute));
-        if (i > 0) unpermute(i - 1);
-        if (serial_) DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.compute));
-    }
-    if (M > 0) unpermute(M - 1);
-    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.comm));
-    t.seconds = now_s() - start;
+    t.seconds = I.pipeline(
+        serial_,
+        [&](Impl::Micro& m) {  // combine backward: d out = gate * dy per slot, d gate = dy . out; to the experts
+            for (Rank& R : m.ranks) {
+                cuda::slot_dots(R.x.get(), R.back.get(), d, *R.dl, R.tokens, K, R.dgate.get(), I.comm);
+                cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
+                cuda::gate_rows(R.send.get(), d, *R.dl, R.gates.get(), I.comm);
+            }
+            t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::out);
+        },
+        [&](Impl::Micro& m) { I.experts_backward(m); },
+        [&](Impl::Micro& m) {  // input-row gradients back; dx[t] = their sum over the token's slots (gates 1)
+            t.exchange_seconds += I.to_tokens(m, &Rank::dxr, &Rank::send);
+            for (Rank& R : m.ranks)
+                cuda::combine_rows(R.send.get(), d, *R.dl, R.ones.get(), R.tokens, K, R.y.get(), I.comm);
+        });
     dx.assign(M, std::vector<std::vector<float>>(V));
     d_gate.assign(M, std::vector<std::vector<float>>(V));
     for (int i = 0; i < M; ++i)
