@@ -42,7 +42,10 @@ struct DeviceMoeLayer::Impl {
         int64_t rows_in = 0;
         std::vector<int64_t> recv_off;            // per source: first row in recv
         DeviceArray<float> recv, a1, a3, out;
-        DeviceArray<float> s, ds, da1, da3, dxr;  // expert MLP temporaries (allocated up front: a cudaFree in
+        DeviceArray<float> s, ds, da1, da3, dxr;
+        // FP8 dispatch: quantized tokens and their scales, packed one row per token / slot / arrived row.
+        DeviceArray<uint8_t> q;
+        DeviceArray<float> scales, x8, send8, recv8;  // expert MLP temporaries (allocated up front: a cudaFree in
                                                   // the pipelined section would synchronize the whole device)
     };
     struct Micro {
@@ -50,6 +53,24 @@ struct DeviceMoeLayer::Impl {
         cudaEvent_t dispatched = nullptr, computed = nullptr;
     };
     std::vector<Micro> mbs;
+
+    // An FP8 row in floats: hidden e4m3 bytes, then hidden / 128 fp32 scales.
+    int packed_width() const { return d / 4 + d / 128; }
+    // q [rows, d] bytes and scales [rows, d / 128] <-> packed rows, as strided copies on `stream`.
+    void pack(const Rank& R, int rows, float* packed, cudaStream_t stream) const {
+        size_t pitch = size_t(packed_width()) * sizeof(float), sw = size_t(d / 128) * sizeof(float);
+        if (rows == 0) return;
+        DUPLEX_CUDA_CHECK(cudaMemcpy2DAsync(packed, pitch, R.q.get(), d, d, rows, cudaMemcpyDeviceToDevice, stream));
+        DUPLEX_CUDA_CHECK(cudaMemcpy2DAsync(reinterpret_cast<char*>(packed) + d, pitch, R.scales.get(), sw, sw, rows,
+                                            cudaMemcpyDeviceToDevice, stream));
+    }
+    void unpack(const float* packed, int rows, Rank& R, cudaStream_t stream) const {
+        size_t pitch = size_t(packed_width()) * sizeof(float), sw = size_t(d / 128) * sizeof(float);
+        if (rows == 0) return;
+        DUPLEX_CUDA_CHECK(cudaMemcpy2DAsync(R.q.get(), d, packed, pitch, d, rows, cudaMemcpyDeviceToDevice, stream));
+        DUPLEX_CUDA_CHECK(cudaMemcpy2DAsync(R.scales.get(), sw, reinterpret_cast<const char*>(packed) + d, pitch, sw,
+                                            rows, cudaMemcpyDeviceToDevice, stream));
+    }
 
     int64_t count(const Micro& m, int src, int expert) const { return m.ranks[src].layout.counts[expert]; }
 
@@ -96,6 +117,10 @@ struct DeviceMoeLayer::Impl {
                 R.x = DeviceArray<float>(r.x.size()), R.x.upload(r.x.data(), r.x.size(), compute);
                 R.send = DeviceArray<float>(slots * d), R.back = DeviceArray<float>(slots * d);
                 R.dgate = DeviceArray<float>(slots), R.y = DeviceArray<float>(r.x.size());
+                if (o.fp8_dispatch) {
+                    R.x8 = DeviceArray<float>(size_t(R.tokens) * packed_width());
+                    R.send8 = DeviceArray<float>(slots * packed_width());
+                }
                 R.send_off.assign(V, 0), R.send_cnt.assign(V, 0);
                 for (int p = 0; p < V; ++p) {
                     R.send_off[p] = R.layout.offsets[size_t(p) * per];
@@ -111,6 +136,11 @@ struct DeviceMoeLayer::Impl {
                 D.a1 = DeviceArray<float>(nf), D.a3 = DeviceArray<float>(nf), D.s = DeviceArray<float>(nf);
                 D.ds = DeviceArray<float>(nf), D.da1 = DeviceArray<float>(nf), D.da3 = DeviceArray<float>(nf);
                 D.dxr = DeviceArray<float>(size_t(D.rows_in) * d);
+                if (o.fp8_dispatch) {
+                    size_t rows = size_t(std::max<int64_t>(D.rows_in, D.tokens));
+                    D.q = DeviceArray<uint8_t>(rows * d), D.scales = DeviceArray<float>(rows * (d / 128));
+                    D.recv8 = DeviceArray<float>(size_t(D.rows_in) * packed_width());
+                }
             }
         }
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(compute));
@@ -133,7 +163,7 @@ struct DeviceMoeLayer::Impl {
 
     // Token rows (or their gradients) of every rank to the experts' ranks: src_buf[s] in layout order ->
     // dst_buf[d] source-major.
-    double to_experts(Micro& m, DeviceArray<float> Rank::*src_buf, DeviceArray<float> Rank::*dst_buf) {
+    double to_experts(Micro& m, DeviceArray<float> Rank::*src_buf, DeviceArray<float> Rank::*dst_buf, int width) {
         std::vector<const float*> send;
         std::vector<float*> recv;
         std::vector<std::vector<int64_t>> off(V), cnt(V);
@@ -143,7 +173,7 @@ struct DeviceMoeLayer::Impl {
             recv.push_back((m.ranks[r].*dst_buf).get());
             off[r] = m.ranks[r].send_off, cnt[r] = m.ranks[r].send_cnt, cap[r] = m.ranks[r].rows_in;
         }
-        return cuda::exchange_rows(send, off, cnt, recv, cap, d, o.exchange, comm);
+        return cuda::exchange_rows(send, off, cnt, recv, cap, width, o.exchange, comm);
     }
     // The experts' rows back to their tokens' ranks: src_buf[d] source-major -> dst_buf[s] in layout order.
     double to_tokens(Micro& m, DeviceArray<float> Rank::*src_buf, DeviceArray<float> Rank::*dst_buf) {
@@ -230,6 +260,8 @@ DeviceMoeLayer::DeviceMoeLayer(const DeviceMoeOptions& o, const std::vector<std:
                      "{} experts do not split over {} ranks", o.experts, o.ranks);
     DUPLEX_CHECK_ARG(o.hidden >= 1 && o.ffn >= 1 && o.top_k >= 1 && o.top_k <= o.experts, "device moe",
                      "bad shape: hidden {}, ffn {}, top-{} of {}", o.hidden, o.ffn, o.top_k, o.experts);
+    DUPLEX_CHECK_ARG(!o.fp8_dispatch || o.hidden % 128 == 0, "device moe: fp8 dispatch",
+                     "hidden {} is not a multiple of the 128-wide FP8 tiles", o.hidden);
     size_t wsz = size_t(o.hidden) * o.ffn;
     DUPLEX_CHECK_ARG(int(w1.size()) == o.experts && int(w3.size()) == o.experts && int(w2.size()) == o.experts,
                      "device moe", "weights for {}/{}/{} experts, expected {}", w1.size(), w3.size(), w2.size(), o.experts);
@@ -272,9 +304,23 @@ MoeTiming DeviceMoeLayer::forward(const std::vector<std::vector<MoeRankInput>>& 
     MoeTiming t;
     t.seconds = I.pipeline(
         serial_,
-        [&](Impl::Micro& m) {  // permute and dispatch
-            for (Rank& R : m.ranks) cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
-            t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::recv);
+        [&](Impl::Micro& m) {  // permute and dispatch (quantized to FP8 first, dequantized on arrival)
+            if (!I.o.fp8_dispatch) {
+                for (Rank& R : m.ranks) cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
+                t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::recv, d);
+                return;
+            }
+            const int w = I.packed_width();
+            for (Rank& R : m.ranks) {
+                cuda::quantize_fp8_1x128(R.x.get(), R.tokens, d, R.q.get(), R.scales.get(), I.comm);
+                I.pack(R, R.tokens, R.x8.get(), I.comm);
+                cuda::permute_rows(R.x8.get(), w, R.src_row.get(), *R.dl, R.send8.get(), I.comm);
+            }
+            t.exchange_seconds += I.to_experts(m, &Rank::send8, &Rank::recv8, w);
+            for (Rank& D : m.ranks) {
+                I.unpack(D.recv8.get(), int(D.rows_in), D, I.comm);
+                cuda::dequantize_fp8_1x128(D.q.get(), D.scales.get(), int(D.rows_in), d, D.recv.get(), I.comm);
+            }
         },
         [&](Impl::Micro& m) { I.experts_forward(m); },
         [&](Impl::Micro& m) {  // outputs back, gate-weighted sum per token in slot order
@@ -322,7 +368,7 @@ MoeTiming DeviceMoeLayer::backward(const std::vector<std::vector<std::vector<flo
                 cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
                 cuda::gate_rows(R.send.get(), d, *R.dl, R.gates.get(), I.comm);
             }
-            t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::out);
+            t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::out, d);
         },
         [&](Impl::Micro& m) { I.experts_backward(m); },
         [&](Impl::Micro& m) {  // input-row gradients back; dx[t] = their sum over the token's slots (gates 1)

@@ -82,10 +82,7 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& want,
     for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-4 * scale) << what << " [" << i << "]";
 }
 
-TEST(CudaMoe, LayerOnVirtualRanksMatchesTheCpuSlotBySlot) {
-    if (cuda_devices().empty()) GTEST_SKIP() << "no CUDA device";
-    DeviceMoeOptions o;
-    o.ranks = 8, o.hidden = 64, o.ffn = 48, o.experts = 16, o.top_k = 4;
+void check_layer(DeviceMoeOptions o) {
     o.exchange.num_sms = 8;
     o.exchange.rows_per_chunk = 2, o.exchange.queue_chunks = 2;
     Rng rng(3);
@@ -114,7 +111,19 @@ TEST(CudaMoe, LayerOnVirtualRanksMatchesTheCpuSlotBySlot) {
             }
             dy[mb].push_back(mat(size_t(tokens) * o.hidden, 1.0));
         }
-    Reference want = reference(o, w1, w3, w2, in, dy);
+    // With FP8 dispatch the experts see the e4m3 round trip of their rows (the CPU quantizer is the device's,
+    // bit for bit); the reference takes the same rows.
+    auto seen = in;
+    if (o.fp8_dispatch)
+        for (auto& mb : seen)
+            for (MoeRankInput& r : mb) {
+                int rows = int(r.x.size() / o.hidden);
+                std::vector<uint8_t> q(r.x.size());
+                std::vector<float> sc(size_t(rows) * (o.hidden / 128));
+                kernels::quantize_fp8_1x128(r.x.data(), rows, o.hidden, q.data(), sc.data());
+                kernels::dequantize_fp8_1x128(q.data(), sc.data(), rows, o.hidden, r.x.data());
+            }
+    Reference want = reference(o, w1, w3, w2, seen, dy);
     for (bool serial : {false, true}) {
         DeviceMoeLayer layer(o, w1, w3, w2);
         layer.set_serial(serial);
@@ -138,6 +147,20 @@ TEST(CudaMoe, LayerOnVirtualRanksMatchesTheCpuSlotBySlot) {
     }
 }
 
+TEST(CudaMoe, LayerOnVirtualRanksMatchesTheCpuSlotBySlot) {
+    if (cuda_devices().empty()) GTEST_SKIP() << "no CUDA device";
+    DeviceMoeOptions o;
+    o.ranks = 8, o.hidden = 64, o.ffn = 48, o.experts = 16, o.top_k = 4;
+    check_layer(o);
+}
+
+TEST(CudaMoe, Fp8DispatchSendsTheE4m3RoundTripOfEachToken) {
+    if (cuda_devices().empty()) GTEST_SKIP() << "no CUDA device";
+    DeviceMoeOptions o;
+    o.ranks = 4, o.hidden = 256, o.ffn = 64, o.experts = 8, o.top_k = 3, o.fp8_dispatch = true;
+    check_layer(o);
+}
+
 TEST(CudaMoe, BadShapesAreRejectedBeforeAnyLaunch) {
     DeviceMoeOptions o;
     o.ranks = 8, o.hidden = 64, o.ffn = 48, o.experts = 12, o.top_k = 4;  // 12 experts over 8 ranks
@@ -145,6 +168,8 @@ TEST(CudaMoe, BadShapesAreRejectedBeforeAnyLaunch) {
     EXPECT_THROW(DeviceMoeLayer(o, w, w, w), ConfigError);
     o.experts = 16;
     EXPECT_THROW(DeviceMoeLayer(o, w, w, w), ConfigError);  // weights for 12 experts
+    o.experts = 12, o.ranks = 4, o.fp8_dispatch = true;
+    EXPECT_THROW(DeviceMoeLayer(o, w, w, w), ConfigError);  // hidden 64: not FP8 tiles
 }
 
 }  // namespace

@@ -167,23 +167,27 @@ int main(int argc, char** argv) {
                    "exchange on {} SMs\n", ranks, moe_microbatches, moe_tokens, moe_hidden, moe_ffn, moe_experts, top_k,
                    mo.exchange.num_sms);
         fmt::print("# {:>10} {:>12} {:>12} {:>14}\n", "mode", "forward", "backward", "exchange part");
-        double best[2][2] = {{1e30, 1e30}, {1e30, 1e30}}, exch[2] = {0, 0};
-        for (int serial : {1, 0}) {
-            DeviceMoeLayer layer(mo, w, w, w);
-            layer.set_serial(serial != 0);
+        // Modes: 0 serial, 1 pipelined, 2 pipelined with FP8 dispatch.
+        const char* names[3] = {"serial", "pipelined", "fp8 disp"};
+        double best[3][2] = {{1e30, 1e30}, {1e30, 1e30}, {1e30, 1e30}}, exch[3] = {0, 0, 0};
+        for (int mode = 0; mode < 3; ++mode) {
+            DeviceMoeOptions mm = mo;
+            mm.fp8_dispatch = mode == 2 && moe_hidden % 128 == 0;
+            DeviceMoeLayer layer(mm, w, w, w);
+            layer.set_serial(mode == 0);
             for (int i = 0; i < reps; ++i) {
                 std::vector<std::vector<std::vector<float>>> y, dx, dg;
                 MoeTiming f = layer.forward(in, y);
                 MoeTiming b = layer.backward(dy, dx, dg);
-                best[serial][0] = std::min(best[serial][0], f.seconds);
-                best[serial][1] = std::min(best[serial][1], b.seconds);
-                exch[serial] = f.exchange_seconds + b.exchange_seconds;
+                best[mode][0] = std::min(best[mode][0], f.seconds);
+                best[mode][1] = std::min(best[mode][1], b.seconds);
+                exch[mode] = f.exchange_seconds + b.exchange_seconds;
             }
-            fmt::print("  {:>10} {:>10.3f}ms {:>10.3f}ms {:>12.3f}ms\n", serial ? "serial" : "pipelined",
-                       best[serial][0] * 1e3, best[serial][1] * 1e3, exch[serial] * 1e3);
+            fmt::print("  {:>10} {:>10.3f}ms {:>10.3f}ms {:>12.3f}ms\n", names[mode], best[mode][0] * 1e3,
+                       best[mode][1] * 1e3, exch[mode] * 1e3);
         }
-        fmt::print("# pipelined / serial: forward {:.3f}, backward {:.3f}\n", best[0][0] / best[1][0],
-                   best[0][1] / best[1][1]);
+        fmt::print("# pipelined / serial: forward {:.3f}, backward {:.3f}; FP8 dispatch / fp32: forward {:.3f}\n",
+                   best[1][0] / best[0][0], best[1][1] / best[0][1], best[2][0] / best[1][0]);
     } catch (const std::exception& e) {
         fmt::print(stderr, "duplex_bench_gpu: {}\n", e.what());
         return 1;
