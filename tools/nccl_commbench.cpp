@@ -34,6 +34,8 @@ struct NcclCase {
     size_t send_count = 0, recv_count = 0;
     std::vector<size_t> sb, so, rb, ro;  // alltoall(v): bytes and offsets per peer
     std::unique_ptr<DeviceBuffer> send, recv;
+    // Byte offset, in sender s's send buffer, of the block s sends to this rank (alltoall and alltoallv).
+    std::vector<size_t> sender_offsets;
 
     NcclCase(const std::string& op_, int r, int n, size_t bytes, const CommBenchOptions& o) : op(op_), rank(r), size(n) {
         size_t count = bytes / 4;
@@ -45,6 +47,11 @@ struct NcclCase {
             std::vector<std::vector<size_t>> c(n);
             for (int s = 0; s < n; ++s)
                 c[s] = op == "alltoall" ? std::vector<size_t>(n, count / n) : skewed_counts(count, n, s, o.skew, o.seed);
+            for (int s = 0; s < n; ++s) {  // where sender s's block for this rank starts in its buffer
+                size_t off = 0;
+                for (int p = 0; p < r; ++p) off += c[s][p] * 4;
+                sender_offsets.push_back(off);
+            }
             size_t at = 0;
             for (int p = 0; p < n; ++p) sb.push_back(c[r][p] * 4), so.push_back(at), at += c[r][p] * 4;
             send_count = at / 4;
@@ -78,9 +85,6 @@ struct NcclCase {
         }
         return c.all_to_all_v(send->p, sb, so, recv->p, rb, ro);
     }
-
-    // Byte offset, in sender s's send buffer, of the block s sends to this rank (alltoall and alltoallv).
-    std::vector<size_t> sender_offsets;
 
     uint64_t count_wrong() const {
         std::vector<float> got(recv_count);
@@ -137,16 +141,6 @@ int run_nccl_commbench(const NcclCommBenchOptions& opt) {
                 auto c = NcclCommunicator::create(store, r, n, r, "commbench/nccl");
                 for (size_t k = 0; k < sizes.size(); ++k) {
                     NcclCase cs(o.op, r, n, sizes[k], o);
-                    // Where each sender's block for this rank starts in that sender's buffer.
-                    if (o.op == "alltoall" || o.op == "alltoallv") {
-                        for (int s = 0; s < n; ++s) {
-                            auto cnt = o.op == "alltoall" ? std::vector<size_t>(n, sizes[k] / 4 / n)
-                                                          : skewed_counts(sizes[k] / 4, n, s, o.skew, o.seed);
-                            size_t off = 0;
-                            for (int p = 0; p < r; ++p) off += cnt[p] * 4;
-                            cs.sender_offsets.push_back(off);
-                        }
-                    }
                     cs.fill();
                     if (o.check) {
                         cs.start(*c)->wait();
