@@ -213,7 +213,7 @@ Command add_commbench(CLI::App& app) {
     cmd->add_option("--seed", a->bench.seed, "alltoallv: seed of the per-peer counts")->capture_default_str();
     cmd->add_option("--virtual-nodes", a->launch.virtual_nodes,
                     "split ranks into this many virtual nodes (intra/inter-node byte counters; cuda dispatch: the "
-                    "node-limited path through forwarder warps)");
+                    "node-limited path through forwarder warps, combine reduced inside each node before crossing)");
     cmd->add_option("--timeout", a->launch.timeout_s, "seconds before an operation times out (default: DUPLEX_COMM_TIMEOUT)");
     cmd->add_flag("--compare-mpi", a->bench.compare_mpi,
                   "also time plain MPI (MPI_Alltoallv, ...) on the same buffers; needs mpirun");

@@ -30,8 +30,6 @@ void check_gpu_commbench(const GpuCommBenchOptions& o) {
     DUPLEX_CHECK_ARG(!o.sms.empty(), "--sms", "needs at least one SM budget");
     DUPLEX_CHECK_ARG(o.nodes >= 1 && o.ranks % o.nodes == 0 && o.ranks / o.nodes <= 30, "--virtual-nodes",
                      "{} virtual ranks do not split into {} nodes of equal size (at most 30 each)", o.ranks, o.nodes);
-    DUPLEX_CHECK_ARG(o.nodes == 1 || o.op == "dispatch", "--virtual-nodes",
-                     "the forwarder path is built for dispatch; combine runs the flat exchange");
     DUPLEX_CHECK_ARG(o.min_bytes <= o.max_bytes && o.factor > 1, "-b/-e/-f", "sizes {}..{} with factor {}", o.min_bytes,
                      o.max_bytes, o.factor);
 }
@@ -128,6 +126,25 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
         }
         int64_t inter_rows = 0, flat_inter_rows = 0;
         double copy_bw = copy_bandwidth(size_t(bytes_all));
+        // Combine starts from what the dispatch delivered: every rank's rows, each weighted by its gate (1/K).
+        std::vector<std::unique_ptr<DeviceBuffer>> row_gates;
+        std::vector<const float*> row_gates_p;
+        if (o.op == "combine") {
+            for (int r = 0; r < R; ++r)
+                cuda::permute_rows(x[r]->as<float>(), d, src[r]->as<int>(), *dl[r], send[r]->as<float>(), nullptr);
+            cuda::ExchangeConfig fill;
+            fill.num_sms = std::min(20, device_sms);
+            cuda::exchange_rows(send_p, offsets, counts, recv_p, recv_rows, d, fill, nullptr);
+            for (int r = 0; r < R; ++r) {
+                std::vector<float> g(size_t(recv_rows[r]), 1.0f / K);
+                row_gates.push_back(std::make_unique<DeviceBuffer>(std::max<size_t>(g.size(), 1) * sizeof(float)));
+                if (!g.empty())
+                    DUPLEX_CUDA_CHECK(cudaMemcpy(row_gates[r]->p, g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice));
+                row_gates_p.push_back(row_gates[r]->as<float>());
+            }
+        }
+        std::vector<float*> y_p;
+        for (int r = 0; r < R; ++r) y_p.push_back(y[r]->as<float>());
         for (int sms : o.sms) {
             cuda::ExchangeConfig cfg;
             cfg.num_sms = sms;
@@ -142,6 +159,14 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
                 } else if (o.op == "dispatch") {
                     for (int r = 0; r < R; ++r) cuda::permute_rows(x[r]->as<float>(), d, src[r]->as<int>(), *dl[r], send[r]->as<float>(), nullptr);
                     kernel_s = cuda::exchange_rows(send_p, offsets, counts, recv_p, recv_rows, d, cfg, nullptr);
+                } else if (o.nodes > 1) {
+                    // Experts' rows go back through the relays, which add a token's rows of their node before
+                    // the one crossing; the token's rank adds the nodes' partial sums.
+                    auto h = cuda::combine_rows_hierarchical(recv_cp, row_gates_p, masks, o.nodes, recv_rows, y_p, d,
+                                                             cfg, nullptr);
+                    kernel_s = h.seconds;
+                    inter_rows = h.inter_node_rows;
+                    flat_inter_rows = h.flat_inter_node_rows;
                 } else {
                     // The rows that arrived go back to their token's rank, then each rank sums them per token.
                     kernel_s = cuda::exchange_rows(recv_cp, back_off, back_counts, send_mp, send_rows, d, cfg, nullptr);

@@ -96,4 +96,42 @@ void slot_dots(const float* dy, const float* outputs, int dim, const DispatchLay
     }
 }
 
+void combine_node_limited(const std::vector<const float*>& in, const std::vector<const float*>& weights,
+                          const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                          const std::vector<float*>& y) {
+    const int R = int(masks.size());
+    DUPLEX_CHECK_ARG(R >= 1 && R <= 64 && nodes >= 1 && R % nodes == 0, "node-limited combine",
+                     "{} ranks in {} nodes of equal size (at most 64 ranks)", R, nodes);
+    DUPLEX_CHECK_ARG(int(in.size()) == R && int(y.size()) == R && (weights.empty() || int(weights.size()) == R),
+                     "node-limited combine", "{} inputs, {} weights and {} outputs for {} ranks", in.size(),
+                     weights.size(), y.size(), R);
+    const int L = R / nodes;
+    // next[d]: the row of in[d] the next token that went to d reads (sources in order, tokens in order).
+    std::vector<int64_t> next(R, 0);
+    std::vector<float> partial(dim);
+    for (int s = 0; s < R; ++s)
+        for (size_t t = 0; t < masks[s].size(); ++t) {
+            float* yt = y[s] + t * dim;
+            std::fill(yt, yt + dim, 0.0f);
+            for (int m = 0; m < nodes; ++m) {
+                uint64_t here = (masks[s][t] >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1);
+                if (here == 0) continue;
+                std::fill(partial.begin(), partial.end(), 0.0f);
+                for (int ld = 0; ld < L; ++ld) {
+                    if (!((here >> ld) & 1)) continue;
+                    int d = m * L + ld;
+                    int64_t row = next[d]++;
+                    const float* r = in[d] + row * dim;
+                    float w = weights.empty() ? 1.0f : weights[d][row];
+                    // NOTE: multiply then add, each rounded (no fused multiply-add): the CUDA kernel does the same.
+                    for (int c = 0; c < dim; ++c) {
+                        volatile float p = weights.empty() ? r[c] : w * r[c];
+                        partial[c] = partial[c] + p;
+                    }
+                }
+                for (int c = 0; c < dim; ++c) yt[c] = yt[c] + partial[c];
+            }
+        }
+}
+
 }  // namespace duplex::kernels

@@ -47,4 +47,14 @@ void gate_rows(float* rows, int dim, const DispatchLayout& layout, const float* 
 void slot_dots(const float* dy, const float* outputs, int dim, const DispatchLayout& layout, int tokens, int top_k,
                float* dots);
 
+// The node-limited combine (the reference of cuda::combine_rows_hierarchical): ranks form `nodes` nodes of L =
+// ranks / nodes; masks[s][t] has bit d when token t of rank s went to rank d (as in the dispatch). in[d] holds
+// one row per (token, d), source-major like the dispatch's receive buffer (rank 0's tokens for d ascending, then
+// rank 1's, ...), and weights[d] one factor per row (empty: all 1). Per token, each node m it touched gives the
+// partial sum, from 0, of weight x row over its ranks in rank order (each product and sum rounded); y[s][t] is
+// the sum, from 0, of those partials in node order (0 for a token no rank took).
+void combine_node_limited(const std::vector<const float*>& in, const std::vector<const float*>& weights,
+                          const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                          const std::vector<float*>& y);
+
 }  // namespace duplex::kernels

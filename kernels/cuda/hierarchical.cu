@@ -150,6 +150,163 @@ __global__ void hierarchical_kernel(HArgs a) {
     }
 }
 
+// ---- combine: the same pipelines run back ----
+// Pipeline (s, m) now starts on the experts' side: a sender per rank d of node m (in[d]'s rows for s, times their
+// weights -> intra-node queue (s, d)), the forwarder (one row from each queue a token used, summed in rank order
+// -> the inter-node queue of (s, m)) and a receiver (that queue -> the pipeline's rows of s's staging buffer).
+// Here intra-node counters count rows and inter-node counters chunks, as in the dispatch.
+struct CArgs {
+    int R, L, N, dim, rpc, qc, Q, slots;
+    const float* const* in;
+    const float* const* weights;  // per rank: one factor per row of in, or null (1)
+    const unsigned long long* const* masks;
+    const long long* tokens;     // [R]
+    const long long* pipe_rows;  // [R * N]
+    const long long* count;      // [R * R]: rows of in[d] for tokens of s
+    const long long* in_off;     // [R * R]: the first of them
+    const long long* stage_off;  // [R * N]: first staging row of pipeline (s, m)
+    float* stage;
+    float* inter;
+    float* intra;
+    long long *inter_head, *inter_tail, *intra_head, *intra_tail;
+    int* error;
+    long long timeout_cycles;
+};
+
+__device__ bool stalled(const CArgs& a, long long start, int channel) {
+    return detail::stalled(a.error, a.timeout_cycles, start, channel);
+}
+
+// in[d] rows for s (times their weights) -> intra-node queue (s, d).
+__device__ void c_send(const CArgs& a, int s, int d, int lane) {
+    int ch = s * a.R + d;
+    long long total = a.count[ch];
+    const float* src = a.in[d] + a.in_off[ch] * a.dim;
+    const float* w = a.weights[d] ? a.weights[d] + a.in_off[ch] : nullptr;
+    float* iq = a.intra + (long long)ch * a.Q * a.dim;
+    Counter head(a.intra_head[ch * 32]), tail(a.intra_tail[ch * 32]);
+    for (long long r = 0; r < total; ++r) {
+        if (r % a.rpc == 0) {
+            long long need = r + min((long long)a.rpc, total - r) - a.Q, start = clock64();
+            while (tail.load(::cuda::memory_order_acquire) < need)
+                if (stalled(a, start, a.R * a.N + ch)) return;
+        }
+        float* to = iq + (r % a.Q) * a.dim;
+        const float* from = src + r * a.dim;
+        if (w) {
+            float f = w[r];
+            for (int c = lane; c < a.dim; c += 32) to[c] = __fmul_rn(f, from[c]);
+        } else {
+            copy_floats(to, from, a.dim, lane);
+        }
+        if ((r + 1) % a.rpc == 0 || r + 1 == total) publish(head, r + 1, lane);
+    }
+}
+
+// Per token of s that used node m: its rows from the node's ranks, summed in rank order -> inter-node queue.
+__device__ void c_forward(const CArgs& a, int s, int m, int lane) {
+    int pipe = s * a.N + m;
+    long long total = a.pipe_rows[pipe];
+    if (total == 0) return;
+    float* queue = a.inter + (long long)pipe * a.qc * a.rpc * a.dim;
+    Counter head(a.inter_head[pipe * 32]), tail(a.inter_tail[pipe * 32]);
+    long long got[30];
+    for (int ld = 0; ld < a.L; ++ld) got[ld] = 0;
+    const unsigned long long* masks = a.masks[s];
+    long long row = 0;
+    for (long long t = 0; t < a.tokens[s] && row < total; ++t) {
+        unsigned long long here = (masks[t] >> (m * a.L)) & local_bits(a.L);
+        if (here == 0) continue;
+        for (int ld = 0; ld < a.L; ++ld) {
+            if (!((here >> ld) & 1)) continue;
+            int ch = s * a.R + m * a.L + ld;
+            Counter ihead(a.intra_head[ch * 32]);
+            long long start = clock64();
+            while (ihead.load(::cuda::memory_order_acquire) <= got[ld])
+                if (stalled(a, start, a.R * a.N + ch)) return;
+        }
+        long long chunk = row / a.rpc;
+        if (row % a.rpc == 0) {
+            long long start = clock64();
+            while (chunk - tail.load(::cuda::memory_order_acquire) >= a.qc)
+                if (stalled(a, start, pipe)) return;
+        }
+        float* out = queue + ((chunk % a.qc) * a.rpc + row % a.rpc) * a.dim;
+        for (int c = lane; c < a.dim; c += 32) {
+            float acc = 0.0f;
+            for (int ld = 0; ld < a.L; ++ld)
+                if ((here >> ld) & 1) {
+                    int ch = s * a.R + m * a.L + ld;
+                    acc = __fadd_rn(acc, a.intra[((long long)ch * a.Q + got[ld] % a.Q) * a.dim + c]);
+                }
+            out[c] = acc;
+        }
+        // Give back the rows read (a chunk at a time: the sender waits for whole chunks).
+        for (int ld = 0; ld < a.L; ++ld) {
+            if (!((here >> ld) & 1)) continue;
+            int ch = s * a.R + m * a.L + ld;
+            ++got[ld];
+            if (got[ld] % a.rpc == 0 || got[ld] == a.count[ch]) {
+                Counter itail(a.intra_tail[ch * 32]);
+                publish(itail, got[ld], lane);
+            }
+        }
+        ++row;
+        if (row % a.rpc == 0 || row == total) publish(head, chunk + 1, lane);
+    }
+}
+
+// Inter-node queue of (s, m) -> staging rows of s.
+__device__ void c_receive(const CArgs& a, int s, int m, int lane) {
+    int pipe = s * a.N + m;
+    long long total = a.pipe_rows[pipe];
+    long long chunks = (total + a.rpc - 1) / a.rpc;
+    const float* queue = a.inter + (long long)pipe * a.qc * a.rpc * a.dim;
+    float* dst = a.stage + a.stage_off[pipe] * a.dim;
+    Counter head(a.inter_head[pipe * 32]), tail(a.inter_tail[pipe * 32]);
+    for (long long i = 0; i < chunks; ++i) {
+        long long start = clock64();
+        while (head.load(::cuda::memory_order_acquire) <= i)
+            if (stalled(a, start, pipe)) return;
+        long long rows = min((long long)a.rpc, total - i * a.rpc);
+        copy_floats(dst + i * a.rpc * a.dim, queue + (i % a.qc) * a.rpc * a.dim, rows * a.dim, lane);
+        publish(tail, i + 1, lane);
+    }
+}
+
+__global__ void hierarchical_combine_kernel(CArgs a) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, W = a.slots;
+    int role = warp < W ? 0 : warp < 2 * W ? 1 : 2;
+    int slot = role == 0 ? warp : role == 1 ? warp - W : (warp - 2 * W) / a.L;
+    int local = role == 2 ? (warp - 2 * W) % a.L : 0;
+    for (int j = slot;; j += W) {
+        int pipe = blockIdx.x + j * gridDim.x;
+        if (pipe >= a.R * a.N) break;
+        int s = pipe / a.N, m = pipe % a.N;
+        if (role == 0)
+            c_forward(a, s, m, lane);
+        else if (role == 1)
+            c_receive(a, s, m, lane);
+        else
+            c_send(a, s, m * a.L + local, lane);
+    }
+}
+
+// y of token g (all ranks' tokens in a row) = sum, from 0, of its staging rows part[begin[g] .. begin[g + 1]) —
+// one per node it used, in node order. One warp per token.
+__global__ void node_sum_kernel(const float* stage, const long long* part, const long long* begin,
+                                float* const* y_rows, long long tokens, int dim) {
+    long long g = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (g >= tokens) return;
+    float* y = y_rows[g];
+    for (int c = lane; c < dim; c += 32) {
+        float acc = 0.0f;
+        for (long long i = begin[g]; i < begin[g + 1]; ++i) acc = __fadd_rn(acc, stage[part[i] * dim + c]);
+        y[c] = acc;
+    }
+}
+
 }  // namespace
 
 std::vector<int64_t> check_hierarchical_dispatch(const std::vector<std::vector<uint64_t>>& masks, int nodes,
@@ -277,6 +434,154 @@ HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x
         ch -= P;
         throw CommError(fmt::format("hierarchical dispatch: the intra-node queue of rank {} to rank {} stalled for {} s",
                                     ch / R, ch % R, c.timeout_s));
+    }
+    return result;
+}
+
+}  // namespace duplex::cuda
+
+namespace duplex::cuda {
+
+HierarchicalResult combine_rows_hierarchical(const std::vector<const float*>& in,
+                                             const std::vector<const float*>& weights,
+                                             const std::vector<std::vector<uint64_t>>& masks, int nodes,
+                                             const std::vector<int64_t>& in_capacity_rows,
+                                             const std::vector<float*>& y, int dim, const ExchangeConfig& c,
+                                             cudaStream_t stream) {
+    int device = 0, sms = 0, clock_khz = 0;
+    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+    check_hierarchical_dispatch(masks, nodes, in_capacity_rows, dim, c, sms);
+    const int R = int(masks.size()), N = nodes, L = R / nodes, P = R * N;
+    DUPLEX_CHECK_ARG(int(in.size()) == R && int(y.size()) == R && (weights.empty() || int(weights.size()) == R),
+                     "hierarchical combine", "{} inputs, {} weights and {} outputs for {} ranks", in.size(),
+                     weights.size(), y.size(), R);
+    HierarchicalResult result;
+    std::vector<long long> tokens(R), pipe_rows(P, 0), count(size_t(R) * R, 0), in_off(size_t(R) * R, 0),
+        stage_off(P, 0);
+    for (int s = 0; s < R; ++s) {
+        tokens[s] = (long long)masks[s].size();
+        for (uint64_t mk : masks[s]) {
+            for (int m = 0; m < N; ++m) {
+                uint64_t here = (mk >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1);
+                if (!here) continue;
+                ++pipe_rows[size_t(s) * N + m];
+                if (m != s / L) {
+                    ++result.inter_node_rows;
+                    result.flat_inter_node_rows += __builtin_popcountll(here);
+                }
+            }
+            for (int d = 0; d < R; ++d) count[size_t(s) * R + d] += (mk >> d) & 1u;
+        }
+    }
+    for (int d = 0; d < R; ++d) {
+        long long at = 0;
+        for (int s = 0; s < R; ++s) in_off[size_t(s) * R + d] = at, at += count[size_t(s) * R + d];
+    }
+    long long stage_rows = 0;
+    for (int p = 0; p < P; ++p) stage_off[p] = stage_rows, stage_rows += pipe_rows[p];
+    // Per token (all ranks in a row): its staging rows, node order; and where its output goes.
+    long long G = 0;
+    for (long long t : tokens) G += t;
+    std::vector<long long> part, begin(size_t(G) + 1, 0);
+    std::vector<float*> y_rows(static_cast<size_t>(G));
+    std::vector<long long> taken(P, 0);
+    part.reserve(size_t(stage_rows));
+    long long g = 0;
+    for (int s = 0; s < R; ++s)
+        for (long long t = 0; t < tokens[s]; ++t, ++g) {
+            for (int m = 0; m < N; ++m)
+                if ((masks[s][t] >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1)) {
+                    int p = s * N + m;
+                    part.push_back(stage_off[p] + taken[p]++);
+                }
+            begin[g + 1] = (long long)part.size();
+            y_rows[g] = y[s] + t * dim;
+        }
+    CArgs a{};
+    a.R = R, a.L = L, a.N = N, a.dim = dim, a.rpc = c.rows_per_chunk, a.qc = c.queue_chunks;
+    a.Q = c.queue_chunks * c.rows_per_chunk;
+    a.slots = std::max(1, std::min(32 / (2 + L), (P + c.num_sms - 1) / c.num_sms));
+    size_t channels = size_t(R) * R, total_tokens = size_t(G);
+    using detail::Arena;
+    Arena arena(3 * Arena::size_of<void*>(R) + Arena::size_of<long long>(R) + 2 * Arena::size_of<long long>(P) +
+                2 * Arena::size_of<long long>(channels) + Arena::size_of<float>(size_t(std::max(stage_rows, 1LL)) * dim) +
+                Arena::size_of<float>(size_t(P) * a.qc * a.rpc * dim) + Arena::size_of<float>(channels * a.Q * dim) +
+                2 * Arena::size_of<long long>(32 * size_t(P)) + 2 * Arena::size_of<long long>(32 * channels) +
+                Arena::size_of<int>(1) + Arena::size_of<unsigned long long>(std::max<size_t>(total_tokens, 1)) +
+                Arena::size_of<long long>(std::max<size_t>(part.size(), 1)) + Arena::size_of<long long>(begin.size()) +
+                Arena::size_of<float*>(std::max<size_t>(total_tokens, 1)), stream);
+    auto* d_in = arena.take<const float*>(R);
+    auto* d_w = arena.take<const float*>(R);
+    auto* d_masks = arena.take<const unsigned long long*>(R);
+    auto* d_tokens = arena.take<long long>(R);
+    auto* d_pipe = arena.take<long long>(P);
+    auto* d_stage_off = arena.take<long long>(P);
+    auto* d_count = arena.take<long long>(channels);
+    auto* d_in_off = arena.take<long long>(channels);
+    a.stage = arena.take<float>(size_t(std::max(stage_rows, 1LL)) * dim);
+    a.inter = arena.take<float>(size_t(P) * a.qc * a.rpc * dim);
+    a.intra = arena.take<float>(channels * a.Q * dim);
+    a.inter_head = arena.take<long long>(32 * size_t(P));
+    a.inter_tail = arena.take<long long>(32 * size_t(P));
+    a.intra_head = arena.take<long long>(32 * channels);
+    a.intra_tail = arena.take<long long>(32 * channels);
+    a.error = arena.take<int>(1);
+    auto* d_all_masks = arena.take<unsigned long long>(std::max<size_t>(total_tokens, 1));
+    auto* d_part = arena.take<long long>(std::max<size_t>(part.size(), 1));
+    auto* d_begin = arena.take<long long>(begin.size());
+    auto* d_y_rows = arena.take<float*>(std::max<size_t>(total_tokens, 1));
+    std::vector<const unsigned long long*> mask_ptr(R);
+    size_t at = 0;
+    for (int s = 0; s < R; ++s) {
+        mask_ptr[s] = d_all_masks + at;
+        if (tokens[s])
+            DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_all_masks + at, masks[s].data(), sizeof(uint64_t) * tokens[s],
+                                              cudaMemcpyHostToDevice, stream));
+        at += size_t(tokens[s]);
+    }
+    std::vector<const float*> w_ptr = weights.empty() ? std::vector<const float*>(R, nullptr) : weights;
+    auto up = [&](void* to, const void* from, size_t bytes) {
+        if (bytes) DUPLEX_CUDA_CHECK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyHostToDevice, stream));
+    };
+    up(d_in, in.data(), sizeof(void*) * R);
+    up(d_w, w_ptr.data(), sizeof(void*) * R);
+    up(d_masks, mask_ptr.data(), sizeof(void*) * R);
+    up(d_tokens, tokens.data(), sizeof(long long) * R);
+    up(d_pipe, pipe_rows.data(), sizeof(long long) * P);
+    up(d_stage_off, stage_off.data(), sizeof(long long) * P);
+    up(d_count, count.data(), sizeof(long long) * channels);
+    up(d_in_off, in_off.data(), sizeof(long long) * channels);
+    up(d_part, part.data(), sizeof(long long) * part.size());
+    up(d_begin, begin.data(), sizeof(long long) * begin.size());
+    up(d_y_rows, y_rows.data(), sizeof(float*) * y_rows.size());
+    for (long long* counter : {a.inter_head, a.inter_tail})
+        DUPLEX_CUDA_CHECK(cudaMemsetAsync(counter, 0, 32 * sizeof(long long) * P, stream));
+    for (long long* counter : {a.intra_head, a.intra_tail})
+        DUPLEX_CUDA_CHECK(cudaMemsetAsync(counter, 0, 32 * sizeof(long long) * channels, stream));
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.error, 0, sizeof(int), stream));
+    a.in = d_in, a.weights = d_w, a.masks = d_masks, a.tokens = d_tokens, a.pipe_rows = d_pipe, a.count = d_count;
+    a.in_off = d_in_off, a.stage_off = d_stage_off;
+    a.timeout_cycles = (long long)(c.timeout_s * clock_khz * 1e3);
+    int error = 0;
+    int threads = 32 * a.slots * (2 + L);
+    result.seconds = detail::timed_launch(stream, a.error, error, [&] {
+        hierarchical_combine_kernel<<<c.num_sms, threads, 0, stream>>>(a);
+        if (G > 0) {
+            const int warps = 8;
+            node_sum_kernel<<<unsigned((G + warps - 1) / warps), 32 * warps, 0, stream>>>(a.stage, d_part, d_begin,
+                                                                                           d_y_rows, G, dim);
+        }
+    });
+    if (error != 0) {
+        int ch = error - 1;
+        if (ch < P)
+            throw CommError(fmt::format("hierarchical combine: the inter-node queue of rank {} from node {} stalled for {} s",
+                                        ch / N, ch % N, c.timeout_s));
+        ch -= P;
+        throw CommError(fmt::format("hierarchical combine: the intra-node queue of rank {} to the relay of rank {} stalled for {} s",
+                                    ch % R, ch / R, c.timeout_s));
     }
     return result;
 }

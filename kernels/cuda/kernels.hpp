@@ -9,7 +9,8 @@
 //             and adds without fusing, in slot order, so it is bit-equal to the CPU reference.
 //   exchange: exchange_rows — the warp-specialized all-to-all of dispatch and combine between "virtual ranks"
 //             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs;
-//             dispatch_rows_hierarchical — the node-limited dispatch with forwarder warps (one crossing per node).
+//             dispatch_rows_hierarchical / combine_rows_hierarchical — the node-limited dispatch and combine with
+//             forwarder warps (one crossing per node; combine reduces inside the node before crossing).
 //   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products through cuBLAS, BF16 in, fp32 out;
 //             gemm_f32 and swiglu_* — the fp32 expert MLP of the executor's device path (runtime/device_experts).
 #pragma once
@@ -108,6 +109,21 @@ HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x
 std::vector<int64_t> check_hierarchical_dispatch(const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
                                                  const std::vector<int64_t>& recv_capacity_rows, int dim,
                                                  const ExchangeConfig& config, int device_sms);
+
+// The node-limited combine: dispatch_rows_hierarchical's pipelines run back, with the reduction inside the node.
+// in[d] holds one row per (token, rank d) laid out like the dispatch's recv[d] for the same masks (capacity
+// in_capacity_rows[d]); weights[d] (device, one per row; an empty vector: all 1) scales each row. Per pipeline
+// (s, m): one sender warp per rank d of node m (in[d] x weight -> the queue to the relay), a forwarder (sums a
+// token's rows from the ranks of node m in rank order -> one row across the inter-node queue) and a receiver
+// (-> rank s's staging rows); then a pass over the tokens adds the nodes' partial sums in node order into
+// y[s][t] (zero for a token no rank took). Bit-equal to kernels::combine_node_limited. The result counts the
+// rows that crossed nodes (one per token and other node) and what one row per (token, rank) would have sent.
+HierarchicalResult combine_rows_hierarchical(const std::vector<const float*>& in,
+                                             const std::vector<const float*>& weights,
+                                             const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
+                                             const std::vector<int64_t>& in_capacity_rows,
+                                             const std::vector<float*>& y, int dim, const ExchangeConfig& config,
+                                             cudaStream_t stream);
 
 // ---- expert GEMMs (cuBLAS, BF16 in, fp32 accumulate and out) ----
 // For each expert e: c[e] [rows[e] x n] = a[e] [rows[e] x k] * b[e] [k x n], row-major. a and b hold BF16 bit

@@ -274,6 +274,62 @@ TEST(CudaHierarchical, ForwardersDeliverWhatAPlainGatherDoesAndCrossEachNodeOnce
     }
 }
 
+TEST(CudaHierarchical, CombineReducesInsideEachNodeBitForBitLikeTheCpu) {
+    NEED_GPU();
+    const int ranks = 8, nodes = 2, dim = 136;
+    auto masks = random_masks(ranks, nodes, 250, 8, 2, 17);
+    // Rows per rank: one per (token, rank) that went there.
+    std::vector<int64_t> rows(ranks, 0);
+    for (int s = 0; s < ranks; ++s)
+        for (uint64_t mk : masks[s])
+            for (int d = 0; d < ranks; ++d) rows[d] += (mk >> d) & 1;
+    std::vector<std::vector<float>> host_in(ranks), host_w(ranks), want(ranks), want_unweighted(ranks);
+    std::vector<std::unique_ptr<Dev<float>>> in, w, y;
+    std::vector<const float*> inp, wp, in_h, w_h;
+    std::vector<float*> yp, want_p, want_u_p;
+    for (int r = 0; r < ranks; ++r) {
+        host_in[r] = random_floats(size_t(rows[r]) * dim, 70 + r);
+        host_w[r] = random_floats(size_t(rows[r]), 90 + r);
+        want[r].resize(masks[r].size() * dim);
+        want_unweighted[r].resize(masks[r].size() * dim);
+        in.push_back(std::make_unique<Dev<float>>(host_in[r]));
+        w.push_back(std::make_unique<Dev<float>>(host_w[r]));
+        y.push_back(std::make_unique<Dev<float>>(masks[r].size() * dim));
+        inp.push_back(in.back()->get());
+        wp.push_back(w.back()->get());
+        yp.push_back(y.back()->get());
+        in_h.push_back(host_in[r].data());
+        w_h.push_back(host_w[r].data());
+        want_p.push_back(want[r].data());
+        want_u_p.push_back(want_unweighted[r].data());
+    }
+    kernels::combine_node_limited(in_h, w_h, masks, nodes, dim, want_p);
+    kernels::combine_node_limited(in_h, {}, masks, nodes, dim, want_u_p);
+    for (int sms : {1, 3, 20}) {
+        for (int rpc : {1, 4}) {
+            ExchangeConfig cfg;
+            cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
+            cfg.rows_per_chunk = rpc;
+            cfg.queue_chunks = 2;  // small queues: experts' senders wait on forwarders, forwarders on receivers
+            for (bool weighted : {true, false}) {
+                for (auto& b : y) cudaMemset(b->get(), 0xFF, b->size() * sizeof(float));
+                HierarchicalResult r = combine_rows_hierarchical(inp, weighted ? wp : std::vector<const float*>{},
+                                                                 masks, nodes, rows, yp, dim, cfg, nullptr);
+                for (int s = 0; s < ranks; ++s)
+                    ASSERT_EQ(y[s]->host(), weighted ? want[s] : want_unweighted[s])
+                        << "rank " << s << ", " << sms << " SMs, " << rpc << " rows/chunk, weighted " << weighted;
+                EXPECT_LT(r.inter_node_rows, r.flat_inter_node_rows);
+            }
+        }
+    }
+    auto small = rows;
+    small[3] -= 1;
+    EXPECT_THROW(combine_rows_hierarchical(inp, wp, masks, nodes, small, yp, dim, ExchangeConfig{}, nullptr),
+                 ConfigError);
+    EXPECT_THROW(combine_rows_hierarchical(inp, {wp[0]}, masks, nodes, rows, yp, dim, ExchangeConfig{}, nullptr),
+                 ConfigError);
+}
+
 TEST(CudaHierarchical, RejectsBadTopologiesAndBuffersBeforeLaunch) {
     auto masks = random_masks(8, 2, 50, 4, 2, 9);
     std::vector<int64_t> cap(8, 1 << 20);

@@ -88,5 +88,30 @@ TEST(Permute, NodeItemsCrossToEachTargetNodeOnce) {
     EXPECT_THROW(node_items(expert, 4, 4, 2, 2, node, token), ConfigError);
 }
 
+TEST(Permute, NodeLimitedCombineSumsInsideEachNodeThenAcrossNodes) {
+    // 4 ranks, 2 nodes of 2. Rank 0: token 0 -> ranks {0, 1, 3}, token 1 -> {2}; rank 1: one token no rank took;
+    // rank 2: token 0 -> {1, 2, 3}; rank 3: no tokens. Rows arrive source-major, as the dispatch delivers them.
+    std::vector<std::vector<uint64_t>> masks = {{0b1011, 0b0100}, {0}, {0b1110}, {}};
+    const int dim = 2;
+    std::vector<float> in0 = {1e8f, 5}, in1 = {1, 1, 3, 6}, in2 = {7, 1, 4, 2}, in3 = {-1e8f, 2, 8, 4};
+    std::vector<float> w0 = {1}, w1 = {1, 2}, w2 = {1, 0.5f}, w3 = {1, 0.25f};
+    std::vector<std::vector<float>> y = {std::vector<float>(4, 99.0f), std::vector<float>(2, 99.0f),
+                                         std::vector<float>(2, 99.0f), {}};
+    std::vector<float*> yp = {y[0].data(), y[1].data(), y[2].data(), y[3].data()};
+    combine_node_limited({in0.data(), in1.data(), in2.data(), in3.data()}, {w0.data(), w1.data(), w2.data(), w3.data()},
+                         masks, 2, dim, yp);
+    // Token (0, 0): node 0 first (1e8 + 1 rounds to 1e8), then node 1 (-1e8): exactly 0 — slot order would give 1.
+    EXPECT_EQ(y[0], (std::vector<float>{0.0f, 5 + 1 + 2, 7, 1}));
+    EXPECT_EQ(y[1], (std::vector<float>{0, 0}));
+    // Token (2, 0): node 0: 2 * 3, 2 * 6; node 1: 0.5 * 4 + 0.25 * 8, 0.5 * 2 + 0.25 * 4.
+    EXPECT_EQ(y[2], (std::vector<float>{6 + 4, 12 + 2}));
+    // Without weights every factor is 1.
+    combine_node_limited({in0.data(), in1.data(), in2.data(), in3.data()}, {}, masks, 2, dim, yp);
+    EXPECT_EQ(y[2], (std::vector<float>{3 + 4 + 8, 6 + 2 + 4}));
+    EXPECT_THROW(combine_node_limited({in0.data(), in1.data(), in2.data(), in3.data()}, {}, masks, 3, dim, yp),
+                 ConfigError);
+    EXPECT_THROW(combine_node_limited({in0.data()}, {}, masks, 2, dim, yp), ConfigError);
+}
+
 }  // namespace
 }  // namespace duplex::kernels
