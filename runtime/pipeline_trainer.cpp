@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "runtime/device_exchange.hpp"
 #include "runtime/device_experts.hpp"
 #include "runtime/pipeline_impl.hpp"
 
@@ -20,6 +21,8 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     if (!p.emulate) cfg.check_runnable();
     DUPLEX_CHECK_ARG(!p.emulate || o.device == "cpu", "--experts-on", "emulate mode runs no math; drop --experts-on {}",
                      o.device);
+    DUPLEX_CHECK_ARG(o.exchange_on == "host" || p.ep > 1, "--exchange-on",
+                     "cuda moves the rows of the EP group's exchanges; with --ep 1 there are none");
     if (!p.emulate)
         DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",
                          cfg.name, cfg.layers, p.pp);
@@ -49,6 +52,13 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
         };
         exchange = make(I.groups.ep);
         bwd_exchange = make(I.ep_bwd);
+        if (o.exchange_on == "cuda") {
+            // Each communicator's exchanges get their own transport: the forward and the backward of an F&B pair
+            // run their kernels on two streams.
+            int device = o.device_index(world->rank());
+            attach_device_transport(static_cast<DistributedExchange<T>&>(*exchange), I.groups.ep, device, o.comm_sms);
+            attach_device_transport(static_cast<DistributedExchange<T>&>(*bwd_exchange), I.ep_bwd, device, o.comm_sms);
+        }
     }
     // The stages this pipeline rank runs, from the schedule's placement.
     for (int dir = 0; dir < I.schedule.num_directions; ++dir)

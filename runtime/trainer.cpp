@@ -20,6 +20,11 @@ void TrainOptions::validate() const {
     DUPLEX_CHECK_ARG(clip >= 0, "--clip", "must not be negative, got {}", clip);
     DUPLEX_CHECK_ARG(device == "cpu" || device == "cuda" || device.rfind("cuda:", 0) == 0, "--experts-on",
                      "cpu, cuda or cuda:N, got '{}'", device);
+    DUPLEX_CHECK_ARG(exchange_on == "host" || exchange_on == "cuda", "--exchange-on", "host or cuda, got '{}'",
+                     exchange_on);
+    DUPLEX_CHECK_ARG(exchange_on == "host" || device != "cpu", "--exchange-on",
+                     "cuda runs the exchange kernel on the experts' GPU; add --experts-on cuda (or cuda:N)");
+    DUPLEX_CHECK_ARG(comm_sms >= 1, "--comm-sms", "must be at least 1, got {}", comm_sms);
 }
 
 int TrainOptions::device_index(int rank) const {

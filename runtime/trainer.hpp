@@ -37,6 +37,10 @@ struct TrainOptions {
     // Where the routed experts compute: "cpu", or "cuda" (rank r on GPU r % GPUs) / "cuda:N" — the executor's
     // device path (runtime/device_experts.hpp), fp32 only.
     std::string device = "cpu";
+    // How the EP group's dispatch and combine rows move: "host" (the communicator) or "cuda" (the exchange kernel on
+    // the experts' GPU, its own stream and `comm_sms` SMs; runtime/device_exchange.hpp). cuda needs --experts-on.
+    std::string exchange_on = "host";
+    int comm_sms = 20;
     void validate() const;
     // The GPU index of `rank` under --experts-on (-1 for cpu); ConfigError when there is no such device.
     int device_index(int rank) const;

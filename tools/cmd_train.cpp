@@ -287,6 +287,13 @@ Command add_train(CLI::App& app) {
                     "where the routed experts compute: cpu, or cuda (rank r on GPU r % GPUs) / cuda:N — the CUDA "
                     "path of the MoE layers (fp32)")
         ->capture_default_str();
+    cmd->add_option("--exchange-on", a->train.exchange_on,
+                    "how EP dispatch/combine rows move: host (the communicator) or cuda (the warp-specialized "
+                    "exchange kernel on the experts' GPU, its own stream and --comm-sms SMs; inproc ranks sharing "
+                    "one GPU; needs --experts-on)")
+        ->capture_default_str();
+    cmd->add_option("--comm-sms", a->train.comm_sms, "--exchange-on cuda: SMs the exchange kernel may occupy")
+        ->capture_default_str();
     cmd->add_option("--dispatch", a->pipe.dispatch,
                     "EP groups over several nodes: hierarchical (node-limited, one crossing per node) or flat "
                     "(one copy per expert)")

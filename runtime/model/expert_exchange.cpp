@@ -158,6 +158,12 @@ DistributedExchange<T>::DistributedExchange(std::shared_ptr<Communicator> group,
 }
 
 template <typename T>
+std::vector<std::vector<T>> DistributedExchange<T>::move(const std::vector<std::vector<T>>& per_peer, int width) {
+    if (transport_) return transport_->exchange(per_peer, width);
+    return exchange_rows(*group_, per_peer, width);
+}
+
+template <typename T>
 void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) {
     int n = group_->size();
     out.sent_slots.assign(n, {});
@@ -171,8 +177,8 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
             const T* row = x + size_t(slot / r.top_k) * dim;
             rows[p].insert(rows[p].end(), row, row + dim);
         }
-    auto meta_in = exchange_rows(*group_, meta, 2);
-    auto rows_in = exchange_rows(*group_, rows, dim);
+    auto meta_in = this->move(meta, 2);
+    auto rows_in = this->move(rows, dim);
     out.slots.assign(per_rank_, {});
     out.rows.assign(per_rank_, {});
     out.received.assign(n, {});
@@ -193,7 +199,7 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
 template <typename T>
 void DistributedExchange<T>::combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim,
                                      const Routing& r, T* y) {
-    auto got = exchange_rows(*group_, rows_for_senders(routed, outputs, dim), dim);
+    auto got = this->move(rows_for_senders(routed, outputs, dim), dim);
     routed.slot_outputs.assign(size_t(r.tokens) * r.top_k * dim, T(0));
     for (int p = 0; p < group_->size(); ++p)
         for (size_t i = 0; i < routed.sent_slots[p].size(); ++i)
@@ -212,7 +218,7 @@ void DistributedExchange<T>::combine_backward(RoutedTokens<T>& routed, const T* 
     for (int p = 0; p < n; ++p)
         for (int slot : routed.sent_slots[p])
             rows[p].insert(rows[p].end(), dy_slots.data() + size_t(slot) * dim, dy_slots.data() + size_t(slot + 1) * dim);
-    auto got = exchange_rows(*group_, rows, dim);
+    auto got = this->move(rows, dim);
     d_outputs.assign(per_rank_, {});
     for (int e = 0; e < per_rank_; ++e) d_outputs[e].resize(routed.slots[e].size() * size_t(dim));
     for (int p = 0; p < n; ++p)
@@ -225,7 +231,7 @@ void DistributedExchange<T>::combine_backward(RoutedTokens<T>& routed, const T* 
 template <typename T>
 void DistributedExchange<T>::dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows,
                                                int dim, const Routing& r, T* dx) {
-    auto got = exchange_rows(*group_, rows_for_senders(routed, d_rows, dim), dim);
+    auto got = this->move(rows_for_senders(routed, d_rows, dim), dim);
     std::vector<std::pair<int, const T*>> by_slot;
     for (int p = 0; p < group_->size(); ++p)
         for (size_t i = 0; i < routed.sent_slots[p].size(); ++i)
@@ -268,8 +274,8 @@ void HierarchicalExchange<T>::dispatch(const T* x, int dim, const Routing& r, Ro
                 rows[p].insert(rows[p].end(), x + size_t(t) * dim, x + size_t(t + 1) * dim);
             }
         }
-    auto meta_in = exchange_rows(*group_, meta, 3);
-    auto rows_in = exchange_rows(*group_, rows, dim);
+    auto meta_in = this->move(meta, 3);
+    auto rows_in = this->move(rows, dim);
     // Hop 2 (inside the node): the relay forwards one row per slot to the expert's rank.
     out.forwarded.clear();
     out.rows_from.assign(n, 0);
@@ -289,8 +295,8 @@ void HierarchicalExchange<T>::dispatch(const T* x, int dim, const Routing& r, Ro
         }
         out.rows_from[p] = row + 1;
     }
-    auto emeta = exchange_rows(*group_, fmeta, 1);
-    auto erows = exchange_rows(*group_, frows, dim);
+    auto emeta = this->move(fmeta, 1);
+    auto erows = this->move(frows, dim);
     out.slots.assign(per_rank_, {});
     out.rows.assign(per_rank_, {});
     out.received.assign(n, {});
@@ -336,7 +342,7 @@ template <typename T>
 void HierarchicalExchange<T>::combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim,
                                       const Routing& r, T* y) {
     int n = group_->size();
-    auto got = exchange_rows(*group_, rows_for_senders(routed, outputs, dim), dim);  // experts -> relays
+    auto got = this->move(rows_for_senders(routed, outputs, dim), dim);  // experts -> relays
     auto out_rows = rows_per_forwarded(routed, got, dim);
     // The relay sums gate * output per token (slot order) before the crossing back.
     routed.relay_outputs.resize(routed.forwarded.size() * dim);
@@ -348,7 +354,7 @@ void HierarchicalExchange<T>::combine(RoutedTokens<T>& routed, const std::vector
         T* acc = partial[f.src].data() + size_t(f.row) * dim;
         for (int c = 0; c < dim; ++c) acc[c] += f.gate * out_rows[i][c];
     }
-    auto back = exchange_rows(*group_, partial, dim);  // relays -> tokens
+    auto back = this->move(partial, dim);  // relays -> tokens
     std::fill(y, y + size_t(r.tokens) * dim, T(0));
     add_node_partials(group_->topology(), group_->rank(), routed, back, dim, y);
 }
@@ -361,7 +367,7 @@ void HierarchicalExchange<T>::combine_backward(RoutedTokens<T>& routed, const T*
     std::vector<std::vector<T>> rows(n);
     for (int p = 0; p < n; ++p)
         for (int t : routed.sent_tokens[p]) rows[p].insert(rows[p].end(), dy + size_t(t) * dim, dy + size_t(t + 1) * dim);
-    auto dy_in = exchange_rows(*group_, rows, dim);
+    auto dy_in = this->move(rows, dim);
     // The relay: d output = gate * dy to the expert's rank; d gate = dy . output back to the token's rank.
     std::vector<std::vector<T>> d_out(n), d_g(n);
     std::vector<T> d_row(dim);
@@ -372,8 +378,8 @@ void HierarchicalExchange<T>::combine_backward(RoutedTokens<T>& routed, const T*
         d_out[f.dest].insert(d_out[f.dest].end(), d_row.begin(), d_row.end());
         d_g[f.src].push_back(T(g));
     }
-    auto got = exchange_rows(*group_, d_out, dim);
-    auto gates = exchange_rows(*group_, d_g, 1);
+    auto got = this->move(d_out, dim);
+    auto gates = this->move(d_g, 1);
     d_outputs.assign(per_rank_, {});
     for (int e = 0; e < per_rank_; ++e) d_outputs[e].resize(routed.slots[e].size() * size_t(dim));
     for (int q = 0; q < n; ++q)
@@ -390,7 +396,7 @@ template <typename T>
 void HierarchicalExchange<T>::dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows,
                                                 int dim, const Routing&, T* dx) {
     int n = group_->size();
-    auto got = exchange_rows(*group_, rows_for_senders(routed, d_rows, dim), dim);  // experts -> relays
+    auto got = this->move(rows_for_senders(routed, d_rows, dim), dim);  // experts -> relays
     auto in_rows = rows_per_forwarded(routed, got, dim);
     std::vector<std::vector<T>> partial(n);
     for (int p = 0; p < n; ++p) partial[p].assign(size_t(routed.rows_from[p]) * dim, T(0));
@@ -399,7 +405,7 @@ void HierarchicalExchange<T>::dispatch_backward(const RoutedTokens<T>& routed, c
         T* acc = partial[f.src].data() + size_t(f.row) * dim;
         for (int c = 0; c < dim; ++c) acc[c] += in_rows[i][c];
     }
-    auto back = exchange_rows(*group_, partial, dim);  // relays -> tokens, reduced per node
+    auto back = this->move(partial, dim);  // relays -> tokens, reduced per node
     add_node_partials(group_->topology(), group_->rank(), routed, back, dim, dx);
 }
 

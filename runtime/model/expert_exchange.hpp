@@ -76,6 +76,17 @@ private:
     int experts_;
 };
 
+// How the rows of an exchange move between the ranks of an expert-parallel group. Each call is a collective:
+// per_peer[p] holds rows of `width` values for group rank p; the result holds, per peer, the rows it sent here.
+// Without one, DistributedExchange moves them with the communicator's all-to-all-v; runtime/device_exchange.hpp
+// moves them with the GPU exchange kernel on its own stream and SM budget.
+template <typename T>
+class RowTransport {
+public:
+    virtual ~RowTransport() = default;
+    virtual std::vector<std::vector<T>> exchange(const std::vector<std::vector<T>>& per_peer, int width) = 0;
+};
+
 // Experts spread over an expert-parallel group: expert e lives on group rank e / (experts / group size).
 // Every call is a collective over the group (all ranks of an EP group run the same layers in the same order).
 // The flat path: each slot's routing metadata and row go straight to the expert's rank with all-to-all-v (one
@@ -95,10 +106,15 @@ public:
     void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
                            const Routing& r, T* dx) override;
 
+    // Every later exchange of this object moves its rows through `transport` (null: the communicator).
+    void set_transport(std::shared_ptr<RowTransport<T>> transport) { transport_ = std::move(transport); }
+
 protected:
     int owner(int expert) const { return expert / per_rank_; }
+    std::vector<std::vector<T>> move(const std::vector<std::vector<T>>& per_peer, int width);
     std::shared_ptr<Communicator> group_;
     int experts_, per_rank_;
+    std::shared_ptr<RowTransport<T>> transport_;
 };
 
 // The node-limited two-hop path of DeepSeek-V3 over a group whose topology has several (virtual) nodes of

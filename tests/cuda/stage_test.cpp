@@ -1,7 +1,8 @@
 // The executor's CUDA path (ctest label `gpu`; skipped without a device): the fp32 GEMM and SwiGLU kernels against
 // kernels/cpu, a stage whose routed experts run on the GPU against the same stage on the CPU (loss, input
 // gradient, every weight gradient), and distributed DualPipe training with EP=2 on the device against the
-// single-rank CPU reference.
+// single-rank CPU reference; the EP exchanges moved by the GPU exchange kernel, bit for bit what the communicator
+// moves, and training with them.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -17,7 +18,9 @@
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
 #include "runtime/data.hpp"
+#include "runtime/device_exchange.hpp"
 #include "runtime/device_experts.hpp"
+#include "runtime/model/expert_exchange.hpp"
 #include "runtime/pipeline_trainer.hpp"
 #include "runtime/trainer.hpp"
 
@@ -126,6 +129,100 @@ TEST(CudaStage, DistributedTrainingOnTheDeviceMatchesTheCpuReference) {
     ReferenceTrainer<float> ref(ref_o);
     std::vector<StepMetrics> want = ref.run();
     o.device = "cuda";
+    PipelineOptions p{sched::ScheduleKind::DualPipe, 2, 2, 2};
+    LaunchOptions l;
+    l.ranks = 4;
+    l.timeout_s = 120;
+    std::mutex mu;
+    std::vector<StepMetrics> got;
+    launch(l, [&](const std::shared_ptr<Communicator>& world) {
+        PipelineTrainer<float> t(world, p, o);
+        std::vector<StepMetrics> mine;
+        for (int s = 0; s < o.steps; ++s) mine.push_back(t.step());
+        std::lock_guard<std::mutex> lock(mu);
+        if (world->rank() == 0) got = mine;
+    });
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t s = 0; s < got.size(); ++s)
+        EXPECT_NEAR(got[s].loss, want[s].loss, 1e-4 * std::fabs(want[s].loss)) << "step " << s + 1;
+}
+
+// One MoE layer's four exchanges with stand-in experts (row * (expert + 1)); everything they return.
+std::vector<std::vector<float>> run_exchanges(ExpertExchange<float>& ex, int rank) {
+    const int tokens = 48, dim = 40;
+    ModelConfig cfg = ModelConfig::preset("small");  // 16 experts, top-4
+    Rng rng(300 + uint64_t(rank));
+    std::vector<float> x(size_t(tokens) * dim), dy(x.size()), scores(size_t(tokens) * cfg.experts);
+    for (float& v : x) v = float(rng.normal());
+    for (float& v : dy) v = float(rng.normal());
+    for (float& v : scores) v = float(1.0 / (1.0 + std::exp(-rng.normal())));
+    Routing r = route<float>(scores.data(), std::vector<double>(cfg.experts, 0.0), tokens, cfg);
+    RoutedTokens<float> routed;
+    ex.dispatch(x.data(), dim, r, routed);
+    int local = ex.num_local_experts();
+    std::vector<std::vector<float>> out(local), d_rows(local), d_out;
+    for (int e = 0; e < local; ++e) {
+        out[e] = routed.rows[e];
+        for (float& v : out[e]) v *= float(ex.first_local_expert() + e + 1);
+    }
+    std::vector<float> y(x.size()), dx(x.size(), 0.0f);
+    ex.combine(routed, out, dim, r, y.data());
+    std::vector<double> d_gate;
+    ex.combine_backward(routed, dy.data(), dim, r, d_out, d_gate);
+    for (int e = 0; e < local; ++e) {
+        d_rows[e] = d_out[e];
+        for (float& v : d_rows[e]) v *= float(ex.first_local_expert() + e + 1);
+    }
+    ex.dispatch_backward(routed, d_rows, dim, r, dx.data());
+    return {y, std::vector<float>(d_gate.begin(), d_gate.end()), dx};
+}
+
+TEST(CudaExchange, DeviceTransportMovesEveryExchangeBitForBit) {
+    NEED_GPU();
+    EXPECT_THROW(make_device_transport(nullptr, 0, cuda_devices()[0].num_sms + 1), ConfigError);
+    EXPECT_THROW(make_device_transport(nullptr, int(cuda_devices().size()), 4), ConfigError);
+    for (bool hierarchical : {false, true}) {
+        for (int sms : {1, 8}) {
+            LaunchOptions l;
+            l.ranks = 4;
+            l.virtual_nodes = 2;
+            l.timeout_s = 120;
+            launch(l, [&](const std::shared_ptr<Communicator>& world) {
+                const int experts = ModelConfig::preset("small").experts;
+                auto make = [&]() -> std::unique_ptr<DistributedExchange<float>> {
+                    if (hierarchical) return std::make_unique<HierarchicalExchange<float>>(world, experts);
+                    return std::make_unique<DistributedExchange<float>>(world, experts);
+                };
+                auto host = make(), device = make();
+                device->set_transport(make_device_transport(world->split(0, world->rank()), 0, sms));
+                auto want = run_exchanges(*host, world->rank());
+                world->reset_counters();
+                auto got = run_exchanges(*device, world->rank());
+                LinkBytes group_bytes = world->bytes_sent();
+                EXPECT_EQ(group_bytes.inter_node + group_bytes.intra_node, 0u);  // rows went through the GPU
+                const char* what[] = {"combine", "gate gradient", "input gradient"};
+                for (int i = 0; i < 3; ++i)
+                    EXPECT_EQ(got[i], want[i]) << what[i] << ", rank " << world->rank() << ", hierarchical "
+                                               << hierarchical << ", " << sms << " SMs";
+            });
+        }
+    }
+}
+
+TEST(CudaStage, TrainingWithTheExchangeOnTheDeviceMatchesTheCpuReference) {
+    NEED_GPU();
+    TrainOptions o;
+    o.model = "tiny";
+    o.steps = 3;
+    o.microbatches = 4;
+    o.sequences_per_microbatch = 2;
+    o.seed = 7;
+    TrainOptions ref_o = o;
+    ref_o.microbatches = o.microbatches * 2;
+    std::vector<StepMetrics> want = ReferenceTrainer<float>(ref_o).run();
+    o.device = "cuda:0";
+    o.exchange_on = "cuda";
+    o.comm_sms = 8;
     PipelineOptions p{sched::ScheduleKind::DualPipe, 2, 2, 2};
     LaunchOptions l;
     l.ranks = 4;

@@ -96,6 +96,16 @@ TEST(Trainer, DeviceChoicesAreChecked) {
         EXPECT_THROW(o.device_index(0), ConfigError);
         EXPECT_THROW(ReferenceTrainer<float>{o}, ConfigError);
     }
+    // The exchange on the GPU: a known place, the experts on a GPU, and a positive SM budget.
+    TrainOptions e;
+    e.exchange_on = "gpu";
+    EXPECT_THROW(e.validate(), ConfigError);
+    e.exchange_on = "cuda";
+    EXPECT_THROW(e.validate(), ConfigError);  // --experts-on cpu
+    e.device = "cuda";
+    EXPECT_NO_THROW(e.validate());
+    e.comm_sms = 0;
+    EXPECT_THROW(e.validate(), ConfigError);
 }
 
 }  // namespace
