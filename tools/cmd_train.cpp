@@ -205,7 +205,12 @@ int run_distributed(const Args& a) {
         if (!p.emulate)
             fmt::print("# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
         out["mode"] = a.mode;
-        if (p.ep > 1) {
+        if (p.ep > 1 && o.exchange_on != "host") {
+            out["exchange_on"] = o.exchange_on;
+            fmt::print("# expert dispatch/combine rows moved by the exchange kernel on the GPU ({} SMs; the "
+                       "communicator's byte counters do not see them)\n",
+                       o.comm_sms);
+        } else if (p.ep > 1) {
             out["expert_bytes"] = {{"intra_node", ep_bytes[0]}, {"inter_node", ep_bytes[1]}};
             out["dispatch"] = trainer.dispatch_path();
             fmt::print("# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes, {} "
