@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <mutex>
 
 #include "core/cuda_check.hpp"
@@ -31,8 +32,13 @@ cublasHandle_t handle() {
 }
 }  // namespace
 
-void expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<const uint16_t*>& b,
-                      const std::vector<float*>& c, const std::vector<int>& rows, int k, int n, cudaStream_t stream) {
+namespace {
+// Whether this cuBLAS runs BF16-in / fp32-out grouped GEMMs: -1 not yet known, 1 yes, 0 no (NOT_SUPPORTED once).
+std::atomic<int> grouped_supported{-1};
+}  // namespace
+
+GemmPath expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<const uint16_t*>& b,
+                          const std::vector<float*>& c, const std::vector<int>& rows, int k, int n, cudaStream_t stream) {
     size_t experts = rows.size();
     DUPLEX_CHECK_ARG(a.size() == experts && b.size() == experts && c.size() == experts, "expert gemm",
                      "{} A, {} B, {} C matrices for {} experts", a.size(), b.size(), c.size(), experts);
@@ -41,14 +47,53 @@ void expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<c
         DUPLEX_CHECK_ARG(rows[e] >= 0, "expert gemm", "expert {} has {} rows", e, rows[e]);
     cublasHandle_t h = handle();
     DUPLEX_CUBLAS_CHECK(cublasSetStream(h, stream));
+    DUPLEX_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
     const float one = 1.0f, zero = 0.0f;
-    for (size_t e = 0; e < experts; ++e) {
-        if (rows[e] == 0) continue;
-        // Row-major C[m x n] = A[m x k] B[k x n] is column-major C^T[n x m] = B^T[n x k] A^T[k x m].
+    // Row-major C[m x n] = A[m x k] B[k x n] is column-major C^T[n x m] = B^T[n x k] A^T[k x m].
+    // One grouped call: a group per expert with rows (its own m), one problem each.
+    std::vector<int> m_arr, n_arr, k_arr, lda, ldb, ldc, sizes;
+    std::vector<const void*> ptrs;  // B's, then A's, then C's (as const void*)
+    std::vector<float> alpha, beta;
+    std::vector<cublasOperation_t> op;
+    std::vector<size_t> used;
+    for (size_t e = 0; e < experts; ++e)
+        if (rows[e] > 0) used.push_back(e);
+    if (used.empty()) return GemmPath::Grouped;
+    if (grouped_supported.load() != 0) {
+        const int groups = int(used.size());
+        for (size_t e : used) {
+            m_arr.push_back(n), n_arr.push_back(rows[e]), k_arr.push_back(k);
+            lda.push_back(n), ldb.push_back(k), ldc.push_back(n), sizes.push_back(1);
+            alpha.push_back(one), beta.push_back(zero), op.push_back(CUBLAS_OP_N);
+        }
+        for (size_t e : used) ptrs.push_back(b[e]);
+        for (size_t e : used) ptrs.push_back(a[e]);
+        for (size_t e : used) ptrs.push_back(c[e]);
+        // The pointer arrays live on the device, stream-ordered so the call does not synchronize the device.
+        void** d_ptrs = nullptr;
+        DUPLEX_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&d_ptrs), ptrs.size() * sizeof(void*), stream));
+        cublasStatus_t rc = CUBLAS_STATUS_SUCCESS;
+        cudaError_t up = cudaMemcpyAsync(d_ptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream);
+        if (up == cudaSuccess)
+            rc = cublasGemmGroupedBatchedEx(h, op.data(), op.data(), m_arr.data(), n_arr.data(), k_arr.data(),
+                                            alpha.data(), d_ptrs, CUDA_R_16BF, lda.data(), d_ptrs + groups, CUDA_R_16BF,
+                                            ldb.data(), beta.data(), d_ptrs + 2 * groups, CUDA_R_32F, ldc.data(),
+                                            groups, sizes.data(), CUBLAS_COMPUTE_32F);
+        // The host arrays must outlive the enqueue only; the device one is freed in stream order.
+        cudaFreeAsync(d_ptrs, stream);
+        DUPLEX_CUDA_CHECK(up);
+        if (rc == CUBLAS_STATUS_SUCCESS) {
+            grouped_supported.store(1);
+            return GemmPath::Grouped;
+        }
+        if (rc != CUBLAS_STATUS_NOT_SUPPORTED) DUPLEX_CUBLAS_CHECK(rc);
+        grouped_supported.store(0);  // this cuBLAS has no BF16 -> fp32 grouped GEMM: one call per expert
+    }
+    for (size_t e : used)
         DUPLEX_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, rows[e], k, &one, b[e], CUDA_R_16BF, n, a[e],
                                          CUDA_R_16BF, k, &zero, c[e], CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
                                          CUBLAS_GEMM_DEFAULT));
-    }
+    return GemmPath::PerExpert;
 }
 
 void gemm_f32(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c,

@@ -11,7 +11,7 @@
 //             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs;
 //             dispatch_rows_hierarchical / combine_rows_hierarchical — the node-limited dispatch and combine with
 //             forwarder warps (one crossing per node; combine reduces inside the node before crossing).
-//   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products through cuBLAS, BF16 in, fp32 out;
+//   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products, one grouped cuBLAS call, BF16 in, fp32 out;
 //             gemm_f32 and swiglu_* — the fp32 expert MLP of the executor's device path (runtime/device_experts).
 #pragma once
 
@@ -127,8 +127,11 @@ HierarchicalResult combine_rows_hierarchical(const std::vector<const float*>& in
 
 // ---- expert GEMMs (cuBLAS, BF16 in, fp32 accumulate and out) ----
 // For each expert e: c[e] [rows[e] x n] = a[e] [rows[e] x k] * b[e] [k x n], row-major. a and b hold BF16 bit
-// patterns (uint16_t). Experts with zero rows are skipped.
-void expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<const uint16_t*>& b,
+// patterns (uint16_t). Experts with zero rows are skipped. All experts go to cuBLAS in one grouped call
+// (cublasGemmGroupedBatchedEx, a group per expert: its own row count); a cuBLAS that reports this type
+// combination unsupported gets one cublasGemmEx per expert from then on. Returns the path taken.
+enum class GemmPath { Grouped, PerExpert };
+GemmPath expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vector<const uint16_t*>& b,
                       const std::vector<float*>& c, const std::vector<int>& rows, int k, int n, cudaStream_t stream);
 
 // ---- the fp32 math of an expert MLP on the device (the executor's CUDA stage path) ----

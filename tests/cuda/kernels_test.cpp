@@ -374,8 +374,9 @@ TEST(CudaGemm, ExpertGemmsMatchTheCpuWithinBf16Tolerance) {
         pb.push_back(db.back()->get());
         pc.push_back(dc.back()->get());
     }
-    expert_gemm_bf16(pa, pb, pc, rows, k, n, nullptr);
+    GemmPath path = expert_gemm_bf16(pa, pb, pc, rows, k, n, nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    RecordProperty("cublas_path", path == GemmPath::Grouped ? "grouped" : "per-expert");
     for (size_t e = 0; e < rows.size(); ++e) {
         std::vector<float> got = dc[e]->host();
         for (int i = 0; i < rows[e]; ++i)

@@ -85,10 +85,12 @@ int main(int argc, char** argv) {
         cudaStream_t gemm_stream, comm_stream;
         DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&gemm_stream, cudaStreamNonBlocking));
         DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream, cudaStreamNonBlocking));
-        auto gemm = [&] { cuda::expert_gemm_bf16({a.p}, {b.p}, {c.p}, {gemm_n}, gemm_n, gemm_n, gemm_stream); };
+        cuda::GemmPath path = cuda::GemmPath::Grouped;
+        auto gemm = [&] { path = cuda::expert_gemm_bf16({a.p}, {b.p}, {c.p}, {gemm_n}, gemm_n, gemm_n, gemm_stream); };
         double flops = 2.0 * gemm_n * double(gemm_n) * gemm_n;
         float alone = tools::best_ms(gemm_stream, reps, gemm);
-        fmt::print("bf16 gemm {}^3 alone: {:.3f} ms, {:.0f} TFLOP/s\n", gemm_n, alone, flops / (alone * 1e-3) / 1e12);
+        fmt::print("bf16 gemm {}^3 alone: {:.3f} ms, {:.0f} TFLOP/s (cuBLAS {})\n", gemm_n, alone,
+                   flops / (alone * 1e-3) / 1e12, path == cuda::GemmPath::Grouped ? "grouped" : "one call per expert");
         // Exchange buffers: uniform counts.
         int64_t rows_per_peer = int64_t(tokens) * top_k / ranks;
         std::vector<std::unique_ptr<Buf<float>>> send, recv;
