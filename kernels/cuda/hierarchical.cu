@@ -46,7 +46,7 @@ __device__ bool stalled(const HArgs& a, long long start, int channel) {
     return detail::stalled(a.error, a.timeout_cycles, start, channel);
 }
 
-__device__ unsigned long long local_bits(int L) { return L >= 64 ? ~0ull : (1ull << L) - 1; }
+__host__ __device__ inline unsigned long long local_bits(int L) { return L >= 64 ? ~0ull : (1ull << L) - 1; }
 
 // x[s] -> inter-node queue of (s, m): each token with a rank on node m, once.
 __device__ void h_send(const HArgs& a, int s, int m, int lane) {
@@ -307,6 +307,65 @@ __global__ void node_sum_kernel(const float* stage, const long long* part, const
     }
 }
 
+// What both directions compute on the host from the masks: per rank its tokens, per pipeline (s, m) its rows,
+// per (s, d) the rows of s's tokens for d and their first row in d's buffer (source-major), and the crossings.
+struct Tables {
+    std::vector<long long> tokens, pipe_rows, count, offset;
+    HierarchicalResult crossings;
+};
+
+Tables pipeline_tables(const std::vector<std::vector<uint64_t>>& masks, int N) {
+    const int R = int(masks.size()), L = R / N;
+    Tables t;
+    t.tokens.resize(R);
+    t.pipe_rows.assign(size_t(R) * N, 0);
+    t.count.assign(size_t(R) * R, 0);
+    t.offset.assign(size_t(R) * R, 0);
+    for (int s = 0; s < R; ++s) {
+        t.tokens[s] = (long long)masks[s].size();
+        for (uint64_t mk : masks[s]) {
+            for (int m = 0; m < N; ++m) {
+                uint64_t here = (mk >> (m * L)) & local_bits(L);
+                if (!here) continue;
+                ++t.pipe_rows[size_t(s) * N + m];
+                if (m != s / L) {
+                    ++t.crossings.inter_node_rows;
+                    t.crossings.flat_inter_node_rows += __builtin_popcountll(here);
+                }
+            }
+            for (int d = 0; d < R; ++d) t.count[size_t(s) * R + d] += (mk >> d) & 1u;
+        }
+    }
+    for (int d = 0; d < R; ++d) {
+        long long at = 0;
+        for (int s = 0; s < R; ++s) t.offset[size_t(s) * R + d] = at, at += t.count[size_t(s) * R + d];
+    }
+    return t;
+}
+
+// The current device's SM count and clock (kHz, for the stall timeout in cycles).
+void device_limits(int& sms, int& clock_khz) {
+    int device = 0;
+    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+}
+
+// Every rank's masks back to back in `all` (device); returns each rank's first.
+std::vector<const unsigned long long*> upload_masks(const std::vector<std::vector<uint64_t>>& masks,
+                                                    unsigned long long* all, cudaStream_t stream) {
+    std::vector<const unsigned long long*> first(masks.size());
+    size_t at = 0;
+    for (size_t s = 0; s < masks.size(); ++s) {
+        first[s] = all + at;
+        if (!masks[s].empty())
+            DUPLEX_CUDA_CHECK(cudaMemcpyAsync(all + at, masks[s].data(), sizeof(uint64_t) * masks[s].size(),
+                                              cudaMemcpyHostToDevice, stream));
+        at += masks[s].size();
+    }
+    return first;
+}
+
 }  // namespace
 
 std::vector<int64_t> check_hierarchical_dispatch(const std::vector<std::vector<uint64_t>>& masks, int nodes,
@@ -338,36 +397,17 @@ HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x
                                               const std::vector<float*>& recv,
                                               const std::vector<int64_t>& recv_capacity_rows, int dim,
                                               const ExchangeConfig& c, cudaStream_t stream) {
-    int device = 0, sms = 0, clock_khz = 0;
-    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+    int sms = 0, clock_khz = 0;
+    device_limits(sms, clock_khz);
     check_hierarchical_dispatch(masks, nodes, recv_capacity_rows, dim, c, sms);
     const int R = int(masks.size()), N = nodes, L = R / nodes, P = R * N;
     DUPLEX_CHECK_ARG(int(x.size()) == R && int(recv.size()) == R, "hierarchical dispatch",
                      "{} inputs and {} receive buffers for {} ranks", x.size(), recv.size(), R);
     // Host tables: rows per pipeline and per (s, d), receive offsets source-major.
-    HierarchicalResult result;
-    std::vector<long long> tokens(R), pipe_rows(P, 0), count(size_t(R) * R, 0), roff(size_t(R) * R, 0);
-    for (int s = 0; s < R; ++s) {
-        tokens[s] = (long long)masks[s].size();
-        for (uint64_t mk : masks[s]) {
-            for (int m = 0; m < N; ++m) {
-                uint64_t here = (mk >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1);
-                if (!here) continue;
-                ++pipe_rows[size_t(s) * N + m];
-                if (m != s / L) {
-                    ++result.inter_node_rows;
-                    result.flat_inter_node_rows += __builtin_popcountll(here);
-                }
-            }
-            for (int d = 0; d < R; ++d) count[size_t(s) * R + d] += (mk >> d) & 1u;
-        }
-    }
-    for (int d = 0; d < R; ++d) {
-        long long at = 0;
-        for (int s = 0; s < R; ++s) roff[size_t(s) * R + d] = at, at += count[size_t(s) * R + d];
-    }
+    Tables tab = pipeline_tables(masks, N);
+    HierarchicalResult result = tab.crossings;
+    const std::vector<long long>&tokens = tab.tokens, &pipe_rows = tab.pipe_rows, &count = tab.count,
+                           &roff = tab.offset;
     HArgs a{};
     a.R = R, a.L = L, a.N = N, a.dim = dim, a.rpc = c.rows_per_chunk, a.qc = c.queue_chunks;
     a.Q = c.queue_chunks * c.rows_per_chunk;
@@ -397,15 +437,7 @@ HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x
     a.intra_tail = arena.take<long long>(32 * channels);
     a.error = arena.take<int>(1);
     auto* d_all_masks = arena.take<unsigned long long>(std::max<size_t>(total_tokens, 1));
-    std::vector<const unsigned long long*> mask_ptr(R);
-    size_t at = 0;
-    for (int s = 0; s < R; ++s) {
-        mask_ptr[s] = d_all_masks + at;
-        if (tokens[s])
-            DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_all_masks + at, masks[s].data(), sizeof(uint64_t) * tokens[s],
-                                              cudaMemcpyHostToDevice, stream));
-        at += size_t(tokens[s]);
-    }
+    std::vector<const unsigned long long*> mask_ptr = upload_masks(masks, d_all_masks, stream);
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_x, x.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_recv, recv.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_masks, mask_ptr.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
@@ -448,37 +480,18 @@ HierarchicalResult combine_rows_hierarchical(const std::vector<const float*>& in
                                              const std::vector<int64_t>& in_capacity_rows,
                                              const std::vector<float*>& y, int dim, const ExchangeConfig& c,
                                              cudaStream_t stream) {
-    int device = 0, sms = 0, clock_khz = 0;
-    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
+    int sms = 0, clock_khz = 0;
+    device_limits(sms, clock_khz);
     check_hierarchical_dispatch(masks, nodes, in_capacity_rows, dim, c, sms);
     const int R = int(masks.size()), N = nodes, L = R / nodes, P = R * N;
     DUPLEX_CHECK_ARG(int(in.size()) == R && int(y.size()) == R && (weights.empty() || int(weights.size()) == R),
                      "hierarchical combine", "{} inputs, {} weights and {} outputs for {} ranks", in.size(),
                      weights.size(), y.size(), R);
-    HierarchicalResult result;
-    std::vector<long long> tokens(R), pipe_rows(P, 0), count(size_t(R) * R, 0), in_off(size_t(R) * R, 0),
-        stage_off(P, 0);
-    for (int s = 0; s < R; ++s) {
-        tokens[s] = (long long)masks[s].size();
-        for (uint64_t mk : masks[s]) {
-            for (int m = 0; m < N; ++m) {
-                uint64_t here = (mk >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1);
-                if (!here) continue;
-                ++pipe_rows[size_t(s) * N + m];
-                if (m != s / L) {
-                    ++result.inter_node_rows;
-                    result.flat_inter_node_rows += __builtin_popcountll(here);
-                }
-            }
-            for (int d = 0; d < R; ++d) count[size_t(s) * R + d] += (mk >> d) & 1u;
-        }
-    }
-    for (int d = 0; d < R; ++d) {
-        long long at = 0;
-        for (int s = 0; s < R; ++s) in_off[size_t(s) * R + d] = at, at += count[size_t(s) * R + d];
-    }
+    Tables tab = pipeline_tables(masks, N);
+    HierarchicalResult result = tab.crossings;
+    const std::vector<long long>&tokens = tab.tokens, &pipe_rows = tab.pipe_rows, &count = tab.count,
+                           &in_off = tab.offset;
+    std::vector<long long> stage_off(P, 0);
     long long stage_rows = 0;
     for (int p = 0; p < P; ++p) stage_off[p] = stage_rows, stage_rows += pipe_rows[p];
     // Per token (all ranks in a row): its staging rows, node order; and where its output goes.
@@ -492,7 +505,7 @@ HierarchicalResult combine_rows_hierarchical(const std::vector<const float*>& in
     for (int s = 0; s < R; ++s)
         for (long long t = 0; t < tokens[s]; ++t, ++g) {
             for (int m = 0; m < N; ++m)
-                if ((masks[s][t] >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1)) {
+                if ((masks[s][t] >> (m * L)) & local_bits(L)) {
                     int p = s * N + m;
                     part.push_back(stage_off[p] + taken[p]++);
                 }
@@ -532,15 +545,7 @@ HierarchicalResult combine_rows_hierarchical(const std::vector<const float*>& in
     auto* d_part = arena.take<long long>(std::max<size_t>(part.size(), 1));
     auto* d_begin = arena.take<long long>(begin.size());
     auto* d_y_rows = arena.take<float*>(std::max<size_t>(total_tokens, 1));
-    std::vector<const unsigned long long*> mask_ptr(R);
-    size_t at = 0;
-    for (int s = 0; s < R; ++s) {
-        mask_ptr[s] = d_all_masks + at;
-        if (tokens[s])
-            DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_all_masks + at, masks[s].data(), sizeof(uint64_t) * tokens[s],
-                                              cudaMemcpyHostToDevice, stream));
-        at += size_t(tokens[s]);
-    }
+    std::vector<const unsigned long long*> mask_ptr = upload_masks(masks, d_all_masks, stream);
     std::vector<const float*> w_ptr = weights.empty() ? std::vector<const float*>(R, nullptr) : weights;
     auto up = [&](void* to, const void* from, size_t bytes) {
         if (bytes) DUPLEX_CUDA_CHECK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyHostToDevice, stream));

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <functional>
 #include <mutex>
 
 #include <fmt/format.h>
@@ -116,19 +117,18 @@ TEST(CudaStage, RoutedExpertsOnTheDeviceMatchTheCpuStage) {
     for (size_t i = 0; i < pc.size(); ++i) expect_close(pg[i]->grad, pc[i]->grad, 1e-4, pc[i]->name);
 }
 
-TEST(CudaStage, DistributedTrainingOnTheDeviceMatchesTheCpuReference) {
-    NEED_GPU();
+// DualPipe PP=2 DP=2 EP=2 on 4 inproc ranks with `device_options` applied, against the single-rank reference.
+void expect_dualpipe_matches_reference(uint64_t seed, const std::function<void(TrainOptions&)>& device_options) {
     TrainOptions o;
     o.model = "tiny";
     o.steps = 3;
     o.microbatches = 4;
     o.sequences_per_microbatch = 2;
-    o.seed = 5;
+    o.seed = seed;
     TrainOptions ref_o = o;
     ref_o.microbatches = o.microbatches * 2;
-    ReferenceTrainer<float> ref(ref_o);
-    std::vector<StepMetrics> want = ref.run();
-    o.device = "cuda";
+    std::vector<StepMetrics> want = ReferenceTrainer<float>(ref_o).run();
+    device_options(o);
     PipelineOptions p{sched::ScheduleKind::DualPipe, 2, 2, 2};
     LaunchOptions l;
     l.ranks = 4;
@@ -145,6 +145,11 @@ TEST(CudaStage, DistributedTrainingOnTheDeviceMatchesTheCpuReference) {
     ASSERT_EQ(got.size(), want.size());
     for (size_t s = 0; s < got.size(); ++s)
         EXPECT_NEAR(got[s].loss, want[s].loss, 1e-4 * std::fabs(want[s].loss)) << "step " << s + 1;
+}
+
+TEST(CudaStage, DistributedTrainingOnTheDeviceMatchesTheCpuReference) {
+    NEED_GPU();
+    expect_dualpipe_matches_reference(5, [](TrainOptions& o) { o.device = "cuda"; });
 }
 
 // One MoE layer's four exchanges with stand-in experts (row * (expert + 1)); everything they return.
@@ -211,34 +216,11 @@ TEST(CudaExchange, DeviceTransportMovesEveryExchangeBitForBit) {
 
 TEST(CudaStage, TrainingWithTheExchangeOnTheDeviceMatchesTheCpuReference) {
     NEED_GPU();
-    TrainOptions o;
-    o.model = "tiny";
-    o.steps = 3;
-    o.microbatches = 4;
-    o.sequences_per_microbatch = 2;
-    o.seed = 7;
-    TrainOptions ref_o = o;
-    ref_o.microbatches = o.microbatches * 2;
-    std::vector<StepMetrics> want = ReferenceTrainer<float>(ref_o).run();
-    o.device = "cuda:0";
-    o.exchange_on = "cuda";
-    o.comm_sms = 8;
-    PipelineOptions p{sched::ScheduleKind::DualPipe, 2, 2, 2};
-    LaunchOptions l;
-    l.ranks = 4;
-    l.timeout_s = 120;
-    std::mutex mu;
-    std::vector<StepMetrics> got;
-    launch(l, [&](const std::shared_ptr<Communicator>& world) {
-        PipelineTrainer<float> t(world, p, o);
-        std::vector<StepMetrics> mine;
-        for (int s = 0; s < o.steps; ++s) mine.push_back(t.step());
-        std::lock_guard<std::mutex> lock(mu);
-        if (world->rank() == 0) got = mine;
+    expect_dualpipe_matches_reference(7, [](TrainOptions& o) {
+        o.device = "cuda:0";
+        o.exchange_on = "cuda";
+        o.comm_sms = 8;
     });
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t s = 0; s < got.size(); ++s)
-        EXPECT_NEAR(got[s].loss, want[s].loss, 1e-4 * std::fabs(want[s].loss)) << "step " << s + 1;
 }
 
 }  // namespace

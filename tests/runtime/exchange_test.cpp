@@ -77,17 +77,21 @@ struct Bytes {
     uint64_t inter = 0, intra = 0;
 };
 
+LaunchOptions four_ranks_two_nodes() {
+    LaunchOptions l;
+    l.ranks = 4;
+    l.virtual_nodes = 2;
+    l.timeout_s = 60;
+    return l;
+}
+
 // Runs `make`'s exchange on every rank of 4 ranks in 2 virtual nodes; checks against LocalExchange and returns
 // rank 0's inter-node bytes of the dispatch alone.
 template <typename Make>
 Bytes check_against_local(Make make) {
     std::mutex m;
     Bytes dispatch_bytes;
-    LaunchOptions l;
-    l.ranks = 4;
-    l.virtual_nodes = 2;
-    l.timeout_s = 60;
-    launch(l, [&](const std::shared_ptr<Communicator>& world) {
+    launch(four_ranks_two_nodes(), [&](const std::shared_ptr<Communicator>& world) {
         Inputs in = inputs_of(world->rank());
         LocalExchange<double> local(in.cfg.experts);
         Result want = run(local, in);
@@ -157,11 +161,7 @@ private:
 
 TEST(ExpertExchange, EveryExchangeMovesItsRowsThroughTheTransport) {
     for (bool hierarchical : {false, true}) {
-        LaunchOptions l;
-        l.ranks = 4;
-        l.virtual_nodes = 2;
-        l.timeout_s = 60;
-        launch(l, [&](const std::shared_ptr<Communicator>& world) {
+        launch(four_ranks_two_nodes(), [&](const std::shared_ptr<Communicator>& world) {
             Inputs in = inputs_of(world->rank());
             LocalExchange<double> local(in.cfg.experts);
             Result want = run(local, in);
