@@ -62,20 +62,11 @@ __device__ void send_channel(const Args& a, int channel, int lane) {
 }
 
 __device__ void receive_channel(const Args& a, int channel, int lane) {
-    long long total = a.count[channel];
-    long long chunks = (total + a.rows_per_chunk - 1) / a.rows_per_chunk;
     float* dst = a.recv[channel % a.num_ranks] + a.recv_off[channel] * a.dim;
     const float* queue = a.queues + (long long)channel * a.queue_chunks * a.rows_per_chunk * a.dim;
     Counter tail(a.tail[channel * 32]), head(a.head[channel * 32]);
-    for (long long i = 0; i < chunks; ++i) {
-        long long start = clock64();
-        while (head.load(::cuda::memory_order_acquire) <= i)
-            if (stalled(a, start, channel)) return;
-        long long rows = min((long long)a.rows_per_chunk, total - i * a.rows_per_chunk);
-        copy_floats(dst + i * a.rows_per_chunk * a.dim, queue + (i % a.queue_chunks) * a.rows_per_chunk * a.dim,
-                    rows * a.dim, lane);
-        publish(tail, i + 1, lane);
-    }
+    detail::drain_chunks(head, tail, queue, dst, a.count[channel], a.rows_per_chunk, a.queue_chunks, a.dim, lane,
+                         [&](long long start) { return stalled(a, start, channel); });
 }
 
 __global__ void exchange_kernel(Args a) {

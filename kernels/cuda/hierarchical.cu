@@ -132,22 +132,31 @@ __device__ void h_receive(const HArgs& a, int s, int d, int lane) {
     }
 }
 
-__global__ void hierarchical_kernel(HArgs a) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, W = a.slots;
+// The warps of a block: `slots` of role 0, then `slots` of role 1, then `slots` groups of L of role 2; each slot
+// walks the pipelines blockIdx.x, + gridDim.x, ... and calls run(role, s, m, local index) for each.
+template <typename Run>
+__device__ void for_each_pipeline(int slots, int R, int N, int L, Run&& run) {
+    int warp = threadIdx.x / 32, W = slots;
     int role = warp < W ? 0 : warp < 2 * W ? 1 : 2;
-    int slot = role == 0 ? warp : role == 1 ? warp - W : (warp - 2 * W) / a.L;
-    int local = role == 2 ? (warp - 2 * W) % a.L : 0;
+    int slot = role == 0 ? warp : role == 1 ? warp - W : (warp - 2 * W) / L;
+    int local = role == 2 ? (warp - 2 * W) % L : 0;
     for (int j = slot;; j += W) {
         int pipe = blockIdx.x + j * gridDim.x;
-        if (pipe >= a.R * a.N) break;
-        int s = pipe / a.N, m = pipe % a.N;
+        if (pipe >= R * N) break;
+        run(role, pipe / N, pipe % N, local);
+    }
+}
+
+__global__ void hierarchical_kernel(HArgs a) {
+    int lane = threadIdx.x % 32;
+    for_each_pipeline(a.slots, a.R, a.N, a.L, [&](int role, int s, int m, int local) {
         if (role == 0)
             h_send(a, s, m, lane);
         else if (role == 1)
             h_forward(a, s, m, lane);
         else
             h_receive(a, s, m * a.L + local, lane);
-    }
+    });
 }
 
 // ---- combine: the same pipelines run back ----
@@ -259,37 +268,23 @@ __device__ void c_forward(const CArgs& a, int s, int m, int lane) {
 // Inter-node queue of (s, m) -> staging rows of s.
 __device__ void c_receive(const CArgs& a, int s, int m, int lane) {
     int pipe = s * a.N + m;
-    long long total = a.pipe_rows[pipe];
-    long long chunks = (total + a.rpc - 1) / a.rpc;
     const float* queue = a.inter + (long long)pipe * a.qc * a.rpc * a.dim;
     float* dst = a.stage + a.stage_off[pipe] * a.dim;
     Counter head(a.inter_head[pipe * 32]), tail(a.inter_tail[pipe * 32]);
-    for (long long i = 0; i < chunks; ++i) {
-        long long start = clock64();
-        while (head.load(::cuda::memory_order_acquire) <= i)
-            if (stalled(a, start, pipe)) return;
-        long long rows = min((long long)a.rpc, total - i * a.rpc);
-        copy_floats(dst + i * a.rpc * a.dim, queue + (i % a.qc) * a.rpc * a.dim, rows * a.dim, lane);
-        publish(tail, i + 1, lane);
-    }
+    detail::drain_chunks(head, tail, queue, dst, a.pipe_rows[pipe], a.rpc, a.qc, a.dim, lane,
+                         [&](long long start) { return stalled(a, start, pipe); });
 }
 
 __global__ void hierarchical_combine_kernel(CArgs a) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, W = a.slots;
-    int role = warp < W ? 0 : warp < 2 * W ? 1 : 2;
-    int slot = role == 0 ? warp : role == 1 ? warp - W : (warp - 2 * W) / a.L;
-    int local = role == 2 ? (warp - 2 * W) % a.L : 0;
-    for (int j = slot;; j += W) {
-        int pipe = blockIdx.x + j * gridDim.x;
-        if (pipe >= a.R * a.N) break;
-        int s = pipe / a.N, m = pipe % a.N;
+    int lane = threadIdx.x % 32;
+    for_each_pipeline(a.slots, a.R, a.N, a.L, [&](int role, int s, int m, int local) {
         if (role == 0)
             c_forward(a, s, m, lane);
         else if (role == 1)
             c_receive(a, s, m, lane);
         else
             c_send(a, s, m * a.L + local, lane);
-    }
+    });
 }
 
 // y of token g (all ranks' tokens in a row) = sum, from 0, of its staging rows part[begin[g] .. begin[g + 1]) —

@@ -33,6 +33,23 @@ __device__ inline void publish(Counter& counter, long long value, int lane) {
     if (lane == 0) counter.store(value, ::cuda::memory_order_release);
 }
 
+// The consumer end of a chunked queue: `total` rows arrive in chunks of `rpc` through a ring of `qc` chunks;
+// each is copied to dst (rows back to back) and given back. Returns false when stalled(start) gave up.
+template <typename Stalled>
+__device__ bool drain_chunks(Counter& head, Counter& tail, const float* queue, float* dst, long long total, int rpc,
+                             int qc, int dim, int lane, Stalled&& stalled) {
+    long long chunks = (total + rpc - 1) / rpc;
+    for (long long i = 0; i < chunks; ++i) {
+        long long start = clock64();
+        while (head.load(::cuda::memory_order_acquire) <= i)
+            if (stalled(start)) return false;
+        long long rows = min((long long)rpc, total - i * rpc);
+        copy_floats(dst + i * rpc * dim, queue + (i % qc) * rpc * dim, rows * dim, lane);
+        publish(tail, i + 1, lane);
+    }
+    return true;
+}
+
 // One device allocation carved into 16-byte aligned pieces: the tables, queues and counters of one launch.
 // Stream-ordered (cudaMallocAsync / cudaFreeAsync): a plain cudaFree would wait for the whole device, so an
 // exchange could never overlap the compute stream's work.
