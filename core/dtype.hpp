@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string_view>
+#include <type_traits>
 
 #include "core/host_device.hpp"
 
@@ -17,6 +18,19 @@ namespace duplex {
 enum class DType : uint8_t { F32, F64, BF16, E4M3, I32, I64, U8 };
 
 size_t dtype_size(DType t);
+
+// The DType of a C++ element type (float, double, int32_t, int64_t, uint8_t).
+template <typename T>
+constexpr DType dtype_of() {
+    if constexpr (std::is_same_v<T, float>) return DType::F32;
+    else if constexpr (std::is_same_v<T, double>) return DType::F64;
+    else if constexpr (std::is_same_v<T, int32_t>) return DType::I32;
+    else if constexpr (std::is_same_v<T, int64_t>) return DType::I64;
+    else {
+        static_assert(std::is_same_v<T, uint8_t>, "no DType for this element type");
+        return DType::U8;
+    }
+}
 std::string_view dtype_name(DType t);
 DType dtype_from_name(std::string_view name);  // throws ConfigError naming the bad value
 

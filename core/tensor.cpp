@@ -20,6 +20,43 @@ int64_t shape_numel(const Shape& shape) {
 
 std::string shape_str(const Shape& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
+std::string Device::str() const { return kind == CPU ? "cpu" : fmt::format("cuda:{}", index); }
+
+std::string TensorSpec::str() const { return fmt::format("{}{} on {}", dtype_name(dtype), shape_str(shape), device.str()); }
+
+Tensor Tensor::wrap(void* data, DType dtype, Shape shape, Device device, std::shared_ptr<void> owner, int64_t capacity) {
+    int64_t n = shape_numel(shape);
+    if (capacity >= 0 && n > capacity)
+        throw ConfigError("tensor", fmt::format("shape {} needs {} elements, the memory holds {}", shape_str(shape), n,
+                                                capacity));
+    if (!data && n > 0) throw ConfigError("tensor", fmt::format("null data for shape {}", shape_str(shape)));
+    Tensor t;
+    t.dtype_ = dtype;
+    t.shape_ = std::move(shape);
+    t.device_ = device;
+    // Aliasing constructor: shares ownership with `owner`, points at `data`.
+    t.storage_ = std::shared_ptr<std::byte>(std::move(owner), static_cast<std::byte*>(data));
+    return t;
+}
+
+Tensor Tensor::meta(DType dtype, Shape shape, Device device) {
+    Tensor t;
+    t.dtype_ = dtype;
+    t.shape_ = std::move(shape);
+    t.device_ = device;
+    t.meta_ = true;
+    shape_numel(t.shape_);  // rejects negative dimensions
+    return t;
+}
+
+Tensor Tensor::copy_of(const TensorView& v) {
+    if (v.device().kind != Device::CPU)
+        throw ConfigError("tensor", fmt::format("copy_of: {} is not host memory", v.device().str()));
+    Tensor t = empty(v.dtype(), v.shape());
+    if (v.nbytes()) std::memcpy(t.raw(), v.raw(), v.nbytes());
+    return t;
+}
+
 void TensorView::check_type(size_t elem_size) const {
     if (elem_size != dtype_size(dtype_))
         throw Error(fmt::format("tensor of {} accessed as a {}-byte type", dtype_name(dtype_), elem_size));

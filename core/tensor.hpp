@@ -1,9 +1,13 @@
-// A small dense tensor: dtype, shape (row-major, contiguous) and reference-counted 64-byte-aligned storage.
-// TensorView is the non-owning counterpart used at API boundaries.
+// A small dense tensor: dtype, shape (row-major, contiguous), device (CPU or CUDA device N) and
+// reference-counted storage. TensorView is the non-owning counterpart used at API boundaries. This is the
+// tensor that crosses the Stage contract (runtime/stage.hpp): a framework's memory is wrapped without a copy
+// (Tensor::wrap, or core/dlpack.hpp for a DLPack capsule), and a tensor can be handed out the same way.
 //
 //   Tensor t = Tensor::zeros(DType::F32, {4, 128});
 //   t.data<float>()[0] = 1.0f;
 //   Tensor q = t.to(DType::E4M3);      // element-wise conversion (RNE, saturating for fp8)
+//   Tensor v = Tensor::from_vector(std::vector<double>(n), {n});   // takes the vector's buffer, no copy
+//   Tensor m = Tensor::meta(DType::F32, {4096, 7168});             // sizes only: what emulate mode moves
 #pragma once
 
 #include <cstddef>
@@ -22,14 +26,43 @@ using Shape = std::vector<int64_t>;
 int64_t shape_numel(const Shape& shape);
 std::string shape_str(const Shape& shape);
 
+struct Device {
+    enum Kind : uint8_t { CPU, CUDA };
+    Kind kind = CPU;
+    int index = 0;  // CUDA device ordinal
+    static Device cpu() { return {}; }
+    static Device cuda(int index) { return {CUDA, index}; }
+    bool operator==(const Device&) const = default;
+    std::string str() const;  // "cpu", "cuda:1"
+};
+
+// What a tensor is without its data: dtype, shape and device. "f32[4, 16] on cpu".
+struct TensorSpec {
+    DType dtype = DType::F32;
+    Shape shape;
+    Device device;
+    bool operator==(const TensorSpec&) const = default;
+    int64_t numel() const { return shape_numel(shape); }
+    size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+    std::string str() const;
+};
+
 class TensorView {
 public:
     TensorView() = default;
-    TensorView(void* data, DType dtype, Shape shape) : data_(data), dtype_(dtype), shape_(std::move(shape)) {}
+    TensorView(void* data, DType dtype, Shape shape, Device device = {})
+        : data_(data), dtype_(dtype), shape_(std::move(shape)), device_(device) {}
+    template <typename T>
+    static TensorView of(std::vector<T>& v, Shape shape = {}) {
+        return TensorView(v.data(), dtype_of<T>(), shape.empty() ? Shape{static_cast<int64_t>(v.size())} : shape);
+    }
 
     void* raw() const { return data_; }
     DType dtype() const { return dtype_; }
     const Shape& shape() const { return shape_; }
+    Device device() const { return device_; }
+    TensorSpec spec() const { return {dtype_, shape_, device_}; }
+    bool empty() const { return shape_.empty() || numel() == 0; }
     int64_t numel() const { return shape_numel(shape_); }
     size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
     template <typename T>
@@ -43,6 +76,7 @@ private:
     void* data_ = nullptr;
     DType dtype_ = DType::F32;
     Shape shape_;
+    Device device_;
 };
 
 class Tensor {
@@ -51,18 +85,42 @@ public:
     static Tensor empty(DType dtype, Shape shape);
     static Tensor zeros(DType dtype, Shape shape);
     static Tensor from_floats(const std::vector<float>& values, Shape shape);
+    // Takes over the vector's buffer (no copy); empty shape: 1-D of the vector's length.
+    template <typename T>
+    static Tensor from_vector(std::vector<T>&& values, Shape shape = {}) {
+        auto owner = std::make_shared<std::vector<T>>(std::move(values));
+        if (shape.empty()) shape = {static_cast<int64_t>(owner->size())};
+        return wrap(owner->data(), dtype_of<T>(), std::move(shape), Device::cpu(), owner, owner->size());
+    }
+    // Someone else's memory, kept alive by `owner` (a framework tensor, a DLPack capsule, a vector...).
+    // `capacity` (elements; < 0: unknown) is checked against the shape.
+    static Tensor wrap(void* data, DType dtype, Shape shape, Device device, std::shared_ptr<void> owner,
+                       int64_t capacity = -1);
+    // Dtype, shape and device without storage: the size of a transfer whose payload is elided (emulate mode).
+    static Tensor meta(DType dtype, Shape shape, Device device = {});
 
     DType dtype() const { return dtype_; }
     const Shape& shape() const { return shape_; }
+    Device device() const { return device_; }
+    TensorSpec spec() const { return {dtype_, shape_, device_}; }
     int64_t numel() const { return shape_numel(shape_); }
     size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
     bool defined() const { return storage_ != nullptr; }
+    bool is_meta() const { return meta_; }
     void* raw() const { return storage_.get(); }
     template <typename T>
     T* data() const {
         return view().data<T>();
     }
-    TensorView view() const { return TensorView(storage_.get(), dtype_, shape_); }
+    TensorView view() const { return TensorView(storage_.get(), dtype_, shape_, device_); }
+    // A copy of the values (CPU tensors).
+    template <typename T>
+    std::vector<T> to_vector() const {
+        T* p = data<T>();
+        return std::vector<T>(p, p + numel());
+    }
+    // A copy of a CPU view into fresh storage.
+    static Tensor copy_of(const TensorView& v);
 
     // Element-wise conversion to another dtype (float types only); a new tensor.
     Tensor to(DType target) const;
@@ -75,6 +133,8 @@ private:
     std::shared_ptr<std::byte> storage_;
     DType dtype_ = DType::F32;
     Shape shape_;
+    Device device_;
+    bool meta_ = false;
 };
 
 // Converts n elements between float dtypes (F32, F64, BF16, E4M3).

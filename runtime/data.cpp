@@ -1,10 +1,15 @@
 #include "runtime/data.hpp"
 
 #include <cmath>
+#include <fstream>
 #include <numeric>
+
+#include <fmt/format.h>
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
+
+#include <cstring>
 
 namespace duplex {
 
@@ -46,6 +51,86 @@ Batch SyntheticTask::batch(int sequences, uint64_t seed, double zipf_skew) const
         }
     }
     return b;
+}
+
+uint64_t batch_seed(uint64_t seed, int step, int global) {
+    return (seed * 1000003ull + uint64_t(step)) * 1009ull + uint64_t(global);
+}
+
+SyntheticBatches::SyntheticBatches(int vocab, int seq_len, int sequences, uint64_t seed, double zipf_skew)
+    : task_(vocab, seq_len, seed), sequences_(sequences), seed_(seed), skew_(zipf_skew) {}
+
+Batch SyntheticBatches::batch(int step, int global) const {
+    return task_.batch(sequences_, batch_seed(seed_, step, global), skew_);
+}
+
+std::string SyntheticBatches::describe() const {
+    return skew_ > 0 ? fmt::format("the synthetic task (Zipf token skew {})", skew_) : "the synthetic task";
+}
+
+TokenFileBatches::TokenFileBatches(const std::string& path, int bytes_per_token, int vocab, int seq_len, int sequences,
+                                   uint64_t seed)
+    : path_(path), seq_len_(seq_len), sequences_(sequences), seed_(seed) {
+    DUPLEX_CHECK_ARG(bytes_per_token == 2 || bytes_per_token == 4, "--data", "{}: token ids are u16 or u32, not {} bytes",
+                     path, bytes_per_token);
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in) throw ConfigError("--data", fmt::format("{}: cannot open", path));
+    auto bytes = static_cast<size_t>(in.tellg());
+    DUPLEX_CHECK_ARG(bytes % size_t(bytes_per_token) == 0, "--data", "{}: {} bytes is not a whole number of u{} ids",
+                     path, bytes, bytes_per_token * 8);
+    size_t n = bytes / size_t(bytes_per_token);
+    DUPLEX_CHECK_ARG(n >= size_t(seq_len) + 1, "--data", "{}: {} token ids, fewer than one window of {} + 1", path, n,
+                     seq_len);
+    std::vector<char> raw(bytes);
+    in.seekg(0);
+    in.read(raw.data(), std::streamsize(bytes));
+    ids_.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+        uint32_t v = 0;
+        if (bytes_per_token == 2) {
+            uint16_t h;
+            std::memcpy(&h, raw.data() + 2 * i, 2);
+            v = h;
+        } else {
+            std::memcpy(&v, raw.data() + 4 * i, 4);
+        }
+        if (v >= uint32_t(vocab))
+            throw ConfigError("--data", fmt::format("{}: token {} at position {} is outside the model's vocabulary of {}",
+                                                    path, v, i, vocab));
+        ids_[i] = int(v);
+    }
+}
+
+Batch TokenFileBatches::batch(int step, int global) const {
+    Batch b;
+    b.sequences = sequences_;
+    b.seq_len = seq_len_;
+    Rng rng(batch_seed(seed_, step, global));
+    uint64_t windows = ids_.size() - size_t(seq_len_);  // starts 0 .. size - seq_len - 1
+    for (int s = 0; s < sequences_; ++s) {
+        size_t at = size_t(rng.below(windows));
+        b.tokens.insert(b.tokens.end(), ids_.begin() + long(at), ids_.begin() + long(at) + seq_len_);
+        b.targets.insert(b.targets.end(), ids_.begin() + long(at) + 1, ids_.begin() + long(at) + seq_len_ + 1);
+    }
+    return b;
+}
+
+std::string TokenFileBatches::describe() const { return fmt::format("{} ({} tokens)", path_, ids_.size()); }
+
+std::unique_ptr<BatchSource> make_batch_source(const std::string& spec, int vocab, int seq_len, int sequences,
+                                               uint64_t seed, double zipf_skew) {
+    if (spec.empty() || spec == "synthetic")
+        return std::make_unique<SyntheticBatches>(vocab, seq_len, sequences, seed, zipf_skew);
+    std::string path = spec;
+    int bytes = 2;
+    if (auto colon = spec.rfind(':'); colon != std::string::npos) {
+        std::string kind = spec.substr(colon + 1);
+        if (kind == "u16" || kind == "u32") {
+            bytes = kind == "u16" ? 2 : 4;
+            path = spec.substr(0, colon);
+        }
+    }
+    return std::make_unique<TokenFileBatches>(path, bytes, vocab, seq_len, sequences, seed);
 }
 
 }  // namespace duplex

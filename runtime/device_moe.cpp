@@ -1,5 +1,7 @@
 #include "runtime/device_moe.hpp"
 
+#include "parallel/plan.hpp"
+
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -276,7 +278,7 @@ DeviceMoeLayer::DeviceMoeLayer(const DeviceMoeOptions& o, const std::vector<std:
     // The exchange's own checks with the row counts unknown yet: budget and queue shape.
     cuda::check_exchange(o.ranks, std::vector<std::vector<int64_t>>(o.ranks, std::vector<int64_t>(o.ranks, 0)),
                          std::vector<int64_t>(o.ranks, 0), o.hidden, o.exchange, devices[o.device].num_sms);
-    I.V = o.ranks, I.per = o.experts / o.ranks, I.d = o.hidden, I.f = o.ffn, I.K = o.top_k;
+    I.V = o.ranks, I.per = ExpertPlacement(o.experts, o.ranks).per_rank(), I.d = o.hidden, I.f = o.ffn, I.K = o.top_k;
     DUPLEX_CUDA_CHECK(cudaSetDevice(o.device));
     DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&I.comm, cudaStreamNonBlocking));
     DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&I.compute, cudaStreamNonBlocking));

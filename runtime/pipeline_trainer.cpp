@@ -1,21 +1,132 @@
 #include "runtime/pipeline_trainer.hpp"
 
+#include <cmath>
 #include <cstring>
+#include <mutex>
 
-#include "runtime/device_exchange.hpp"
-#include "runtime/device_experts.hpp"
-#include "runtime/pipeline_impl.hpp"
+#include <fmt/format.h>
+
+#include "core/clock.hpp"
+#include "memory/ema.hpp"
+#include "parallel/plan.hpp"
+#include "runtime/emulate.hpp"
+#include "runtime/executor.hpp"
+#include "runtime/model/builtin_stage.hpp"
+#include "runtime/model/router.hpp"
 
 namespace duplex {
 
+using sched::ScheduleKind;
+
 template <typename T>
-void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& o, int world_size) {
+struct PipelineTrainer<T>::Impl {
+    PipelineOptions p;
+    TrainOptions o;
+    RunPlan plan;
+    bool custom = false;
+    std::shared_ptr<Communicator> world, pipe, pair, ep_bwd;
+    GroupComms groups;
+    RankGrid grid;
+    sched::Schedule schedule;
+    int prank = 0;
+    std::shared_ptr<const BatchSource> batches;
+    std::map<int, std::unique_ptr<Stage>> stages;  // by model stage id
+    std::map<int, bool> owner;                     // stage id -> this copy counts for norms and the EMA
+    std::map<int, std::vector<std::unique_ptr<Zero1AdamW<T>>>> optimizers;
+    std::unique_ptr<PipeTransport> transport;
+    std::unique_ptr<Executor> executor;
+    Tracer tracer;
+    std::unique_ptr<CpuEma<T>> ema;
+    std::vector<std::pair<std::string, TensorView>> ema_params;  // owned parameters, in EMA order
+    std::shared_ptr<EmulatedBytes> emulated_bytes = std::make_shared<EmulatedBytes>();
+    std::vector<std::pair<std::string, size_t>> stat_layout;  // the world's statistics, by name
+    bool hierarchical = false;
+    int step_ = 0;
+
+    Impl(std::shared_ptr<Communicator> w, const PipelineOptions& po, const TrainOptions& to)
+        : p(po), o(to), plan{po.schedule, po.pp, po.dp, po.ep}, world(std::move(w)), tracer(world->rank(), po.trace) {}
+
+    // The idle share of the schedule: 1 - compute / (the slowest rank's schedule time), averaged over the world.
+    double bubble_share(double schedule_us, double compute_us, double& slowest_us) {
+        double vals[2] = {schedule_us, compute_us};
+        std::vector<double> all(2 * size_t(world->size()));
+        world->all_gather(vals, all.data(), sizeof(vals))->wait();
+        slowest_us = 0;
+        for (int r = 0; r < world->size(); ++r) slowest_us = std::max(slowest_us, all[2 * r]);
+        double idle = 0;
+        for (int r = 0; r < world->size(); ++r)
+            idle += slowest_us > 0 ? std::max(0.0, 1.0 - all[2 * r + 1] / slowest_us) : 0.0;
+        return idle / world->size();
+    }
+
+    std::vector<StateBuffer> parameters_of(Stage& s) {
+        std::vector<StateBuffer> out;
+        for (StateBuffer& b : s.state())
+            if (b.kind == StateKind::Parameter) {
+                if (b.value.dtype() != dtype_of<T>() || b.grad.dtype() != dtype_of<T>() ||
+                    b.grad.numel() != b.value.numel() || b.value.device().kind != Device::CPU)
+                    throw StageError(fmt::format("{}: parameter '{}' is {} with gradient {}; this trainer runs {} "
+                                                 "parameters on the CPU",
+                                                 s.name(), b.name, b.value.spec().str(), b.grad.spec().str(),
+                                                 dtype_name(dtype_of<T>())));
+                out.push_back(std::move(b));
+            }
+        return out;
+    }
+
+    // Every rank's statistic names and sizes, merged on rank 0 and sent back: the flat layout summed each step.
+    void agree_on_statistics(const std::map<std::string, std::vector<double>>& mine) {
+        std::string blob;
+        for (const auto& [name, v] : mine) blob += fmt::format("{} {}\n", name, v.size());
+        std::string merged;
+        if (world->rank() == 0) {
+            std::map<std::string, size_t> all;
+            for (const std::string& b : gather_strings(*world, blob)) {
+                size_t pos = 0;
+                while (pos < b.size()) {
+                    size_t nl = b.find('\n', pos), sp = b.rfind(' ', nl);
+                    std::string name = b.substr(pos, sp - pos);
+                    size_t n = std::stoul(b.substr(sp + 1, nl - sp - 1));
+                    auto [it, fresh] = all.emplace(name, n);
+                    if (!fresh && it->second != n)
+                        throw StageError(fmt::format("statistic '{}' has {} values on one rank and {} on another", name,
+                                                     it->second, n));
+                    pos = nl + 1;
+                }
+            }
+            for (const auto& [name, n] : all) merged += fmt::format("{} {}\n", name, n);
+        } else {
+            gather_strings(*world, blob);
+        }
+        // Broadcast: rank 0's bytes, zeros elsewhere, summed.
+        int64_t len = int64_t(merged.size());
+        world->all_reduce(&len, 1, DType::I64)->wait();
+        std::vector<int64_t> words(size_t(len + 7) / 8, 0);
+        if (world->rank() == 0) std::memcpy(words.data(), merged.data(), merged.size());
+        world->all_reduce(words.data(), words.size(), DType::I64)->wait();
+        merged.assign(reinterpret_cast<const char*>(words.data()), size_t(len));
+        size_t pos = 0;
+        while (pos < merged.size()) {
+            size_t nl = merged.find('\n', pos), sp = merged.rfind(' ', nl);
+            stat_layout.push_back({merged.substr(pos, sp - pos), std::stoul(merged.substr(sp + 1, nl - sp - 1))});
+            pos = nl + 1;
+        }
+    }
+};
+
+template <typename T>
+void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& o, int world_size, bool custom_stages) {
     o.validate();
+    RunPlan plan{p.schedule, p.pp, p.dp, p.ep};
+    if (custom_stages) {
+        plan.validate(o.microbatches, p.ep);  // EP groups are the caller's to use: any EP dividing DP
+        RankGrid::validate({plan.pipeline_ranks(), p.dp, p.ep}, world_size, p.ep);
+        DUPLEX_CHECK_ARG(!p.emulate, "--mode", "emulate runs the built-in model's cost model, not custom stages");
+        return;
+    }
     ModelConfig cfg = o.model_config();
-    sched::check_arguments(p.schedule, p.pp, o.microbatches);
-    int ranks = p.schedule == ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
-    GridConfig g{ranks, p.dp, p.ep};
-    RankGrid::validate(g, world_size, cfg.experts);
+    plan.validate(o.microbatches, cfg.experts);
+    RankGrid::validate({plan.pipeline_ranks(), p.dp, p.ep}, world_size, cfg.experts);
     DUPLEX_CHECK_ARG(p.dispatch == "hierarchical" || p.dispatch == "flat", "--dispatch",
                      "'{}' is not a dispatch path (hierarchical, flat)", p.dispatch);
     if (!p.emulate) cfg.check_runnable();
@@ -23,72 +134,94 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
                      o.device);
     DUPLEX_CHECK_ARG(o.exchange_on == "host" || p.ep > 1, "--exchange-on",
                      "cuda moves the rows of the EP group's exchanges; with --ep 1 there are none");
-    if (!p.emulate)
-        DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages",
-                         cfg.name, cfg.layers, p.pp);
+    DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages (--layers "
+                     "sets more)", cfg.name, cfg.layers, p.pp);
 }
 
 template <typename T>
-PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const PipelineOptions& p, const TrainOptions& o)
+PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const PipelineOptions& p, const TrainOptions& o,
+                                    StageFactory factory, std::shared_ptr<const BatchSource> batches)
     : impl_(std::make_unique<Impl>(world, p, o)) {
-    validate(p, o, world->size());
     Impl& I = *impl_;
+    I.custom = bool(factory);
+    validate(p, o, world->size(), I.custom);
     kernels::blas_single_threaded();
-    int ranks = pipeline_ranks();
-    I.grid = RankGrid::make({ranks, p.dp, p.ep}, world->size(), I.cfg.experts, world->rank());
+    int ranks = I.plan.pipeline_ranks();
+    int experts = I.custom ? p.ep : o.model_config().experts;
+    I.grid = RankGrid::make({ranks, p.dp, p.ep}, world->size(), experts, world->rank());
     I.groups = make_groups(*world, I.grid);
     I.pipe = I.groups.pp;
     I.prank = I.pipe->rank();
     I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
-    // Expert exchanges: forwards on the EP group, backwards on a second communicator over the same ranks, so the
-    // two halves of an overlapped F&B pair never interleave collectives on one communicator.
-    std::shared_ptr<ExpertExchange<T>> exchange, bwd_exchange;
+    // Backward expert exchanges use a second communicator over the EP group's ranks, so the two halves of an
+    // overlapped F&B pair never interleave collectives on one communicator.
+    if (p.ep > 1 && !p.emulate) I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
     I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
-    if (p.ep > 1 && !p.emulate) {
-        I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
-        auto make = [&](std::shared_ptr<Communicator> group) -> std::shared_ptr<ExpertExchange<T>> {
-            if (I.hierarchical) return std::make_shared<HierarchicalExchange<T>>(group, I.cfg.experts);
-            return std::make_shared<DistributedExchange<T>>(group, I.cfg.experts);
-        };
-        exchange = make(I.groups.ep);
-        bwd_exchange = make(I.ep_bwd);
-        if (o.exchange_on == "cuda") {
-            // Each communicator's exchanges get their own transport: the forward and the backward of an F&B pair
-            // run their kernels on two streams.
-            int device = o.device_index(world->rank());
-            attach_device_transport(static_cast<DistributedExchange<T>&>(*exchange), I.groups.ep, device, o.comm_sms);
-            attach_device_transport(static_cast<DistributedExchange<T>&>(*bwd_exchange), I.ep_bwd, device, o.comm_sms);
+
+    int layers = I.custom ? 0 : o.model_config().layers;
+    if (!factory) {
+        if (p.emulate) {
+            EmulateOptions eo;
+            eo.model = o.model_config();
+            eo.sequences = o.sequences_per_microbatch;
+            eo.elem_bytes = sizeof(T);
+            eo.recompute = o.recompute;
+            eo.costs = p.emulate_costs;
+            eo.cost_model = p.cost_model;
+            eo.hierarchical = p.dispatch == "hierarchical";
+            eo.seed = o.seed;
+            auto bytes = I.emulated_bytes;
+            factory = [eo, bytes](const StageInfo& info) { return std::make_unique<EmulatedStage>(eo, info, bytes); };
+        } else {
+            factory = builtin_stage_factory<T>({o, p.dispatch});
         }
     }
+    if (!batches && !p.emulate && !I.custom) {
+        ModelConfig cfg = o.model_config();
+        batches = make_batch_source(o.data, cfg.vocab, cfg.seq_len, o.sequences_per_microbatch, o.seed, o.token_skew);
+    }
+    I.batches = batches;
+
     // The stages this pipeline rank runs, from the schedule's placement.
     for (int dir = 0; dir < I.schedule.num_directions; ++dir)
         for (int s = 0; s < p.pp; ++s)
-            if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s) && !I.emulated_stages.count(s)) {
-                if (p.emulate) {
-                    I.emulated_stages.insert(s);
-                    continue;
+            if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s)) {
+                StageInfo info;
+                info.stage = s;
+                info.num_stages = p.pp;
+                if (layers > 0) {
+                    LayerRange lr = I.plan.layers_of_stage(s, layers);
+                    info.first_layer = lr.first, info.num_layers = lr.count;
                 }
-                I.stages[s] = std::make_unique<ModelStage<T>>(I.cfg, I.stage_first_layer(s), I.stage_num_layers(s), s == 0,
-                                                              s == p.pp - 1, o.seed, exchange, bwd_exchange);
-                I.stages[s]->set_recompute(o.recompute);
-                attach_device_experts(*I.stages[s], o.device_index(world->rank()));
-                I.stages[s]->set_loss_scale(1.0 / (double(o.microbatches) * p.dp));
+                info.loss_scale = 1.0 / (double(o.microbatches) * p.dp);
+                info.rank = world->rank();
+                if (p.ep > 1) info.ep_group = I.groups.ep, info.ep_group_backward = I.ep_bwd ? I.ep_bwd : I.groups.ep;
+                I.stages[s] = factory(info);
+                if (!I.stages[s]) throw StageError(fmt::format("the stage factory returned nothing for stage {}", s));
                 // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
                 I.owner[s] = p.schedule != ScheduleKind::DualPipe || I.schedule.rank_of(s, 0) == I.prank;
             }
     if (p.schedule == ScheduleKind::DualPipe)
         I.pair = world->split(I.grid.dp_index * ranks + std::min(I.prank, ranks - 1 - I.prank), I.prank);
+    if (p.emulate)
+        I.transport = std::make_unique<TimedPipeTransport>(I.pipe, I.p.cost_model);
+    else
+        I.transport = std::make_unique<CommPipeTransport>(I.pipe);
+    I.executor = std::make_unique<Executor>(I.schedule, I.prank, *I.transport, I.tracer,
+                                            ExecutorOptions{.exclusive_compute = p.emulate});
+
     kernels::AdamWConfig ac;
     ac.lr = o.lr;
     ac.weight_decay = o.weight_decay;
     for (auto& [s, stage] : I.stages) {
+        std::vector<StateBuffer> params = I.parameters_of(*stage);
         for (bool experts : {false, true}) {
             std::vector<ParamRef<T>> refs;
             std::vector<double> decay;
-            for (Param<T>* prm : stage->parameters()) {
-                if (prm->is_expert != experts) continue;
-                refs.push_back({prm->value.data(), prm->grad.data(), prm->value.size()});
-                decay.push_back(prm->shape.size() > 1 ? o.weight_decay : 0.0);
+            for (StateBuffer& b : params) {
+                if (b.expert != experts) continue;
+                refs.push_back({b.value.template data<T>(), b.grad.template data<T>(), size_t(b.value.numel())});
+                decay.push_back(b.decay ? o.weight_decay : 0.0);
             }
             if (refs.empty()) continue;
             I.optimizers[s].push_back(
@@ -100,14 +233,18 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
         std::vector<const T*> values;
         for (auto& [s, stage] : I.stages)
             if (I.owner.at(s))
-                for (Param<T>* prm : stage->parameters()) {
-                    I.ema_params.push_back(prm);
-                    sizes.push_back(prm->value.size());
-                    values.push_back(prm->value.data());
+                for (StateBuffer& b : I.parameters_of(*stage)) {
+                    sizes.push_back(size_t(b.value.numel()));
+                    values.push_back(b.value.template data<T>());
+                    I.ema_params.push_back({b.name, b.value});
                 }
         I.ema = std::make_unique<CpuEma<T>>(sizes, p.ema_decay);
         I.ema->initialize(values);
     }
+    std::map<std::string, std::vector<double>> stats;
+    for (auto& [s, stage] : I.stages)
+        for (auto& [name, v] : stage->take_statistics()) stats[name] = std::move(v);
+    I.agree_on_statistics(stats);
 }
 
 template <typename T>
@@ -115,113 +252,64 @@ PipelineTrainer<T>::~PipelineTrainer() = default;
 
 template <typename T>
 int PipelineTrainer<T>::pipeline_ranks() const {
-    return impl_->p.schedule == ScheduleKind::DualPipeV ? impl_->p.pp / 2 : impl_->p.pp;
+    return impl_->plan.pipeline_ranks();
+}
+
+template <typename T>
+std::map<int, Stage*> PipelineTrainer<T>::stages() {
+    std::map<int, Stage*> out;
+    for (auto& [s, st] : impl_->stages) out[s] = st.get();
+    return out;
 }
 
 template <typename T>
 StepMetrics PipelineTrainer<T>::step() {
-    if (impl_->p.emulate) return emulate_step();
     Impl& I = *impl_;
     Stopwatch sw;
     ++I.step_;
     StepMetrics m;
     m.step = I.step_;
+    const int N = I.o.microbatches, offset = I.grid.dp_index * N;
     for (auto& [s, stage] : I.stages) stage->zero_grad();
-    int N = I.o.microbatches, last = I.p.pp - 1;
-    std::vector<double> losses(size_t(N) * I.p.dp, 0.0);
-    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<T>>>> pending;
-    std::vector<WorkPtr> unused;
 
-    double compute_us = 0;
-    auto compute = [&](const std::string& name, auto&& fn) {
-        double t0 = I.tracer.now_us();
-        fn();
-        double t1 = I.tracer.now_us();
-        I.note(I.compute_iv, t0, t1);
-        std::lock_guard<std::mutex> lock(I.shared);
-        compute_us += t1 - t0;
-        I.tracer.add(Lane::Compute, name, t0, t1);
+    // The first and last stage read the same microbatch: one batch per microbatch per step.
+    std::mutex batch_mutex;
+    std::map<int, Batch> batch_cache;
+    auto batch_of = [&](int mb) -> const Batch* {
+        if (!I.batches) return nullptr;
+        std::lock_guard<std::mutex> lock(batch_mutex);
+        auto it = batch_cache.find(mb);
+        if (it == batch_cache.end()) it = batch_cache.emplace(mb, I.batches->batch(I.step_, offset + mb)).first;
+        return &it->second;
     };
-    auto forward = [&](const Chunk& c) {
-        ModelStage<T>& st = *I.stages.at(c.stage);
-        Batch b = (c.stage == 0 || c.stage == last) ? I.batch_of(c.mb) : Batch{I.o.sequences_per_microbatch,
-                                                                                I.cfg.seq_len, {}, {}};
-        std::vector<T> in;
-        if (c.stage > 0) in = I.receive({c.mb, c.stage - 1, c.dir}, false, unused);
-        std::vector<T> out;
-        compute(fmt::format("F mb {} stage {}", c.mb, c.stage), [&] { out = st.forward(c.mb, b, in); });
-        if (c.stage == last) losses[size_t(I.global_mb(c.mb))] = st.loss(c.mb);
-        if (c.stage < last) I.send(c, false, c.stage + 1, std::move(out), pending);
-    };
-    auto backward = [&](const Chunk& c, bool with_weight) {
-        ModelStage<T>& st = *I.stages.at(c.stage);
-        std::vector<T> dy;
-        if (c.stage < last) dy = I.receive({c.mb, c.stage + 1, c.dir}, true, unused);
-        std::vector<T> dx;
-        compute(fmt::format("{} mb {} stage {}", with_weight ? "BW" : "B", c.mb, c.stage), [&] {
-            dx = st.backward_input(c.mb, dy);
-            if (with_weight) st.backward_weight(c.mb);
-        });
-        if (c.stage > 0) I.send(c, true, c.stage - 1, std::move(dx), pending);
-    };
-    double schedule_start = I.tracer.now_us();
-    for (const Instr& in : I.schedule.ranks[I.prank]) {
-        switch (in.op) {
-            case Op::F: forward(in.f); break;
-            case Op::B: backward(in.b, false); break;
-            case Op::BW: backward(in.b, true); break;
-            case Op::W:
-                compute(fmt::format("W mb {} stage {}", in.b.mb, in.b.stage),
-                        [&] { I.stages.at(in.b.stage)->backward_weight(in.b.mb); });
-                break;
-            case Op::FB:
-                if (in.f.stage != in.b.stage) {
-                    // Overlap: the two chunks belong to different stages (and microbatches), so the forward runs on
-                    // a helper thread while this one runs the backward; whichever waits for its input, a dispatch
-                    // or a combine lets the other compute (expert exchanges of the two run on two communicators).
-                    std::exception_ptr failed;
-                    std::thread helper([&] {
-                        try {
-                            forward(in.f);
-                        } catch (...) {
-                            failed = std::current_exception();
-                        }
-                    });
-                    try {
-                        backward(in.b, true);
-                    } catch (...) {
-                        helper.join();
-                        throw;
-                    }
-                    helper.join();
-                    if (failed) std::rethrow_exception(failed);
-                } else {
-                    forward(in.f);
-                    backward(in.b, true);
-                }
-                break;
-        }
-    }
+    std::map<int, Stage*> stages = this->stages();
+    ExecutorStep r = I.executor->run(stages, batch_of, I.step_, offset);
+
+    double slowest_us = 0;
+    m.bubble_fraction = I.bubble_share(r.schedule_us, r.compute_us, slowest_us);
     {
-        auto span = I.tracer.scope(Lane::Comm, "drain sends");
-        for (auto& [w, buf] : pending) w->wait();
+        auto [h, t] = hidden_time(r.comm, r.compute);
+        auto [fh, ft] = hidden_time(r.fb_expert_comm, r.compute);
+        double v[4] = {h, t, fh, ft};
+        I.world->all_reduce(v, 4, DType::F64)->wait();
+        m.comm_hidden_fraction = v[1] > 0 ? v[0] / v[1] : std::nan("");
+        m.fb_ep_comm_hidden_fraction = v[3] > 0 ? v[2] / v[3] : std::nan("");
     }
-    double schedule_us = I.tracer.now_us() - schedule_start, slowest_us = 0;
-    m.bubble_fraction = I.bubble_share(schedule_us, compute_us, slowest_us);
-    I.hidden_shares(m);
     double opt_start = I.tracer.now_us();
 
     // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
+    std::map<int, std::vector<StateBuffer>> params;
+    for (auto& [s, stage] : I.stages) params[s] = I.parameters_of(*stage);
     if (I.pair) {
         std::vector<T> flat;
-        for (auto& [s, stage] : I.stages)
-            for (Param<T>* prm : stage->parameters()) flat.insert(flat.end(), prm->grad.begin(), prm->grad.end());
+        for (auto& [s, bufs] : params)
+            for (StateBuffer& b : bufs) flat.insert(flat.end(), b.grad.template data<T>(), b.grad.template data<T>() + b.grad.numel());
         I.pair->all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
         size_t off = 0;
-        for (auto& [s, stage] : I.stages)
-            for (Param<T>* prm : stage->parameters()) {
-                std::memcpy(prm->grad.data(), flat.data() + off, prm->grad.size() * sizeof(T));
-                off += prm->grad.size();
+        for (auto& [s, bufs] : params)
+            for (StateBuffer& b : bufs) {
+                std::memcpy(b.grad.raw(), flat.data() + off, b.grad.nbytes());
+                off += size_t(b.grad.numel());
             }
     }
     // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
@@ -238,40 +326,53 @@ StepMetrics PipelineTrainer<T>::step() {
         for (auto& opt : opts) opt->apply(I.step_, clip_scale);
     if (I.ema) {
         std::vector<const T*> values;
-        for (Param<T>* prm : I.ema_params) values.push_back(prm->value.data());
+        for (auto& [name, v] : I.ema_params) values.push_back(v.template data<T>());
         I.ema->submit(values);  // a copy; the update runs in the background during the next step
     }
     I.tracer.add(Lane::Optimizer, "grad sync + ZeRO-1 AdamW", opt_start, I.tracer.now_us());
 
-    // Whole-batch expert counts (every layer, all replicas, one DualPipe copy) drive the bias update.
-    int E = I.cfg.experts;
-    std::vector<int64_t> counts(size_t(I.cfg.layers) * E, 0);
-    for (auto& [s, stage] : I.stages) {
-        auto c = stage->take_expert_counts();
-        int moe = 0;
-        for (int l = stage->first_layer(); l < stage->first_layer() + stage->num_layers(); ++l)
-            if (I.cfg.is_moe_layer(l)) {
-                for (int e = 0; e < E; ++e) counts[size_t(l) * E + e] += c[moe][e];
-                ++moe;
+    // Statistics summed over the world (all replicas; each DualPipe copy reports its own microbatches), back to
+    // every stage. Expert counts also give the step's MaxVio.
+    if (!I.stat_layout.empty()) {
+        std::map<std::string, std::vector<double>> mine;
+        for (auto& [s, stage] : I.stages)
+            for (auto& [name, v] : stage->take_statistics()) {
+                auto& acc = mine[name];
+                acc.resize(std::max(acc.size(), v.size()), 0.0);
+                for (size_t i = 0; i < v.size(); ++i) acc[i] += v[i];
             }
+        std::vector<double> flat;
+        for (const auto& [name, n] : I.stat_layout) {
+            auto it = mine.find(name);
+            for (size_t i = 0; i < n; ++i) flat.push_back(it != mine.end() && i < it->second.size() ? it->second[i] : 0.0);
+        }
+        I.world->all_reduce(flat.data(), flat.size(), DType::F64)->wait();
+        std::map<std::string, std::vector<double>> summed;
+        size_t off = 0;
+        for (const auto& [name, n] : I.stat_layout) {
+            summed[name].assign(flat.begin() + long(off), flat.begin() + long(off + n));
+            off += n;
+            if (name.size() > 14 && name.compare(name.size() - 14, 14, ".expert_counts") == 0) {
+                std::vector<int64_t> c(summed[name].begin(), summed[name].end());
+                m.max_vio = std::max(m.max_vio, max_violation(c));
+            }
+        }
+        for (auto& [s, stage] : I.stages) stage->end_step(summed);
     }
-    I.world->all_reduce(counts.data(), counts.size(), DType::I64)->wait();
-    // Each DualPipe stage is counted on both copies' ranks for half the microbatches each: the sum is the batch.
-    for (auto& [s, stage] : I.stages) {
-        std::vector<std::vector<int64_t>> mine;
-        for (int l = stage->first_layer(); l < stage->first_layer() + stage->num_layers(); ++l)
-            if (I.cfg.is_moe_layer(l)) mine.emplace_back(counts.begin() + long(l) * E, counts.begin() + long(l + 1) * E);
-        if (I.o.bias_update) stage->update_router_bias(mine);
-    }
-    for (int l = 0; l < I.cfg.layers; ++l)
-        if (I.cfg.is_moe_layer(l))
-            m.max_vio = std::max(m.max_vio, max_violation({counts.begin() + long(l) * E, counts.begin() + long(l + 1) * E}));
 
     // Losses: each microbatch's loss sits on the rank that ran its last stage; the world sums them.
+    std::vector<double> losses(size_t(N) * I.p.dp, 0.0);
+    for (auto& [mb, l] : r.losses) losses[size_t(offset + mb)] = l;
     I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
     for (double l : losses) m.loss += l / double(losses.size());
-    m.step_time_s = sw.seconds();
-    m.tokens_per_s = double(losses.size()) * I.o.sequences_per_microbatch * I.cfg.seq_len / std::max(m.step_time_s, 1e-9);
+    if (I.p.emulate) {
+        // The step ends when the slowest rank ends.
+        m.step_time_s = slowest_us * 1e-6;
+    } else {
+        m.step_time_s = sw.seconds();
+    }
+    int64_t tokens = I.custom ? 0 : int64_t(I.o.sequences_per_microbatch) * I.o.model_config().seq_len;
+    m.tokens_per_s = double(losses.size()) * double(tokens) / std::max(m.step_time_s, 1e-9);
     return m;
 }
 
@@ -280,7 +381,8 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::owned_parameters() {
     std::map<std::string, std::vector<T>> out;
     for (auto& [s, stage] : impl_->stages)
         if (impl_->owner.at(s))
-            for (Param<T>* prm : stage->parameters()) out[prm->name] = prm->value;
+            for (StateBuffer& b : impl_->parameters_of(*stage))
+                out[b.name] = std::vector<T>(b.value.template data<T>(), b.value.template data<T>() + b.value.numel());
     return out;
 }
 
@@ -292,7 +394,12 @@ std::string PipelineTrainer<T>::dispatch_path() const {
 
 template <typename T>
 LinkBytes PipelineTrainer<T>::expert_bytes_sent() const {
-    if (impl_->p.emulate) return impl_->emulated_ep_bytes;
+    if (impl_->p.emulate) {
+        LinkBytes b;
+        b.intra_node = impl_->emulated_bytes->intra.load();
+        b.inter_node = impl_->emulated_bytes->inter.load();
+        return b;
+    }
     LinkBytes b = impl_->groups.ep ? impl_->groups.ep->bytes_sent() : LinkBytes{};
     if (impl_->ep_bwd) {
         b.intra_node += impl_->ep_bwd->bytes_sent().intra_node;
@@ -311,7 +418,7 @@ std::map<std::string, std::vector<T>> PipelineTrainer<T>::ema_parameters() {
     std::map<std::string, std::vector<T>> out;
     if (!impl_->ema) return out;
     const auto& shadow = impl_->ema->shadow();
-    for (size_t i = 0; i < impl_->ema_params.size(); ++i) out[impl_->ema_params[i]->name] = shadow[i];
+    for (size_t i = 0; i < impl_->ema_params.size(); ++i) out[impl_->ema_params[i].first] = shadow[i];
     return out;
 }
 

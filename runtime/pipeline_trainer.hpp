@@ -1,16 +1,18 @@
-// Distributed training in math mode: every rank runs its instruction list of a pipeline schedule (1F1B,
-// ZB1P, DualPipe, DualPipeV) with real stage compute and real point-to-point transfers of activations and
-// gradients, data parallelism over DP replicas, ZeRO-1 AdamW per stage, and the router-bias update from the
-// whole batch's expert counts. DualPipe ranks hold two stages (r and PP-1-r); the gradients of the two copies
-// of a stage are summed before the optimizer, so both copies stay identical.
+// The trainer of every distributed run: builds this rank's stages through a StageFactory (the built-in
+// model's by default, emulate mode's timed stages with `emulate`, or the caller's own), runs the schedule with
+// the one Executor (runtime/executor.hpp), then the step end: DualPipe ranks hold two copies of each stage
+// (r and PP-1-r) whose gradients are summed; ZeRO-1 AdamW per stage over the DP group (routed experts over the
+// expert-DP group) with a global-norm clip; the CPU EMA of the owned weights, updated in the background; and
+// the stages' statistics summed over every rank and handed back (the built-in router-bias update).
 //
-// The global batch is DP x N microbatches; replica d runs microbatches d*N .. d*N+N-1 of the same sequence
+// The global batch is DP x N microbatches; replica d runs microbatches d*N .. d*N+N-1 of the batch source
 // the single-rank ReferenceTrainer uses, so both compute the same step.
 //
 //   launch({.ranks = 8}, [&](auto world) {
 //       PipelineTrainer<float> t(world, {.schedule = ScheduleKind::DualPipe, .pp = 4, .dp = 2}, train_options);
 //       StepMetrics m = t.step();
 //   });
+//   // a model of one's own: PipelineTrainer<double> t(world, p, o, [](const StageInfo& i) { ... });
 //
 #pragma once
 
@@ -24,6 +26,8 @@
 #include "parallel/schedule.hpp"
 #include "parallel/zero1.hpp"
 #include "runtime/cost_model.hpp"
+#include "runtime/data.hpp"
+#include "runtime/stage.hpp"
 #include "runtime/trace.hpp"
 #include "runtime/trainer.hpp"
 
@@ -56,9 +60,13 @@ template <typename T>
 class PipelineTrainer {
 public:
     // o.microbatches is N per DP replica. Throws ConfigError for an impossible layout.
-    PipelineTrainer(std::shared_ptr<Communicator> world, const PipelineOptions& p, const TrainOptions& o);
+    // `factory` empty: the built-in model (or emulate's stages). `batches` null: the synthetic task of o.
+    PipelineTrainer(std::shared_ptr<Communicator> world, const PipelineOptions& p, const TrainOptions& o,
+                    StageFactory factory = {}, std::shared_ptr<const BatchSource> batches = nullptr);
     ~PipelineTrainer();
     StepMetrics step();
+    // The stages built on this rank, by model stage id.
+    std::map<int, Stage*> stages();
     // The parameters of the model stages whose "down" copy lives here, by name (each name on exactly one rank
     // per DP replica).
     std::map<std::string, std::vector<T>> owned_parameters();
@@ -71,12 +79,12 @@ public:
     LinkBytes expert_bytes_sent() const;
     // The EMA of the owned parameters (empty without ema_decay); waits for the pending update.
     std::map<std::string, std::vector<T>> ema_parameters();
-    static void validate(const PipelineOptions& p, const TrainOptions& o, int world_size);
+    // ConfigError for a layout that cannot run. custom_stages: the model is the caller's (no built-in checks).
+    static void validate(const PipelineOptions& p, const TrainOptions& o, int world_size, bool custom_stages = false);
 
     struct Impl;
 
 private:
-    StepMetrics emulate_step();
     std::unique_ptr<Impl> impl_;
 };
 

@@ -10,6 +10,7 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "parallel/plan.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {
@@ -73,20 +74,15 @@ RoutingStats sample_routing(const ModelConfig& cfg, int ep, int gpn) {
         std::lock_guard<std::mutex> lock(m);
         if (auto it = cache.find(key); it != cache.end()) return it->second;
     }
-    const int tokens = 1024, per_rank = cfg.experts / ep, node_size = std::min(gpn, ep);
+    const int tokens = 1024, node_size = std::min(gpn, ep);
     Rng rng(0x5157ull);
     std::vector<double> scores(size_t(tokens) * cfg.experts);
     for (double& s : scores) s = 1.0 / (1.0 + std::exp(-rng.normal()));
     Routing r = route<double>(scores.data(), std::vector<double>(cfg.experts, 0.0), tokens, cfg);
     RoutingStats st;
-    for (int t = 0; t < tokens; ++t) {
-        std::vector<int> nodes;
-        for (int k = 0; k < cfg.top_k; ++k) {
-            int node = (r.expert[size_t(t) * cfg.top_k + k] / per_rank) / node_size;
-            if (std::find(nodes.begin(), nodes.end(), node) == nodes.end()) nodes.push_back(node);
-        }
-        st.nodes += double(nodes.size()) / tokens;
-    }
+    st.nodes = double(node_crossings(r.expert, tokens, cfg.top_k, ExpertPlacement(cfg.experts, ep),
+                                     Topology::virtual_nodes(ep, ep / node_size))) /
+               tokens;
     std::lock_guard<std::mutex> lock(m);
     cache[key] = st;
     return st;
@@ -151,7 +147,8 @@ double ring_s(const CostModel& cm, double bytes, int n, LinkClass link) {
 
 std::vector<int> uniform_partition(int layers, int stages) {
     std::vector<int> first(stages + 1);
-    for (int s = 0; s <= stages; ++s) first[s] = s * layers / stages;
+    for (int s = 0; s < stages; ++s) first[s] = layers_of_stage(s, stages, layers).first;
+    first[stages] = layers;
     return first;
 }
 
@@ -232,7 +229,7 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
     DUPLEX_CHECK_ARG(o.pp >= 1, "--pp", "must be at least 1, got {}", o.pp);
     DUPLEX_CHECK_ARG(o.schedule != ScheduleKind::DualPipeV || o.pp % 2 == 0, "--pp", "DualPipeV needs an even PP, got {}",
                      o.pp);
-    r.pipeline_ranks = o.schedule == ScheduleKind::DualPipeV ? o.pp / 2 : o.pp;
+    r.pipeline_ranks = pipeline_ranks(o.schedule, o.pp);
     DUPLEX_CHECK_ARG(cl.gpus % r.pipeline_ranks == 0, "--pp",
                      "{} GPUs are not divisible into pipelines of {} ranks (PP {}{})", cl.gpus, r.pipeline_ranks, o.pp,
                      o.schedule == ScheduleKind::DualPipeV ? ", DualPipeV: PP/2 ranks" : "");

@@ -50,6 +50,11 @@ ModelConfig TrainOptions::model_config() const {
     if (bias_update_speed >= 0) c.bias_update_speed = bias_update_speed;
     DUPLEX_CHECK_ARG(balance_alpha >= 0, "--balance-alpha", "must not be negative, got {}", balance_alpha);
     c.balance_alpha = balance_alpha;
+    if (layers >= 0) {
+        DUPLEX_CHECK_ARG(layers >= 1 && layers <= 4096, "--layers", "between 1 and 4096, got {}", layers);
+        c.dense_layers = std::min(c.dense_layers, layers);
+        c.layers = layers;
+    }
     if (dense_layers >= 0) {
         DUPLEX_CHECK_ARG(dense_layers <= c.layers, "--dense-layers", "the {} model has {} layers, got {}", c.name,
                          c.layers, dense_layers);
@@ -61,7 +66,8 @@ ModelConfig TrainOptions::model_config() const {
 
 template <typename T>
 ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
-    : o_(o), cfg_(o.model_config()), task_(cfg_.vocab, cfg_.seq_len, o.seed) {
+    : o_(o), cfg_(o.model_config()),
+      batches_(make_batch_source(o.data, cfg_.vocab, cfg_.seq_len, o.sequences_per_microbatch, o.seed, o.token_skew)) {
     o_.validate();
     cfg_.check_runnable();
     kernels::blas_single_threaded();
@@ -88,8 +94,7 @@ StepMetrics ReferenceTrainer<T>::step() {
     m.step = step_;
     stage_->zero_grad();
     for (int mb = 0; mb < o_.microbatches; ++mb) {
-        uint64_t batch_seed = (o_.seed * 1000003ull + uint64_t(step_)) * 1009ull + uint64_t(mb);
-        Batch b = task_.batch(o_.sequences_per_microbatch, batch_seed, o_.token_skew);
+        Batch b = batches_->batch(step_, mb);
         stage_->forward(mb, b, {});
         m.loss += stage_->loss(mb) / o_.microbatches;
         m.aux_loss += stage_->aux_loss(mb) / o_.microbatches;

@@ -34,6 +34,9 @@ struct TrainOptions {
     double balance_alpha = 0.0;     // sequence-wise balance loss weight (V3: 0.0001); 0: off
     double token_skew = 0.0;  // Zipf exponent of the input tokens (skewed expert load); 0: uniform
     int dense_layers = -1;    // >= 0: override the preset's number of leading dense layers
+    int layers = -1;          // >= 1: override the preset's number of layers (e.g. 16 stages of a 4-layer preset)
+    // Training data: "synthetic" (the task of runtime/data.hpp) or a token-id file "PATH[:u16|:u32]".
+    std::string data = "synthetic";
     // Where the routed experts compute: "cpu", or "cuda" (rank r on GPU r % GPUs) / "cuda:N" — the executor's
     // device path (runtime/device_experts.hpp), fp32 only.
     std::string device = "cpu";
@@ -75,13 +78,13 @@ public:
     StepMetrics step();
     std::vector<StepMetrics> run(const std::function<void(const StepMetrics&)>& on_step = {});
     ModelStage<T>& model() { return *stage_; }
-    const SyntheticTask& task() const { return task_; }
+    const BatchSource& batches() const { return *batches_; }
     int tokens_per_step() const;
 
 private:
     TrainOptions o_;
     ModelConfig cfg_;
-    SyntheticTask task_;
+    std::unique_ptr<BatchSource> batches_;
     std::unique_ptr<ModelStage<T>> stage_;
     std::vector<std::vector<T>> m_, v_;
     int step_ = 0;

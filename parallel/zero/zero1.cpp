@@ -8,19 +8,6 @@
 
 namespace duplex {
 
-namespace {
-template <typename T>
-DType dtype_of();
-template <>
-DType dtype_of<float>() {
-    return DType::F32;
-}
-template <>
-DType dtype_of<double>() {
-    return DType::F64;
-}
-}  // namespace
-
 template <typename T>
 Zero1AdamW<T>::Zero1AdamW(std::shared_ptr<Communicator> group, std::vector<ParamRef<T>> params,
                           kernels::AdamWConfig config, std::vector<double> weight_decay_per_param)

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "core/error.hpp"
+#include "runtime/stage.hpp"
 
 namespace duplex {
 
@@ -18,7 +19,7 @@ std::vector<std::vector<T>> exchange_rows(Communicator& group, const std::vector
     std::vector<size_t> sb(n), so(n), rb(n), ro(n);
     std::vector<int64_t> send_rows(n), recv_rows(n);
     for (int p = 0; p < n; ++p) send_rows[p] = int64_t(per_peer[p].size() / size_t(std::max(width, 1)));
-    group.all_to_all(send_rows.data(), recv_rows.data(), sizeof(int64_t))->wait();
+    wait_in_stage(group.all_to_all(send_rows.data(), recv_rows.data(), sizeof(int64_t)), "expert exchange (counts)");
     std::vector<T> send;
     for (int p = 0; p < n; ++p) {
         so[p] = send.size() * sizeof(T);
@@ -32,7 +33,7 @@ std::vector<std::vector<T>> exchange_rows(Communicator& group, const std::vector
         total += size_t(recv_rows[p]) * width;
     }
     std::vector<T> recv(total);
-    group.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro)->wait();
+    wait_in_stage(group.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro), "expert exchange");
     std::vector<std::vector<T>> out(n);
     for (int p = 0; p < n; ++p)
         out[p].assign(recv.begin() + long(ro[p] / sizeof(T)), recv.begin() + long((ro[p] + rb[p]) / sizeof(T)));
@@ -151,16 +152,20 @@ void LocalExchange<T>::dispatch_backward(const RoutedTokens<T>& routed, const st
 
 template <typename T>
 DistributedExchange<T>::DistributedExchange(std::shared_ptr<Communicator> group, int experts)
-    : group_(std::move(group)), experts_(experts) {
-    DUPLEX_CHECK_ARG(experts % group_->size() == 0, "--ep", "EP ({}) must divide the {} routed experts", group_->size(),
-                     experts);
-    per_rank_ = experts / group_->size();
+    : group_(std::move(group)), experts_(experts), placement_(experts, group_->size()) {
+    per_rank_ = placement_.per_rank();
 }
 
 template <typename T>
 std::vector<std::vector<T>> DistributedExchange<T>::move(const std::vector<std::vector<T>>& per_peer, int width) {
-    if (transport_) return transport_->exchange(per_peer, width);
-    return exchange_rows(*group_, per_peer, width);
+    if (!transport_) return exchange_rows(*group_, per_peer, width);
+    std::vector<std::vector<T>> out;
+    auto run = [&] { out = transport_->exchange(per_peer, width); };
+    if (StageContext* c = StageContext::current())
+        c->wait_for(run, "expert exchange (device)");
+    else
+        run();
+    return out;
 }
 
 template <typename T>
@@ -252,8 +257,7 @@ HierarchicalExchange<T>::HierarchicalExchange(std::shared_ptr<Communicator> grou
 
 template <typename T>
 int HierarchicalExchange<T>::relay_for(int expert) const {
-    const Topology& tp = group_->topology();
-    return tp.ranks_on_node(tp.node(owner(expert)))[tp.local_rank(group_->rank())];
+    return this->placement_.relay(expert, group_->rank(), group_->topology());
 }
 
 template <typename T>

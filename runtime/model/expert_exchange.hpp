@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "comm/communicator.hpp"
+#include "parallel/plan.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {
@@ -96,7 +97,7 @@ template <typename T>
 class DistributedExchange : public ExpertExchange<T> {
 public:
     DistributedExchange(std::shared_ptr<Communicator> group, int experts);
-    int first_local_expert() const override { return group_->rank() * per_rank_; }
+    int first_local_expert() const override { return placement_.first_expert(group_->rank()); }
     int num_local_experts() const override { return per_rank_; }
     void dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) override;
     void combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim, const Routing& r,
@@ -110,10 +111,12 @@ public:
     void set_transport(std::shared_ptr<RowTransport<T>> transport) { transport_ = std::move(transport); }
 
 protected:
-    int owner(int expert) const { return expert / per_rank_; }
+    int owner(int expert) const { return placement_.rank_of(expert); }
     std::vector<std::vector<T>> move(const std::vector<std::vector<T>>& per_peer, int width);
     std::shared_ptr<Communicator> group_;
-    int experts_, per_rank_;
+    int experts_;
+    ExpertPlacement placement_;
+    int per_rank_;
     std::shared_ptr<RowTransport<T>> transport_;
 };
 

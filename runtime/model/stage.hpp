@@ -23,6 +23,7 @@
 #include "memory/ledger.hpp"
 #include "runtime/model/config.hpp"
 #include "runtime/model/expert_exchange.hpp"
+#include "runtime/stage.hpp"
 
 namespace duplex {
 
@@ -52,13 +53,6 @@ public:
     // d_out[e] -> d_rows[e]; returns the weight-gradient work (adds into Param::grad), which frees the rest.
     virtual std::function<void()> backward(uint64_t key, const Weights& w, const std::vector<std::vector<T>>& d_out,
                                            std::vector<std::vector<T>>& d_rows) = 0;
-};
-
-struct Batch {
-    int sequences = 0;
-    int seq_len = 0;
-    std::vector<int> tokens, targets;  // [sequences * seq_len]
-    int num_tokens() const { return sequences * seq_len; }
 };
 
 template <typename T>

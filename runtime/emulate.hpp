@@ -1,0 +1,85 @@
+// Emulate mode's Stage: the same executor, ranks and transfers as math mode, with each chunk's compute a
+// timed wait from the cost model (or given costs) and expert exchanges that carry sizes without payloads.
+//
+// The stage's activations are meta tensors (dtype and shape, no storage); the executor's TimedPipeTransport
+// delays each by its link's latency + bytes / bandwidth. Expert exchanges (EP > 1) send every EP peer a small
+// header with the time the rank's link would have delivered its real byte count (the rank's total on that link
+// class over the link's bandwidth) plus the counts the next hop needs; the receiver waits for the latest.
+// Byte counts come from a real routing of the microbatch (node-limited top-K on synthetic affinities) through
+// the expert-parallel plan (parallel/plan.hpp), for the flat path (one copy per expert) or the node-limited
+// one (a row per target node, then forwarded per slot). Exchanges wait through the executor, so in an F&B pair
+// the other half computes meanwhile (the executor runs emulate with one compute stream per rank).
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "runtime/cost_model.hpp"
+#include "runtime/stage.hpp"
+
+namespace duplex {
+
+struct EmulateOptions {
+    ModelConfig model;
+    int sequences = 1;       // per microbatch
+    int elem_bytes = 4;      // of activations
+    bool recompute = false;
+    ChunkCosts costs{};      // seconds per chunk; f == 0: from the cost model per stage
+    CostModel cost_model = CostModel::preset("h800");
+    bool hierarchical = true;  // EP groups spanning nodes take the node-limited path
+    uint64_t seed = 1;
+};
+
+// Nominal expert-exchange bytes sent by the emulated stages of a rank (payloads are elided).
+struct EmulatedBytes {
+    std::atomic<uint64_t> intra{0}, inter{0};
+};
+
+class EmulatedStage : public Stage {
+public:
+    EmulatedStage(const EmulateOptions& o, const StageInfo& info, std::shared_ptr<EmulatedBytes> bytes);
+    std::string name() const override { return name_; }
+    TensorSpec input_spec(const Microbatch& mb) const override;
+    TensorSpec output_spec(const Microbatch& mb) const override { return input_spec(mb); }
+    Tensor forward(const Microbatch& mb, const TensorView& input) override;
+    double loss(const Microbatch& mb) override { return 0; }
+    Tensor backward_input(const Microbatch& mb, const TensorView& grad_output) override;
+    void backward_weight(const Microbatch& mb) override;
+    std::vector<StateBuffer> state() override { return {}; }
+    void zero_grad() override {}
+    const ChunkCosts& costs() const { return costs_; }
+
+    struct LayerShare {
+        int layer;
+        bool moe;
+        double attn, ffn;  // fractions of the chunk's compute
+    };
+    struct EpPlan {  // nominal bytes per EP peer of the four hops
+        std::vector<double> to_relay, to_expert, from_expert, from_relay, gates;
+    };
+
+private:
+    void compute(double seconds, const Microbatch& mb);
+    std::vector<std::vector<int64_t>> round(const Microbatch& mb, uint32_t tag, const std::vector<double>& nbytes,
+                                            const std::vector<std::vector<int64_t>>& counts, int width,
+                                            const std::string& name);
+    uint32_t tag_of(const Microbatch& mb, int layer, int exchange, int hop) const;
+    void dispatch(const Microbatch& mb, int layer);
+    void exchange(const Microbatch& mb, int layer, int which);
+
+    EmulateOptions o_;
+    StageInfo info_;
+    std::string name_;
+    ChunkCosts costs_;
+    std::vector<LayerShare> shares_;
+    std::shared_ptr<EmulatedBytes> bytes_;
+    std::mutex mutex_;
+    std::map<std::pair<int, int>, EpPlan> plans_;  // by (microbatch, layer)
+};
+
+}  // namespace duplex

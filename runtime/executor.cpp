@@ -1,0 +1,373 @@
+#include "runtime/executor.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "core/clock.hpp"
+
+namespace duplex {
+
+using sched::Chunk;
+using sched::Instr;
+using sched::Op;
+
+std::pair<double, double> hidden_time(const std::vector<Interval>& comm, std::vector<Interval> compute) {
+    std::sort(compute.begin(), compute.end(), [](const Interval& a, const Interval& b) { return a.start < b.start; });
+    std::vector<Interval> merged;
+    for (const Interval& c : compute) {
+        if (!merged.empty() && c.start <= merged.back().end)
+            merged.back().end = std::max(merged.back().end, c.end);
+        else
+            merged.push_back(c);
+    }
+    double hidden = 0, total = 0;
+    for (const Interval& w : comm) {
+        total += w.end - w.start;
+        for (const Interval& c : merged) {
+            if (c.start >= w.end) break;
+            hidden += std::max(0.0, std::min(w.end, c.end) - std::max(w.start, c.start));
+        }
+    }
+    return {hidden, total};
+}
+
+// ---- transports ----
+
+void CommPipeTransport::send(const Tensor& t, int peer, uint32_t tag) {
+    DUPLEX_CHECK_ARG(!t.is_meta(), "pipeline send", "a meta tensor {} has no payload; math mode sends data",
+                     t.spec().str());
+    WorkPtr w = pipe_->isend(t.raw(), t.nbytes(), peer, tag);
+    std::lock_guard<std::mutex> lock(mutex_);
+    pending_.push_back({std::move(w), t});
+}
+
+Tensor CommPipeTransport::recv(const TensorSpec& spec, int peer, uint32_t tag) {
+    Tensor t = Tensor::empty(spec.dtype, spec.shape);
+    pipe_->irecv(t.raw(), t.nbytes(), peer, tag)->wait();
+    return t;
+}
+
+void CommPipeTransport::drain() {
+    std::vector<std::pair<WorkPtr, Tensor>> all;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        all.swap(pending_);
+    }
+    for (auto& [w, t] : all) w->wait();
+}
+
+namespace {
+double steady_seconds() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
+void sleep_until_seconds(double t) {
+    std::this_thread::sleep_until(
+        Clock::time_point(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(t))));
+}
+}  // namespace
+
+void TimedPipeTransport::send(const Tensor& t, int peer, uint32_t tag) {
+    auto header = std::make_shared<std::vector<double>>(2);
+    (*header)[0] = steady_seconds();
+    (*header)[1] = double(t.nbytes());
+    WorkPtr w = pipe_->isend(header->data(), 2 * sizeof(double), peer, tag);
+    std::lock_guard<std::mutex> lock(mutex_);
+    pending_.push_back({std::move(w), header});
+}
+
+Tensor TimedPipeTransport::recv(const TensorSpec& spec, int peer, uint32_t tag) {
+    double header[2];
+    pipe_->irecv(header, sizeof(header), peer, tag)->wait();
+    if (header[1] != double(spec.nbytes()))
+        throw StageError(fmt::format("pipeline rank {}: {} bytes arrived from rank {} where {} ({} bytes) was expected",
+                                     pipe_->rank(), header[1], peer, spec.str(), spec.nbytes()));
+    sleep_until_seconds(header[0] + cost_.transfer_s(header[1], pipe_->topology().link(peer, pipe_->rank())));
+    return Tensor::meta(spec.dtype, spec.shape, spec.device);
+}
+
+void TimedPipeTransport::drain() {
+    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<double>>>> all;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        all.swap(pending_);
+    }
+    for (auto& [w, h] : all) w->wait();
+}
+
+// ---- the stage context of the calling thread ----
+
+namespace {
+thread_local StageContext* current_context = nullptr;
+}
+
+StageContext* StageContext::current() { return current_context; }
+void StageContext::set_current(StageContext* c) { current_context = c; }
+
+void wait_in_stage(const WorkPtr& work, const std::string& what) {
+    if (StageContext* c = StageContext::current())
+        c->wait(work, what);
+    else
+        work->wait();
+}
+
+void Stage::zero_grad() {
+    for (StateBuffer& b : state())
+        if (b.kind == StateKind::Parameter && b.grad.raw()) {
+            DUPLEX_CHECK_ARG(b.grad.device().kind == Device::CPU, "zero_grad", "{} lives on {}; override zero_grad",
+                             b.name, b.grad.device().str());
+            std::memset(b.grad.raw(), 0, b.grad.nbytes());
+        }
+}
+
+// ---- one step ----
+
+struct Executor::Run {
+    Executor& ex;
+    const std::map<int, Stage*>& stages;
+    const std::function<const Batch*(int)>& batch_of;
+    int step, global_offset, last;
+    ExecutorStep result;
+    std::mutex mutex;                                    // result, local hand-overs
+    std::map<std::tuple<int, int, bool>, Tensor> local;  // (mb, producer stage, gradient) -> tensor
+    // The compute stream (exclusive_compute): who holds it.
+    std::mutex stream_mutex;
+    std::condition_variable stream_cv;
+    bool stream_busy = false;
+
+    void acquire() {
+        if (!ex.options_.exclusive_compute) return;
+        std::unique_lock<std::mutex> lock(stream_mutex);
+        stream_cv.wait(lock, [&] { return !stream_busy; });
+        stream_busy = true;
+    }
+    void release() {
+        if (!ex.options_.exclusive_compute) return;
+        {
+            std::lock_guard<std::mutex> lock(stream_mutex);
+            stream_busy = false;
+        }
+        stream_cv.notify_one();
+    }
+    void note_comm(const std::string& name, double t0, double t1, bool fb_expert) {
+        ex.tracer_.add(Lane::Comm, name, t0, t1);
+        std::lock_guard<std::mutex> lock(mutex);
+        result.comm.push_back({t0, t1});
+        if (fb_expert) result.fb_expert_comm.push_back({t0, t1});
+    }
+
+    // One stage call: holds the compute stream except during waits; its compute time is the call minus them.
+    class Call : public StageContext {
+    public:
+        Call(Run& run, std::string name, bool in_fb) : run_(run), name_(std::move(name)), in_fb_(in_fb) {
+            previous_ = current();
+            set_current(this);
+            run_.acquire();
+            start_ = run_.ex.tracer_.now_us();
+        }
+        ~Call() override {
+            double end = run_.ex.tracer_.now_us();
+            run_.release();
+            set_current(previous_);
+            double t = start_, busy = 0;
+            std::vector<Interval> pieces;
+            for (const Interval& w : waits_) {
+                if (w.start > t) pieces.push_back({t, w.start});
+                t = std::max(t, w.end);
+            }
+            if (end > t) pieces.push_back({t, end});
+            for (const Interval& p : pieces) {
+                run_.ex.tracer_.add(Lane::Compute, name_, p.start, p.end);
+                busy += p.end - p.start;
+            }
+            std::lock_guard<std::mutex> lock(run_.mutex);
+            run_.result.compute.insert(run_.result.compute.end(), pieces.begin(), pieces.end());
+            run_.result.compute_us += busy;
+        }
+        void wait(const WorkPtr& work, const std::string& what) override {
+            wait_for([&] { work->wait(); }, what);
+        }
+        void wait_for(const std::function<void()>& fn, const std::string& what) override {
+            double t0 = run_.ex.tracer_.now_us();
+            run_.release();
+            try {
+                fn();
+            } catch (...) {
+                run_.acquire();
+                throw;
+            }
+            run_.acquire();
+            double t1 = run_.ex.tracer_.now_us();
+            waits_.push_back({t0, t1});
+            // The mark lets a trace reader find the expert exchanges of F&B pairs.
+            run_.note_comm(in_fb_ ? what + " [F&B]" : what, t0, t1, in_fb_);
+        }
+        bool in_fb_pair() const override { return in_fb_; }
+
+    private:
+        Run& run_;
+        std::string name_;
+        bool in_fb_;
+        StageContext* previous_ = nullptr;
+        double start_ = 0;
+        std::vector<Interval> waits_;
+    };
+
+    Stage& stage(int s) const {
+        auto it = stages.find(s);
+        if (it == stages.end())
+            throw StageError(fmt::format("pipeline rank {}: the schedule runs stage {} here but no stage was built for it",
+                                         ex.prank_, s));
+        return *it->second;
+    }
+    Microbatch micro(const Chunk& c, bool needs_batch) const {
+        Microbatch m;
+        m.id = c.mb;
+        m.global = global_offset + c.mb;
+        m.step = step;
+        m.batch = needs_batch ? batch_of(c.mb) : nullptr;
+        return m;
+    }
+    void check(const Stage& st, const Microbatch& m, const char* what, const Tensor& got, const TensorSpec& want) {
+        if (got.spec() != want)
+            throw StageError(fmt::format("{}, microbatch {}: {} returned {}, expected {}", st.name(), m.id, what,
+                                         got.defined() || got.is_meta() ? got.spec().str() : "no tensor", want.str()));
+    }
+
+    // The producer's tensor: from a peer (p2p_of lists it) or from this rank's own earlier chunk.
+    Tensor take(const std::vector<sched::P2P>& p2p, const Chunk& producer, bool gradient, const TensorSpec& spec) {
+        for (const sched::P2P& t : p2p)
+            if (!t.send && t.gradient == gradient) {
+                double t0 = ex.tracer_.now_us();
+                Tensor v = ex.transport_.recv(spec, t.peer, t.tag);
+                note_comm(fmt::format("recv {} mb {} from stage {}", gradient ? "grad" : "act", producer.mb,
+                                      producer.stage),
+                          t0, ex.tracer_.now_us(), false);
+                return v;
+            }
+        std::lock_guard<std::mutex> lock(mutex);
+        auto it = local.find({producer.mb, producer.stage, gradient});
+        if (it == local.end())
+            throw StageError(fmt::format("pipeline rank {}: {} of microbatch {} stage {} neither received nor produced "
+                                         "here",
+                                         ex.prank_, gradient ? "gradient" : "activation", producer.mb, producer.stage));
+        Tensor v = std::move(it->second);
+        local.erase(it);
+        if (v.spec() != spec)
+            throw StageError(fmt::format("pipeline rank {}: stage {} hands over {} for microbatch {}, stage {} expects {}",
+                                         ex.prank_, producer.stage, v.spec().str(), producer.mb,
+                                         gradient ? producer.stage - 1 : producer.stage + 1, spec.str()));
+        return v;
+    }
+    void give(const std::vector<sched::P2P>& p2p, const Chunk& producer, bool gradient, Tensor&& t) {
+        for (const sched::P2P& x : p2p)
+            if (x.send && x.gradient == gradient) {
+                ex.transport_.send(t, x.peer, x.tag);
+                return;
+            }
+        std::lock_guard<std::mutex> lock(mutex);
+        local[{producer.mb, producer.stage, gradient}] = std::move(t);
+    }
+
+    void forward(const Instr& in, const Chunk& c, bool in_fb) {
+        Stage& st = stage(c.stage);
+        auto p2p = sched::p2p_of(ex.schedule_, ex.prank_, in);
+        Microbatch m = micro(c, c.stage == 0 || c.stage == last);
+        Tensor input;
+        if (c.stage > 0) input = take(p2p, {c.mb, c.stage - 1, c.dir}, false, st.input_spec(m));
+        Tensor out;
+        double loss = 0;
+        {
+            Call call(*this, fmt::format("F mb {} stage {}", c.mb, c.stage), in_fb);
+            m.ctx = &call;
+            out = st.forward(m, input.view());
+            if (c.stage == last) loss = st.loss(m);
+        }
+        if (c.stage == last) {
+            std::lock_guard<std::mutex> lock(mutex);
+            result.losses[c.mb] = loss;
+            return;
+        }
+        check(st, m, "forward", out, st.output_spec(m));
+        give(p2p, c, false, std::move(out));
+    }
+
+    void backward(const Instr& in, const Chunk& c, bool with_weight, bool in_fb) {
+        Stage& st = stage(c.stage);
+        auto p2p = sched::p2p_of(ex.schedule_, ex.prank_, in);
+        Microbatch m = micro(c, false);
+        Tensor dy;
+        if (c.stage < last) dy = take(p2p, {c.mb, c.stage + 1, c.dir}, true, st.output_spec(m));
+        Tensor dx;
+        {
+            Call call(*this, fmt::format("{} mb {} stage {}", with_weight ? "BW" : "B", c.mb, c.stage), in_fb);
+            m.ctx = &call;
+            dx = st.backward_input(m, dy.view());
+            if (with_weight) st.backward_weight(m);
+        }
+        if (c.stage > 0) {
+            check(st, m, "backward_input", dx, st.input_spec(m));
+            give(p2p, c, true, std::move(dx));
+        }
+    }
+
+    void weight(const Chunk& c) {
+        Stage& st = stage(c.stage);
+        Microbatch m = micro(c, false);
+        Call call(*this, fmt::format("W mb {} stage {}", c.mb, c.stage), false);
+        m.ctx = &call;
+        st.backward_weight(m);
+    }
+};
+
+Executor::Executor(const sched::Schedule& schedule, int pipe_rank, PipeTransport& transport, Tracer& tracer,
+                   ExecutorOptions options)
+    : schedule_(schedule), prank_(pipe_rank), transport_(transport), tracer_(tracer), options_(options) {
+    DUPLEX_CHECK_ARG(pipe_rank >= 0 && pipe_rank < schedule.num_ranks, "executor", "pipeline rank {} of a {}-rank schedule",
+                     pipe_rank, schedule.num_ranks);
+}
+
+ExecutorStep Executor::run(const std::map<int, Stage*>& stages, const std::function<const Batch*(int)>& batch_of, int step,
+                           int global_offset) {
+    Run r{*this, stages, batch_of, step, global_offset, schedule_.pp - 1, {}, {}, {}, {}, {}, false};
+    double start = tracer_.now_us();
+    for (const Instr& in : schedule_.ranks[prank_]) {
+        switch (in.op) {
+            case Op::F: r.forward(in, in.f, false); break;
+            case Op::B: r.backward(in, in.b, false, false); break;
+            case Op::BW: r.backward(in, in.b, true, false); break;
+            case Op::W: r.weight(in.b); break;
+            case Op::FB: {
+                // The forward on a helper thread, the backward here: whichever waits (for its input, a dispatch
+                // or a combine) lets the other compute.
+                std::exception_ptr failed;
+                std::thread helper([&] {
+                    try {
+                        r.forward(in, in.f, true);
+                    } catch (...) {
+                        failed = std::current_exception();
+                    }
+                });
+                try {
+                    r.backward(in, in.b, true, true);
+                } catch (...) {
+                    helper.join();
+                    throw;
+                }
+                helper.join();
+                if (failed) std::rethrow_exception(failed);
+                break;
+            }
+        }
+    }
+    {
+        auto span = tracer_.scope(Lane::Comm, "drain sends");
+        transport_.drain();
+    }
+    r.result.schedule_us = tracer_.now_us() - start;
+    return std::move(r.result);
+}
+
+}  // namespace duplex

@@ -1,0 +1,111 @@
+// The one executor: runs a pipeline rank's instruction list (parallel/schedule.hpp) for any Stage
+// (runtime/stage.hpp). It is the only place an instruction list is interpreted for execution; math mode,
+// emulate mode and device stages differ in their Stage and their PipeTransport, not in this loop.
+//
+// Per instruction it receives what the chunk needs (sched::p2p_of names peers and tags; a producer on the
+// same rank — DualPipeV's turn-around — hands over in memory), calls the stage, checks what comes back
+// against the stage's specs, and sends the result on. An FB instruction runs its forward chunk on a helper
+// thread beside the backward chunk, so a wait in one half (an input, a dispatch, a combine) overlaps compute
+// in the other. With `exclusive_compute` the rank has one compute stream (a GPU's, or emulate's timed waits):
+// the halves take turns computing and a wait releases it.
+//
+//   Executor ex(schedule, pipe_rank, transport, tracer, {.exclusive_compute = false});
+//   ExecutorStep r = ex.run(stages, batch_of, step, global_offset);   // r.losses, r.compute_us, ...
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.hpp"
+#include "parallel/schedule.hpp"
+#include "runtime/cost_model.hpp"
+#include "runtime/stage.hpp"
+#include "runtime/trace.hpp"
+
+namespace duplex {
+
+struct Interval {
+    double start, end;  // microseconds
+};
+
+// Time of `comm` intervals covered by the union of `compute` intervals, and their total time.
+std::pair<double, double> hidden_time(const std::vector<Interval>& comm, std::vector<Interval> compute);
+
+// How activations and gradients travel between pipeline ranks.
+class PipeTransport {
+public:
+    virtual ~PipeTransport() = default;
+    // Starts sending `t` to `peer`; the transport keeps `t` alive until drain().
+    virtual void send(const Tensor& t, int peer, uint32_t tag) = 0;
+    // Blocks until the tensor of `spec` from `peer` is here.
+    virtual Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) = 0;
+    // Waits for every send started so far.
+    virtual void drain() = 0;
+};
+
+// Real payloads over a communicator (math mode).
+class CommPipeTransport : public PipeTransport {
+public:
+    explicit CommPipeTransport(std::shared_ptr<Communicator> pipe) : pipe_(std::move(pipe)) {}
+    void send(const Tensor& t, int peer, uint32_t tag) override;
+    Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) override;
+    void drain() override;
+
+private:
+    std::shared_ptr<Communicator> pipe_;
+    std::mutex mutex_;
+    std::vector<std::pair<WorkPtr, Tensor>> pending_;
+};
+
+// Sizes without payloads (emulate mode): each transfer is a 16-byte header (send time, bytes); the receiver
+// holds it until send time + latency + bytes / bandwidth of the link between the two ranks, from the cost
+// model. The steady clock is shared by threads and by processes on one host.
+class TimedPipeTransport : public PipeTransport {
+public:
+    TimedPipeTransport(std::shared_ptr<Communicator> pipe, const CostModel& cost) : pipe_(std::move(pipe)), cost_(cost) {}
+    void send(const Tensor& t, int peer, uint32_t tag) override;
+    Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) override;
+    void drain() override;
+
+private:
+    std::shared_ptr<Communicator> pipe_;
+    const CostModel& cost_;
+    std::mutex mutex_;
+    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<double>>>> pending_;
+};
+
+struct ExecutorOptions {
+    bool exclusive_compute = false;  // one compute stream per rank (see above)
+};
+
+struct ExecutorStep {
+    std::map<int, double> losses;  // by microbatch id, the microbatches whose last stage ran here
+    double compute_us = 0;         // time stages computed (waits inside calls excluded)
+    double schedule_us = 0;        // from the first instruction to the last send drained
+    std::vector<Interval> compute, comm, fb_expert_comm;  // for the comm-hidden shares
+};
+
+class Executor {
+public:
+    Executor(const sched::Schedule& schedule, int pipe_rank, PipeTransport& transport, Tracer& tracer,
+             ExecutorOptions options = {});
+    // Runs this rank's list once. `stages` by model stage id (the stages the schedule places here);
+    // batch_of(mb) gives the first and last stage their microbatch (may return null).
+    ExecutorStep run(const std::map<int, Stage*>& stages, const std::function<const Batch*(int mb)>& batch_of, int step,
+                     int global_offset);
+
+    struct Run;  // one step's state (executor.cpp)
+
+private:
+    const sched::Schedule& schedule_;
+    int prank_;
+    PipeTransport& transport_;
+    Tracer& tracer_;
+    ExecutorOptions options_;
+};
+
+}  // namespace duplex

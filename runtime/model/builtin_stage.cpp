@@ -1,0 +1,131 @@
+#include "runtime/model/builtin_stage.hpp"
+
+#include <fmt/format.h>
+
+#include "runtime/device_exchange.hpp"
+#include "runtime/device_experts.hpp"
+#include "runtime/model/router.hpp"
+
+namespace duplex {
+
+std::string expert_counts_name(int layer) { return fmt::format("layer{}.expert_counts", layer); }
+
+template <typename T>
+BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& info) : o_(o), cfg_(o.train.model_config()) {
+    name_ = info.num_layers > 0 ? fmt::format("stage {} (layers {}..{})", info.stage, info.first_layer,
+                                              info.first_layer + info.num_layers - 1)
+                                : fmt::format("stage {} (no layers)", info.stage);
+    std::shared_ptr<ExpertExchange<T>> fwd, bwd;
+    if (info.ep_group && info.ep_group->size() > 1) {
+        hierarchical_ = o.dispatch == "hierarchical" && info.ep_group->topology().num_nodes() > 1;
+        auto make = [&](std::shared_ptr<Communicator> group) -> std::shared_ptr<ExpertExchange<T>> {
+            if (hierarchical_) return std::make_shared<HierarchicalExchange<T>>(group, cfg_.experts);
+            return std::make_shared<DistributedExchange<T>>(group, cfg_.experts);
+        };
+        fwd = make(info.ep_group);
+        bwd = make(info.ep_group_backward ? info.ep_group_backward : info.ep_group);
+        if (o.train.exchange_on == "cuda") {
+            // Each communicator's exchanges get their own transport: the forward and the backward of an F&B pair
+            // run their kernels on two streams.
+            int device = o.train.device_index(info.rank);
+            attach_device_transport(static_cast<DistributedExchange<T>&>(*fwd), info.ep_group, device, o.train.comm_sms);
+            attach_device_transport(static_cast<DistributedExchange<T>&>(*bwd), info.ep_group_backward, device,
+                                    o.train.comm_sms);
+        }
+    }
+    model_ = std::make_unique<ModelStage<T>>(cfg_, info.first_layer, info.num_layers, info.stage == 0,
+                                             info.stage == info.num_stages - 1, o.train.seed, fwd, bwd);
+    model_->set_recompute(o.train.recompute);
+    model_->set_loss_scale(info.loss_scale);
+    attach_device_experts(*model_, o.train.device_index(info.rank));
+}
+
+template <typename T>
+TensorSpec BuiltinStage<T>::input_spec(const Microbatch&) const {
+    return {dtype_of<T>(), {int64_t(o_.train.sequences_per_microbatch) * cfg_.seq_len, cfg_.hidden}, Device::cpu()};
+}
+
+namespace {
+template <typename T>
+std::vector<T> values_of(const TensorView& v) {
+    if (v.empty()) return {};
+    const T* p = v.data<T>();
+    return std::vector<T>(p, p + v.numel());
+}
+}  // namespace
+
+template <typename T>
+Tensor BuiltinStage<T>::forward(const Microbatch& mb, const TensorView& input) {
+    Batch b = mb.batch ? *mb.batch : Batch{o_.train.sequences_per_microbatch, cfg_.seq_len, {}, {}};
+    std::vector<T> out = model_->forward(mb.id, b, values_of<T>(input));
+    if (out.empty()) return {};
+    int64_t rows = int64_t(out.size()) / cfg_.hidden;
+    return Tensor::from_vector(std::move(out), {rows, cfg_.hidden});
+}
+
+template <typename T>
+Tensor BuiltinStage<T>::backward_input(const Microbatch& mb, const TensorView& grad_output) {
+    std::vector<T> dx = model_->backward_input(mb.id, values_of<T>(grad_output));
+    if (dx.empty()) return {};
+    int64_t rows = int64_t(dx.size()) / cfg_.hidden;
+    return Tensor::from_vector(std::move(dx), {rows, cfg_.hidden});
+}
+
+template <typename T>
+std::vector<StateBuffer> BuiltinStage<T>::state() {
+    std::vector<StateBuffer> out;
+    for (Param<T>* p : model_->parameters()) {
+        StateBuffer b;
+        b.name = p->name;
+        b.kind = StateKind::Parameter;
+        b.value = TensorView::of(p->value, p->shape);
+        b.grad = TensorView::of(p->grad, p->shape);
+        b.expert = p->is_expert;
+        b.decay = p->shape.size() > 1;  // no decay on norm gains
+        out.push_back(std::move(b));
+    }
+    int moe = 0;
+    for (int l = model_->first_layer(); l < model_->first_layer() + model_->num_layers(); ++l)
+        if (cfg_.is_moe_layer(l)) {
+            auto& bias = model_->router_bias()[size_t(moe++)];
+            out.push_back({fmt::format("layer{}.router_bias", l), StateKind::Buffer, TensorView::of(bias), {}, false, false});
+        }
+    return out;
+}
+
+template <typename T>
+std::map<std::string, std::vector<double>> BuiltinStage<T>::take_statistics() {
+    std::map<std::string, std::vector<double>> out;
+    auto counts = model_->take_expert_counts();
+    int moe = 0;
+    for (int l = model_->first_layer(); l < model_->first_layer() + model_->num_layers(); ++l)
+        if (cfg_.is_moe_layer(l)) {
+            const auto& c = counts[size_t(moe++)];
+            out[expert_counts_name(l)] = std::vector<double>(c.begin(), c.end());
+        }
+    return out;
+}
+
+template <typename T>
+void BuiltinStage<T>::end_step(const std::map<std::string, std::vector<double>>& summed) {
+    if (!o_.train.bias_update) return;
+    std::vector<std::vector<int64_t>> counts;
+    for (int l = model_->first_layer(); l < model_->first_layer() + model_->num_layers(); ++l)
+        if (cfg_.is_moe_layer(l)) {
+            const auto& c = summed.at(expert_counts_name(l));
+            counts.emplace_back(c.begin(), c.end());
+        }
+    model_->update_router_bias(counts);
+}
+
+template <typename T>
+StageFactory builtin_stage_factory(const BuiltinStageOptions& o) {
+    return [o](const StageInfo& info) -> std::unique_ptr<Stage> { return std::make_unique<BuiltinStage<T>>(o, info); };
+}
+
+template class BuiltinStage<float>;
+template class BuiltinStage<double>;
+template StageFactory builtin_stage_factory<float>(const BuiltinStageOptions&);
+template StageFactory builtin_stage_factory<double>(const BuiltinStageOptions&);
+
+}  // namespace duplex

@@ -1,0 +1,56 @@
+// The built-in reference model as a Stage: one ModelStage (a range of layers, the embedding on stage 0, the
+// head and loss on the last) behind the Stage contract, with its routed experts exchanged over the EP group
+// the executor hands it (flat, or node-limited when the group spans nodes), optionally computed on a GPU.
+//
+//   StageFactory f = builtin_stage_factory<float>({.train = train_options, .dispatch = "hierarchical"});
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "runtime/model/stage.hpp"
+#include "runtime/stage.hpp"
+#include "runtime/trainer.hpp"
+
+namespace duplex {
+
+struct BuiltinStageOptions {
+    TrainOptions train;
+    std::string dispatch = "hierarchical";  // EP groups spanning nodes: hierarchical or flat
+};
+
+template <typename T>
+class BuiltinStage : public Stage {
+public:
+    BuiltinStage(const BuiltinStageOptions& o, const StageInfo& info);
+    std::string name() const override { return name_; }
+    TensorSpec input_spec(const Microbatch& mb) const override;
+    TensorSpec output_spec(const Microbatch& mb) const override { return input_spec(mb); }
+    Tensor forward(const Microbatch& mb, const TensorView& input) override;
+    double loss(const Microbatch& mb) override { return model_->loss(mb.id); }
+    Tensor backward_input(const Microbatch& mb, const TensorView& grad_output) override;
+    void backward_weight(const Microbatch& mb) override { model_->backward_weight(mb.id); }
+    std::vector<StateBuffer> state() override;
+    void zero_grad() override { model_->zero_grad(); }
+    std::map<std::string, std::vector<double>> take_statistics() override;
+    void end_step(const std::map<std::string, std::vector<double>>& summed) override;
+
+    ModelStage<T>& model() { return *model_; }
+    // Whether this stage's EP exchanges take the node-limited path.
+    bool hierarchical() const { return hierarchical_; }
+
+private:
+    BuiltinStageOptions o_;
+    ModelConfig cfg_;
+    std::string name_;
+    bool hierarchical_ = false;
+    std::unique_ptr<ModelStage<T>> model_;
+};
+
+template <typename T>
+StageFactory builtin_stage_factory(const BuiltinStageOptions& o);
+
+// "layer{l}.expert_counts": the statistic each MoE layer reports (tokens per expert this step).
+std::string expert_counts_name(int layer);
+
+}  // namespace duplex
