@@ -33,7 +33,7 @@ test-asan: deps
 	@# NOTE: tests labelled `timing` compare wall-clock behaviour (emulate vs simulate within 10%, a killed rank
 	@# noticed within seconds) that a sanitizer's 2-10x slowdown distorts; `make test` runs them.
 	@cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$(CURDIR)/.ci/lsan.supp \
-		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest $(CTEST_ARGS) -LE timing
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest $(CTEST_ARGS) -LE "timing|install"
 
 test-tsan: deps
 	@cmake -S . -B $(TSAN_BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=Debug -DDUPLEX_TSAN=ON -DDUPLEX_WITH_CUDA=OFF \
@@ -46,6 +46,7 @@ bench: build
 	@./scripts/bench-model $(BUILD)
 	@./scripts/bench-ema $(BUILD)
 	@./scripts/bench-emulate $(BUILD)
+	@./scripts/bench-emulate-v3 $(BUILD)
 	@./scripts/bench-dispatch $(BUILD)
 	@./scripts/bench-simulate $(BUILD)
 

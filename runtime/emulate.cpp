@@ -41,6 +41,22 @@ EmulatedStage::EmulatedStage(const EmulateOptions& o, const StageInfo& info, std
         double all = given ? 1.0 / n : o.cost_model.forward_flops(cfg, l, tokens) / total;
         shares_.push_back({l, cfg.is_moe_layer(l), attn, all - attn});
     }
+    if (info.ep_group && info.ep_group->size() > 1) {
+        Communicator& group = *info.ep_group;
+        int sample = std::min(tokens, kSampleTokens);
+        token_scale_ = double(tokens) / sample;
+        ExpertPlacement placement(cfg.experts, group.size());
+        for (int l = first; l < first + n; ++l) {
+            if (!cfg.is_moe_layer(l)) continue;
+            for (int i = 0; i < kRoutingSamples; ++i) {
+                Rng rng(mix(mix(mix(o.seed, uint64_t(l)), uint64_t(i)), uint64_t(info.rank)));
+                std::vector<double> scores(size_t(sample) * cfg.experts);
+                for (double& v : scores) v = 1.0 / (1.0 + std::exp(-rng.normal()));
+                Routing r = route<double>(scores.data(), std::vector<double>(cfg.experts, 0.0), sample, cfg);
+                routed_[l].push_back(plan_dispatch(r.expert, sample, cfg.top_k, placement, group.topology(), group.rank()));
+            }
+        }
+    }
 }
 
 TensorSpec EmulatedStage::input_spec(const Microbatch&) const {
@@ -110,16 +126,13 @@ void EmulatedStage::dispatch(const Microbatch& mb, int layer) {
     const ModelConfig& cfg = o_.model;
     Communicator& group = *info_.ep_group;
     const Topology& tp = group.topology();
-    const int n = group.size(), me = group.rank(), tokens = o_.sequences * cfg.seq_len;
+    const int n = group.size(), me = group.rank();
     const int local = tp.local_size(tp.node(me));
     const double row = double(cfg.hidden) * o_.elem_bytes, elem = o_.elem_bytes;
     bool hierarchical = o_.hierarchical && tp.num_nodes() > 1;
-    Rng rng(mix(mix(mix(o_.seed, uint64_t(mb.step)), uint64_t(mb.global)), uint64_t(layer)));
-    std::vector<double> scores(size_t(tokens) * cfg.experts);
-    for (double& v : scores) v = 1.0 / (1.0 + std::exp(-rng.normal()));
-    Routing r = route<double>(scores.data(), std::vector<double>(cfg.experts, 0.0), tokens, cfg);
-    scores = {};
-    DispatchPlan d = plan_dispatch(r.expert, tokens, cfg.top_k, ExpertPlacement(cfg.experts, n), tp, me);
+    // One of this rank's sampled routings of the layer, scaled to the microbatch.
+    const DispatchPlan& d = routed_.at(layer)[size_t(mb.step + mb.global) % kRoutingSamples];
+    auto scaled = [&](int count) { return int64_t(std::llround(count * token_scale_)); };
     EpPlan plan;
     std::string name = fmt::format("dispatch L{} mb {}", layer, mb.id);
     if (!hierarchical) {
@@ -127,9 +140,10 @@ void EmulatedStage::dispatch(const Microbatch& mb, int layer) {
         std::vector<double> with_meta(n);
         std::vector<std::vector<int64_t>> counts(n);
         for (int p = 0; p < n; ++p) {
-            plan.to_expert[p] = d.slots_to[p] * row;
-            with_meta[p] = d.slots_to[p] * (row + 2 * elem);
-            counts[p] = {int64_t(d.slots_to[p])};
+            int64_t slots = scaled(d.slots_to[p]);
+            plan.to_expert[p] = double(slots) * row;
+            with_meta[p] = double(slots) * (row + 2 * elem);
+            counts[p] = {slots};
         }
         auto got = round(mb, tag_of(mb, layer, 0, 0), with_meta, counts, 1, name);
         plan.from_expert.resize(n);
@@ -141,10 +155,10 @@ void EmulatedStage::dispatch(const Microbatch& mb, int layer) {
         plan.to_relay.resize(n), plan.gates.resize(n);
         std::vector<double> first(n);
         for (int p = 0; p < n; ++p) {
-            counts[p][0] = d.rows_to_relay[p];
+            counts[p][0] = scaled(d.rows_to_relay[p]);
             int64_t slots = 0;
-            for (int q = 0; q < local; ++q) slots += counts[p][1 + q] = d.slots_via_relay[p][q];
-            plan.to_relay[p] = double(d.rows_to_relay[p]) * row;
+            for (int q = 0; q < local; ++q) slots += counts[p][1 + q] = scaled(d.slots_via_relay[p][q]);
+            plan.to_relay[p] = double(counts[p][0]) * row;
             first[p] = plan.to_relay[p] + double(slots) * 3 * elem;
         }
         auto from_src = round(mb, tag_of(mb, layer, 0, 0), first, counts, local + 1, name + " (to nodes)");

@@ -5,9 +5,12 @@
 // delays each by its link's latency + bytes / bandwidth. Expert exchanges (EP > 1) send every EP peer a small
 // header with the time the rank's link would have delivered its real byte count (the rank's total on that link
 // class over the link's bandwidth) plus the counts the next hop needs; the receiver waits for the latest.
-// Byte counts come from a real routing of the microbatch (node-limited top-K on synthetic affinities) through
-// the expert-parallel plan (parallel/plan.hpp), for the flat path (one copy per expert) or the node-limited
-// one (a row per target node, then forwarded per slot). Exchanges wait through the executor, so in an F&B pair
+// Byte counts come from a real routing (node-limited top-K on synthetic affinities) through the expert-parallel
+// plan (parallel/plan.hpp), for the flat path (one copy per expert) or the node-limited one (a row per target
+// node, then forwarded per slot). Routing every token of every microbatch would cost more CPU than the
+// emulated compute it stands beside (DeepSeek-V3: 16K tokens x 256 experts per layer and microbatch), so each
+// stage routes kRoutingSamples samples of up to kSampleTokens tokens per MoE layer once, at construction, and a
+// microbatch uses one of them with its counts scaled to its token count. Exchanges wait through the executor, so in an F&B pair
 // the other half computes meanwhile (the executor runs emulate with one compute stream per rank).
 #pragma once
 
@@ -19,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "parallel/plan.hpp"
 #include "runtime/cost_model.hpp"
 #include "runtime/stage.hpp"
 
@@ -62,6 +66,7 @@ public:
     struct EpPlan {  // nominal bytes per EP peer of the four hops
         std::vector<double> to_relay, to_expert, from_expert, from_relay, gates;
     };
+    static constexpr int kRoutingSamples = 4, kSampleTokens = 512;
 
 private:
     void compute(double seconds, const Microbatch& mb);
@@ -80,6 +85,8 @@ private:
     std::shared_ptr<EmulatedBytes> bytes_;
     std::mutex mutex_;
     std::map<std::pair<int, int>, EpPlan> plans_;  // by (microbatch, layer)
+    std::map<int, std::vector<DispatchPlan>> routed_;  // by MoE layer: the sampled routings' dispatch plans
+    double token_scale_ = 1;                            // tokens per microbatch / tokens per sample
 };
 
 }  // namespace duplex

@@ -340,8 +340,13 @@ ExecutorStep Executor::run(const std::map<int, Stage*>& stages, const std::funct
             case Op::BW: r.backward(in, in.b, true, false); break;
             case Op::W: r.weight(in.b); break;
             case Op::FB: {
+                if (in.f.stage == in.b.stage) {  // one stage object: its calls stay in order
+                    r.forward(in, in.f, false);
+                    r.backward(in, in.b, true, false);
+                    break;
+                }
                 // The forward on a helper thread, the backward here: whichever waits (for its input, a dispatch
-                // or a combine) lets the other compute.
+                // or a combine) lets the other compute. Two different stages: a stage never sees concurrent calls.
                 std::exception_ptr failed;
                 std::thread helper([&] {
                     try {

@@ -121,6 +121,8 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
     if (custom_stages) {
         plan.validate(o.microbatches, p.ep);  // EP groups are the caller's to use: any EP dividing DP
         RankGrid::validate({plan.pipeline_ranks(), p.dp, p.ep}, world_size, p.ep);
+        DUPLEX_CHECK_ARG(p.layers == 0 || p.layers >= p.pp, "layers", "{} layers cannot fill {} pipeline stages",
+                         p.layers, p.pp);
         DUPLEX_CHECK_ARG(!p.emulate, "--mode", "emulate runs the built-in model's cost model, not custom stages");
         return;
     }
@@ -158,7 +160,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     if (p.ep > 1 && !p.emulate) I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
     I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
 
-    int layers = I.custom ? 0 : o.model_config().layers;
+    int layers = I.custom ? p.layers : o.model_config().layers;
     if (!factory) {
         if (p.emulate) {
             EmulateOptions eo;

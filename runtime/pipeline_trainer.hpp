@@ -38,6 +38,9 @@ struct PipelineOptions {
     int pp = 2;  // pipeline stages of the model (DualPipeV runs them on pp/2 ranks)
     int dp = 1;
     int ep = 1;
+    // Custom stages: the model's layer count, split over the stages into StageInfo::first_layer/num_layers
+    // (layers_of_stage). The built-in model takes its own.
+    int layers = 0;
     // EP groups spanning several (virtual) nodes: "hierarchical" (node-limited, two hops; the default) or
     // "flat" (one copy per expert straight to its rank — the baseline the hierarchical path is measured against).
     std::string dispatch = "hierarchical";

@@ -16,6 +16,8 @@
 //
 // Waits inside a stage call (an expert dispatch or combine) go through the StageContext of the call, so the
 // executor, not the stage, decides what runs during them: inside a DualPipe F&B pair the other half computes.
+// Threads: calls on one Stage object never overlap; the two halves of an F&B pair call two different stages
+// of the rank from two threads at once.
 //
 //   class MyStage : public Stage { ... };
 //   StageFactory f = [](const StageInfo& info) { return std::make_unique<MyStage>(info); };

@@ -49,10 +49,10 @@ size_t parse_size(const std::string& text, const char* flag) {
 }
 
 void print_header(const CommBenchResult& r, const Args& a) {
-    fmt::print("# duplex commbench: {} on {} ranks ({} node{}), backend {}, {} iterations after {} warm-up\n",
+    fmt::print(human(), "# duplex commbench: {} on {} ranks ({} node{}), backend {}, {} iterations after {} warm-up\n",
                a.bench.op, r.ranks, r.nodes, r.nodes == 1 ? "" : "s", r.backend, a.bench.iters, a.bench.warmup);
-    if (a.bench.op == "alltoallv") fmt::print("# per-peer counts: Zipf skew {} seed {}\n", a.bench.skew, a.bench.seed);
-    fmt::print("#\n# {:>10} {:>12} {:>8} {:>10} {:>11} {:>11} {:>7}{}\n", "size(B)", "count", "type", "time(us)",
+    if (a.bench.op == "alltoallv") fmt::print(human(), "# per-peer counts: Zipf skew {} seed {}\n", a.bench.skew, a.bench.seed);
+    fmt::print(human(), "#\n# {:>10} {:>12} {:>8} {:>10} {:>11} {:>11} {:>7}{}\n", "size(B)", "count", "type", "time(us)",
                "algbw(GB/s)", "busbw(GB/s)", "#wrong", a.bench.compare_mpi ? "    mpi(us)  ours/mpi" : "");
 }
 
@@ -60,9 +60,9 @@ void print_row(const CommBenchRow& row, const Args& a) {
     std::string extra;
     if (a.bench.compare_mpi)
         extra = fmt::format(" {:>10.2f} {:>9.2f}", row.mpi_time_us, row.mpi_time_us > 0 ? row.time_us / row.mpi_time_us : 0);
-    fmt::print("  {:>10} {:>12} {:>8} {:>10.2f} {:>11.3f} {:>11.3f} {:>7}{}\n", row.bytes, row.count, row.type,
+    fmt::print(human(), "  {:>10} {:>12} {:>8} {:>10.2f} {:>11.3f} {:>11.3f} {:>7}{}\n", row.bytes, row.count, row.type,
                row.time_us, row.algbw_gbs, row.busbw_gbs, row.wrong, extra);
-    std::fflush(stdout);
+    std::fflush(human());
 }
 
 int run_cuda(Args& a) {
@@ -139,17 +139,17 @@ int run(Args& a) {
     if (result.ranks == 0) return 0;  // not rank 0 of a process backend
     uint64_t wrong = 0;
     for (auto& row : result.rows) wrong += row.wrong;
-    fmt::print("# Out of bounds values : {} {}\n", wrong, wrong ? "FAILED" : "OK");
-    fmt::print("# Avg bus bandwidth    : {:.3f} GB/s\n", result.avg_busbw_gbs);
+    fmt::print(human(), "# Out of bounds values : {} {}\n", wrong, wrong ? "FAILED" : "OK");
+    fmt::print(human(), "# Avg bus bandwidth    : {:.3f} GB/s\n", result.avg_busbw_gbs);
     double per_rank_ceiling = ceiling_gbs / result.ranks;
     if (ceiling_gbs > 0) {
-        fmt::print("# Copy ceiling         : memcpy {:.2f} GB/s over {} cores / {} ranks = {:.3f} GB/s busbw per rank\n",
+        fmt::print(human(), "# Copy ceiling         : memcpy {:.2f} GB/s over {} cores / {} ranks = {:.3f} GB/s busbw per rank\n",
                    ceiling_gbs, cores, result.ranks, per_rank_ceiling);
         if (!result.rows.empty())
-            fmt::print("# busbw / ceiling      : {:.2f} at {} bytes\n", result.rows.back().busbw_gbs / per_rank_ceiling,
+            fmt::print(human(), "# busbw / ceiling      : {:.2f} at {} bytes\n", result.rows.back().busbw_gbs / per_rank_ceiling,
                        result.rows.back().bytes);
     }
-    fmt::print("# Bytes sent by rank 0 : intra-node {}, inter-node {}\n", result.bytes_sent.intra_node,
+    fmt::print(human(), "# Bytes sent by rank 0 : intra-node {}, inter-node {}\n", result.bytes_sent.intra_node,
                result.bytes_sent.inter_node);
     if (!a.json.empty()) {
         nlohmann::json j;
@@ -175,7 +175,7 @@ int run(Args& a) {
             j["rows"].push_back(r);
         }
         write_text_file(a.json, j.dump(2) + "\n", "--json");
-        fmt::print("# JSON written to {}\n", a.json);
+        note_written("JSON", a.json);
     }
     return wrong ? 1 : 0;
 }
@@ -219,11 +219,12 @@ Command add_commbench(CLI::App& app) {
                   "also time plain MPI (MPI_Alltoallv, ...) on the same buffers; needs mpirun");
     cmd->add_flag("--bind", a->launch.bind_cores, "bind each rank to a core (hwloc)");
     cmd->add_flag("!--no-ceiling", a->ceiling, "inproc: skip measuring the memcpy copy ceiling");
-    cmd->add_option("--json", a->json, "also write the rows as JSON to this file");
+    cmd->add_option("--json", a->json, "also write the rows as JSON to this file; - for standard output");
     cmd->add_option("--sms", a->sms, "cuda: SM budgets of the exchange kernel to measure")->capture_default_str();
     cmd->add_option("--hidden", a->gpu.hidden, "cuda: row width in floats")->capture_default_str();
     cmd->add_option("--top-k", a->gpu.top_k, "cuda: slots per token (to distinct virtual ranks)")->capture_default_str();
     return [a, min_b, max_b, cmd] {
+        json_target(a->json);
         a->bench.min_bytes = parse_size(*min_b, "-b");
         a->bench.max_bytes = parse_size(*max_b, "-e");
         a->ranks_given = cmd->get_option("--ranks")->count() > 0;

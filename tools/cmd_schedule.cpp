@@ -17,7 +17,7 @@ struct Args {
     int microbatches = 20;
     sched::Costs costs;
     std::string svg;
-    bool json = false;
+    std::string json;
     bool text = false;
 };
 
@@ -39,7 +39,7 @@ int run(const Args& a) {
     bool exact = sched::formula_is_exact(kind, a.costs);
     double max_idle = *std::max_element(r.idle.begin(), r.idle.end());
     if (!a.svg.empty()) write_text_file(a.svg, sched::render_svg(s, r, a.costs), "--svg");
-    if (a.json) {
+    if (!a.json.empty()) {
         nlohmann::json j;
         j["kind"] = a.kind;
         j["pp"] = a.pp;
@@ -59,24 +59,24 @@ int run(const Args& a) {
             for (const auto& in : list) l.push_back(instr_json(in));
             j["instructions"].push_back(l);
         }
-        fmt::print("{}\n", j.dump());
-        return 0;
+        write_text_file(a.json, j.dump() + "\n", "--json");
+        note_written("JSON", a.json);
     }
-    fmt::print("# {} schedule: PP={} on {} ranks, {} microbatches; costs F={} B={} W={} F&B={} p2p={}\n", a.kind, a.pp,
+    fmt::print(human(), "# {} schedule: PP={} on {} ranks, {} microbatches; costs F={} B={} W={} F&B={} p2p={}\n", a.kind, a.pp,
                s.num_ranks, a.microbatches, a.costs.f, a.costs.b, a.costs.w, a.costs.fb_cost(), a.costs.p2p);
-    fmt::print("# {:>4} {:>4} {:>4} {:>4} {:>4} {:>4} {:>8} {:>8} {:>6} {:>7}\n", "rank", "F", "B", "W", "BW", "F&B",
+    fmt::print(human(), "# {:>4} {:>4} {:>4} {:>4} {:>4} {:>4} {:>8} {:>8} {:>6} {:>7}\n", "rank", "F", "B", "W", "BW", "F&B",
                "busy", "idle", "peak", "params");
     for (int rank = 0; rank < s.num_ranks; ++rank) {
         sched::OpCounts c = sched::count_ops(s.ranks[rank]);
-        fmt::print("  {:>4} {:>4} {:>4} {:>4} {:>4} {:>4} {:>8g} {:>8g} {:>6} {:>7}\n", rank, c.f, c.b, c.w, c.bw, c.fb,
+        fmt::print(human(), "  {:>4} {:>4} {:>4} {:>4} {:>4} {:>4} {:>8g} {:>8g} {:>6} {:>7}\n", rank, c.f, c.b, c.w, c.bw, c.fb,
                    r.busy[rank], r.idle[rank], r.peak_activations[rank], r.param_copies[rank]);
     }
-    fmt::print("# makespan             : {:g}\n", r.makespan);
-    fmt::print("# bubble per rank      : max {:g}, min {:g}\n", max_idle, *std::min_element(r.idle.begin(), r.idle.end()));
-    fmt::print("# published formula    : {:g} ({})\n", formula,
+    fmt::print(human(), "# makespan             : {:g}\n", r.makespan);
+    fmt::print(human(), "# bubble per rank      : max {:g}, min {:g}\n", max_idle, *std::min_element(r.idle.begin(), r.idle.end()));
+    fmt::print(human(), "# published formula    : {:g} ({})\n", formula,
                exact ? "exact for these costs" : "an estimate: exact only when B-W = F and p2p = 0");
-    if (a.text) fmt::print("\n{}", sched::render_text(s, r));
-    if (!a.svg.empty()) fmt::print("# SVG timeline written to {}\n", a.svg);
+    if (a.text) fmt::print(human(), "\n{}", sched::render_text(s, r));
+    if (!a.svg.empty()) fmt::print(human(), "# SVG timeline written to {}\n", a.svg);
     return 0;
 }
 
@@ -97,9 +97,14 @@ Command add_schedule(CLI::App& app) {
     cmd->add_option("--cost-fb", a->costs.fb, "cost of an overlapped forward+backward pair (default F+B)");
     cmd->add_option("--p2p-latency", a->costs.p2p, "latency of a transfer between ranks")->capture_default_str();
     cmd->add_option("--svg", a->svg, "write an SVG timeline to this file");
-    cmd->add_flag("--json", a->json, "print one JSON object instead of the table");
+    cmd->add_option("--json", a->json, "write the plan (instructions, makespan, idle, peak activations) as JSON to this "
+                    "file; - for standard output (the table then goes to standard error)");
     cmd->add_flag("--text", a->text, "also draw the timeline in the terminal");
-    return [a] { return run(*a); };
+    return [a] {
+        json_target(a->json);
+        check_writable(a->json, "--json");
+        return run(*a);
+    };
 }
 
 }  // namespace duplex::tools

@@ -93,10 +93,10 @@ SimOptions options_of(const Args& a) {
 
 void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig& cl, const Args& a,
                   const std::string& kind, double seconds) {
-    fmt::print("# duplex simulate: {} ({:.0f}B parameters, {:.1f}B activated) on {} ({} GPUs, {} per node, {})\n",
+    fmt::print(human(), "# duplex simulate: {} ({:.0f}B parameters, {:.1f}B activated) on {} ({} GPUs, {} per node, {})\n",
                m.name, m.total_params() / 1e9, m.activated_params() / 1e9, cl.name, r.gpus, cl.device.gpus_per_node,
                cl.device.name);
-    fmt::print("# {} PP={} x DP={} (EP={}, expert-DP={}), {} microbatches of {} x {} tokens per replica; {}{}, {} SMs "
+    fmt::print(human(), "# {} PP={} x DP={} (EP={}, expert-DP={}), {} microbatches of {} x {} tokens per replica; {}{}, {} SMs "
                "for communication, {} dispatch\n",
                kind, r.pp, r.dp, r.ep, r.edp, r.microbatches, a.mb_sequences, m.seq_len, a.no_fp8 ? "BF16" : "FP8",
                a.no_recompute ? "" : " + recompute", a.comm_sms >= 0 ? a.comm_sms : cl.device.comm_sms, a.dispatch);
@@ -106,27 +106,27 @@ void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig&
         gb(r.memory_total_bytes), gb(r.memory_capacity_bytes), gb(mem["parameters"]), gb(mem["gradients"]),
         gb(mem["optimizer"]), gb(mem["activations"]), gb(mem["communication_buffers"]));
     if (!r.fits && !a.ignore_memory) {
-        fmt::print("DOES NOT FIT   memory per GPU {}\n", mem_line);
+        fmt::print(human(), "DOES NOT FIT   memory per GPU {}\n", mem_line);
         return;
     }
-    fmt::print("step time      {:.4g} s (pipeline {:.4g} s + gradient sync {:.4g} s)\n", r.step_time_s, r.pipeline_s,
+    fmt::print(human(), "step time      {:.4g} s (pipeline {:.4g} s + gradient sync {:.4g} s)\n", r.step_time_s, r.pipeline_s,
                r.exposed_comm_s.at("data_parallel"));
-    fmt::print("bubble         {:.1f}% of the pipeline\n", 100 * r.bubble_fraction);
-    fmt::print("exposed comm   expert {:.4g} s, pipeline {:.4g} s, data-parallel {:.4g} s\n",
+    fmt::print(human(), "bubble         {:.1f}% of the pipeline\n", 100 * r.bubble_fraction);
+    fmt::print(human(), "exposed comm   expert {:.4g} s, pipeline {:.4g} s, data-parallel {:.4g} s\n",
                r.exposed_comm_s.at("expert"), r.exposed_comm_s.at("pipeline"), r.exposed_comm_s.at("data_parallel"));
-    fmt::print("throughput     {:.0f} tokens/s/GPU, {:.0f} TFLOP/s/GPU achieved (MFU {:.1f}% of {:.0f} TFLOP/s BF16)\n",
+    fmt::print(human(), "throughput     {:.0f} tokens/s/GPU, {:.0f} TFLOP/s/GPU achieved (MFU {:.1f}% of {:.0f} TFLOP/s BF16)\n",
                r.tokens_per_s_per_gpu, r.achieved_flops_s / 1e12, 100 * r.mfu, cl.device.bf16_flops / 1e12);
-    fmt::print("cost           {:.1f}K GPU-hours per trillion tokens{}\n", r.gpu_hours_per_trillion_tokens / 1e3,
+    fmt::print(human(), "cost           {:.1f}K GPU-hours per trillion tokens{}\n", r.gpu_hours_per_trillion_tokens / 1e3,
                m.name == "deepseek-v3" ? fmt::format(" (published for DeepSeek-V3 on H800: 180K, {:+.1f}%)",
                                                      100 * (r.gpu_hours_per_trillion_tokens / 180e3 - 1))
                                        : "");
-    fmt::print("memory per GPU {}{}\n", mem_line, r.fits ? "" : "  -- DOES NOT FIT (simulated anyway: --ignore-memory)");
+    fmt::print(human(), "memory per GPU {}{}\n", mem_line, r.fits ? "" : "  -- DOES NOT FIT (simulated anyway: --ignore-memory)");
     int mid = r.pp / 2;
-    fmt::print("stage {} chunk F {:.4g} ms, B {:.4g} ms (W {:.4g} ms); expert exchanges per chunk: forward {:.4g} ms, "
+    fmt::print(human(), "stage {} chunk F {:.4g} ms, B {:.4g} ms (W {:.4g} ms); expert exchanges per chunk: forward {:.4g} ms, "
                "backward {:.4g} ms; P2P {:.4g} ms\n",
                mid, r.stage_costs[mid].f * 1e3, r.stage_costs[mid].b * 1e3, r.stage_costs[mid].w * 1e3,
                r.stage_ep_forward_s[mid] * 1e3, r.stage_ep_backward_s[mid] * 1e3, r.p2p_s * 1e3);
-    fmt::print("# simulated in {:.3f} s\n", seconds);
+    fmt::print(human(), "# simulated in {:.3f} s\n", seconds);
 }
 
 int run(const Args& a) {
@@ -167,7 +167,7 @@ int run(const Args& a) {
         print_report(r, m, cl, a, kinds[0], seconds);
         if (!a.json.empty()) {
             write_text_file(a.json, result_json(r, m, cl, kinds[0], r.fits || a.ignore_memory).dump(1) + "\n", "--json");
-            fmt::print("# metrics written to {}\n", a.json);
+            note_written("metrics", a.json);
         }
         if (!r.fits && !a.ignore_memory) {
             fmt::print(stderr,
@@ -189,12 +189,12 @@ int run(const Args& a) {
             sched::Costs costs{1, c.b / unit, c.w / unit, -1, 0};
             if (!a.svg.empty()) {
                 write_text_file(a.svg, sched::render_svg(r.schedule, scaled, costs), "--svg");
-                fmt::print("# timeline written to {} (time unit: stage {} forward chunk, {:.2f} ms)\n", a.svg, r.pp / 2,
+                fmt::print(human(), "# timeline written to {} (time unit: stage {} forward chunk, {:.2f} ms)\n", a.svg, r.pp / 2,
                            unit * 1e3);
             }
             if (!a.trace.empty()) {
                 write_text_file(a.trace, sim_trace_json(r), "--trace");
-                fmt::print("# trace written to {} (open in ui.perfetto.dev)\n", a.trace);
+                fmt::print(human(), "# trace written to {} (open in ui.perfetto.dev)\n", a.trace);
             }
         }
         return 0;
@@ -239,20 +239,20 @@ int run(const Args& a) {
                            w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
                            w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
     write_text_file(a.csv, csv, "--csv");
-    fmt::print("# swept {} layouts of {} on {} in {:.2f} s ({} could not run); CSV: {}\n", total, m.name, cl.name,
+    fmt::print(human(), "# swept {} layouts of {} on {} in {:.2f} s ({} could not run); CSV: {}\n", total, m.name, cl.name,
                sw.seconds(), rejected.size(), a.csv);
-    for (size_t i = 0; i < std::min<size_t>(rejected.size(), 5); ++i) fmt::print("#   rejected: {}\n", rejected[i]);
+    for (size_t i = 0; i < std::min<size_t>(rejected.size(), 5); ++i) fmt::print(human(), "#   rejected: {}\n", rejected[i]);
     std::vector<const Row*> fit;
     for (const Row& w : rows)
         if (w.r.fits) fit.push_back(&w);
     std::sort(fit.begin(), fit.end(),
               [](const Row* x, const Row* y) { return x->r.tokens_per_s_per_gpu > y->r.tokens_per_s_per_gpu; });
-    fmt::print("# best layouts that fit in {} GB ({} of {}):\n", gb(cl.device.memory_bytes), fit.size(), rows.size());
-    fmt::print("{:>10} {:>4} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp", "ep", "dp", "mb",
+    fmt::print(human(), "# best layouts that fit in {} GB ({} of {}):\n", gb(cl.device.memory_bytes), fit.size(), rows.size());
+    fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp", "ep", "dp", "mb",
                "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
     for (size_t i = 0; i < std::min<size_t>(fit.size(), size_t(a.top)); ++i) {
         const Row& w = *fit[i];
-        fmt::print("{:>10} {:>4} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n", w.kind,
+        fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n", w.kind,
                    w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
                    w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens / 1e3, w.r.memory_total_bytes / 1e9);
     }
@@ -305,12 +305,15 @@ Command add_simulate(CLI::App& app) {
     cmd->add_flag("--ignore-memory", a->ignore_memory, "simulate a layout that does not fit in GPU memory");
     cmd->add_option("--svg", a->svg, "write the replayed pipeline as an SVG timeline");
     cmd->add_option("--trace", a->trace, "write the replayed pipeline as Chrome-trace JSON");
-    cmd->add_option("--json", a->json, "write the result as JSON");
+    cmd->add_option("--json", a->json, "write the result as JSON to this file; - for standard output");
     cmd->add_flag("--sweep", a->sweep, "sweep mode even for single values (lists in --pp/--ep/--microbatches/--schedule "
                                      "sweep by themselves)");
     cmd->add_option("--csv", a->csv, "sweep: where the CSV goes")->capture_default_str();
     cmd->add_option("--top", a->top, "sweep: how many of the best layouts to print")->capture_default_str();
-    return [a] { return run(*a); };
+    return [a] {
+        json_target(a->json);
+        return run(*a);
+    };
 }
 
 }  // namespace duplex::tools

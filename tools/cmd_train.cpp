@@ -1,5 +1,5 @@
-// duplex train: training runs. Today the single-rank reference (--ranks 1); the distributed executor
-// (--pp/--dp/--ep and schedules) arrives with the runtime issue.
+// duplex train: training runs of the built-in model: the single-rank reference (--ranks 1, the default without a
+// layout) or a distributed layout (--pp/--dp/--ep and a schedule) through the one executor, in math or emulate mode.
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -11,7 +11,9 @@
 #include "comm/launch.hpp"
 #include "core/error.hpp"
 #include "parallel/schedule.hpp"
+#include "parallel/plan.hpp"
 #include "runtime/pipeline_trainer.hpp"
+#include "runtime/reference.hpp"
 #include "runtime/trainer.hpp"
 #include "tools/commands.hpp"
 
@@ -44,9 +46,9 @@ int run_typed(const Args& a) {
     o.bias_update = !a.no_bias_update;
     ReferenceTrainer<T> trainer(o);
     const ModelConfig& c = trainer.model().config();
-    fmt::print("# duplex train: model {} ({} parameters, {} layers, {} routed experts top-{}), 1 rank, {}\n", c.name,
+    fmt::print(human(), "# duplex train: model {} ({} parameters, {} layers, {} routed experts top-{}), 1 rank, {}\n", c.name,
                c.num_parameters(), c.layers, c.experts, c.top_k, a.fp64 ? "fp64" : "fp32");
-    fmt::print("# {} steps x {} microbatches x {} sequences x {} tokens; lr {}; recompute {}; bias update {}; experts "
+    fmt::print(human(), "# {} steps x {} microbatches x {} sequences x {} tokens; lr {}; recompute {}; bias update {}; experts "
                "on {}\n", o.steps, o.microbatches, o.sequences_per_microbatch, c.seq_len, o.lr, o.recompute ? "on" : "off",
                o.bias_update ? "on" : "off", o.device);
     nlohmann::json steps = nlohmann::json::array();
@@ -61,12 +63,12 @@ int run_typed(const Args& a) {
                          {"step_time_s", m.step_time_s},
                          {"tokens_per_s", m.tokens_per_s}});
         if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
-            fmt::print("step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  MaxVio {:6.3f}  |g| {:7.3f}\n", m.step, m.loss,
+            fmt::print(human(), "step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  MaxVio {:6.3f}  |g| {:7.3f}\n", m.step, m.loss,
                        m.tokens_per_s, m.max_vio, m.grad_norm);
-        std::fflush(stdout);
+        std::fflush(human());
     });
     double last = metrics.back().loss;
-    fmt::print("# loss {:.4f} -> {:.4f} ({:.1f}% of the initial); peak activation bytes {}\n", first_loss, last,
+    fmt::print(human(), "# loss {:.4f} -> {:.4f} ({:.1f}% of the initial); peak activation bytes {}\n", first_loss, last,
                100.0 * last / first_loss, trainer.model().ledger().peak("activations"));
     if (!a.json.empty()) {
         nlohmann::json j = {{"model", c.name},
@@ -76,7 +78,7 @@ int run_typed(const Args& a) {
                             {"peak_activation_bytes", trainer.model().ledger().peak("activations")},
                             {"steps", steps}};
         write_text_file(a.json, j.dump(1) + "\n", "--json");
-        fmt::print("# metrics written to {}\n", a.json);
+        note_written("metrics", a.json);
     }
     return 0;
 }
@@ -101,8 +103,9 @@ int run_distributed(const Args& a) {
     }
     TrainOptions o = a.train;
     o.bias_update = !a.no_bias_update;
-    int pipeline_ranks = p.schedule == sched::ScheduleKind::DualPipeV ? p.pp / 2 : p.pp;
-    int world_size = pipeline_ranks * p.dp;
+    RunPlan plan{p.schedule, p.pp, p.dp, p.ep};
+    plan.validate(o.microbatches, o.model_config().experts);
+    int world_size = plan.world_size();
     LaunchOptions l;
     l.backend = a.backend;
     l.ranks = world_size;
@@ -126,28 +129,28 @@ int run_distributed(const Args& a) {
         if (lead && p.emulate) {
             sched::Schedule sch = sched::generate(p.schedule, p.pp, o.microbatches);
             // A middle stage, costed as the executor costs it (its own layers, recompute or not).
-            int mid = p.pp / 2, first = mid * mc.layers / p.pp, n = (mid + 1) * mc.layers / p.pp - first;
+            LayerRange mid = plan.layers_of_stage(p.pp / 2, mc.layers);
             ChunkCosts cc = p.emulate_costs.f > 0
                                 ? p.emulate_costs
-                                : p.cost_model.chunk(mc, first, n, o.sequences_per_microbatch * mc.seq_len,
+                                : p.cost_model.chunk(mc, mid.first, mid.count, o.sequences_per_microbatch * mc.seq_len,
                                                      {false, o.recompute});
             double act_bytes = double(o.sequences_per_microbatch) * mc.seq_len * mc.hidden * sizeof(T);
             sched::Costs sc{cc.f, cc.b, cc.w, cc.fb, p.cost_model.transfer_s(act_bytes, LinkClass::IntraNode)};
             sched::Replay rp = sched::replay(sch, sc);
-            fmt::print("# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
+            fmt::print(human(), "# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
                        "the schedule replay predicts {:.4g} ms per step\n",
                        cc.f * 1e3, cc.b * 1e3, cc.w * 1e3, cc.fb * 1e3, sc.p2p * 1e3, rp.makespan * 1e3);
             if (cc.f < 1e-3)
-                fmt::print("# note: emulated chunks under 1 ms are dominated by timer and thread overheads on a CPU; "
+                fmt::print(human(), "# note: emulated chunks under 1 ms are dominated by timer and thread overheads on a CPU; "
                            "raise --time-scale (e.g. {:.0f}) or give --cost-f/--cost-b/--cost-w\n",
                            std::ceil(5e-3 / std::max(cc.f, 1e-12) * p.cost_model.device().time_scale));
         }
         const ModelConfig& c = mc;
         if (lead) {
-            fmt::print("# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}{}\n", c.name,
+            fmt::print(human(), "# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}{}\n", c.name,
                        c.num_parameters(), world_size, world->backend(), a.schedule, p.pp, p.dp, p.ep,
                        a.fp64 ? "fp64" : "fp32", o.device == "cpu" ? "" : ", routed experts on " + o.device);
-            fmt::print("# {} steps x {} microbatches per replica x {} sequences x {} tokens{}\n", o.steps, o.microbatches,
+            fmt::print(human(), "# {} steps x {} microbatches per replica x {} sequences x {} tokens{}\n", o.steps, o.microbatches,
                        o.sequences_per_microbatch, c.seq_len, p.emulate ? " (emulated compute)" : "");
         }
         nlohmann::json steps = nlohmann::json::array();
@@ -177,14 +180,14 @@ int run_distributed(const Args& a) {
             }
             steps.push_back(j);
             if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
-                fmt::print("step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n",
+                fmt::print(human(), "step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n",
                            m.step, p.emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss),
                            m.step_time_s * 1e3, m.tokens_per_s, 100 * m.bubble_fraction,
                            std::isnan(m.comm_hidden_fraction) ? std::string("  -  ")
                                                               : fmt::format("{:5.1f}%", 100 * m.comm_hidden_fraction),
                            p.emulate ? std::string() : fmt::format("  MaxVio {:6.3f}  |g| {:7.3f}", m.max_vio, m.grad_norm),
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
-            std::fflush(stdout);
+            std::fflush(human());
         }
         LinkBytes eb = trainer.expert_bytes_sent();
         int64_t ep_bytes[2] = {int64_t(eb.intra_node), int64_t(eb.inter_node)};
@@ -203,17 +206,17 @@ int run_distributed(const Args& a) {
                               {"dtype", a.fp64 ? "fp64" : "fp32"},
                               {"steps", steps}};
         if (!p.emulate)
-            fmt::print("# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
+            fmt::print(human(), "# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
         out["mode"] = a.mode;
         if (p.ep > 1 && o.exchange_on != "host") {
             out["exchange_on"] = o.exchange_on;
-            fmt::print("# expert dispatch/combine rows moved by the exchange kernel on the GPU ({} SMs; the "
+            fmt::print(human(), "# expert dispatch/combine rows moved by the exchange kernel on the GPU ({} SMs; the "
                        "communicator's byte counters do not see them)\n",
                        o.comm_sms);
         } else if (p.ep > 1) {
             out["expert_bytes"] = {{"intra_node", ep_bytes[0]}, {"inter_node", ep_bytes[1]}};
             out["dispatch"] = trainer.dispatch_path();
-            fmt::print("# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes, {} "
+            fmt::print(human(), "# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes, {} "
                        "dispatch)\n",
                        ep_bytes[0], ep_bytes[1], world->topology().num_nodes(), trainer.dispatch_path());
             // Per token, MoE layer and direction (dispatch, combine and their two gradients), against the
@@ -224,34 +227,22 @@ int run_distributed(const Args& a) {
             double bound = double(c.top_groups) * c.hidden * (a.fp64 ? 8 : 4);
             out["expert_bytes"]["inter_node_per_token_direction"] = per;
             out["expert_bytes"]["node_limited_bound"] = bound;
-            fmt::print("# inter-node bytes per token, MoE layer and direction: {:.1f} (bound M x hidden x elem = {:.0f})\n",
+            fmt::print(human(), "# inter-node bytes per token, MoE layer and direction: {:.1f} (bound M x hidden x elem = {:.0f})\n",
                        per, bound);
         }
         if (ref) {
-            double worst_param = 0;
-            for (Param<T>* prm : ref->model().parameters()) {
-                const auto& have = params.at(prm->name);
-                double diff = 0, norm = 0;
-                for (size_t i = 0; i < have.size(); ++i) {
-                    diff += double(have[i] - prm->value[i]) * double(have[i] - prm->value[i]);
-                    norm += double(prm->value[i]) * double(prm->value[i]);
-                }
-                worst_param = std::max(worst_param, std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30));
-            }
+            std::map<std::string, std::vector<T>> want;
+            for (Param<T>* prm : ref->model().parameters()) want[prm->name] = prm->value;
+            ParamDiff d = compare_parameters(params, want);
             out["reference_max_loss_diff"] = worst_loss_diff;
-            out["reference_max_param_rel_diff"] = worst_param;
-            fmt::print("# against the single-rank reference: max loss rel diff {:.3g}, max parameter rel diff {:.3g}\n",
-                       worst_loss_diff, worst_param);
-            // The tolerances of the equivalence tests: fp32 sums in another order (experts spread over ranks
-            // see other GEMM row counts) drift in the last bits; fp64 shows the algorithm is exact.
-            double loss_tol = a.fp64 ? 1e-12 : 1e-5, param_tol = a.fp64 ? 1e-12 : (p.ep > 1 ? 5e-5 : 1e-5);
-            // On a GPU cuBLAS picks its kernels (and summation orders) by shape, and expert row counts differ
-            // between the spread-out run and the single rank.
-            if (o.device != "cpu") loss_tol = 1e-4, param_tol = 1e-3;
-            if (worst_loss_diff > loss_tol || worst_param > param_tol) {
+            out["reference_max_param_rel_diff"] = d.worst;
+            fmt::print(human(), "# against the single-rank reference: max loss rel diff {:.3g}, max parameter rel diff {:.3g}{}\n",
+                       worst_loss_diff, d.worst, d.worst_name.empty() ? "" : " (" + d.worst_name + ")");
+            Tolerance tol = reference_tolerance(a.fp64, p.ep, o.device != "cpu");
+            if (worst_loss_diff > tol.loss || d.worst > tol.param) {
                 mismatch = true;
                 fmt::print(stderr, "duplex train: MISMATCH with the reference (allowed: loss {:.0e}, parameters {:.0e})\n",
-                           loss_tol, param_tol);
+                           tol.loss, tol.param);
             }
         }
         if (p.ema_decay > 0) {
@@ -259,17 +250,17 @@ int run_distributed(const Args& a) {
             double live = evaluate_loss<T>(c, params, eval), smoothed = evaluate_loss<T>(c, ema, eval);
             out["eval_loss"] = live;
             out["ema_eval_loss"] = smoothed;
-            fmt::print("# held-out batch: loss {:.4f} with the trained weights, {:.4f} with their EMA (decay {})\n", live,
+            fmt::print(human(), "# held-out batch: loss {:.4f} with the trained weights, {:.4f} with their EMA (decay {})\n", live,
                        smoothed, p.ema_decay);
         }
         if (!a.trace.empty()) {
             write_chrome_trace(a.trace, traces);
-            fmt::print("# trace of {} ranks written to {} (open in ui.perfetto.dev or chrome://tracing)\n",
+            fmt::print(human(), "# trace of {} ranks written to {} (open in ui.perfetto.dev or chrome://tracing)\n",
                        traces.size(), a.trace);
         }
         if (!a.json.empty()) {
             write_text_file(a.json, out.dump(1) + "\n", "--json");
-            fmt::print("# metrics written to {}\n", a.json);
+            note_written("metrics", a.json);
         }
     });
     return mismatch ? 1 : 0;
@@ -282,7 +273,9 @@ Command add_train(CLI::App& app) {
     auto* cmd = app.add_subcommand("train",
                                    "Train the built-in DeepSeek-V3-style MoE model on the synthetic task.\n"
                                    "Example: duplex train --ranks 1 --model tiny --steps 300 --json metrics.json");
-    cmd->add_option("--ranks", a->ranks, "1: the single-rank reference (the default without --pp/--dp)")
+    cmd->add_option("--ranks", a->ranks,
+                    "1: the single-rank reference (the default without --pp/--dp/--ep/--schedule); a distributed run "
+                    "takes its rank count from the layout")
         ->capture_default_str();
     cmd->add_option("--pp", a->pipe.pp, "pipeline stages (dualpipev: on pp/2 ranks)")->capture_default_str();
     cmd->add_option("--dp", a->pipe.dp, "data-parallel replicas")->capture_default_str();
@@ -331,6 +324,12 @@ Command add_train(CLI::App& app) {
     cmd->add_flag("--recompute", a->train.recompute, "recompute RMSNorm and SwiGLU outputs in backward");
     cmd->add_option("--bias-update-speed", a->train.bias_update_speed,
                     "gamma of the aux-loss-free bias update (default: the preset's 0.001)");
+    cmd->add_option("--layers", a->train.layers,
+                    "override the model's number of layers (e.g. 16 for --schedule dualpipe --pp 16 on a small preset)");
+    cmd->add_option("--data", a->train.data,
+                    "training data: synthetic (the built-in task), or a file of token ids PATH[:u16|:u32] (default "
+                    "u16; ids below the model's vocabulary), read as windows of seq_len + 1 tokens")
+        ->capture_default_str();
     cmd->add_option("--dense-layers", a->train.dense_layers,
                     "override the model's number of leading dense (non-MoE) layers");
     cmd->add_option("--balance-alpha", a->train.balance_alpha, "weight of the sequence-wise balance loss (0: off)")
@@ -338,17 +337,23 @@ Command add_train(CLI::App& app) {
     cmd->add_flag("--no-bias-update", a->no_bias_update, "freeze the aux-loss-free routing bias");
     cmd->add_flag("--fp64", a->fp64, "train in double precision");
     cmd->add_option("--log-every", a->log_every, "print a progress line every N steps")->capture_default_str();
-    cmd->add_option("--json", a->json, "write per-step metrics (loss, max_vio, ...) to this file");
+    cmd->add_option("--json", a->json,
+                    "write per-step metrics (loss, max_vio, ...) to this file; - for standard output (progress lines "
+                    "then go to standard error)");
     return [a, cmd] {
+        json_target(a->json);
         check_writable(a->json, "--json");
         check_writable(a->trace, "--trace");
-        bool distributed = a->pipe.pp * a->pipe.dp > 1 || cmd->count("--schedule") || a->backend != "inproc" ||
-                           a->mode != "math";
-        if (!distributed) {
-            if (a->ranks != 1)
-                throw ConfigError("--ranks", fmt::format("{} ranks: give the layout with --pp and --dp instead", a->ranks));
-            return a->fp64 ? run_typed<double>(*a) : run_typed<float>(*a);
+        bool layout = cmd->count("--pp") || cmd->count("--dp") || cmd->count("--ep") || cmd->count("--schedule");
+        bool distributed = layout || a->backend != "inproc" || a->mode != "math";
+        if (cmd->count("--ranks")) {
+            DUPLEX_CHECK_ARG(a->ranks == 1, "--ranks",
+                             "{} ranks: give the layout with --pp, --dp and --ep instead (the rank count follows)",
+                             a->ranks);
+            DUPLEX_CHECK_ARG(!distributed, "--ranks",
+                             "1 is the single-rank reference; drop it to run the layout of --pp/--dp/--ep/--schedule");
         }
+        if (!distributed) return a->fp64 ? run_typed<double>(*a) : run_typed<float>(*a);
         return a->fp64 ? run_distributed<double>(*a) : run_distributed<float>(*a);
     };
 }

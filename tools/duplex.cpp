@@ -12,13 +12,28 @@
 
 namespace duplex::tools {
 
+namespace {
+std::FILE* human_stream = stdout;
+}
+
+std::FILE* human() { return human_stream; }
+void json_target(const std::string& json_path) { human_stream = json_path == "-" ? stderr : stdout; }
+void note_written(const char* what, const std::string& path) {
+    if (path != "-") fmt::print(human(), "# {} written to {}\n", what, path);
+}
+
 void check_writable(const std::string& path, const char* flag) {
-    if (path.empty()) return;
+    if (path.empty() || path == "-") return;
     std::ofstream probe(path, std::ios::app);
     if (!probe) throw ConfigError(flag, fmt::format("cannot write '{}'", path));
 }
 
 void write_text_file(const std::string& path, const std::string& text, const char* flag) {
+    if (path == "-") {
+        std::fwrite(text.data(), 1, text.size(), stdout);
+        std::fflush(stdout);
+        return;
+    }
     std::ofstream out(path);
     if (!out || !(out << text)) throw ConfigError(flag, fmt::format("cannot write '{}'", path));
 }

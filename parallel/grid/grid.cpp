@@ -1,5 +1,7 @@
 #include "parallel/grid.hpp"
 
+#include "parallel/plan.hpp"
+
 #include <fmt/format.h>
 
 #include "core/error.hpp"
@@ -26,8 +28,9 @@ RankGrid RankGrid::make(const GridConfig& c, int world_size, int num_experts, in
     g.dp_index = rank % c.dp;
     g.ep_group = g.dp_index / c.ep;
     g.ep_index = g.dp_index % c.ep;
-    g.num_local_experts = num_experts / c.ep;
-    g.first_local_expert = g.ep_index * g.num_local_experts;
+    ExpertPlacement placement(num_experts, c.ep);
+    g.num_local_experts = placement.per_rank();
+    g.first_local_expert = placement.first_expert(g.ep_index);
     return g;
 }
 

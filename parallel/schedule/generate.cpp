@@ -7,6 +7,8 @@
 
 #include "parallel/schedule.hpp"
 
+#include "parallel/plan.hpp"
+
 namespace duplex::sched {
 
 namespace {
@@ -237,7 +239,7 @@ Schedule generate(ScheduleKind kind, int pp, int n) {
             break;
         }
         case ScheduleKind::DualPipeV: {
-            int ranks = pp / 2;
+            int ranks = pipeline_ranks(kind, pp);
             s.num_ranks = ranks;
             std::vector<int> v(pp);
             for (int st = 0; st < pp; ++st) v[st] = st < ranks ? st : pp - 1 - st;

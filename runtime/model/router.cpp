@@ -15,27 +15,30 @@ Routing route(const T* scores, const std::vector<double>& bias, int tokens, cons
     r.expert.resize(size_t(tokens) * K);
     r.gate.resize(size_t(tokens) * K);
     r.sel_sum.resize(tokens);
-    std::vector<double> biased(E), group_score(G);
-    std::vector<int> order(E), gorder(G);
+    std::vector<double> biased(E), group_score(G), top(per_group);
+    std::vector<int> gorder(G), candidates;
+    candidates.reserve(E);
     for (int t = 0; t < tokens; ++t) {
         const T* s = scores + size_t(t) * E;
         for (int e = 0; e < E; ++e) biased[e] = double(s[e]) + bias[e];
         // Group score: the sum of its top K/M biased scores.
         for (int g = 0; g < G; ++g) {
-            std::vector<double> v(biased.begin() + g * per_group, biased.begin() + (g + 1) * per_group);
-            std::partial_sort(v.begin(), v.begin() + per_group_top, v.end(), std::greater<double>());
-            group_score[g] = std::accumulate(v.begin(), v.begin() + per_group_top, 0.0);
+            std::copy(biased.begin() + g * per_group, biased.begin() + (g + 1) * per_group, top.begin());
+            std::partial_sort(top.begin(), top.begin() + per_group_top, top.end(), std::greater<double>());
+            group_score[g] = std::accumulate(top.begin(), top.begin() + per_group_top, 0.0);
         }
+        // The M best groups (ties: lower index first), then the K best experts inside them (ties: lower index).
         std::iota(gorder.begin(), gorder.end(), 0);
-        std::stable_sort(gorder.begin(), gorder.end(), [&](int a, int b) { return group_score[a] > group_score[b]; });
-        std::vector<char> allowed(G, 0);
-        for (int i = 0; i < M; ++i) allowed[gorder[i]] = 1;
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-            bool aa = allowed[a / per_group], ab = allowed[b / per_group];
-            if (aa != ab) return aa > ab;
-            return biased[a] > biased[b];
+        std::partial_sort(gorder.begin(), gorder.begin() + M, gorder.end(), [&](int a, int b) {
+            return group_score[a] != group_score[b] ? group_score[a] > group_score[b] : a < b;
         });
+        std::sort(gorder.begin(), gorder.begin() + M);
+        candidates.clear();
+        for (int i = 0; i < M; ++i)
+            for (int e = gorder[i] * per_group; e < (gorder[i] + 1) * per_group; ++e) candidates.push_back(e);
+        std::partial_sort(candidates.begin(), candidates.begin() + K, candidates.end(),
+                          [&](int a, int b) { return biased[a] != biased[b] ? biased[a] > biased[b] : a < b; });
+        std::vector<int>& order = candidates;
         std::vector<int> chosen(order.begin(), order.begin() + K);
         std::sort(chosen.begin(), chosen.end());
         double sum = 0;

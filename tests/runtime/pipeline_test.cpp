@@ -11,6 +11,8 @@
 #include "comm/launch.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "parallel/plan.hpp"
+#include "runtime/reference.hpp"
 
 namespace duplex {
 namespace {
@@ -38,7 +40,7 @@ void check_equivalence(const Case& c, double param_tol, bool recompute = false) 
     o.sequences_per_microbatch = 2;
     o.seed = 5;
     PipelineOptions p{c.kind, c.pp, c.dp, c.ep};
-    int ranks = (c.kind == ScheduleKind::DualPipeV ? c.pp / 2 : c.pp) * c.dp;
+    int ranks = pipeline_ranks(c.kind, c.pp) * c.dp;
 
     TrainOptions ref_o = o;
     ref_o.microbatches = o.microbatches * c.dp;
@@ -80,18 +82,10 @@ void check_equivalence(const Case& c, double param_tol, bool recompute = false) 
     for (size_t s = 1; s < steps.size(); ++s)
         EXPECT_NEAR(steps[s].loss, ref_steps[s].loss, 1e-6 * std::fabs(ref_steps[s].loss)) << "step " << s + 1;
     ASSERT_EQ(got.size(), ref_params.size());
-    double worst = 0;
-    for (auto& [name, want] : ref_params) {
-        const auto& have = got.at(name);
-        double diff = 0, norm = 0;
-        for (size_t i = 0; i < want.size(); ++i) {
-            diff += double(have[i] - want[i]) * double(have[i] - want[i]);
-            norm += double(want[i]) * double(want[i]);
-        }
-        double rel = std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
-        worst = std::max(worst, rel);
-        EXPECT_LE(rel, param_tol) << name;
-    }
+    ParamDiff d = compare_parameters(got, ref_params);
+    EXPECT_TRUE(d.missing.empty());
+    EXPECT_LE(d.worst, param_tol) << d.worst_name;
+    double worst = d.worst;
     ::testing::Test::RecordProperty("max_param_rel_diff", fmt::format("{:.3g}", worst));
 }
 
@@ -102,9 +96,11 @@ class PipelineEquivalence : public ::testing::TestWithParam<Case> {};
 // turn those last-bit differences on near-zero gradients into ~1e-5 relative parameter differences. fp64
 // shows the algorithm itself is exact (1e-12).
 TEST_P(PipelineEquivalence, Fp32MatchesTheReference) {
-    check_equivalence<float>(GetParam(), GetParam().ep == 1 ? 1e-5 : 5e-5);
+    check_equivalence<float>(GetParam(), reference_tolerance(false, GetParam().ep, false).param);
 }
-TEST_P(PipelineEquivalence, Fp64MatchesTheReference) { check_equivalence<double>(GetParam(), 1e-12); }
+TEST_P(PipelineEquivalence, Fp64MatchesTheReference) {
+    check_equivalence<double>(GetParam(), reference_tolerance(true, GetParam().ep, false).param);
+}
 
 std::vector<Case> cases() {
     std::vector<Case> out;
