@@ -30,7 +30,8 @@ EmulatedStage::EmulatedStage(const EmulateOptions& o, const StageInfo& info, std
     : o_(o), info_(info), bytes_(std::move(bytes)) {
     const ModelConfig& cfg = o.model;
     int first = info.first_layer, n = info.num_layers, tokens = o.sequences * cfg.seq_len;
-    name_ = fmt::format("emulated stage {} (layers {}..{})", info.stage, first, first + n - 1);
+    name_ = n > 0 ? fmt::format("emulated stage {} (layers {}..{})", info.stage, first, first + n - 1)
+                  : fmt::format("emulated stage {} (no layers)", info.stage);
     bool given = o.costs.f > 0;
     costs_ = given ? o.costs
                    : o.cost_model.chunk(cfg, first, n, tokens, {false, o.recompute}, info.stage == info.num_stages - 1);
@@ -69,6 +70,7 @@ TensorSpec EmulatedStage::input_spec(const Microbatch&) const {
 void EmulatedStage::compute(double seconds, const Microbatch& mb) {
     bool ep = info_.ep_group && info_.ep_group->size() > 1;
     if (!ep && mb.ctx && mb.ctx->in_fb_pair()) seconds *= costs_.fb / std::max(costs_.f + costs_.b, 1e-30);
+    if (mb.ctx) mb.ctx->compute_begins();
     sleep_until_seconds(steady_seconds() + seconds);
 }
 
@@ -239,8 +241,13 @@ Tensor EmulatedStage::forward(const Microbatch& mb, const TensorView&) {
 
 Tensor EmulatedStage::backward_input(const Microbatch& mb, const TensorView&) {
     bool ep = info_.ep_group && info_.ep_group->size() > 1;
-    // B alone is the input-gradient part; the executor calls backward_weight right after for a full backward.
-    double b = costs_.b - costs_.w;
+    // B alone is the input-gradient part. A full backward (W follows in the same call) spreads B + W over the
+    // layer pieces, as a fused backward computes them, and its backward_weight then costs nothing more.
+    double b = mb.weight_follows ? costs_.b : costs_.b - costs_.w;
+    if (mb.weight_follows) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        fused_.insert(mb.id);
+    }
     if (!ep) {
         compute(b, mb);
     } else {
@@ -260,6 +267,12 @@ Tensor EmulatedStage::backward_input(const Microbatch& mb, const TensorView&) {
     return Tensor::meta(s.dtype, s.shape, s.device);
 }
 
-void EmulatedStage::backward_weight(const Microbatch& mb) { compute(costs_.w, mb); }
+void EmulatedStage::backward_weight(const Microbatch& mb) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (fused_.erase(mb.id)) return;
+    }
+    compute(costs_.w, mb);
+}
 
 }  // namespace duplex

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -85,6 +86,7 @@ private:
     std::shared_ptr<EmulatedBytes> bytes_;
     std::mutex mutex_;
     std::map<std::pair<int, int>, EpPlan> plans_;  // by (microbatch, layer)
+    std::set<int> fused_;                           // microbatches whose W ran inside their backward
     std::map<int, std::vector<DispatchPlan>> routed_;  // by MoE layer: the sampled routings' dispatch plans
     double token_scale_ = 1;                            // tokens per microbatch / tokens per sample
 };

@@ -132,24 +132,29 @@ struct Executor::Run {
     ExecutorStep result;
     std::mutex mutex;                                    // result, local hand-overs
     std::map<std::tuple<int, int, bool>, Tensor> local;  // (mb, producer stage, gradient) -> tensor
-    // The compute stream (exclusive_compute): who holds it.
+    // The compute stream (exclusive_compute): a first-come, first-served ticket lock, so a half that gives way goes
+    // behind the other half if it is waiting.
     std::mutex stream_mutex;
     std::condition_variable stream_cv;
-    bool stream_busy = false;
+    uint64_t next_ticket = 0, serving = 0;
 
     void acquire() {
         if (!ex.options_.exclusive_compute) return;
         std::unique_lock<std::mutex> lock(stream_mutex);
-        stream_cv.wait(lock, [&] { return !stream_busy; });
-        stream_busy = true;
+        uint64_t mine = next_ticket++;
+        stream_cv.wait(lock, [&] { return serving == mine; });
     }
     void release() {
         if (!ex.options_.exclusive_compute) return;
         {
             std::lock_guard<std::mutex> lock(stream_mutex);
-            stream_busy = false;
+            ++serving;
         }
-        stream_cv.notify_one();
+        stream_cv.notify_all();
+    }
+    bool waiting_for_stream() {
+        std::lock_guard<std::mutex> lock(stream_mutex);
+        return next_ticket > serving + 1;
     }
     void note_comm(const std::string& name, double t0, double t1, bool fb_expert) {
         ex.tracer_.add(Lane::Comm, name, t0, t1);
@@ -159,25 +164,34 @@ struct Executor::Run {
     }
 
     // One stage call: holds the compute stream except during waits; its compute time is the call minus them.
+    // One stage call. Without exclusive_compute its compute is the call minus its waits. With it, the call takes
+    // the rank's compute stream at each compute_begins() and holds it to its next wait (or its end): a wait
+    // releases the stream and does not take it back (the half whose exchange finished may have nothing left to
+    // compute, and its send must not wait for the other half; a call that opens with an exchange starts it at
+    // once), and its compute is the time it held the stream.
     class Call : public StageContext {
     public:
         Call(Run& run, std::string name, bool in_fb) : run_(run), name_(std::move(name)), in_fb_(in_fb) {
             previous_ = current();
             set_current(this);
-            run_.acquire();
             start_ = run_.ex.tracer_.now_us();
         }
         ~Call() override {
             double end = run_.ex.tracer_.now_us();
-            run_.release();
+            drop();
             set_current(previous_);
-            double t = start_, busy = 0;
             std::vector<Interval> pieces;
-            for (const Interval& w : waits_) {
-                if (w.start > t) pieces.push_back({t, w.start});
-                t = std::max(t, w.end);
+            if (exclusive()) {
+                pieces = held_;
+            } else {
+                double t = start_;
+                for (const Interval& w : waits_) {
+                    if (w.start > t) pieces.push_back({t, w.start});
+                    t = std::max(t, w.end);
+                }
+                if (end > t) pieces.push_back({t, end});
             }
-            if (end > t) pieces.push_back({t, end});
+            double busy = 0;
             for (const Interval& p : pieces) {
                 run_.ex.tracer_.add(Lane::Compute, name_, p.start, p.end);
                 busy += p.end - p.start;
@@ -191,28 +205,42 @@ struct Executor::Run {
         }
         void wait_for(const std::function<void()>& fn, const std::string& what) override {
             double t0 = run_.ex.tracer_.now_us();
-            run_.release();
-            try {
-                fn();
-            } catch (...) {
-                run_.acquire();
-                throw;
-            }
-            run_.acquire();
+            drop();
+            fn();
             double t1 = run_.ex.tracer_.now_us();
             waits_.push_back({t0, t1});
             // The mark lets a trace reader find the expert exchanges of F&B pairs.
             run_.note_comm(in_fb_ ? what + " [F&B]" : what, t0, t1, in_fb_);
         }
         bool in_fb_pair() const override { return in_fb_; }
+        void compute_begins() override {
+            if (!exclusive()) return;
+            if (!holding_) return take();
+            if (run_.waiting_for_stream()) drop(), take();  // the other half goes first
+        }
 
     private:
+        bool exclusive() const { return run_.ex.options_.exclusive_compute; }
+        void take() {
+            if (!exclusive() || holding_) return;
+            run_.acquire();
+            holding_ = true;
+            held_from_ = run_.ex.tracer_.now_us();
+        }
+        void drop() {
+            if (!holding_) return;
+            double now = run_.ex.tracer_.now_us();
+            if (now > held_from_) held_.push_back({held_from_, now});
+            holding_ = false;
+            run_.release();
+        }
         Run& run_;
         std::string name_;
         bool in_fb_;
         StageContext* previous_ = nullptr;
-        double start_ = 0;
-        std::vector<Interval> waits_;
+        double start_ = 0, held_from_ = 0;
+        bool holding_ = false;
+        std::vector<Interval> waits_, held_;
     };
 
     Stage& stage(int s) const {
@@ -271,46 +299,63 @@ struct Executor::Run {
         local[{producer.mb, producer.stage, gradient}] = std::move(t);
     }
 
-    void forward(const Instr& in, const Chunk& c, bool in_fb) {
-        Stage& st = stage(c.stage);
-        auto p2p = sched::p2p_of(ex.schedule_, ex.prank_, in);
-        Microbatch m = micro(c, c.stage == 0 || c.stage == last);
-        Tensor input;
-        if (c.stage > 0) input = take(p2p, {c.mb, c.stage - 1, c.dir}, false, st.input_spec(m));
-        Tensor out;
+    // One chunk in three phases: receive its input, compute, check and send its output. An F&B pair receives
+    // both inputs before either half computes and sends both outputs after both have computed, as DualPipe's
+    // overlapped pair does (and as the schedule replay and the simulator model it).
+    struct ChunkRun {
+        Chunk c;
+        bool backward = false, with_weight = false;
+        Stage* st = nullptr;
+        Microbatch m;
+        std::vector<sched::P2P> p2p;
+        Tensor in, out;
         double loss = 0;
-        {
+    };
+    ChunkRun receive(const Instr& instr, const Chunk& c, bool backward, bool with_weight) {
+        ChunkRun r;
+        r.c = c, r.backward = backward, r.with_weight = with_weight;
+        r.st = &stage(c.stage);
+        r.p2p = sched::p2p_of(ex.schedule_, ex.prank_, instr);
+        r.m = micro(c, !backward && (c.stage == 0 || c.stage == last));
+        if (!backward && c.stage > 0) r.in = take(r.p2p, {c.mb, c.stage - 1, c.dir}, false, r.st->input_spec(r.m));
+        if (backward && c.stage < last) r.in = take(r.p2p, {c.mb, c.stage + 1, c.dir}, true, r.st->output_spec(r.m));
+        return r;
+    }
+    void compute(ChunkRun& r, bool in_fb) {
+        const Chunk& c = r.c;
+        Microbatch& m = r.m;
+        if (!r.backward) {
             Call call(*this, fmt::format("F mb {} stage {}", c.mb, c.stage), in_fb);
             m.ctx = &call;
-            out = st.forward(m, input.view());
-            if (c.stage == last) loss = st.loss(m);
-        }
-        if (c.stage == last) {
-            std::lock_guard<std::mutex> lock(mutex);
-            result.losses[c.mb] = loss;
-            return;
-        }
-        check(st, m, "forward", out, st.output_spec(m));
-        give(p2p, c, false, std::move(out));
-    }
-
-    void backward(const Instr& in, const Chunk& c, bool with_weight, bool in_fb) {
-        Stage& st = stage(c.stage);
-        auto p2p = sched::p2p_of(ex.schedule_, ex.prank_, in);
-        Microbatch m = micro(c, false);
-        Tensor dy;
-        if (c.stage < last) dy = take(p2p, {c.mb, c.stage + 1, c.dir}, true, st.output_spec(m));
-        Tensor dx;
-        {
-            Call call(*this, fmt::format("{} mb {} stage {}", with_weight ? "BW" : "B", c.mb, c.stage), in_fb);
+            r.out = r.st->forward(m, r.in.view());
+            if (c.stage == last) r.loss = r.st->loss(m);
+        } else {
+            Call call(*this, fmt::format("{} mb {} stage {}", r.with_weight ? "BW" : "B", c.mb, c.stage), in_fb);
             m.ctx = &call;
-            dx = st.backward_input(m, dy.view());
-            if (with_weight) st.backward_weight(m);
+            m.weight_follows = r.with_weight;
+            r.out = r.st->backward_input(m, r.in.view());
+            m.weight_follows = false;
+            if (r.with_weight) r.st->backward_weight(m);
         }
-        if (c.stage > 0) {
-            check(st, m, "backward_input", dx, st.input_spec(m));
-            give(p2p, c, true, std::move(dx));
+        m.ctx = nullptr;
+        r.in = Tensor();
+    }
+    void send(ChunkRun& r) {
+        if (!r.backward && r.c.stage == last) {
+            std::lock_guard<std::mutex> lock(mutex);
+            result.losses[r.c.mb] = r.loss;
+        } else if (!r.backward) {
+            check(*r.st, r.m, "forward", r.out, r.st->output_spec(r.m));
+            give(r.p2p, r.c, false, std::move(r.out));
+        } else if (r.c.stage > 0) {
+            check(*r.st, r.m, "backward_input", r.out, r.st->input_spec(r.m));
+            give(r.p2p, r.c, true, std::move(r.out));
         }
+    }
+    void chunk(const Instr& instr, const Chunk& c, bool backward, bool with_weight) {
+        ChunkRun r = receive(instr, c, backward, with_weight);
+        compute(r, false);
+        send(r);
     }
 
     void weight(const Chunk& c) {
@@ -335,34 +380,37 @@ ExecutorStep Executor::run(const std::map<int, Stage*>& stages, const std::funct
     double start = tracer_.now_us();
     for (const Instr& in : schedule_.ranks[prank_]) {
         switch (in.op) {
-            case Op::F: r.forward(in, in.f, false); break;
-            case Op::B: r.backward(in, in.b, false, false); break;
-            case Op::BW: r.backward(in, in.b, true, false); break;
+            case Op::F: r.chunk(in, in.f, false, false); break;
+            case Op::B: r.chunk(in, in.b, true, false); break;
+            case Op::BW: r.chunk(in, in.b, true, true); break;
             case Op::W: r.weight(in.b); break;
             case Op::FB: {
                 if (in.f.stage == in.b.stage) {  // one stage object: its calls stay in order
-                    r.forward(in, in.f, false);
-                    r.backward(in, in.b, true, false);
+                    r.chunk(in, in.f, false, false);
+                    r.chunk(in, in.b, true, true);
                     break;
                 }
-                // The forward on a helper thread, the backward here: whichever waits (for its input, a dispatch
-                // or a combine) lets the other compute. Two different stages: a stage never sees concurrent calls.
+                Run::ChunkRun f = r.receive(in, in.f, false, false), b = r.receive(in, in.b, true, true);
+                // The forward on a helper thread, the backward here: whichever waits (a dispatch or a combine)
+                // lets the other compute. Two different stages: a stage never sees concurrent calls.
                 std::exception_ptr failed;
                 std::thread helper([&] {
                     try {
-                        r.forward(in, in.f, true);
+                        r.compute(f, true);
                     } catch (...) {
                         failed = std::current_exception();
                     }
                 });
                 try {
-                    r.backward(in, in.b, true, true);
+                    r.compute(b, true);
                 } catch (...) {
                     helper.join();
                     throw;
                 }
                 helper.join();
                 if (failed) std::rethrow_exception(failed);
+                r.send(f);
+                r.send(b);
                 break;
             }
         }

@@ -26,6 +26,7 @@ struct PipelineTrainer<T>::Impl {
     bool custom = false;
     std::shared_ptr<Communicator> world, pipe, pair, ep_bwd;
     GroupComms groups;
+    std::shared_ptr<ExpertService> expert_service;  // EP > 1: dispatch/combine lanes (before the stages: outlives them)
     RankGrid grid;
     sched::Schedule schedule;
     int prank = 0;
@@ -136,8 +137,10 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
                      o.device);
     DUPLEX_CHECK_ARG(o.exchange_on == "host" || p.ep > 1, "--exchange-on",
                      "cuda moves the rows of the EP group's exchanges; with --ep 1 there are none");
-    DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages (--layers "
-                     "sets more)", cfg.name, cfg.layers, p.pp);
+    // Emulate mode may run more stages than the model has layers (a stage's cost is then given or empty).
+    if (!p.emulate)
+        DUPLEX_CHECK_ARG(cfg.layers >= p.pp, "--pp", "the {} model has {} layers, fewer than {} pipeline stages "
+                         "(--layers sets more)", cfg.name, cfg.layers, p.pp);
 }
 
 template <typename T>
@@ -157,7 +160,10 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
     // Backward expert exchanges use a second communicator over the EP group's ranks, so the two halves of an
     // overlapped F&B pair never interleave collectives on one communicator.
-    if (p.ep > 1 && !p.emulate) I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
+    if (p.ep > 1 && !p.emulate) {
+        I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
+        I.expert_service = std::make_shared<ExpertService>();
+    }
     I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
 
     int layers = I.custom ? p.layers : o.model_config().layers;
@@ -198,6 +204,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
                 info.loss_scale = 1.0 / (double(o.microbatches) * p.dp);
                 info.rank = world->rank();
                 if (p.ep > 1) info.ep_group = I.groups.ep, info.ep_group_backward = I.ep_bwd ? I.ep_bwd : I.groups.ep;
+                info.expert_service = I.expert_service;
                 I.stages[s] = factory(info);
                 if (!I.stages[s]) throw StageError(fmt::format("the stage factory returned nothing for stage {}", s));
                 // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.

@@ -33,6 +33,7 @@
 #include "comm/communicator.hpp"
 #include "core/error.hpp"
 #include "core/tensor.hpp"
+#include "runtime/expert_service.hpp"
 
 namespace duplex {
 
@@ -52,6 +53,9 @@ struct Microbatch {
     int global = 0;      // position in the step's global batch: dp_index * N + id
     int step = 0;        // 1-based optimizer step
     const Batch* batch = nullptr;  // first and last stage, when the trainer has a batch source
+    // backward_input only: backward_weight of this microbatch follows at once in the same call (BW, or the
+    // backward of an F&B pair), so a stage may fuse the two.
+    bool weight_follows = false;
     StageContext* ctx = nullptr;   // the executor's services for this call (never null inside the executor)
 };
 
@@ -80,6 +84,9 @@ struct StageInfo {
     // Expert parallelism: this rank's EP group (forward exchanges) and a second communicator over the same ranks
     // for backward exchanges, so the two halves of an F&B pair never interleave collectives on one. Null: EP = 1.
     std::shared_ptr<Communicator> ep_group, ep_group_backward;
+    // The executor's expert-exchange service (EP > 1): dispatch and combine submitted here return Work, waited
+    // through wait_in_stage.
+    std::shared_ptr<ExpertService> expert_service;
 };
 
 // Thrown by the executor for a stage that broke the contract.
@@ -125,6 +132,11 @@ public:
     virtual void wait_for(const std::function<void()>& fn, const std::string& what) = 0;
     // True inside an overlapped F&B pair.
     virtual bool in_fb_pair() const = 0;
+    // Marks the start of a piece of compute. With one compute stream per rank (ExecutorOptions::exclusive_compute,
+    // emulate mode) this is where a call takes the stream, holding it to its next wait; if the other half of an
+    // F&B pair waits for the stream, it goes first (as kernels queued on one stream interleave). Without it
+    // (math mode: stages compute on their own threads or devices) it does nothing.
+    virtual void compute_begins() = 0;
     // The context of the stage call running on this thread (null outside one): lets code below a stage (an
     // expert exchange) route its waits through the executor without the stage passing it down.
     static StageContext* current();

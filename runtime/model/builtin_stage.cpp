@@ -36,6 +36,7 @@ BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& inf
     model_ = std::make_unique<ModelStage<T>>(cfg_, info.first_layer, info.num_layers, info.stage == 0,
                                              info.stage == info.num_stages - 1, o.train.seed, fwd, bwd);
     model_->set_recompute(o.train.recompute);
+    if (fwd) model_->set_expert_service(info.expert_service);
     model_->set_loss_scale(info.loss_scale);
     attach_device_experts(*model_, o.train.device_index(info.rank));
 }

@@ -249,6 +249,19 @@ struct ModelStage<T>::Impl {
         return total / m.B;
     }
 
+    // Starts an exchange on the service's lane (or runs it here without a service); finish() waits for it through
+    // the executor.
+    WorkPtr start(ExpertService::Lane lane, std::function<void()> fn) {
+        if (!self.service_) {
+            fn();
+            return nullptr;
+        }
+        return self.service_->submit(lane, std::move(fn));
+    }
+    static void finish(const WorkPtr& w, const char* what, const Layer& L, const Micro& m) {
+        if (w) wait_in_stage(w, fmt::format("{} L{} mb {}", what, L.index, m.id));
+    }
+
     // Names (layer, microbatch) for the expert compute.
     uint64_t expert_key(const Layer& L, const Micro& m) const { return (uint64_t(m.id) << 32) | uint32_t(L.index); }
 
@@ -262,23 +275,30 @@ struct ModelStage<T>::Impl {
         st.routing = route<T>(st.scores->data(), self.bias_[L.moe_slot], n, c);
         for (int e : st.routing.expert) ++L.counts[e];
         if (c.balance_alpha > 0) m.aux_loss += balance_loss(m, st, nullptr);
-        // Shared experts see every token.
+        // Routed experts: the dispatch is in flight while the shared experts (which see every token) compute.
+        WorkPtr dispatched = start(ExpertService::Forward,
+                                   [&] { exchange->dispatch(st.n2->data(), d, st.routing, st.routed); });
         int shared = c.shared_experts;
         st.sa1.resize(shared), st.sa3.resize(shared), st.ss.resize(shared);
-        for (int j = 0; j < shared; ++j) {
-            std::vector<T> out;
-            mlp_forward(*st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], out);
-            for (size_t i = 0; i < f.size(); ++i) f[i] += out[i];
+        try {
+            for (int j = 0; j < shared; ++j) {
+                std::vector<T> out;
+                mlp_forward(*st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], out);
+                for (size_t i = 0; i < f.size(); ++i) f[i] += out[i];
+            }
+        } catch (...) {
+            if (dispatched) dispatched->wait();  // the exchange still writes into st.routed
+            throw;
         }
-        // Routed experts: dispatch, compute the local ones, combine.
-        exchange->dispatch(st.n2->data(), d, st.routing, st.routed);
+        finish(dispatched, "dispatch", L, m);
         int local = exchange->num_local_experts();
         std::vector<std::vector<T>> outputs(local);
         if (const auto& dev = self.expert_compute_) {
             dev->forward(expert_key(L, m), {L.e1, L.e3, L.e2}, st.routed.rows, outputs);
             st.routed.rows.clear();
             std::vector<T> y(size_t(n) * d);
-            exchange->combine(st.routed, outputs, d, st.routing, y.data());
+            finish(start(ExpertService::Forward, [&] { exchange->combine(st.routed, outputs, d, st.routing, y.data()); }),
+                   "combine", L, m);
             for (size_t i = 0; i < f.size(); ++i) f[i] += y[i];
             return;
         }
@@ -289,7 +309,8 @@ struct ModelStage<T>::Impl {
             mlp_forward(*st.erows[e], rows, L.e1[e], L.e3[e], L.e2[e], st.ea1[e], st.ea3[e], st.es[e], outputs[e]);
         }
         std::vector<T> y(size_t(n) * d);
-        exchange->combine(st.routed, outputs, d, st.routing, y.data());
+        finish(start(ExpertService::Forward, [&] { exchange->combine(st.routed, outputs, d, st.routing, y.data()); }),
+               "combine", L, m);
         for (size_t i = 0; i < f.size(); ++i) f[i] += y[i];
     }
 
@@ -334,12 +355,20 @@ struct ModelStage<T>::Impl {
         const ModelConfig& c = cfg();
         int n = m.tokens, d = c.hidden, E = c.experts, K = c.top_k;
         dn2.assign(size_t(n) * d, T(0));
-        for (int j = 0; j < c.shared_experts; ++j)
-            mlp_backward(m, st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], df, dn2, true);
-        // Combine backward: each slot's output gets gate * df; each gate gets df . output.
+        // Combine backward (each slot's output gets gate * df; each gate gets df . output) is in flight while the
+        // shared experts' backward computes.
         std::vector<std::vector<T>> d_out;
         std::vector<double> dgate;
-        bwd_exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate);
+        WorkPtr combined = start(ExpertService::Backward,
+                                 [&] { bwd_exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate); });
+        try {
+            for (int j = 0; j < c.shared_experts; ++j)
+                mlp_backward(m, st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], df, dn2, true);
+        } catch (...) {
+            if (combined) combined->wait();
+            throw;
+        }
+        finish(combined, "combine-bwd", L, m);
         int local = exchange->num_local_experts();
         std::vector<std::vector<T>> d_rows(local);
         if (const auto& dev = self.expert_compute_)
@@ -351,7 +380,9 @@ struct ModelStage<T>::Impl {
                          false);
             d_rows[e].resize(size_t(rows) * d);
         }
-        bwd_exchange->dispatch_backward(st.routed, d_rows, d, st.routing, dn2.data());
+        finish(start(ExpertService::Backward,
+                     [&] { bwd_exchange->dispatch_backward(st.routed, d_rows, d, st.routing, dn2.data()); }),
+               "dispatch-bwd", L, m);
         // Gates: g_k = scale * s_k / S over the selected experts; then through the sigmoid.
         auto du = buf<T>(size_t(n) * E);
         std::vector<double> ds(size_t(n) * E, 0.0);

@@ -22,6 +22,7 @@
 
 #include "memory/ledger.hpp"
 #include "runtime/model/config.hpp"
+#include "runtime/expert_service.hpp"
 #include "runtime/model/expert_exchange.hpp"
 #include "runtime/stage.hpp"
 
@@ -80,6 +81,9 @@ public:
     void set_recompute(bool on) { recompute_ = on; }
     bool recompute() const { return recompute_; }
     void set_loss_scale(double s) { loss_scale_ = s; }  // d(step loss)/d(microbatch loss), e.g. 1/N
+    // Expert dispatch and combine go through this service (nullptr: inline), so the stage computes its shared
+    // experts while a dispatch or combine-backward is in flight and waits through the executor.
+    void set_expert_service(std::shared_ptr<ExpertService> s) { service_ = std::move(s); }
     // Runs the routed experts there (nullptr: on the CPU, the default).
     void set_expert_compute(std::shared_ptr<ExpertCompute<T>> c) { expert_compute_ = std::move(c); }
     const std::shared_ptr<ExpertCompute<T>>& expert_compute() const { return expert_compute_; }
@@ -105,6 +109,7 @@ private:
     bool recompute_ = false;
     double loss_scale_ = 1.0;
     std::shared_ptr<ExpertCompute<T>> expert_compute_;
+    std::shared_ptr<ExpertService> service_;
     MemoryLedger ledger_;
     std::vector<std::vector<double>> bias_;
     std::unique_ptr<Impl> impl_;

@@ -1,0 +1,80 @@
+#include "runtime/expert_service.hpp"
+
+namespace duplex {
+
+struct ExpertService::Task : public Work {
+    std::function<void()> fn;
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool done = false;
+    std::exception_ptr error;
+
+    void finish(std::exception_ptr e) {
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            done = true;
+            error = std::move(e);
+        }
+        cv.notify_all();
+    }
+    bool test() override {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (done && error) std::rethrow_exception(error);
+        return done;
+    }
+    // NOTE: no deadline of its own: the exchange's collectives have theirs, and their TimeoutError names the peer.
+    void wait(double) override {
+        std::unique_lock<std::mutex> lock(mutex);
+        cv.wait(lock, [&] { return done; });
+        if (error) std::rethrow_exception(error);
+    }
+};
+
+ExpertService::ExpertService() {
+    for (LaneState& l : lanes_) l.thread = std::thread([this, &l] { loop(l); });
+}
+
+ExpertService::~ExpertService() {
+    for (LaneState& l : lanes_) {
+        {
+            std::lock_guard<std::mutex> lock(l.mutex);
+            l.stop = true;
+        }
+        l.cv.notify_all();
+    }
+    for (LaneState& l : lanes_) l.thread.join();
+}
+
+WorkPtr ExpertService::submit(Lane lane, std::function<void()> fn) {
+    auto t = std::make_shared<Task>();
+    t->fn = std::move(fn);
+    LaneState& l = lanes_[lane];
+    {
+        std::lock_guard<std::mutex> lock(l.mutex);
+        l.queue.push_back(t);
+    }
+    l.cv.notify_one();
+    return t;
+}
+
+void ExpertService::loop(LaneState& l) {
+    for (;;) {
+        std::shared_ptr<Task> t;
+        {
+            std::unique_lock<std::mutex> lock(l.mutex);
+            l.cv.wait(lock, [&] { return l.stop || !l.queue.empty(); });
+            if (l.queue.empty()) return;
+            t = std::move(l.queue.front());
+            l.queue.pop_front();
+        }
+        try {
+            t->fn();
+            t->finish(nullptr);
+        } catch (...) {
+            t->finish(std::current_exception());
+        }
+        t->fn = nullptr;  // release what the exchange captured before the waiter moves on
+    }
+}
+
+}  // namespace duplex
