@@ -12,11 +12,15 @@ CTEST_ARGS ?= --output-on-failure -j $(JOBS) --timeout 900
 
 all: build
 
+VENV       ?= .venv
+PYTHON_DEF := -DPython_EXECUTABLE=$(CURDIR)/$(VENV)/bin/python
+
 deps:
 	@./scripts/install-deps
+	@./scripts/install-python $(VENV)
 
 $(BUILD)/CMakeCache.txt: | deps
-	@cmake -S . -B $(BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	@cmake -S . -B $(BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(PYTHON_DEF) >/dev/null
 
 build: deps $(BUILD)/CMakeCache.txt
 	@cmake --build $(BUILD) -j $(JOBS)
@@ -28,7 +32,8 @@ test: build
 	@cd $(BUILD) && ctest $(CTEST_ARGS)
 
 test-asan: deps
-	@cmake -S . -B $(ASAN_BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=Debug -DDUPLEX_SANITIZE=ON -DDUPLEX_WITH_CUDA=OFF >/dev/null
+	@cmake -S . -B $(ASAN_BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=Debug -DDUPLEX_SANITIZE=ON -DDUPLEX_WITH_CUDA=OFF \
+		-DDUPLEX_PYTHON=OFF >/dev/null
 	@cmake --build $(ASAN_BUILD) -j $(JOBS)
 	@# NOTE: tests labelled `timing` compare wall-clock behaviour (emulate vs simulate within 10%, a killed rank
 	@# noticed within seconds) that a sanitizer's 2-10x slowdown distorts; `make test` runs them.
@@ -37,9 +42,13 @@ test-asan: deps
 
 test-tsan: deps
 	@cmake -S . -B $(TSAN_BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=Debug -DDUPLEX_TSAN=ON -DDUPLEX_WITH_CUDA=OFF \
-		-DDUPLEX_WITH_MPI=OFF -DDUPLEX_WITH_UCX=OFF >/dev/null
+		-DDUPLEX_WITH_MPI=OFF -DDUPLEX_WITH_UCX=OFF -DDUPLEX_PYTHON=OFF >/dev/null
 	@cmake --build $(TSAN_BUILD) -j $(JOBS)
 	@cd $(TSAN_BUILD) && TSAN_OPTIONS=halt_on_error=1 ctest $(CTEST_ARGS) -L "core|comm"
+	@# The executor's threads (F&B helper, expert-service lanes, the compute stream) on custom, built-in and
+	@# emulated stages.
+	@cd $(TSAN_BUILD) && TSAN_OPTIONS=halt_on_error=1 ctest $(CTEST_ARGS) \
+		-R "CustomStage|StageContract|ExpertExchange|EmulateMode|dualpipe_pp2_dp4_ep4|Fp64MatchesTheReference/dualpipev_pp4_dp2_ep2"
 
 bench: build
 	@./scripts/bench-comm $(BUILD)

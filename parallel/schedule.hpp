@@ -103,7 +103,7 @@ struct Timing {
 };
 Replay replay(const Schedule& s, const Timing& timing);
 
-// The published bubble per rank (shared/REFERENCE.md) and whether it is exact for these costs.
+// The published bubble per rank (docs/reference.md) and whether it is exact for these costs.
 double formula_bubble(ScheduleKind kind, int pp, const Costs& c);
 bool formula_is_exact(ScheduleKind kind, const Costs& c);
 

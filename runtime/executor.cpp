@@ -38,6 +38,24 @@ std::pair<double, double> hidden_time(const std::vector<Interval>& comm, std::ve
 
 // ---- transports ----
 
+namespace {
+// After a failed step, sends may still be queued at (or being copied by) a peer that will never take them: a
+// short wait cancels what is queued and lets a copy under way finish, so no peer reads freed memory.
+template <typename Pending>
+void cancel_pending(Pending& pending) {
+    for (auto& entry : pending) {
+        try {
+            entry.first->wait(1e-3);
+        } catch (...) {
+        }
+    }
+    pending.clear();
+}
+}  // namespace
+
+CommPipeTransport::~CommPipeTransport() { cancel_pending(pending_); }
+TimedPipeTransport::~TimedPipeTransport() { cancel_pending(pending_); }
+
 void CommPipeTransport::send(const Tensor& t, int peer, uint32_t tag) {
     DUPLEX_CHECK_ARG(!t.is_meta(), "pipeline send", "a meta tensor {} has no payload; math mode sends data",
                      t.spec().str());

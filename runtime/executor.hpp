@@ -51,6 +51,7 @@ public:
 class CommPipeTransport : public PipeTransport {
 public:
     explicit CommPipeTransport(std::shared_ptr<Communicator> pipe) : pipe_(std::move(pipe)) {}
+    ~CommPipeTransport() override;  // cancels sends still in flight (a step that failed) before freeing them
     void send(const Tensor& t, int peer, uint32_t tag) override;
     Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) override;
     void drain() override;
@@ -67,6 +68,7 @@ private:
 class TimedPipeTransport : public PipeTransport {
 public:
     TimedPipeTransport(std::shared_ptr<Communicator> pipe, const CostModel& cost) : pipe_(std::move(pipe)), cost_(cost) {}
+    ~TimedPipeTransport() override;
     void send(const Tensor& t, int peer, uint32_t tag) override;
     Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) override;
     void drain() override;

@@ -102,6 +102,7 @@ struct PipelineTrainer<T>::Impl {
         // Broadcast: rank 0's bytes, zeros elsewhere, summed.
         int64_t len = int64_t(merged.size());
         world->all_reduce(&len, 1, DType::I64)->wait();
+        if (len == 0) return;  // no stage reports statistics (emulate mode, most custom stages)
         std::vector<int64_t> words(size_t(len + 7) / 8, 0);
         if (world->rank() == 0) std::memcpy(words.data(), merged.data(), merged.size());
         world->all_reduce(words.data(), words.size(), DType::I64)->wait();

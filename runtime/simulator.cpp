@@ -446,4 +446,57 @@ std::string sim_trace_json(const SimResult& r) {
     return nlohmann::json{{"traceEvents", events}, {"displayTimeUnit", "ms"}}.dump();
 }
 
+ClusterConfig make_cluster(const std::string& preset, const std::string& device, int gpus, int gpus_per_node,
+                           double time_scale) {
+    ClusterConfig cl = ClusterConfig::preset(preset);
+    if (!device.empty()) {
+        int gpn = cl.device.gpus_per_node;
+        cl.device = CostModel::preset(device).device();
+        cl.device.gpus_per_node = gpn;
+    }
+    if (gpus > 0) cl.gpus = gpus;
+    if (gpus_per_node > 0) cl.device.gpus_per_node = gpus_per_node;
+    DUPLEX_CHECK_ARG(time_scale > 0, "--time-scale", "must be positive, got {}", time_scale);
+    cl.device.time_scale = time_scale;
+    return cl;
+}
+
+std::string simulation_json(const SimResult& r, const ModelConfig& m, const ClusterConfig& cl, const std::string& kind,
+                            bool with_timing) {
+    nlohmann::json j = {{"model", m.name},
+                        {"cluster", cl.name},
+                        {"gpus", r.gpus},
+                        {"schedule", kind},
+                        {"pp", r.pp},
+                        {"dp", r.dp},
+                        {"ep", r.ep},
+                        {"edp", r.edp},
+                        {"microbatches", r.microbatches},
+                        {"fits", r.fits},
+                        {"memory_per_gpu_bytes", r.memory_per_gpu_bytes},
+                        {"memory_total_bytes", r.memory_total_bytes},
+                        {"memory_capacity_bytes", r.memory_capacity_bytes}};
+    if (!with_timing) return j.dump(1);
+    j.update({{"step_time_s", r.step_time_s},
+              {"pipeline_s", r.pipeline_s},
+              {"bubble_fraction", r.bubble_fraction},
+              {"mfu", r.mfu},
+              {"achieved_tflops_per_gpu", r.achieved_flops_s / 1e12},
+              {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu},
+              {"gpu_hours_per_trillion_tokens", r.gpu_hours_per_trillion_tokens},
+              {"model_flops_per_token", r.model_flops_per_token},
+              {"exposed_comm_s", r.exposed_comm_s},
+              {"ep_remote_nodes_per_token", r.ep_remote_nodes_per_token},
+              {"ep_inter_node_bytes_per_token", r.ep_inter_bytes_per_token}});
+    nlohmann::json stages = nlohmann::json::array();
+    for (size_t s = 0; s < r.stage_costs.size(); ++s)
+        stages.push_back({{"f_s", r.stage_costs[s].f},
+                          {"b_s", r.stage_costs[s].b},
+                          {"w_s", r.stage_costs[s].w},
+                          {"ep_forward_s", r.stage_ep_forward_s[s]},
+                          {"ep_backward_s", r.stage_ep_backward_s[s]}});
+    j["stages"] = stages;
+    return j.dump(1);
+}
+
 }  // namespace duplex

@@ -93,6 +93,17 @@ struct SimResult {
 // A layout that does not fit in memory returns fits = false (the caller reports it) unless ignore_memory.
 SimResult simulate(const ModelConfig& model, const ClusterConfig& cluster, const SimOptions& o);
 
+// A cluster preset with the usual overrides applied: another device preset (keeping GPUs per node), the GPU
+// count, GPUs per node, a time scale (each ignored when empty / <= 0). What `duplex simulate` and Python's
+// duplex.simulate build.
+ClusterConfig make_cluster(const std::string& preset, const std::string& device = "", int gpus = 0,
+                           int gpus_per_node = 0, double time_scale = 1.0);
+
+// The result as the JSON object `duplex simulate --json` writes (with_timing false: layout and memory only, for a
+// layout that does not fit).
+std::string simulation_json(const SimResult& r, const ModelConfig& m, const ClusterConfig& cl, const std::string& kind,
+                            bool with_timing);
+
 // Chrome-trace JSON of the replayed pipeline (a process per pipeline rank).
 std::string sim_trace_json(const SimResult& r);
 

@@ -37,44 +37,6 @@ struct Args {
 
 std::string gb(double bytes) { return fmt::format("{:.1f}", bytes / 1e9); }
 
-nlohmann::json result_json(const SimResult& r, const ModelConfig& m, const ClusterConfig& cl, const std::string& kind,
-                           bool with_timing) {
-    nlohmann::json j = {{"model", m.name},
-                        {"cluster", cl.name},
-                        {"gpus", r.gpus},
-                        {"schedule", kind},
-                        {"pp", r.pp},
-                        {"dp", r.dp},
-                        {"ep", r.ep},
-                        {"edp", r.edp},
-                        {"microbatches", r.microbatches},
-                        {"fits", r.fits},
-                        {"memory_per_gpu_bytes", r.memory_per_gpu_bytes},
-                        {"memory_total_bytes", r.memory_total_bytes},
-                        {"memory_capacity_bytes", r.memory_capacity_bytes}};
-    if (!with_timing) return j;
-    j.update({{"step_time_s", r.step_time_s},
-              {"pipeline_s", r.pipeline_s},
-              {"bubble_fraction", r.bubble_fraction},
-              {"mfu", r.mfu},
-              {"achieved_tflops_per_gpu", r.achieved_flops_s / 1e12},
-              {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu},
-              {"gpu_hours_per_trillion_tokens", r.gpu_hours_per_trillion_tokens},
-              {"model_flops_per_token", r.model_flops_per_token},
-              {"exposed_comm_s", r.exposed_comm_s},
-              {"ep_remote_nodes_per_token", r.ep_remote_nodes_per_token},
-              {"ep_inter_node_bytes_per_token", r.ep_inter_bytes_per_token}});
-    nlohmann::json stages = nlohmann::json::array();
-    for (size_t s = 0; s < r.stage_costs.size(); ++s)
-        stages.push_back({{"f_s", r.stage_costs[s].f},
-                          {"b_s", r.stage_costs[s].b},
-                          {"w_s", r.stage_costs[s].w},
-                          {"ep_forward_s", r.stage_ep_forward_s[s]},
-                          {"ep_backward_s", r.stage_ep_backward_s[s]}});
-    j["stages"] = stages;
-    return j;
-}
-
 SimOptions options_of(const Args& a) {
     SimOptions o;
     o.global_batch = a.global_batch;
@@ -139,16 +101,7 @@ int run(const Args& a) {
                          m.layers);
         m.dense_layers = a.dense_layers;
     }
-    ClusterConfig cl = ClusterConfig::preset(a.cluster);
-    if (!a.device.empty()) {
-        int gpn = cl.device.gpus_per_node;
-        cl.device = CostModel::preset(a.device).device();
-        cl.device.gpus_per_node = gpn;
-    }
-    if (a.gpus > 0) cl.gpus = a.gpus;
-    if (a.gpus_per_node > 0) cl.device.gpus_per_node = a.gpus_per_node;
-    DUPLEX_CHECK_ARG(a.time_scale > 0, "--time-scale", "must be positive, got {}", a.time_scale);
-    cl.device.time_scale = a.time_scale;
+    ClusterConfig cl = make_cluster(a.cluster, a.device, a.gpus, a.gpus_per_node, a.time_scale);
     auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
     auto kinds = split_list(a.schedule);
     for (const auto& k : kinds) sched::kind_from_name(k);  // ConfigError for an unknown name
@@ -166,7 +119,7 @@ int run(const Args& a) {
         double seconds = sw.seconds();
         print_report(r, m, cl, a, kinds[0], seconds);
         if (!a.json.empty()) {
-            write_text_file(a.json, result_json(r, m, cl, kinds[0], r.fits || a.ignore_memory).dump(1) + "\n", "--json");
+            write_text_file(a.json, simulation_json(r, m, cl, kinds[0], r.fits || a.ignore_memory) + "\n", "--json");
             note_written("metrics", a.json);
         }
         if (!r.fits && !a.ignore_memory) {

@@ -1,4 +1,4 @@
-// MoE routing (shared/REFERENCE.md): sigmoid affinities, group-limited top-K selection on biased scores,
+// MoE routing (docs/reference.md): sigmoid affinities, group-limited top-K selection on biased scores,
 // gates normalized over the selected experts without the bias, the aux-loss-free bias update and MaxVio.
 //
 //   Routing r = route(scores, bias, tokens, cfg);     // scores = sigmoid(u), [tokens, experts]

@@ -48,7 +48,7 @@ std::string repeat(const std::string& unit, int n) {
 }
 
 TEST(Schedule, DualPipeStepCountsMatchReference) {
-    // shared/REFERENCE.md, PP=8, N=20, steps 1..8 for h = min(r, PP-1-r).
+    // docs/reference.md, PP=8, N=20, steps 1..8 for h = min(r, PP-1-r).
     const std::map<int, std::vector<int>> steps = {{0, {6, 1, 3, 3, 3, 1, 3, 1}},
                                                    {1, {4, 2, 2, 4, 2, 2, 2, 2}},
                                                    {2, {2, 3, 1, 5, 1, 3, 1, 3}},

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <fstream>
 #include <mutex>
+#include <sstream>
 
 #include <gtest/gtest.h>
 
@@ -301,19 +302,34 @@ TEST(PipelineTrainer, EmulateModeCarriesExpertTraffic) {
         StepMetrics seen;
         LinkBytes total;
         bool traced = false;
+        double worst_overlap_us = 0;
         LaunchOptions l;
         l.ranks = 16;
         l.virtual_nodes = 8;  // EP groups of 4 ranks over 2 nodes
         launch(l, [&](const std::shared_ptr<Communicator>& world) {
             PipelineTrainer<float> t(world, p, o);
             StepMetrics s = t.step();
+            // One compute stream per rank: the two halves of an F&B pair take turns, so no two compute spans of a
+            // rank overlap (lane 0 is compute in the serialized trace: lane, start, end, name).
+            std::vector<std::pair<double, double>> compute;
+            std::istringstream in(t.trace_blob());
+            for (std::string line; std::getline(in, line);) {
+                int lane = 0;
+                double a = 0, b = 0;
+                if (std::sscanf(line.c_str(), "%d\t%lf\t%lf", &lane, &a, &b) == 3 && lane == 0) compute.push_back({a, b});
+            }
+            std::sort(compute.begin(), compute.end());
+            double overlap = 0;
+            for (size_t i = 1; i < compute.size(); ++i) overlap = std::max(overlap, compute[i - 1].second - compute[i].first);
             std::lock_guard<std::mutex> lock(m);
+            worst_overlap_us = std::max(worst_overlap_us, overlap);
             if (world->rank() == 0) seen = s;
             total.inter_node += t.expert_bytes_sent().inter_node;
             total.intra_node += t.expert_bytes_sent().intra_node;
             traced |= t.trace_blob().find("dispatch L") != std::string::npos;
         });
         EXPECT_TRUE(traced) << dispatch;
+        EXPECT_LE(worst_overlap_us, 1.0) << dispatch << ": two compute spans of one rank overlap";
         EXPECT_FALSE(std::isnan(seen.fb_ep_comm_hidden_fraction)) << dispatch;
         EXPECT_GE(seen.fb_ep_comm_hidden_fraction, 0) << dispatch;
         EXPECT_LE(seen.fb_ep_comm_hidden_fraction, 1) << dispatch;

@@ -77,7 +77,7 @@ TEST(Simulator, FreeCommunicationBubbleEqualsTheValidatorAndTheFormula) {
     }
 }
 
-// shared/REFERENCE.md: 180K H800 GPU-hours per trillion tokens, from the documented hardware numbers and the
+// docs/reference.md: 180K H800 GPU-hours per trillion tokens, from the documented hardware numbers and the
 // stated efficiencies of the h800 preset (BENCHMARKS.md shows the breakdown and the sensitivity).
 TEST(Simulator, DeepSeekV3OnH800x2048IsWithin15PercentOfThePublishedCost) {
     SimOptions o;  // DualPipe, PP 16, EP 64, 15360 sequences of 4096 tokens, FP8, recompute

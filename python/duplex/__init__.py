@@ -1,0 +1,34 @@
+"""Duplex: DualPipe bidirectional pipelines, expert parallelism and ZeRO-1, from Python.
+
+    import duplex
+    plan = duplex.schedule("dualpipe", pp=8, microbatches=20, cost_f=1, cost_b=2, cost_w=1, cost_fb=3)
+    plan.makespan                 # 66.0, as published
+    duplex.simulate(pp=16, ep=64, schedule="dualpipe")["step_time_s"]
+
+    def work(world):              # one call per rank
+        x = numpy.full(4, world.rank, dtype=numpy.float32)
+        world.all_reduce(x)       # in place, no copy
+    duplex.launch(work, ranks=4)  # in-process ranks; under torchrun/mpirun: backend="ucx" or "mpi"
+"""
+import json as _json
+
+from ._duplex import Communicator, Plan, backends, launch, schedule  # noqa: F401
+from . import _duplex
+
+__all__ = ["Communicator", "Plan", "backends", "launch", "schedule", "simulate"]
+
+
+def simulate(model="deepseek-v3", cluster="h800x2048", pp=16, ep=64, schedule="dualpipe", microbatches=0,
+             global_batch=15360, mb_sequences=1, fp8=True, recompute=True, dispatch="hierarchical",
+             partition="balanced", comm_sms=-1, elem_bytes=2.0, device="", gpus=0, gpus_per_node=0,
+             sequential_hops=False, ignore_memory=False, free_comm=False):
+    """Predicts one training step of `model` on `cluster` with a parallel layout, as `duplex simulate --json`.
+
+    Returns the same fields as a dict: step_time_s, pipeline_s, bubble_fraction, mfu, tokens_per_s_per_gpu,
+    gpu_hours_per_trillion_tokens, exposed_comm_s, memory_per_gpu_bytes, fits, per-stage costs, ...
+    A layout that cannot run raises ValueError naming the constraint it breaks.
+    """
+    text = _duplex._simulate_json(model, cluster, pp, ep, schedule, microbatches, global_batch, mb_sequences, fp8,
+                                  recompute, dispatch, partition, comm_sms, elem_bytes, device, gpus, gpus_per_node,
+                                  sequential_hops, ignore_memory, free_comm)
+    return _json.loads(text)
