@@ -18,6 +18,7 @@
 #include "parallel/plan.hpp"
 #include "parallel/schedule.hpp"
 #include "runtime/model/config.hpp"
+#include "runtime/pipeline_trainer.hpp"
 #include "runtime/simulator.hpp"
 
 namespace nb = nanobind;
@@ -54,6 +55,145 @@ void wait(const WorkPtr& w) {
 }
 
 nb::tuple chunk_tuple(const sched::Chunk& c) { return nb::make_tuple(c.mb, c.stage, c.dir); }
+
+// ---- tensors across the language boundary (DLPack, no copies but one: see PyStage::forward) ----
+
+DType dtype_of_dl(nb::dlpack::dtype t) {
+    if (t == nb::dtype<float>()) return DType::F32;
+    if (t == nb::dtype<double>()) return DType::F64;
+    if (t == nb::dtype<int32_t>()) return DType::I32;
+    if (t == nb::dtype<int64_t>()) return DType::I64;
+    if (t == nb::dtype<uint8_t>()) return DType::U8;
+    throw ConfigError("tensor", fmt::format("dtype (code {}, {} bits) is not float32/64, int32/64 or uint8", int(t.code),
+                                            int(t.bits)));
+}
+nb::dlpack::dtype dl_of(DType t) {
+    switch (t) {
+        case DType::F32: return nb::dtype<float>();
+        case DType::F64: return nb::dtype<double>();
+        case DType::I32: return nb::dtype<int32_t>();
+        case DType::I64: return nb::dtype<int64_t>();
+        case DType::U8: return nb::dtype<uint8_t>();
+        default: break;
+    }
+    throw ConfigError("tensor", fmt::format("{} has no DLPack type here", dtype_name(t)));
+}
+
+// A framework tensor as a Tensor over the same memory; the Python object stays alive with it (released under
+// the GIL, whichever thread drops the last reference). Call with the GIL held.
+Tensor tensor_from_py(nb::handle obj) {
+    auto a = nb::cast<nb::ndarray<nb::c_contig>>(obj);
+    Shape shape;
+    for (size_t i = 0; i < a.ndim(); ++i) shape.push_back(int64_t(a.shape(i)));
+    Device dev = a.device_type() == nb::device::cuda::value ? Device::cuda(a.device_id()) : Device::cpu();
+    auto* keep = new nb::object(nb::borrow(obj));
+    std::shared_ptr<void> owner(keep, [](void* p) {
+        nb::gil_scoped_acquire gil;
+        delete static_cast<nb::object*>(p);
+    });
+    return Tensor::wrap(a.data(), dtype_of_dl(a.dtype()), std::move(shape), dev, std::move(owner));
+}
+
+// A Tensor as a torch tensor sharing its storage. Call with the GIL held.
+nb::object tensor_to_torch(const Tensor& t) {
+    auto* keep = new Tensor(t);
+    nb::capsule owner(keep, [](void* p) noexcept { delete static_cast<Tensor*>(p); });
+    std::vector<size_t> shape(t.shape().begin(), t.shape().end());
+    nb::ndarray<nb::pytorch> a(t.raw(), shape.size(), shape.data(), owner, nullptr, dl_of(t.dtype()),
+                               t.device().kind == Device::CUDA ? nb::device::cuda::value : nb::device::cpu::value,
+                               t.device().index);
+    return nb::cast(a);
+}
+
+// ---- a stage written in Python ----
+
+// The Python side (duplex/torch.py) implements: name(), activation(mb) -> (shape, dtype name),
+// forward(mb, global, step, x or None) -> tensor or None, loss(mb) -> float,
+// backward_input(mb, dy or None, weight_follows) -> tensor or None, backward_weight(mb),
+// state() -> [(name, value, grad, expert, decay)], zero_grad().
+class PyStage : public Stage {
+public:
+    explicit PyStage(nb::object py) : py_(std::move(py)) { name_ = nb::cast<std::string>(py_.attr("name")()); }
+    ~PyStage() override {
+        nb::gil_scoped_acquire gil;
+        py_.reset();
+    }
+    std::string name() const override { return name_; }
+    TensorSpec input_spec(const Microbatch& mb) const override {
+        return call(mb, "activation", [&] {
+            auto [shape, dtype] = nb::cast<std::pair<std::vector<int64_t>, std::string>>(py_.attr("activation")(mb.id));
+            return TensorSpec{dtype_from_name(dtype), Shape(shape.begin(), shape.end()), Device::cpu()};
+        });
+    }
+    TensorSpec output_spec(const Microbatch& mb) const override { return input_spec(mb); }
+    Tensor forward(const Microbatch& mb, const TensorView& input) override {
+        return call(mb, "forward", [&] {
+            // NOTE: one copy: the executor frees its receive buffer after the call, autograd may keep the input.
+            nb::object x = input.empty() ? nb::none() : tensor_to_torch(Tensor::copy_of(input));
+            nb::object out = py_.attr("forward")(mb.id, mb.global, mb.step, x);
+            return out.is_none() ? Tensor() : tensor_from_py(out);
+        });
+    }
+    double loss(const Microbatch& mb) override {
+        return call(mb, "loss", [&] { return nb::cast<double>(py_.attr("loss")(mb.id)); });
+    }
+    Tensor backward_input(const Microbatch& mb, const TensorView& grad) override {
+        return call(mb, "backward", [&] {
+            nb::object dy = grad.empty() ? nb::none() : tensor_to_torch(Tensor::copy_of(grad));
+            nb::object dx = py_.attr("backward_input")(mb.id, dy, mb.weight_follows);
+            return dx.is_none() ? Tensor() : tensor_from_py(dx);
+        });
+    }
+    void backward_weight(const Microbatch& mb) override {
+        call(mb, "backward_weight", [&] { py_.attr("backward_weight")(mb.id); return 0; });
+    }
+    std::vector<StateBuffer> state() override {
+        nb::gil_scoped_acquire gil;
+        std::vector<StateBuffer> out;
+        for (nb::handle item : py_.attr("state")()) {
+            auto t = nb::cast<nb::tuple>(item);
+            StateBuffer b;
+            b.name = nb::cast<std::string>(t[0]);
+            b.kind = StateKind::Parameter;
+            b.value = tensor_from_py(t[1]).view();  // views: the module owns its parameters and their .grad
+            b.grad = tensor_from_py(t[2]).view();
+            b.expert = nb::cast<bool>(t[3]);
+            b.decay = nb::cast<bool>(t[4]);
+            out.push_back(std::move(b));
+        }
+        return out;
+    }
+    void zero_grad() override {
+        nb::gil_scoped_acquire gil;
+        py_.attr("zero_grad")();
+    }
+
+private:
+    template <typename F>
+    auto call(const Microbatch& mb, const char* what, F&& f) const -> decltype(f()) {
+        nb::gil_scoped_acquire gil;
+        try {
+            return f();
+        } catch (nb::python_error& e) {
+            throw StageError(fmt::format("{}, microbatch {}: {} raised {}", name_, mb.id, what, e.what()));
+        } catch (nb::cast_error& e) {
+            throw StageError(fmt::format("{}, microbatch {}: {} returned the wrong type ({})", name_, mb.id, what,
+                                         e.what()));
+        }
+    }
+    nb::object py_;
+    std::string name_;
+};
+
+// PipelineTrainer over Python stages, in the dtype of their parameters.
+struct PyTrainer {
+    std::unique_ptr<PipelineTrainer<float>> f32;
+    std::unique_ptr<PipelineTrainer<double>> f64;
+    StepMetrics step() {
+        nb::gil_scoped_release release;
+        return f32 ? f32->step() : f64->step();
+    }
+};
 
 }  // namespace
 }  // namespace duplex
@@ -229,4 +369,62 @@ NB_MODULE(_duplex, m) {
         "when launched by torchrun / mpirun / Slurm (backend ucx or mpi). An exception on one rank stops the others "
         "and is raised here, naming the rank.");
     m.def("backends", &built_backends, "The communication backends built into this module.");
+
+    nb::class_<StageInfo>(m, "StageInfo", "What a stage factory is told about the stage it builds.")
+        .def_ro("stage", &StageInfo::stage)
+        .def_ro("num_stages", &StageInfo::num_stages)
+        .def_ro("first_layer", &StageInfo::first_layer)
+        .def_ro("num_layers", &StageInfo::num_layers)
+        .def_ro("loss_scale", &StageInfo::loss_scale)
+        .def_ro("rank", &StageInfo::rank);
+
+    nb::class_<PyTrainer>(m, "_Trainer")
+        .def("__init__",
+             [](PyTrainer* t, std::shared_ptr<Communicator> world, const std::string& schedule, int pp, int dp,
+                int microbatches, nb::callable factory, const std::string& dtype, const std::string& optimizer,
+                double lr, double weight_decay, double clip) {
+                 new (t) PyTrainer();
+                 PipelineOptions p;
+                 p.schedule = sched::kind_from_name(schedule);
+                 p.pp = pp, p.dp = dp, p.ep = 1, p.optimizer = optimizer;
+                 TrainOptions o;
+                 o.microbatches = microbatches, o.lr = lr, o.weight_decay = weight_decay, o.clip = clip;
+                 nb::object keep = nb::borrow(factory);
+                 auto holder = std::shared_ptr<nb::object>(new nb::object(keep), [](nb::object* p) {
+                     nb::gil_scoped_acquire gil;
+                     delete p;
+                 });
+                 StageFactory f = [holder](const StageInfo& info) -> std::unique_ptr<Stage> {
+                     nb::gil_scoped_acquire gil;
+                     try {
+                         return std::make_unique<PyStage>((*holder)(info));
+                     } catch (nb::python_error& e) {
+                         throw StageError(fmt::format("stage {}: the stage factory raised {}", info.stage, e.what()));
+                     }
+                 };
+                 nb::gil_scoped_release release;
+                 if (dtype == "float64")
+                     t->f64 = std::make_unique<PipelineTrainer<double>>(world, p, o, f);
+                 else if (dtype == "float32")
+                     t->f32 = std::make_unique<PipelineTrainer<float>>(world, p, o, f);
+                 else
+                     throw ConfigError("dtype", fmt::format("'{}': the trainer runs float32 or float64", dtype));
+             },
+             "world"_a, "schedule"_a, "pp"_a, "dp"_a, "microbatches"_a, "factory"_a, "dtype"_a, "optimizer"_a, "lr"_a,
+             "weight_decay"_a, "clip"_a)
+        .def("step",
+             [](PyTrainer& t) {
+                 StepMetrics m = t.step();
+                 nb::dict d;
+                 d["step"] = m.step, d["loss"] = m.loss, d["grad_norm"] = m.grad_norm;
+                 d["bubble_fraction"] = m.bubble_fraction, d["step_time_s"] = m.step_time_s;
+                 d["comm_hidden_fraction"] = m.comm_hidden_fraction;
+                 d["fb_ep_comm_hidden_fraction"] = m.fb_ep_comm_hidden_fraction;
+                 return d;
+             })
+        .def("close", [](PyTrainer& t) {
+            nb::gil_scoped_release release;
+            t.f32.reset();
+            t.f64.reset();
+        });
 }

@@ -125,12 +125,16 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
         RankGrid::validate({plan.pipeline_ranks(), p.dp, p.ep}, world_size, p.ep);
         DUPLEX_CHECK_ARG(p.layers == 0 || p.layers >= p.pp, "layers", "{} layers cannot fill {} pipeline stages",
                          p.layers, p.pp);
+        DUPLEX_CHECK_ARG(p.optimizer == "zero1-adamw" || p.optimizer == "none", "optimizer",
+                         "'{}' is not an optimizer (zero1-adamw, none)", p.optimizer);
         DUPLEX_CHECK_ARG(!p.emulate, "--mode", "emulate runs the built-in model's cost model, not custom stages");
         return;
     }
     ModelConfig cfg = o.model_config();
     plan.validate(o.microbatches, cfg.experts);
     RankGrid::validate({plan.pipeline_ranks(), p.dp, p.ep}, world_size, cfg.experts);
+    DUPLEX_CHECK_ARG(p.optimizer == "zero1-adamw" || p.optimizer == "none", "optimizer",
+                     "'{}' is not an optimizer (zero1-adamw, none)", p.optimizer);
     DUPLEX_CHECK_ARG(p.dispatch == "hierarchical" || p.dispatch == "flat", "--dispatch",
                      "'{}' is not a dispatch path (hierarchical, flat)", p.dispatch);
     if (!p.emulate) cfg.check_runnable();
@@ -224,6 +228,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     ac.lr = o.lr;
     ac.weight_decay = o.weight_decay;
     for (auto& [s, stage] : I.stages) {
+        if (p.optimizer == "none") break;
         std::vector<StateBuffer> params = I.parameters_of(*stage);
         for (bool experts : {false, true}) {
             std::vector<ParamRef<T>> refs;
@@ -322,8 +327,31 @@ StepMetrics PipelineTrainer<T>::step() {
                 off += size_t(b.grad.numel());
             }
     }
-    // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
     double sq = 0;
+    if (I.p.optimizer == "none") {
+        // Gradients summed over the data-parallel replicas (experts: over expert-DP) and left for the caller.
+        for (auto& [s, bufs] : params)
+            for (bool experts : {false, true}) {
+                std::vector<T> flat;
+                for (StateBuffer& b : bufs)
+                    if (b.expert == experts)
+                        flat.insert(flat.end(), b.grad.template data<T>(), b.grad.template data<T>() + b.grad.numel());
+                if (flat.empty()) continue;
+                (experts ? I.groups.edp : I.groups.dp)->all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
+                size_t off = 0;
+                for (StateBuffer& b : bufs)
+                    if (b.expert == experts) {
+                        std::memcpy(b.grad.raw(), flat.data() + off, b.grad.nbytes());
+                        off += size_t(b.grad.numel());
+                    }
+                if (I.owner.at(s)) {  // every replica of the group holds the sum: count it once over the world
+                    double part = 0;
+                    for (T g : flat) part += double(g) * double(g);
+                    sq += part / (experts ? I.groups.edp : I.groups.dp)->size();
+                }
+            }
+    }
+    // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
     for (auto& [s, opts] : I.optimizers)
         for (auto& opt : opts) {
             double part = opt->reduce();

@@ -38,6 +38,10 @@ struct PipelineOptions {
     int pp = 2;  // pipeline stages of the model (DualPipeV runs them on pp/2 ranks)
     int dp = 1;
     int ep = 1;
+    // "zero1-adamw": ZeRO-1 AdamW over the DP group updates the parameters at step end. "none": the gradients are
+    // summed over DualPipe's copies and all-reduced over DP (routed experts over expert-DP) and left in the
+    // stages' gradient buffers for the caller's optimizer (a framework's own, e.g. torch.optim).
+    std::string optimizer = "zero1-adamw";
     // Custom stages: the model's layer count, split over the stages into StageInfo::first_layer/num_layers
     // (layers_of_stage). The built-in model takes its own.
     int layers = 0;

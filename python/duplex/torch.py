@@ -1,0 +1,167 @@
+"""duplex.torch: Duplex as the pipeline backend of a PyTorch model.
+
+A rank hands its stage modules to a Pipeline; Duplex's executor runs the schedule (1F1B, ZB1P, DualPipe,
+DualPipeV) over them: activations and gradients move between ranks through Duplex's communicator, every
+backward is split with autograd into the input gradient (B, on the critical path) and the weight gradient (W,
+deferred to where the schedule puts it), DualPipe's two copies of a stage sum their gradients and data-parallel
+replicas all-reduce theirs. The gradients are left in the modules' .grad, so any torch optimizer steps them.
+
+    def rank_main(world):                       # duplex.launch(rank_main, ranks=4): PP=2 x DP=2
+        stage = make_stage(world.rank // 2)      # this rank's nn.Module
+        pipe = duplex.torch.Pipeline(world, [stage], schedule="1f1b", pp=2, dp=2, microbatches=4,
+                                     loss_fn=torch.nn.functional.mse_loss, activation_shape=(8, 32))
+        opt = torch.optim.SGD(stage.parameters(), lr=0.1)
+        for x, y in batches:
+            loss = pipe.step(x, y)               # the global batch; every rank passes the same one
+            opt.step(); opt.zero_grad()
+
+Modules: one per stage the schedule places on this rank — one for 1f1b and zb1p (stage r), two for dualpipe and
+dualpipev, in DualPipe's order (stage r, then stage PP-1-r). `activation_shape` is the shape of one microbatch's
+activation between stages (the same at every boundary); a stage that returns another shape is an error naming
+the stage and the microbatch.
+"""
+import weakref
+
+import torch
+
+from . import _duplex
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_ELEMENT = {torch.float32: "float", torch.float64: "double"}  # Duplex's dtype names
+
+
+class _TorchStage:
+    """One stage module behind the Stage contract (called from Duplex's executor threads, under the GIL)."""
+
+    def __init__(self, pipe, module, info):
+        # A weak reference: the executor (C++) holds this stage, the Pipeline holds the executor.
+        self.pipe, self.module, self.info = weakref.proxy(pipe), module, info
+        self.first = info.stage == 0
+        self.last = info.stage == info.num_stages - 1
+        self.saved = {}  # mb -> (input that needs a gradient or None, output or scaled loss, output gradient)
+        self.losses = {}
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.zero_grad()
+
+    def name(self):
+        return f"torch stage {self.info.stage} ({type(self.module).__name__})"
+
+    def activation(self, mb):
+        return list(self.pipe.activation_shape), _ELEMENT[self.pipe.dtype]
+
+    def forward(self, mb, global_mb, step, x):
+        if self.first:
+            inp = self.pipe._inputs[global_mb]
+        else:
+            inp = x.detach().requires_grad_(True)
+        out = self.module(inp)
+        if self.last:
+            loss = self.pipe.loss_fn(out, self.pipe._labels[global_mb])
+            if loss.dim() != 0:
+                raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar")
+            self.losses[mb] = float(loss.detach())
+            self.saved[mb] = [None if self.first else inp, loss * self.info.loss_scale, None]
+            return None
+        self.saved[mb] = [None if self.first else inp, out, None]
+        return out.detach().contiguous()
+
+    def loss(self, mb):
+        return self.losses.pop(mb)
+
+    def backward_input(self, mb, dy, weight_follows):
+        inp, out, _ = self.saved[mb]
+        grad_out = None if self.last else dy
+        if weight_follows:  # B and W in one pass over the graph
+            targets = ([inp] if inp is not None else []) + self.params
+            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True)
+            dx = None
+            if inp is not None:
+                dx, grads = grads[0], grads[1:]
+            self._accumulate(grads)
+            self.saved[mb] = (None, None, "done")
+            return None if dx is None else dx.contiguous()
+        self.saved[mb] = (inp, out, grad_out)
+        if inp is None:  # the first stage has no input gradient: all of its backward is W
+            return None
+        (dx,) = torch.autograd.grad(out, [inp], grad_out, retain_graph=True)
+        return dx.contiguous()
+
+    def backward_weight(self, mb):
+        inp, out, grad_out = self.saved.pop(mb)
+        if isinstance(grad_out, str):  # done together with B
+            return
+        self._accumulate(torch.autograd.grad(out, self.params, grad_out, allow_unused=True))
+
+    def _accumulate(self, grads):
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                if g is not None:
+                    p.grad.add_(g)
+
+    def state(self):
+        out = []
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                out.append((f"stage{self.info.stage}.{name}", p.data, p.grad, False, p.dim() > 1))
+        return out
+
+    def zero_grad(self):
+        # Called before every step: gradients start at zero (and exist: an optimizer's zero_grad sets them to None).
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+
+class Pipeline:
+    """This rank's share of a pipeline-parallel (and data-parallel) model, run by Duplex's executor."""
+
+    def __init__(self, world, modules, schedule="1f1b", pp=None, dp=1, microbatches=4, loss_fn=None,
+                 activation_shape=None, dtype=None):
+        if loss_fn is None:
+            raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
+        if activation_shape is None:
+            raise ValueError("Pipeline needs activation_shape: one microbatch's activation between stages")
+        self.modules = list(modules)
+        self.schedule, self.dp, self.microbatches = schedule, dp, microbatches
+        ranks_per_replica = world.size // dp
+        folded = schedule in ("dualpipev",)
+        self.pp = pp if pp is not None else (2 * ranks_per_replica if folded else ranks_per_replica)
+        want = 2 if schedule in ("dualpipe", "dualpipev") else 1
+        if len(self.modules) != want:
+            raise ValueError(f"{schedule} places {want} stage(s) on each rank; got {len(self.modules)} modules")
+        self.loss_fn = loss_fn
+        self.activation_shape = tuple(activation_shape)
+        params = [p for m in self.modules for p in m.parameters()]
+        self.dtype = dtype or (params[0].dtype if params else torch.float32)
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"parameters of {self.dtype}: the trainer runs float32 or float64")
+        self.pipe_rank = world.rank // dp
+        self._inputs = self._labels = None
+        self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, microbatches, self._make_stage,
+                                         _DTYPES[self.dtype], "none", 1e-3, 0.0, 0.0)
+
+    def _make_stage(self, info):
+        own = info.stage == self.pipe_rank
+        return _TorchStage(self, self.modules[0 if own else 1], info)
+
+    def step(self, inputs, labels):
+        """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
+        loss over the global batch's microbatches. Gradients are left in the modules' .grad."""
+        n = self.dp * self.microbatches
+        if inputs.shape[0] % n or labels.shape[0] % n:
+            raise ValueError(f"a batch of {inputs.shape[0]} does not split into {n} microbatches")
+        self._inputs = list(torch.chunk(inputs, n))
+        self._labels = list(torch.chunk(labels, n))
+        metrics = self._trainer.step()
+        self.last_metrics = metrics
+        return metrics["loss"]
+
+    def close(self):
+        self._trainer.close()
+
+
+def run(fn, ranks, **kwargs):
+    """Runs fn(world) on `ranks` in-process ranks (threads of this process), as duplex.launch."""
+    return _duplex.launch(fn, ranks=ranks, **kwargs)

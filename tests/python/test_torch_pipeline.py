@@ -1,0 +1,152 @@
+"""duplex.torch.Pipeline against the same model trained by plain PyTorch in one process on the same batch:
+every schedule, PP in {2, 4}, DP in {1, 2}, fp64 and fp32, three optimizer steps (torch.optim.SGD with
+momentum on the Pipeline's gradients); and the errors a user gets for a broken stage."""
+import itertools
+import threading
+import unittest
+
+import torch
+
+import duplex
+import duplex.torch as dt
+
+WIDTH, ROWS = 16, 4  # activation of one microbatch: [ROWS, WIDTH]
+
+
+_init = threading.Lock()  # ranks are threads: torch's global RNG must not interleave between them
+
+
+def make_stages(pp, dtype, seed=3):
+    """The model: pp blocks of (Linear, Tanh), the last with a Linear head; identical weights every call."""
+    with _init:
+        torch.manual_seed(seed)
+        return _blocks(pp, dtype)
+
+
+def _blocks(pp, dtype):
+    blocks = []
+    for s in range(pp):
+        layers = [torch.nn.Linear(WIDTH, WIDTH), torch.nn.Tanh()]
+        if s == pp - 1:
+            layers.append(torch.nn.Linear(WIDTH, 3))
+        blocks.append(torch.nn.Sequential(*layers).to(dtype))
+    return blocks
+
+
+def batch(step, n, dtype):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(n * ROWS, WIDTH, generator=g, dtype=dtype)
+    y = torch.randn(n * ROWS, 3, generator=g, dtype=dtype)
+    return x, y
+
+
+def reference(pp, n, steps, dtype):
+    """Plain PyTorch: the whole model in one process, the loss averaged over the same n microbatches."""
+    blocks = make_stages(pp, dtype)
+    model = torch.nn.Sequential(*blocks)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(1, steps + 1):
+        x, y = batch(step, n, dtype)
+        total = 0.0
+        for xm, ym in zip(torch.chunk(x, n), torch.chunk(y, n)):
+            loss = torch.nn.functional.mse_loss(model(xm), ym) / n
+            loss.backward()
+            total += float(loss) * n
+        losses.append(total / n)
+        opt.step()
+        opt.zero_grad()
+    return losses, [list(b.parameters()) for b in blocks]
+
+
+def distributed(schedule, pp, dp, microbatches, steps, dtype):
+    ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp
+    out = {"losses": None, "params": {}}
+    lock = threading.Lock()
+
+    def rank_main(world):
+        blocks = make_stages(pp, dtype)
+        r = world.rank // dp
+        mine = [blocks[r]] if schedule in ("1f1b", "zb1p") else [blocks[r], blocks[pp - 1 - r]]
+        pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, microbatches=microbatches,
+                           loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH))
+        params = [p for m in mine for p in m.parameters()]
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        losses = []
+        for step in range(1, steps + 1):
+            losses.append(pipe.step(*batch(step, dp * microbatches, dtype)))
+            opt.step()
+            opt.zero_grad()
+        pipe.close()
+        with lock:
+            if world.rank == 0:
+                out["losses"] = losses
+            for m in mine:
+                out["params"][blocks.index(m)] = [p.detach().clone() for p in m.parameters()]
+
+    dt.run(rank_main, ranks=ranks_per_replica * dp, timeout_s=120)
+    return out
+
+
+class Equivalence(unittest.TestCase):
+    def check(self, schedule, pp, dp, dtype, tol):
+        n = 2 * pp  # DualPipe needs N >= 2 PP per replica
+        steps = 3
+        got = distributed(schedule, pp, dp, n, steps, dtype)
+        want_losses, want_params = reference(pp, n * dp, steps, dtype)
+        self.assertEqual(len(got["losses"]), steps)
+        for s in range(steps):
+            self.assertLessEqual(abs(got["losses"][s] - want_losses[s]), tol * abs(want_losses[s]), f"step {s + 1}")
+        self.assertEqual(sorted(got["params"]), list(range(pp)))
+        for b in range(pp):
+            for have, want in zip(got["params"][b], want_params[b]):
+                rel = float((have - want).norm() / want.norm())
+                self.assertLessEqual(rel, tol, f"block {b}")
+
+    def test_every_schedule_fp64(self):
+        for schedule, pp, dp in itertools.product(["1f1b", "zb1p", "dualpipe", "dualpipev"], [2, 4], [1, 2]):
+            with self.subTest(schedule=schedule, pp=pp, dp=dp):
+                self.check(schedule, pp, dp, torch.float64, 1e-12)
+
+    def test_fp32(self):
+        for schedule in ["zb1p", "dualpipe"]:
+            with self.subTest(schedule=schedule):
+                self.check(schedule, 4, 2, torch.float32, 1e-5)
+
+
+class BadInput(unittest.TestCase):
+    def run_with(self, stage_fn=None, loss_fn=torch.nn.functional.mse_loss, shape=(ROWS, WIDTH)):
+        def rank_main(world):
+            blocks = make_stages(2, torch.float64)
+            if stage_fn:
+                blocks = stage_fn(blocks)
+            pipe = dt.Pipeline(world, [blocks[world.rank]], schedule="1f1b", microbatches=2, loss_fn=loss_fn,
+                               activation_shape=shape, dtype=torch.float64)
+            pipe.step(*batch(1, 2, torch.float64))
+
+        dt.run(rank_main, ranks=2, timeout_s=30)
+
+    def test_a_stage_output_of_another_shape_is_named(self):
+        with self.assertRaisesRegex(RuntimeError, r"torch stage 0 .*microbatch 0: forward returned double\[4, 16\].*"
+                                                  r"expected double\[4, 8\]"):
+            self.run_with(shape=(ROWS, 8))
+
+    def test_a_loss_that_is_not_a_scalar(self):
+        with self.assertRaisesRegex(RuntimeError, "(?s)torch stage 1.*microbatch 0.*not a scalar"):
+            self.run_with(loss_fn=lambda out, y: (out - y) ** 2)
+
+    def test_a_module_that_raises(self):
+        class Boom(torch.nn.Module):
+            def forward(self, x):
+                raise ArithmeticError("boom in the module")
+
+        def swap(blocks):
+            blocks[1] = Boom()
+            return blocks
+
+        with self.assertRaisesRegex(RuntimeError, "(?s)torch stage 1.*microbatch 0.*boom in the module"):
+            self.run_with(stage_fn=swap)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
