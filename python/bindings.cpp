@@ -193,6 +193,25 @@ struct PyTrainer {
         nb::gil_scoped_release release;
         return f32 ? f32->step() : f64->step();
     }
+    // The EMA of this rank's owned parameters, by name (float64 NumPy arrays; empty without ema_decay).
+    nb::dict ema() {
+        std::map<std::string, std::vector<double>> values;
+        {
+            nb::gil_scoped_release release;
+            if (f32)
+                for (auto& [name, v] : f32->ema_parameters()) values[name].assign(v.begin(), v.end());
+            else
+                for (auto& [name, v] : f64->ema_parameters()) values[name] = std::move(v);
+        }
+        nb::dict out;
+        for (auto& [name, v] : values) {
+            auto* keep = new std::vector<double>(std::move(v));
+            nb::capsule owner(keep, [](void* p) noexcept { delete static_cast<std::vector<double>*>(p); });
+            size_t n = keep->size();
+            out[name.c_str()] = nb::ndarray<nb::numpy, double>(keep->data(), 1, &n, owner);
+        }
+        return out;
+    }
 };
 
 }  // namespace
@@ -382,11 +401,11 @@ NB_MODULE(_duplex, m) {
         .def("__init__",
              [](PyTrainer* t, std::shared_ptr<Communicator> world, const std::string& schedule, int pp, int dp,
                 int microbatches, nb::callable factory, const std::string& dtype, const std::string& optimizer,
-                double lr, double weight_decay, double clip) {
+                double lr, double weight_decay, double clip, double ema_decay) {
                  new (t) PyTrainer();
                  PipelineOptions p;
                  p.schedule = sched::kind_from_name(schedule);
-                 p.pp = pp, p.dp = dp, p.ep = 1, p.optimizer = optimizer;
+                 p.pp = pp, p.dp = dp, p.ep = 1, p.optimizer = optimizer, p.ema_decay = ema_decay;
                  TrainOptions o;
                  o.microbatches = microbatches, o.lr = lr, o.weight_decay = weight_decay, o.clip = clip;
                  nb::object keep = nb::borrow(factory);
@@ -411,7 +430,8 @@ NB_MODULE(_duplex, m) {
                      throw ConfigError("dtype", fmt::format("'{}': the trainer runs float32 or float64", dtype));
              },
              "world"_a, "schedule"_a, "pp"_a, "dp"_a, "microbatches"_a, "factory"_a, "dtype"_a, "optimizer"_a, "lr"_a,
-             "weight_decay"_a, "clip"_a)
+             "weight_decay"_a, "clip"_a, "ema_decay"_a)
+        .def("ema", &PyTrainer::ema)
         .def("step",
              [](PyTrainer& t) {
                  StepMetrics m = t.step();

@@ -114,11 +114,25 @@ class _TorchStage:
                 p.grad.zero_()
 
 
+class ZeroAdamW:
+    """Duplex's ZeRO-1 AdamW as a Pipeline's optimizer: each data-parallel replica keeps the fp32/fp64 moments of
+    only its 1/DP shard; gradients are reduce-scattered, the shard updated, the weights all-gathered — in place in
+    the modules' parameters, at the end of every Pipeline.step. Betas (0.9, 0.95), eps 1e-8 (DeepSeek-V3's),
+    decoupled weight decay on parameters of two or more dimensions, gradients clipped to a global norm of `clip`
+    (0: off)."""
+
+    def __init__(self, lr=1e-3, weight_decay=0.1, clip=1.0):
+        self.lr, self.weight_decay, self.clip = lr, weight_decay, clip
+
+
 class Pipeline:
-    """This rank's share of a pipeline-parallel (and data-parallel) model, run by Duplex's executor."""
+    """This rank's share of a pipeline-parallel (and data-parallel) model, run by Duplex's executor.
+
+    optimizer: None (gradients left in .grad for a torch optimizer) or ZeroAdamW(...) (Duplex updates the
+    parameters). ema_decay > 0 keeps an EMA of the weights in host memory, updated in the background (ema())."""
 
     def __init__(self, world, modules, schedule="1f1b", pp=None, dp=1, microbatches=4, loss_fn=None,
-                 activation_shape=None, dtype=None):
+                 activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0):
         if loss_fn is None:
             raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
         if activation_shape is None:
@@ -139,8 +153,14 @@ class Pipeline:
             raise ValueError(f"parameters of {self.dtype}: the trainer runs float32 or float64")
         self.pipe_rank = world.rank // dp
         self._inputs = self._labels = None
+        if optimizer is None:
+            kind, lr, wd, clip = "none", 1e-3, 0.0, 0.0
+        elif isinstance(optimizer, ZeroAdamW):
+            kind, lr, wd, clip = "zero1-adamw", optimizer.lr, optimizer.weight_decay, optimizer.clip
+        else:
+            raise ValueError("optimizer: None (use a torch optimizer on .grad) or duplex.torch.ZeroAdamW(...)")
         self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, microbatches, self._make_stage,
-                                         _DTYPES[self.dtype], "none", 1e-3, 0.0, 0.0)
+                                         _DTYPES[self.dtype], kind, lr, wd, clip, ema_decay)
 
     def _make_stage(self, info):
         own = info.stage == self.pipe_rank
@@ -157,6 +177,10 @@ class Pipeline:
         metrics = self._trainer.step()
         self.last_metrics = metrics
         return metrics["loss"]
+
+    def ema(self):
+        """The EMA of the parameters whose owner copy lives on this rank: {"stage<s>.<name>": numpy array}."""
+        return self._trainer.ema()
 
     def close(self):
         self._trainer.close()

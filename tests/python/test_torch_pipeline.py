@@ -114,6 +114,54 @@ class Equivalence(unittest.TestCase):
                 self.check(schedule, 4, 2, torch.float32, 1e-5)
 
 
+class ZeroAdamWAndEma(unittest.TestCase):
+    def test_against_torch_adamw_and_a_plain_ema(self):
+        pp, dp, n, steps, decay = 2, 2, 4, 3, 0.9
+        lr, wd = 0.01, 0.1
+        # Plain PyTorch: AdamW with DeepSeek-V3's betas, decay only on matrices; the EMA by hand.
+        blocks = make_stages(pp, torch.float64)
+        model = torch.nn.Sequential(*blocks)
+        groups = [{"params": [p for p in model.parameters() if p.dim() > 1], "weight_decay": wd},
+                  {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+        ema = [p.detach().clone() for p in model.parameters()]
+        for step in range(1, steps + 1):
+            x, y = batch(step, n * dp, torch.float64)
+            for xm, ym in zip(torch.chunk(x, n * dp), torch.chunk(y, n * dp)):
+                (torch.nn.functional.mse_loss(model(xm), ym) / (n * dp)).backward()
+            opt.step()
+            opt.zero_grad()
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        want = {i: list(b.parameters()) for i, b in enumerate(blocks)}
+        want_ema = dict(zip([f"stage{i}.{name}" for i, b in enumerate(blocks) for name, _ in b.named_parameters()],
+                            ema))
+
+        got, got_ema, lock = {}, {}, threading.Lock()
+
+        def rank_main(world):
+            mine = make_stages(pp, torch.float64)[world.rank // dp]
+            pipe = dt.Pipeline(world, [mine], schedule="zb1p", pp=pp, dp=dp, microbatches=n,
+                               loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH),
+                               optimizer=dt.ZeroAdamW(lr=lr, weight_decay=wd, clip=0), ema_decay=decay)
+            for step in range(1, steps + 1):
+                pipe.step(*batch(step, n * dp, torch.float64))
+            e = pipe.ema()
+            pipe.close()
+            with lock:
+                got[world.rank // dp] = [p.detach().clone() for p in mine.parameters()]
+                got_ema.update(e)
+
+        dt.run(rank_main, ranks=pp * dp, timeout_s=120)
+        for b in range(pp):
+            for have, w in zip(got[b], want[b]):
+                self.assertLessEqual(float((have - w).norm() / w.norm()), 1e-12, f"block {b}")
+        self.assertEqual(sorted(got_ema), sorted(want_ema))
+        for name, w in want_ema.items():
+            have = torch.from_numpy(got_ema[name]).reshape(w.shape)
+            self.assertLessEqual(float((have - w).norm() / w.norm()), 1e-12, name)
+
+
 class BadInput(unittest.TestCase):
     def run_with(self, stage_fn=None, loss_fn=torch.nn.functional.mse_loss, shape=(ROWS, WIDTH)):
         def rank_main(world):
