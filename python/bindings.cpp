@@ -20,6 +20,7 @@
 #include "runtime/model/config.hpp"
 #include "runtime/pipeline_trainer.hpp"
 #include "runtime/simulator.hpp"
+#include "runtime/stage.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -355,6 +356,35 @@ NB_MODULE(_duplex, m) {
                 wait(c.reduce_scatter(send.data(), recv.data(), recv.size(), dtype_of_array(send)));
             },
             "send"_a, "recv"_a)
+        .def(
+            "all_to_all_v",
+            [](Communicator& c, Array send, std::vector<int64_t> send_rows, Array recv, std::vector<int64_t> recv_rows,
+               const std::string& what) {
+                int n = c.size();
+                DUPLEX_CHECK_ARG(int(send_rows.size()) == n && int(recv_rows.size()) == n, "all_to_all_v",
+                                 "{} send and {} receive counts for a group of {}", send_rows.size(), recv_rows.size(),
+                                 n);
+                int64_t ts = 0, tr = 0;
+                for (int p = 0; p < n; ++p) ts += send_rows[p], tr += recv_rows[p];
+                size_t row = ts > 0 ? bytes_of(send) / size_t(ts) : (tr > 0 ? bytes_of(recv) / size_t(tr) : 0);
+                DUPLEX_CHECK_ARG(bytes_of(send) == size_t(ts) * row && bytes_of(recv) == size_t(tr) * row,
+                                 "all_to_all_v", "buffers of {} and {} bytes for {} and {} rows", bytes_of(send),
+                                 bytes_of(recv), ts, tr);
+                std::vector<size_t> sb(n), so(n), rb(n), ro(n);
+                size_t a = 0, b = 0;
+                for (int p = 0; p < n; ++p) {
+                    sb[p] = size_t(send_rows[p]) * row, so[p] = a, a += sb[p];
+                    rb[p] = size_t(recv_rows[p]) * row, ro[p] = b, b += rb[p];
+                }
+                WorkPtr w = c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro);
+                // Inside a stage call the wait goes through the executor (traced as communication; with one compute
+                // stream the other half of an F&B pair runs meanwhile).
+                nb::gil_scoped_release release;
+                wait_in_stage(w, what);
+            },
+            "send"_a, "send_rows"_a, "recv"_a, "recv_rows"_a, "what"_a = "all_to_all_v",
+            "Rows of send go to each rank p (send_rows[p] of them, in rank order); rows from each rank land in recv "
+            "(recv_rows[p], in rank order). Rows are equal-sized.")
         .def("barrier", [](Communicator& c) { wait(c.barrier()); })
         .def(
             "split",
@@ -395,17 +425,21 @@ NB_MODULE(_duplex, m) {
         .def_ro("first_layer", &StageInfo::first_layer)
         .def_ro("num_layers", &StageInfo::num_layers)
         .def_ro("loss_scale", &StageInfo::loss_scale)
-        .def_ro("rank", &StageInfo::rank);
+        .def_ro("rank", &StageInfo::rank)
+        .def_prop_ro("ep_group", [](const StageInfo& i) { return i.ep_group; },
+                     "this stage's expert-parallel group for forward exchanges (None without EP)")
+        .def_prop_ro("ep_group_backward", [](const StageInfo& i) { return i.ep_group_backward; },
+                     "the same ranks, a second communicator: backward exchanges never interleave with forward ones");
 
     nb::class_<PyTrainer>(m, "_Trainer")
         .def("__init__",
-             [](PyTrainer* t, std::shared_ptr<Communicator> world, const std::string& schedule, int pp, int dp,
+             [](PyTrainer* t, std::shared_ptr<Communicator> world, const std::string& schedule, int pp, int dp, int ep,
                 int microbatches, nb::callable factory, const std::string& dtype, const std::string& optimizer,
                 double lr, double weight_decay, double clip, double ema_decay) {
                  new (t) PyTrainer();
                  PipelineOptions p;
                  p.schedule = sched::kind_from_name(schedule);
-                 p.pp = pp, p.dp = dp, p.ep = 1, p.optimizer = optimizer, p.ema_decay = ema_decay;
+                 p.pp = pp, p.dp = dp, p.ep = ep, p.optimizer = optimizer, p.ema_decay = ema_decay;
                  TrainOptions o;
                  o.microbatches = microbatches, o.lr = lr, o.weight_decay = weight_decay, o.clip = clip;
                  nb::object keep = nb::borrow(factory);
@@ -429,7 +463,7 @@ NB_MODULE(_duplex, m) {
                  else
                      throw ConfigError("dtype", fmt::format("'{}': the trainer runs float32 or float64", dtype));
              },
-             "world"_a, "schedule"_a, "pp"_a, "dp"_a, "microbatches"_a, "factory"_a, "dtype"_a, "optimizer"_a, "lr"_a,
+             "world"_a, "schedule"_a, "pp"_a, "dp"_a, "ep"_a, "microbatches"_a, "factory"_a, "dtype"_a, "optimizer"_a, "lr"_a,
              "weight_decay"_a, "clip"_a, "ema_decay"_a)
         .def("ema", &PyTrainer::ema)
         .def("step",

@@ -20,6 +20,7 @@ dualpipev, in DualPipe's order (stage r, then stage PP-1-r). `activation_shape` 
 activation between stages (the same at every boundary); a stage that returns another shape is an error naming
 the stage and the microbatch.
 """
+import threading
 import weakref
 
 import torch
@@ -28,6 +29,94 @@ from . import _duplex
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _ELEMENT = {torch.float32: "float", torch.float64: "double"}  # Duplex's dtype names
+
+
+# ---- expert parallelism: dispatch and combine as autograd functions over the stage's EP group ----
+
+_current = threading.local()  # the stage info of the stage call running on this thread
+
+
+def ep_group():
+    """The expert-parallel group of the stage being run on this thread (None outside a Pipeline or without EP)."""
+    info = getattr(_current, "info", None)
+    return None if info is None else info.ep_group
+
+
+class Routed:
+    """What dispatch() returns beside the rows: how to send results back (combine) and how many rows each peer
+    sent (rows are grouped by source rank, in rank order)."""
+
+    def __init__(self, order, send_rows, recv_rows, info):
+        self.order, self.send_rows, self.recv_rows, self.info = order, send_rows, recv_rows, info
+
+
+def _exchange(group, rows, send_rows, recv_rows, what):
+    rows = rows.contiguous()
+    out = rows.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
+    group.all_to_all_v(rows.detach(), send_rows, out, recv_rows, what)
+    return out
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, routed):
+        ctx.routed = routed
+        return _exchange(routed.info.ep_group, x[routed.order], routed.send_rows, routed.recv_rows, "dispatch")
+
+    @staticmethod
+    def backward(ctx, g):
+        r = ctx.routed
+        back = _exchange(r.info.ep_group_backward, g, r.recv_rows, r.send_rows, "dispatch-bwd")
+        gx = torch.empty_like(back)
+        gx[r.order] = back
+        return gx, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, routed):
+        ctx.routed = routed
+        back = _exchange(routed.info.ep_group, rows, routed.recv_rows, routed.send_rows, "combine")
+        out = torch.empty_like(back)
+        out[routed.order] = back
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        r = ctx.routed
+        return _exchange(r.info.ep_group_backward, g[r.order], r.send_rows, r.recv_rows, "combine-bwd"), None
+
+
+def mark_experts(module):
+    """Marks a module's parameters as routed-expert weights: each rank of an EP group holds its own, so their
+    gradients are summed over the expert-data-parallel group (DP / EP replicas), not over DP."""
+    for p in module.parameters():
+        p._duplex_expert = True
+    return module
+
+
+def dispatch(x, dest):
+    """Sends row i of x [N, ...] to rank dest[i] of the stage's expert-parallel group; returns the rows this rank
+    received (grouped by source rank, in rank order, each source's rows in their original order) and a Routed handle
+    for combine(). Differentiable; inside a Pipeline stage its waits go through Duplex's executor."""
+    info = getattr(_current, "info", None)
+    if info is None or info.ep_group is None:
+        raise RuntimeError("duplex.torch.dispatch runs inside a Pipeline stage with ep > 1")
+    group = info.ep_group
+    dest = dest.to(torch.int64)
+    order = torch.argsort(dest, stable=True)
+    send_rows = torch.bincount(dest, minlength=group.size).tolist()
+    counts = torch.tensor(send_rows, dtype=torch.int64)
+    recv = torch.empty_like(counts)
+    group.all_to_all(counts, recv)
+    routed = Routed(order, send_rows, recv.tolist(), info)
+    return _Dispatch.apply(x, routed), routed
+
+
+def combine(rows, routed):
+    """Sends the rows dispatch() delivered here (or results computed from them, same count) back to where they came
+    from: returns [N, ...] in the order of dispatch's x. Differentiable."""
+    return _Combine.apply(rows, routed)
 
 
 class _TorchStage:
@@ -50,6 +139,7 @@ class _TorchStage:
         return list(self.pipe.activation_shape), _ELEMENT[self.pipe.dtype]
 
     def forward(self, mb, global_mb, step, x):
+        _current.info = self.info
         if self.first:
             inp = self.pipe._inputs[global_mb]
         else:
@@ -69,6 +159,7 @@ class _TorchStage:
         return self.losses.pop(mb)
 
     def backward_input(self, mb, dy, weight_follows):
+        _current.info = self.info
         inp, out, _ = self.saved[mb]
         grad_out = None if self.last else dy
         if weight_follows:  # B and W in one pass over the graph
@@ -87,6 +178,7 @@ class _TorchStage:
         return dx.contiguous()
 
     def backward_weight(self, mb):
+        _current.info = self.info
         inp, out, grad_out = self.saved.pop(mb)
         if isinstance(grad_out, str):  # done together with B
             return
@@ -102,7 +194,8 @@ class _TorchStage:
         out = []
         for name, p in self.module.named_parameters():
             if p.requires_grad:
-                out.append((f"stage{self.info.stage}.{name}", p.data, p.grad, False, p.dim() > 1))
+                expert = bool(getattr(p, "_duplex_expert", False))
+                out.append((f"stage{self.info.stage}.{name}", p.data, p.grad, expert, p.dim() > 1))
         return out
 
     def zero_grad(self):
@@ -132,7 +225,7 @@ class Pipeline:
     parameters). ema_decay > 0 keeps an EMA of the weights in host memory, updated in the background (ema())."""
 
     def __init__(self, world, modules, schedule="1f1b", pp=None, dp=1, microbatches=4, loss_fn=None,
-                 activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0):
+                 activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0, ep=1):
         if loss_fn is None:
             raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
         if activation_shape is None:
@@ -159,7 +252,7 @@ class Pipeline:
             kind, lr, wd, clip = "zero1-adamw", optimizer.lr, optimizer.weight_decay, optimizer.clip
         else:
             raise ValueError("optimizer: None (use a torch optimizer on .grad) or duplex.torch.ZeroAdamW(...)")
-        self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, microbatches, self._make_stage,
+        self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, ep, microbatches, self._make_stage,
                                          _DTYPES[self.dtype], kind, lr, wd, clip, ema_decay)
 
     def _make_stage(self, info):
