@@ -1,7 +1,9 @@
-"""duplex.torch's expert dispatch/combine: an MoE model written in plain PyTorch, its routed experts spread over
-an expert-parallel group inside data parallelism (PP=2 x DP=2, EP=2: each rank holds 2 of 4 experts), trained
-through a Pipeline, equals the same model with every expert local, trained by plain PyTorch in one process
-(fp64, three SGD steps: losses and every parameter within 1e-12)."""
+"""duplex.torch on a small MoE language model written in plain PyTorch — an embedding, blocks with an MoE layer
+(top-2 of 4 experts), an output head with cross-entropy — split into stages and trained through a Pipeline under
+every schedule, PP in {2, 4}, DP in {1, 2}, EP in {1, 2} (routed experts spread over the expert-parallel group
+inside DP, tokens moved by duplex.torch.dispatch/combine): it equals the same model with every expert local,
+trained by plain PyTorch in one process on the same batch — fp64: losses and every parameter after three SGD
+steps within 1e-12; fp32: step-1 loss within 1e-6, parameters within 1e-5."""
 import threading
 import unittest
 
@@ -9,7 +11,7 @@ import torch
 
 import duplex.torch as dt
 
-W, E, K, ROWS = 12, 4, 2, 6
+W, E, K, ROWS, VOCAB = 12, 4, 2, 6, 20
 _init = threading.Lock()
 
 
@@ -17,12 +19,13 @@ class Moe(torch.nn.Module):
     """Linear + tanh, then a top-K MoE over E experts (softmax gates renormalized over the chosen K). With
     `experts_on` = (ep_rank, ep_size) only that rank's E / ep_size experts live here and tokens travel."""
 
-    def __init__(self, head=False):
+    def __init__(self, head=False, embed=False):
         super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, W) if embed else None
         self.inp = torch.nn.Linear(W, W)
         self.router = torch.nn.Linear(W, E)
         self.experts = torch.nn.ModuleList(torch.nn.Linear(W, W) for _ in range(E))
-        self.head = torch.nn.Linear(W, 1) if head else None
+        self.head = torch.nn.Linear(W, VOCAB) if head else None
         self.experts_on = None
 
     def keep_experts(self, ep_rank, ep_size):
@@ -32,6 +35,8 @@ class Moe(torch.nn.Module):
         self.experts_on = (ep_rank, ep_size)
 
     def forward(self, x):
+        if self.embed is not None:
+            x = self.embed(x)
         h = torch.tanh(self.inp(x))
         probs = torch.softmax(self.router(h), dim=-1)
         gate, eid = torch.topk(probs, K, dim=-1)
@@ -57,27 +62,37 @@ class Moe(torch.nn.Module):
         return self.head(y) if self.head is not None else y
 
 
-def make_model(seed=7):
+def make_model(pp, dtype, seed=7):
     with _init:
         torch.manual_seed(seed)
-        return [Moe().double(), Moe(head=True).double()]
+        return [Moe(embed=s == 0, head=s == pp - 1).to(dtype) for s in range(pp)]
 
 
 def batch(step, n):
     g = torch.Generator().manual_seed(50 + step)
-    return torch.randn(n * ROWS, W, generator=g, dtype=torch.float64), torch.randn(n * ROWS, 1, generator=g,
-                                                                                   dtype=torch.float64)
+    tokens = torch.randint(VOCAB, (n * ROWS,), generator=g)
+    return tokens, (tokens * 7 + 3) % VOCAB  # a lookup to learn
+
+
+loss_fn = torch.nn.functional.cross_entropy
 
 
 class ExpertParallel(unittest.TestCase):
-    def test_distributed_moe_equals_plain_pytorch(self):
-        pp, dp, ep, n, steps = 2, 2, 2, 4, 3
-        for schedule in ["1f1b", "zb1p", "dualpipe"]:
-            with self.subTest(schedule=schedule):
-                self.run_schedule(schedule, pp, dp, ep, n, steps)
+    def test_every_layout_fp64(self):
+        for schedule in ["1f1b", "zb1p", "dualpipe", "dualpipev"]:
+            for pp in [2, 4]:
+                for dp, ep in [(1, 1), (2, 1), (2, 2)]:
+                    with self.subTest(schedule=schedule, pp=pp, dp=dp, ep=ep):
+                        self.check(schedule, pp, dp, ep, torch.float64, 1e-12, 1e-12)
 
-    def run_schedule(self, schedule, pp, dp, ep, n, steps):
-        stages = make_model()
+    def test_fp32(self):
+        for schedule in ["zb1p", "dualpipe"]:
+            with self.subTest(schedule=schedule):
+                self.check(schedule, 4, 2, 2, torch.float32, 1e-6, 1e-5)
+
+    def check(self, schedule, pp, dp, ep, dtype, loss_tol, param_tol):
+        n, steps = 2 * pp, 3
+        stages = make_model(pp, dtype)
         model = torch.nn.Sequential(*stages)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         want_losses = []
@@ -85,7 +100,7 @@ class ExpertParallel(unittest.TestCase):
             x, y = batch(step, n * dp)
             total = 0.0
             for xm, ym in zip(torch.chunk(x, n * dp), torch.chunk(y, n * dp)):
-                loss = torch.nn.functional.mse_loss(model(xm), ym) / (n * dp)
+                loss = loss_fn(model(xm), ym) / (n * dp)
                 loss.backward()
                 total += float(loss.detach())
             want_losses.append(total)
@@ -94,15 +109,17 @@ class ExpertParallel(unittest.TestCase):
         want = {f"{s}.{name}": p.detach() for s, st in enumerate(stages) for name, p in st.named_parameters()}
 
         got, losses, lock = {}, {}, threading.Lock()
+        ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp
 
         def rank_main(world):
-            blocks = make_model()
+            blocks = make_model(pp, dtype)
             r, d = world.rank // dp, world.rank % dp
             mine = [blocks[r]] if schedule in ("1f1b", "zb1p") else [blocks[r], blocks[pp - 1 - r]]
-            for m in mine:
-                m.keep_experts(d % ep, ep)
-            pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, ep=ep, microbatches=n,
-                               loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, W))
+            if ep > 1:
+                for m in mine:
+                    m.keep_experts(d % ep, ep)
+            pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, ep=ep, microbatches=n, loss_fn=loss_fn,
+                               activation_shape=(ROWS, W), dtype=dtype)
             opt = torch.optim.SGD([p for m in mine for p in m.parameters()], lr=0.1)
             mine_losses = []
             for step in range(1, steps + 1):
@@ -116,17 +133,20 @@ class ExpertParallel(unittest.TestCase):
                 for m in mine:
                     s = blocks.index(m)
                     for name, p in m.named_parameters():
-                        if name.startswith("experts."):
+                        if name.startswith("experts.") and ep > 1:
                             j = int(name.split(".")[1])
                             name = f"experts.{m.first + j}." + name.split(".", 2)[2]
                         got[f"{s}.{name}"] = p.detach().clone()
 
-        dt.run(rank_main, ranks=pp * dp, timeout_s=120)
-        for s in range(steps):
-            self.assertLessEqual(abs(losses["l"][s] - want_losses[s]), 1e-12 * abs(want_losses[s]), f"step {s + 1}")
+        dt.run(rank_main, ranks=ranks_per_replica * dp, timeout_s=120)
+        self.assertLessEqual(abs(losses["l"][0] - want_losses[0]), loss_tol * abs(want_losses[0]), "step 1")
+        if dtype == torch.float64:
+            for s in range(1, steps):
+                self.assertLessEqual(abs(losses["l"][s] - want_losses[s]), loss_tol * abs(want_losses[s]),
+                                     f"step {s + 1}")
         self.assertEqual(sorted(got), sorted(want))
         for name, w in want.items():
-            self.assertLessEqual(float((got[name] - w).norm() / w.norm()), 1e-12, name)
+            self.assertLessEqual(float((got[name] - w).norm() / w.norm()), param_tol, name)
 
 
 if __name__ == "__main__":
