@@ -58,6 +58,7 @@ bench: build
 	@./scripts/bench-emulate-v3 $(BUILD)
 	@./scripts/bench-dispatch $(BUILD)
 	@./scripts/bench-simulate $(BUILD)
+	@PYTHONPATH=$(BUILD)/python $(VENV)/bin/python scripts/bench-torch-pipeline.py
 
 bench-gpu: build
 	@./scripts/bench-gpu $(BUILD)

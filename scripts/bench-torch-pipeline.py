@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""duplex.torch DualPipeV against torch.distributed.pipelining.ScheduleDualPipeV on the same modules and
+microbatches, side by side in one run (CPU, gloo for torch; Duplex's in-process ranks), then the executor's own
+overhead per instruction (the same pipeline with modules too small to compute anything).
+
+    .venv/bin/python scripts/bench-torch-pipeline.py [--width 512] [--stages 4] [--microbatches 8] [--steps 6]
+Needs PYTHONPATH=build/python (make bench sets it). Both sides use one intra-op thread per rank.
+"""
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def make_blocks(stages, width, seed=0):
+    torch.manual_seed(seed)
+    return [torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width),
+                                torch.nn.Tanh()) for _ in range(stages)]
+
+
+def batch(step, rows, width):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g)
+
+
+def torch_rank(rank, a, port, out):
+    torch.set_num_threads(1)
+    from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
+    ranks = a.stages // 2
+    dist.init_process_group("gloo", rank=rank, world_size=ranks, init_method=f"tcp://127.0.0.1:{port}")
+    blocks = make_blocks(a.stages, a.width)
+    mine = [rank, a.stages - 1 - rank]
+    stages = [PipelineStage(blocks[s], s, a.stages, torch.device("cpu")) for s in mine]
+    sched = ScheduleDualPipeV(stages, a.microbatches, loss_fn=torch.nn.functional.mse_loss)
+    times = []
+    for step in range(1, a.steps + 1):
+        x, y = batch(step, a.microbatches * a.rows, a.width)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            losses = []
+            sched.step(x, target=y, losses=losses)
+        else:
+            sched.step()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out.put(times)
+    dist.destroy_process_group()
+
+
+def duplex_run(a, width):
+    import duplex
+    import duplex.torch as dt
+    torch.set_num_threads(1)
+    blocks = make_blocks(a.stages, width)
+    times, lock = [], threading.Lock()
+
+    def rank_main(world):
+        r = world.rank
+        mine = [blocks[r], blocks[a.stages - 1 - r]]
+        pipe = dt.Pipeline(world, mine, schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
+                           loss_fn=torch.nn.functional.mse_loss, activation_shape=(a.rows, width),
+                           dtype=torch.float32)
+        for step in range(1, a.steps + 1):
+            world.barrier()
+            t0 = time.perf_counter()
+            pipe.step(*batch(step, a.microbatches * a.rows, width))
+            world.barrier()
+            if r == 0:
+                with lock:
+                    times.append(time.perf_counter() - t0)
+        pipe.close()
+
+    duplex.launch(rank_main, ranks=a.stages // 2, timeout_s=600)
+    plan = duplex.schedule("dualpipev", pp=a.stages, microbatches=a.microbatches)
+    instructions = max(len(rank) for rank in plan.instructions)
+    return times, instructions
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=64, help="rows per microbatch")
+    ap.add_argument("--stages", type=int, default=4, help="model stages (DualPipeV: on stages/2 ranks)")
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6, help="the first is a warm-up; the median of the rest counts")
+    a = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = 29000 + os.getpid() % 1000
+    procs = [ctx.Process(target=torch_rank, args=(r, a, port, out)) for r in range(a.stages // 2)]
+    for p in procs:
+        p.start()
+    torch_times = out.get(timeout=600)
+    for p in procs:
+        p.join()
+    duplex_times, instructions = duplex_run(a, a.width)
+    t_torch = statistics.median(torch_times[1:])
+    t_duplex = statistics.median(duplex_times[1:])
+    print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} ranks, {a.microbatches} microbatches of "
+          f"{a.rows} x {a.width}, CPU, one thread per rank")
+    print(f"torch.distributed.pipelining ScheduleDualPipeV (gloo): {1e3 * t_torch:8.2f} ms per step")
+    print(f"duplex.torch Pipeline dualpipev (in-process ranks):    {1e3 * t_duplex:8.2f} ms per step")
+    print(f"duplex / torch step time: {t_duplex / t_torch:.3f}")
+    tiny, _ = duplex_run(a, 4)
+    t_tiny = statistics.median(tiny[1:])
+    print(f"executor overhead: {1e6 * t_tiny / instructions:.1f} us per instruction ({instructions} instructions per "
+          f"rank, width-4 modules: {1e3 * t_tiny:.2f} ms per step)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
