@@ -102,8 +102,11 @@ ProcessEnv process_env() {
     if (const char* a = env("DUPLEX_STORE_ADDR")) {
         p.store_addr = a;
     } else if (env("MASTER_ADDR") || env("MASTER_PORT")) {
-        p.store_addr = fmt::format("{}:{}", env("MASTER_ADDR") ? env("MASTER_ADDR") : "127.0.0.1",
-                                   env("MASTER_PORT") ? env("MASTER_PORT") : "29500");
+        int port = env("MASTER_PORT") ? env_int("MASTER_PORT", env("MASTER_PORT")) : 29500;
+        // NOTE: under torchrun (its agent sets TORCHELASTIC_RUN_ID) the agent's own store already listens on
+        // MASTER_PORT: Duplex's rendezvous store takes the next port.
+        if (env("TORCHELASTIC_RUN_ID")) ++port;
+        p.store_addr = fmt::format("{}:{}", env("MASTER_ADDR") ? env("MASTER_ADDR") : "127.0.0.1", port);
     } else {
         p.store_addr = "127.0.0.1:29500";
     }
