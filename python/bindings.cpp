@@ -37,16 +37,16 @@ struct Plan {
 
 using Array = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
-DType dtype_of_array(const Array& a) {
-    nb::dlpack::dtype t = a.dtype();
+DType dtype_of_dl(nb::dlpack::dtype t) {
     if (t == nb::dtype<float>()) return DType::F32;
     if (t == nb::dtype<double>()) return DType::F64;
     if (t == nb::dtype<int32_t>()) return DType::I32;
     if (t == nb::dtype<int64_t>()) return DType::I64;
     if (t == nb::dtype<uint8_t>()) return DType::U8;
-    throw ConfigError("array", fmt::format("dtype (code {}, {} bits) is not float32/64, int32/64 or uint8", int(t.code),
-                                           int(t.bits)));
+    throw ConfigError("tensor", fmt::format("dtype (code {}, {} bits) is not float32/64, int32/64 or uint8", int(t.code),
+                                            int(t.bits)));
 }
+DType dtype_of_array(const Array& a) { return dtype_of_dl(a.dtype()); }
 size_t bytes_of(const Array& a) { return a.nbytes(); }
 
 // A blocking wait with the GIL released.
@@ -59,15 +59,6 @@ nb::tuple chunk_tuple(const sched::Chunk& c) { return nb::make_tuple(c.mb, c.sta
 
 // ---- tensors across the language boundary (DLPack, no copies but one: see PyStage::forward) ----
 
-DType dtype_of_dl(nb::dlpack::dtype t) {
-    if (t == nb::dtype<float>()) return DType::F32;
-    if (t == nb::dtype<double>()) return DType::F64;
-    if (t == nb::dtype<int32_t>()) return DType::I32;
-    if (t == nb::dtype<int64_t>()) return DType::I64;
-    if (t == nb::dtype<uint8_t>()) return DType::U8;
-    throw ConfigError("tensor", fmt::format("dtype (code {}, {} bits) is not float32/64, int32/64 or uint8", int(t.code),
-                                            int(t.bits)));
-}
 nb::dlpack::dtype dl_of(DType t) {
     switch (t) {
         case DType::F32: return nb::dtype<float>();
