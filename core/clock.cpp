@@ -1,10 +1,16 @@
 #include "core/clock.hpp"
 
 #include <cmath>
+#include <thread>
 
 namespace duplex {
 
 double now_seconds() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
+
+void sleep_until_seconds(double t) {
+    std::this_thread::sleep_until(
+        Clock::time_point(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(t))));
+}
 
 Deadline::Deadline(double timeout_s) : timeout_s_(timeout_s), infinite_(timeout_s <= 0) {
     at_ = infinite_ ? Clock::time_point::max()

@@ -11,7 +11,8 @@ namespace duplex {
 
 using Clock = std::chrono::steady_clock;
 
-double now_seconds();  // seconds since an arbitrary fixed point (steady clock)
+double now_seconds();  // seconds since an arbitrary fixed point (steady clock), shared by threads and processes
+void sleep_until_seconds(double t);  // blocks until now_seconds() reaches t (emulate mode's timed waits)
 
 class Stopwatch {
 public:

@@ -7,33 +7,33 @@
 
 namespace duplex {
 
-namespace {
-
-DType dtype_from_dl(DLDataType t) {
-    if (t.lanes == 1) {
-        if (t.code == kDLFloat && t.bits == 32) return DType::F32;
-        if (t.code == kDLFloat && t.bits == 64) return DType::F64;
-        if (t.code == kDLBfloat && t.bits == 16) return DType::BF16;
-        if (t.code == kDLInt && t.bits == 32) return DType::I32;
-        if (t.code == kDLInt && t.bits == 64) return DType::I64;
-        if (t.code == kDLUInt && t.bits == 8) return DType::U8;
+DType dtype_from_dlpack(uint8_t code, uint8_t bits, uint16_t lanes) {
+    if (lanes == 1) {
+        if (code == kDLFloat && bits == 32) return DType::F32;
+        if (code == kDLFloat && bits == 64) return DType::F64;
+        if (code == kDLBfloat && bits == 16) return DType::BF16;
+        if (code == kDLInt && bits == 32) return DType::I32;
+        if (code == kDLInt && bits == 64) return DType::I64;
+        if (code == kDLUInt && bits == 8) return DType::U8;
     }
-    throw ConfigError("dlpack", fmt::format("unsupported dtype (code {}, {} bits, {} lanes)", int(t.code), int(t.bits),
-                                            int(t.lanes)));
+    throw ConfigError("dlpack", fmt::format("unsupported dtype (code {}, {} bits, {} lanes)", int(code), int(bits),
+                                            int(lanes)));
 }
 
-DLDataType dl_from_dtype(DType t) {
+void dlpack_type_of(DType t, uint8_t& code, uint8_t& bits) {
     switch (t) {
-        case DType::F32: return {kDLFloat, 32, 1};
-        case DType::F64: return {kDLFloat, 64, 1};
-        case DType::BF16: return {kDLBfloat, 16, 1};
-        case DType::I32: return {kDLInt, 32, 1};
-        case DType::I64: return {kDLInt, 64, 1};
-        case DType::U8: return {kDLUInt, 8, 1};
+        case DType::F32: code = kDLFloat, bits = 32; return;
+        case DType::F64: code = kDLFloat, bits = 64; return;
+        case DType::BF16: code = kDLBfloat, bits = 16; return;
+        case DType::I32: code = kDLInt, bits = 32; return;
+        case DType::I64: code = kDLInt, bits = 64; return;
+        case DType::U8: code = kDLUInt, bits = 8; return;
         case DType::E4M3: break;  // DLPack 0.6 has no fp8 code
     }
     throw ConfigError("dlpack", fmt::format("{} has no DLPack type", dtype_name(t)));
 }
+
+namespace {
 
 // What a DLManagedTensor produced here owns: the tensor (its storage) and the shape array DLPack points at.
 struct Export {
@@ -70,7 +70,8 @@ Tensor from_dlpack(DLManagedTensor* managed) {
     else
         throw ConfigError("dlpack", fmt::format("device type {} is neither CPU nor CUDA", int(t.device.device_type)));
     void* data = static_cast<char*>(t.data) + t.byte_offset;
-    return Tensor::wrap(data, dtype_from_dl(t.dtype), std::move(shape), device, owner);
+    return Tensor::wrap(data, dtype_from_dlpack(t.dtype.code, t.dtype.bits, t.dtype.lanes), std::move(shape), device,
+                        owner);
 }
 
 DLManagedTensor* to_dlpack(const Tensor& t) {
@@ -82,8 +83,9 @@ DLManagedTensor* to_dlpack(const Tensor& t) {
     d.data = t.raw();
     d.device = t.device().kind == Device::CUDA ? DLDevice{kDLCUDA, t.device().index} : DLDevice{kDLCPU, 0};
     d.ndim = static_cast<int>(e->shape.size());
+    d.dtype.lanes = 1;
     try {
-        d.dtype = dl_from_dtype(t.dtype());
+        dlpack_type_of(t.dtype(), d.dtype.code, d.dtype.bits);
     } catch (...) {
         delete e;
         throw;

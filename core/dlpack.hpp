@@ -20,4 +20,9 @@ namespace duplex {
 Tensor from_dlpack(DLManagedTensor* managed);
 DLManagedTensor* to_dlpack(const Tensor& t);
 
+// The element types DLPack and Duplex share (float32/64, bfloat16, int32/64, uint8; one lane). ConfigError for
+// any other, naming its code and bits.
+DType dtype_from_dlpack(uint8_t code, uint8_t bits, uint16_t lanes);
+void dlpack_type_of(DType t, uint8_t& code, uint8_t& bits);
+
 }  // namespace duplex

@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include "comm/launch.hpp"
+#include "core/dlpack.hpp"
 #include "core/error.hpp"
 #include "parallel/plan.hpp"
 #include "parallel/schedule.hpp"
@@ -37,15 +38,7 @@ struct Plan {
 
 using Array = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
-DType dtype_of_dl(nb::dlpack::dtype t) {
-    if (t == nb::dtype<float>()) return DType::F32;
-    if (t == nb::dtype<double>()) return DType::F64;
-    if (t == nb::dtype<int32_t>()) return DType::I32;
-    if (t == nb::dtype<int64_t>()) return DType::I64;
-    if (t == nb::dtype<uint8_t>()) return DType::U8;
-    throw ConfigError("tensor", fmt::format("dtype (code {}, {} bits) is not float32/64, int32/64 or uint8", int(t.code),
-                                            int(t.bits)));
-}
+DType dtype_of_dl(nb::dlpack::dtype t) { return dtype_from_dlpack(t.code, t.bits, t.lanes); }
 DType dtype_of_array(const Array& a) { return dtype_of_dl(a.dtype()); }
 size_t bytes_of(const Array& a) { return a.nbytes(); }
 
@@ -60,15 +53,9 @@ nb::tuple chunk_tuple(const sched::Chunk& c) { return nb::make_tuple(c.mb, c.sta
 // ---- tensors across the language boundary (DLPack, no copies but one: see PyStage::forward) ----
 
 nb::dlpack::dtype dl_of(DType t) {
-    switch (t) {
-        case DType::F32: return nb::dtype<float>();
-        case DType::F64: return nb::dtype<double>();
-        case DType::I32: return nb::dtype<int32_t>();
-        case DType::I64: return nb::dtype<int64_t>();
-        case DType::U8: return nb::dtype<uint8_t>();
-        default: break;
-    }
-    throw ConfigError("tensor", fmt::format("{} has no DLPack type here", dtype_name(t)));
+    nb::dlpack::dtype d{0, 0, 1};
+    dlpack_type_of(t, d.code, d.bits);
+    return d;
 }
 
 // A framework tensor as a Tensor over the same memory; the Python object stays alive with it (released under

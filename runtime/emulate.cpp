@@ -19,11 +19,6 @@ uint64_t mix(uint64_t h, uint64_t v) {
     h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
     return h;
 }
-double steady_seconds() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
-void sleep_until_seconds(double t) {
-    std::this_thread::sleep_until(
-        Clock::time_point(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(t))));
-}
 }  // namespace
 
 EmulatedStage::EmulatedStage(const EmulateOptions& o, const StageInfo& info, std::shared_ptr<EmulatedBytes> bytes)
@@ -71,7 +66,7 @@ void EmulatedStage::compute(double seconds, const Microbatch& mb) {
     bool ep = info_.ep_group && info_.ep_group->size() > 1;
     if (!ep && mb.ctx && mb.ctx->in_fb_pair()) seconds *= costs_.fb / std::max(costs_.f + costs_.b, 1e-30);
     if (mb.ctx) mb.ctx->compute_begins();
-    sleep_until_seconds(steady_seconds() + seconds);
+    sleep_until_seconds(now_seconds() + seconds);
 }
 
 std::vector<std::vector<int64_t>> EmulatedStage::round(const Microbatch& mb, uint32_t tag,
@@ -84,7 +79,7 @@ std::vector<std::vector<int64_t>> EmulatedStage::round(const Microbatch& mb, uin
     std::vector<std::vector<int64_t>> got(n);
     mb.ctx->wait_for(
         [&] {
-            double now = steady_seconds();
+            double now = now_seconds();
             double total[3] = {0, 0, 0};
             for (int p = 0; p < n; ++p) total[int(tp.link(me, p))] += nbytes[p];
             std::vector<std::vector<int64_t>> out(n, std::vector<int64_t>(width + 1, 0)), in(n);

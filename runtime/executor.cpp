@@ -79,17 +79,9 @@ void CommPipeTransport::drain() {
     for (auto& [w, t] : all) w->wait();
 }
 
-namespace {
-double steady_seconds() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
-void sleep_until_seconds(double t) {
-    std::this_thread::sleep_until(
-        Clock::time_point(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(t))));
-}
-}  // namespace
-
 void TimedPipeTransport::send(const Tensor& t, int peer, uint32_t tag) {
     auto header = std::make_shared<std::vector<double>>(2);
-    (*header)[0] = steady_seconds();
+    (*header)[0] = now_seconds();
     (*header)[1] = double(t.nbytes());
     WorkPtr w = pipe_->isend(header->data(), 2 * sizeof(double), peer, tag);
     std::lock_guard<std::mutex> lock(mutex_);

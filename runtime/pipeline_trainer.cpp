@@ -41,6 +41,7 @@ struct PipelineTrainer<T>::Impl {
     std::vector<std::pair<std::string, TensorView>> ema_params;  // owned parameters, in EMA order
     std::shared_ptr<EmulatedBytes> emulated_bytes = std::make_shared<EmulatedBytes>();
     std::vector<std::pair<std::string, size_t>> stat_layout;  // the world's statistics, by name
+    int64_t tokens_per_microbatch = 0;                        // built-in model: for tokens/s (custom stages: 0)
     bool hierarchical = false;
     int step_ = 0;
 
@@ -58,6 +59,26 @@ struct PipelineTrainer<T>::Impl {
         for (int r = 0; r < world->size(); ++r)
             idle += slowest_us > 0 ? std::max(0.0, 1.0 - all[2 * r + 1] / slowest_us) : 0.0;
         return idle / world->size();
+    }
+
+    // Sums the gradients of `bufs` (those `keep` selects) over `group`, in place; returns their squared norm after
+    // the sum (0 when none is selected).
+    template <typename Keep>
+    double sum_gradients(Communicator& group, std::vector<StateBuffer*> const& bufs, Keep keep) {
+        std::vector<T> flat;
+        for (StateBuffer* b : bufs)
+            if (keep(*b)) flat.insert(flat.end(), b->grad.template data<T>(), b->grad.template data<T>() + b->grad.numel());
+        if (flat.empty()) return 0;
+        group.all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
+        size_t off = 0;
+        double sq = 0;
+        for (StateBuffer* b : bufs)
+            if (keep(*b)) {
+                std::memcpy(b->grad.raw(), flat.data() + off, b->grad.nbytes());
+                off += size_t(b->grad.numel());
+            }
+        for (T g : flat) sq += double(g) * double(g);
+        return sq;
     }
 
     std::vector<StateBuffer> parameters_of(Stage& s) {
@@ -172,6 +193,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
 
     int layers = I.custom ? p.layers : o.model_config().layers;
+    if (!I.custom) I.tokens_per_microbatch = int64_t(o.sequences_per_microbatch) * o.model_config().seq_len;
     if (!factory) {
         if (p.emulate) {
             EmulateOptions eo;
@@ -312,44 +334,29 @@ StepMetrics PipelineTrainer<T>::step() {
     }
     double opt_start = I.tracer.now_us();
 
-    // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
     std::map<int, std::vector<StateBuffer>> params;
     for (auto& [s, stage] : I.stages) params[s] = I.parameters_of(*stage);
+    auto all = [](const StateBuffer&) { return true; };
+    // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
     if (I.pair) {
-        std::vector<T> flat;
+        std::vector<StateBuffer*> every;
         for (auto& [s, bufs] : params)
-            for (StateBuffer& b : bufs) flat.insert(flat.end(), b.grad.template data<T>(), b.grad.template data<T>() + b.grad.numel());
-        I.pair->all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
-        size_t off = 0;
-        for (auto& [s, bufs] : params)
-            for (StateBuffer& b : bufs) {
-                std::memcpy(b.grad.raw(), flat.data() + off, b.grad.nbytes());
-                off += size_t(b.grad.numel());
-            }
+            for (StateBuffer& b : bufs) every.push_back(&b);
+        I.sum_gradients(*I.pair, every, all);
     }
     double sq = 0;
     if (I.p.optimizer == "none") {
         // Gradients summed over the data-parallel replicas (experts: over expert-DP) and left for the caller.
-        for (auto& [s, bufs] : params)
+        for (auto& [s, bufs] : params) {
+            std::vector<StateBuffer*> mine;
+            for (StateBuffer& b : bufs) mine.push_back(&b);
             for (bool experts : {false, true}) {
-                std::vector<T> flat;
-                for (StateBuffer& b : bufs)
-                    if (b.expert == experts)
-                        flat.insert(flat.end(), b.grad.template data<T>(), b.grad.template data<T>() + b.grad.numel());
-                if (flat.empty()) continue;
-                (experts ? I.groups.edp : I.groups.dp)->all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
-                size_t off = 0;
-                for (StateBuffer& b : bufs)
-                    if (b.expert == experts) {
-                        std::memcpy(b.grad.raw(), flat.data() + off, b.grad.nbytes());
-                        off += size_t(b.grad.numel());
-                    }
-                if (I.owner.at(s)) {  // every replica of the group holds the sum: count it once over the world
-                    double part = 0;
-                    for (T g : flat) part += double(g) * double(g);
-                    sq += part / (experts ? I.groups.edp : I.groups.dp)->size();
-                }
+                Communicator& group = experts ? *I.groups.edp : *I.groups.dp;
+                double part = I.sum_gradients(group, mine, [experts](const StateBuffer& b) { return b.expert == experts; });
+                // Every replica of the group holds the sum: count it once over the world.
+                if (I.owner.at(s)) sq += part / group.size();
             }
+        }
     }
     // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
     for (auto& [s, opts] : I.optimizers)
@@ -409,8 +416,7 @@ StepMetrics PipelineTrainer<T>::step() {
     } else {
         m.step_time_s = sw.seconds();
     }
-    int64_t tokens = I.custom ? 0 : int64_t(I.o.sequences_per_microbatch) * I.o.model_config().seq_len;
-    m.tokens_per_s = double(losses.size()) * double(tokens) / std::max(m.step_time_s, 1e-9);
+    m.tokens_per_s = double(losses.size()) * double(I.tokens_per_microbatch) / std::max(m.step_time_s, 1e-9);
     return m;
 }
 

@@ -478,7 +478,7 @@ template <typename T>
 ModelStage<T>::~ModelStage() = default;
 
 template <typename T>
-std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, const std::vector<T>& input) {
+std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, std::vector<T> input) {
     Impl& I = *impl_;
     auto [it, fresh] = I.micro.try_emplace(mb);
     if (!fresh) throw Error(fmt::format("stage {}: forward of microbatch {} twice", first_layer_, mb));
@@ -502,7 +502,7 @@ std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, const std::vec
     } else {
         DUPLEX_CHECK_ARG(input.size() == size_t(m.tokens) * d, "stage input", "{} values for {} tokens x {}", input.size(),
                          m.tokens, d);
-        x = input;
+        x = std::move(input);
     }
     m.layers.resize(I.layers.size());
     for (size_t l = 0; l < I.layers.size(); ++l) x = I.layer_forward(I.layers[l], m, m.layers[l], std::move(x));
@@ -539,7 +539,7 @@ double ModelStage<T>::aux_loss(int mb) const {
 }
 
 template <typename T>
-std::vector<T> ModelStage<T>::backward_input(int mb, const std::vector<T>& grad_output) {
+std::vector<T> ModelStage<T>::backward_input(int mb, std::vector<T> grad_output) {
     Impl& I = *impl_;
     auto it = I.micro.find(mb);
     if (it == I.micro.end() || !it->second.forward_done || it->second.backward_done)
@@ -556,7 +556,7 @@ std::vector<T> ModelStage<T>::backward_input(int mb, const std::vector<T>& grad_
     } else {
         DUPLEX_CHECK_ARG(grad_output.size() == size_t(m.tokens) * d, "stage output gradient", "{} values for {} x {}",
                          grad_output.size(), m.tokens, d);
-        dx = grad_output;
+        dx = std::move(grad_output);
     }
     for (size_t l = I.layers.size(); l-- > 0;) dx = I.layer_backward(I.layers[l], m, m.layers[l], dx);
     if (has_embedding_) {
@@ -587,8 +587,8 @@ void ModelStage<T>::backward_weight(int mb) {
 }
 
 template <typename T>
-std::vector<T> ModelStage<T>::backward(int mb, const std::vector<T>& grad_output) {
-    std::vector<T> dx = backward_input(mb, grad_output);
+std::vector<T> ModelStage<T>::backward(int mb, std::vector<T> grad_output) {
+    std::vector<T> dx = backward_input(mb, std::move(grad_output));
     backward_weight(mb);
     return dx;
 }

@@ -66,15 +66,15 @@ public:
 
     // F: the first stage reads batch.tokens, the others `input` [tokens, hidden]. Returns the output hidden
     // states (empty on the last stage, which computes the loss).
-    std::vector<T> forward(int mb, const Batch& batch, const std::vector<T>& input);
+    std::vector<T> forward(int mb, const Batch& batch, std::vector<T> input);
     double loss(int mb) const;      // last stage, after forward: the task's cross-entropy
     double aux_loss(int mb) const;  // any stage: its MoE layers' sequence-wise balance loss (0 when alpha = 0)
     // B: gradient of the stage input (empty on the first stage); queues the weight-gradient work of mb.
-    std::vector<T> backward_input(int mb, const std::vector<T>& grad_output);
+    std::vector<T> backward_input(int mb, std::vector<T> grad_output);
     // W: the queued weight gradients of mb, accumulated into Param::grad.
     void backward_weight(int mb);
     // B and W together.
-    std::vector<T> backward(int mb, const std::vector<T>& grad_output);
+    std::vector<T> backward(int mb, std::vector<T> grad_output);
 
     std::vector<Param<T>*> parameters();
     void zero_grad();
