@@ -48,20 +48,20 @@ class Block(torch.nn.Module):
         probs = torch.softmax(self.router(h), dim=-1)
         gate, eid = torch.topk(probs, TOP_K, dim=-1)
         gate = gate / gate.sum(-1, keepdim=True)
-        rows, eid = h.repeat_interleave(TOP_K, dim=0), eid.reshape(-1)
         if self.per == EXPERTS:  # every expert here
+            rows, flat = h.repeat_interleave(TOP_K, dim=0), eid.reshape(-1)
             out = torch.zeros_like(rows)
             for e, expert in enumerate(self.experts):
-                out[eid == e] = expert(rows[eid == e])
-        else:
-            got, routed = dt.dispatch(rows, eid // self.per)
-            ids, _ = dt.dispatch(eid.to(rows.dtype)[:, None], eid // self.per)
-            local = ids[:, 0].long() - self.first
-            out_here = torch.zeros_like(got)
-            for j, expert in enumerate(self.experts):
-                out_here[local == j] = expert(got[local == j])
-            out = dt.combine(out_here, routed)
-        return self.shared(h) + (out.reshape(-1, TOP_K, WIDTH) * gate[..., None]).sum(1)
+                out[flat == e] = expert(rows[flat == e])
+            return self.shared(h) + (out.reshape(-1, TOP_K, WIDTH) * gate[..., None]).sum(1)
+        # One row per (token, expert) reaches the expert's rank (node-limited when the EP group spans nodes); the
+        # tags say which expert each row is for; combine sums gate * output per token.
+        got, routed = dt.dispatch(h, eid // self.per, tags=eid)
+        local = routed.tags - self.first
+        out_here = torch.zeros_like(got)
+        for j, expert in enumerate(self.experts):
+            out_here[local == j] = expert(got[local == j])
+        return self.shared(h) + dt.combine(out_here, routed, gate)
 
     def forward(self, x):
         if self.embed is not None:
@@ -94,6 +94,9 @@ def main():
     ap.add_argument("--ep", type=int, default=2)
     ap.add_argument("--microbatches", type=int, default=8, help="per replica (DualPipe: at least 2 PP)")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--virtual-nodes", type=int, default=0,
+                    help="pretend the ranks sit on this many nodes (in-process): EP groups that span nodes take the "
+                         "node-limited path")
     a = ap.parse_args()
     init = threading.Lock()
 
@@ -122,7 +125,8 @@ def main():
 
     print(f"# MoE transformer: DualPipe PP={a.pp} x DP={a.dp}, {EXPERTS} experts top-{TOP_K} over EP={a.ep}",
           flush=True)
-    duplex.launch(rank_main, ranks=a.pp * a.dp, backend=a.backend, timeout_s=300)
+    duplex.launch(rank_main, ranks=a.pp * a.dp, backend=a.backend, timeout_s=300,
+                  virtual_nodes=a.virtual_nodes)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 // duplex._duplex: the Python face of the library (nanobind). Schedules as validated plans, the simulator, and
 // the communicator over NumPy arrays and CPU tensors (any DLPack-capable array, zero-copy). Waits release the
 // GIL, so in-process ranks (threads) run their Python code and their communication side by side.
+#include <cmath>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/function.h>
@@ -34,6 +35,17 @@ struct Plan {
     sched::Replay replay;
     sched::Costs costs;
     std::string kind;
+    bool whole_costs = false;  // every cost a whole number: times come back as Python ints, like int arithmetic
+
+    nb::object time(double t) const {
+        if (whole_costs && std::nearbyint(t) == t) return nb::int_(static_cast<long long>(t));
+        return nb::float_(t);
+    }
+    nb::list times(const std::vector<double>& ts) const {
+        nb::list l;
+        for (double t : ts) l.append(time(t));
+        return l;
+    }
 };
 
 using Array = nb::ndarray<nb::c_contig, nb::device::cpu>;
@@ -43,9 +55,11 @@ DType dtype_of_array(const Array& a) { return dtype_of_dl(a.dtype()); }
 size_t bytes_of(const Array& a) { return a.nbytes(); }
 
 // A blocking wait with the GIL released.
-void wait(const WorkPtr& w) {
+// Inside a stage call the wait goes through the executor (traced as communication; with one compute stream the
+// other half of an F&B pair runs meanwhile); elsewhere it is a plain wait. The GIL is released either way.
+void wait(const WorkPtr& w, const std::string& what = "communication") {
     nb::gil_scoped_release release;
-    w->wait();
+    wait_in_stage(w, what);
 }
 
 nb::tuple chunk_tuple(const sched::Chunk& c) { return nb::make_tuple(c.mb, c.stage, c.dir); }
@@ -217,14 +231,15 @@ NB_MODULE(_duplex, m) {
         .def_prop_ro("pp", [](const Plan& p) { return p.schedule.pp; })
         .def_prop_ro("num_ranks", [](const Plan& p) { return p.schedule.num_ranks; })
         .def_prop_ro("microbatches", [](const Plan& p) { return p.schedule.num_microbatches; })
-        .def_prop_ro("makespan", [](const Plan& p) { return p.replay.makespan; })
-        .def_prop_ro("idle", [](const Plan& p) { return p.replay.idle; }, "idle time per rank")
-        .def_prop_ro("busy", [](const Plan& p) { return p.replay.busy; }, "busy time per rank")
+        .def_prop_ro("makespan", [](const Plan& p) { return p.time(p.replay.makespan); },
+                     "end of the last instruction, in the costs' unit (an int when every cost is a whole number)")
+        .def_prop_ro("idle", [](const Plan& p) { return p.times(p.replay.idle); }, "idle time per rank")
+        .def_prop_ro("busy", [](const Plan& p) { return p.times(p.replay.busy); }, "busy time per rank")
         .def_prop_ro("peak_activations", [](const Plan& p) { return p.replay.peak_activations; },
                      "per rank: microbatch-chunks alive at once")
         .def_prop_ro("param_copies", [](const Plan& p) { return p.replay.param_copies; })
         .def_prop_ro("formula_bubble",
-                     [](const Plan& p) { return sched::formula_bubble(p.schedule.kind, p.schedule.pp, p.costs); },
+                     [](const Plan& p) { return p.time(sched::formula_bubble(p.schedule.kind, p.schedule.pp, p.costs)); },
                      "the published bubble per rank for these costs")
         .def_prop_ro(
             "instructions",
@@ -259,6 +274,8 @@ NB_MODULE(_duplex, m) {
             p.kind = kind;
             p.costs = {cost_f, cost_b, cost_w, cost_fb, p2p};
             sched::check_costs(p.costs);
+            p.whole_costs = true;
+            for (double c : {cost_f, cost_b, cost_w, cost_fb, p2p}) p.whole_costs = p.whole_costs && std::nearbyint(c) == c;
             p.schedule = sched::generate(sched::kind_from_name(kind), pp, microbatches);
             p.replay = sched::replay(p.schedule, p.costs);
             return p;
@@ -300,6 +317,14 @@ NB_MODULE(_duplex, m) {
         .def_prop_ro("size", &Communicator::size)
         .def_prop_ro("backend", [](const Communicator& c) { return std::string(c.backend()); })
         .def_prop_ro("num_nodes", [](const Communicator& c) { return c.topology().num_nodes(); })
+        .def_prop_ro(
+            "nodes",
+            [](const Communicator& c) {
+                std::vector<int> n(c.size());
+                for (int r = 0; r < c.size(); ++r) n[r] = c.topology().node(r);
+                return n;
+            },
+            "The node of each rank of the group (0.., in order of first appearance).")
         .def(
             "send", [](Communicator& c, Array a, int peer, uint32_t tag) { wait(c.isend(a.data(), bytes_of(a), peer, tag)); },
             "array"_a, "peer"_a, "tag"_a = 0)
@@ -323,7 +348,7 @@ NB_MODULE(_duplex, m) {
                 DUPLEX_CHECK_ARG(bytes_of(send) == bytes_of(recv) && bytes_of(send) % size_t(c.size()) == 0,
                                  "all_to_all", "send and recv must hold the same bytes, a multiple of {} blocks",
                                  c.size());
-                wait(c.all_to_all(send.data(), recv.data(), bytes_of(send) / size_t(c.size())));
+                wait(c.all_to_all(send.data(), recv.data(), bytes_of(send) / size_t(c.size())), "all_to_all");
             },
             "send"_a, "recv"_a, "Block p of send goes to rank p; block p of recv comes from rank p.")
         .def(
@@ -354,11 +379,7 @@ NB_MODULE(_duplex, m) {
                     sb[p] = size_t(send_rows[p]) * row, so[p] = a, a += sb[p];
                     rb[p] = size_t(recv_rows[p]) * row, ro[p] = b, b += rb[p];
                 }
-                WorkPtr w = c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro);
-                // Inside a stage call the wait goes through the executor (traced as communication; with one compute
-                // stream the other half of an F&B pair runs meanwhile).
-                nb::gil_scoped_release release;
-                wait_in_stage(w, what);
+                wait(c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro), what);
             },
             "send"_a, "send_rows"_a, "recv"_a, "recv_rows"_a, "what"_a = "all_to_all_v",
             "Rows of send go to each rank p (send_rows[p] of them, in rank order); rows from each rank land in recv "

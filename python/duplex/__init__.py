@@ -2,7 +2,7 @@
 
     import duplex
     plan = duplex.schedule("dualpipe", pp=8, microbatches=20, cost_f=1, cost_b=2, cost_w=1, cost_fb=3)
-    plan.makespan                 # 66.0, as published
+    plan.makespan                 # 66, as published (whole-number costs give int times)
     duplex.simulate(pp=16, ep=64, schedule="dualpipe")["step_time_s"]
 
     def work(world):              # one call per rank

@@ -43,11 +43,15 @@ def ep_group():
 
 
 class Routed:
-    """What dispatch() returns beside the rows: how to send results back (combine) and how many rows each peer
-    sent (rows are grouped by source rank, in rank order)."""
+    """What dispatch() returns beside the rows: how combine() takes results back to their tokens.
 
-    def __init__(self, order, send_rows, recv_rows, info):
-        self.order, self.send_rows, self.recv_rows, self.info = order, send_rows, recv_rows, info
+    tags: the tags that came with the rows received here (int64, one per row; None without tags).
+    crossings: rows this rank sent to ranks on other nodes in the dispatch — once per (token, slot) on the flat
+    path, once per (token, target node) on the node-limited path.
+    node_limited: which path the rows took."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
 
 
 def _exchange(group, rows, send_rows, recv_rows, what):
@@ -57,34 +61,28 @@ def _exchange(group, rows, send_rows, recv_rows, what):
     return out
 
 
-class _Dispatch(torch.autograd.Function):
+class _Move(torch.autograd.Function):
+    """Rows over the expert-parallel group (all-to-all-v, send_rows[p] to rank p); the gradient runs the same
+    exchange backwards on the group of backward exchanges."""
+
     @staticmethod
-    def forward(ctx, x, routed):
-        ctx.routed = routed
-        return _exchange(routed.info.ep_group, x[routed.order], routed.send_rows, routed.recv_rows, "dispatch")
+    def forward(ctx, rows, info, send_rows, recv_rows, what):
+        ctx.info, ctx.send_rows, ctx.recv_rows, ctx.what = info, send_rows, recv_rows, what
+        return _exchange(info.ep_group, rows, send_rows, recv_rows, what)
 
     @staticmethod
     def backward(ctx, g):
-        r = ctx.routed
-        back = _exchange(r.info.ep_group_backward, g, r.recv_rows, r.send_rows, "dispatch-bwd")
-        gx = torch.empty_like(back)
-        gx[r.order] = back
-        return gx, None
+        back = _exchange(ctx.info.ep_group_backward, g, ctx.recv_rows, ctx.send_rows, ctx.what + " (backward)")
+        return back, None, None, None, None
 
 
-class _Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, routed):
-        ctx.routed = routed
-        back = _exchange(routed.info.ep_group, rows, routed.recv_rows, routed.send_rows, "combine")
-        out = torch.empty_like(back)
-        out[routed.order] = back
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        r = ctx.routed
-        return _exchange(r.info.ep_group_backward, g[r.order], r.send_rows, r.recv_rows, "combine-bwd"), None
+def _counts(group, columns):
+    """Exchanges per-peer counts: columns are [G] int64 tensors, column j of the answer is what each peer sent
+    in its column j to this rank. Returns lists."""
+    send = torch.stack(columns, 1).contiguous()
+    recv = torch.empty_like(send)
+    group.all_to_all(send, recv)
+    return [recv[:, j].tolist() for j in range(len(columns))]
 
 
 def mark_experts(module):
@@ -95,28 +93,126 @@ def mark_experts(module):
     return module
 
 
-def dispatch(x, dest):
-    """Sends row i of x [N, ...] to rank dest[i] of the stage's expert-parallel group; returns the rows this rank
-    received (grouped by source rank, in rank order, each source's rows in their original order) and a Routed handle
-    for combine(). Differentiable; inside a Pipeline stage its waits go through Duplex's executor."""
-    info = getattr(_current, "info", None)
-    if info is None or info.ep_group is None:
-        raise RuntimeError("duplex.torch.dispatch runs inside a Pipeline stage with ep > 1")
+class _GroupInfo:
+    def __init__(self, group):
+        self.ep_group = self.ep_group_backward = group
+
+
+def dispatch(x, dest, tags=None, node_limited=None, group=None):
+    """Sends token x[n] to the ranks dest[n, k] of the stage's expert-parallel group, one row per slot k (dest [N]
+    is one slot per token). Returns the rows received here and a Routed handle for combine(). Differentiable;
+    inside a Pipeline stage its waits go through Duplex's executor, which runs the other half of an F&B pair
+    meanwhile.
+
+    tags (int64, shaped like dest, e.g. the expert ids) travel with the rows: routed.tags says, per row received,
+    which tag it carries. Rows arrive grouped by the rank that sent them here; use the tags to find their expert.
+
+    node_limited (default: when the group spans more than one node): a token crosses to each node it targets
+    once, to the rank there with this rank's local index (the relay), which forwards one row per slot inside its
+    node — DeepSeek-V3's dispatch. False: one row per slot straight to its rank.
+
+    group: the communicator to use outside a Pipeline (default: the running stage's expert-parallel group)."""
+    if group is not None:
+        info = _GroupInfo(group)
+    else:
+        info = getattr(_current, "info", None)
+        if info is None or info.ep_group is None:
+            raise RuntimeError("duplex.torch.dispatch runs inside a Pipeline stage with ep > 1 (or pass group=)")
     group = info.ep_group
-    dest = dest.to(torch.int64)
-    order = torch.argsort(dest, stable=True)
-    send_rows = torch.bincount(dest, minlength=group.size).tolist()
-    counts = torch.tensor(send_rows, dtype=torch.int64)
-    recv = torch.empty_like(counts)
-    group.all_to_all(counts, recv)
-    routed = Routed(order, send_rows, recv.tolist(), info)
-    return _Dispatch.apply(x, routed), routed
+    G, N = group.size, x.shape[0]
+    slots = dest.to(torch.int64).reshape(N, -1)
+    K = slots.shape[1]
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= G):
+        raise ValueError(f"dispatch: destinations must be ranks 0..{G - 1} of the expert-parallel group")
+    if tags is not None:
+        tags = tags.to(torch.int64).reshape(N, K)
+        if tags.shape != slots.shape:
+            raise ValueError(f"dispatch: tags of shape {tuple(tags.shape)} for destinations {tuple(dest.shape)}")
+    if node_limited is None:
+        node_limited = group.num_nodes > 1
+    nodes = torch.tensor(group.nodes, dtype=torch.int64)
+    token = torch.arange(N).repeat_interleave(K)  # the token of each slot (slot s = n * K + k)
+    flat_dest = slots.reshape(-1)
+    if not node_limited:
+        order = torch.argsort(flat_dest, stable=True)
+        send = torch.bincount(flat_dest, minlength=G)
+        (recv,) = _counts(group, [send])
+        send = send.tolist()
+        rows = _Move.apply(x[token[order]], info, send, recv, "dispatch")
+        got_tags = None if tags is None else _exchange(group, tags.reshape(-1)[order], send, recv, "dispatch tags")
+        crossings = int((nodes[flat_dest] != nodes[group.rank]).sum())
+        return rows, Routed(node_limited=False, info=info, tokens=N, top_k=K, order=order, send=send, recv=recv,
+                            tags=got_tags, crossings=crossings)
+
+    # Node-limited: hop 1 crosses once per (token, target node) to the relay there; hop 2 stays inside the node.
+    me = group.rank
+    on_node = {}
+    for r, n in enumerate(group.nodes):
+        on_node.setdefault(n, []).append(r)
+    local = on_node[group.nodes[me]].index(me)
+    relay_of = []
+    for r in range(G):
+        peers = on_node[group.nodes[r]]
+        if local >= len(peers):
+            raise ValueError(f"dispatch: rank {me} has local index {local}, node {group.nodes[r]} only "
+                             f"{len(peers)} ranks: no relay there (use node_limited=False)")
+        relay_of.append(peers[local])
+    relay = torch.tensor(relay_of, dtype=torch.int64)[flat_dest]  # per slot
+    key = relay * N + token                                        # one hop-1 row per distinct key
+    keys, row_of_slot = torch.unique(key, sorted=True, return_inverse=True)
+    row_relay, row_token = keys // N, keys % N
+    send1 = torch.bincount(row_relay, minlength=G)
+    slot_order = torch.argsort(key * K + torch.arange(N * K) % K)  # slots by (relay, token, k)
+    slot_send = torch.bincount(relay, minlength=G)
+    first_row = torch.cumsum(send1, 0) - send1
+    meta = torch.stack([row_of_slot - first_row[relay], flat_dest,
+                        tags.reshape(-1) if tags is not None else torch.zeros_like(flat_dest)], 1)[slot_order]
+    recv1, slot_recv = _counts(group, [send1, slot_send])
+    send1, slot_send = send1.tolist(), slot_send.tolist()
+    rows1 = _Move.apply(x[row_token], info, send1, recv1, "dispatch (inter-node)")
+    meta_in = _exchange(group, meta, slot_send, slot_recv, "dispatch routes")
+    # On the relay: each slot received -> its hop-1 row here, then one row per slot to the expert's rank.
+    src = torch.repeat_interleave(torch.arange(G), torch.tensor(slot_recv, dtype=torch.int64))
+    recv1_t = torch.tensor(recv1, dtype=torch.int64)
+    at_row = (torch.cumsum(recv1_t, 0) - recv1_t)[src] + meta_in[:, 0]
+    dest2 = meta_in[:, 1]
+    if dest2.numel() and bool((nodes[dest2] != nodes[me]).any()):
+        raise RuntimeError(f"dispatch: rank {me} was asked to relay a row outside its node (inconsistent topology)")
+    order2 = torch.argsort(dest2, stable=True)
+    send2 = torch.bincount(dest2, minlength=G)
+    (recv2,) = _counts(group, [send2])
+    send2 = send2.tolist()
+    rows = _Move.apply(rows1[at_row[order2]], info, send2, recv2, "dispatch (intra-node)")
+    got_tags = None if tags is None else _exchange(group, meta_in[order2, 2], send2, recv2, "dispatch tags")
+    crossings = int((nodes[row_relay] != nodes[me]).sum())
+    return rows, Routed(node_limited=True, info=info, tokens=N, top_k=K, rows1=len(keys), row_token=row_token,
+                        send1=send1, recv1=recv1, slot_order=slot_order, slot_send=slot_send, slot_recv=slot_recv,
+                        at_row=at_row, order2=order2, send2=send2, recv2=recv2, tags=got_tags, crossings=crossings)
 
 
-def combine(rows, routed):
-    """Sends the rows dispatch() delivered here (or results computed from them, same count) back to where they came
-    from: returns [N, ...] in the order of dispatch's x. Differentiable."""
-    return _Combine.apply(rows, routed)
+def combine(rows, routed, weights=None):
+    """Takes the rows dispatch() delivered here (or results computed from them, one per row, same order) back to
+    their tokens: returns [N, ...] in the order of dispatch's x, the sum over each token's slots of
+    weights[n, k] * result (weights shaped like dest; default 1). On the node-limited path the relay adds up the
+    weighted results of its node before the one crossing back. Differentiable (in rows and weights)."""
+    r, info = routed, routed.info
+    rest = tuple(rows.shape[1:])
+    if weights is not None:
+        weights = weights.reshape(r.tokens * r.top_k)
+    if not r.node_limited:
+        back = _Move.apply(rows, info, r.recv, r.send, "combine")
+        res = back[torch.argsort(r.order)].reshape((r.tokens, r.top_k) + rest)
+        if weights is not None:
+            res = res * weights.reshape((r.tokens, r.top_k) + (1,) * len(rest))
+        return res.sum(1)
+    back = _Move.apply(rows, info, r.recv2, r.send2, "combine (intra-node)")  # on the relay, one per slot
+    out = back[torch.argsort(r.order2)]                                       # in the order the slots came
+    if weights is not None:
+        w = _Move.apply(weights[r.slot_order].contiguous(), info, r.slot_send, r.slot_recv, "combine weights")
+        out = out * w.reshape((-1,) + (1,) * len(rest))
+    partial = out.new_zeros((sum(r.recv1),) + rest).index_add(0, r.at_row, out)  # one row per (token, node)
+    home = _Move.apply(partial, info, r.recv1, r.send1, "combine (inter-node)")
+    return home.new_zeros((r.tokens,) + rest).index_add(0, r.row_token, home)
 
 
 class _TorchStage:

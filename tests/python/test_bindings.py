@@ -17,8 +17,9 @@ class Schedules(unittest.TestCase):
     def test_published_makespans(self):
         # docs/reference.md: DualPipe PP=8, N=20, F=1 B=2 W=1: 66 with F&B=3, 52 with F&B=2; 1F1B (N+PP-1)(F+B).
         p = duplex.schedule("dualpipe", pp=8, microbatches=20, cost_f=1, cost_b=2, cost_w=1, cost_fb=3)
-        self.assertEqual(p.makespan, 66)
-        self.assertEqual(p.idle, [6.0] * 8)
+        self.assertEqual(repr(p.makespan), "66")  # whole-number costs: int times, printed as published
+        self.assertEqual(p.idle, [6] * 8)
+        self.assertEqual(repr(duplex.schedule("1f1b", pp=4, microbatches=8, cost_f=1.5).makespan), "38.5")
         self.assertEqual(duplex.schedule("dualpipe", pp=8, microbatches=20, cost_fb=2).makespan, 52)
         self.assertEqual(duplex.schedule("1f1b", pp=8, microbatches=20).makespan, (20 + 8 - 1) * 3)
         self.assertEqual(p.peak_activations, [8, 8, 8, 9, 9, 8, 8, 8])

@@ -1,7 +1,8 @@
 """duplex.torch on a small MoE language model written in plain PyTorch — an embedding, blocks with an MoE layer
 (top-2 of 4 experts), an output head with cross-entropy — split into stages and trained through a Pipeline under
 every schedule, PP in {2, 4}, DP in {1, 2}, EP in {1, 2} (routed experts spread over the expert-parallel group
-inside DP, tokens moved by duplex.torch.dispatch/combine): it equals the same model with every expert local,
+inside DP, tokens moved by duplex.torch.dispatch/combine), and EP = 4 over two (virtual) nodes on the node-limited
+path: it equals the same model with every expert local,
 trained by plain PyTorch in one process on the same batch — fp64: losses and every parameter after three SGD
 steps within 1e-12; fp32: step-1 loss within 1e-6, parameters within 1e-5."""
 import threading
@@ -33,6 +34,7 @@ class Moe(torch.nn.Module):
         self.first = ep_rank * per
         self.experts = dt.mark_experts(torch.nn.ModuleList(list(self.experts)[self.first:self.first + per]))
         self.experts_on = (ep_rank, ep_size)
+        self.paths = set()  # node-limited or flat, as dispatch chose
 
     def forward(self, x):
         if self.embed is not None:
@@ -41,24 +43,24 @@ class Moe(torch.nn.Module):
         probs = torch.softmax(self.router(h), dim=-1)
         gate, eid = torch.topk(probs, K, dim=-1)
         gate = gate / gate.sum(-1, keepdim=True)
-        rows = h.repeat_interleave(K, dim=0)  # one row per (token, k)
-        eid = eid.reshape(-1)
         if self.experts_on is None:
+            rows = h.repeat_interleave(K, dim=0)  # one row per (token, k)
+            flat = eid.reshape(-1)
             out = torch.zeros_like(rows)
             for e in range(E):
-                sel = eid == e
+                sel = flat == e
                 out[sel] = self.experts[e](rows[sel])
+            y = h + (out.reshape(-1, K, W) * gate[..., None]).sum(1)
         else:
             per = E // self.experts_on[1]
-            got, routed = dt.dispatch(rows, eid // per)
-            got_eid, _ = dt.dispatch(eid.to(rows.dtype)[:, None], eid // per)
-            local = got_eid[:, 0].to(torch.int64) - self.first
+            got, routed = dt.dispatch(h, eid // per, tags=eid)  # one row per (token, k) that targets this rank
+            self.paths.add(routed.node_limited)
+            local = routed.tags - self.first
             out_here = torch.zeros_like(got)
             for j, expert in enumerate(self.experts):
                 sel = local == j
                 out_here[sel] = expert(got[sel])
-            out = dt.combine(out_here, routed)
-        y = h + (out.reshape(-1, K, W) * gate[..., None]).sum(1)
+            y = h + dt.combine(out_here, routed, gate)
         return self.head(y) if self.head is not None else y
 
 
@@ -85,12 +87,18 @@ class ExpertParallel(unittest.TestCase):
                     with self.subTest(schedule=schedule, pp=pp, dp=dp, ep=ep):
                         self.check(schedule, pp, dp, ep, torch.float64, 1e-12, 1e-12)
 
+    def test_node_limited_fp64(self):
+        # 8 ranks on 4 virtual nodes of 2: each EP group of 4 spans two nodes, so tokens cross once per node.
+        for schedule in ["1f1b", "dualpipe"]:
+            with self.subTest(schedule=schedule):
+                self.check(schedule, 2, 4, 4, torch.float64, 1e-12, 1e-12, virtual_nodes=4)
+
     def test_fp32(self):
         for schedule in ["zb1p", "dualpipe"]:
             with self.subTest(schedule=schedule):
                 self.check(schedule, 4, 2, 2, torch.float32, 1e-6, 1e-5)
 
-    def check(self, schedule, pp, dp, ep, dtype, loss_tol, param_tol):
+    def check(self, schedule, pp, dp, ep, dtype, loss_tol, param_tol, virtual_nodes=0):
         n, steps = 2 * pp, 3
         stages = make_model(pp, dtype)
         model = torch.nn.Sequential(*stages)
@@ -108,7 +116,7 @@ class ExpertParallel(unittest.TestCase):
             opt.zero_grad()
         want = {f"{s}.{name}": p.detach() for s, st in enumerate(stages) for name, p in st.named_parameters()}
 
-        got, losses, lock = {}, {}, threading.Lock()
+        got, losses, paths, lock = {}, {}, set(), threading.Lock()
         ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp
 
         def rank_main(world):
@@ -131,6 +139,7 @@ class ExpertParallel(unittest.TestCase):
                 if world.rank == 0:
                     losses["l"] = mine_losses
                 for m in mine:
+                    paths.update(getattr(m, "paths", ()))
                     s = blocks.index(m)
                     for name, p in m.named_parameters():
                         if name.startswith("experts.") and ep > 1:
@@ -138,15 +147,117 @@ class ExpertParallel(unittest.TestCase):
                             name = f"experts.{m.first + j}." + name.split(".", 2)[2]
                         got[f"{s}.{name}"] = p.detach().clone()
 
-        dt.run(rank_main, ranks=ranks_per_replica * dp, timeout_s=120)
+        dt.run(rank_main, ranks=ranks_per_replica * dp, timeout_s=120, virtual_nodes=virtual_nodes)
         self.assertLessEqual(abs(losses["l"][0] - want_losses[0]), loss_tol * abs(want_losses[0]), "step 1")
         if dtype == torch.float64:
             for s in range(1, steps):
                 self.assertLessEqual(abs(losses["l"][s] - want_losses[s]), loss_tol * abs(want_losses[s]),
                                      f"step {s + 1}")
+        if ep > 1:  # the path dispatch took: node-limited exactly when the EP group spans nodes
+            self.assertEqual(paths, {virtual_nodes > 0})
         self.assertEqual(sorted(got), sorted(want))
         for name, w in want.items():
             self.assertLessEqual(float((got[name] - w).norm() / w.norm()), param_tol, name)
+
+
+class Exchange(unittest.TestCase):
+    """dispatch/combine on their own (group=world), against a reference that computes every rank's tokens in one
+    process: y[n] = sum_k w[n, k] * tanh(x[n] @ A[dest[n, k]]), and its gradients in x, w and each rank's A."""
+
+    G, N, D, K = 4, 9, 5, 3
+
+    def inputs(self, p):
+        g = torch.Generator().manual_seed(100 + p)
+        x = torch.randn(self.N, self.D, generator=g, dtype=torch.float64)
+        dest = torch.randint(self.G, (self.N, self.K), generator=g)  # repeats allowed: two experts on one rank
+        w = torch.rand(self.N, self.K, generator=g, dtype=torch.float64)
+        c = torch.randn(self.N, self.D, generator=g, dtype=torch.float64)
+        return x, dest, w, c
+
+    def weight(self, r):
+        return torch.randn(self.D, self.D, generator=torch.Generator().manual_seed(200 + r), dtype=torch.float64)
+
+    def check(self, node_limited, virtual_nodes):
+        G, N, K = self.G, self.N, self.K
+        A = [self.weight(r).requires_grad_() for r in range(G)]
+        ins = [self.inputs(p) for p in range(G)]
+        xs = [x.clone().requires_grad_() for x, _, _, _ in ins]
+        ws = [w.clone().requires_grad_() for _, _, w, _ in ins]
+        total = 0
+        want_y = []
+        for p, (_, dest, _, c) in enumerate(ins):
+            y = sum(ws[p][:, k, None] * torch.tanh(torch.stack([xs[p][n] @ A[int(dest[n, k])] for n in range(N)]))
+                    for k in range(K))
+            want_y.append(y.detach())
+            total = total + (y * c).sum()
+        total.backward()
+        nodes = [r * virtual_nodes // G for r in range(G)] if virtual_nodes else [0] * G
+        results, lock = {}, threading.Lock()
+
+        def rank_main(world):
+            me = world.rank
+            x, dest, w, c = self.inputs(me)
+            x.requires_grad_(), w.requires_grad_()
+            a = self.weight(me).requires_grad_()
+            tags = me * 1000 + torch.arange(N)[:, None] * 10 + torch.arange(K)[None, :]
+            rows, routed = dt.dispatch(x, dest, tags=tags, node_limited=node_limited, group=world)
+            y = dt.combine(torch.tanh(rows @ a), routed, w)
+            (y * c).sum().backward()
+            with lock:
+                results[me] = (rows.detach(), routed, y.detach(), x.grad, w.grad, a.grad)
+
+        dt.run(rank_main, ranks=G, timeout_s=60, virtual_nodes=virtual_nodes)
+        for me in range(G):
+            rows, routed, y, gx, gw, ga = results[me]
+            self.assertEqual(routed.node_limited, node_limited)
+            # Delivery: exactly the (source, token, slot) aimed here, each row the source's token.
+            want_tags = sorted(p * 1000 + n * 10 + k for p in range(G) for n in range(N) for k in range(K)
+                               if int(ins[p][1][n, k]) == me)
+            self.assertEqual(sorted(routed.tags.tolist()), want_tags)
+            for row, tag in zip(rows, routed.tags.tolist()):
+                self.assertTrue(torch.equal(row, ins[tag // 1000][0][(tag % 1000) // 10]), tag)
+            # Crossings: once per remote slot on the flat path, once per (token, remote node) node-limited.
+            dest = ins[me][1]
+            if node_limited:
+                want = len({(n, nodes[int(dest[n, k])]) for n in range(N) for k in range(K)
+                            if nodes[int(dest[n, k])] != nodes[me]})
+            else:
+                want = sum(nodes[int(d)] != nodes[me] for d in dest.reshape(-1))
+            self.assertEqual(routed.crossings, want)
+            for name, got, ref in [("y", y, want_y[me]), ("dx", gx, xs[me].grad), ("dw", gw, ws[me].grad),
+                                   ("dA", ga, A[me].grad)]:
+                self.assertLessEqual(float((got - ref).norm() / ref.norm()), 1e-12, f"rank {me} {name}")
+
+    def test_flat_one_node(self):
+        self.check(False, 0)
+
+    def test_flat_two_nodes(self):
+        self.check(False, 2)
+
+    def test_node_limited_two_nodes(self):
+        self.check(True, 2)
+
+    def test_node_limited_four_nodes(self):  # one rank per node: the relay is the expert's own rank
+        self.check(True, 4)
+
+    def test_node_limited_crosses_less(self):
+        # The same routing on two nodes of two: the node-limited path sends fewer rows across than the flat one.
+        crossings = {}
+        for node_limited in (False, True):
+            def rank_main(world, node_limited=node_limited):
+                x, dest, _, _ = self.inputs(world.rank)
+                _, routed = dt.dispatch(x, dest, node_limited=node_limited, group=world)
+                t = torch.tensor([routed.crossings], dtype=torch.int64)
+                world.all_reduce(t)
+                crossings[node_limited] = int(t)
+            dt.run(rank_main, ranks=self.G, timeout_s=60, virtual_nodes=2)
+        self.assertLess(crossings[True], crossings[False])
+
+    def test_bad_destination(self):
+        def rank_main(world):
+            dt.dispatch(torch.zeros(2, 3), torch.tensor([0, world.size]), group=world)
+        with self.assertRaisesRegex(Exception, "destinations must be ranks 0..3"):
+            dt.run(rank_main, ranks=self.G, timeout_s=60)
 
 
 if __name__ == "__main__":
