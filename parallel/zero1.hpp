@@ -38,6 +38,11 @@ public:
     void apply(long step, double clip_scale);
     size_t shard_size() const { return shard_; }
     size_t total_size() const { return total_; }
+    // This rank's optimizer state, for checkpoints: AdamW's moments of elements [shard_begin(), shard_begin() +
+    // shard_size()) of the flat parameter vector (the parameters in order, padded to the group size).
+    size_t shard_begin() const { return size_t(group_->rank()) * shard_; }
+    std::vector<T>& first_moment() { return m_; }
+    std::vector<T>& second_moment() { return v_; }
 
 private:
     void gather_flat(bool grads, std::vector<T>& out) const;

@@ -86,6 +86,19 @@ public:
     LinkBytes expert_bytes_sent() const;
     // The EMA of the owned parameters (empty without ema_decay); waits for the pending update.
     std::map<std::string, std::vector<T>> ema_parameters();
+    // Checkpoints (runtime/checkpoint.hpp); collectives over the world. save_checkpoint, after a step: this rank's
+    // shard (its owned stages' values and buffers, its ZeRO-1 moments, its part of the EMA) into root/step-<N>,
+    // then rank 0's manifest, then all but the newest `keep` removed (0: keep all). Returns the directory.
+    std::string save_checkpoint(const std::string& root, int keep = 0);
+    // load_checkpoint, before the first step: `path` a checkpoint directory or a root (its newest complete one).
+    // Every rank reads and verifies everything it needs before any state changes; a refusal anywhere
+    // (CheckpointError naming the file and the problem) is an error on every rank. The layout must match the
+    // checkpoint's except the DP size (ZeRO-1 state is re-sharded; the global batch DP x N must stay). Returns
+    // the step the checkpoint was written after; step() continues from there.
+    long load_checkpoint(const std::string& path);
+    long steps_done() const;
+    // What a checkpoint records of this run (JSON object), and must agree on at resume.
+    std::string layout_json() const;
     // ConfigError for a layout that cannot run. custom_stages: the model is the caller's (no built-in checks).
     static void validate(const PipelineOptions& p, const TrainOptions& o, int world_size, bool custom_stages = false);
 
