@@ -2,7 +2,6 @@
 
 #include <cmath>
 #include <csignal>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -11,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/clock.hpp"
+#include "core/knobs.hpp"
 #include "memory/ema.hpp"
 #include "parallel/plan.hpp"
 #include "runtime/checkpoint.hpp"
@@ -22,6 +22,16 @@
 namespace duplex {
 
 using sched::ScheduleKind;
+
+namespace {
+
+const Knob<long> kCrashBeforeManifest("DUPLEX_TEST_CRASH_BEFORE_MANIFEST", 0,
+                                      "tests only: rank 0 kills its process (SIGKILL) while saving the checkpoint of "
+                                      "this step, after every shard is written and before the manifest (0: never)");
+
+bool crash_before_manifest(long step) { return kCrashBeforeManifest.get() == step; }
+
+}  // namespace
 
 template <typename T>
 struct PipelineTrainer<T>::Impl {
@@ -566,8 +576,7 @@ std::string PipelineTrainer<T>::save_checkpoint(const std::string& root, int kee
     if (I.world->rank() == 0) {
         std::vector<ckpt::FileEntry> files;
         for (const std::string& e : entries) files.push_back(ckpt::ShardWriter::decode(e));
-        if (const char* fp = std::getenv("DUPLEX_FAILPOINT"); fp && std::string(fp) == "checkpoint-before-manifest")
-            std::raise(SIGKILL);  // tests: a crash after every shard is written, before the manifest
+        if (crash_before_manifest(I.step_)) std::raise(SIGKILL);
         ckpt::write_manifest(dir, I.step_, layout_json(), files);
         ckpt::prune_checkpoints(root, keep);
     }
@@ -596,8 +605,14 @@ long PipelineTrainer<T>::load_checkpoint(const std::string& path) {
                                               "directory under it)", path));
         ckpt::CheckpointReader r(*dir);
         nlohmann::json have = nlohmann::json::parse(r.layout_json()), want = nlohmann::json::parse(layout_json());
-        for (auto& [key, value] : want.items()) {
+        // The most telling difference first.
+        std::vector<std::string> keys = {"trainer", "model", "model_shape", "dtype", "pp", "schedule", "ep",
+                                         "global_microbatches"};
+        for (auto& [key, value] : want.items())
+            if (std::find(keys.begin(), keys.end(), key) == keys.end()) keys.push_back(key);
+        for (const std::string& key : keys) {
             if (key == "dp" || key == "ema") continue;  // DP may change (ZeRO-1 re-shards); the EMA may start now
+            const nlohmann::json& value = want[key];
             if (!have.contains(key) || have[key] != value)
                 throw CheckpointError(fmt::format("{}/manifest.json: written by a run with {} = {}, this run has {} "
                                                   "(only the DP size may change on resume)",

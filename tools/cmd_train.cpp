@@ -9,9 +9,11 @@
 #include <nlohmann/json.hpp>
 
 #include "comm/launch.hpp"
+#include "core/clock.hpp"
 #include "core/error.hpp"
 #include "parallel/schedule.hpp"
 #include "parallel/plan.hpp"
+#include "runtime/checkpoint.hpp"
 #include "runtime/pipeline_trainer.hpp"
 #include "runtime/reference.hpp"
 #include "runtime/trainer.hpp"
@@ -36,8 +38,37 @@ struct Args {
     int ranks = 1;
     int log_every = 10;
     std::string json;
+    std::string metrics;          // JSON Lines, one line per step, appended and flushed as it happens
+    std::string save, resume;     // checkpoint roots
+    int save_every = 0, keep = 3;
     bool fp64 = false;
     bool no_bias_update = false;
+};
+
+// --metrics: one JSON object per line, appended and flushed after every step, so a run killed mid-way keeps every
+// completed step's line.
+class MetricsLog {
+public:
+    explicit MetricsLog(const std::string& path) : path_(path) {
+        if (path.empty()) return;
+        f_ = std::fopen(path.c_str(), "a");
+        if (!f_) throw ConfigError("--metrics", fmt::format("cannot append to '{}'", path));
+    }
+    ~MetricsLog() {
+        if (f_) std::fclose(f_);
+    }
+    MetricsLog(const MetricsLog&) = delete;
+    MetricsLog& operator=(const MetricsLog&) = delete;
+    void write(const nlohmann::json& j) {
+        if (!f_) return;
+        std::string line = j.dump() + "\n";
+        if (std::fwrite(line.data(), 1, line.size(), f_) != line.size() || std::fflush(f_) != 0)
+            throw ConfigError("--metrics", fmt::format("cannot write to '{}'", path_));
+    }
+
+private:
+    std::string path_;
+    std::FILE* f_ = nullptr;
 };
 
 template <typename T>
@@ -53,6 +84,7 @@ int run_typed(const Args& a) {
                o.bias_update ? "on" : "off", o.device);
     nlohmann::json steps = nlohmann::json::array();
     double first_loss = 0;
+    MetricsLog log(a.metrics);
     auto metrics = trainer.run([&](const StepMetrics& m) {
         if (m.step == 1) first_loss = m.loss;
         steps.push_back({{"step", m.step},
@@ -62,6 +94,7 @@ int run_typed(const Args& a) {
                          {"grad_norm", m.grad_norm},
                          {"step_time_s", m.step_time_s},
                          {"tokens_per_s", m.tokens_per_s}});
+        log.write(steps.back());
         if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
             fmt::print(human(), "step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  MaxVio {:6.3f}  |g| {:7.3f}\n", m.step, m.loss,
                        m.tokens_per_s, m.max_vio, m.grad_norm);
@@ -117,11 +150,25 @@ int run_distributed(const Args& a) {
                                                        env.world_size));
     }
     PipelineTrainer<T>::validate(p, o, world_size);
+    DUPLEX_CHECK_ARG(a.save.empty() || !p.emulate, "--save", "emulate mode trains no weights: nothing to checkpoint");
+    DUPLEX_CHECK_ARG(a.resume.empty() || !p.emulate, "--resume", "emulate mode trains no weights: nothing to resume");
+    DUPLEX_CHECK_ARG(a.resume.empty() || !a.check_reference, "--check-reference",
+                     "the single-rank reference starts from step 1; it cannot follow a resumed run");
+    DUPLEX_CHECK_ARG(a.save_every >= 0 && a.keep >= 0, "--save-every/--keep", "must be 0 or more");
     bool mismatch = false;  // --check-reference: set on rank 0 when the run is farther from the reference than allowed
     launch(l, [&](const std::shared_ptr<Communicator>& world) {
         PipelineTrainer<T> trainer(world, p, o);
         std::unique_ptr<ReferenceTrainer<T>> ref;
         bool lead = world->rank() == 0;
+        long start = 0;
+        if (!a.resume.empty()) {
+            Stopwatch sw;
+            start = trainer.load_checkpoint(a.resume);
+            if (lead)
+                fmt::print(human(), "# resumed from {} after step {} ({:.2f} s); training to step {}\n",
+                           ckpt::latest_checkpoint(a.resume).value_or(a.resume), start, sw.seconds(), o.steps);
+        }
+        std::unique_ptr<MetricsLog> log = lead ? std::make_unique<MetricsLog>(a.metrics) : nullptr;
         TrainOptions ref_o = o;
         ref_o.microbatches = o.microbatches * p.dp;
         if (lead && a.check_reference) ref = std::make_unique<ReferenceTrainer<T>>(ref_o);
@@ -155,10 +202,18 @@ int run_distributed(const Args& a) {
         }
         nlohmann::json steps = nlohmann::json::array();
         double first = 0, last = 0, worst_loss_diff = 0;
-        for (int s = 0; s < o.steps; ++s) {
-            StepMetrics m = trainer.step();
-            if (!lead) continue;
-            if (m.step == 1) first = m.loss;
+        auto save = [&](const char* why) {
+            Stopwatch sw;
+            std::string dir = trainer.save_checkpoint(a.save, a.keep);
+            if (lead)
+                fmt::print(human(), "# checkpoint of step {} written to {} ({}, {:.2f} s)\n", trainer.steps_done(), dir,
+                           why, sw.seconds());
+        };
+        if (start >= o.steps && lead)
+            fmt::print(human(), "# the checkpoint is at step {}, already at --steps {}: nothing to train\n", start,
+                       o.steps);
+        auto report = [&](long s, const StepMetrics& m) {
+            if (s == start) first = m.loss;
             last = m.loss;
             nlohmann::json j = {{"step", m.step},
                                 {"loss", m.loss},
@@ -179,7 +234,8 @@ int run_distributed(const Args& a) {
                 j["reference_loss_rel_diff"] = diff;
             }
             steps.push_back(j);
-            if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
+            log->write(j);
+            if (m.step == 1 || s == start || m.step % a.log_every == 0 || m.step == o.steps)
                 fmt::print(human(), "step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n",
                            m.step, p.emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss),
                            m.step_time_s * 1e3, m.tokens_per_s, 100 * m.bubble_fraction,
@@ -188,7 +244,15 @@ int run_distributed(const Args& a) {
                            p.emulate ? std::string() : fmt::format("  MaxVio {:6.3f}  |g| {:7.3f}", m.max_vio, m.grad_norm),
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
             std::fflush(human());
+        };
+        for (long s = start; s < o.steps; ++s) {
+            StepMetrics m = trainer.step();
+            // The step is logged before it is checkpointed: a crash in the save keeps its metrics line.
+            if (lead) report(s, m);
+            if (!a.save.empty() && a.save_every > 0 && m.step % a.save_every == 0 && m.step < o.steps)
+                save("--save-every");
         }
+        if (!a.save.empty() && trainer.steps_done() > start) save("end of run");
         LinkBytes eb = trainer.expert_bytes_sent();
         int64_t ep_bytes[2] = {int64_t(eb.intra_node), int64_t(eb.inter_node)};
         world->all_reduce(ep_bytes, 2, DType::I64)->wait();
@@ -221,7 +285,7 @@ int run_distributed(const Args& a) {
                        ep_bytes[0], ep_bytes[1], world->topology().num_nodes(), trainer.dispatch_path());
             // Per token, MoE layer and direction (dispatch, combine and their two gradients), against the
             // node-limited bound M x hidden x element size.
-            double token_layers = double(o.steps) * p.dp * o.microbatches * o.sequences_per_microbatch * c.seq_len *
+            double token_layers = double(o.steps - start) * p.dp * o.microbatches * o.sequences_per_microbatch * c.seq_len *
                                   (c.layers - c.dense_layers) * 4;
             double per = double(ep_bytes[1]) / std::max(token_layers, 1.0);
             double bound = double(c.top_groups) * c.hidden * (a.fp64 ? 8 : 4);
@@ -336,6 +400,21 @@ Command add_train(CLI::App& app) {
         ->capture_default_str();
     cmd->add_flag("--no-bias-update", a->no_bias_update, "freeze the aux-loss-free routing bias");
     cmd->add_flag("--fp64", a->fp64, "train in double precision");
+    cmd->add_option("--save", a->save,
+                    "write checkpoints under this directory (DIR/step-NNNNNNNN: a shard per rank and a manifest "
+                    "written last, so an interrupted save never replaces a good one); at the end of the run and "
+                    "every --save-every steps");
+    cmd->add_option("--save-every", a->save_every, "with --save: also checkpoint every N steps (0: only at the end)")
+        ->capture_default_str();
+    cmd->add_option("--keep", a->keep, "with --save: keep the newest K complete checkpoints (0: all)")
+        ->capture_default_str();
+    cmd->add_option("--resume", a->resume,
+                    "resume from a checkpoint directory, or the newest complete one under a --save directory; "
+                    "--steps is the total to reach. The layout must match except --dp (the global batch --dp x "
+                    "--microbatches must stay)");
+    cmd->add_option("--metrics", a->metrics,
+                    "append each step's metrics to this file as one JSON line, flushed at once (JSON Lines; a "
+                    "killed run keeps every completed step)");
     cmd->add_option("--log-every", a->log_every, "print a progress line every N steps")->capture_default_str();
     cmd->add_option("--json", a->json,
                     "write per-step metrics (loss, max_vio, ...) to this file; - for standard output (progress lines "
@@ -343,6 +422,7 @@ Command add_train(CLI::App& app) {
     return [a, cmd] {
         json_target(a->json);
         check_writable(a->json, "--json");
+        check_writable(a->metrics, "--metrics");
         check_writable(a->trace, "--trace");
         bool layout = cmd->count("--pp") || cmd->count("--dp") || cmd->count("--ep") || cmd->count("--schedule");
         bool distributed = layout || a->backend != "inproc" || a->mode != "math";
@@ -353,7 +433,11 @@ Command add_train(CLI::App& app) {
             DUPLEX_CHECK_ARG(!distributed, "--ranks",
                              "1 is the single-rank reference; drop it to run the layout of --pp/--dp/--ep/--schedule");
         }
-        if (!distributed) return a->fp64 ? run_typed<double>(*a) : run_typed<float>(*a);
+        if (!distributed) {
+            DUPLEX_CHECK_ARG(a->save.empty() && a->resume.empty(), a->save.empty() ? "--resume" : "--save",
+                             "checkpoints belong to the pipeline trainer: give a layout (e.g. --pp 1 --dp 1)");
+            return a->fp64 ? run_typed<double>(*a) : run_typed<float>(*a);
+        }
         return a->fp64 ? run_distributed<double>(*a) : run_distributed<float>(*a);
     };
 }

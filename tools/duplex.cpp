@@ -55,6 +55,11 @@ int main(int argc, char** argv) {
     app.fallthrough();  // global flags (--print-config) also after a subcommand
     bool print = false;
     app.add_flag("--print-config", print, "print every DUPLEX_* environment knob with its effective value");
+    app.set_config("--config", "",
+                   "read options from a TOML or INI file: a [train], [simulate], ... section per command, one "
+                   "`option = value` per line (names without the dashes: steps = 100, schedule = \"dualpipe\"); "
+                   "options on the command line override the file");
+    app.allow_config_extras(CLI::config_extras_mode::error);  // a misspelt option in the file is an error
     std::map<CLI::App*, duplex::tools::Command> commands;
     auto add = [&](auto registrar) {
         size_t before = app.get_subcommands({}).size();
@@ -68,7 +73,8 @@ int main(int argc, char** argv) {
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
-        return app.exit(e);
+        int rc = app.exit(e);  // prints help, or the error and "Run with --help"
+        return rc == 0 ? 0 : 2;  // bad input: exit code 2, as for every other refused input
     }
     if (print) {
         duplex::tools::print_config();
