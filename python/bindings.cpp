@@ -147,9 +147,10 @@ public:
             auto t = nb::cast<nb::tuple>(item);
             StateBuffer b;
             b.name = nb::cast<std::string>(t[0]);
-            b.kind = StateKind::Parameter;
+            // (name, value, grad or None, expert, decay): None marks a buffer (checkpointed, not trained).
+            b.kind = t[2].is_none() ? StateKind::Buffer : StateKind::Parameter;
             b.value = tensor_from_py(t[1]).view();  // views: the module owns its parameters and their .grad
-            b.grad = tensor_from_py(t[2]).view();
+            if (!t[2].is_none()) b.grad = tensor_from_py(t[2]).view();
             b.expert = nb::cast<bool>(t[3]);
             b.decay = nb::cast<bool>(t[4]);
             out.push_back(std::move(b));
@@ -185,6 +186,14 @@ struct PyTrainer {
     StepMetrics step() {
         nb::gil_scoped_release release;
         return f32 ? f32->step() : f64->step();
+    }
+    std::string save(const std::string& root, int keep) {
+        nb::gil_scoped_release release;
+        return f32 ? f32->save_checkpoint(root, keep) : f64->save_checkpoint(root, keep);
+    }
+    long load(const std::string& path) {
+        nb::gil_scoped_release release;
+        return f32 ? f32->load_checkpoint(path) : f64->load_checkpoint(path);
     }
     // The EMA of this rank's owned parameters, by name (float64 NumPy arrays; empty without ema_decay).
     nb::dict ema() {
@@ -465,6 +474,9 @@ NB_MODULE(_duplex, m) {
              "world"_a, "schedule"_a, "pp"_a, "dp"_a, "ep"_a, "microbatches"_a, "factory"_a, "dtype"_a, "optimizer"_a, "lr"_a,
              "weight_decay"_a, "clip"_a, "ema_decay"_a)
         .def("ema", &PyTrainer::ema)
+        .def("save_checkpoint", &PyTrainer::save, "root"_a, "keep"_a = 0)
+        .def("load_checkpoint", &PyTrainer::load, "path"_a)
+        .def("steps_done", [](PyTrainer& t) { return t.f32 ? t.f32->steps_done() : t.f64->steps_done(); })
         .def("step",
              [](PyTrainer& t) {
                  StepMetrics m = t.step();

@@ -611,7 +611,8 @@ long PipelineTrainer<T>::load_checkpoint(const std::string& path) {
         for (auto& [key, value] : want.items())
             if (std::find(keys.begin(), keys.end(), key) == keys.end()) keys.push_back(key);
         for (const std::string& key : keys) {
-            if (key == "dp" || key == "ema") continue;  // DP may change (ZeRO-1 re-shards); the EMA may start now
+            // DP may change (ZeRO-1 re-shards); an EMA may start now.
+            if (key == "dp" || key == "ema" || !want.contains(key)) continue;
             const nlohmann::json& value = want[key];
             if (!have.contains(key) || have[key] != value)
                 throw CheckpointError(fmt::format("{}/manifest.json: written by a run with {} = {}, this run has {} "

@@ -292,6 +292,9 @@ class _TorchStage:
             if p.requires_grad:
                 expert = bool(getattr(p, "_duplex_expert", False))
                 out.append((f"stage{self.info.stage}.{name}", p.data, p.grad, expert, p.dim() > 1))
+        for name, b in self.module.named_buffers():  # checkpointed with the parameters (running statistics, ...)
+            if b.is_contiguous() and b.device.type == "cpu":
+                out.append((f"stage{self.info.stage}.buffer.{name}", b.data, None, False, False))
         return out
 
     def zero_grad(self):
@@ -366,6 +369,19 @@ class Pipeline:
         metrics = self._trainer.step()
         self.last_metrics = metrics
         return metrics["loss"]
+
+    def save(self, root, keep=0):
+        """Checkpoints this step (a collective: every rank calls it): each rank's shard of its stages' parameters and
+        buffers, the ZeroAdamW moments, the EMA and the step into root/step-NNNNNNNN, a manifest written last (an
+        interrupted save never replaces a good one); keeps the newest `keep` (0: all). Returns the directory. With a
+        torch optimizer, save its state_dict yourself beside it."""
+        return self._trainer.save_checkpoint(str(root), keep)
+
+    def load(self, path):
+        """Resumes from a checkpoint directory, or the newest complete one under a save root (a collective, before the
+        first step): verified on every rank before anything changes; another layout (DP aside) or a damaged file is
+        an error naming it. Returns the step it was saved after."""
+        return self._trainer.load_checkpoint(str(path))
 
     def ema(self):
         """The EMA of the parameters whose owner copy lives on this rank: {"stage<s>.<name>": numpy array}."""

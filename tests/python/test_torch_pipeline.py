@@ -162,6 +162,70 @@ class ZeroAdamWAndEma(unittest.TestCase):
             self.assertLessEqual(float((have - w).norm() / w.norm()), 1e-12, name)
 
 
+class Checkpoint(unittest.TestCase):
+    """Pipeline.save / Pipeline.load: 4 steps straight equal 2 steps, a save, a fresh Pipeline (new modules) that
+    loads and 2 more steps — parameters, a module buffer, and the EMA bit for bit (ZeroAdamW, DualPipe, DP 2)."""
+
+    def run_steps(self, steps, load=None, save=None):
+        pp, dp, n = 2, 2, 4
+        out, lock = {}, threading.Lock()
+
+        def rank_main(world):
+            blocks = make_stages(pp, torch.float64)
+            for b in blocks:  # a buffer the stage updates itself: a step counter
+                b.register_buffer("seen", torch.zeros(1, dtype=torch.float64))
+            r = world.rank // dp
+            mine = [blocks[r], blocks[pp - 1 - r]]
+            pipe = dt.Pipeline(world, mine, schedule="dualpipe", pp=pp, dp=dp, microbatches=n,
+                               loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH),
+                               optimizer=dt.ZeroAdamW(lr=0.01), ema_decay=0.9)
+            start = pipe.load(load) if load else 0
+            for step in range(start + 1, steps + 1):
+                pipe.step(*batch(step, n * dp, torch.float64))
+                for b in mine:
+                    b.seen += 1
+            if save:
+                pipe.save(save)
+            e = pipe.ema()
+            pipe.close()
+            with lock:
+                out["start"] = start
+                for b in mine:
+                    s = blocks.index(b)
+                    for name, t in list(b.named_parameters()) + list(b.named_buffers()):
+                        out[f"{s}.{name}"] = t.detach().clone()
+                out.update({f"ema.{k}": torch.from_numpy(v.copy()) for k, v in e.items()})
+
+        dt.run(rank_main, ranks=pp * dp, timeout_s=120)
+        return out
+
+    def test_resume_equals_uninterrupted(self):
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            whole = self.run_steps(4)
+            self.run_steps(2, save=d)
+            resumed = self.run_steps(4, load=d)
+            self.assertEqual(resumed.pop("start"), 2)
+            whole.pop("start")
+            self.assertEqual(sorted(whole), sorted(resumed))
+            self.assertTrue(any(k.startswith("ema.") for k in whole))
+            self.assertEqual(float(resumed["0.seen"]), 4.0)  # the buffer came back (2) and went on (+2)
+            for k, w in whole.items():
+                self.assertTrue(torch.equal(resumed[k], w), k)
+
+    def test_a_damaged_checkpoint_is_refused_naming_the_file(self):
+        import glob
+        import os
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            self.run_steps(1, save=d)
+            shard = sorted(glob.glob(os.path.join(d, "step-*", "rank-00001.bin")))[0]
+            with open(shard, "r+b") as f:
+                f.truncate(os.path.getsize(shard) - 3)
+            with self.assertRaisesRegex(Exception, "rank-00001.bin: .*truncated"):
+                self.run_steps(2, load=d)
+
+
 class BadInput(unittest.TestCase):
     def run_with(self, stage_fn=None, loss_fn=torch.nn.functional.mse_loss, shape=(ROWS, WIDTH)):
         def rank_main(world):
