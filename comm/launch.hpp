@@ -31,6 +31,7 @@ struct LaunchOptions {
 struct ProcessEnv {
     int rank = 0;
     int world_size = 1;
+    int local_size = 1;      // ranks on this node (for memory estimates), when the launcher says
     std::string store_addr;  // host:port of the rendezvous store
     std::string source;      // which variables supplied them
 };

@@ -27,6 +27,11 @@ namespace duplex::sched {
 enum class ScheduleKind { OneFOneB, ZB1P, DualPipe, DualPipeV };
 enum class Op : uint8_t { F, B, W, BW, FB };
 
+// Bounds on a schedule's size (ConfigError beyond them).
+constexpr int kMaxStages = 4096;
+constexpr int kMaxMicrobatches = 1000000;
+constexpr int64_t kMaxChunks = 4000000;
+
 const char* kind_name(ScheduleKind k);
 ScheduleKind kind_from_name(const std::string& name);  // "1f1b", "zb1p", "dualpipe", "dualpipev"
 const char* op_name(Op op);

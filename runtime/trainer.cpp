@@ -1,5 +1,7 @@
 #include "runtime/trainer.hpp"
 
+#include "core/host_memory.hpp"
+
 #include <cmath>
 
 #include <fmt/format.h>
@@ -43,6 +45,21 @@ int TrainOptions::device_index(int rank) const {
     }
     DUPLEX_CHECK_ARG(n >= 0 && n < count, "--experts-on", "'{}': this machine has GPUs 0..{}", device, count - 1);
     return n;
+}
+
+std::pair<double, std::string> TrainOptions::memory_lower_bound(int replicas, size_t elem_bytes, bool emulate) const {
+    if (emulate) return {0.0, "emulate mode"};
+    ModelConfig c = model_config();
+    double elem = double(elem_bytes), tokens = double(sequences_per_microbatch) * c.seq_len;
+    double params = double(c.num_parameters()) * elem * 4;  // value, gradient, two moments
+    // Saved per token and layer at the least: the layer's input, attention's q/k/v/output, the norms, a row of
+    // attention probabilities, and the routed experts' hidden activations.
+    double per_token_layer = elem * (8.0 * c.hidden + double(c.heads) * c.seq_len + 2.0 * c.top_k * c.expert_ffn);
+    double acts = tokens * (per_token_layer * c.layers + 2.0 * c.vocab * elem);
+    return {replicas * (params + acts),
+            fmt::format("{} replica{} x ({} of parameters, gradients and moments + {} of activations for one "
+                        "microbatch of {:.0f} tokens)",
+                        replicas, replicas == 1 ? "" : "s", human_bytes(params), human_bytes(acts), tokens)};
 }
 
 ModelConfig TrainOptions::model_config() const {

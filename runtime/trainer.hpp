@@ -49,6 +49,10 @@ struct TrainOptions {
     int device_index(int rank) const;
     // The preset named by `model` with the overrides above applied (validated).
     ModelConfig model_config() const;
+    // A lower bound of the host memory `replicas` data-parallel replicas of the built-in model take in one
+    // process (parameters with their gradient and AdamW moments; one microbatch's activations through every layer
+    // and its logits), with how it was counted. Emulate mode computes nothing: its stages hold no weights.
+    std::pair<double, std::string> memory_lower_bound(int replicas, size_t elem_bytes, bool emulate) const;
 };
 
 struct StepMetrics {

@@ -7,7 +7,9 @@
 
 #include "comm/bench.hpp"
 #include "comm/launch.hpp"
+#include "comm/inproc/inproc_transport.hpp"
 #include "core/error.hpp"
+#include "core/host_memory.hpp"
 #include "tools/commands.hpp"
 #include "tools/gpu_commbench.hpp"
 #include "tools/lists.hpp"
@@ -114,6 +116,20 @@ int run(Args& a) {
     if (multiprocess && a.launch.ranks != 1)
         throw ConfigError("--ranks", fmt::format("backend {} runs one rank per process: use mpirun -np {} duplex commbench "
                                                  "--backend {}", a.launch.backend, a.launch.ranks, a.launch.backend));
+    // Before anything is allocated: every rank in this process holds a send and a receive buffer of up to -e bytes
+    // (the check pattern for #wrong is computed in place); alltoallv also builds every rank's per-peer counts.
+    {
+        int here = multiprocess ? std::max(1, process_env().local_size) : a.launch.ranks;
+        int world = multiprocess ? process_env().world_size : a.launch.ranks;
+        if (!multiprocess) check_inproc_ranks(here);
+        double buffers = 2.0 * double(a.bench.max_bytes) * here;
+        double counts = a.bench.op == "alltoallv" ? 8.0 * world * double(world) * here : 0.0;
+        check_host_memory(buffers + counts, counts > buffers ? "--ranks" : "-e",
+                          fmt::format("{} rank{} in this {} x a send and a receive buffer of {}{}", here,
+                                      here == 1 ? "" : "s", multiprocess ? "node" : "process",
+                                      human_bytes(double(a.bench.max_bytes)),
+                                      counts > 0 ? fmt::format(", and {} of alltoallv counts", human_bytes(counts)) : ""));
+    }
     double ceiling_gbs = 0;
     int cores = std::max(1u, std::thread::hardware_concurrency());
     if (a.launch.backend == "inproc" && a.ceiling) {

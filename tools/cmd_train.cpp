@@ -11,6 +11,7 @@
 #include "comm/launch.hpp"
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "core/host_memory.hpp"
 #include "parallel/schedule.hpp"
 #include "parallel/plan.hpp"
 #include "runtime/checkpoint.hpp"
@@ -75,6 +76,9 @@ template <typename T>
 int run_typed(const Args& a) {
     TrainOptions o = a.train;
     o.bias_update = !a.no_bias_update;
+    o.validate();
+    auto [need, what] = o.memory_lower_bound(1, sizeof(T), false);
+    check_host_memory(need, "--mb-sequences", what);
     ReferenceTrainer<T> trainer(o);
     const ModelConfig& c = trainer.model().config();
     fmt::print(human(), "# duplex train: model {} ({} parameters, {} layers, {} routed experts top-{}), 1 rank, {}\n", c.name,
@@ -150,6 +154,14 @@ int run_distributed(const Args& a) {
                                                        env.world_size));
     }
     PipelineTrainer<T>::validate(p, o, world_size);
+    {
+        // Before anything is allocated: this process's share of the job (all of it in-process).
+        bool multi = backend_is_multiprocess(a.backend);
+        int here = multi ? std::max(1, process_env().local_size) : world_size;
+        auto [need, what] = o.memory_lower_bound(p.dp, sizeof(T), p.emulate);
+        check_host_memory(need * here / world_size, "--mb-sequences",
+                          here == world_size ? what : fmt::format("{} of {} ranks' share of {}", here, world_size, what));
+    }
     DUPLEX_CHECK_ARG(a.save.empty() || !p.emulate, "--save", "emulate mode trains no weights: nothing to checkpoint");
     DUPLEX_CHECK_ARG(a.resume.empty() || !p.emulate, "--resume", "emulate mode trains no weights: nothing to resume");
     DUPLEX_CHECK_ARG(a.resume.empty() || !a.check_reference, "--check-reference",

@@ -186,8 +186,18 @@ private:
 
 }  // namespace
 
-std::shared_ptr<InprocFabric> InprocFabric::create(int world_size) {
+void check_inproc_ranks(int world_size) {
     if (world_size < 1) throw ConfigError("--ranks", fmt::format("world size must be at least 1, got {}", world_size));
+    // In-process ranks are threads of one process, each with per-peer state: past a few thousand the process
+    // runs out of threads or memory long before any work is done (emulate mode is meant for 16-256 ranks).
+    if (world_size > kMaxInprocRanks)
+        throw ConfigError("--ranks", fmt::format("{} in-process ranks: at most {} (they are threads of this process); "
+                                                 "run more as processes (mpirun / torchrun, backend ucx or mpi)",
+                                                 world_size, kMaxInprocRanks));
+}
+
+std::shared_ptr<InprocFabric> InprocFabric::create(int world_size) {
+    check_inproc_ranks(world_size);
     auto f = std::shared_ptr<InprocFabric>(new InprocFabric());
     f->impl_ = std::make_unique<Impl>(world_size);
     return f;

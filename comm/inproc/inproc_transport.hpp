@@ -12,6 +12,10 @@
 
 namespace duplex {
 
+constexpr int kMaxInprocRanks = 4096;
+// ConfigError for a world of in-process ranks that cannot run (fewer than 1, more than kMaxInprocRanks).
+void check_inproc_ranks(int world_size);
+
 class InprocFabric : public std::enable_shared_from_this<InprocFabric> {
 public:
     static std::shared_ptr<InprocFabric> create(int world_size);

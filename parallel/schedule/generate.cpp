@@ -191,6 +191,14 @@ int Schedule::direction_of_mb(int mb) const {
 void check_arguments(ScheduleKind kind, int pp, int n) {
     DUPLEX_CHECK_ARG(pp >= 1, "--pp", "pipeline stages must be at least 1, got {}", pp);
     DUPLEX_CHECK_ARG(n >= 1, "--microbatches", "need at least 1 microbatch, got {}", n);
+    // Bounds no real run comes near (DeepSeek-V3: 16 stages, tens of microbatches), so a typo is an error, not an
+    // hour of generating instructions.
+    DUPLEX_CHECK_ARG(pp <= kMaxStages, "--pp", "{} stages: at most {} are supported", pp, kMaxStages);
+    DUPLEX_CHECK_ARG(n <= kMaxMicrobatches, "--microbatches", "{} microbatches: at most {} are supported", n,
+                     kMaxMicrobatches);
+    DUPLEX_CHECK_ARG(int64_t(pp) * n <= kMaxChunks, "--pp/--microbatches",
+                     "{} stages x {} microbatches = {} chunks per direction: at most {} are supported", pp, n,
+                     int64_t(pp) * n, kMaxChunks);
     if (kind == ScheduleKind::DualPipe || kind == ScheduleKind::DualPipeV) {
         const char* name = kind_name(kind);
         DUPLEX_CHECK_ARG(pp % 2 == 0 && pp >= 2, "--pp", "{} needs an even number of stages (>= 2), got {}", name, pp);
