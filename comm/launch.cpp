@@ -1,7 +1,7 @@
 #include "comm/launch.hpp"
 
 #include <atomic>
-
+#include <cctype>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -78,8 +78,40 @@ void launch_inproc(const LaunchOptions& o, const RankFn& fn) {
 
 }  // namespace
 
+std::string slurm_first_host(const std::string& nodelist) {
+    // "gpu-a[003-005,009],gpu-b7" -> "gpu-a003": the first entry at bracket depth 0, its first range's start.
+    int depth = 0;
+    size_t end = 0;
+    while (end < nodelist.size() && !(depth == 0 && nodelist[end] == ',')) {
+        depth += nodelist[end] == '[' ? 1 : nodelist[end] == ']' ? -1 : 0;
+        ++end;
+    }
+    std::string host = nodelist.substr(0, end);
+    for (size_t open; (open = host.find('[')) != std::string::npos;) {  // each bracket: its first value
+        size_t close = host.find(']', open);
+        if (close == std::string::npos)
+            throw ConfigError("SLURM_JOB_NODELIST", fmt::format("unbalanced '[' in '{}'", nodelist));
+        std::string inside = host.substr(open + 1, close - open - 1);
+        host = host.substr(0, open) + inside.substr(0, inside.find_first_of(",-")) + host.substr(close + 1);
+    }
+    return host;
+}
+
+namespace {
+
+// "4", "4(x2)", "4,2(x3)" -> 4: the tasks on the first node (Slurm's per-node task lists).
+int slurm_tasks_on_first_node(const char* text) {
+    std::string s = text;
+    size_t n = 0;
+    while (n < s.size() && std::isdigit(static_cast<unsigned char>(s[n]))) ++n;
+    return n ? std::stoi(s.substr(0, n)) : 1;
+}
+
+}  // namespace
+
 ProcessEnv process_env() {
     ProcessEnv p;
+    bool slurm = false;
     if (const char* r = env("DUPLEX_RANK")) {
         p.rank = env_int("DUPLEX_RANK", r);
         const char* w = env("DUPLEX_WORLD_SIZE");
@@ -96,9 +128,28 @@ ProcessEnv process_env() {
         if (!w) throw ConfigError("OMPI_COMM_WORLD_SIZE", "missing under mpirun");
         p.world_size = env_int("OMPI_COMM_WORLD_SIZE", w);
         p.source = "Open MPI (OMPI_COMM_WORLD_*)";
+    } else if (const char* r4 = env("PMI_RANK"); r4 && env("PMI_SIZE")) {
+        p.rank = env_int("PMI_RANK", r4);
+        p.world_size = env_int("PMI_SIZE", env("PMI_SIZE"));
+        p.source = "MPICH / Intel MPI (PMI_RANK/PMI_SIZE)";
+    } else if (const char* r5 = env("SLURM_PROCID"); r5 && env("SLURM_NTASKS")) {
+        p.rank = env_int("SLURM_PROCID", r5);
+        p.world_size = env_int("SLURM_NTASKS", env("SLURM_NTASKS"));
+        p.source = "Slurm (SLURM_PROCID/SLURM_NTASKS)";
+        slurm = true;
     } else {
         p.source = "single process";
     }
+    if (const char* l = env("LOCAL_WORLD_SIZE"))
+        p.local_size = env_int("LOCAL_WORLD_SIZE", l);
+    else if (const char* l2 = env("OMPI_COMM_WORLD_LOCAL_SIZE"))
+        p.local_size = env_int("OMPI_COMM_WORLD_LOCAL_SIZE", l2);
+    else if (const char* l3 = env("MPI_LOCALNRANKS"))
+        p.local_size = env_int("MPI_LOCALNRANKS", l3);
+    else if (const char* l4 = env("SLURM_STEP_TASKS_PER_NODE"))
+        p.local_size = slurm_tasks_on_first_node(l4);
+    else if (const char* l5 = env("SLURM_TASKS_PER_NODE"))
+        p.local_size = slurm_tasks_on_first_node(l5);
     if (const char* a = env("DUPLEX_STORE_ADDR")) {
         p.store_addr = a;
     } else if (env("MASTER_ADDR") || env("MASTER_PORT")) {
@@ -106,7 +157,16 @@ ProcessEnv process_env() {
         // NOTE: under torchrun (its agent sets TORCHELASTIC_RUN_ID) the agent's own store already listens on
         // MASTER_PORT: Duplex's rendezvous store takes the next port.
         if (env("TORCHELASTIC_RUN_ID")) ++port;
-        p.store_addr = fmt::format("{}:{}", env("MASTER_ADDR") ? env("MASTER_ADDR") : "127.0.0.1", port);
+        std::string host = env("MASTER_ADDR") ? env("MASTER_ADDR") : "127.0.0.1";
+        if (!env("MASTER_ADDR") && slurm && (env("SLURM_STEP_NODELIST") || env("SLURM_JOB_NODELIST")))
+            host = slurm_first_host(env("SLURM_STEP_NODELIST") ? env("SLURM_STEP_NODELIST") : env("SLURM_JOB_NODELIST"));
+        p.store_addr = fmt::format("{}:{}", host, port);
+    } else if (slurm && (env("SLURM_STEP_NODELIST") || env("SLURM_JOB_NODELIST"))) {
+        // Slurm: the store on the step's first node (where SLURM_PROCID 0 runs), a port derived from the job id
+        // so two jobs sharing a node do not meet.
+        std::string list = env("SLURM_STEP_NODELIST") ? env("SLURM_STEP_NODELIST") : env("SLURM_JOB_NODELIST");
+        int job = env("SLURM_JOB_ID") ? env_int("SLURM_JOB_ID", env("SLURM_JOB_ID")) : 0;
+        p.store_addr = fmt::format("{}:{}", slurm_first_host(list), 29500 + job % 1000);
     } else {
         p.store_addr = "127.0.0.1:29500";
     }

@@ -4,7 +4,11 @@
 //   mpi     one rank per process under mpirun:        mpirun -np 8 duplex commbench --backend mpi
 //   ucx     one rank per process, bootstrapped through the TCP store; rank, world size and store address
 //           come from DUPLEX_RANK / DUPLEX_WORLD_SIZE / DUPLEX_STORE_ADDR, or torchrun's RANK / WORLD_SIZE /
-//           MASTER_ADDR / MASTER_PORT, or Open MPI's OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE.
+//           MASTER_ADDR / MASTER_PORT (Duplex's store takes MASTER_PORT + 1 under torchrun, whose agent holds
+//           MASTER_PORT), or Open MPI's OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE, or MPICH's PMI_RANK /
+//           PMI_SIZE, or Slurm's SLURM_PROCID / SLURM_NTASKS with the store on the step's first node
+//           (SLURM_STEP_NODELIST or SLURM_JOB_NODELIST) at port 29500 + SLURM_JOB_ID % 1000 (MASTER_PORT if set).
+//   Under mpi the world is MPI's own (MPI_Comm_size), whichever MPI launched it.
 //
 // `fn` runs once per rank with that rank's world communicator. If one rank throws, every other rank's
 // pending and later operations fail with a CommError naming it (inproc), or the job is aborted (mpi, ucx),
@@ -38,6 +42,8 @@ struct ProcessEnv {
 
 // Reads rank, world size and store address from the environment (see above); a single process otherwise.
 ProcessEnv process_env();
+// The first host of a Slurm node list ("gpu[003-005,009],login" -> "gpu003"): where Slurm runs task 0.
+std::string slurm_first_host(const std::string& nodelist);
 
 // Names of the backends compiled into this build, and whether `name` is one of them.
 std::vector<std::string> built_backends();

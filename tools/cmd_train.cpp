@@ -147,11 +147,11 @@ int run_distributed(const Args& a) {
     l.backend = a.backend;
     l.ranks = world_size;
     l.virtual_nodes = a.virtual_nodes;
-    if (backend_is_multiprocess(a.backend)) {
+    if (a.backend == "ucx") {  // under mpi the world is MPI's own: checked once it exists
         ProcessEnv env = process_env();
         if (env.world_size != world_size)
-            throw ConfigError("--pp/--dp", fmt::format("the layout needs {} ranks but {} were launched", world_size,
-                                                       env.world_size));
+            throw ConfigError("--pp/--dp", fmt::format("the layout needs {} ranks but {} were launched ({})", world_size,
+                                                       env.world_size, env.source));
     }
     PipelineTrainer<T>::validate(p, o, world_size);
     {
@@ -169,6 +169,9 @@ int run_distributed(const Args& a) {
     DUPLEX_CHECK_ARG(a.save_every >= 0 && a.keep >= 0, "--save-every/--keep", "must be 0 or more");
     bool mismatch = false;  // --check-reference: set on rank 0 when the run is farther from the reference than allowed
     launch(l, [&](const std::shared_ptr<Communicator>& world) {
+        if (world->size() != world_size)
+            throw ConfigError("--pp/--dp", fmt::format("the layout needs {} ranks but {} were launched", world_size,
+                                                       world->size()));
         PipelineTrainer<T> trainer(world, p, o);
         std::unique_ptr<ReferenceTrainer<T>> ref;
         bool lead = world->rank() == 0;
