@@ -29,9 +29,13 @@ namespace duplex {
 
 namespace {
 
-const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", true,
-                                 "UCX endpoints report a dead peer as an error naming it (1) or let UCX abort the "
-                                 "process (0: UCX may pick faster transports)");
+// NOTE: UCX's peer error handling restricts it to transports that can report a dead peer; on one node that
+// halved all-to-all bandwidth (BENCHMARKS.md). A lost rank is named anyway by the store's watchdog (launch.cpp),
+// which aborts this rank's communication when the lost process's store connection closes.
+const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", false,
+                                "1: UCX endpoints also report a dead peer themselves (UCX then keeps to transports "
+                                "that can, about half the all-to-all bandwidth on one node); 0: the fast transports, a "
+                                "lost rank named by the store's watchdog");
 
 constexpr int kSourceShift = 49;  // bits 49..63 carry the sender's rank; below them the wire tag
 constexpr uint64_t kWireMask = (uint64_t(1) << kSourceShift) - 1;
