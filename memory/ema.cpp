@@ -102,6 +102,35 @@ void CpuEma<T>::save(const std::string& path) {
     if (!out) throw Error(fmt::format("writing the EMA to '{}' failed", path));
 }
 
+template <typename T>
+void CpuEma<T>::load(const std::string& path) {
+    wait();
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw ConfigError("ema path", fmt::format("cannot read '{}'", path));
+    uint64_t header[3] = {0, 0, 0};
+    in.read(reinterpret_cast<char*>(header), sizeof(header));
+    if (!in || header[0] != 0x44555045414d4131ull)
+        throw ConfigError("ema path", fmt::format("'{}' is not an EMA file", path));
+    if (header[1] != sizeof(T) || header[2] != sizes_.size())
+        throw ConfigError("ema path", fmt::format("'{}' holds {} tensors of {}-byte values; this EMA has {} of {}", path,
+                                                  header[2], header[1], sizes_.size(), sizeof(T)));
+    std::vector<std::vector<T>> values(sizes_.size());
+    for (size_t i = 0; i < sizes_.size(); ++i) {
+        uint64_t n = 0;
+        in.read(reinterpret_cast<char*>(&n), sizeof(n));
+        if (!in || n != sizes_[i])
+            throw ConfigError("ema path", fmt::format("'{}': tensor {} has {} values, this EMA's has {}", path, i, n,
+                                                      sizes_[i]));
+        values[i].resize(n);
+        in.read(reinterpret_cast<char*>(values[i].data()), std::streamsize(n * sizeof(T)));
+        if (!in) throw ConfigError("ema path", fmt::format("'{}' is truncated in tensor {}", path, i));
+    }
+    if (in.peek() != std::char_traits<char>::eof())
+        throw ConfigError("ema path", fmt::format("'{}' has bytes after its last tensor", path));
+    std::lock_guard<std::mutex> lock(mutex_);
+    shadow_ = std::move(values);
+}
+
 template class CpuEma<float>;
 template class CpuEma<double>;
 

@@ -33,6 +33,9 @@ public:
     long updates() const;
     // Writes the shadow (waits first): a small header, then each tensor's values.
     void save(const std::string& path);
+    // Reads a file save() wrote into the shadow (waits first); ConfigError for another layout, dtype, or a
+    // truncated file, leaving the shadow as it was.
+    void load(const std::string& path);
 
 private:
     void run();

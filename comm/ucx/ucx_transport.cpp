@@ -29,13 +29,16 @@ namespace duplex {
 
 namespace {
 
-// NOTE: UCX's peer error handling restricts it to transports that can report a dead peer; on one node that
-// halved all-to-all bandwidth (BENCHMARKS.md). A lost rank is named anyway by the store's watchdog (launch.cpp),
-// which aborts this rank's communication when the lost process's store connection closes.
-const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", false,
-                                "1: UCX endpoints also report a dead peer themselves (UCX then keeps to transports "
-                                "that can, about half the all-to-all bandwidth on one node); 0: the fast transports, a "
-                                "lost rank named by the store's watchdog");
+// NOTE: UCX's peer error handling keeps it to transports that can report a dead peer: on one node TCP instead of
+// shared memory with CMA single-copy, 2-4x slower all-to-all (BENCHMARKS.md, scripts/bench-ucx-default). Without
+// it a lost rank is usually named by the store's watchdog, but a CMA copy from a process that just died is fatal
+// inside UCX: the survivor aborts with UCX's backtrace instead of an error naming the rank (half the runs that
+// killed rank 0, the store's host; 1 in 7 that killed rank 2). Safety is the default; bandwidth-bound runs opt out.
+const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", true,
+                                "1 (default): a dead peer fails the survivors' operations with an error naming it "
+                                "(UCX keeps to TCP on one node: 2-4x slower all-to-all); 0: UCX's shared-memory "
+                                "transports (about Open MPI's bandwidth), a lost rank named by the store's watchdog "
+                                "but sometimes only by UCX aborting the survivor");
 
 constexpr int kSourceShift = 49;  // bits 49..63 carry the sender's rank; below them the wire tag
 constexpr uint64_t kWireMask = (uint64_t(1) << kSourceShift) - 1;

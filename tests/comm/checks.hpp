@@ -3,8 +3,10 @@
 // a description of the first mismatch, so both suites can assert on it from any thread.
 #pragma once
 
+#include <chrono>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -16,8 +18,7 @@
 namespace duplex::testing {
 
 inline const std::vector<size_t> kMessageSizes = {0, 1, 7, 4096, (1u << 20) + 3};
-inline const std::vector<std::string> kOps = {"p2p", "all_to_all_v", "all_gather", "reduce_scatter", "all_reduce",
-                                              "barrier"};
+inline const std::vector<std::string> kOps = {"p2p", "all_to_all_v", "all_gather", "reduce_scatter", "all_reduce"};
 
 inline uint8_t pattern(int src, int dst, size_t i) {
     uint32_t x = uint32_t(src + 1) * 0x9E3779B1u ^ uint32_t(dst + 7) * 0x85EBCA77u ^ uint32_t(i) * 0x27D4EB2Fu;
@@ -155,11 +156,28 @@ inline std::string check_op(Communicator& c, const std::string& op, size_t size)
         std::string e = check_all_reduce(c, size, DType::F32);
         return e.empty() ? check_all_reduce(c, size, DType::BF16) : e;
     }
-    if (op == "barrier") {
-        for (int i = 0; i < 3; ++i) c.barrier()->wait();
-        return "";
-    }
     return "unknown op " + op;
+}
+
+// A barrier holds every rank until the last one arrives: rank r arrives 15 ms x r late, and no rank may leave
+// before the latest arrival (now_seconds is one steady clock per machine, for threads and processes alike). A
+// barrier that returns at once fails here by 15 ms x (size - 1 - rank).
+inline std::string check_barrier(Communicator& c) {
+    int n = c.size(), me = c.rank();
+    for (int round = 0; round < 2; ++round) {
+        int late = round == 0 ? me : n - 1 - me;  // the last to arrive: the highest rank, then the lowest
+        std::this_thread::sleep_for(std::chrono::milliseconds(15 * late));
+        double arrived = now_seconds();
+        c.barrier()->wait();
+        double left = now_seconds();
+        std::vector<double> all(size_t(n), 0.0);
+        c.all_gather(&arrived, all.data(), sizeof(double))->wait();
+        for (int r = 0; r < n; ++r)
+            if (left < all[size_t(r)])
+                return fmt::format("rank {}: left the barrier {:.2f} ms before rank {} arrived", me,
+                                   (all[size_t(r)] - left) * 1e3, r);
+    }
+    return "";
 }
 
 // Splits by parity with reversed keys, reduces inside each group, then splits a group again.

@@ -53,6 +53,9 @@ class InprocWorld : public ::testing::TestWithParam<int> {};
 
 TEST_P(InprocWorld, SplitIntoSubCommunicators) { EXPECT_EQ(run_ranks(GetParam(), check_split), ""); }
 TEST_P(InprocWorld, ManyInFlightCompleteOutOfOrder) { EXPECT_EQ(run_ranks(GetParam(), check_many_in_flight), ""); }
+TEST_P(InprocWorld, BarrierHoldsEveryRankUntilTheLastArrives) {
+    EXPECT_EQ(run_ranks(GetParam(), testing::check_barrier), "");
+}
 
 INSTANTIATE_TEST_SUITE_P(All, InprocWorld, ::testing::Values(1, 2, 3, 4, 8));
 

@@ -184,6 +184,27 @@ TEST(AdamW, MatchesTheClosedFormFirstStep) {
     EXPECT_NEAR(sum_squares<double>(g.data(), 2), 0.26, 1e-12);
 }
 
+// Five steps against AdamW written out here from Loshchilov & Hutter (decoupled decay) with Adam's bias
+// correction: varying gradients and beta1 != beta2, so swapped betas, a missing bias correction or decay applied
+// to the gradient would all differ (the first step alone cannot tell the betas apart: m_hat = g, v_hat = g^2).
+TEST(AdamW, MatchesTheWrittenOutFormulaOverFiveSteps) {
+    AdamWConfig c;
+    c.lr = 0.05, c.beta1 = 0.8, c.beta2 = 0.99, c.eps = 1e-8, c.weight_decay = 0.2;
+    Vec p = {1.0, -2.0, 0.5}, m(3, 0.0), v(3, 0.0);
+    std::vector<double> want = p, wm(3, 0.0), wv(3, 0.0);
+    for (long t = 1; t <= 5; ++t) {
+        Vec g = {0.3 * double(t), -0.1 / double(t), 0.05 * double(t * t) - 0.4};
+        adamw_step<double>(p.data(), g.data(), m.data(), v.data(), 3, c, t);
+        for (size_t i = 0; i < 3; ++i) {
+            wm[i] = 0.8 * wm[i] + 0.2 * g[i];
+            wv[i] = 0.99 * wv[i] + 0.01 * g[i] * g[i];
+            double mh = wm[i] / (1 - std::pow(0.8, double(t))), vh = wv[i] / (1 - std::pow(0.99, double(t)));
+            want[i] -= 0.05 * (mh / (std::sqrt(vh) + 1e-8) + 0.2 * want[i]);
+        }
+        for (size_t i = 0; i < 3; ++i) EXPECT_NEAR(p[i], want[i], 1e-12 * (1 + std::fabs(want[i]))) << "step " << t;
+    }
+}
+
 TEST(Ema, IsTheExponentialAverage) {
     Vec e = {1.0}, p = {3.0};
     ema_update<double>(e.data(), p.data(), 1, 0.9);

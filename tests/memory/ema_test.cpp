@@ -1,6 +1,7 @@
 #include "memory/ema.hpp"
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 
 #include <gtest/gtest.h>
@@ -29,17 +30,36 @@ TEST(CpuEma, EqualsAStraightforwardEma) {
     EXPECT_EQ(ema.updates(), 20);
 }
 
-TEST(CpuEma, SavesTheShadowAndRejectsBadInput) {
-    std::vector<double> w = {1, 2, 3};
-    CpuEma<double> ema({3}, 0.5);
-    ema.initialize({w.data()});
+TEST(CpuEma, SaveThenLoadRestoresTheShadowAndRejectsBadInput) {
+    std::vector<double> w = {1, 2, 3}, v = {7, 5};
+    CpuEma<double> ema({3, 2}, 0.5);
+    ema.initialize({w.data(), v.data()});
+    std::vector<double> w2 = {3, 3, 3}, v2 = {1, 1};
+    ema.submit({w2.data(), v2.data()});
+    std::vector<std::vector<double>> saved = ema.shadow();
+    EXPECT_EQ(saved[0], (std::vector<double>{2, 2.5, 3}));
     std::string path = ::testing::TempDir() + "ema_test.bin";
     ema.save(path);
-    std::ifstream in(path, std::ios::binary | std::ios::ate);
-    EXPECT_EQ(size_t(in.tellg()), 3 * 8 + 8 + 3 * sizeof(double));
+    // Into a fresh EMA of the same layout: the same shadow, and updates go on from it.
+    CpuEma<double> back({3, 2}, 0.5);
+    back.initialize({w2.data(), v2.data()});
+    back.load(path);
+    EXPECT_EQ(back.shadow(), saved);
+    back.submit({w2.data(), v2.data()});
+    EXPECT_EQ(back.shadow()[0], (std::vector<double>{2.5, 2.75, 3}));
+    // Another layout, another dtype, a truncated file: refused, the shadow untouched.
+    CpuEma<double> other({3}, 0.5);
+    EXPECT_THROW(other.load(path), ConfigError);
+    CpuEma<float> narrow({3, 2}, 0.5);
+    EXPECT_THROW(narrow.load(path), ConfigError);
+    std::filesystem::resize_file(path, std::filesystem::file_size(path) - 8);
+    CpuEma<double> cut({3, 2}, 0.5);
+    cut.initialize({w.data(), v.data()});
+    EXPECT_THROW(cut.load(path), ConfigError);
+    EXPECT_EQ(cut.shadow()[0], w);
     std::remove(path.c_str());
     EXPECT_THROW(CpuEma<float>({1}, 1.0), ConfigError);
-    EXPECT_THROW(ema.submit({w.data(), w.data()}), ConfigError);
+    EXPECT_THROW(ema.submit({w.data()}), ConfigError);  // one tensor for an EMA of two
 }
 
 TEST(MemoryLedger, TracksLiveAndPeakPerCategory) {
