@@ -1,5 +1,8 @@
 #include "comm/topology.hpp"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -34,11 +37,28 @@ TEST(Topology, FromHostnamesAndSubset) {
     EXPECT_TRUE(s.same_node(1, 2));
 }
 
+// Where hwloc reports cores, binding must take: the thread's affinity narrows to that core's processing units
+// (all of the machine's when it has one core) and the thread then runs on one of them.
 TEST(Topology, BindsToACore) {
-    EXPECT_GE(num_cores(), 1);
-    int core = -2;
-    std::thread([&] { core = bind_thread_to_core(num_cores() + 1); }).join();  // wraps modulo the cores
-    EXPECT_TRUE(core == 1 % num_cores() || core == -1) << core;
+    ASSERT_GE(num_cores(), 1);
+    int core = -2, allowed = 0, ran_on = -1, before = 0;
+    bool on_allowed = false;
+    std::thread([&] {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        pthread_getaffinity_np(pthread_self(), sizeof(set), &set);
+        before = CPU_COUNT(&set);
+        core = bind_thread_to_core(num_cores() + 1);  // wraps modulo the cores
+        CPU_ZERO(&set);
+        pthread_getaffinity_np(pthread_self(), sizeof(set), &set);
+        allowed = CPU_COUNT(&set);
+        ran_on = sched_getcpu();
+        on_allowed = ran_on >= 0 && CPU_ISSET(ran_on, &set);
+    }).join();
+    EXPECT_EQ(core, 1 % num_cores());
+    EXPECT_TRUE(on_allowed) << "ran on CPU " << ran_on;
+    if (num_cores() > 1) EXPECT_LT(allowed, before) << "binding left the thread free on every CPU";
+    EXPECT_GE(allowed, 1);
 }
 
 }  // namespace
