@@ -246,6 +246,25 @@ TEST(Fp8, WeightBlocksAndBadShapes) {
         norm += w[i] * w[i];
     }
     EXPECT_LT(std::sqrt(err / norm), 0.05);
+    // Every 128x128 block's scale is its largest magnitude over 448 (E4M3's largest normal), computed here; every
+    // element is within e4m3's rounding of its value (relative 2^-4 for normals, 2^-10 x scale below 2^-6 x scale).
+    for (int b = 0; b < 2; ++b) {
+        float amax = 0;
+        for (int r = 0; r < rows; ++r)
+            for (int c = b * 128; c < b * 128 + 128; ++c) amax = std::max(amax, std::fabs(w[size_t(r) * cols + c]));
+        EXPECT_FLOAT_EQ(scales[size_t(b)], amax / 448.0f) << "block " << b;
+        for (int r = 0; r < rows; ++r)
+            for (int c = b * 128; c < b * 128 + 128; ++c) {
+                float v = w[size_t(r) * cols + c], got = back[size_t(r) * cols + c];
+                EXPECT_LE(std::fabs(got - v), std::max(std::fabs(v) * 0.0625f, 0.0009765625f * scales[size_t(b)]) * 1.0001f)
+                    << r << "," << c;
+            }
+    }
+    // The block's largest element comes back exactly (it is 448 x scale).
+    size_t at = 0;
+    for (size_t i = 0; i < w.size(); ++i)
+        if (i % size_t(cols) < 128 && std::fabs(w[i]) > std::fabs(w[at])) at = i;
+    EXPECT_FLOAT_EQ(back[at], w[at]);
     EXPECT_THROW(quantize_fp8_1x128(w.data(), 2, 100, q.data(), scales.data()), ConfigError);
     EXPECT_THROW(quantize_fp8_128x128(w.data(), 100, 128, q.data(), scales.data()), ConfigError);
 }
