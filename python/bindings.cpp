@@ -2,6 +2,7 @@
 // the communicator over NumPy arrays and CPU tensors (any DLPack-capable array, zero-copy). Waits release the
 // GIL, so in-process ranks (threads) run their Python code and their communication side by side.
 #include <cmath>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/function.h>
@@ -23,6 +24,7 @@
 #include "runtime/pipeline_trainer.hpp"
 #include "runtime/simulator.hpp"
 #include "runtime/stage.hpp"
+#include "runtime/trainer.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -180,6 +182,29 @@ private:
 };
 
 // PipelineTrainer over Python stages, in the dtype of their parameters.
+// The single-rank trainer of the built-in model in fp64, for an independent reference to check it against
+// (tests/python/test_model_reference.py): its parameters, gradients, router bias, batches and expert counts.
+struct ModelReference {
+    TrainOptions o;
+    std::unique_ptr<ReferenceTrainer<double>> t;
+    int step = 0;
+};
+
+nb::ndarray<nb::numpy, double> to_numpy(const std::vector<double>& v, std::vector<size_t> shape) {
+    auto* keep = new std::vector<double>(v);
+    nb::capsule owner(keep, [](void* p) noexcept { delete static_cast<std::vector<double>*>(p); });
+    return nb::ndarray<nb::numpy, double>(keep->data(), shape.size(), shape.data(), owner);
+}
+
+nb::dict named_arrays(ReferenceTrainer<double>& t, bool grads) {
+    nb::dict out;
+    for (Param<double>* p : t.model().parameters()) {
+        std::vector<size_t> shape(p->shape.begin(), p->shape.end());
+        out[p->name.c_str()] = to_numpy(grads ? p->grad : p->value, shape);
+    }
+    return out;
+}
+
 struct PyTrainer {
     std::unique_ptr<PipelineTrainer<float>> f32;
     std::unique_ptr<PipelineTrainer<double>> f64;
@@ -438,6 +463,59 @@ NB_MODULE(_duplex, m) {
                      "this stage's expert-parallel group for forward exchanges (None without EP)")
         .def_prop_ro("ep_group_backward", [](const StageInfo& i) { return i.ep_group_backward; },
                      "the same ranks, a second communicator: backward exchanges never interleave with forward ones");
+
+    nb::class_<ModelReference>(m, "_ModelReference",
+                               "The built-in model's single-rank trainer in fp64 (tests: an independent reference)")
+        .def("__init__",
+             [](ModelReference* r, const std::string& model, uint64_t seed, int microbatches, int sequences,
+                double token_skew, double bias_update_speed, double balance_alpha, double lr, double weight_decay) {
+                 new (r) ModelReference();
+                 r->o.model = model, r->o.seed = seed, r->o.microbatches = microbatches;
+                 r->o.sequences_per_microbatch = sequences, r->o.token_skew = token_skew;
+                 r->o.bias_update_speed = bias_update_speed, r->o.balance_alpha = balance_alpha;
+                 r->o.lr = lr, r->o.weight_decay = weight_decay, r->o.clip = 0;
+                 r->t = std::make_unique<ReferenceTrainer<double>>(r->o);
+             },
+             "model"_a, "seed"_a, "microbatches"_a, "sequences"_a, "token_skew"_a, "bias_update_speed"_a,
+             "balance_alpha"_a, "lr"_a, "weight_decay"_a)
+        .def("config",
+             [](ModelReference& r) {
+                 ModelConfig c = r.o.model_config();
+                 nb::dict d;
+                 d["vocab"] = c.vocab, d["hidden"] = c.hidden, d["heads"] = c.heads, d["head_dim"] = c.head_dim;
+                 d["layers"] = c.layers, d["dense_layers"] = c.dense_layers, d["experts"] = c.experts;
+                 d["top_k"] = c.top_k, d["groups"] = c.groups, d["top_groups"] = c.top_groups;
+                 d["shared_experts"] = c.shared_experts, d["route_scale"] = c.route_scale;
+                 d["norm_eps"] = c.norm_eps, d["rope_base"] = c.rope_base, d["seq_len"] = c.seq_len;
+                 d["balance_alpha"] = c.balance_alpha, d["bias_update_speed"] = c.bias_update_speed;
+                 return d;
+             })
+        .def("parameters", [](ModelReference& r) { return named_arrays(*r.t, false); })
+        .def("gradients", [](ModelReference& r) { return named_arrays(*r.t, true); },
+             "the last step's gradients (no clipping)")
+        .def("router_bias",
+             [](ModelReference& r) {
+                 nb::list l;
+                 for (const auto& b : r.t->model().router_bias()) l.append(to_numpy(b, {b.size()}));
+                 return l;
+             })
+        .def("expert_counts", [](ModelReference& r) { return r.t->last_expert_counts(); })
+        .def("batch",
+             [](ModelReference& r, int step, int mb) {
+                 Batch b = r.t->batches().batch(step, mb);
+                 nb::list tokens, targets;
+                 for (int i = 0; i < b.sequences; ++i) {
+                     tokens.append(std::vector<int>(b.tokens.begin() + i * b.seq_len, b.tokens.begin() + (i + 1) * b.seq_len));
+                     targets.append(std::vector<int>(b.targets.begin() + i * b.seq_len, b.targets.begin() + (i + 1) * b.seq_len));
+                 }
+                 return nb::make_tuple(tokens, targets);
+             })
+        .def("step", [](ModelReference& r) {
+            StepMetrics m = r.t->step();
+            nb::dict d;
+            d["step"] = m.step, d["loss"] = m.loss, d["aux_loss"] = m.aux_loss;
+            return d;
+        });
 
     nb::class_<PyTrainer>(m, "_Trainer")
         .def("__init__",

@@ -134,6 +134,7 @@ StepMetrics ReferenceTrainer<T>::step() {
     auto counts = stage_->take_expert_counts();
     for (const auto& c : counts) m.max_vio = std::max(m.max_vio, max_violation(c));
     if (o_.bias_update) stage_->update_router_bias(counts);
+    last_counts_ = std::move(counts);
     m.step_time_s = sw.seconds();
     m.tokens_per_s = tokens_per_step() / std::max(m.step_time_s, 1e-9);
     return m;

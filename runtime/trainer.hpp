@@ -84,6 +84,8 @@ public:
     ModelStage<T>& model() { return *stage_; }
     const BatchSource& batches() const { return *batches_; }
     int tokens_per_step() const;
+    // Tokens per expert of each MoE layer in the last step (what its router-bias update used).
+    const std::vector<std::vector<int64_t>>& last_expert_counts() const { return last_counts_; }
 
 private:
     TrainOptions o_;
@@ -91,6 +93,7 @@ private:
     std::unique_ptr<BatchSource> batches_;
     std::unique_ptr<ModelStage<T>> stage_;
     std::vector<std::vector<T>> m_, v_;
+    std::vector<std::vector<int64_t>> last_counts_;
     int step_ = 0;
 };
 
