@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <mutex>
+#include <set>
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -129,6 +130,53 @@ TEST(ExpertExchange, FlatAndHierarchicalEqualTheLocalExchange) {
     EXPECT_LE(double(hier.inter), 4.0 * kTokens * cfg.top_groups * kDim * sizeof(double));
     EXPECT_LT(hier.inter, flat.inter) << "hierarchical " << hier.inter << " vs flat " << flat.inter;
     RecordProperty("dispatch_inter_bytes", fmt::format("hierarchical {} flat {}", hier.inter, flat.inter));
+}
+
+// The node-limited combine's order of additions, pinned bit for bit (the GPU path must reproduce it, so it is a
+// contract): each relay adds gate x output over its node's slots of a token in slot order, starting from zero,
+// and the token's rank adds those per-node partials in node order. The reference is written out here from that
+// rule: a combine that summed the slots straight in slot order, or the nodes in another order, differs in the
+// last bits of some rows.
+TEST(ExpertExchange, HierarchicalCombineAddsNodePartialsInNodeOrderBitForBit) {
+    std::mutex m;
+    int checked = 0, multi_node_tokens = 0;
+    launch(four_ranks_two_nodes(), [&](const std::shared_ptr<Communicator>& world) {
+        Inputs in = inputs_of(world->rank());
+        HierarchicalExchange<double> ex(world, in.cfg.experts);
+        Result got = run(ex, in);
+        const int K = in.cfg.top_k, per_rank = in.cfg.experts / world->size();
+        auto node_of = [&](int expert) { return world->topology().node(expert / per_rank); };
+        std::vector<double> want(in.x.size(), 0.0);
+        int spanning = 0;
+        for (int t = 0; t < kTokens; ++t) {
+            std::set<int> nodes;
+            for (int node = 0; node < world->topology().num_nodes(); ++node)
+                for (int c = 0; c < kDim; ++c) {
+                    double part = 0;
+                    bool any = false;
+                    for (int k = 0; k < K; ++k) {
+                        int e = in.routing.expert[size_t(t) * K + k];
+                        if (node_of(e) != node) continue;
+                        any = true;
+                        nodes.insert(node);
+                        part += in.routing.gate[size_t(t) * K + k] * (in.x[size_t(t) * kDim + c] * double(e + 1));
+                    }
+                    if (any) want[size_t(t) * kDim + c] += part;
+                }
+            spanning += nodes.size() > 1;
+        }
+        std::lock_guard<std::mutex> lock(m);
+        for (size_t i = 0; i < want.size(); ++i)
+            if (got.y[i] != want[i]) {
+                ADD_FAILURE() << "rank " << world->rank() << " token " << i / kDim << ": " << got.y[i] << " vs "
+                              << want[i] << " (diff " << got.y[i] - want[i] << ")";
+                return;
+            }
+        ++checked;
+        multi_node_tokens += spanning;
+    });
+    EXPECT_EQ(checked, 4);
+    EXPECT_GT(multi_node_tokens, 20);  // the order only shows on tokens whose experts span both nodes
 }
 
 // A transport over a communicator of its own, with point-to-point messages: if any exchange bypassed it, the
