@@ -132,6 +132,55 @@ TEST(ExpertExchange, FlatAndHierarchicalEqualTheLocalExchange) {
     RecordProperty("dispatch_inter_bytes", fmt::format("hierarchical {} flat {}", hier.inter, flat.inter));
 }
 
+// The dispatch's inter-node bytes of a fixed routing, pinned to what the wire format says, per rank:
+//   flat: two count exchanges (8 bytes to each remote peer), then per slot whose expert sits on the other node
+//         its (slot, expert) metadata (2 x 8 bytes) and its row (dim x 8);
+//   node-limited: hop 1 as flat but (slot, expert, gate) per slot (3 x 8) and one row per (token, remote node);
+//         hop 2 stays inside the node except its two count exchanges (8 bytes to each remote peer each).
+TEST(ExpertExchange, DispatchInterNodeBytesOfAFixedRoutingArePinned) {
+    for (bool hierarchical : {false, true}) {
+        std::mutex m;
+        int checked = 0;
+        launch(four_ranks_two_nodes(), [&](const std::shared_ptr<Communicator>& world) {
+            Inputs in = inputs_of(world->rank());
+            std::unique_ptr<ExpertExchange<double>> ex;
+            if (hierarchical)
+                ex = std::make_unique<HierarchicalExchange<double>>(world, in.cfg.experts);
+            else
+                ex = std::make_unique<DistributedExchange<double>>(world, in.cfg.experts);
+            const Topology& tp = world->topology();
+            const int me = world->rank(), K = in.cfg.top_k, per_rank = in.cfg.experts / world->size();
+            int remote_peers = 0;
+            for (int p = 0; p < world->size(); ++p) remote_peers += !tp.same_node(p, me);
+            uint64_t want = 0;
+            if (!hierarchical) {
+                want = 2ull * remote_peers * 8;
+                for (int slot = 0; slot < kTokens * K; ++slot)
+                    if (!tp.same_node(in.routing.expert[size_t(slot)] / per_rank, me)) want += 2 * 8 + kDim * 8;
+            } else {
+                want = 4ull * remote_peers * 8;
+                for (int t = 0; t < kTokens; ++t) {
+                    bool crossed = false;
+                    for (int k = 0; k < K; ++k)
+                        if (!tp.same_node(in.routing.expert[size_t(t) * K + k] / per_rank, me)) {
+                            want += 3 * 8;
+                            crossed = true;
+                        }
+                    if (crossed) want += kDim * 8;  // two experts on the other node: one row (one node, one relay)
+                }
+            }
+            RoutedTokens<double> routed;
+            LinkBytes before = world->bytes_sent();
+            ex->dispatch(in.x.data(), kDim, in.routing, routed);
+            uint64_t got = world->bytes_sent().inter_node - before.inter_node;
+            std::lock_guard<std::mutex> lock(m);
+            EXPECT_EQ(got, want) << (hierarchical ? "node-limited" : "flat") << " rank " << me;
+            ++checked;
+        });
+        EXPECT_EQ(checked, 4);
+    }
+}
+
 // The node-limited combine's order of additions, pinned bit for bit (the GPU path must reproduce it, so it is a
 // contract): each relay adds gate x output over its node's slots of a token in slot order, starting from zero,
 // and the token's rank adds those per-node partials in node order. The reference is written out here from that
