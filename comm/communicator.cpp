@@ -70,7 +70,6 @@ uint32_t mix_context(uint32_t parent, uint32_t seq) {
 
 }  // namespace
 
-// The per-communicator progress thread for collectives: runs queued operations in order.
 // The per-communicator progress thread for collectives: runs queued operations strictly in order. A caller
 // that waits on the operation at the head of an idle queue runs it on its own thread instead, which saves
 // two thread hand-offs when nothing was left to overlap.
@@ -146,48 +145,50 @@ struct Communicator::Worker {
     }
 };
 
+void CompletableWork::finish(std::exception_ptr error) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_ = true;
+        error_ = std::move(error);
+    }
+    cv_.notify_all();
+}
+
+bool CompletableWork::test() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (done_ && error_) std::rethrow_exception(error_);
+    return done_;
+}
+
+bool CompletableWork::wait_finished(const Deadline& deadline) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (deadline.infinite())
+        cv_.wait(lock, [&] { return done_; });
+    else if (!cv_.wait_until(lock, deadline.at(), [&] { return done_; }))
+        return false;
+    if (error_) std::rethrow_exception(error_);
+    return true;
+}
+
 // Collective work: completed by the communicator's worker thread.
-class CollectiveWork : public Work {
+class CollectiveWork : public CompletableWork {
 public:
     explicit CollectiveWork(std::string context, std::shared_ptr<Communicator::Worker> worker)
         : context_(std::move(context)), worker_(std::move(worker)) {}
     void set_id(uint64_t id) { id_ = id; }
-    void finish(std::exception_ptr error) {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            done_ = true;
-            error_ = std::move(error);
-        }
-        cv_.notify_all();
-    }
-    bool test() override {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (done_ && error_) std::rethrow_exception(error_);
-        return done_;
-    }
     void wait(double timeout_s) override {
         // NOTE: by default wait for the worker: the collective has its own deadline and its error names the
         // peer that did not answer, which a second, racing deadline here would hide.
         double t = timeout_s < 0 ? 0 : timeout_s;
         Deadline deadline(t);
         if (!test()) worker_->try_run_inline(id_);
-        std::unique_lock<std::mutex> lock(mutex_);
-        if (deadline.infinite()) {
-            cv_.wait(lock, [&] { return done_; });
-        } else if (!cv_.wait_until(lock, deadline.at(), [&] { return done_; })) {
-            throw TimeoutError(context_, t);
-        }
-        if (error_) std::rethrow_exception(error_);
+        if (!wait_finished(deadline)) throw TimeoutError(context_, t);
     }
 
 private:
     std::string context_;
     std::shared_ptr<Communicator::Worker> worker_;
     uint64_t id_ = 0;
-    std::mutex mutex_;
-    std::condition_variable cv_;
-    bool done_ = false;
-    std::exception_ptr error_;
 };
 
 // What a collective's body sees: posting in group ranks, waiting with the collective's deadline.

@@ -14,15 +14,19 @@
 
 #include <array>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "comm/topology.hpp"
 #include "comm/transport.hpp"
+#include "core/clock.hpp"
 #include "core/dtype.hpp"
 
 namespace duplex {
@@ -48,6 +52,24 @@ public:
     virtual void wait(double timeout_s = -1) = 0;
 };
 using WorkPtr = std::shared_ptr<Work>;
+
+// Work finished by another thread (the communicator's worker, the expert service's lanes): finish() once, then
+// test() and wait() from any thread see it; a failure passed to finish() is rethrown to every waiter.
+class CompletableWork : public Work {
+public:
+    void finish(std::exception_ptr error = nullptr);
+    bool test() override;
+
+protected:
+    // Blocks until finished, or until `deadline` passes (false then; an infinite deadline never does).
+    bool wait_finished(const Deadline& deadline);
+
+private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool done_ = false;
+    std::exception_ptr error_;
+};
 
 // Waits for every work in order; the first failure propagates.
 void wait_all(const std::vector<WorkPtr>& works, double timeout_s = -1);

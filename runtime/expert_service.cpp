@@ -2,32 +2,11 @@
 
 namespace duplex {
 
-struct ExpertService::Task : public Work {
+struct ExpertService::Task : public CompletableWork {
     std::function<void()> fn;
-    std::mutex mutex;
-    std::condition_variable cv;
-    bool done = false;
-    std::exception_ptr error;
 
-    void finish(std::exception_ptr e) {
-        {
-            std::lock_guard<std::mutex> lock(mutex);
-            done = true;
-            error = std::move(e);
-        }
-        cv.notify_all();
-    }
-    bool test() override {
-        std::lock_guard<std::mutex> lock(mutex);
-        if (done && error) std::rethrow_exception(error);
-        return done;
-    }
     // NOTE: no deadline of its own: the exchange's collectives have theirs, and their TimeoutError names the peer.
-    void wait(double) override {
-        std::unique_lock<std::mutex> lock(mutex);
-        cv.wait(lock, [&] { return done; });
-        if (error) std::rethrow_exception(error);
-    }
+    void wait(double) override { wait_finished(Deadline(0)); }
 };
 
 ExpertService::ExpertService() {
