@@ -30,25 +30,11 @@ bool read_number(const std::string& path, uint64_t& out) {
     return true;
 }
 
-uint64_t parse_bytes(const std::string& text) {
-    size_t pos = 0;
-    double v = 0;
-    try {
-        v = std::stod(text, &pos);
-    } catch (const std::exception&) {
-        throw ConfigError("DUPLEX_MEMORY_LIMIT", fmt::format("'{}' is not a size like 512M or 16G", text));
-    }
-    std::string unit = text.substr(pos);
-    double mult = unit.empty() ? 1 : unit == "K" ? 1024.0 : unit == "M" ? 1048576.0 : unit == "G" ? 1073741824.0 : -1;
-    if (mult < 0 || v < 0) throw ConfigError("DUPLEX_MEMORY_LIMIT", fmt::format("'{}' is not a size like 512M or 16G", text));
-    return uint64_t(v * mult);
-}
-
 }  // namespace
 
 HostMemory host_memory() {
     std::string forced = kMemoryLimit.get();
-    if (!forced.empty()) return {parse_bytes(forced), "DUPLEX_MEMORY_LIMIT"};
+    if (!forced.empty()) return {parse_size(forced, "DUPLEX_MEMORY_LIMIT"), "DUPLEX_MEMORY_LIMIT"};
     HostMemory m{~uint64_t(0), "unknown"};
     std::ifstream meminfo("/proc/meminfo");
     std::string line;
@@ -69,6 +55,24 @@ HostMemory host_memory() {
         if (left < m.available) m = {left, "the cgroup's memory limit - usage"};
     }
     return m;
+}
+
+size_t parse_size(const std::string& text, const char* flag) {
+    size_t pos = 0;
+    double v = 0;
+    try {
+        v = std::stod(text, &pos);
+    } catch (const std::exception&) {
+        throw ConfigError(flag, fmt::format("expected a size like 1024, 64K or 16M, got '{}'", text));
+    }
+    std::string unit = text.substr(pos);
+    double mult = 1;
+    if (unit == "K" || unit == "k" || unit == "KiB") mult = 1024;
+    else if (unit == "M" || unit == "m" || unit == "MiB") mult = 1024.0 * 1024;
+    else if (unit == "G" || unit == "g" || unit == "GiB") mult = 1024.0 * 1024 * 1024;
+    else if (!unit.empty()) throw ConfigError(flag, fmt::format("unknown unit '{}' in '{}' (K, M, G)", unit, text));
+    if (v < 0) throw ConfigError(flag, fmt::format("size must not be negative, got '{}'", text));
+    return static_cast<size_t>(v * mult);
 }
 
 std::string human_bytes(double b) {

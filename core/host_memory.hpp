@@ -1,4 +1,4 @@
-// How much host memory a command may take, and the refusal when its estimate does not fit: every command
+// Byte sizes on the command line, and how much host memory a command may take, and the refusal when its estimate does not fit: every command
 // estimates what it is about to allocate (buffers x ranks, parameters, activations) before allocating it, so an
 // input that cannot be meant is an error within a second instead of the out-of-memory killer a minute later.
 //
@@ -7,6 +7,7 @@
 //   //               available (MemAvailable in /proc/meminfo)"
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -23,6 +24,8 @@ HostMemory host_memory();
 
 // "1.5 GiB", "640 KiB", "12 B"
 std::string human_bytes(double bytes);
+// Bytes from "1024", "64K", "16M", "8G" (KiB-style suffixes too); ConfigError naming `flag` otherwise.
+size_t parse_size(const std::string& text, const char* flag);
 
 // ConfigError naming `option` when `estimate` bytes exceed what is available; `what` explains the estimate.
 void check_host_memory(double estimate, const std::string& option, const std::string& what);

@@ -49,7 +49,8 @@ struct PipelineTrainer<T>::Impl {
     std::map<int, std::unique_ptr<Stage>> stages;  // by model stage id
     std::map<int, bool> owner;                     // stage id -> this copy counts for norms and the EMA
     std::map<int, std::vector<std::unique_ptr<Zero1AdamW<T>>>> optimizers;
-    std::map<int, std::vector<std::vector<std::string>>> optimizer_names;  // the parameters of each, in order
+    // The parameters of each optimizer, in its flat order: (name, elements).
+    std::map<int, std::vector<std::vector<std::pair<std::string, size_t>>>> optimizer_params;
     std::unique_ptr<PipeTransport> transport;
     std::unique_ptr<Executor> executor;
     Tracer tracer;
@@ -96,6 +97,19 @@ struct PipelineTrainer<T>::Impl {
             }
         for (T g : flat) sq += double(g) * double(g);
         return sq;
+    }
+
+    // The checkpoint pieces of optimizer k of stage s: for each parameter overlapping this rank's ZeRO-1 shard,
+    // fn(name, elements, first element of the piece in the parameter, its length, its offset in the shard).
+    template <typename Fn>
+    void for_each_shard_piece(int s, size_t k, Fn fn) {
+        const Zero1AdamW<T>& opt = *optimizers.at(s)[k];
+        size_t begin = opt.shard_begin(), end = begin + opt.shard_size(), off = 0;
+        for (const auto& [name, n] : optimizer_params.at(s)[k]) {
+            size_t lo = std::max(off, begin), hi = std::min(off + n, end);
+            if (lo < hi) fn(name, int64_t(n), int64_t(lo - off), int64_t(hi - lo), lo - begin);
+            off += n;
+        }
     }
 
     std::vector<StateBuffer> parameters_of(Stage& s) {
@@ -272,15 +286,15 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
         for (bool experts : {false, true}) {
             std::vector<ParamRef<T>> refs;
             std::vector<double> decay;
-            std::vector<std::string> names;
+            std::vector<std::pair<std::string, size_t>> names;
             for (StateBuffer& b : params) {
                 if (b.expert != experts) continue;
                 refs.push_back({b.value.template data<T>(), b.grad.template data<T>(), size_t(b.value.numel())});
                 decay.push_back(b.decay ? o.weight_decay : 0.0);
-                names.push_back(b.name);
+                names.push_back({b.name, size_t(b.value.numel())});
             }
             if (refs.empty()) continue;
-            I.optimizer_names[s].push_back(std::move(names));
+            I.optimizer_params[s].push_back(std::move(names));
             I.optimizers[s].push_back(
                 std::make_unique<Zero1AdamW<T>>(experts ? I.groups.edp : I.groups.dp, refs, ac, decay));
         }
@@ -545,23 +559,12 @@ std::string PipelineTrainer<T>::save_checkpoint(const std::string& root, int kee
         for (StateBuffer& b : stage->state())
             if (writer(b.expert))
                 w.add("value/" + b.name, b.value.dtype(), b.value.numel(), 0, b.value.numel(), b.value.raw());
-        auto& opts = I.optimizers[s];
-        for (size_t k = 0; k < opts.size(); ++k) {
-            Zero1AdamW<T>& opt = *opts[k];
-            size_t begin = opt.shard_begin(), end = begin + opt.shard_size(), off = 0;
-            const auto& names = I.optimizer_names[s][k];
-            std::vector<StateBuffer> params = I.parameters_of(*stage);
-            for (const std::string& name : names) {
-                auto it = std::find_if(params.begin(), params.end(), [&](const StateBuffer& b) { return b.name == name; });
-                size_t n = size_t(it->value.numel()), lo = std::max(off, begin), hi = std::min(off + n, end);
-                if (lo < hi) {
-                    w.add("adam_m/" + name, dt, int64_t(n), int64_t(lo - off), int64_t(hi - lo),
-                          opt.first_moment().data() + (lo - begin));
-                    w.add("adam_v/" + name, dt, int64_t(n), int64_t(lo - off), int64_t(hi - lo),
-                          opt.second_moment().data() + (lo - begin));
-                }
-                off += n;
-            }
+        for (size_t k = 0; k < I.optimizers[s].size(); ++k) {
+            Zero1AdamW<T>& opt = *I.optimizers[s][k];
+            I.for_each_shard_piece(s, k, [&](const std::string& name, int64_t n, int64_t first, int64_t count, size_t at) {
+                w.add("adam_m/" + name, dt, n, first, count, opt.first_moment().data() + at);
+                w.add("adam_v/" + name, dt, n, first, count, opt.second_moment().data() + at);
+            });
         }
     }
     if (I.ema) {
@@ -627,23 +630,16 @@ long PipelineTrainer<T>::load_checkpoint(const std::string& path) {
                 r.read("value/" + b.name, b.value.dtype(), b.value.numel(), 0, b.value.numel(), c.bytes.data());
                 copies.push_back(std::move(c));
             }
-            auto& opts = I.optimizers[s];
-            std::vector<StateBuffer> params = I.parameters_of(*stage);
-            for (size_t k = 0; k < opts.size(); ++k) {
-                Zero1AdamW<T>& opt = *opts[k];
-                size_t begin = opt.shard_begin(), end = begin + opt.shard_size(), off = 0;
+            for (size_t k = 0; k < I.optimizers[s].size(); ++k) {
+                Zero1AdamW<T>& opt = *I.optimizers[s][k];
                 auto& [m, v] = moments[&opt];
                 m.assign(opt.shard_size(), T(0));
                 v.assign(opt.shard_size(), T(0));
-                for (const std::string& name : I.optimizer_names[s][k]) {
-                    auto it = std::find_if(params.begin(), params.end(), [&](const StateBuffer& b) { return b.name == name; });
-                    size_t n = size_t(it->value.numel()), lo = std::max(off, begin), hi = std::min(off + n, end);
-                    if (lo < hi) {
-                        r.read("adam_m/" + name, dt, int64_t(n), int64_t(lo - off), int64_t(hi - lo), m.data() + (lo - begin));
-                        r.read("adam_v/" + name, dt, int64_t(n), int64_t(lo - off), int64_t(hi - lo), v.data() + (lo - begin));
-                    }
-                    off += n;
-                }
+                I.for_each_shard_piece(s, k, [&](const std::string& name, int64_t n, int64_t first, int64_t count,
+                                                 size_t at) {
+                    r.read("adam_m/" + name, dt, n, first, count, m.data() + at);
+                    r.read("adam_v/" + name, dt, n, first, count, v.data() + at);
+                });
             }
         }
         if (I.ema) {

@@ -32,24 +32,6 @@ struct Args {
     bool ceiling = true;
 };
 
-size_t parse_size(const std::string& text, const char* flag) {
-    size_t pos = 0;
-    double v = 0;
-    try {
-        v = std::stod(text, &pos);
-    } catch (const std::exception&) {
-        throw ConfigError(flag, fmt::format("expected a size like 1024, 64K or 16M, got '{}'", text));
-    }
-    std::string unit = text.substr(pos);
-    double mult = 1;
-    if (unit == "K" || unit == "k" || unit == "KiB") mult = 1024;
-    else if (unit == "M" || unit == "m" || unit == "MiB") mult = 1024.0 * 1024;
-    else if (unit == "G" || unit == "g" || unit == "GiB") mult = 1024.0 * 1024 * 1024;
-    else if (!unit.empty()) throw ConfigError(flag, fmt::format("unknown unit '{}' in '{}' (K, M, G)", unit, text));
-    if (v < 0) throw ConfigError(flag, fmt::format("size must not be negative, got '{}'", text));
-    return static_cast<size_t>(v * mult);
-}
-
 void print_header(const CommBenchResult& r, const Args& a) {
     fmt::print(human(), "# duplex commbench: {} on {} ranks ({} node{}), backend {}, {} iterations after {} warm-up\n",
                a.bench.op, r.ranks, r.nodes, r.nodes == 1 ? "" : "s", r.backend, a.bench.iters, a.bench.warmup);
@@ -119,8 +101,9 @@ int run(Args& a) {
     // Before anything is allocated: every rank in this process holds a send and a receive buffer of up to -e bytes
     // (the check pattern for #wrong is computed in place); alltoallv also builds every rank's per-peer counts.
     {
-        int here = multiprocess ? std::max(1, process_env().local_size) : a.launch.ranks;
-        int world = multiprocess ? process_env().world_size : a.launch.ranks;
+        ProcessEnv env = multiprocess ? process_env() : ProcessEnv{};
+        int here = multiprocess ? std::max(1, env.local_size) : a.launch.ranks;
+        int world = multiprocess ? env.world_size : a.launch.ranks;
         if (!multiprocess) check_inproc_ranks(here);
         double buffers = 2.0 * double(a.bench.max_bytes) * here;
         double counts = a.bench.op == "alltoallv" ? 8.0 * world * double(world) * here : 0.0;

@@ -130,7 +130,8 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
             raise ValueError(f"dispatch: tags of shape {tuple(tags.shape)} for destinations {tuple(dest.shape)}")
     if node_limited is None:
         node_limited = group.num_nodes > 1
-    nodes = torch.tensor(group.nodes, dtype=torch.int64)
+    node_list = group.nodes  # one call: each builds the list in C++
+    nodes = torch.tensor(node_list, dtype=torch.int64)
     token = torch.arange(N).repeat_interleave(K)  # the token of each slot (slot s = n * K + k)
     flat_dest = slots.reshape(-1)
     if not node_limited:
@@ -147,14 +148,14 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
     # Node-limited: hop 1 crosses once per (token, target node) to the relay there; hop 2 stays inside the node.
     me = group.rank
     on_node = {}
-    for r, n in enumerate(group.nodes):
+    for r, n in enumerate(node_list):
         on_node.setdefault(n, []).append(r)
-    local = on_node[group.nodes[me]].index(me)
+    local = on_node[node_list[me]].index(me)
     relay_of = []
     for r in range(G):
-        peers = on_node[group.nodes[r]]
+        peers = on_node[node_list[r]]
         if local >= len(peers):
-            raise ValueError(f"dispatch: rank {me} has local index {local}, node {group.nodes[r]} only "
+            raise ValueError(f"dispatch: rank {me} has local index {local}, node {node_list[r]} only "
                              f"{len(peers)} ranks: no relay there (use node_limited=False)")
         relay_of.append(peers[local])
     relay = torch.tensor(relay_of, dtype=torch.int64)[flat_dest]  # per slot
