@@ -11,6 +11,7 @@ import unittest
 import torch
 
 import duplex.torch as dt
+from common import train_pipeline
 
 W, E, K, ROWS, VOCAB = 12, 4, 2, 6, 20
 _init = threading.Lock()
@@ -129,12 +130,7 @@ class ExpertParallel(unittest.TestCase):
             pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, ep=ep, microbatches=n, loss_fn=loss_fn,
                                activation_shape=(ROWS, W), dtype=dtype)
             opt = torch.optim.SGD([p for m in mine for p in m.parameters()], lr=0.1)
-            mine_losses = []
-            for step in range(1, steps + 1):
-                mine_losses.append(pipe.step(*batch(step, n * dp)))
-                opt.step()
-                opt.zero_grad()
-            pipe.close()
+            mine_losses = train_pipeline(pipe, opt, (batch(step, n * dp) for step in range(1, steps + 1)))
             with lock:
                 if world.rank == 0:
                     losses["l"] = mine_losses

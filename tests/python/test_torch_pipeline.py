@@ -9,6 +9,7 @@ import torch
 
 import duplex
 import duplex.torch as dt
+from common import train_pipeline
 
 WIDTH, ROWS = 16, 4  # activation of one microbatch: [ROWS, WIDTH]
 
@@ -72,12 +73,7 @@ def distributed(schedule, pp, dp, microbatches, steps, dtype):
                            loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH))
         params = [p for m in mine for p in m.parameters()]
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-        losses = []
-        for step in range(1, steps + 1):
-            losses.append(pipe.step(*batch(step, dp * microbatches, dtype)))
-            opt.step()
-            opt.zero_grad()
-        pipe.close()
+        losses = train_pipeline(pipe, opt, (batch(step, dp * microbatches, dtype) for step in range(1, steps + 1)))
         with lock:
             if world.rank == 0:
                 out["losses"] = losses
