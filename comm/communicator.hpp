@@ -95,6 +95,7 @@ public:
     int world_rank(int rank) const { return members_.at(rank); }
     const Topology& topology() const { return topology_; }  // of this group, in group ranks
     const char* backend() const { return transport_->name(); }
+    std::string backend_description() const { return transport_->describe(); }
     double timeout_s() const { return timeout_s_; }
 
     WorkPtr isend(const void* buf, size_t bytes, int peer, uint32_t tag);

@@ -236,6 +236,21 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
             std::string lost;  // set when a rank was lost: why
             // Once a rank is lost this one is done too: abort its communication and, if the transport does not
             // unwind in a few seconds (a communication library blocked on the dead peer), report and exit.
+            // The store lives in rank 0's process: before rank 0 leaves over a lost rank, it waits (a few seconds at
+            // most) for the others to leave too, so they read who was lost instead of blaming rank 0 for the store.
+            auto let_the_others_leave = [&] {
+                if (!server) return;
+                Deadline d(3.0);
+                try {
+                    auto count = [&](const std::string& key) {
+                        auto v = store->try_get(key);
+                        return v ? std::stoll(*v) : 0;
+                    };
+                    while (!d.expired() && count("launch/exit") + count(kStoreLostCount) < p.world_size - 1)
+                        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                } catch (const Error&) {
+                }
+            };
             auto lose = [&](const std::string& why) {
                 {
                     std::lock_guard<std::mutex> lock(lost_mutex);
@@ -247,6 +262,7 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
                 if (!done.load()) {
                     log::error("comm", "rank {} failed: {} (exiting: the transport did not unwind)", p.rank, why);
                     std::fflush(nullptr);
+                    let_the_others_leave();
                     std::_Exit(2);
                 }
             };
@@ -292,6 +308,7 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
                     // so report and leave without it.
                     log::error("comm", "rank {}: {}", p.rank, lost);
                     std::fflush(nullptr);
+                    let_the_others_leave();
                     std::_Exit(2);
                 }
             }

@@ -63,6 +63,8 @@ public:
     virtual void abort(const std::string& reason) = 0;
     // The host names of all ranks of the world (for Topology), exchanged at bootstrap.
     virtual std::vector<std::string> hostnames() const = 0;
+    // The backend and the choices it made at bootstrap, for headers and logs ("ucx (single copy with 7 of 7 ...)").
+    virtual std::string describe() const { return name(); }
 };
 
 }  // namespace duplex

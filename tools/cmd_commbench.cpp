@@ -126,7 +126,7 @@ int run(Args& a) {
                 CommBenchResult h;
                 h.ranks = comm->size();
                 h.nodes = comm->topology().num_nodes();
-                h.backend = comm->backend();
+                h.backend = comm->backend_description();
                 print_header(h, a);
                 header = true;
             }

@@ -1,8 +1,14 @@
 #include "comm/ucx/ucx_transport.hpp"
 
 #include <poll.h>
+#include <sys/prctl.h>
+#include <sys/uio.h>
 #include <ucp/api/ucp.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 
 #include <atomic>
 #include <condition_variable>
@@ -30,33 +36,72 @@ namespace duplex {
 namespace {
 
 // NOTE: UCX's peer error handling keeps it to transports that can report a dead peer: on one node TCP instead of
-// shared memory with CMA single-copy, 2-4x slower all-to-all (BENCHMARKS.md, scripts/bench-ucx-default). Without
-// it a lost rank is usually named by the store's watchdog, but a CMA copy from a process that just died is fatal
-// inside UCX: the survivor aborts with UCX's backtrace instead of an error naming the rank (half the runs that
-// killed rank 0, the store's host; 1 in 7 that killed rank 2). Safety is the default; bandwidth-bound runs opt out.
-const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", true,
+// shared memory with CMA single-copy, 2-4x slower all-to-all when every byte goes through it. Without it, a CMA copy
+// from a process that just died is fatal inside UCX: the survivor aborts with UCX's backtrace instead of an error
+// naming the rank. So peer errors stay on and messages of at least kCmaMin bytes between ranks of one host take
+// Duplex's own single-copy path instead (UCX carries a 32-byte offer and a 16-byte answer): the receiver reads the
+// sender's buffer with process_vm_readv, which fails with ESRCH for a dead sender instead of crashing; a dead
+// receiver fails the sender's wait for the answer through UCX's peer error. BENCHMARKS.md has the numbers
+// (scripts/bench-ucx-default).
+const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", false,
                                 "1 (default): a dead peer fails the survivors' operations with an error naming it "
-                                "(UCX keeps to TCP on one node: 2-4x slower all-to-all); 0: UCX's shared-memory "
-                                "transports (about Open MPI's bandwidth), a lost rank named by the store's watchdog "
-                                "but sometimes only by UCX aborting the survivor");
+                                "(UCX then keeps to TCP on one node; large same-host messages take Duplex's single-"
+                                "copy path, DUPLEX_UCX_CMA_MIN); 0: UCX's shared-memory transports too, a lost rank "
+                                "named by the store's watchdog but sometimes only by UCX aborting the survivor");
+const Knob<long> kCmaMin("DUPLEX_UCX_CMA_MIN", 64 * 1024,
+                         "messages of at least this many bytes between ranks of one host are read by the receiver "
+                         "straight from the sender's memory (process_vm_readv, one copy); 0 turns this off (every "
+                         "byte through UCX). Used only where every rank of the host can read the others' memory");
 
-constexpr int kSourceShift = 49;  // bits 49..63 carry the sender's rank; below them the wire tag
+// UCX tag: bit 63 marks a single-copy answer, bits 49..62 carry the sender's rank, below them the wire tag.
+constexpr int kSourceShift = 49;
+constexpr int kMaxRanks = 1 << 14;
 constexpr uint64_t kWireMask = (uint64_t(1) << kSourceShift) - 1;
+constexpr uint64_t kAnswerBit = uint64_t(1) << 63;
+
+constexpr uint64_t kOfferMagic = 0x4450'4C58'434D'4131ull;  // "DPLXCMA1"
+
+// Single copy: the sender's offer (where the bytes are), the receiver's answer once it has read them.
+struct CmaOffer {
+    uint64_t magic = kOfferMagic;
+    uint64_t pid = 0;
+    uint64_t address = 0;
+    uint64_t bytes = 0;
+};
+struct CmaAnswer {
+    int64_t status = 0;   // 0: read; kAnswerMismatch: the receive was posted with another size; else an errno
+    uint64_t posted = 0;  // the size the receiver posted
+};
+constexpr int64_t kAnswerMismatch = -1;
+
+// What an internal UCX operation does for the user's request it serves (its parent).
+enum class Part : uint8_t { User, OfferSend, OfferRecv, AnswerSend, AnswerRecv };
 
 struct UcxRequest : Request {
     using Request::Request;
     void* handle = nullptr;  // UCX's request while in flight
     class UcxTransport* owner = nullptr;
+    Part part = Part::User;
+    std::shared_ptr<UcxRequest> parent;              // internal parts: the user's request
+    std::vector<std::weak_ptr<UcxRequest>> parts;    // a single-copy user request: its internal parts
+    void* destination = nullptr;                     // a single-copy receive: the user's buffer
+    CmaOffer offer;                                  // OfferSend / OfferRecv: the wire bytes
+    CmaAnswer answer;                                // AnswerSend / AnswerRecv: the wire bytes
 };
 
 class UcxTransport : public Transport {
 public:
     UcxTransport(std::shared_ptr<Store> store, int rank, int size) : store_(std::move(store)), rank_(rank), size_(size) {
-        if (size > (1 << (64 - kSourceShift)))
-            throw ConfigError("world size", fmt::format("UCX backend supports up to {} ranks, got {}",
-                                                        1 << (64 - kSourceShift), size));
+        if (size > kMaxRanks)
+            throw ConfigError("world size", fmt::format("UCX backend supports up to {} ranks, got {}", kMaxRanks, size));
         ucp_config_t* config = nullptr;
         DUPLEX_UCX_CHECK(ucp_config_read(nullptr, nullptr, &config));
+        peer_errors_ = kUcxPeerErrors.get();
+        if (!peer_errors_ && kCmaMin.get() > 0 && !std::getenv("UCX_TLS")) {
+            // UCX's own CMA copy aborts the process when the peer just died; Duplex's single copy takes those
+            // messages instead and fails with an error naming the rank.
+            DUPLEX_UCX_CHECK(ucp_config_modify(config, "TLS", "^cma"));
+        }
         ucp_params_t params{};
         params.field_mask = UCP_PARAM_FIELD_FEATURES;
         params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
@@ -86,7 +131,7 @@ public:
             ucp_ep_params_t ep{};
             ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
             ep.address = reinterpret_cast<const ucp_address_t*>(a.data());
-            if (kUcxPeerErrors.get()) {
+            if (peer_errors_) {
                 // A peer that dies fails this rank's operations naming it, instead of UCX aborting the process.
                 ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
                 ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
@@ -96,6 +141,7 @@ public:
             }
             DUPLEX_UCX_CHECK(ucp_ep_create(worker_, &ep, &endpoints_[r]));
         }
+        agree_on_single_copy();
         progress_ = std::thread([this] { progress_loop(); });
         log::debug("comm", "rank {}: UCX worker ready with {} endpoints", rank_, size_);
     }
@@ -128,7 +174,7 @@ public:
                     if (r->handle) handles.push_back(r->handle);
             }
             for (void* h : handles) ucp_request_cancel(worker_, h);
-            for (int i = 0; i < 100 && !in_flight_empty(); ++i) ucp_worker_progress(worker_);
+            for (int i = 0; i < 100 && !in_flight_empty(); ++i) progress_locked();
         }
         for (ucp_ep_h ep : endpoints_) {
             ucp_request_param_t p{};
@@ -148,31 +194,73 @@ public:
     int rank() const override { return rank_; }
     int size() const override { return size_; }
     std::vector<std::string> hostnames() const override { return hostnames_; }
+    std::string describe() const override {
+        int host = 0, pairs = 0;
+        for (int r = 0; r < size_; ++r)
+            if (r != rank_ && hostnames_[r] == hostnames_[rank_]) {
+                ++host;
+                pairs += cma_peer_[r];
+            }
+        std::string copy = cma_min_ == 0 ? "single copy off"
+                           : host == 0   ? "no other rank on this host"
+                                         : fmt::format("single copy with {} of {} ranks of this host from {} bytes",
+                                                       pairs, host, cma_min_);
+        return fmt::format("ucx ({}; peer errors {})", copy, peer_errors_ ? "on" : "off");
+    }
 
     std::shared_ptr<Request> isend(int peer, uint64_t tag, const void* buf, size_t bytes) override {
         auto req = std::make_shared<UcxRequest>(peer, tag, bytes, true);
         if (failed(*req)) return req;
-        ucp_request_param_t p{};
-        p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
-        p.cb.send = &UcxTransport::on_send;
-        p.user_data = req.get();
-        post(req, [&] {
-            return ucp_tag_send_nbx(endpoints_.at(peer), buf, bytes, (uint64_t(rank_) << kSourceShift) | (tag & kWireMask), &p);
-        });
+        uint64_t wire = (uint64_t(rank_) << kSourceShift) | (tag & kWireMask);
+        {
+            std::lock_guard<std::mutex> lock(ucx_mutex_);
+            if (single_copy(peer, bytes)) {
+                // Offer the buffer; the send completes when the receiver answers that it has read it.
+                track(req);
+                auto answer = make_part(req, Part::AnswerRecv, false);
+                auto offer = make_part(req, Part::OfferSend, true);
+                offer->offer.pid = static_cast<uint64_t>(getpid());
+                offer->offer.address = reinterpret_cast<uint64_t>(buf);
+                offer->offer.bytes = bytes;
+                post_locked(answer, [&](const ucp_request_param_t* p) {
+                    return ucp_tag_recv_nbx(worker_, &answer->answer, sizeof(CmaAnswer),
+                                            kAnswerBit | (uint64_t(peer) << kSourceShift) | (tag & kWireMask),
+                                            ~uint64_t(0), p);
+                });
+                post_locked(offer, [&](const ucp_request_param_t* p) {
+                    return ucp_tag_send_nbx(endpoints_.at(peer), &offer->offer, sizeof(CmaOffer), wire, p);
+                });
+            } else {
+                post_locked(req, [&](const ucp_request_param_t* p) {
+                    return ucp_tag_send_nbx(endpoints_.at(peer), buf, bytes, wire, p);
+                });
+            }
+        }
+        posted();
         return req;
     }
 
     std::shared_ptr<Request> irecv(int peer, uint64_t tag, void* buf, size_t bytes) override {
         auto req = std::make_shared<UcxRequest>(peer, tag, bytes, false);
         if (failed(*req)) return req;
-        ucp_request_param_t p{};
-        p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
-        p.cb.recv = &UcxTransport::on_recv;
-        p.user_data = req.get();
-        post(req, [&] {
-            return ucp_tag_recv_nbx(worker_, buf, bytes, (uint64_t(peer) << kSourceShift) | (tag & kWireMask),
-                                    ~uint64_t(0), &p);
-        });
+        uint64_t wire = (uint64_t(peer) << kSourceShift) | (tag & kWireMask);
+        {
+            std::lock_guard<std::mutex> lock(ucx_mutex_);
+            if (single_copy(peer, bytes)) {
+                // Receive the sender's offer; its buffer is read after the progress call that delivers it.
+                track(req);
+                req->destination = buf;
+                auto offer = make_part(req, Part::OfferRecv, false);
+                post_locked(offer, [&](const ucp_request_param_t* p) {
+                    return ucp_tag_recv_nbx(worker_, &offer->offer, sizeof(CmaOffer), wire, ~uint64_t(0), p);
+                });
+            } else {
+                post_locked(req, [&](const ucp_request_param_t* p) {
+                    return ucp_tag_recv_nbx(worker_, buf, bytes, wire, ~uint64_t(0), p);
+                });
+            }
+        }
+        posted();
         return req;
     }
 
@@ -189,12 +277,12 @@ public:
             if (deadline.expired()) return false;
             unsigned progressed = 0;
             if (ucx_mutex_.try_lock()) {
-                progressed = ucp_worker_progress(worker_);
+                progressed = progress_locked();
                 ucx_mutex_.unlock();
             }
             if (progressed) {
                 quiet.reset();
-            } else if (quiet.seconds() > 200e-6) {
+            } else if (quiet.seconds() > (getenv("XQ") ? atof(getenv("XQ")) : 200e-6)) {
                 // Quiet for a while: hand progress back to the progress thread and sleep on the request.
                 drivers_.fetch_sub(1, std::memory_order_relaxed);
                 state_cv_.notify_all();
@@ -217,6 +305,12 @@ public:
             std::lock_guard<std::mutex> lock(ucx_mutex_);
             auto& r = static_cast<UcxRequest&>(request);
             if (r.handle) ucp_request_cancel(worker_, r.handle);
+            for (auto& weak : r.parts)
+                if (auto part = weak.lock(); part && part->handle) ucp_request_cancel(worker_, part->handle);
+            // NOTE: a single-copy receive is settled here, under the worker's lock, so no read lands in its buffer
+            // after this returns; a receiver already reading a cancelled send's buffer may read what replaced it.
+            if (!r.parts.empty())
+                settle(r, fmt::format("rank {}: {} rank {} cancelled", rank_, r.is_send ? "send to" : "receive from", r.peer));
         }
         wake();
         request.wait_until(Deadline(0));
@@ -232,30 +326,203 @@ public:
     }
 
 private:
-    template <typename Post>
-    void post(const std::shared_ptr<UcxRequest>& req, Post&& call) {
+    // A user request's internal operation (single copy).
+    std::shared_ptr<UcxRequest> make_part(const std::shared_ptr<UcxRequest>& user, Part part, bool is_send) {
+        size_t bytes = part == Part::OfferSend || part == Part::OfferRecv ? sizeof(CmaOffer) : sizeof(CmaAnswer);
+        auto r = std::make_shared<UcxRequest>(user->peer, user->tag, bytes, is_send);
+        r->part = part;
+        r->parent = user;
+        user->parts.push_back(r);
+        return r;
+    }
+
+    // Registers a request as in flight (fail_all and the destructor reach it there).
+    void track(const std::shared_ptr<UcxRequest>& req) {
         req->owner = this;
-        {
-            std::lock_guard<std::mutex> lock(ucx_mutex_);
-            {
-                std::lock_guard<std::mutex> slock(state_mutex_);
-                in_flight_[req.get()] = req;
-            }
-            // NOTE: UCX may run the completion callback inside this call, before it returns the handle.
-            ucs_status_ptr_t h = call();
-            if (UCS_PTR_IS_ERR(h)) {
-                {
-                    std::lock_guard<std::mutex> slock(state_mutex_);
-                    in_flight_.erase(req.get());
-                }
-                req->complete(fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, req->is_send ? "send to" : "receive from",
-                                          req->peer, ucs_status_string(UCS_PTR_STATUS(h))));
-                return;
-            }
-            if (!req->done()) req->handle = h;
+        std::lock_guard<std::mutex> slock(state_mutex_);
+        in_flight_[req.get()] = req;
+    }
+
+    // Posts one UCX operation for req (ucx_mutex_ held); call(params) makes the UCX call.
+    template <typename Call>
+    void post_locked(const std::shared_ptr<UcxRequest>& req, Call&& call) {
+        track(req);
+        ucp_request_param_t p{};
+        p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        if (req->is_send)
+            p.cb.send = &UcxTransport::on_send;
+        else
+            p.cb.recv = &UcxTransport::on_recv;
+        p.user_data = req.get();
+        // NOTE: UCX may run the completion callback inside this call, before it returns the handle.
+        ucs_status_ptr_t h = call(&p);
+        if (UCS_PTR_IS_ERR(h)) {
+            settle(*req, fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, req->is_send ? "send to" : "receive from",
+                                     req->peer, ucs_status_string(UCS_PTR_STATUS(h))));
+            return;
         }
+        if (!req->done()) req->handle = h;
+    }
+
+    // After posting (ucx_mutex_ released): wake the progress thread.
+    void posted() {
         state_cv_.notify_one();
         wake();
+    }
+
+    // Completes a request (ucx_mutex_ held) and carries the outcome of an internal part to its user request: an
+    // error fails it; an answer completes a single-copy send; an offer is queued for reading.
+    void settle(UcxRequest& r, std::string error) {
+        std::shared_ptr<UcxRequest> keep;
+        {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            auto it = in_flight_.find(&r);
+            if (it != in_flight_.end()) {
+                keep = std::move(it->second);
+                in_flight_.erase(it);
+            }
+        }
+        bool was_open = r.complete(error);
+        if (r.part == Part::User) return;
+        if (!was_open) {
+            // Completed by fail_all, which completed its user request too: only forget that one.
+            if (r.parent->done()) settle(*r.parent, {});
+            return;
+        }
+        UcxRequest& user = *r.parent;
+        if (!error.empty()) {
+            // A lost answer only matters to the peer; every other part's failure is the user request's.
+            if (r.part != Part::AnswerSend) settle(user, std::move(error));
+            return;
+        }
+        switch (r.part) {
+            case Part::OfferRecv: offers_.push_back(keep ? keep : nullptr); break;
+            case Part::AnswerRecv:
+                if (r.answer.status == 0)
+                    settle(user, {});
+                else if (r.answer.status == kAnswerMismatch)
+                    settle(user, fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes",
+                                             rank_, user.bytes, user.peer, r.answer.posted));
+                else
+                    settle(user, fmt::format("rank {}: rank {} could not read this rank's buffer: {}", rank_, user.peer,
+                                             std::strerror(static_cast<int>(r.answer.status))));
+                break;
+            default: break;  // the offer went out (wait for the answer); the answer went out
+        }
+    }
+
+    // Progress, then the single-copy reads its offers asked for (ucx_mutex_ held).
+    unsigned progress_locked() {
+        unsigned n = ucp_worker_progress(worker_);
+        while (!offers_.empty()) {
+            std::vector<std::shared_ptr<UcxRequest>> ready;
+            ready.swap(offers_);
+            for (auto& offer : ready)
+                if (offer) read_offer(*offer);
+            ++n;
+        }
+        return n;
+    }
+
+    // Reads the bytes an offer points at into the user's buffer, then answers the sender.
+    void read_offer(UcxRequest& offer) {
+        UcxRequest& user = *offer.parent;
+        if (user.done()) return;  // cancelled or failed meanwhile: the buffer is no longer ours to fill
+        const CmaOffer& o = offer.offer;
+        CmaAnswer answer;
+        answer.posted = user.bytes;
+        std::string error;
+        if (o.magic != kOfferMagic) {
+            error = fmt::format("rank {}: rank {} sent a plain message where a single-copy offer was expected (sizes "
+                                "differ: this rank posted {} bytes)", rank_, user.peer, user.bytes);
+            answer.status = kAnswerMismatch;
+        } else if (o.bytes != user.bytes) {
+            error = fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes", user.peer,
+                                o.bytes, rank_, user.bytes);
+            answer.status = kAnswerMismatch;
+        } else if (int err = read_remote(static_cast<pid_t>(o.pid), o.address, user.destination, user.bytes)) {
+            if (err == ESRCH) {
+                // The sender is gone: nobody to answer.
+                settle(user, fmt::format("rank {}: lost rank {} (its process is gone while reading its buffer)", rank_,
+                                         user.peer));
+                return;
+            }
+            error = fmt::format("rank {}: reading rank {}'s buffer failed: {}", rank_, user.peer, std::strerror(err));
+            answer.status = err;
+        }
+        auto reply = make_part(offer.parent, Part::AnswerSend, true);
+        reply->answer = answer;
+        uint64_t tag = kAnswerBit | (uint64_t(rank_) << kSourceShift) | (user.tag & kWireMask);
+        post_locked(reply, [&](const ucp_request_param_t* p) {
+            return ucp_tag_send_nbx(endpoints_.at(user.peer), &reply->answer, sizeof(CmaAnswer), tag, p);
+        });
+        settle(user, std::move(error));
+    }
+
+    // process_vm_readv in pieces (one call moves at most about 2 GiB); 0 or the errno.
+    static int read_remote(pid_t pid, uint64_t address, void* into, size_t bytes) {
+        size_t done = 0;
+        while (done < bytes) {
+            size_t piece = std::min<size_t>(bytes - done, size_t(1) << 30);
+            iovec local{static_cast<char*>(into) + done, piece};
+            iovec remote{reinterpret_cast<void*>(address + done), piece};
+            ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                return errno;
+            }
+            if (n == 0) return EFAULT;
+            done += static_cast<size_t>(n);
+        }
+        return 0;
+    }
+
+    bool single_copy(int peer, size_t bytes) const {
+        return cma_min_ > 0 && bytes >= static_cast<size_t>(cma_min_) && peer != rank_ && cma_peer_[peer];
+    }
+
+    // Every rank reads a word from each rank of its host (process_vm_readv) and says whether it could; a pair uses
+    // single copy only when both could, so both sides of a message agree on its protocol.
+    void agree_on_single_copy() {
+        cma_peer_.assign(size_, false);
+        cma_min_ = kCmaMin.get();
+        if (cma_min_ < 0)
+            throw ConfigError(kCmaMin.name(), fmt::format("must be 0 (off) or a size in bytes, got {}", cma_min_));
+        // Yama's ptrace_scope 1 lets only descendants read a process: allow the other ranks.
+        prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
+        cma_probe_ = kOfferMagic ^ static_cast<uint64_t>(rank_);
+        store_->set(fmt::format("ucx/cma/{}", rank_),
+                    fmt::format("{} {}", getpid(), reinterpret_cast<uint64_t>(&cma_probe_)));
+        std::vector<int> host;
+        for (int r = 0; r < size_; ++r)
+            if (r != rank_ && hostnames_[r] == hostnames_[rank_]) host.push_back(r);
+        bool readable = true;
+        std::string why;
+        for (int r : host) {
+            unsigned long long pid = 0, address = 0;
+            std::string where = store_->get(fmt::format("ucx/cma/{}", r), 120.0);
+            uint64_t word = 0;
+            int err = sscanf(where.c_str(), "%llu %llu", &pid, &address) == 2
+                          ? read_remote(static_cast<pid_t>(pid), address, &word, sizeof(word))
+                          : EINVAL;
+            if (err || word != (kOfferMagic ^ static_cast<uint64_t>(r))) {
+                readable = false;
+                why = fmt::format("reading rank {}'s memory: {}", r, err ? std::strerror(err) : "another process (pid namespace?)");
+                break;
+            }
+        }
+        store_->set(fmt::format("ucx/cma_ok/{}", rank_), readable ? "1" : "0");
+        int pairs = 0;
+        for (int r : host) {
+            bool theirs = store_->get(fmt::format("ucx/cma_ok/{}", r), 120.0) == "1";
+            cma_peer_[r] = readable && theirs;
+            pairs += cma_peer_[r];
+        }
+        if (!readable)
+            log::info("comm", "rank {}: UCX single copy off ({}); same-host messages go through UCX", rank_, why);
+        else
+            log::debug("comm", "rank {}: UCX single copy with {} of {} ranks of this host (messages >= {} bytes)", rank_,
+                       pairs, host.size(), cma_min_);
     }
 
     bool in_flight_empty() {
@@ -279,30 +546,24 @@ private:
 
     // Called inside ucp_worker_progress, with ucx_mutex_ held.
     void finish(UcxRequest* r, void* ucx_request, ucs_status_t status, size_t received) {
-        std::shared_ptr<UcxRequest> keep;
-        {
-            std::lock_guard<std::mutex> lock(state_mutex_);
-            auto it = in_flight_.find(r);
-            if (it != in_flight_.end()) {
-                keep = std::move(it->second);
-                in_flight_.erase(it);
-            }
-        }
         ucp_request_free(ucx_request);
         r->handle = nullptr;
+        std::string error;
         if (status == UCS_ERR_CANCELED && aborted_) {
-            r->complete(abort_reason_);
+            error = abort_reason_;
         } else if (status == UCS_ERR_CANCELED) {
-            r->complete(fmt::format("rank {}: {} rank {} cancelled", rank_, r->is_send ? "send to" : "receive from", r->peer));
+            error = fmt::format("rank {}: {} rank {} cancelled", rank_, r->is_send ? "send to" : "receive from", r->peer);
+        } else if (r->part == Part::OfferRecv && (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && received != sizeof(CmaOffer)))) {
+            error = fmt::format("message size mismatch: rank {} sent a plain message to rank {} which posted {} bytes "
+                                "(a single-copy size)", r->peer, rank_, r->parent->bytes);
         } else if (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && !r->is_send && received != r->bytes)) {
-            r->complete(fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes", r->peer,
-                                    status == UCS_OK ? std::to_string(received) : std::string("more"), rank_, r->bytes));
+            error = fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes", r->peer,
+                                status == UCS_OK ? std::to_string(received) : std::string("more"), rank_, r->bytes);
         } else if (status != UCS_OK) {
-            r->complete(fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, r->is_send ? "send to" : "receive from",
-                                    r->peer, ucs_status_string(status)));
-        } else {
-            r->complete();
+            error = fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, r->is_send ? "send to" : "receive from",
+                                r->peer, ucs_status_string(status));
         }
+        settle(*r, std::move(error));
     }
 
     static void on_send(void* ucx_request, ucs_status_t status, void* user) {
@@ -345,7 +606,7 @@ private:
             for (auto& [p, r] : pending)
                 if (r->handle) ucp_request_cancel(worker_, r->handle);
             if (!worker_locked)
-                for (int i = 0; i < 8; ++i) ucp_worker_progress(worker_);  // deliver the cancellations
+                for (int i = 0; i < 8; ++i) progress_locked();  // deliver the cancellations
         }
         for (auto& [p, r] : pending) r->complete(abort_reason_);
     }
@@ -355,7 +616,7 @@ private:
     void progress_loop() {
         // Yield-spin this long after the last progress before sleeping: oversubscribed ranks get the core back
         // and a message that arrives soon is still seen within microseconds.
-        constexpr double kSpinBeforeSleep_s = 200e-6;
+        const double kSpinBeforeSleep_s = getenv("XS") ? atof(getenv("XS")) : 200e-6;
         Stopwatch since_abort_check, idle;
         for (;;) {
             {
@@ -374,7 +635,7 @@ private:
             ucs_status_t armed = UCS_ERR_BUSY;
             {
                 std::lock_guard<std::mutex> lock(ucx_mutex_);
-                while (unsigned n = ucp_worker_progress(worker_)) progressed += n;
+                while (unsigned n = progress_locked()) progressed += n;
                 if (progressed) {
                     idle.reset();
                 } else if (idle.seconds() > kSpinBeforeSleep_s) {
@@ -408,6 +669,11 @@ private:
     int efd_ = -1;
     std::vector<ucp_ep_h> endpoints_;
     std::vector<PeerRef> peers_;  // error-handler arguments, one per endpoint
+    bool peer_errors_ = false;    // UCX's peer failure mode (TCP on one host)
+    std::vector<bool> cma_peer_;  // single copy with this rank (same host, both can read each other)
+    long cma_min_ = 0;            // single copy from this many bytes (0: never)
+    uint64_t cma_probe_ = 0;      // the word the other ranks of this host read to test single copy
+    std::vector<std::shared_ptr<UcxRequest>> offers_;  // offers received, read after the progress call (ucx_mutex_)
     std::vector<std::string> hostnames_;
     std::mutex ucx_mutex_;    // serializes every UCX call
     std::mutex state_mutex_;  // guards in_flight_, stopping_, abort state

@@ -1,7 +1,9 @@
 // The reference checks with one rank per process: run under mpirun by ctest, e.g.
 //   mpirun -np 4 duplex_comm_mp_tests --backend=ucx
 // Every process runs every test on its own rank; only rank 0 prints; any failing rank fails the job.
+#include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -36,6 +38,36 @@ TEST(MultiProcess, ReceiveTimesOut) {
     int peer = (g_world->rank() + 1) % g_world->size();
     auto w = g_world->irecv(buf, 4, peer, 4000000);  // nobody sends this tag
     EXPECT_THROW(w->wait(0.2), TimeoutError);
+    g_world->barrier()->wait();
+}
+
+// ctest's single-copy runs (DUPLEX_TEST_EXPECT_SINGLE_COPY=1, every rank on this host) must take that path, or
+// they would pass through UCX's own transports and prove nothing about it.
+TEST(MultiProcess, SingleCopyIsInUseWhereExpected) {
+    if (!std::getenv("DUPLEX_TEST_EXPECT_SINGLE_COPY")) GTEST_SKIP() << "not asked for";
+    int others = g_world->size() - 1;
+    EXPECT_NE(g_world->backend_description().find(fmt::format("single copy with {} of {} ranks", others, others)),
+              std::string::npos)
+        << g_world->backend_description();
+}
+
+// A receive posted smaller than the send fails on both sides with both sizes (UCX single copy: the receiver answers
+// the offer with the size it posted).
+TEST(MultiProcess, SizeMismatchFailsBothSidesWithBothSizes) {
+    if (g_world->size() < 2 || g_world->backend_description().find("single copy with") == std::string::npos)
+        GTEST_SKIP() << "needs two ranks with UCX single copy: " << g_world->backend_description();
+    std::vector<char> buf(256 << 10, 1);
+    const std::string want = "message size mismatch: rank 0 sent 262144 bytes to rank 1 which posted 131072 bytes";
+    auto expect_error = [&](const WorkPtr& w) {
+        try {
+            w->wait(60);
+            ADD_FAILURE() << "rank " << g_world->rank() << ": no error";
+        } catch (const CommError& e) {
+            EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+        }
+    };
+    if (g_world->rank() == 0) expect_error(g_world->isend(buf.data(), buf.size(), 1, 4000001));
+    if (g_world->rank() == 1) expect_error(g_world->irecv(buf.data(), buf.size() / 2, 0, 4000001));
     g_world->barrier()->wait();
 }
 
