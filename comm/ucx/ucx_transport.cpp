@@ -13,6 +13,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -35,23 +36,24 @@ namespace duplex {
 
 namespace {
 
-// NOTE: UCX's peer error handling keeps it to transports that can report a dead peer: on one node TCP instead of
-// shared memory with CMA single-copy, 2-4x slower all-to-all when every byte goes through it. Without it, a CMA copy
-// from a process that just died is fatal inside UCX: the survivor aborts with UCX's backtrace instead of an error
-// naming the rank. So peer errors stay on and messages of at least kCmaMin bytes between ranks of one host take
-// Duplex's own single-copy path instead (UCX carries a 32-byte offer and a 16-byte answer): the receiver reads the
-// sender's buffer with process_vm_readv, which fails with ESRCH for a dead sender instead of crashing; a dead
-// receiver fails the sender's wait for the answer through UCX's peer error. BENCHMARKS.md has the numbers
-// (scripts/bench-ucx-default).
+// NOTE: a dead peer must fail the survivors with an error naming it, never abort them. UCX's peer error handling
+// would do that but keeps UCX to TCP on one node (shared memory cannot report a dead peer in UCX 1.13): 2-4x slower
+// all-to-all. Without it, UCX's own CMA copy from a process that just died is fatal inside UCX. So by default UCX
+// runs without peer error handling and without CMA (its shared-memory FIFOs carry small messages), and messages of
+// at least DUPLEX_UCX_CMA_MIN bytes between ranks of one host take Duplex's own single copy: the sender posts a
+// 32-byte offer (pid, address, size), the receiver reads the bytes with process_vm_readv (ESRCH for a dead sender:
+// an error naming it) and answers with 16 bytes; a dead receiver is named by the store's watchdog (comm/launch.cpp).
+// BENCHMARKS.md has the numbers (scripts/bench-ucx-default).
 const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", false,
-                                "1 (default): a dead peer fails the survivors' operations with an error naming it "
-                                "(UCX then keeps to TCP on one node; large same-host messages take Duplex's single-"
-                                "copy path, DUPLEX_UCX_CMA_MIN); 0: UCX's shared-memory transports too, a lost rank "
-                                "named by the store's watchdog but sometimes only by UCX aborting the survivor");
+                                "0 (default): UCX's shared-memory FIFOs for small same-host messages, Duplex's single "
+                                "copy for large ones (DUPLEX_UCX_CMA_MIN), a lost rank named by the store's watchdog "
+                                "or by the failed read of its memory; 1: UCX's peer error handling as well (UCX then "
+                                "keeps to TCP on one node: small messages several times slower)");
 const Knob<long> kCmaMin("DUPLEX_UCX_CMA_MIN", 64 * 1024,
                          "messages of at least this many bytes between ranks of one host are read by the receiver "
                          "straight from the sender's memory (process_vm_readv, one copy); 0 turns this off (every "
-                         "byte through UCX). Used only where every rank of the host can read the others' memory");
+                         "byte through UCX, whose own CMA then stays on). Used only where every rank of the host can "
+                         "read the others' memory");
 
 // UCX tag: bit 63 marks a single-copy answer, bits 49..62 carry the sender's rank, below them the wire tag.
 constexpr int kSourceShift = 49;
@@ -97,10 +99,16 @@ public:
         ucp_config_t* config = nullptr;
         DUPLEX_UCX_CHECK(ucp_config_read(nullptr, nullptr, &config));
         peer_errors_ = kUcxPeerErrors.get();
-        if (!peer_errors_ && kCmaMin.get() > 0 && !std::getenv("UCX_TLS")) {
+        long cma_min = kCmaMin.get();
+        if (!peer_errors_ && cma_min > 0 && !std::getenv("UCX_TLS")) {
             // UCX's own CMA copy aborts the process when the peer just died; Duplex's single copy takes those
             // messages instead and fails with an error naming the rank.
             DUPLEX_UCX_CHECK(ucp_config_modify(config, "TLS", "^cma"));
+            // Without CMA, UCX's rendezvous on one host is a chain of bounce-buffer fragments (4x the time of an
+            // eager send at 32 KiB here): below the single-copy size, eager it is (on every link: UCX 1.13 has one
+            // threshold for all).
+            if (!std::getenv("UCX_RNDV_THRESH"))
+                DUPLEX_UCX_CHECK(ucp_config_modify(config, "RNDV_THRESH", std::to_string(cma_min).c_str()));
         }
         ucp_params_t params{};
         params.field_mask = UCP_PARAM_FIELD_FEATURES;
