@@ -22,6 +22,7 @@ namespace duplex::cuda {
 namespace {
 
 using detail::copy_floats;
+using detail::scale_floats;
 using detail::Counter;
 using detail::publish;
 
@@ -203,8 +204,7 @@ __device__ void c_send(const CArgs& a, int s, int d, int lane) {
         float* to = iq + (r % a.Q) * a.dim;
         const float* from = src + r * a.dim;
         if (w) {
-            float f = w[r];
-            for (int c = lane; c < a.dim; c += 32) to[c] = __fmul_rn(f, from[c]);
+            scale_floats(to, from, w[r], a.dim, lane);
         } else {
             copy_floats(to, from, a.dim, lane);
         }

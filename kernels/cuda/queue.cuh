@@ -1,9 +1,11 @@
 // Pieces shared by the queue-based exchange kernels (exchange.cu, hierarchical.cu): device-scope counters, the
-// stall check that turns a stuck queue into an error instead of a hang, and a warp-wide row copy.
+// stall check that turns a stuck queue into an error instead of a hang, and warp-wide row copies.
 #pragma once
 
 #include <cuda/atomic>
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "core/cuda_check.hpp"
 
@@ -21,9 +23,42 @@ __device__ inline bool stalled(int* error, long long timeout_cycles, long long s
     return false;
 }
 
-// n floats, the warp's 32 lanes striding.
+__device__ inline bool aligned16(const void* a, const void* b) {
+    return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15) == 0;
+}
+
+// out[i] = op(in[i]) for n floats, the warp's 32 lanes striding: where both ends are 16-byte aligned, 16-byte loads
+// and stores (LDG.E.128 / STG.E.128), four in flight per lane; the rest (a misaligned pair, a tail of n % 4) one
+// float at a time. op acts on each element alone, so the result is the scalar loop's bit for bit.
+template <typename Op>
+__device__ inline void map_floats(float* to, const float* from, long long n, int lane, Op op) {
+    long long done = 0;
+    if (aligned16(to, from)) {
+        const float4* f = reinterpret_cast<const float4*>(from);
+        float4* t = reinterpret_cast<float4*>(to);
+        auto apply = [&](float4 v) { return make_float4(op(v.x), op(v.y), op(v.z), op(v.w)); };
+        long long n4 = n / 4, i = lane;
+        for (; i + 96 < n4; i += 128) {
+            float4 v0 = f[i], v1 = f[i + 32], v2 = f[i + 64], v3 = f[i + 96];
+            t[i] = apply(v0);
+            t[i + 32] = apply(v1);
+            t[i + 64] = apply(v2);
+            t[i + 96] = apply(v3);
+        }
+        for (; i < n4; i += 32) t[i] = apply(f[i]);
+        done = n4 * 4;
+    }
+    for (long long i = done + lane; i < n; i += 32) to[i] = op(from[i]);
+}
+
+// n floats copied by a warp.
 __device__ inline void copy_floats(float* to, const float* from, long long n, int lane) {
-    for (long long i = lane; i < n; i += 32) to[i] = from[i];
+    map_floats(to, from, n, lane, [](float v) { return v; });
+}
+
+// n floats scaled by f (round to nearest) by a warp.
+__device__ inline void scale_floats(float* to, const float* from, float f, long long n, int lane) {
+    map_floats(to, from, n, lane, [f](float v) { return __fmul_rn(f, v); });
 }
 
 // Publishes what this warp wrote: every lane's stores are visible device-wide before lane 0 moves the counter.

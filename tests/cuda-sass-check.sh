@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Without a GPU: the exchange kernels' row copies are 128-bit instructions in the sm_90a code that was built
+# (LDG.E.128 and STG.E.128 in each of them), read with cuobjdump -sass. The CUDA toolkit on the CI machines lacks
+# cuobjdump and nvdisasm; PyPI's nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels carry them (installed into
+# the project's .venv by scripts/install-python). Exit 77 (skipped) when neither is found.
+# usage: cuda-sass-check.sh LIBDUPLEX_CUDA.so [PYTHON]
+set -uo pipefail
+lib=$(realpath "$1") py=${2:-python3}
+dirs=(/usr/local/cuda/bin)
+# The wheels put their tools under site-packages/nvidia/cuNN/bin.
+while read -r d; do [ -n "$d" ] && dirs+=("$d"); done < <("$py" -c '
+import glob, os, nvidia
+for p in nvidia.__path__:
+    print("\n".join(sorted(set(os.path.dirname(t) for t in glob.glob(os.path.join(p, "*", "bin", "cuobjdump"))))))
+' 2>/dev/null)
+for d in "${dirs[@]}"; do PATH=$PATH:$d; done
+if ! command -v cuobjdump >/dev/null || ! command -v nvdisasm >/dev/null; then
+    echo "cuobjdump and nvdisasm not found (PATH, ${dirs[*]}): skipped"
+    exit 77
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+(cd "$work" && cuobjdump -xelf all "$lib" >/dev/null) || { echo "cuobjdump could not extract cubins from $lib"; exit 1; }
+for f in "$work"/*.cubin; do cuobjdump -sass "$f"; done > "$work/all.sass" || { echo "cuobjdump -sass failed"; exit 1; }
+"$py" - "$work/all.sass" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+functions = {f.split("\n", 1)[0]: f for f in re.split(r"\n\s*Function : ", text)[1:]}
+rc = 0
+for kernel in ("exchange_kernel", "hierarchical_kernel", "hierarchical_combine_kernel"):
+    found = [body for name, body in functions.items() if re.search(rf"\d{kernel}E", name)]
+    if len(found) != 1:
+        print(f"{kernel}: {len(found)} functions in the SASS, expected 1")
+        rc = 1
+        continue
+    loads, stores = len(re.findall(r"\bLDG\.E\.128\b", found[0])), len(re.findall(r"\bSTG\.E\.128\b", found[0]))
+    print(f"{kernel}: {loads} LDG.E.128, {stores} STG.E.128")
+    if loads == 0 or stores == 0:
+        print(f"{kernel}: its copies are not 128-bit")
+        rc = 1
+sys.exit(rc)
+PY
