@@ -156,9 +156,13 @@ ExchangeCase random_exchange(int ranks, uint64_t seed) {
     return c;
 }
 
-TEST(CudaExchange, EqualsAPlainCopyUnderEverySmBudget) {
+// dim 96: rows 16-byte aligned, the 128-bit copy; dim 7: rows misaligned, the one-float copy and its tails.
+class CudaExchangeWidth : public ::testing::TestWithParam<int> {};
+INSTANTIATE_TEST_SUITE_P(Widths, CudaExchangeWidth, ::testing::Values(96, 7));
+
+TEST_P(CudaExchangeWidth, EqualsAPlainCopyUnderEverySmBudget) {
     NEED_GPU();
-    const int ranks = 8, dim = 96;
+    const int ranks = 8, dim = GetParam();
     ExchangeCase c = random_exchange(ranks, 21);
     std::vector<std::vector<float>> host_send(ranks);
     std::vector<std::unique_ptr<Dev<float>>> send, recv;
