@@ -45,12 +45,13 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
     const size_t row_bytes = size_t(d) * sizeof(float);
     fmt::print("# duplex commbench: {} between {} virtual ranks on {} ({} SMs), hidden {}, top-{}, {} iterations\n",
                o.op, R, devices[0].name, device_sms, d, K, o.iters);
-    fmt::print("# size = bytes each rank sends; algbw = all ranks' bytes / time; copy = cudaMemcpy D2D of the same bytes\n");
+    fmt::print("# size = bytes each rank sends; algbw = all ranks' bytes / time; copy = cudaMemcpy D2D of the same bytes;\n"
+               "# ceiling = a plain 16-byte copy kernel of the same bytes on the same SM budget\n");
     if (o.nodes > 1)
         fmt::print("# {} virtual nodes of {} ranks: sender -> forwarder (one row per token and node) -> receivers\n",
                    o.nodes, R / o.nodes);
-    fmt::print("#\n# {:>10} {:>6} {:>5} {:>10} {:>11} {:>11} {:>9} {:>7}\n", "size(B)", "tokens", "SMs", "time(us)",
-               "algbw(GB/s)", "copy(GB/s)", "of copy", "#wrong");
+    fmt::print("#\n# {:>10} {:>6} {:>5} {:>10} {:>11} {:>11} {:>9} {:>11} {:>8} {:>7}\n", "size(B)", "tokens", "SMs",
+               "time(us)", "algbw(GB/s)", "copy(GB/s)", "of copy", "ceil(GB/s)", "of ceil", "#wrong");
     nlohmann::json rows = nlohmann::json::array();
     uint64_t total_wrong = 0;
     Rng rng(o.seed);
@@ -148,6 +149,7 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
         for (int sms : o.sms) {
             cuda::ExchangeConfig cfg;
             cfg.num_sms = sms;
+            double ceiling_bw = bytes_all / cuda::copy_ceiling_seconds(size_t(bytes_all), sms, 3, nullptr);
             double best = 1e30;
             for (int it = 0; it < o.warmup + o.iters; ++it) {
                 double kernel_s = 0;
@@ -204,13 +206,15 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
             }
             total_wrong += wrong;
             double algbw = bytes_all / best / 1e9;
-            fmt::print("  {:>10} {:>6} {:>5} {:>10.2f} {:>11.2f} {:>11.2f} {:>8.1f}% {:>7}", size_t(slots * row_bytes),
-                       tokens, sms, best * 1e6, algbw, copy_bw / 1e9, 100 * algbw * 1e9 / copy_bw, wrong);
+            fmt::print("  {:>10} {:>6} {:>5} {:>10.2f} {:>11.2f} {:>11.2f} {:>8.1f}% {:>11.2f} {:>7.1f}% {:>7}",
+                       size_t(slots * row_bytes), tokens, sms, best * 1e6, algbw, copy_bw / 1e9, 100 * algbw * 1e9 / copy_bw,
+                       ceiling_bw / 1e9, 100 * algbw * 1e9 / ceiling_bw, wrong);
             if (o.nodes > 1)
                 fmt::print("   inter-node rows {} (flat {})", inter_rows, flat_inter_rows);
             fmt::print("\n");
             rows.push_back({{"size", size_t(slots * row_bytes)}, {"tokens", tokens}, {"sms", sms}, {"time_us", best * 1e6},
                             {"algbw_gbs", algbw}, {"copy_gbs", copy_bw / 1e9}, {"fraction_of_copy", algbw * 1e9 / copy_bw},
+                            {"ceiling_gbs", ceiling_bw / 1e9}, {"fraction_of_ceiling", algbw * 1e9 / ceiling_bw},
                             {"wrong", wrong}, {"inter_node_rows", inter_rows}, {"flat_inter_node_rows", flat_inter_rows}});
             std::fflush(stdout);
         }

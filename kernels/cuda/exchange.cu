@@ -1,13 +1,12 @@
-// The warp-specialized all-to-all of expert dispatch and combine, between "virtual ranks" whose buffers share
-// one device. The CPU reference is the plain copy it must equal (tests/cuda/kernels_test.cpp builds it).
+// The all-to-all of expert dispatch and combine between "virtual ranks" whose buffers share one device. The CPU
+// reference is the plain copy it must equal (tests/cuda/kernels_test.cpp builds it).
 //
-// Every (source, destination) pair is a channel with a ring of chunk slots in the destination's memory, a head
-// (chunks written) and a tail (chunks consumed). The kernel runs on config.num_sms blocks — the SM budget —
-// so the rest of the device stays free for compute; channel c belongs to block c % num_sms, and inside a block
-// warp w of the first half sends channels w, w + W, ... (source rows -> queue) while warp w of the second half
-// receives the same channels in the same order (queue -> destination rows). A channel's two ends are warps of
-// one block, always resident together, so the queues cannot deadlock however small they are.
-#include <cuda/atomic>
+// Every row is written once, straight from its source buffer to its place in the destination's buffer: the layout
+// (source-major in each destination) follows from the counts before the launch, so nothing needs a queue between
+// the two. The kernel runs on config.num_sms blocks — the SM budget — so the rest of the device stays free for
+// compute; the warps of the grid take the rows of all (source, destination) channels in turn (warp w: rows w,
+// w + W, ...), so every warp of the budget moves data however the rows spread over the channels, each row with
+// 16-byte loads and stores where it is aligned (copy_floats).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,74 +22,79 @@ namespace duplex::cuda {
 namespace {
 
 using detail::copy_floats;
-using detail::Counter;
-using detail::publish;
+
+constexpr int kThreadsPerBlock = 1024;
 
 struct Args {
-    int num_ranks, dim, rows_per_chunk, queue_chunks, warps_per_role;
+    int num_ranks, dim;
+    long long total_rows;
     const float* const* send;
     float* const* recv;
-    const long long* send_off;  // [src * R + dst]
-    const long long* count;     // [src * R + dst]
-    const long long* recv_off;  // [src * R + dst]: first row in recv[dst]
-    float* queues;              // per channel: queue_chunks * rows_per_chunk * dim floats
-    long long* head;            // per channel, 32 longs apart (own cache line)
-    long long* tail;
-    int* error;                 // 0, or 1 + the stalled channel
-    long long timeout_cycles;
+    const long long* first;     // [c], c = src * R + dst: the channel's first row in the numbering of all rows
+    const long long* send_off;  // [c]: its first row in send[src]
+    const long long* recv_off;  // [c]: its first row in recv[dst]
 };
 
-__device__ bool stalled(const Args& a, long long start, int channel) {
-    return detail::stalled(a.error, a.timeout_cycles, start, channel);
-}
-
-__device__ void send_channel(const Args& a, int channel, int lane) {
-    long long total = a.count[channel];
-    long long chunks = (total + a.rows_per_chunk - 1) / a.rows_per_chunk;
-    const float* src = a.send[channel / a.num_ranks] + a.send_off[channel] * a.dim;
-    float* queue = a.queues + (long long)channel * a.queue_chunks * a.rows_per_chunk * a.dim;
-    Counter tail(a.tail[channel * 32]), head(a.head[channel * 32]);
-    for (long long i = 0; i < chunks; ++i) {
-        long long start = clock64();
-        while (i - tail.load(::cuda::memory_order_acquire) >= a.queue_chunks)
-            if (stalled(a, start, channel)) return;
-        long long rows = min((long long)a.rows_per_chunk, total - i * a.rows_per_chunk);
-        copy_floats(queue + (i % a.queue_chunks) * a.rows_per_chunk * a.dim, src + i * a.rows_per_chunk * a.dim,
-                    rows * a.dim, lane);
-        publish(head, i + 1, lane);
-    }
-}
-
-__device__ void receive_channel(const Args& a, int channel, int lane) {
-    float* dst = a.recv[channel % a.num_ranks] + a.recv_off[channel] * a.dim;
-    const float* queue = a.queues + (long long)channel * a.queue_chunks * a.rows_per_chunk * a.dim;
-    Counter tail(a.tail[channel * 32]), head(a.head[channel * 32]);
-    detail::drain_chunks(head, tail, queue, dst, a.count[channel], a.rows_per_chunk, a.queue_chunks, a.dim, lane,
-                         [&](long long start) { return stalled(a, start, channel); });
-}
-
 __global__ void exchange_kernel(Args a) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    bool sender = warp < a.warps_per_role;
-    int role_warp = sender ? warp : warp - a.warps_per_role;
+    int lane = threadIdx.x % 32;
+    long long warps = (long long)gridDim.x * (blockDim.x / 32);
     int channels = a.num_ranks * a.num_ranks;
-    // Channels of this block: blockIdx.x, blockIdx.x + gridDim.x, ...; local index j goes to warp j % W.
-    for (int j = role_warp;; j += a.warps_per_role) {
-        int channel = blockIdx.x + j * gridDim.x;
-        if (channel >= channels) break;
-        if (sender)
-            send_channel(a, channel, lane);
-        else
-            receive_channel(a, channel, lane);
+    for (long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < a.total_rows; row += warps) {
+        // Its channel: the last c with first[c] <= row (an empty channel shares its first with the next one).
+        int lo = 0, hi = channels - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (a.first[mid] <= row)
+                lo = mid;
+            else
+                hi = mid - 1;
+        }
+        long long k = row - a.first[lo];
+        copy_floats(a.recv[lo % a.num_ranks] + (a.recv_off[lo] + k) * a.dim,
+                    a.send[lo / a.num_ranks] + (a.send_off[lo] + k) * a.dim, a.dim, lane);
     }
 }
 
-int warps_per_role(int num_ranks, int num_sms) {
-    int per_block = (num_ranks * num_ranks + num_sms - 1) / num_sms;
-    return std::max(1, std::min(per_block, 16));
+// The ceiling the exchange is measured against: a plain copy of n4 float4s by the same grid, every thread with
+// four 16-byte loads in flight.
+__global__ void plain_copy_kernel(float4* to, const float4* from, long long n4) {
+    long long threads = (long long)gridDim.x * blockDim.x, i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * threads < n4; i += 4 * threads) {
+        float4 v0 = from[i], v1 = from[i + threads], v2 = from[i + 2 * threads], v3 = from[i + 3 * threads];
+        to[i] = v0;
+        to[i + threads] = v1;
+        to[i + 2 * threads] = v2;
+        to[i + 3 * threads] = v3;
+    }
+    for (; i < n4; i += threads) to[i] = from[i];
 }
 
 }  // namespace
+
+double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t stream) {
+    int device = 0, sms = 0;
+    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    DUPLEX_CHECK_ARG(num_sms >= 1 && num_sms <= sms, "copy ceiling: SM budget", "{} SMs requested, the device has {}",
+                     num_sms, sms);
+    DUPLEX_CHECK_ARG(repeats >= 1, "copy ceiling", "repeats must be positive, got {}", repeats);
+    long long n4 = (long long)((bytes + 15) / 16);
+    using detail::Arena;
+    Arena arena(2 * Arena::size_of<float4>(size_t(n4)) + Arena::size_of<int>(1), stream);
+    auto* from = arena.take<float4>(size_t(n4));
+    auto* to = arena.take<float4>(size_t(n4));
+    int* d_error = arena.take<int>(1);
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(from, 0, size_t(n4) * sizeof(float4), stream));
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(d_error, 0, sizeof(int), stream));
+    double best = 1e30;
+    for (int r = 0; r < repeats; ++r) {
+        int error = 0;
+        best = std::min(best, detail::timed_launch(stream, d_error, error, [&] {
+            if (n4 > 0) plain_copy_kernel<<<num_sms, kThreadsPerBlock, 0, stream>>>(to, from, n4);
+        }));
+    }
+    return best;
+}
 
 void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send_counts,
                     const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& c, int device_sms) {
@@ -123,67 +127,57 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
                      const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& c,
                      cudaStream_t stream) {
     int R = int(send.size());
-    int device = 0, sms = 0, clock_khz = 0;
+    int device = 0, sms = 0;
     DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
     DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
     check_exchange(R, send_counts, recv_capacity_rows, dim, c, sms);
     DUPLEX_CHECK_ARG(int(recv.size()) == R && int(send_offsets.size()) == R, "exchange", "{} send, {} receive buffers, {} "
                      "offset lists", R, recv.size(), send_offsets.size());
-    std::vector<long long> off(size_t(R) * R), cnt(off.size()), roff(off.size());
+    std::vector<long long> off(size_t(R) * R), first(off.size()), roff(off.size());
     for (int dst = 0; dst < R; ++dst) {
         long long at = 0;
         for (int src = 0; src < R; ++src) {
             DUPLEX_CHECK_ARG(int(send_offsets[src].size()) == R && send_offsets[src][dst] >= 0, "exchange",
                              "rank {} has a bad send offset for rank {}", src, dst);
             off[size_t(src) * R + dst] = send_offsets[src][dst];
-            cnt[size_t(src) * R + dst] = send_counts[src][dst];
             roff[size_t(src) * R + dst] = at;
             at += send_counts[src][dst];
         }
     }
+    long long total = 0;
+    for (size_t c = 0; c < first.size(); ++c) {
+        first[c] = total;
+        total += send_counts[c / R][c % R];
+    }
     size_t channels = size_t(R) * R;
-    size_t queue_floats = channels * c.queue_chunks * size_t(c.rows_per_chunk) * dim;
-    // One allocation for the tables, the queues and the counters.
+    // One allocation for the tables and the error word timed_launch reads back (the copy cannot stall).
     using detail::Arena;
-    Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(channels) +
-                2 * Arena::size_of<long long>(32 * channels) + Arena::size_of<int>(1) + Arena::size_of<float>(queue_floats), stream);
+    Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(channels) + Arena::size_of<int>(1), stream);
     Args a{};
     a.num_ranks = R;
     a.dim = dim;
-    a.rows_per_chunk = c.rows_per_chunk;
-    a.queue_chunks = c.queue_chunks;
-    a.warps_per_role = warps_per_role(R, c.num_sms);
+    a.total_rows = total;
     auto* d_send = arena.take<const float*>(R);
     auto* d_recv = arena.take<float*>(R);
+    auto* d_first = arena.take<long long>(channels);
     auto* d_off = arena.take<long long>(channels);
-    auto* d_cnt = arena.take<long long>(channels);
     auto* d_roff = arena.take<long long>(channels);
-    a.head = arena.take<long long>(32 * channels);
-    a.tail = arena.take<long long>(32 * channels);
-    a.error = arena.take<int>(1);
-    a.queues = arena.take<float>(queue_floats);
+    int* d_error = arena.take<int>(1);
     a.send = d_send;
     a.recv = d_recv;
+    a.first = d_first;
     a.send_off = d_off;
-    a.count = d_cnt;
     a.recv_off = d_roff;
-    a.timeout_cycles = (long long)(c.timeout_s * clock_khz * 1e3);
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_send, send.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_recv, recv.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
+    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_first, first.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_off, off.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_cnt, cnt.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_roff, roff.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.head, 0, 32 * sizeof(long long) * channels, stream));
-    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.tail, 0, 32 * sizeof(long long) * channels, stream));
-    DUPLEX_CUDA_CHECK(cudaMemsetAsync(a.error, 0, sizeof(int), stream));
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(d_error, 0, sizeof(int), stream));
     int error = 0;
-    double seconds = detail::timed_launch(stream, a.error, error, [&] {
-        exchange_kernel<<<c.num_sms, 64 * a.warps_per_role, 0, stream>>>(a);
+    double seconds = detail::timed_launch(stream, d_error, error, [&] {
+        if (total > 0) exchange_kernel<<<c.num_sms, kThreadsPerBlock, 0, stream>>>(a);
     });
-    if (error != 0)
-        throw CommError(fmt::format("exchange: the queue from virtual rank {} to {} stalled for {} s", (error - 1) / R,
-                                    (error - 1) % R, c.timeout_s));
     return seconds;
 }
 

@@ -7,7 +7,7 @@
 //             CPU reference (same e4m3 conversion, IEEE division).
 //   permute:  permute_rows / combine_rows — the dispatch layout of kernels/cpu/permute.hpp; combine multiplies
 //             and adds without fusing, in slot order, so it is bit-equal to the CPU reference.
-//   exchange: exchange_rows — the warp-specialized all-to-all of dispatch and combine between "virtual ranks"
+//   exchange: exchange_rows — the all-to-all of dispatch and combine between "virtual ranks", each row written once
 //             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs;
 //             dispatch_rows_hierarchical / combine_rows_hierarchical — the node-limited dispatch and combine with
 //             forwarder warps (one crossing per node; combine reduces inside the node before crossing).
@@ -64,20 +64,23 @@ void slot_dots(const float* dy, const float* outputs, int dim, const DeviceLayou
 // ---- exchange between virtual ranks ----
 struct ExchangeConfig {
     int num_sms = 20;           // blocks of the kernel: the SMs it may occupy (DeepSeek-V3: 20 of 132)
-    int rows_per_chunk = 4;     // rows per queue slot
-    int queue_chunks = 8;       // slots per channel queue
-    double timeout_s = 10;      // a stalled queue fails the call instead of hanging
+    int rows_per_chunk = 4;     // rows per queue slot (node-limited kernels)
+    int queue_chunks = 8;       // slots per channel queue (node-limited kernels)
+    double timeout_s = 10;      // a stalled queue fails the call instead of hanging (node-limited kernels)
 };
 // Per rank r: send[r] holds its rows grouped by destination (send_offsets[r][p] .. +send_counts[r][p] go to p);
-// recv[r] receives them source-major: rows from rank 0 first, then rank 1, ... Every (source, destination)
-// pair is a channel with a chunked queue in the destination's memory; in each block one warp per channel
-// sends (source buffer -> queue) and one receives (queue -> destination buffer). Returns the kernel's time in
-// seconds. ConfigError (before launch) for an SM budget beyond the device, counts that do not fit the buffers
-// (recv_capacity_rows[r] rows), or a bad configuration; CommError when a queue stalls past the timeout.
+// recv[r] receives them source-major: rows from rank 0 first, then rank 1, ... Each row is copied once, source
+// buffer to its place in the destination buffer, the grid's warps taking the rows of all channels in turn
+// (16-byte copies where rows are aligned). Returns the kernel's time in seconds. ConfigError (before launch) for
+// an SM budget beyond the device, counts that do not fit the buffers (recv_capacity_rows[r] rows), or a bad
+// configuration.
 double exchange_rows(const std::vector<const float*>& send, const std::vector<std::vector<int64_t>>& send_offsets,
                      const std::vector<std::vector<int64_t>>& send_counts, const std::vector<float*>& recv,
                      const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,
                      cudaStream_t stream);
+// The fastest of `repeats` plain copies of `bytes` by a grid of num_sms blocks (16-byte loads, four in flight per
+// thread), in seconds: the ceiling an exchange on the same SM budget is measured against (commbench --backend cuda).
+double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t stream);
 // The host-side checks of exchange_rows, callable without a device (device_sms: the device's SM count).
 void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send_counts,
                     const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,

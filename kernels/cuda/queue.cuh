@@ -32,6 +32,9 @@ __device__ inline bool aligned16(const void* a, const void* b) {
 // float at a time. op acts on each element alone, so the result is the scalar loop's bit for bit.
 template <typename Op>
 __device__ inline void map_floats(float* to, const float* from, long long n, int lane, Op op) {
+    // Rows live in device allocations: global loads and stores (LDG/STG), not generic ones, where the compiler
+    // cannot see it (pointers read from a table).
+    __builtin_assume(__isGlobal(to) && __isGlobal(from));
     long long done = 0;
     if (aligned16(to, from)) {
         const float4* f = reinterpret_cast<const float4*>(from);
