@@ -184,8 +184,6 @@ TEST_P(CudaExchangeWidth, EqualsAPlainCopyUnderEverySmBudget) {
     for (int sms : {1, 4, 20, 32}) {
         ExchangeConfig cfg;
         cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
-        cfg.rows_per_chunk = 3;
-        cfg.queue_chunks = 2;  // small queues: senders wait on receivers
         for (auto& b : recv) cudaMemset(b->get(), 0xFF, b->size() * sizeof(float));  // stale results must not pass
         exchange_rows(send_ptr, c.offsets, c.counts, recv_ptr, c.recv_rows, dim, cfg, nullptr);
         for (int d = 0; d < ranks; ++d) ASSERT_EQ(recv[d]->host(), want[d]) << "rank " << d << ", " << sms << " SMs";
