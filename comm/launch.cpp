@@ -107,6 +107,19 @@ int slurm_tasks_on_first_node(const char* text) {
     return n ? std::stoi(s.substr(0, n)) : 1;
 }
 
+#ifdef DUPLEX_HAVE_UCX
+// Waits (up to `seconds`) until `ranks` ranks have left the world, cleanly or lost (the store's counters).
+void wait_for_ranks_to_leave(Store& store, int64_t ranks, double seconds) {
+    auto count = [&](const char* key) {
+        auto v = store.try_get(key);
+        return v ? store_parse_int(key, *v) : 0;
+    };
+    Deadline d(seconds);
+    while (count("launch/exit") + count(kStoreLostCount) < ranks && !d.expired())
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+}
+#endif
+
 }  // namespace
 
 ProcessEnv process_env() {
@@ -240,14 +253,8 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
             // most) for the others to leave too, so they read who was lost instead of blaming rank 0 for the store.
             auto let_the_others_leave = [&] {
                 if (!server) return;
-                Deadline d(3.0);
                 try {
-                    auto count = [&](const std::string& key) {
-                        auto v = store->try_get(key);
-                        return v ? std::stoll(*v) : 0;
-                    };
-                    while (!d.expired() && count("launch/exit") + count(kStoreLostCount) < p.world_size - 1)
-                        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                    wait_for_ranks_to_leave(*store, p.world_size - 1, 3.0);
                 } catch (const Error&) {
                 }
             };
@@ -317,15 +324,7 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
         if (store_lost.load()) std::rethrow_exception(failure);
         store->set(kStoreExitedPrefix + std::to_string(p.rank), "1");
         store->add("launch/exit", 1);
-        if (server) {
-            Deadline d(30);
-            auto count = [&](const char* key) {
-                auto v = store->try_get(key);
-                return v ? std::stoll(*v) : 0;
-            };
-            while (count("launch/exit") + count(kStoreLostCount) < p.world_size && !d.expired())
-                std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        }
+        if (server) wait_for_ranks_to_leave(*store, p.world_size, 30.0);
         if (failure) std::rethrow_exception(failure);
         return;
     }

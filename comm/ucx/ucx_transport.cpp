@@ -61,6 +61,11 @@ constexpr int kMaxRanks = 1 << 14;
 constexpr uint64_t kWireMask = (uint64_t(1) << kSourceShift) - 1;
 constexpr uint64_t kAnswerBit = uint64_t(1) << 63;
 
+// Waiting threads and the progress thread yield-spin this long after the last progress before sleeping:
+// oversubscribed ranks get the core back and a message that arrives soon is still seen within microseconds
+// (0 and 20 us were tried: no measurable change, BENCHMARKS.md).
+constexpr double kSpinBeforeSleep_s = 200e-6;
+
 constexpr uint64_t kOfferMagic = 0x4450'4C58'434D'4131ull;  // "DPLXCMA1"
 
 // Single copy: the sender's offer (where the bytes are), the receiver's answer once it has read them.
@@ -99,8 +104,12 @@ public:
         ucp_config_t* config = nullptr;
         DUPLEX_UCX_CHECK(ucp_config_read(nullptr, nullptr, &config));
         peer_errors_ = kUcxPeerErrors.get();
-        long cma_min = kCmaMin.get();
-        if (!peer_errors_ && cma_min > 0 && !std::getenv("UCX_TLS")) {
+        cma_min_ = kCmaMin.get();
+        if (cma_min_ < 0) {
+            ucp_config_release(config);
+            throw ConfigError(kCmaMin.name(), fmt::format("must be 0 (off) or a size in bytes, got {}", cma_min_));
+        }
+        if (!peer_errors_ && cma_min_ > 0 && !std::getenv("UCX_TLS")) {
             // UCX's own CMA copy aborts the process when the peer just died; Duplex's single copy takes those
             // messages instead and fails with an error naming the rank.
             DUPLEX_UCX_CHECK(ucp_config_modify(config, "TLS", "^cma"));
@@ -108,7 +117,7 @@ public:
             // eager send at 32 KiB here): below the single-copy size, eager it is (on every link: UCX 1.13 has one
             // threshold for all).
             if (!std::getenv("UCX_RNDV_THRESH"))
-                DUPLEX_UCX_CHECK(ucp_config_modify(config, "RNDV_THRESH", std::to_string(cma_min).c_str()));
+                DUPLEX_UCX_CHECK(ucp_config_modify(config, "RNDV_THRESH", std::to_string(cma_min_).c_str()));
         }
         ucp_params_t params{};
         params.field_mask = UCP_PARAM_FIELD_FEATURES;
@@ -290,7 +299,7 @@ public:
             }
             if (progressed) {
                 quiet.reset();
-            } else if (quiet.seconds() > (getenv("XQ") ? atof(getenv("XQ")) : 200e-6)) {
+            } else if (quiet.seconds() > kSpinBeforeSleep_s) {
                 // Quiet for a while: hand progress back to the progress thread and sleep on the request.
                 drivers_.fetch_sub(1, std::memory_order_relaxed);
                 state_cv_.notify_all();
@@ -404,7 +413,7 @@ private:
             return;
         }
         switch (r.part) {
-            case Part::OfferRecv: offers_.push_back(keep ? keep : nullptr); break;
+            case Part::OfferRecv: offers_.push_back(std::move(keep)); break;  // read after this progress call
             case Part::AnswerRecv:
                 if (r.answer.status == 0)
                     settle(user, {});
@@ -422,14 +431,10 @@ private:
     // Progress, then the single-copy reads its offers asked for (ucx_mutex_ held).
     unsigned progress_locked() {
         unsigned n = ucp_worker_progress(worker_);
-        while (!offers_.empty()) {
-            std::vector<std::shared_ptr<UcxRequest>> ready;
-            ready.swap(offers_);
-            for (auto& offer : ready)
-                if (offer) read_offer(*offer);
-            ++n;
-        }
-        return n;
+        std::vector<std::shared_ptr<UcxRequest>> ready;
+        ready.swap(offers_);
+        for (auto& offer : ready) read_offer(*offer);
+        return n + unsigned(ready.size());
     }
 
     // Reads the bytes an offer points at into the user's buffer, then answers the sender.
@@ -493,9 +498,6 @@ private:
     // single copy only when both could, so both sides of a message agree on its protocol.
     void agree_on_single_copy() {
         cma_peer_.assign(size_, false);
-        cma_min_ = kCmaMin.get();
-        if (cma_min_ < 0)
-            throw ConfigError(kCmaMin.name(), fmt::format("must be 0 (off) or a size in bytes, got {}", cma_min_));
         // Yama's ptrace_scope 1 lets only descendants read a process: allow the other ranks.
         prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
         cma_probe_ = kOfferMagic ^ static_cast<uint64_t>(rank_);
@@ -622,9 +624,6 @@ private:
     // Drives the worker while anything is in flight; sleeps on the condition variable otherwise, and on the
     // worker's event descriptor when a progress round found nothing to do.
     void progress_loop() {
-        // Yield-spin this long after the last progress before sleeping: oversubscribed ranks get the core back
-        // and a message that arrives soon is still seen within microseconds.
-        const double kSpinBeforeSleep_s = getenv("XS") ? atof(getenv("XS")) : 200e-6;
         Stopwatch since_abort_check, idle;
         for (;;) {
             {

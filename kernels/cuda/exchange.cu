@@ -58,38 +58,27 @@ __global__ void exchange_kernel(Args a) {
 // The ceiling the exchange is measured against: a plain copy of n4 float4s by the same grid, every thread with
 // four 16-byte loads in flight.
 __global__ void plain_copy_kernel(float4* to, const float4* from, long long n4) {
-    long long threads = (long long)gridDim.x * blockDim.x, i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    for (; i + 3 * threads < n4; i += 4 * threads) {
-        float4 v0 = from[i], v1 = from[i + threads], v2 = from[i + 2 * threads], v3 = from[i + 3 * threads];
-        to[i] = v0;
-        to[i + threads] = v1;
-        to[i + 2 * threads] = v2;
-        to[i + 3 * threads] = v3;
-    }
-    for (; i < n4; i += threads) to[i] = from[i];
+    detail::strided_map4(to, from, n4, (long long)blockIdx.x * blockDim.x + threadIdx.x, (long long)gridDim.x * blockDim.x,
+                         [](float4 v) { return v; });
 }
 
 }  // namespace
 
 double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t stream) {
-    int device = 0, sms = 0;
-    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    int sms = detail::current_device_sms();
     DUPLEX_CHECK_ARG(num_sms >= 1 && num_sms <= sms, "copy ceiling: SM budget", "{} SMs requested, the device has {}",
                      num_sms, sms);
     DUPLEX_CHECK_ARG(repeats >= 1, "copy ceiling", "repeats must be positive, got {}", repeats);
     long long n4 = (long long)((bytes + 15) / 16);
     using detail::Arena;
-    Arena arena(2 * Arena::size_of<float4>(size_t(n4)) + Arena::size_of<int>(1), stream);
+    Arena arena(2 * Arena::size_of<float4>(size_t(n4)), stream);
     auto* from = arena.take<float4>(size_t(n4));
     auto* to = arena.take<float4>(size_t(n4));
-    int* d_error = arena.take<int>(1);
     DUPLEX_CUDA_CHECK(cudaMemsetAsync(from, 0, size_t(n4) * sizeof(float4), stream));
-    DUPLEX_CUDA_CHECK(cudaMemsetAsync(d_error, 0, sizeof(int), stream));
     double best = 1e30;
+    int no_error = 0;
     for (int r = 0; r < repeats; ++r) {
-        int error = 0;
-        best = std::min(best, detail::timed_launch(stream, d_error, error, [&] {
+        best = std::min(best, detail::timed_launch(stream, nullptr, no_error, [&] {
             if (n4 > 0) plain_copy_kernel<<<num_sms, kThreadsPerBlock, 0, stream>>>(to, from, n4);
         }));
     }
@@ -127,10 +116,7 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
                      const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& c,
                      cudaStream_t stream) {
     int R = int(send.size());
-    int device = 0, sms = 0;
-    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    check_exchange(R, send_counts, recv_capacity_rows, dim, c, sms);
+    check_exchange(R, send_counts, recv_capacity_rows, dim, c, detail::current_device_sms());
     DUPLEX_CHECK_ARG(int(recv.size()) == R && int(send_offsets.size()) == R, "exchange", "{} send, {} receive buffers, {} "
                      "offset lists", R, recv.size(), send_offsets.size());
     std::vector<long long> off(size_t(R) * R), first(off.size()), roff(off.size());
@@ -150,9 +136,9 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
         total += send_counts[c / R][c % R];
     }
     size_t channels = size_t(R) * R;
-    // One allocation for the tables and the error word timed_launch reads back (the copy cannot stall).
+    // One allocation for the tables.
     using detail::Arena;
-    Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(channels) + Arena::size_of<int>(1), stream);
+    Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(channels), stream);
     Args a{};
     a.num_ranks = R;
     a.dim = dim;
@@ -162,7 +148,6 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
     auto* d_first = arena.take<long long>(channels);
     auto* d_off = arena.take<long long>(channels);
     auto* d_roff = arena.take<long long>(channels);
-    int* d_error = arena.take<int>(1);
     a.send = d_send;
     a.recv = d_recv;
     a.first = d_first;
@@ -173,12 +158,10 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_first, first.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_off, off.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
     DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_roff, roff.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-    DUPLEX_CUDA_CHECK(cudaMemsetAsync(d_error, 0, sizeof(int), stream));
-    int error = 0;
-    double seconds = detail::timed_launch(stream, d_error, error, [&] {
+    int no_error = 0;  // the copy cannot stall
+    return detail::timed_launch(stream, nullptr, no_error, [&] {
         if (total > 0) exchange_kernel<<<c.num_sms, kThreadsPerBlock, 0, stream>>>(a);
     });
-    return seconds;
 }
 
 }  // namespace duplex::cuda

@@ -341,8 +341,8 @@ Tables pipeline_tables(const std::vector<std::vector<uint64_t>>& masks, int N) {
 // The current device's SM count and clock (kHz, for the stall timeout in cycles).
 void device_limits(int& sms, int& clock_khz) {
     int device = 0;
+    sms = detail::current_device_sms();
     DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
-    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
 }
 

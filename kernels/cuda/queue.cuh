@@ -27,6 +27,21 @@ __device__ inline bool aligned16(const void* a, const void* b) {
     return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15) == 0;
 }
 
+// t[i] = apply(f[i]) for the float4s i = first, first + stride, ... below n4, four loads in flight per thread.
+template <typename Apply>
+__device__ inline void strided_map4(float4* t, const float4* f, long long n4, long long first, long long stride,
+                                    Apply apply) {
+    long long i = first;
+    for (; i + 3 * stride < n4; i += 4 * stride) {
+        float4 v0 = f[i], v1 = f[i + stride], v2 = f[i + 2 * stride], v3 = f[i + 3 * stride];
+        t[i] = apply(v0);
+        t[i + stride] = apply(v1);
+        t[i + 2 * stride] = apply(v2);
+        t[i + 3 * stride] = apply(v3);
+    }
+    for (; i < n4; i += stride) t[i] = apply(f[i]);
+}
+
 // out[i] = op(in[i]) for n floats, the warp's 32 lanes striding: where both ends are 16-byte aligned, 16-byte loads
 // and stores (LDG.E.128 / STG.E.128), four in flight per lane; the rest (a misaligned pair, a tail of n % 4) one
 // float at a time. op acts on each element alone, so the result is the scalar loop's bit for bit.
@@ -37,19 +52,9 @@ __device__ inline void map_floats(float* to, const float* from, long long n, int
     __builtin_assume(__isGlobal(to) && __isGlobal(from));
     long long done = 0;
     if (aligned16(to, from)) {
-        const float4* f = reinterpret_cast<const float4*>(from);
-        float4* t = reinterpret_cast<float4*>(to);
-        auto apply = [&](float4 v) { return make_float4(op(v.x), op(v.y), op(v.z), op(v.w)); };
-        long long n4 = n / 4, i = lane;
-        for (; i + 96 < n4; i += 128) {
-            float4 v0 = f[i], v1 = f[i + 32], v2 = f[i + 64], v3 = f[i + 96];
-            t[i] = apply(v0);
-            t[i + 32] = apply(v1);
-            t[i + 64] = apply(v2);
-            t[i + 96] = apply(v3);
-        }
-        for (; i < n4; i += 32) t[i] = apply(f[i]);
-        done = n4 * 4;
+        strided_map4(reinterpret_cast<float4*>(to), reinterpret_cast<const float4*>(from), n / 4, lane, 32,
+                     [&](float4 v) { return make_float4(op(v.x), op(v.y), op(v.z), op(v.w)); });
+        done = n / 4 * 4;
     }
     for (long long i = done + lane; i < n; i += 32) to[i] = op(from[i]);
 }
@@ -117,8 +122,16 @@ private:
     size_t used_ = 0;
 };
 
-// Runs launch() on `stream` between two events and reads back the kernel's error word; returns the seconds
-// between the events and the error (0: none).
+// The current device's SM count (an exchange's budget is checked against it).
+inline int current_device_sms() {
+    int device = 0, sms = 0;
+    DUPLEX_CUDA_CHECK(cudaGetDevice(&device));
+    DUPLEX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+}
+
+// Runs launch() on `stream` between two events and reads back the kernel's error word (none for a kernel that
+// cannot stall: d_error null, error left as it is); returns the seconds between the events.
 template <typename Launch>
 double timed_launch(cudaStream_t stream, const int* d_error, int& error, Launch&& launch) {
     cudaEvent_t start = nullptr, stop = nullptr;
@@ -133,7 +146,7 @@ double timed_launch(cudaStream_t stream, const int* d_error, int& error, Launch&
         launch();
         DUPLEX_CUDA_CHECK(cudaGetLastError());
         DUPLEX_CUDA_CHECK(cudaEventRecord(stop, stream));
-        DUPLEX_CUDA_CHECK(cudaMemcpyAsync(&error, d_error, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        if (d_error) DUPLEX_CUDA_CHECK(cudaMemcpyAsync(&error, d_error, sizeof(int), cudaMemcpyDeviceToHost, stream));
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(stream));
         DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
     } catch (...) {
