@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -22,25 +24,82 @@ namespace duplex {
 #ifdef DUPLEX_HAVE_CUDA
 namespace {
 
+// Who a rank is, for the peers to decide how to reach its buffers (gathered once, fixed-size for all_gather).
+struct Whereabouts {
+    int64_t pid = 0;
+    int64_t device = 0;
+    char host[64] = {};
+    char bus_id[32] = {};  // the device's PCI bus id: the same GPU whatever CUDA_VISIBLE_DEVICES numbers it
+};
+
+// What a rank publishes per exchange in push mode: its receive buffer, raw (for threads of its process) and as a
+// CUDA IPC handle (for other processes), and the buffer's generation (a new allocation gets a new handle).
+struct RecvBuffer {
+    int64_t pointer = 0;
+    int64_t generation = 0;
+    cudaIpcMemHandle_t handle{};
+};
+
 class DeviceTransport : public RowTransport<float> {
 public:
     DeviceTransport(std::shared_ptr<Communicator> group, int device, int sms)
         : group_(std::move(group)), device_(device) {
         config_.num_sms = sms;
-        // Every rank learns every rank's process and device, so all of them agree on the verdict.
-        const int n = group_->size();
-        int64_t mine[2] = {int64_t(getpid()), int64_t(device)};
-        std::vector<int64_t> all(2 * size_t(n));
-        group_->all_gather(mine, all.data(), sizeof(mine))->wait();
-        for (int r = 0; r < n; ++r)
-            DUPLEX_CHECK_ARG(all[2 * r] == all[0] && all[2 * r + 1] == all[1], "--exchange-on",
-                             "cuda: the EP group's ranks must be threads of one process on one GPU (the inproc "
-                             "backend, one device); group rank {} is process {} on GPU {}, rank 0 process {} on GPU {}",
-                             r, all[2 * r], all[2 * r + 1], all[0], all[1]);
         DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
+        // Every rank learns every rank's process, host and device, so all of them agree on the mode.
+        const int n = group_->size();
+        Whereabouts mine;
+        mine.pid = getpid();
+        mine.device = device_;
+        gethostname(mine.host, sizeof(mine.host) - 1);
+        DUPLEX_CUDA_CHECK(cudaDeviceGetPCIBusId(mine.bus_id, sizeof(mine.bus_id) - 1, device_));
+        peers_.resize(n);
+        group_->all_gather(&mine, peers_.data(), sizeof(mine))->wait();
+        push_ = false;
+        for (const Whereabouts& w : peers_) push_ = push_ || w.pid != mine.pid || w.device != mine.device;
+        for (int r = 0; r < n; ++r)
+            DUPLEX_CHECK_ARG(!push_ || std::strcmp(peers_[r].host, peers_[0].host) == 0, "--exchange-on",
+                             "cuda: the EP group's GPUs must be on one node (CUDA IPC); group rank {} runs on {}, "
+                             "rank 0 on {}",
+                             r, peers_[r].host, peers_[0].host);
+        // Push mode: every peer's GPU must be reachable from this one. Each rank checks its own, then all learn
+        // every verdict, so all refuse together instead of some waiting for the others.
+        std::string problem;
+        if (push_) {
+            for (int r = 0; r < n && problem.empty(); ++r) {
+                if (std::strcmp(peers_[r].bus_id, mine.bus_id) == 0) continue;
+                int other = -1, ok = 0;
+                if (cudaDeviceGetByPCIBusId(&other, peers_[r].bus_id) != cudaSuccess) {
+                    cudaGetLastError();
+                    problem = fmt::format("group rank {}'s GPU ({}) is not visible to this process (CUDA_VISIBLE_DEVICES)",
+                                          r, peers_[r].bus_id);
+                } else if (cudaDeviceCanAccessPeer(&ok, device_, other) != cudaSuccess || !ok) {
+                    cudaGetLastError();
+                    problem = fmt::format("GPU {} ({}) cannot reach group rank {}'s GPU ({}): no peer access", device_,
+                                          mine.bus_id, r, peers_[r].bus_id);
+                } else if (peers_[r].pid == mine.pid) {
+                    cudaError_t e = cudaDeviceEnablePeerAccess(other, 0);  // threads of this process: raw pointers
+                    if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled)
+                        problem = fmt::format("cannot enable peer access to GPU {}: {}", other, cudaGetErrorString(e));
+                    cudaGetLastError();
+                }
+            }
+        }
+        int64_t bad = problem.empty() ? 0 : 1;
+        std::vector<int64_t> verdicts(n);
+        group_->all_gather(&bad, verdicts.data(), sizeof(bad))->wait();
+        for (int r = 0; r < n; ++r)
+            if (verdicts[r])
+                throw ConfigError("--exchange-on", r == group_->rank() ? "cuda: " + problem
+                                                                       : fmt::format("cuda: group rank {} cannot reach "
+                                                                                     "its peers' GPUs (see its error)", r));
         DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+        opened_.assign(n, Opened{});
     }
     ~DeviceTransport() override {
+        cudaSetDevice(device_);
+        for (Opened& o : opened_)
+            if (o.mapped) cudaIpcCloseMemHandle(o.mapped);
         if (stream_) cudaStreamDestroy(stream_);
     }
 
@@ -49,7 +108,8 @@ public:
         DUPLEX_CHECK_ARG(int(per_peer.size()) == n && width >= 1, "device exchange", "{} peers' rows of width {} for {} ranks",
                          per_peer.size(), width, n);
         DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
-        // The whole count matrix: counts[s][p] rows from s to p.
+        // The whole count matrix: counts[s][p] rows from s to p. Entering this collective also means every rank
+        // finished reading what the previous exchange left in its receive buffer.
         std::vector<int64_t> mine(n), flat(size_t(n) * n);
         size_t send_total = 0;
         for (int p = 0; p < n; ++p) {
@@ -73,40 +133,50 @@ public:
         // Up: this rank's rows, grouped by destination.
         size_t recv_total = size_t(recv_rows[me]) * width;
         if (send_.size() < send_total) send_ = cuda::DeviceArray<float>(send_total);
-        if (recv_.size() < recv_total) recv_ = cuda::DeviceArray<float>(recv_total);
+        if (recv_.size() < recv_total) {
+            recv_ = cuda::DeviceArray<float>(recv_total);
+            ++generation_;
+        }
         size_t at = 0;
         for (int p = 0; p < n; ++p) {
             send_.upload(per_peer[p].data(), per_peer[p].size(), cudaStreamPerThread, at);
             at += per_peer[p].size();
         }
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
-        int64_t ptrs[2] = {int64_t(reinterpret_cast<uintptr_t>(send_.get())),
-                           int64_t(reinterpret_cast<uintptr_t>(recv_.get()))};
-        std::vector<int64_t> all_ptrs(2 * size_t(n));
-        group_->all_gather(ptrs, all_ptrs.data(), sizeof(ptrs))->wait();
-        // Rank 0 moves every rank's rows in one launch; the others wait for its verdict.
         std::string failure;
         int64_t status = 0;
-        if (me == 0) {
-            std::vector<const float*> send(n);
-            std::vector<float*> recv(n);
-            for (int r = 0; r < n; ++r) {
-                send[r] = reinterpret_cast<const float*>(uintptr_t(all_ptrs[2 * r]));
-                recv[r] = reinterpret_cast<float*>(uintptr_t(all_ptrs[2 * r + 1]));
-            }
+        auto attempt = [&](auto&& step) {
+            if (status) return;
             try {
-                cuda::exchange_rows(send, offsets, counts, recv, recv_rows, width, config_, stream_);
+                step();
             } catch (const std::exception& e) {
                 failure = e.what();
                 status = 1;
             }
+        };
+        if (push_) {
+            // Every rank's receive buffer (gathered whatever happens here, so the collectives stay in step).
+            RecvBuffer mine;
+            mine.pointer = int64_t(reinterpret_cast<uintptr_t>(recv_.get()));
+            mine.generation = generation_;
+            attempt([&] {
+                if (recv_.get()) DUPLEX_CUDA_CHECK(cudaIpcGetMemHandle(&mine.handle, recv_.get()));
+            });
+            std::vector<RecvBuffer> theirs(n);
+            group_->all_gather(&mine, theirs.data(), sizeof(mine))->wait();
+            attempt([&] { push(counts, offsets, theirs, width); });
+        } else {
+            attempt([&] { launch_for_all(counts, offsets, recv_rows, width); });
         }
+        // Every rank's verdict; in push mode, passing this also means every peer's writes into this rank's buffer
+        // are done (each synchronized its kernel before it came here).
         std::vector<int64_t> statuses(n);
         group_->all_gather(&status, statuses.data(), sizeof(status))->wait();
-        if (statuses[0] != 0)
-            throw CommError(me == 0 ? fmt::format("EP exchange on GPU {}: {}", device_, failure)
-                                    : fmt::format("EP exchange on GPU {}: the kernel launched by group rank 0 failed",
-                                                  device_));
+        for (int r = 0; r < n; ++r)
+            if (statuses[r] != 0)
+                throw CommError(r == me ? fmt::format("EP exchange on GPU {}: {}", device_, failure)
+                                        : fmt::format("EP exchange on GPU {}: the kernel of group rank {} failed",
+                                                      device_, r));
         // Down: what arrived, source-major.
         std::vector<float> got(recv_total);
         recv_.download(got.data(), recv_total, cudaStreamPerThread);
@@ -121,11 +191,80 @@ public:
     }
 
 private:
+    // Threads of one process on one GPU: group rank 0 moves every rank's rows in one launch.
+    void launch_for_all(const std::vector<std::vector<int64_t>>& counts, const std::vector<std::vector<int64_t>>& offsets,
+                        const std::vector<int64_t>& recv_rows, int width) {
+        const int n = group_->size();
+        int64_t ptrs[2] = {int64_t(reinterpret_cast<uintptr_t>(send_.get())),
+                           int64_t(reinterpret_cast<uintptr_t>(recv_.get()))};
+        std::vector<int64_t> all_ptrs(2 * size_t(n));
+        group_->all_gather(ptrs, all_ptrs.data(), sizeof(ptrs))->wait();
+        if (group_->rank() != 0) return;
+        std::vector<const float*> send(n);
+        std::vector<float*> recv(n);
+        for (int r = 0; r < n; ++r) {
+            send[r] = reinterpret_cast<const float*>(uintptr_t(all_ptrs[2 * r]));
+            recv[r] = reinterpret_cast<float*>(uintptr_t(all_ptrs[2 * r + 1]));
+        }
+        cuda::exchange_rows(send, offsets, counts, recv, recv_rows, width, config_, stream_);
+    }
+
+    // Separate processes: each rank writes its own rows into its peers' receive buffers, at the place source-major
+    // order gives them there, through CUDA IPC mappings (raw pointers for threads of its own process).
+    void push(const std::vector<std::vector<int64_t>>& counts, const std::vector<std::vector<int64_t>>& offsets,
+              const std::vector<RecvBuffer>& theirs, int width) {
+        const int n = group_->size(), me = group_->rank();
+        // Only this rank's row of the count matrix moves; every peer's pointer starts where this rank's rows go.
+        std::vector<std::vector<int64_t>> my_counts(n, std::vector<int64_t>(n, 0)), my_offsets(n, std::vector<int64_t>(n, 0));
+        my_counts[me] = counts[me];
+        my_offsets[me] = offsets[me];
+        std::vector<const float*> send(n, nullptr);
+        send[me] = send_.get();
+        std::vector<float*> recv(n, nullptr);
+        for (int p = 0; p < n; ++p) {
+            if (counts[me][p] == 0) continue;
+            int64_t before = 0;  // rows of lower ranks in p's buffer
+            for (int s = 0; s < me; ++s) before += counts[s][p];
+            recv[p] = peer_buffer(p, theirs[p]) + before * width;
+        }
+        cuda::exchange_rows(send, my_offsets, my_counts, recv, counts[me], width, config_, stream_);
+    }
+
+    // Peer p's receive buffer in this process's address space.
+    float* peer_buffer(int p, const RecvBuffer& b) {
+        if (peers_[p].pid == int64_t(getpid())) return reinterpret_cast<float*>(uintptr_t(b.pointer));
+        Opened& o = opened_[p];
+        if (o.mapped && o.generation != b.generation) {
+            DUPLEX_CUDA_CHECK(cudaIpcCloseMemHandle(o.mapped));
+            o.mapped = nullptr;
+        }
+        if (!o.mapped) {
+            cudaError_t e = cudaIpcOpenMemHandle(&o.mapped, b.handle, cudaIpcMemLazyEnablePeerAccess);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                o.mapped = nullptr;
+                throw CommError(fmt::format("cannot open group rank {}'s receive buffer (CUDA IPC handle from GPU {}): {}",
+                                            p, peers_[p].bus_id, cudaGetErrorString(e)));
+            }
+            o.generation = b.generation;
+        }
+        return static_cast<float*>(o.mapped);
+    }
+
+    struct Opened {
+        void* mapped = nullptr;
+        int64_t generation = 0;
+    };
+
     std::shared_ptr<Communicator> group_;
     int device_;
     cuda::ExchangeConfig config_;
-    cudaStream_t stream_ = nullptr;  // rank 0's kernels: a stream of their own
+    cudaStream_t stream_ = nullptr;  // this rank's (or, shared, rank 0's) kernels: a stream of their own
     cuda::DeviceArray<float> send_, recv_;
+    std::vector<Whereabouts> peers_;
+    bool push_ = false;            // separate processes (or GPUs): each rank pushes its rows through IPC mappings
+    int64_t generation_ = 0;       // of recv_: bumped at each new allocation
+    std::vector<Opened> opened_;   // per peer in another process: its mapped receive buffer
 };
 
 }  // namespace

@@ -1,11 +1,15 @@
 // The expert exchanges of the executor on the GPU (`duplex train --experts-on cuda --exchange-on cuda`): the rows
-// of every dispatch and combine of an EP group move through the warp-specialized exchange kernel
-// (kernels/cuda exchange_rows) on a stream of their own and a budget of SMs, instead of the communicator. The
-// ranks of the group are threads of one process sharing one GPU (the inproc backend): each one uploads what it
-// sends, group rank 0 launches one kernel that moves every rank's rows, and each one downloads what arrived. The
-// rest of the stage runs on the host, so the rows go up and come back down around the kernel; the counts and
-// device pointers travel through the communicator. While one thread's exchange kernel runs on its SMs, the other
-// half of a DualPipe F&B pair computes its experts on the rest of the device.
+// of every dispatch and combine of an EP group move through the exchange kernel (kernels/cuda exchange_rows) on a
+// stream of their own and a budget of SMs, instead of the communicator. Each rank uploads what it sends and
+// downloads what arrived (the rest of the stage runs on the host); the counts travel through the communicator.
+// Two ways to reach the peers' buffers, chosen when the transport is made:
+//   - shared: the group's ranks are threads of one process on one GPU (inproc): group rank 0 launches one kernel
+//     that moves every rank's rows (raw device pointers gathered through the communicator);
+//   - push: separate processes (mpirun, torchrun) or GPUs, on one node: each rank's kernel writes its own rows
+//     into its peers' receive buffers, opened through CUDA IPC handles gathered through the communicator (raw
+//     pointers with peer access for threads of its own process). A buffer that grows gets a new handle.
+// While one exchange kernel runs on its SMs, the other half of a DualPipe F&B pair computes its experts on the
+// rest of the device.
 //
 // The kernel moves bytes exactly, so training is bit for bit what the communicator's exchange gives.
 //
@@ -20,9 +24,9 @@
 
 namespace duplex {
 
-// Collective over `group`. ConfigError, on every rank of the group, when CUDA is not built in, the device does
-// not exist, `sms` is not within 1..its SM count, or the group's ranks are not all threads of this process on
-// this device.
+// Collective over `group`. ConfigError when CUDA is not built in, the device does not exist or `sms` is not
+// within 1..its SM count; on every rank of the group when its ranks span hosts, or a rank's GPU cannot reach a
+// peer's (not visible to its process, no peer access).
 std::shared_ptr<RowTransport<float>> make_device_transport(std::shared_ptr<Communicator> group, int device, int sms);
 
 // Gives `exchange` the device transport (collective over `group`); ConfigError for fp64 models (the device path is

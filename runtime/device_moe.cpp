@@ -275,7 +275,7 @@ DeviceMoeLayer::DeviceMoeLayer(const DeviceMoeOptions& o, const std::vector<std:
     if (devices.empty()) throw ConfigError("device moe", "no CUDA device on this machine");
     DUPLEX_CHECK_ARG(o.device >= 0 && o.device < int(devices.size()), "device moe", "device {} of {}", o.device,
                      devices.size());
-    // The exchange's own checks with the row counts unknown yet: budget and queue shape.
+    // The exchange's own checks with the row counts unknown yet: the SM budget.
     cuda::check_exchange(o.ranks, std::vector<std::vector<int64_t>>(o.ranks, std::vector<int64_t>(o.ranks, 0)),
                          std::vector<int64_t>(o.ranks, 0), o.hidden, o.exchange, devices[o.device].num_sms);
     I.V = o.ranks, I.per = ExpertPlacement(o.experts, o.ranks).per_rank(), I.d = o.hidden, I.f = o.ffn, I.K = o.top_k;

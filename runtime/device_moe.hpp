@@ -23,7 +23,7 @@ namespace duplex {
 struct DeviceMoeOptions {
     int ranks = 8;   // virtual EP ranks; expert e lives on rank e / (experts / ranks)
     int hidden = 0, ffn = 0, experts = 0, top_k = 0;
-    cuda::ExchangeConfig exchange;  // SM budget and queues of the exchange kernel
+    cuda::ExchangeConfig exchange;  // SM budget of the exchange kernel
     // Dispatch sends FP8-e4m3 tokens (1x128 tiles with fp32 scales, DeepSeek-V3's choice) and the experts take
     // the dequantized rows; combine and the gradients stay fp32. Needs hidden % 128 == 0.
     bool fp8_dispatch = false;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Without a GPU: the exchange kernels' row copies are 128-bit instructions in the sm_90a code that was built
+# Without a GPU: the exchange kernels' row copies and sums read and write with 128-bit instructions in the sm_90a code that was built
 # (LDG.E.128 and STG.E.128 in each of them), read with cuobjdump -sass. The CUDA toolkit on the CI machines lacks
 # cuobjdump and nvdisasm; PyPI's nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels carry them (installed into
 # the project's .venv by scripts/install-python). Exit 77 (skipped) when neither is found.
@@ -27,16 +27,18 @@ import re, sys
 text = open(sys.argv[1]).read()
 functions = {f.split("\n", 1)[0]: f for f in re.split(r"\n\s*Function : ", text)[1:]}
 rc = 0
-for kernel in ("exchange_kernel", "hierarchical_kernel", "hierarchical_combine_kernel"):
-    found = [body for name, body in functions.items() if re.search(rf"\d{kernel}E", name)]
-    if len(found) != 1:
-        print(f"{kernel}: {len(found)} functions in the SASS, expected 1")
+# kernel -> how many functions (template instances: reduce_hop_kernel<float>, <BF16 bits>)
+for kernel, instances in (("exchange_kernel", 1), ("copy_hop_kernel", 1), ("reduce_hop_kernel", 2)):
+    found = {name: body for name, body in functions.items() if re.search(rf"\d{kernel}[EI]", name)}
+    if len(found) != instances:
+        print(f"{kernel}: {len(found)} functions in the SASS, expected {instances}")
         rc = 1
         continue
-    loads, stores = len(re.findall(r"\bLDG\.E\.128\b", found[0])), len(re.findall(r"\bSTG\.E\.128\b", found[0]))
-    print(f"{kernel}: {loads} LDG.E.128, {stores} STG.E.128")
-    if loads == 0 or stores == 0:
-        print(f"{kernel}: its copies are not 128-bit")
-        rc = 1
+    for name, body in found.items():
+        loads, stores = len(re.findall(r"\bLDG\.E\.128\b", body)), len(re.findall(r"\bSTG\.E\.128\b", body))
+        print(f"{name}: {loads} LDG.E.128, {stores} STG.E.128")
+        if loads == 0 or stores == 0:
+            print(f"{name}: its copies are not 128-bit")
+            rc = 1
 sys.exit(rc)
 PY

@@ -211,8 +211,9 @@ Command add_commbench(CLI::App& app) {
         ->capture_default_str();
     cmd->add_option("--seed", a->bench.seed, "alltoallv: seed of the per-peer counts")->capture_default_str();
     cmd->add_option("--virtual-nodes", a->launch.virtual_nodes,
-                    "split ranks into this many virtual nodes (intra/inter-node byte counters; cuda dispatch: the "
-                    "node-limited path through forwarder warps, combine reduced inside each node before crossing)");
+                    "split ranks into this many virtual nodes (intra/inter-node byte counters; cuda: the node-limited "
+                    "path, one crossing per token and node through a relay row; combine sums inside each node before "
+                    "crossing back)");
     cmd->add_option("--timeout", a->launch.timeout_s, "seconds before an operation times out (default: DUPLEX_COMM_TIMEOUT)");
     cmd->add_flag("--compare-mpi", a->bench.compare_mpi,
                   "also time plain MPI (MPI_Alltoallv, ...) on the same buffers; needs mpirun");
@@ -220,7 +221,11 @@ Command add_commbench(CLI::App& app) {
     cmd->add_flag("!--no-ceiling", a->ceiling, "inproc: skip measuring the memcpy copy ceiling");
     cmd->add_option("--json", a->json, "also write the rows as JSON to this file; - for standard output");
     cmd->add_option("--sms", a->sms, "cuda: SM budgets of the exchange kernel to measure")->capture_default_str();
-    cmd->add_option("--hidden", a->gpu.hidden, "cuda: row width in floats")->capture_default_str();
+    cmd->add_option("--hidden", a->gpu.hidden, "cuda: row width in elements")->capture_default_str();
+    cmd->add_option("--dtype", a->gpu.dtype,
+                    "cuda: row type: f32, bf16, or fp8 (e4m3 with one fp32 scale per 128 columns; dispatch only, "
+                    "--hidden a multiple of 128)")
+        ->capture_default_str();
     cmd->add_option("--top-k", a->gpu.top_k, "cuda: slots per token (to distinct virtual ranks)")->capture_default_str();
     return [a, min_b, max_b, cmd] {
         json_target(a->json);

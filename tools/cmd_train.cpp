@@ -365,9 +365,10 @@ Command add_train(CLI::App& app) {
                     "path of the MoE layers (fp32)")
         ->capture_default_str();
     cmd->add_option("--exchange-on", a->train.exchange_on,
-                    "how EP dispatch/combine rows move: host (the communicator) or cuda (the warp-specialized "
-                    "exchange kernel on the experts' GPU, its own stream and --comm-sms SMs; inproc ranks sharing "
-                    "one GPU; needs --experts-on)")
+                    "how EP dispatch/combine rows move: host (the communicator) or cuda (the exchange kernel on the "
+                    "experts' GPU, its own stream and --comm-sms SMs; needs --experts-on). Threads of one process on "
+                    "one GPU: one launch moves every rank's rows; processes (mpirun, torchrun) or GPUs of one node: "
+                    "each rank writes its rows into its peers' buffers through CUDA IPC")
         ->capture_default_str();
     cmd->add_option("--comm-sms", a->train.comm_sms, "--exchange-on cuda: SMs the exchange kernel may occupy")
         ->capture_default_str();

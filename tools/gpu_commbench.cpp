@@ -1,18 +1,23 @@
 // duplex commbench --backend cuda --op dispatch|combine: the expert exchange between virtual ranks on one GPU,
-// with the kernels of kernels/cuda (permute, warp-specialized exchange on an SM budget, fixed-order combine),
-// next to a device-to-device copy of the same bytes measured in the same run.
+// with the kernels of kernels/cuda (dispatch from the tokens to the experts' rows and combine back, flat or
+// node-limited, in fp32, BF16 or FP8 rows, on an SM budget), next to a device-to-device copy of the same bytes and
+// a plain copy kernel on the same SM budget, measured in the same run; every row checked against the CPU.
 #include "tools/gpu_commbench.hpp"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "core/clock.hpp"
+#include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "kernels/cpu/ops.hpp"
+#include "kernels/exchange_plan.hpp"
 #include "kernels/cpu/permute.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
@@ -32,196 +37,206 @@ void check_gpu_commbench(const GpuCommBenchOptions& o) {
                      "{} virtual ranks do not split into {} nodes of equal size (at most 30 each)", o.ranks, o.nodes);
     DUPLEX_CHECK_ARG(o.min_bytes <= o.max_bytes && o.factor > 1, "-b/-e/-f", "sizes {}..{} with factor {}", o.min_bytes,
                      o.max_bytes, o.factor);
+    cuda::RowType type = cuda::parse_row_type(o.dtype, "--dtype");
+    DUPLEX_CHECK_ARG(o.op == "dispatch" || type != cuda::RowType::FP8, "--dtype",
+                     "combine rows are f32 or bf16 (FP8 dispatch, BF16 combine), not fp8");
+    DUPLEX_CHECK_ARG(type != cuda::RowType::FP8 || o.hidden % 128 == 0, "--hidden",
+                     "fp8 rows need a width that is a multiple of 128 (one scale per 1x128 block), got {}", o.hidden);
 }
+
+namespace {
+
+// Host rows of one rank in the benchmark's row type, plane by plane (FP8: the e4m3 bytes, then the scales).
+std::vector<std::vector<uint8_t>> make_rows(cuda::RowType type, int64_t rows, int dim, Rng& rng) {
+    std::vector<float> x(size_t(rows) * dim);
+    for (float& v : x) v = float(rng.normal());
+    std::vector<std::vector<uint8_t>> planes;
+    auto bytes_of = [](const auto& v) {
+        const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+        return std::vector<uint8_t>(p, p + v.size() * sizeof(v[0]));
+    };
+    if (type == cuda::RowType::F32) {
+        planes.push_back(bytes_of(x));
+    } else if (type == cuda::RowType::BF16) {
+        std::vector<uint16_t> h(x.size());
+        for (size_t i = 0; i < x.size(); ++i) h[i] = fp32_to_bf16(x[i]);
+        planes.push_back(bytes_of(h));
+    } else {
+        std::vector<uint8_t> q(x.size());
+        std::vector<float> scales(size_t(rows) * dim / 128);
+        if (rows > 0) kernels::quantize_fp8_1x128(x.data(), int(rows), dim, q.data(), scales.data());
+        planes.push_back(q);
+        planes.push_back(bytes_of(scales));
+    }
+    return planes;
+}
+
+std::unique_ptr<DeviceBuffer> upload(const std::vector<uint8_t>& host) {
+    auto b = std::make_unique<DeviceBuffer>(host.size());
+    if (!host.empty()) DUPLEX_CUDA_CHECK(cudaMemcpy(b->p, host.data(), host.size(), cudaMemcpyHostToDevice));
+    return b;
+}
+
+std::vector<uint8_t> download(const DeviceBuffer& b, size_t bytes) {
+    std::vector<uint8_t> host(bytes);
+    if (bytes) DUPLEX_CUDA_CHECK(cudaMemcpy(host.data(), b.p, bytes, cudaMemcpyDeviceToHost));
+    return host;
+}
+
+// Bytes of `want` that differ from `got`.
+uint64_t count_wrong(const std::vector<uint8_t>& got, const std::vector<uint8_t>& want) {
+    uint64_t wrong = got.size() == want.size() ? 0 : std::max(got.size(), want.size());
+    for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) wrong += got[i] != want[i];
+    return wrong;
+}
+
+}  // namespace
 
 int run_gpu_commbench(const GpuCommBenchOptions& o) {
     check_gpu_commbench(o);
+    const cuda::RowType type = cuda::parse_row_type(o.dtype, "--dtype");
     auto devices = cuda_devices();
     if (devices.empty()) throw ConfigError("--backend", "cuda: no CUDA device on this machine");
     const int device_sms = devices[0].num_sms;
     for (int s : o.sms)
         DUPLEX_CHECK_ARG(s >= 1 && s <= device_sms, "--sms", "{} SMs requested, {} has {}", s, devices[0].name, device_sms);
-    const int R = o.ranks, K = o.top_k, d = o.hidden;
-    const size_t row_bytes = size_t(d) * sizeof(float);
-    fmt::print("# duplex commbench: {} between {} virtual ranks on {} ({} SMs), hidden {}, top-{}, {} iterations\n",
-               o.op, R, devices[0].name, device_sms, d, K, o.iters);
+    const int R = o.ranks, K = o.top_k, d = o.hidden, N = o.nodes;
+    const std::vector<size_t> plane_bytes = cuda::row_plane_bytes(type, d);
+    size_t row_bytes = 0;
+    for (size_t b : plane_bytes) row_bytes += b;
+    const bool dispatch = o.op == "dispatch";
+    fmt::print("# duplex commbench: {} between {} virtual ranks on {} ({} SMs), hidden {}, top-{}, {} rows ({} bytes "
+               "each), {} iterations\n",
+               o.op, R, devices[0].name, device_sms, d, K, cuda::row_type_name(type), row_bytes, o.iters);
     fmt::print("# size = bytes each rank sends; algbw = all ranks' bytes / time; copy = cudaMemcpy D2D of the same bytes;\n"
                "# ceiling = a plain 16-byte copy kernel of the same bytes on the same SM budget\n");
-    if (o.nodes > 1)
-        fmt::print("# {} virtual nodes of {} ranks: sender -> forwarder (one row per token and node) -> receivers\n",
-                   o.nodes, R / o.nodes);
+    if (N > 1)
+        fmt::print("# {} virtual nodes of {} ranks: a token crosses to each node once, into a relay row there{}\n", N,
+                   R / N, dispatch ? ", which the relay copies to its ranks" : "; relays sum their node's rows first");
+    else
+        fmt::print("# one node: each row written once, {}\n",
+                   dispatch ? "from its token to its place at the expert's rank" : "the experts' rows summed into their token");
     fmt::print("#\n# {:>10} {:>6} {:>5} {:>10} {:>11} {:>11} {:>9} {:>11} {:>8} {:>7}\n", "size(B)", "tokens", "SMs",
                "time(us)", "algbw(GB/s)", "copy(GB/s)", "of copy", "ceil(GB/s)", "of ceil", "#wrong");
     nlohmann::json rows = nlohmann::json::array();
     uint64_t total_wrong = 0;
     Rng rng(o.seed);
     for (double size = double(o.min_bytes); size <= double(o.max_bytes) * 1.0001; size *= o.factor) {
-        // Tokens per rank so that its K slot rows make `size` bytes.
-        int tokens = std::max(1, int(size / (double(K) * row_bytes)));
-        size_t slots = size_t(tokens) * K;
-        // Routing: each token's K slots go to K distinct ranks, uniformly.
-        std::vector<std::vector<int>> dest(R);
-        for (int r = 0; r < R; ++r) {
-            dest[r].resize(slots);
+        // Tokens per rank so that its K rows per token make `size` bytes; each token's K rows go to K distinct
+        // ranks, uniformly.
+        const int tokens = std::max(1, int(size / (double(K) * row_bytes)));
+        std::vector<std::vector<uint64_t>> masks(R, std::vector<uint64_t>(tokens, 0));
+        for (int r = 0; r < R; ++r)
             for (int t = 0; t < tokens; ++t) {
                 std::vector<int> peers(R);
                 for (int p = 0; p < R; ++p) peers[p] = p;
                 for (int k = 0; k < K; ++k) {
                     std::swap(peers[k], peers[k + rng.below(uint64_t(R - k))]);
-                    dest[r][size_t(t) * K + k] = peers[k];
+                    masks[r][t] |= 1ull << peers[k];
                 }
             }
-        }
-        std::vector<kernels::DispatchLayout> layouts;
-        std::vector<std::vector<int64_t>> counts(R), offsets(R);
-        std::vector<int64_t> recv_rows(R, 0);
+        const std::vector<int64_t> expert_rows = kernels::node_limited_rows(masks, N, 0);
+        const double bytes_all = double(R) * tokens * K * row_bytes;
+        // Dispatch: tokens (x) -> the experts' rows (recv). Combine: the experts' rows (in, with their gates) ->
+        // tokens (y).
+        std::vector<std::vector<std::vector<uint8_t>>> host_src(R);
+        std::vector<std::vector<float>> host_w(R);
+        std::vector<std::vector<std::unique_ptr<DeviceBuffer>>> src(R), dst(R);
+        std::vector<std::unique_ptr<DeviceBuffer>> w(R);
+        cuda::SourcePlanes src_p(plane_bytes.size(), std::vector<const void*>(R));
+        cuda::TargetPlanes dst_p(plane_bytes.size(), std::vector<void*>(R));
+        std::vector<const float*> w_p;
         for (int r = 0; r < R; ++r) {
-            layouts.push_back(kernels::dispatch_layout(dest[r], R));
-            counts[r] = layouts[r].counts;
-            offsets[r].assign(layouts[r].offsets.begin(), layouts[r].offsets.end() - 1);
-            for (int p = 0; p < R; ++p) recv_rows[p] += counts[r][p];
-        }
-        // Buffers: x (tokens), send (slots, permuted), recv (what arrives). Combine runs the exchange backwards.
-        std::vector<std::unique_ptr<DeviceBuffer>> x, send, recv, y, gates, src;
-        std::vector<std::unique_ptr<cuda::DeviceLayout>> dl;
-        std::vector<std::vector<float>> host_x(R);
-        for (int r = 0; r < R; ++r) {
-            host_x[r].resize(size_t(tokens) * d);
-            for (float& v : host_x[r]) v = float(rng.normal());
-            x.push_back(std::make_unique<DeviceBuffer>(host_x[r].size() * sizeof(float)));
-            DUPLEX_CUDA_CHECK(cudaMemcpy(x[r]->p, host_x[r].data(), x[r]->bytes, cudaMemcpyHostToDevice));
-            send.push_back(std::make_unique<DeviceBuffer>(slots * row_bytes));
-            recv.push_back(std::make_unique<DeviceBuffer>(size_t(recv_rows[r]) * row_bytes));
-            y.push_back(std::make_unique<DeviceBuffer>(size_t(tokens) * row_bytes));
-            std::vector<float> g(slots, 1.0f / K);
-            gates.push_back(std::make_unique<DeviceBuffer>(slots * sizeof(float)));
-            DUPLEX_CUDA_CHECK(cudaMemcpy(gates[r]->p, g.data(), gates[r]->bytes, cudaMemcpyHostToDevice));
-            std::vector<int> s(slots);
-            for (size_t i = 0; i < slots; ++i) s[i] = int(i / K);
-            src.push_back(std::make_unique<DeviceBuffer>(slots * sizeof(int)));
-            DUPLEX_CUDA_CHECK(cudaMemcpy(src[r]->p, s.data(), src[r]->bytes, cudaMemcpyHostToDevice));
-            dl.push_back(std::make_unique<cuda::DeviceLayout>(layouts[r]));
-        }
-        std::vector<const float*> send_p, recv_cp;
-        std::vector<float*> recv_p, send_mp;
-        for (int r = 0; r < R; ++r) {
-            send_p.push_back(send[r]->as<float>());
-            recv_p.push_back(recv[r]->as<float>());
-            recv_cp.push_back(recv[r]->as<float>());
-            send_mp.push_back(send[r]->as<float>());
-        }
-        // Combine sends back what arrived: counts transposed, receive offsets source-major.
-        std::vector<std::vector<int64_t>> back_counts(R, std::vector<int64_t>(R)), back_off(R, std::vector<int64_t>(R));
-        for (int p = 0; p < R; ++p) {
-            int64_t at = 0;
-            for (int r = 0; r < R; ++r) back_counts[p][r] = counts[r][p], back_off[p][r] = at, at += counts[r][p];
-        }
-        std::vector<int64_t> send_rows(R, int64_t(slots));
-        double bytes_all = double(slots) * row_bytes * R;
-        // The node-limited path takes each token once with the set of ranks it goes to.
-        std::vector<std::vector<uint64_t>> masks(R, std::vector<uint64_t>(tokens, 0));
-        std::vector<const float*> x_cp;
-        for (int r = 0; r < R; ++r) {
-            x_cp.push_back(x[r]->as<float>());
-            for (size_t i = 0; i < slots; ++i) masks[r][i / K] |= 1ull << dest[r][i];
-        }
-        int64_t inter_rows = 0, flat_inter_rows = 0;
-        double copy_bw = copy_bandwidth(size_t(bytes_all));
-        // Combine starts from what the dispatch delivered: every rank's rows, each weighted by its gate (1/K).
-        std::vector<std::unique_ptr<DeviceBuffer>> row_gates;
-        std::vector<const float*> row_gates_p;
-        if (o.op == "combine") {
-            for (int r = 0; r < R; ++r)
-                cuda::permute_rows(x[r]->as<float>(), d, src[r]->as<int>(), *dl[r], send[r]->as<float>(), nullptr);
-            cuda::ExchangeConfig fill;
-            fill.num_sms = std::min(20, device_sms);
-            cuda::exchange_rows(send_p, offsets, counts, recv_p, recv_rows, d, fill, nullptr);
-            for (int r = 0; r < R; ++r) {
-                std::vector<float> g(size_t(recv_rows[r]), 1.0f / K);
-                row_gates.push_back(std::make_unique<DeviceBuffer>(std::max<size_t>(g.size(), 1) * sizeof(float)));
-                if (!g.empty())
-                    DUPLEX_CUDA_CHECK(cudaMemcpy(row_gates[r]->p, g.data(), g.size() * sizeof(float), cudaMemcpyHostToDevice));
-                row_gates_p.push_back(row_gates[r]->as<float>());
+            int64_t src_rows = dispatch ? tokens : expert_rows[r], dst_rows = dispatch ? expert_rows[r] : tokens;
+            host_src[r] = make_rows(type, src_rows, d, rng);
+            for (size_t p = 0; p < plane_bytes.size(); ++p) {
+                src[r].push_back(upload(host_src[r][p]));
+                dst[r].push_back(std::make_unique<DeviceBuffer>(size_t(dst_rows) * plane_bytes[p]));
+                src_p[p][r] = src[r][p]->p;
+                dst_p[p][r] = dst[r][p]->p;
+            }
+            if (!dispatch) {
+                host_w[r].resize(size_t(expert_rows[r]));
+                for (float& g : host_w[r]) g = float(rng.uniform());
+                std::vector<uint8_t> bytes(host_w[r].size() * sizeof(float));
+                std::memcpy(bytes.data(), host_w[r].data(), bytes.size());
+                w[r] = upload(bytes);
+                w_p.push_back(w[r]->as<float>());
             }
         }
-        std::vector<float*> y_p;
-        for (int r = 0; r < R; ++r) y_p.push_back(y[r]->as<float>());
+        // What must arrive: dispatch — rank 0's tokens for d, then rank 1's, ... (each plane); combine — the CPU
+        // reference's sums.
+        std::vector<std::vector<std::vector<uint8_t>>> want(R, std::vector<std::vector<uint8_t>>(plane_bytes.size()));
+        if (o.check && dispatch) {
+            for (int dd = 0; dd < R; ++dd)
+                for (int s = 0; s < R; ++s)
+                    for (int t = 0; t < tokens; ++t)
+                        if ((masks[s][t] >> dd) & 1)
+                            for (size_t p = 0; p < plane_bytes.size(); ++p)
+                                want[dd][p].insert(want[dd][p].end(), host_src[s][p].begin() + t * plane_bytes[p],
+                                                   host_src[s][p].begin() + (t + 1) * plane_bytes[p]);
+        } else if (o.check) {
+            std::vector<const float*> wh;
+            for (int r = 0; r < R; ++r) want[r][0].resize(size_t(tokens) * row_bytes), wh.push_back(host_w[r].data());
+            if (type == cuda::RowType::F32) {
+                std::vector<const float*> in;
+                std::vector<float*> y;
+                for (int r = 0; r < R; ++r)
+                    in.push_back(reinterpret_cast<const float*>(host_src[r][0].data())),
+                        y.push_back(reinterpret_cast<float*>(want[r][0].data()));
+                kernels::combine_node_limited(in, wh, masks, N, d, y);
+            } else {
+                std::vector<const uint16_t*> in;
+                std::vector<uint16_t*> y;
+                for (int r = 0; r < R; ++r)
+                    in.push_back(reinterpret_cast<const uint16_t*>(host_src[r][0].data())),
+                        y.push_back(reinterpret_cast<uint16_t*>(want[r][0].data()));
+                kernels::combine_node_limited_bf16(in, wh, masks, N, d, y);
+            }
+        }
+        double copy_bw = copy_bandwidth(size_t(bytes_all));
+        int64_t inter_rows = 0, flat_inter_rows = 0;
         for (int sms : o.sms) {
             cuda::ExchangeConfig cfg;
             cfg.num_sms = sms;
             double ceiling_bw = bytes_all / cuda::copy_ceiling_seconds(size_t(bytes_all), sms, 3, nullptr);
             double best = 1e30;
             for (int it = 0; it < o.warmup + o.iters; ++it) {
-                double kernel_s = 0;
-                if (o.op == "dispatch" && o.nodes > 1) {
-                    auto h = cuda::dispatch_rows_hierarchical(x_cp, masks, o.nodes, recv_p, recv_rows, d, cfg, nullptr);
-                    kernel_s = h.seconds;
-                    inter_rows = h.inter_node_rows;
-                    flat_inter_rows = h.flat_inter_node_rows;
-                } else if (o.op == "dispatch") {
-                    for (int r = 0; r < R; ++r) cuda::permute_rows(x[r]->as<float>(), d, src[r]->as<int>(), *dl[r], send[r]->as<float>(), nullptr);
-                    kernel_s = cuda::exchange_rows(send_p, offsets, counts, recv_p, recv_rows, d, cfg, nullptr);
-                } else if (o.nodes > 1) {
-                    // Experts' rows go back through the relays, which add a token's rows of their node before
-                    // the one crossing; the token's rank adds the nodes' partial sums.
-                    auto h = cuda::combine_rows_hierarchical(recv_cp, row_gates_p, masks, o.nodes, recv_rows, y_p, d,
-                                                             cfg, nullptr);
-                    kernel_s = h.seconds;
-                    inter_rows = h.inter_node_rows;
-                    flat_inter_rows = h.flat_inter_node_rows;
-                } else {
-                    // The rows that arrived go back to their token's rank, then each rank sums them per token.
-                    kernel_s = cuda::exchange_rows(recv_cp, back_off, back_counts, send_mp, send_rows, d, cfg, nullptr);
-                    for (int r = 0; r < R; ++r) cuda::combine_rows(send[r]->as<float>(), d, *dl[r], gates[r]->as<float>(), tokens, K, y[r]->as<float>(), nullptr);
-                    DUPLEX_CUDA_CHECK(cudaDeviceSynchronize());
-                }
-                if (it >= o.warmup) best = std::min(best, kernel_s);
+                for (int r = 0; r < R; ++r)  // stale results must not pass the check
+                    for (auto& b : dst[r]) DUPLEX_CUDA_CHECK(cudaMemset(b->p, 0xFF, b->bytes));
+                cuda::HierarchicalResult h =
+                    dispatch ? cuda::dispatch_rows_node_limited(type, d, src_p, masks, N, dst_p, expert_rows, cfg, nullptr)
+                             : cuda::combine_rows_node_limited(type, d, src_p[0], w_p, masks, N, expert_rows, dst_p[0],
+                                                               cfg, nullptr);
+                inter_rows = h.inter_node_rows;
+                flat_inter_rows = h.flat_inter_node_rows;
+                if (it >= o.warmup) best = std::min(best, h.seconds);
             }
-            // Check: dispatch — every slot's row arrived at its peer; combine — y = x (gates 1/K of the same row).
             uint64_t wrong = 0;
-            if (o.check) {
-                DUPLEX_CUDA_CHECK(cudaDeviceSynchronize());
-                if (o.op == "dispatch") {
-                    for (int p = 0; p < R; ++p) {
-                        std::vector<float> got(size_t(recv_rows[p]) * d);
-                        DUPLEX_CUDA_CHECK(cudaMemcpy(got.data(), recv[p]->p, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
-                        int64_t row = 0;
-                        for (int r = 0; r < R; ++r)
-                            for (size_t i = 0; i < slots; ++i)
-                                if (dest[r][i] == p) {
-                                    // items of r for p arrive in slot order
-                                    const float* want = host_x[r].data() + (i / K) * d;
-                                    for (int c = 0; c < d; ++c) wrong += got[size_t(row) * d + c] != want[c];
-                                    ++row;
-                                }
-                    }
-                } else {
-                    for (int r = 0; r < R; ++r) {
-                        std::vector<float> got(size_t(tokens) * d);
-                        DUPLEX_CUDA_CHECK(cudaMemcpy(got.data(), y[r]->p, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
-                        for (size_t i = 0; i < got.size(); ++i)
-                            wrong += std::fabs(got[i] - host_x[r][i]) > 1e-5f * (1 + std::fabs(host_x[r][i]));
-                    }
-                }
-            }
+            if (o.check)
+                for (int r = 0; r < R; ++r)
+                    for (size_t p = 0; p < plane_bytes.size(); ++p)
+                        wrong += count_wrong(download(*dst[r][p], want[r][p].size()), want[r][p]);
             total_wrong += wrong;
             double algbw = bytes_all / best / 1e9;
             fmt::print("  {:>10} {:>6} {:>5} {:>10.2f} {:>11.2f} {:>11.2f} {:>8.1f}% {:>11.2f} {:>7.1f}% {:>7}",
-                       size_t(slots * row_bytes), tokens, sms, best * 1e6, algbw, copy_bw / 1e9, 100 * algbw * 1e9 / copy_bw,
-                       ceiling_bw / 1e9, 100 * algbw * 1e9 / ceiling_bw, wrong);
-            if (o.nodes > 1)
-                fmt::print("   inter-node rows {} (flat {})", inter_rows, flat_inter_rows);
+                       size_t(tokens) * K * row_bytes, tokens, sms, best * 1e6, algbw, copy_bw / 1e9,
+                       100 * algbw * 1e9 / copy_bw, ceiling_bw / 1e9, 100 * algbw * 1e9 / ceiling_bw, wrong);
+            if (N > 1) fmt::print("   inter-node rows {} (flat {})", inter_rows, flat_inter_rows);
             fmt::print("\n");
-            rows.push_back({{"size", size_t(slots * row_bytes)}, {"tokens", tokens}, {"sms", sms}, {"time_us", best * 1e6},
-                            {"algbw_gbs", algbw}, {"copy_gbs", copy_bw / 1e9}, {"fraction_of_copy", algbw * 1e9 / copy_bw},
-                            {"ceiling_gbs", ceiling_bw / 1e9}, {"fraction_of_ceiling", algbw * 1e9 / ceiling_bw},
-                            {"wrong", wrong}, {"inter_node_rows", inter_rows}, {"flat_inter_node_rows", flat_inter_rows}});
+            rows.push_back({{"size", size_t(tokens) * K * row_bytes}, {"tokens", tokens}, {"sms", sms},
+                            {"time_us", best * 1e6}, {"algbw_gbs", algbw}, {"copy_gbs", copy_bw / 1e9},
+                            {"fraction_of_copy", algbw * 1e9 / copy_bw}, {"ceiling_gbs", ceiling_bw / 1e9},
+                            {"fraction_of_ceiling", algbw * 1e9 / ceiling_bw}, {"wrong", wrong},
+                            {"inter_node_rows", inter_rows}, {"flat_inter_node_rows", flat_inter_rows}});
             std::fflush(stdout);
         }
     }
     fmt::print("# Out of bounds values : {} {}\n", total_wrong, total_wrong ? "FAILED" : "OK");
     if (!o.json.empty()) {
-        nlohmann::json j = {{"op", o.op}, {"backend", "cuda"}, {"ranks", R}, {"nodes", o.nodes}, {"device", devices[0].name}, {"rows", rows}};
+        nlohmann::json j = {{"op", o.op},       {"backend", "cuda"},       {"ranks", R},
+                            {"nodes", N},       {"dtype", o.dtype},        {"device", devices[0].name},
+                            {"rows", rows}};
         write_text_file(o.json, j.dump(2) + "\n", "--json");
         fmt::print("# JSON written to {}\n", o.json);
     }

@@ -12,8 +12,9 @@ namespace duplex::tools {
 struct GpuCommBenchOptions {
     std::string op = "dispatch";   // dispatch or combine
     int ranks = 8;                 // virtual ranks sharing the device
-    int nodes = 1;                 // > 1: dispatch through forwarder warps, once per node (the node-limited path)
-    int hidden = 7168;             // row width (floats)
+    int nodes = 1;                 // > 1: the node-limited path, one crossing per token and node through a relay
+    int hidden = 7168;             // row width (elements)
+    std::string dtype = "bf16";    // rows: f32, bf16 or fp8 (with 1x128 scales; dispatch only)
     int top_k = 8;                 // slots per token, to distinct ranks
     std::vector<int> sms = {4, 8, 16, 20, 32};
     size_t min_bytes = 1 << 20, max_bytes = 64 << 20;  // bytes each rank sends

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "core/dtype.hpp"
 #include "core/error.hpp"
 
 namespace duplex::kernels {
@@ -96,9 +97,14 @@ void slot_dots(const float* dy, const float* outputs, int dim, const DispatchLay
     }
 }
 
-void combine_node_limited(const std::vector<const float*>& in, const std::vector<const float*>& weights,
-                          const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
-                          const std::vector<float*>& y) {
+namespace {
+
+// combine_node_limited in the row type T (float, or BF16 as uint16_t bit patterns): load(T) -> float,
+// store(float) -> T rounds a node's partial (what crosses) and the token's sum.
+template <typename T, typename Load, typename Store>
+void combine_node_limited_as(const std::vector<const T*>& in, const std::vector<const float*>& weights,
+                             const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                             const std::vector<T*>& y, Load load, Store store) {
     const int R = int(masks.size());
     DUPLEX_CHECK_ARG(R >= 1 && R <= 64 && nodes >= 1 && R % nodes == 0, "node-limited combine",
                      "{} ranks in {} nodes of equal size (at most 64 ranks)", R, nodes);
@@ -108,11 +114,10 @@ void combine_node_limited(const std::vector<const float*>& in, const std::vector
     const int L = R / nodes;
     // next[d]: the row of in[d] the next token that went to d reads (sources in order, tokens in order).
     std::vector<int64_t> next(R, 0);
-    std::vector<float> partial(dim);
+    std::vector<float> partial(dim), sum(dim);
     for (int s = 0; s < R; ++s)
         for (size_t t = 0; t < masks[s].size(); ++t) {
-            float* yt = y[s] + t * dim;
-            std::fill(yt, yt + dim, 0.0f);
+            std::fill(sum.begin(), sum.end(), 0.0f);
             for (int m = 0; m < nodes; ++m) {
                 uint64_t here = (masks[s][t] >> (m * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1);
                 if (here == 0) continue;
@@ -121,17 +126,34 @@ void combine_node_limited(const std::vector<const float*>& in, const std::vector
                     if (!((here >> ld) & 1)) continue;
                     int d = m * L + ld;
                     int64_t row = next[d]++;
-                    const float* r = in[d] + row * dim;
+                    const T* r = in[d] + row * dim;
                     float w = weights.empty() ? 1.0f : weights[d][row];
                     // NOTE: multiply then add, each rounded (no fused multiply-add): the CUDA kernel does the same.
                     for (int c = 0; c < dim; ++c) {
-                        volatile float p = weights.empty() ? r[c] : w * r[c];
+                        volatile float p = weights.empty() ? load(r[c]) : w * load(r[c]);
                         partial[c] = partial[c] + p;
                     }
                 }
-                for (int c = 0; c < dim; ++c) yt[c] = yt[c] + partial[c];
+                for (int c = 0; c < dim; ++c) sum[c] = sum[c] + load(store(partial[c]));
             }
+            T* yt = y[s] + t * dim;
+            for (int c = 0; c < dim; ++c) yt[c] = store(sum[c]);
         }
+}
+
+}  // namespace
+
+void combine_node_limited(const std::vector<const float*>& in, const std::vector<const float*>& weights,
+                          const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                          const std::vector<float*>& y) {
+    auto same = [](float v) { return v; };
+    combine_node_limited_as<float>(in, weights, masks, nodes, dim, y, same, same);
+}
+
+void combine_node_limited_bf16(const std::vector<const uint16_t*>& in, const std::vector<const float*>& weights,
+                               const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                               const std::vector<uint16_t*>& y) {
+    combine_node_limited_as<uint16_t>(in, weights, masks, nodes, dim, y, bf16_to_fp32, fp32_to_bf16);
 }
 
 }  // namespace duplex::kernels

@@ -56,5 +56,10 @@ void slot_dots(const float* dy, const float* outputs, int dim, const DispatchLay
 void combine_node_limited(const std::vector<const float*>& in, const std::vector<const float*>& weights,
                           const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
                           const std::vector<float*>& y);
+// The same with BF16 rows (bit patterns) and fp32 weights: products and sums in fp32 as above, each node's
+// partial rounded to BF16 (the row that crosses back), their sum in fp32 rounded to BF16 at the end.
+void combine_node_limited_bf16(const std::vector<const uint16_t*>& in, const std::vector<const float*>& weights,
+                               const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                               const std::vector<uint16_t*>& y);
 
 }  // namespace duplex::kernels

@@ -15,7 +15,7 @@
 
 #include "core/cuda_check.hpp"
 #include "kernels/cuda/kernels.hpp"
-#include "kernels/cuda/queue.cuh"
+#include "kernels/cuda/rows.cuh"
 
 namespace duplex::cuda {
 
@@ -35,7 +35,7 @@ struct Args {
     const long long* recv_off;  // [c]: its first row in recv[dst]
 };
 
-__global__ void exchange_kernel(Args a) {
+__global__ void __launch_bounds__(kThreadsPerBlock) exchange_kernel(Args a) {
     int lane = threadIdx.x % 32;
     long long warps = (long long)gridDim.x * (blockDim.x / 32);
     int channels = a.num_ranks * a.num_ranks;
@@ -57,7 +57,7 @@ __global__ void exchange_kernel(Args a) {
 
 // The ceiling the exchange is measured against: a plain copy of n4 float4s by the same grid, every thread with
 // four 16-byte loads in flight.
-__global__ void plain_copy_kernel(float4* to, const float4* from, long long n4) {
+__global__ void __launch_bounds__(kThreadsPerBlock) plain_copy_kernel(float4* to, const float4* from, long long n4) {
     detail::strided_map4(to, from, n4, (long long)blockIdx.x * blockDim.x + threadIdx.x, (long long)gridDim.x * blockDim.x,
                          [](float4 v) { return v; });
 }
@@ -90,9 +90,7 @@ void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send
     DUPLEX_CHECK_ARG(num_ranks >= 1, "exchange", "needs at least one rank, got {}", num_ranks);
     DUPLEX_CHECK_ARG(c.num_sms >= 1 && c.num_sms <= device_sms, "exchange: SM budget",
                      "{} SMs requested, the device has {}", c.num_sms, device_sms);
-    DUPLEX_CHECK_ARG(c.rows_per_chunk >= 1 && c.queue_chunks >= 1, "exchange: queue",
-                     "rows per chunk ({}) and chunks per queue ({}) must be positive", c.rows_per_chunk, c.queue_chunks);
-    DUPLEX_CHECK_ARG(c.timeout_s > 0, "exchange: timeout", "must be positive, got {}", c.timeout_s);
+    DUPLEX_CHECK_ARG(c.relay_rows >= 0, "exchange: relay rows", "must be 0 (all) or positive, got {}", c.relay_rows);
     DUPLEX_CHECK_ARG(dim >= 1, "exchange", "row width must be positive, got {}", dim);
     DUPLEX_CHECK_ARG(int(send_counts.size()) == num_ranks && int(recv_capacity_rows.size()) == num_ranks, "exchange",
                      "counts for {} and capacities for {} ranks, expected {}", send_counts.size(),

@@ -9,14 +9,16 @@
 //             and adds without fusing, in slot order, so it is bit-equal to the CPU reference.
 //   exchange: exchange_rows — the all-to-all of dispatch and combine between "virtual ranks", each row written once
 //             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs;
-//             dispatch_rows_hierarchical / combine_rows_hierarchical — the node-limited dispatch and combine with
-//             forwarder warps (one crossing per node; combine reduces inside the node before crossing).
+//             dispatch_rows_node_limited / combine_rows_node_limited — dispatch from the tokens and combine into
+//             them, flat (one node) or node-limited (one crossing per token and node, a relay forwarding inside the
+//             node; combine reduces inside the node before crossing), rows in fp32, BF16 or FP8 with 1x128 scales.
 //   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products, one grouped cuBLAS call, BF16 in, fp32 out;
 //             gemm_f32 and swiglu_* — the fp32 expert MLP of the executor's device path (runtime/device_experts).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "kernels/cpu/permute.hpp"
@@ -63,10 +65,8 @@ void slot_dots(const float* dy, const float* outputs, int dim, const DeviceLayou
 
 // ---- exchange between virtual ranks ----
 struct ExchangeConfig {
-    int num_sms = 20;           // blocks of the kernel: the SMs it may occupy (DeepSeek-V3: 20 of 132)
-    int rows_per_chunk = 4;     // rows per queue slot (node-limited kernels)
-    int queue_chunks = 8;       // slots per channel queue (node-limited kernels)
-    double timeout_s = 10;      // a stalled queue fails the call instead of hanging (node-limited kernels)
+    int num_sms = 20;         // blocks of the kernels: the SMs they may occupy (DeepSeek-V3: 20 of 132)
+    int64_t relay_rows = 0;   // node-limited kernels: relay rows held at once (0: all a call needs; else >= nodes)
 };
 // Per rank r: send[r] holds its rows grouped by destination (send_offsets[r][p] .. +send_counts[r][p] go to p);
 // recv[r] receives them source-major: rows from rank 0 first, then rank 1, ... Each row is copied once, source
@@ -86,47 +86,56 @@ void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send
                     const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,
                     int device_sms);
 
-// ---- node-limited dispatch: sender / forwarder / receiver warps ----
-// The virtual ranks form `nodes` nodes of equal size L (rank r is local rank r % L of node r / L). Per rank s:
-// x[s] holds its tokens (one row each) and host_masks[s][t] the ranks token t goes to (bit p: rank p; at most
-// 64 ranks). A token crosses to each target node once — into the queue of the relay there with s's local index
-// — whatever number of its experts live on that node; the relay forwards it to each of those ranks inside the
-// node. recv[p] receives, like exchange_rows, source-major: the tokens of rank 0 that go to p (ascending), then
-// rank 1's, ...
-//
-// Every (s, node m) pair is a pipeline run by warps of one block: a sender (x[s] -> the inter-node queue of the
-// pipeline, one row per token), a forwarder (that queue -> the intra-node queue of (s, d) for each rank d of m
-// the row is for) and L receivers (the queue of (s, d) -> recv[d]).
+// ---- dispatch and combine from and into the tokens: flat or node-limited, fp32 / BF16 / FP8 rows ----
+// A row's element type. FP8 rows are e4m3 bytes with one fp32 scale per 128 columns (quantize_fp8_1x128's
+// layout); they travel as two planes, the bytes and the scales, with the same moves. DeepEP's configuration:
+// FP8 dispatch, BF16 combine.
+enum class RowType { F32, BF16, FP8 };
+const char* row_type_name(RowType type);
+// "f32" | "bf16" | "fp8"; ConfigError naming `flag` otherwise.
+RowType parse_row_type(const std::string& name, const std::string& flag);
+// Bytes per row of each plane: {4 dim}, {2 dim}, {dim, 4 dim / 128}. ConfigError for a width below 1, or, for
+// FP8, not a multiple of 128.
+std::vector<size_t> row_plane_bytes(RowType type, int dim);
+
+// Per plane, per rank: the base of its rows (device).
+using SourcePlanes = std::vector<std::vector<const void*>>;
+using TargetPlanes = std::vector<std::vector<void*>>;
+
+// The virtual ranks form `nodes` nodes of equal size L (rank r is local rank r % L of node r / L); host_masks[s][t]
+// has bit d when token t of rank s goes to rank d (at most 64 ranks). The moves are planned on the host
+// (kernels/exchange_plan.hpp) and run by the warps of the SM budget, each taking output rows in turn, 16-byte
+// copies where rows are aligned. One node: each row copied once, x[s] to recv[d]. Several: a token crosses to
+// each target node once, into a relay row there, and the relay copies it to each rank of that node it is for;
+// relay rows come from a stream-ordered allocation (config.relay_rows bounds it: rounds of tokens).
+// recv[d] receives source-major: the tokens of rank 0 that go to d (ascending), then rank 1's, ...
 struct HierarchicalResult {
     double seconds = 0;
     int64_t inter_node_rows = 0;       // rows that crossed between nodes (one per token and target node)
     int64_t flat_inter_node_rows = 0;  // what one row per (token, destination rank) would have sent across
 };
-HierarchicalResult dispatch_rows_hierarchical(const std::vector<const float*>& x,
+HierarchicalResult dispatch_rows_node_limited(RowType type, int dim, const SourcePlanes& x,
                                               const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
-                                              const std::vector<float*>& recv,
-                                              const std::vector<int64_t>& recv_capacity_rows, int dim,
+                                              const TargetPlanes& recv, const std::vector<int64_t>& recv_capacity_rows,
                                               const ExchangeConfig& config, cudaStream_t stream);
-// The host-side checks of dispatch_rows_hierarchical (device_sms: the device's SM count); returns the rows each
-// rank receives.
-std::vector<int64_t> check_hierarchical_dispatch(const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
-                                                 const std::vector<int64_t>& recv_capacity_rows, int dim,
-                                                 const ExchangeConfig& config, int device_sms);
+// The host-side checks of both directions (device_sms: the device's SM count): ranks, nodes, routing, the
+// planes' count, row widths, buffers (capacity_rows[d]: rows the dispatch delivers to d / the combine reads from
+// d) and the budget; returns the rows each rank receives (dispatch) or contributes (combine).
+std::vector<int64_t> check_node_limited(RowType type, int dim, const std::vector<std::vector<uint64_t>>& host_masks,
+                                        int nodes, const std::vector<int64_t>& capacity_rows, size_t planes,
+                                        const ExchangeConfig& config, int device_sms);
 
-// The node-limited combine: dispatch_rows_hierarchical's pipelines run back, with the reduction inside the node.
-// in[d] holds one row per (token, rank d) laid out like the dispatch's recv[d] for the same masks (capacity
-// in_capacity_rows[d]); weights[d] (device, one per row; an empty vector: all 1) scales each row. Per pipeline
-// (s, m): one sender warp per rank d of node m (in[d] x weight -> the queue to the relay), a forwarder (sums a
-// token's rows from the ranks of node m in rank order -> one row across the inter-node queue) and a receiver
-// (-> rank s's staging rows); then a pass over the tokens adds the nodes' partial sums in node order into
-// y[s][t] (zero for a token no rank took). Bit-equal to kernels::combine_node_limited. The result counts the
-// rows that crossed nodes (one per token and other node) and what one row per (token, rank) would have sent.
-HierarchicalResult combine_rows_hierarchical(const std::vector<const float*>& in,
+// The combine (F32 or BF16 rows): in[d] holds one row per (token, rank d) laid out like the dispatch's recv[d] for
+// the same masks; weights[d] (device, one fp32 factor per row; an empty vector: all 1) scales each row. One
+// node: y[s][t] = the sum, from 0, of a token's rows in rank order. Several: each relay sums the token's rows of
+// its node in rank order (rounded to the row type: what crosses back), and y[s][t] sums those partials in node
+// order (zero for a token no rank took). Products and sums in fp32, each rounded, unfused: bit-equal to
+// kernels::combine_node_limited / combine_node_limited_bf16.
+HierarchicalResult combine_rows_node_limited(RowType type, int dim, const std::vector<const void*>& in,
                                              const std::vector<const float*>& weights,
                                              const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
-                                             const std::vector<int64_t>& in_capacity_rows,
-                                             const std::vector<float*>& y, int dim, const ExchangeConfig& config,
-                                             cudaStream_t stream);
+                                             const std::vector<int64_t>& in_capacity_rows, const std::vector<void*>& y,
+                                             const ExchangeConfig& config, cudaStream_t stream);
 
 // ---- expert GEMMs (cuBLAS, BF16 in, fp32 accumulate and out) ----
 // For each expert e: c[e] [rows[e] x n] = a[e] [rows[e] x k] * b[e] [k x n], row-major. a and b hold BF16 bit

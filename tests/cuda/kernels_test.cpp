@@ -1,5 +1,7 @@
 // Every CUDA kernel against its CPU reference (ctest label `gpu`): FP8 bit for bit, permute/combine bit for bit,
-// the exchange equal to a plain copy under several SM budgets, the expert GEMM within BF16 tolerance. Tests that
+// the exchange equal to a plain copy under several SM budgets, dispatch equal to a plain gather and combine to
+// kernels::combine_node_limited(_bf16) bit for bit (fp32, BF16, FP8 rows; one node and several; relays bounded),
+// the expert GEMM within BF16 tolerance. Tests that
 // need a device skip without one; the argument checks run everywhere.
 #include "kernels/cuda/kernels.hpp"
 
@@ -203,7 +205,7 @@ TEST(CudaExchange, RejectsBadBudgetsAndBuffersBeforeLaunch) {
     auto small = c.recv_rows;
     small[2] -= 1;
     EXPECT_THROW(check_exchange(4, c.counts, small, 64, cfg, 132), ConfigError);
-    cfg.queue_chunks = 0;
+    cfg.relay_rows = -1;
     EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
 }
 
@@ -228,130 +230,204 @@ std::vector<std::vector<uint64_t>> random_masks(int ranks, int nodes, int tokens
     return m;
 }
 
-TEST(CudaHierarchical, ForwardersDeliverWhatAPlainGatherDoesAndCrossEachNodeOnce) {
+// Rows of a type as bytes, plane by plane: fp32 and BF16 from random floats, FP8 through the CPU quantizer.
+std::vector<std::vector<uint8_t>> typed_rows(RowType type, size_t rows, int dim, uint64_t seed) {
+    std::vector<float> x = random_floats(rows * dim, seed);
+    auto bytes = [](const void* p, size_t n) {
+        const auto* b = static_cast<const uint8_t*>(p);
+        return std::vector<uint8_t>(b, b + n);
+    };
+    if (type == RowType::F32) return {bytes(x.data(), x.size() * 4)};
+    if (type == RowType::BF16) {
+        std::vector<uint16_t> h;
+        for (float v : x) h.push_back(fp32_to_bf16(v));
+        return {bytes(h.data(), h.size() * 2)};
+    }
+    std::vector<uint8_t> q(x.size());
+    std::vector<float> scales(rows * dim / 128);
+    if (rows) kernels::quantize_fp8_1x128(x.data(), int(rows), dim, q.data(), scales.data());
+    return {q, bytes(scales.data(), scales.size() * 4)};
+}
+
+struct NodeLimitedCase {
+    RowType type;
+    int dim, nodes;
+};
+void PrintTo(const NodeLimitedCase& c, std::ostream* os) {
+    *os << row_type_name(c.type) << " rows of " << c.dim << ", " << c.nodes << " node(s)";
+}
+
+// dim 160 f32 / 136 bf16 / 256 fp8: 16-byte rows; 7 f32, 9 bf16: misaligned rows, the 4-byte and 1-byte copies.
+class CudaDispatch : public ::testing::TestWithParam<NodeLimitedCase> {};
+INSTANTIATE_TEST_SUITE_P(Rows, CudaDispatch,
+                         ::testing::Values(NodeLimitedCase{RowType::F32, 160, 2}, NodeLimitedCase{RowType::F32, 7, 1},
+                                           NodeLimitedCase{RowType::BF16, 136, 1}, NodeLimitedCase{RowType::BF16, 9, 4},
+                                           NodeLimitedCase{RowType::FP8, 256, 2}, NodeLimitedCase{RowType::FP8, 128, 1}));
+
+TEST_P(CudaDispatch, DeliversWhatAPlainGatherDoesCrossingEachNodeOnce) {
     NEED_GPU();
-    const int ranks = 8, nodes = 2, dim = 160;
-    auto masks = random_masks(ranks, nodes, 300, 8, 2, 5);
-    std::vector<std::vector<float>> host_x(ranks);
-    std::vector<std::unique_ptr<Dev<float>>> x, recv;
-    std::vector<const float*> xp;
-    std::vector<float*> rp;
+    const auto [type, dim, nodes] = GetParam();
+    const int ranks = 8, L = ranks / nodes;
+    auto masks = random_masks(ranks, nodes, 300, 8, std::min(2, nodes), 5);
+    const std::vector<size_t> bytes = row_plane_bytes(type, dim);
+    const size_t P = bytes.size();
+    std::vector<std::vector<std::vector<uint8_t>>> host_x(ranks), want(ranks, std::vector<std::vector<uint8_t>>(P));
+    for (int s = 0; s < ranks; ++s) host_x[s] = typed_rows(type, masks[s].size(), dim, 40 + s);
     // The reference: rank d gets rank 0's tokens for d (ascending), then rank 1's, ...
-    std::vector<std::vector<float>> want(ranks);
-    for (int s = 0; s < ranks; ++s) host_x[s] = random_floats(masks[s].size() * dim, 40 + s);
     for (int d = 0; d < ranks; ++d)
         for (int s = 0; s < ranks; ++s)
             for (size_t t = 0; t < masks[s].size(); ++t)
                 if ((masks[s][t] >> d) & 1)
-                    want[d].insert(want[d].end(), host_x[s].begin() + t * dim, host_x[s].begin() + (t + 1) * dim);
+                    for (size_t p = 0; p < P; ++p)
+                        want[d][p].insert(want[d][p].end(), host_x[s][p].begin() + t * bytes[p],
+                                          host_x[s][p].begin() + (t + 1) * bytes[p]);
+    std::vector<std::unique_ptr<Dev<uint8_t>>> keep;
+    SourcePlanes xp(P);
+    TargetPlanes rp(P);
+    std::vector<std::vector<Dev<uint8_t>*>> recv(ranks);
     std::vector<int64_t> cap(ranks);
     for (int r = 0; r < ranks; ++r) {
-        x.push_back(std::make_unique<Dev<float>>(host_x[r]));
-        recv.push_back(std::make_unique<Dev<float>>(want[r].size()));
-        xp.push_back(x.back()->get());
-        rp.push_back(recv.back()->get());
-        cap[r] = int64_t(want[r].size() / dim);
+        cap[r] = int64_t(want[r][0].size() / bytes[0]);
+        for (size_t p = 0; p < P; ++p) {
+            keep.push_back(std::make_unique<Dev<uint8_t>>(host_x[r][p]));
+            xp[p].push_back(keep.back()->get());
+            keep.push_back(std::make_unique<Dev<uint8_t>>(want[r][p].size()));
+            rp[p].push_back(keep.back()->get());
+            recv[r].push_back(keep.back().get());
+        }
     }
     int64_t inter = 0, flat = 0;  // rows crossing nodes: one per (token, other node) vs one per (token, rank)
     for (int s = 0; s < ranks; ++s)
         for (uint64_t mk : masks[s])
             for (int m = 0; m < nodes; ++m) {
-                uint64_t here = (mk >> (m * 4)) & 0xF;
-                if (here && m != s / 4) ++inter, flat += __builtin_popcountll(here);
+                uint64_t here = (mk >> (m * L)) & ((1ull << L) - 1);
+                if (here && m != s / L) ++inter, flat += __builtin_popcountll(here);
             }
-    for (int sms : {1, 3, 20}) {
-        for (int rpc : {1, 4}) {
+    for (int sms : {1, 3, 20})
+        for (int64_t relay : {int64_t(0), int64_t(nodes)}) {  // all at once; a token per round
             ExchangeConfig cfg;
             cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
-            cfg.rows_per_chunk = rpc;
-            cfg.queue_chunks = 2;  // small queues: senders wait on forwarders, forwarders on receivers
-            for (auto& b : recv) cudaMemset(b->get(), 0xFF, b->size() * sizeof(float));
-            HierarchicalResult r = dispatch_rows_hierarchical(xp, masks, nodes, rp, cap, dim, cfg, nullptr);
+            cfg.relay_rows = relay;
+            for (auto& planes : recv)
+                for (auto* b : planes) cudaMemset(b->get(), 0xFF, b->size());  // stale results must not pass
+            HierarchicalResult r = dispatch_rows_node_limited(type, dim, xp, masks, nodes, rp, cap, cfg, nullptr);
             for (int d = 0; d < ranks; ++d)
-                ASSERT_EQ(recv[d]->host(), want[d]) << "rank " << d << ", " << sms << " SMs, " << rpc << " rows/chunk";
+                for (size_t p = 0; p < P; ++p)
+                    ASSERT_EQ(recv[d][p]->host(), want[d][p]) << "rank " << d << ", plane " << p << ", " << sms
+                                                             << " SMs, relay rows " << relay;
             EXPECT_EQ(r.inter_node_rows, inter);
             EXPECT_EQ(r.flat_inter_node_rows, flat);
-            EXPECT_LT(r.inter_node_rows, r.flat_inter_node_rows);
         }
-    }
 }
 
-TEST(CudaHierarchical, CombineReducesInsideEachNodeBitForBitLikeTheCpu) {
+class CudaCombine : public ::testing::TestWithParam<NodeLimitedCase> {};
+INSTANTIATE_TEST_SUITE_P(Rows, CudaCombine,
+                         ::testing::Values(NodeLimitedCase{RowType::F32, 136, 2}, NodeLimitedCase{RowType::F32, 7, 1},
+                                           NodeLimitedCase{RowType::BF16, 136, 2}, NodeLimitedCase{RowType::BF16, 9, 1},
+                                           NodeLimitedCase{RowType::BF16, 64, 4}));
+
+TEST_P(CudaCombine, SumsInsideEachNodeBitForBitLikeTheCpu) {
     NEED_GPU();
-    const int ranks = 8, nodes = 2, dim = 136;
-    auto masks = random_masks(ranks, nodes, 250, 8, 2, 17);
-    // Rows per rank: one per (token, rank) that went there.
-    std::vector<int64_t> rows(ranks, 0);
+    const auto [type, dim, nodes] = GetParam();
+    const int ranks = 8;
+    const size_t esize = type == RowType::F32 ? 4 : 2;
+    auto masks = random_masks(ranks, nodes, 250, 8, std::min(2, nodes), 17);
+    std::vector<int64_t> rows(ranks, 0);  // per rank: one per (token, rank) that went there
     for (int s = 0; s < ranks; ++s)
         for (uint64_t mk : masks[s])
             for (int d = 0; d < ranks; ++d) rows[d] += (mk >> d) & 1;
-    std::vector<std::vector<float>> host_in(ranks), host_w(ranks), want(ranks), want_unweighted(ranks);
-    std::vector<std::unique_ptr<Dev<float>>> in, w, y;
-    std::vector<const float*> inp, wp, in_h, w_h;
-    std::vector<float*> yp, want_p, want_u_p;
+    std::vector<std::vector<uint8_t>> host_in(ranks), want(ranks), want_unweighted(ranks);
+    std::vector<std::vector<float>> host_w(ranks);
+    std::vector<std::unique_ptr<Dev<uint8_t>>> in, y;
+    std::vector<std::unique_ptr<Dev<float>>> w;
+    std::vector<const void*> inp;
+    std::vector<void*> yp;
+    std::vector<const float*> wp, w_h;
     for (int r = 0; r < ranks; ++r) {
-        host_in[r] = random_floats(size_t(rows[r]) * dim, 70 + r);
+        host_in[r] = typed_rows(type, size_t(rows[r]), dim, 70 + r)[0];
         host_w[r] = random_floats(size_t(rows[r]), 90 + r);
-        want[r].resize(masks[r].size() * dim);
-        want_unweighted[r].resize(masks[r].size() * dim);
-        in.push_back(std::make_unique<Dev<float>>(host_in[r]));
+        want[r].resize(masks[r].size() * dim * esize);
+        want_unweighted[r].resize(want[r].size());
+        in.push_back(std::make_unique<Dev<uint8_t>>(host_in[r]));
         w.push_back(std::make_unique<Dev<float>>(host_w[r]));
-        y.push_back(std::make_unique<Dev<float>>(masks[r].size() * dim));
+        y.push_back(std::make_unique<Dev<uint8_t>>(want[r].size()));
         inp.push_back(in.back()->get());
         wp.push_back(w.back()->get());
         yp.push_back(y.back()->get());
-        in_h.push_back(host_in[r].data());
         w_h.push_back(host_w[r].data());
-        want_p.push_back(want[r].data());
-        want_u_p.push_back(want_unweighted[r].data());
     }
-    kernels::combine_node_limited(in_h, w_h, masks, nodes, dim, want_p);
-    kernels::combine_node_limited(in_h, {}, masks, nodes, dim, want_u_p);
-    for (int sms : {1, 3, 20}) {
-        for (int rpc : {1, 4}) {
-            ExchangeConfig cfg;
-            cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
-            cfg.rows_per_chunk = rpc;
-            cfg.queue_chunks = 2;  // small queues: experts' senders wait on forwarders, forwarders on receivers
-            for (bool weighted : {true, false}) {
-                for (auto& b : y) cudaMemset(b->get(), 0xFF, b->size() * sizeof(float));
-                HierarchicalResult r = combine_rows_hierarchical(inp, weighted ? wp : std::vector<const float*>{},
-                                                                 masks, nodes, rows, yp, dim, cfg, nullptr);
-                for (int s = 0; s < ranks; ++s)
-                    ASSERT_EQ(y[s]->host(), weighted ? want[s] : want_unweighted[s])
-                        << "rank " << s << ", " << sms << " SMs, " << rpc << " rows/chunk, weighted " << weighted;
-                EXPECT_LT(r.inter_node_rows, r.flat_inter_node_rows);
-            }
+    for (bool weighted : {true, false}) {
+        auto& out = weighted ? want : want_unweighted;
+        std::vector<const float*> weights = weighted ? w_h : std::vector<const float*>{};
+        if (type == RowType::F32) {
+            std::vector<const float*> in_h;
+            std::vector<float*> y_h;
+            for (int r = 0; r < ranks; ++r)
+                in_h.push_back(reinterpret_cast<const float*>(host_in[r].data())),
+                    y_h.push_back(reinterpret_cast<float*>(out[r].data()));
+            kernels::combine_node_limited(in_h, weights, masks, nodes, dim, y_h);
+        } else {
+            std::vector<const uint16_t*> in_h;
+            std::vector<uint16_t*> y_h;
+            for (int r = 0; r < ranks; ++r)
+                in_h.push_back(reinterpret_cast<const uint16_t*>(host_in[r].data())),
+                    y_h.push_back(reinterpret_cast<uint16_t*>(out[r].data()));
+            kernels::combine_node_limited_bf16(in_h, weights, masks, nodes, dim, y_h);
         }
     }
+    for (int sms : {1, 3, 20})
+        for (int64_t relay : {int64_t(0), int64_t(nodes)})
+            for (bool weighted : {true, false}) {
+                ExchangeConfig cfg;
+                cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
+                cfg.relay_rows = relay;
+                for (auto& b : y) cudaMemset(b->get(), 0xFF, b->size());
+                HierarchicalResult r = combine_rows_node_limited(type, dim, inp, weighted ? wp : std::vector<const float*>{},
+                                                                 masks, nodes, rows, yp, cfg, nullptr);
+                for (int s = 0; s < ranks; ++s)
+                    ASSERT_EQ(y[s]->host(), weighted ? want[s] : want_unweighted[s])
+                        << "rank " << s << ", " << sms << " SMs, relay rows " << relay << ", weighted " << weighted;
+                if (nodes > 1) {
+                    EXPECT_LT(r.inter_node_rows, r.flat_inter_node_rows);
+                }
+            }
     auto small = rows;
     small[3] -= 1;
-    EXPECT_THROW(combine_rows_hierarchical(inp, wp, masks, nodes, small, yp, dim, ExchangeConfig{}, nullptr),
+    EXPECT_THROW(combine_rows_node_limited(type, dim, inp, wp, masks, nodes, small, yp, ExchangeConfig{}, nullptr),
                  ConfigError);
-    EXPECT_THROW(combine_rows_hierarchical(inp, {wp[0]}, masks, nodes, rows, yp, dim, ExchangeConfig{}, nullptr),
+    EXPECT_THROW(combine_rows_node_limited(type, dim, inp, {wp[0]}, masks, nodes, rows, yp, ExchangeConfig{}, nullptr),
+                 ConfigError);
+    EXPECT_THROW(combine_rows_node_limited(RowType::FP8, 128, inp, wp, masks, nodes, rows, yp, ExchangeConfig{}, nullptr),
                  ConfigError);
 }
 
-TEST(CudaHierarchical, RejectsBadTopologiesAndBuffersBeforeLaunch) {
+TEST(CudaNodeLimited, RejectsBadTopologiesWidthsAndBuffersBeforeLaunch) {
+    // Host-side checks: no device needed (132 SMs stands for an H800/H100).
     auto masks = random_masks(8, 2, 50, 4, 2, 9);
     std::vector<int64_t> cap(8, 1 << 20);
     ExchangeConfig cfg;
-    auto rows = check_hierarchical_dispatch(masks, 2, cap, 128, cfg, 132);
+    auto rows = check_node_limited(RowType::BF16, 128, masks, 2, cap, 1, cfg, 132);
     int64_t total = 0;
     for (int64_t r : rows) total += r;
     EXPECT_GT(total, 0);
-    EXPECT_THROW(check_hierarchical_dispatch(masks, 3, cap, 128, cfg, 132), ConfigError);  // 8 ranks, 3 nodes
+    EXPECT_THROW(check_node_limited(RowType::BF16, 128, masks, 3, cap, 1, cfg, 132), ConfigError);  // 8 ranks, 3 nodes
     auto small = rows;
     small[5] -= 1;
-    EXPECT_THROW(check_hierarchical_dispatch(masks, 2, small, 128, cfg, 132), ConfigError);
+    EXPECT_THROW(check_node_limited(RowType::BF16, 128, masks, 2, small, 1, cfg, 132), ConfigError);
     auto beyond = masks;
     beyond[0][0] |= 1ull << 9;  // rank 9 of 8
-    EXPECT_THROW(check_hierarchical_dispatch(beyond, 2, cap, 128, cfg, 132), ConfigError);
+    EXPECT_THROW(check_node_limited(RowType::BF16, 128, beyond, 2, cap, 1, cfg, 132), ConfigError);
+    EXPECT_NO_THROW(check_node_limited(RowType::FP8, 256, masks, 2, cap, 2, cfg, 132));
+    EXPECT_THROW(check_node_limited(RowType::FP8, 200, masks, 2, cap, 2, cfg, 132), ConfigError);  // not 128 k
+    EXPECT_THROW(check_node_limited(RowType::FP8, 256, masks, 2, cap, 1, cfg, 132), ConfigError);  // scales missing
+    EXPECT_THROW(check_node_limited(RowType::F32, 0, masks, 2, cap, 1, cfg, 132), ConfigError);
+    cfg.relay_rows = 1;  // a token can need a relay row on both nodes
+    EXPECT_THROW(check_node_limited(RowType::F32, 64, masks, 2, cap, 1, cfg, 132), ConfigError);
+    cfg.relay_rows = 0;
     cfg.num_sms = 200;
-    EXPECT_THROW(check_hierarchical_dispatch(masks, 2, cap, 128, cfg, 132), ConfigError);
-    std::vector<std::vector<uint64_t>> wide(32, std::vector<uint64_t>(4, 1));
-    EXPECT_THROW(check_hierarchical_dispatch(wide, 1, std::vector<int64_t>(32, 100), 128, ExchangeConfig{}, 132),
-                 ConfigError);  // 32 ranks on one node: more warps than a block holds
+    EXPECT_THROW(check_node_limited(RowType::F32, 64, masks, 2, cap, 1, cfg, 132), ConfigError);
+    EXPECT_EQ(parse_row_type("fp8", "--dtype"), RowType::FP8);
+    EXPECT_THROW(parse_row_type("fp16", "--dtype"), ConfigError);
 }
 
 TEST(CudaGemm, ExpertGemmsMatchTheCpuWithinBf16Tolerance) {

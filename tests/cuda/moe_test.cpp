@@ -84,7 +84,6 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& want,
 
 void check_layer(DeviceMoeOptions o) {
     o.exchange.num_sms = 8;
-    o.exchange.rows_per_chunk = 2, o.exchange.queue_chunks = 2;
     Rng rng(3);
     auto mat = [&](size_t n, double sd) {
         std::vector<float> v(n);

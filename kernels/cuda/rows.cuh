@@ -1,8 +1,7 @@
-// Pieces shared by the queue-based exchange kernels (exchange.cu, hierarchical.cu): device-scope counters, the
-// stall check that turns a stuck queue into an error instead of a hang, and warp-wide row copies.
+// Pieces shared by the exchange kernels (exchange.cu, node_limited.cu): warp-wide row copies with 16-byte loads
+// and stores, the stream-ordered arena of a launch's tables, and the timed launch.
 #pragma once
 
-#include <cuda/atomic>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -11,29 +10,17 @@
 
 namespace duplex::cuda::detail {
 
-using Counter = ::cuda::atomic_ref<long long, ::cuda::thread_scope_device>;
-
-// True when another warp already failed, or this wait has lasted past the timeout (then records `channel`).
-__device__ inline bool stalled(int* error, long long timeout_cycles, long long start, int channel) {
-    if (*reinterpret_cast<volatile int*>(error) != 0) return true;
-    if (clock64() - start > timeout_cycles) {
-        atomicCAS(error, 0, channel + 1);
-        return true;
-    }
-    return false;
-}
-
 __device__ inline bool aligned16(const void* a, const void* b) {
     return ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15) == 0;
 }
 
-// t[i] = apply(f[i]) for the float4s i = first, first + stride, ... below n4, four loads in flight per thread.
-template <typename Apply>
-__device__ inline void strided_map4(float4* t, const float4* f, long long n4, long long first, long long stride,
-                                    Apply apply) {
+// t[i] = apply(f[i]) for the 16-byte vectors (float4, uint4) i = first, first + stride, ... below n4, four loads
+// in flight per thread.
+template <typename V, typename Apply>
+__device__ inline void strided_map4(V* t, const V* f, long long n4, long long first, long long stride, Apply apply) {
     long long i = first;
     for (; i + 3 * stride < n4; i += 4 * stride) {
-        float4 v0 = f[i], v1 = f[i + stride], v2 = f[i + 2 * stride], v3 = f[i + 3 * stride];
+        V v0 = f[i], v1 = f[i + stride], v2 = f[i + 2 * stride], v3 = f[i + 3 * stride];
         t[i] = apply(v0);
         t[i + stride] = apply(v1);
         t[i + 2 * stride] = apply(v2);
@@ -64,33 +51,22 @@ __device__ inline void copy_floats(float* to, const float* from, long long n, in
     map_floats(to, from, n, lane, [](float v) { return v; });
 }
 
-// n floats scaled by f (round to nearest) by a warp.
-__device__ inline void scale_floats(float* to, const float* from, float f, long long n, int lane) {
-    map_floats(to, from, n, lane, [f](float v) { return __fmul_rn(f, v); });
-}
-
-// Publishes what this warp wrote: every lane's stores are visible device-wide before lane 0 moves the counter.
-__device__ inline void publish(Counter& counter, long long value, int lane) {
-    __threadfence();
-    __syncwarp();
-    if (lane == 0) counter.store(value, ::cuda::memory_order_release);
-}
-
-// The consumer end of a chunked queue: `total` rows arrive in chunks of `rpc` through a ring of `qc` chunks;
-// each is copied to dst (rows back to back) and given back. Returns false when stalled(start) gave up.
-template <typename Stalled>
-__device__ bool drain_chunks(Counter& head, Counter& tail, const float* queue, float* dst, long long total, int rpc,
-                             int qc, int dim, int lane, Stalled&& stalled) {
-    long long chunks = (total + rpc - 1) / rpc;
-    for (long long i = 0; i < chunks; ++i) {
-        long long start = clock64();
-        while (head.load(::cuda::memory_order_acquire) <= i)
-            if (stalled(start)) return false;
-        long long rows = min((long long)rpc, total - i * rpc);
-        copy_floats(dst + i * rpc * dim, queue + (i % qc) * rpc * dim, rows * dim, lane);
-        publish(tail, i + 1, lane);
+// n bytes copied by a warp: 16 at a time where both ends are 16-byte aligned, else 4 at a time where both are
+// 4-byte aligned, the rest one byte at a time (rows of any type and width: fp32, BF16, FP8 and its scales).
+__device__ inline void copy_bytes(char* to, const char* from, long long n, int lane) {
+    __builtin_assume(__isGlobal(to) && __isGlobal(from));
+    long long done = 0;
+    if (aligned16(to, from)) {
+        strided_map4(reinterpret_cast<uint4*>(to), reinterpret_cast<const uint4*>(from), n / 16, lane, 32,
+                     [](uint4 v) { return v; });
+        done = n / 16 * 16;
+    } else if (((reinterpret_cast<uintptr_t>(to) | reinterpret_cast<uintptr_t>(from)) & 3) == 0) {
+        auto* t = reinterpret_cast<uint32_t*>(to);
+        auto* f = reinterpret_cast<const uint32_t*>(from);
+        for (long long i = lane; i < n / 4; i += 32) t[i] = f[i];
+        done = n / 4 * 4;
     }
-    return true;
+    for (long long i = done + lane; i < n; i += 32) to[i] = from[i];
 }
 
 // One device allocation carved into 16-byte aligned pieces: the tables, queues and counters of one launch.

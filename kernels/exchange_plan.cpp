@@ -1,0 +1,147 @@
+#include "kernels/exchange_plan.hpp"
+
+#include <algorithm>
+
+#include "core/error.hpp"
+
+namespace duplex::kernels {
+
+namespace {
+
+uint64_t node_bits(uint64_t mask, int node, int L) {
+    return (mask >> (node * L)) & (L >= 64 ? ~0ull : (1ull << L) - 1);
+}
+
+}  // namespace
+
+std::vector<int64_t> node_limited_rows(const std::vector<std::vector<uint64_t>>& masks, int nodes,
+                                       int64_t relay_capacity) {
+    const int R = int(masks.size());
+    DUPLEX_CHECK_ARG(R >= 1 && R <= 64, "node-limited exchange", "1..64 ranks (a 64-bit mask per token), got {}", R);
+    DUPLEX_CHECK_ARG(nodes >= 1 && R % nodes == 0, "node-limited exchange: nodes",
+                     "{} ranks do not split into {} nodes of equal size", R, nodes);
+    DUPLEX_CHECK_ARG(relay_capacity == 0 || relay_capacity >= nodes, "node-limited exchange: relay rows",
+                     "a round must hold a token's rows for every node ({}), got {}", nodes, relay_capacity);
+    for (int s = 0; s < R; ++s)
+        for (size_t t = 0; t < masks[s].size(); ++t)
+            DUPLEX_CHECK_ARG(R == 64 || (masks[s][t] >> R) == 0, "node-limited exchange: routing",
+                             "token {} of rank {} goes to a rank beyond the {} present", t, s, R);
+    std::vector<int64_t> rows(R, 0);
+    for (int s = 0; s < R; ++s)
+        for (uint64_t mk : masks[s])
+            for (int d = 0; d < R; ++d) rows[d] += (mk >> d) & 1u;
+    return rows;
+}
+
+namespace {
+
+// Walks the tokens in order and calls visit(s, t, round) with the round a token belongs to: a new round starts
+// when the token's relay rows (one per node it reaches; none with one node) would overflow the capacity.
+// Fills the plan's counts.
+template <typename Visit>
+NodeLimitedPlan walk(const std::vector<std::vector<uint64_t>>& masks, int nodes, int64_t capacity, int hops,
+                     Visit&& visit) {
+    node_limited_rows(masks, nodes, capacity);
+    const int R = int(masks.size()), L = R / nodes;
+    NodeLimitedPlan p;
+    p.ranks = R;
+    p.nodes = nodes;
+    p.source_rows.assign(R, 0);
+    p.target_rows.assign(R, 0);
+    p.rounds.emplace_back();
+    p.rounds.back().hops.resize(hops);
+    for (int s = 0; s < R; ++s)
+        for (size_t t = 0; t < masks[s].size(); ++t) {
+            int reached = 0;
+            for (int m = 0; m < nodes; ++m) {
+                uint64_t here = node_bits(masks[s][t], m, L);
+                if (!here) continue;
+                ++reached;
+                if (m != s / L) {
+                    ++p.inter_node_rows;
+                    p.flat_inter_node_rows += __builtin_popcountll(here);
+                }
+            }
+            int64_t relay = nodes > 1 ? reached : 0;
+            if (capacity > 0 && p.rounds.back().relay_rows + relay > capacity) {
+                p.rounds.emplace_back();
+                p.rounds.back().hops.resize(hops);
+            }
+            visit(s, int64_t(t), p.rounds.back());
+            p.relay_rows = std::max(p.relay_rows, p.rounds.back().relay_rows);
+        }
+    return p;
+}
+
+void add_output(Hop& hop, RowRef to) {
+    hop.to.push_back(to);
+    hop.first.push_back(int64_t(hop.from.size()));
+}
+
+}  // namespace
+
+NodeLimitedPlan plan_node_limited_dispatch(const std::vector<std::vector<uint64_t>>& masks, int nodes,
+                                           int64_t relay_capacity) {
+    const int R = int(masks.size());
+    const int L = nodes >= 1 && R % std::max(nodes, 1) == 0 ? R / std::max(nodes, 1) : 1;
+    std::vector<int64_t> delivered(R, 0);  // rows written so far in each recv[d]
+    const int32_t relay_buffer = 2 * R;
+    NodeLimitedPlan p = walk(masks, nodes, relay_capacity, nodes > 1 ? 2 : 1, [&](int s, int64_t t, PlanRound& round) {
+        RowRef token{s, t};
+        for (int m = 0; m < nodes; ++m) {
+            uint64_t here = node_bits(masks[s][t], m, L);
+            if (!here) continue;
+            RowRef from = token;
+            if (nodes > 1) {
+                // Hop 1: the one crossing to node m, into a relay row there.
+                from = RowRef{relay_buffer, round.relay_rows++};
+                round.hops[0].from.push_back(token);
+                add_output(round.hops[0], from);
+            }
+            Hop& deliver = round.hops.back();
+            for (int ld = 0; ld < L; ++ld)
+                if ((here >> ld) & 1) {
+                    int d = m * L + ld;
+                    deliver.from.push_back(from);
+                    add_output(deliver, RowRef{R + d, delivered[d]++});
+                }
+        }
+    });
+    for (int s = 0; s < R; ++s) p.source_rows[s] = int64_t(masks[s].size());
+    p.target_rows = delivered;
+    return p;
+}
+
+NodeLimitedPlan plan_node_limited_combine(const std::vector<std::vector<uint64_t>>& masks, int nodes,
+                                          int64_t relay_capacity) {
+    const int R = int(masks.size());
+    const int L = nodes >= 1 && R % std::max(nodes, 1) == 0 ? R / std::max(nodes, 1) : 1;
+    std::vector<int64_t> read(R, 0);  // rows of in[d] taken so far
+    const int32_t relay_buffer = 2 * R;
+    NodeLimitedPlan p = walk(masks, nodes, relay_capacity, nodes > 1 ? 2 : 1, [&](int s, int64_t t, PlanRound& round) {
+        // One node: the token's row is the sum of its rows from every rank. Several: per node, a relay row sums
+        // the node's rows (hop 1); the token's row sums the relay rows in node order (hop 2).
+        Hop& gather = round.hops.back();
+        for (int m = 0; m < nodes; ++m) {
+            uint64_t here = node_bits(masks[s][t], m, L);
+            if (!here) continue;
+            Hop& sum = round.hops[0];
+            for (int ld = 0; ld < L; ++ld)
+                if ((here >> ld) & 1) {
+                    int d = m * L + ld;
+                    sum.from.push_back(RowRef{d, read[d]++});
+                }
+            if (nodes > 1) {
+                RowRef relay{relay_buffer, round.relay_rows++};
+                add_output(sum, relay);
+                gather.from.push_back(relay);
+            }
+        }
+        add_output(gather, RowRef{R + s, t});  // no sources (no rank took the token): zero
+    });
+    p.source_rows = read;
+    for (int s = 0; s < R; ++s) p.target_rows[s] = int64_t(masks[s].size());
+    return p;
+}
+
+}  // namespace duplex::kernels
