@@ -64,24 +64,33 @@ __global__ void __launch_bounds__(kThreadsPerBlock) plain_copy_kernel(float4* to
 
 }  // namespace
 
-double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t stream) {
+void plain_copy(void* to, const void* from, size_t bytes, int num_sms, cudaStream_t stream) {
     int sms = detail::current_device_sms();
-    DUPLEX_CHECK_ARG(num_sms >= 1 && num_sms <= sms, "copy ceiling: SM budget", "{} SMs requested, the device has {}",
+    DUPLEX_CHECK_ARG(num_sms >= 1 && num_sms <= sms, "plain copy: SM budget", "{} SMs requested, the device has {}",
                      num_sms, sms);
+    DUPLEX_CHECK_ARG(reinterpret_cast<uintptr_t>(to) % 16 == 0 && reinterpret_cast<uintptr_t>(from) % 16 == 0 &&
+                         bytes % 16 == 0,
+                     "plain copy", "needs 16-byte aligned buffers and a multiple of 16 bytes, got {}", bytes);
+    long long n4 = (long long)(bytes / 16);
+    if (n4 > 0)
+        plain_copy_kernel<<<num_sms, kThreadsPerBlock, 0, stream>>>(static_cast<float4*>(to),
+                                                                     static_cast<const float4*>(from), n4);
+    DUPLEX_CUDA_CHECK(cudaGetLastError());
+}
+
+double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t stream) {
     DUPLEX_CHECK_ARG(repeats >= 1, "copy ceiling", "repeats must be positive, got {}", repeats);
-    long long n4 = (long long)((bytes + 15) / 16);
+    size_t n4 = (bytes + 15) / 16;
     using detail::Arena;
-    Arena arena(2 * Arena::size_of<float4>(size_t(n4)), stream);
-    auto* from = arena.take<float4>(size_t(n4));
-    auto* to = arena.take<float4>(size_t(n4));
-    DUPLEX_CUDA_CHECK(cudaMemsetAsync(from, 0, size_t(n4) * sizeof(float4), stream));
+    Arena arena(2 * Arena::size_of<float4>(n4), stream);
+    auto* from = arena.take<float4>(n4);
+    auto* to = arena.take<float4>(n4);
+    DUPLEX_CUDA_CHECK(cudaMemsetAsync(from, 0, n4 * sizeof(float4), stream));
     double best = 1e30;
     int no_error = 0;
-    for (int r = 0; r < repeats; ++r) {
-        best = std::min(best, detail::timed_launch(stream, nullptr, no_error, [&] {
-            if (n4 > 0) plain_copy_kernel<<<num_sms, kThreadsPerBlock, 0, stream>>>(to, from, n4);
-        }));
-    }
+    for (int r = 0; r < repeats; ++r)
+        best = std::min(best, detail::timed_launch(stream, nullptr, no_error,
+                                                   [&] { plain_copy(to, from, n4 * 16, num_sms, stream); }));
     return best;
 }
 

@@ -81,6 +81,9 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
 // The fastest of `repeats` plain copies of `bytes` by a grid of num_sms blocks (16-byte loads, four in flight per
 // thread), in seconds: the ceiling an exchange on the same SM budget is measured against (commbench --backend cuda).
 double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t stream);
+// That plain copy, launched on `stream` without waiting (16-byte aligned buffers, bytes a multiple of 16): what
+// an exchange on the same SM budget is compared with beside a GEMM (duplex_bench_gpu).
+void plain_copy(void* to, const void* from, size_t bytes, int num_sms, cudaStream_t stream);
 // The host-side checks of exchange_rows, callable without a device (device_sms: the device's SM count).
 void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send_counts,
                     const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,

@@ -3,7 +3,9 @@
 //   2. a large BF16 GEMM (cuBLAS) alone, the expert exchange alone on an SM budget, and both at once on two
 //      streams: how much GEMM throughput the exchange's SMs take, and whether both progress (overlap);
 //   3. one MoE layer forward + backward on the virtual ranks (runtime/device_moe.hpp), microbatches pipelined
-//      (dispatch beside expert compute) against the same work serialized: the time the overlap saves.
+//      (dispatch beside expert compute) against the same work serialized: the time the overlap saves; and against
+//      the plain reference layer (gather, a GEMM per expert, index_add; no exchange) on the same GPU.
+//   The GEMM beside the exchange is also measured beside a plain copy kernel of the same bytes and SM budget.
 // Numbers go to BENCHMARKS.md with the device named; without a device it says so and exits 2.
 #include <cuda_runtime.h>
 
@@ -109,18 +111,15 @@ int main(int argc, char** argv) {
         double bytes = double(rows_per_peer) * ranks * ranks * hidden * sizeof(float);
         fmt::print("# exchange: {} virtual ranks x {} tokens x top-{} x {} floats = {:.0f} MB in all\n", ranks, tokens,
                    top_k, hidden, bytes / 1e6);
-        fmt::print("# {:>4} {:>12} {:>12} {:>16} {:>16} {:>12}\n", "SMs", "exch alone", "exch GB/s", "exch w/ gemm",
-                   "gemm w/ exch", "gemm kept");
-        for (int s : sms) {
-            if (s > devices[0].num_sms) continue;
-            cuda::ExchangeConfig cfg;
-            cfg.num_sms = s;
-            double ex_alone = 1e30;
-            for (int i = 0; i < reps; ++i)
-                ex_alone = std::min(ex_alone, cuda::exchange_rows(sp, offsets, counts, rp, cap, hidden, cfg, comm_stream));
-            // Together: the GEMM queued first on its stream, the exchange on the other.
-            double ex_with = 1e30;
-            float gemm_with = 1e30f;
+        fmt::print("# gemm kept: its throughput beside the exchange / alone; vs copy: beside the exchange / beside a "
+                   "plain 16-byte copy kernel of the same bytes on the same SMs\n");
+        fmt::print("# {:>4} {:>12} {:>12} {:>16} {:>16} {:>12} {:>16} {:>10}\n", "SMs", "exch alone", "exch GB/s",
+                   "exch w/ gemm", "gemm w/ exch", "gemm kept", "gemm w/ copy", "vs copy");
+        Buf<float> copy_from(size_t(rows_per_peer) * ranks * ranks * hidden), copy_to(copy_from.n);
+        // Milliseconds of the GEMM on its stream while `beside` runs on the comm stream (best of reps), and the
+        // best time `beside` reported.
+        auto gemm_beside = [&](auto&& beside, double& beside_best) {
+            float best = 1e30f;
             for (int i = 0; i < reps; ++i) {
                 cudaEvent_t gs, ge;
                 DUPLEX_CUDA_CHECK(cudaEventCreate(&gs));
@@ -128,16 +127,37 @@ int main(int argc, char** argv) {
                 DUPLEX_CUDA_CHECK(cudaEventRecord(gs, gemm_stream));
                 gemm();
                 DUPLEX_CUDA_CHECK(cudaEventRecord(ge, gemm_stream));
-                ex_with = std::min(ex_with, cuda::exchange_rows(sp, offsets, counts, rp, cap, hidden, cfg, comm_stream));
+                beside_best = std::min(beside_best, beside());
                 DUPLEX_CUDA_CHECK(cudaEventSynchronize(ge));
                 float ms = 0;
                 DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, gs, ge));
-                gemm_with = std::min(gemm_with, ms);
+                best = std::min(best, ms);
                 cudaEventDestroy(gs);
                 cudaEventDestroy(ge);
             }
-            fmt::print("  {:>4} {:>10.3f}ms {:>12.0f} {:>14.3f}ms {:>14.3f}ms {:>11.1f}%\n", s, ex_alone * 1e3,
-                       bytes / ex_alone / 1e9, ex_with * 1e3, gemm_with, 100.0 * alone / gemm_with);
+            return best;
+        };
+        for (int s : sms) {
+            if (s > devices[0].num_sms) continue;
+            cuda::ExchangeConfig cfg;
+            cfg.num_sms = s;
+            double ex_alone = 1e30;
+            for (int i = 0; i < reps; ++i)
+                ex_alone = std::min(ex_alone, cuda::exchange_rows(sp, offsets, counts, rp, cap, hidden, cfg, comm_stream));
+            // Together: the GEMM queued first on its stream, the exchange (or the plain copy) on the other.
+            double ex_with = 1e30, copy_with = 1e30;
+            float gemm_with = gemm_beside(
+                [&] { return cuda::exchange_rows(sp, offsets, counts, rp, cap, hidden, cfg, comm_stream); }, ex_with);
+            float gemm_with_copy = gemm_beside(
+                [&] {
+                    return tools::best_ms(comm_stream, 1, [&] {
+                               cuda::plain_copy(copy_to.p, copy_from.p, copy_from.n * sizeof(float), s, comm_stream);
+                           }) * 1e-3;
+                },
+                copy_with);
+            fmt::print("  {:>4} {:>10.3f}ms {:>12.0f} {:>14.3f}ms {:>14.3f}ms {:>11.1f}% {:>14.3f}ms {:>9.3f}\n", s,
+                       ex_alone * 1e3, bytes / ex_alone / 1e9, ex_with * 1e3, gemm_with, 100.0 * alone / gemm_with,
+                       gemm_with_copy, gemm_with_copy / gemm_with);
         }
         cudaStreamDestroy(gemm_stream);
         cudaStreamDestroy(comm_stream);
@@ -169,18 +189,33 @@ int main(int argc, char** argv) {
                    "exchange on {} SMs\n", ranks, moe_microbatches, moe_tokens, moe_hidden, moe_ffn, moe_experts, top_k,
                    mo.exchange.num_sms);
         fmt::print("# {:>10} {:>12} {:>12} {:>14}\n", "mode", "forward", "backward", "exchange part");
-        // Modes: 0 serial, 1 pipelined, 2 pipelined with FP8 dispatch.
-        const char* names[3] = {"serial", "pipelined", "fp8 disp"};
-        double best[3][2] = {{1e30, 1e30}, {1e30, 1e30}, {1e30, 1e30}}, exch[3] = {0, 0, 0};
-        for (int mode = 0; mode < 3; ++mode) {
+        // Modes: 0 serial, 1 pipelined, 2 pipelined with FP8 dispatch, 3 the reference: the layer written the
+        // plain PyTorch way on the same GPU — every rank's tokens of a microbatch in one batch, gathered per expert,
+        // one GEMM per expert and weight, summed back per token (index_add), no exchange — run by the same kernels
+        // (one virtual rank: the gather, cuBLAS fp32 per expert, the fixed-order combine; its one-rank "exchange"
+        // is a device copy of the gathered rows).
+        const char* names[4] = {"serial", "pipelined", "fp8 disp", "reference"};
+        double best[4][2] = {{1e30, 1e30}, {1e30, 1e30}, {1e30, 1e30}, {1e30, 1e30}}, exch[4] = {0, 0, 0, 0};
+        std::vector<std::vector<MoeRankInput>> one_rank(moe_microbatches, std::vector<MoeRankInput>(1));
+        std::vector<std::vector<std::vector<float>>> one_rank_dy(moe_microbatches, std::vector<std::vector<float>>(1));
+        for (int i = 0; i < moe_microbatches; ++i)
+            for (int r = 0; r < ranks; ++r) {
+                MoeRankInput& all = one_rank[i][0];
+                all.x.insert(all.x.end(), in[i][r].x.begin(), in[i][r].x.end());
+                all.expert.insert(all.expert.end(), in[i][r].expert.begin(), in[i][r].expert.end());
+                all.gate.insert(all.gate.end(), in[i][r].gate.begin(), in[i][r].gate.end());
+                one_rank_dy[i][0].insert(one_rank_dy[i][0].end(), dy[i][r].begin(), dy[i][r].end());
+            }
+        for (int mode = 0; mode < 4; ++mode) {
             DeviceMoeOptions mm = mo;
             mm.fp8_dispatch = mode == 2 && moe_hidden % 128 == 0;
+            if (mode == 3) mm.ranks = 1;
             DeviceMoeLayer layer(mm, w, w, w);
-            layer.set_serial(mode == 0);
+            layer.set_serial(mode == 0 || mode == 3);
             for (int i = 0; i < reps; ++i) {
                 std::vector<std::vector<std::vector<float>>> y, dx, dg;
-                MoeTiming f = layer.forward(in, y);
-                MoeTiming b = layer.backward(dy, dx, dg);
+                MoeTiming f = layer.forward(mode == 3 ? one_rank : in, y);
+                MoeTiming b = layer.backward(mode == 3 ? one_rank_dy : dy, dx, dg);
                 best[mode][0] = std::min(best[mode][0], f.seconds);
                 best[mode][1] = std::min(best[mode][1], b.seconds);
                 exch[mode] = f.exchange_seconds + b.exchange_seconds;
@@ -190,6 +225,9 @@ int main(int argc, char** argv) {
         }
         fmt::print("# pipelined / serial: forward {:.3f}, backward {:.3f}; FP8 dispatch / fp32: forward {:.3f}\n",
                    best[1][0] / best[0][0], best[1][1] / best[0][1], best[2][0] / best[1][0]);
+        fmt::print("# device layer (pipelined, 8 virtual ranks) / plain reference, fp32: forward {:.3f}, forward+backward "
+                   "{:.3f} (<= 1.0: the device layer is faster)\n",
+                   best[1][0] / best[3][0], (best[1][0] + best[1][1]) / (best[3][0] + best[3][1]));
     } catch (const std::exception& e) {
         fmt::print(stderr, "duplex_bench_gpu: {}\n", e.what());
         return 1;
