@@ -30,6 +30,7 @@ struct DeviceMoeLayer::Impl {
     DeviceMoeOptions o;
     int V = 0, per = 0, d = 0, f = 0, K = 0;
     DeviceArray<float> w1, w3, w2, g1, g3, g2;  // [experts][d x f], [experts][d x f], [experts][f x d]
+    DeviceArray<uint16_t> w1h, w3h, w2h;        // BF16 copies of the weights (bf16 mode)
     cudaStream_t comm = nullptr, compute = nullptr;
 
     // One rank's part of one microbatch: as a token owner (slots) and as an expert owner (rows it serves).
@@ -49,6 +50,9 @@ struct DeviceMoeLayer::Impl {
         DeviceArray<uint8_t> q;
         DeviceArray<float> scales, x8, send8, recv8;  // expert MLP temporaries (allocated up front: a cudaFree in
                                                   // the pipelined section would synchronize the whole device)
+        // bf16 mode: the slot rows as they cross (token side), and the experts' rows and activations.
+        DeviceArray<uint16_t> send16, back16;
+        DeviceArray<uint16_t> recv16, a1h, a3h, sh, outh, dsh, da1h, da3h, dxrh;
     };
     struct Micro {
         std::vector<Rank> ranks;
@@ -123,6 +127,7 @@ struct DeviceMoeLayer::Impl {
                     R.x8 = DeviceArray<float>(size_t(R.tokens) * packed_width());
                     R.send8 = DeviceArray<float>(slots * packed_width());
                 }
+                if (o.bf16) R.send16 = DeviceArray<uint16_t>(slots * d), R.back16 = DeviceArray<uint16_t>(slots * d);
                 R.send_off.assign(V, 0), R.send_cnt.assign(V, 0);
                 for (int p = 0; p < V; ++p) {
                     R.send_off[p] = R.layout.offsets[size_t(p) * per];
@@ -133,11 +138,17 @@ struct DeviceMoeLayer::Impl {
                 Rank& D = m.ranks[dst];
                 D.recv_off.assign(V, 0);
                 for (int s = 0; s < V; ++s) D.recv_off[s] = D.rows_in, D.rows_in += m.ranks[s].send_cnt[dst];
-                D.recv = DeviceArray<float>(size_t(D.rows_in) * d), D.out = DeviceArray<float>(size_t(D.rows_in) * d);
-                size_t nf = size_t(D.rows_in) * f;
-                D.a1 = DeviceArray<float>(nf), D.a3 = DeviceArray<float>(nf), D.s = DeviceArray<float>(nf);
-                D.ds = DeviceArray<float>(nf), D.da1 = DeviceArray<float>(nf), D.da3 = DeviceArray<float>(nf);
-                D.dxr = DeviceArray<float>(size_t(D.rows_in) * d);
+                // The expert side's rows and activations, in the experts' type (fp32 arrivals also for FP8, which
+                // are dequantized there).
+                size_t nd = size_t(D.rows_in) * d, nf = size_t(D.rows_in) * f;
+                if (!o.bf16 || o.fp8_dispatch) D.recv = DeviceArray<float>(nd);
+                if (o.bf16) {
+                    for (auto* b : {&D.recv16, &D.outh, &D.dxrh}) *b = DeviceArray<uint16_t>(nd);
+                    for (auto* b : {&D.a1h, &D.a3h, &D.sh, &D.dsh, &D.da1h, &D.da3h}) *b = DeviceArray<uint16_t>(nf);
+                } else {
+                    D.out = DeviceArray<float>(nd), D.dxr = DeviceArray<float>(nd);
+                    for (auto* b : {&D.a1, &D.a3, &D.s, &D.ds, &D.da1, &D.da3}) *b = DeviceArray<float>(nf);
+                }
                 if (o.fp8_dispatch) {
                     size_t rows = size_t(std::max<int64_t>(D.rows_in, D.tokens));
                     D.q = DeviceArray<uint8_t>(rows * d), D.scales = DeviceArray<float>(rows * (d / 128));
@@ -165,31 +176,34 @@ struct DeviceMoeLayer::Impl {
 
     // Token rows (or their gradients) of every rank to the experts' ranks: src_buf[s] in layout order ->
     // dst_buf[d] source-major.
-    double to_experts(Micro& m, DeviceArray<float> Rank::*src_buf, DeviceArray<float> Rank::*dst_buf, int width) {
+    // Rows of any element type move as 32-bit words: `width` of them per row.
+    template <typename E>
+    double to_experts(Micro& m, DeviceArray<E> Rank::*src_buf, DeviceArray<E> Rank::*dst_buf, int width) {
         std::vector<const float*> send;
         std::vector<float*> recv;
         std::vector<std::vector<int64_t>> off(V), cnt(V);
         std::vector<int64_t> cap(V);
         for (int r = 0; r < V; ++r) {
-            send.push_back((m.ranks[r].*src_buf).get());
-            recv.push_back((m.ranks[r].*dst_buf).get());
+            send.push_back(reinterpret_cast<const float*>((m.ranks[r].*src_buf).get()));
+            recv.push_back(reinterpret_cast<float*>((m.ranks[r].*dst_buf).get()));
             off[r] = m.ranks[r].send_off, cnt[r] = m.ranks[r].send_cnt, cap[r] = m.ranks[r].rows_in;
         }
         return cuda::exchange_rows(send, off, cnt, recv, cap, width, o.exchange, comm);
     }
     // The experts' rows back to their tokens' ranks: src_buf[d] source-major -> dst_buf[s] in layout order.
-    double to_tokens(Micro& m, DeviceArray<float> Rank::*src_buf, DeviceArray<float> Rank::*dst_buf) {
+    template <typename E>
+    double to_tokens(Micro& m, DeviceArray<E> Rank::*src_buf, DeviceArray<E> Rank::*dst_buf, int width) {
         std::vector<const float*> send;
         std::vector<float*> recv;
         std::vector<std::vector<int64_t>> off(V, std::vector<int64_t>(V)), cnt(V, std::vector<int64_t>(V));
         std::vector<int64_t> cap(V);
         for (int r = 0; r < V; ++r) {
-            send.push_back((m.ranks[r].*src_buf).get());
-            recv.push_back((m.ranks[r].*dst_buf).get());
+            send.push_back(reinterpret_cast<const float*>((m.ranks[r].*src_buf).get()));
+            recv.push_back(reinterpret_cast<float*>((m.ranks[r].*dst_buf).get()));
             cap[r] = m.ranks[r].layout.num_rows();
             for (int s = 0; s < V; ++s) off[r][s] = m.ranks[r].recv_off[s], cnt[r][s] = m.ranks[s].send_cnt[r];
         }
-        return cuda::exchange_rows(send, off, cnt, recv, cap, d, o.exchange, comm);
+        return cuda::exchange_rows(send, off, cnt, recv, cap, width, o.exchange, comm);
     }
 
     // Microbatch i+1 goes to the experts (comm stream) while microbatch i's experts compute (compute stream);
@@ -231,6 +245,52 @@ struct DeviceMoeLayer::Impl {
         }
     }
 
+    // The same in BF16: rows in D.recv16 -> D.outh.
+    void experts_forward_bf16(Micro& m) {
+        const size_t wsz = size_t(d) * f;
+        for (int dst = 0; dst < V; ++dst) {
+            Rank& D = m.ranks[dst];
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_bf16(false, false, rows, f, d, 1, D.recv16.at(at * d), w1h.at(wsz * e), 0, D.a1h.at(at * f),
+                                true, compute);
+                cuda::gemm_bf16(false, false, rows, f, d, 1, D.recv16.at(at * d), w3h.at(wsz * e), 0, D.a3h.at(at * f),
+                                true, compute);
+            });
+            cuda::swiglu_forward_bf16(D.a1h.get(), D.a3h.get(), size_t(D.rows_in) * f, D.sh.get(), compute);
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_bf16(false, false, rows, d, f, 1, D.sh.at(at * f), w2h.at(wsz * e), 0, D.outh.at(at * d),
+                                true, compute);
+            });
+        }
+    }
+
+    // d out (in D.outh) -> d input rows (in D.dxrh), in BF16; the weight gradients add up in fp32, in block order.
+    void experts_backward_bf16(Micro& m) {
+        const size_t wsz = size_t(d) * f;
+        for (int dst = 0; dst < V; ++dst) {
+            Rank& D = m.ranks[dst];
+            size_t n = size_t(D.rows_in) * f;
+            cuda::swiglu_forward_bf16(D.a1h.get(), D.a3h.get(), n, D.sh.get(), compute);  // recomputed
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_bf16(false, true, rows, f, d, 1, D.outh.at(at * d), w2h.at(wsz * e), 0, D.dsh.at(at * f),
+                                true, compute);
+            });
+            cuda::swiglu_backward_bf16(D.dsh.get(), D.a1h.get(), D.a3h.get(), n, D.da1h.get(), D.da3h.get(), compute);
+            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
+                cuda::gemm_bf16(false, true, rows, d, f, 1, D.da1h.at(at * f), w1h.at(wsz * e), 0, D.dxrh.at(at * d),
+                                true, compute);
+                cuda::gemm_bf16(false, true, rows, d, f, 1, D.da3h.at(at * f), w3h.at(wsz * e), 1, D.dxrh.at(at * d),
+                                true, compute);
+                cuda::gemm_bf16(true, false, d, f, rows, 1, D.recv16.at(at * d), D.da1h.at(at * f), 1, g1.at(wsz * e),
+                                false, compute);
+                cuda::gemm_bf16(true, false, d, f, rows, 1, D.recv16.at(at * d), D.da3h.at(at * f), 1, g3.at(wsz * e),
+                                false, compute);
+                cuda::gemm_bf16(true, false, f, d, rows, 1, D.sh.at(at * f), D.outh.at(at * d), 1, g2.at(wsz * e),
+                                false, compute);
+            });
+        }
+    }
+
     // d out (in D.out) -> d input rows (in D.dxr); the weight gradients add up in block order.
     void experts_backward(Micro& m) {
         const size_t wsz = size_t(d) * f;
@@ -264,6 +324,8 @@ DeviceMoeLayer::DeviceMoeLayer(const DeviceMoeOptions& o, const std::vector<std:
                      "bad shape: hidden {}, ffn {}, top-{} of {}", o.hidden, o.ffn, o.top_k, o.experts);
     DUPLEX_CHECK_ARG(!o.fp8_dispatch || o.hidden % 128 == 0, "device moe: fp8 dispatch",
                      "hidden {} is not a multiple of the 128-wide FP8 tiles", o.hidden);
+    DUPLEX_CHECK_ARG(!o.bf16 || o.hidden % 2 == 0, "device moe: bf16",
+                     "hidden {} is odd (BF16 rows cross the exchange as 32-bit words)", o.hidden);
     size_t wsz = size_t(o.hidden) * o.ffn;
     DUPLEX_CHECK_ARG(int(w1.size()) == o.experts && int(w3.size()) == o.experts && int(w2.size()) == o.experts,
                      "device moe", "weights for {}/{}/{} experts, expected {}", w1.size(), w3.size(), w2.size(), o.experts);
@@ -291,6 +353,12 @@ DeviceMoeLayer::DeviceMoeLayer(const DeviceMoeOptions& o, const std::vector<std:
         I.w2.upload(w2[e].data(), wsz, I.compute, wsz * e);
     }
     for (auto* g : {&I.g1, &I.g3, &I.g2}) DUPLEX_CUDA_CHECK(cudaMemsetAsync(g->get(), 0, all * sizeof(float), I.compute));
+    if (o.bf16) {
+        I.w1h = DeviceArray<uint16_t>(all), I.w3h = DeviceArray<uint16_t>(all), I.w2h = DeviceArray<uint16_t>(all);
+        cuda::to_bf16(I.w1.get(), all, I.w1h.get(), I.compute);
+        cuda::to_bf16(I.w3.get(), all, I.w3h.get(), I.compute);
+        cuda::to_bf16(I.w2.get(), all, I.w2h.get(), I.compute);
+    }
     DUPLEX_CUDA_CHECK(cudaStreamSynchronize(I.compute));
 }
 
@@ -308,8 +376,12 @@ MoeTiming DeviceMoeLayer::forward(const std::vector<std::vector<MoeRankInput>>& 
         serial_,
         [&](Impl::Micro& m) {  // permute and dispatch (quantized to FP8 first, dequantized on arrival)
             if (!I.o.fp8_dispatch) {
-                for (Rank& R : m.ranks) cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
-                t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::recv, d);
+                for (Rank& R : m.ranks) {
+                    cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
+                    if (I.o.bf16) cuda::to_bf16(R.send.get(), R.send16.size(), R.send16.get(), I.comm);
+                }
+                t.exchange_seconds += I.o.bf16 ? I.to_experts(m, &Rank::send16, &Rank::recv16, d / 2)
+                                               : I.to_experts(m, &Rank::send, &Rank::recv, d);
                 return;
             }
             const int w = I.packed_width();
@@ -322,11 +394,22 @@ MoeTiming DeviceMoeLayer::forward(const std::vector<std::vector<MoeRankInput>>& 
             for (Rank& D : m.ranks) {
                 I.unpack(D.recv8.get(), int(D.rows_in), D, I.comm);
                 cuda::dequantize_fp8_1x128(D.q.get(), D.scales.get(), int(D.rows_in), d, D.recv.get(), I.comm);
+                if (I.o.bf16) cuda::to_bf16(D.recv.get(), D.recv16.size(), D.recv16.get(), I.comm);
             }
         },
-        [&](Impl::Micro& m) { I.experts_forward(m); },
+        [&](Impl::Micro& m) {
+            if (I.o.bf16)
+                I.experts_forward_bf16(m);
+            else
+                I.experts_forward(m);
+        },
         [&](Impl::Micro& m) {  // outputs back, gate-weighted sum per token in slot order
-            t.exchange_seconds += I.to_tokens(m, &Rank::out, &Rank::back);
+            if (I.o.bf16) {
+                t.exchange_seconds += I.to_tokens(m, &Rank::outh, &Rank::back16, d / 2);
+                for (Rank& R : m.ranks) cuda::from_bf16(R.back16.get(), R.back16.size(), R.back.get(), I.comm);
+            } else {
+                t.exchange_seconds += I.to_tokens(m, &Rank::out, &Rank::back, d);
+            }
             for (Rank& R : m.ranks)
                 cuda::combine_rows(R.back.get(), d, *R.dl, R.gates.get(), R.tokens, I.K, R.y.get(), I.comm);
         });
@@ -369,12 +452,24 @@ MoeTiming DeviceMoeLayer::backward(const std::vector<std::vector<std::vector<flo
                 cuda::slot_dots(R.x.get(), R.back.get(), d, *R.dl, R.tokens, K, R.dgate.get(), I.comm);
                 cuda::permute_rows(R.x.get(), d, R.src_row.get(), *R.dl, R.send.get(), I.comm);
                 cuda::gate_rows(R.send.get(), d, *R.dl, R.gates.get(), I.comm);
+                if (I.o.bf16) cuda::to_bf16(R.send.get(), R.send16.size(), R.send16.get(), I.comm);
             }
-            t.exchange_seconds += I.to_experts(m, &Rank::send, &Rank::out, d);
+            t.exchange_seconds += I.o.bf16 ? I.to_experts(m, &Rank::send16, &Rank::outh, d / 2)
+                                           : I.to_experts(m, &Rank::send, &Rank::out, d);
         },
-        [&](Impl::Micro& m) { I.experts_backward(m); },
+        [&](Impl::Micro& m) {
+            if (I.o.bf16)
+                I.experts_backward_bf16(m);
+            else
+                I.experts_backward(m);
+        },
         [&](Impl::Micro& m) {  // input-row gradients back; dx[t] = their sum over the token's slots (gates 1)
-            t.exchange_seconds += I.to_tokens(m, &Rank::dxr, &Rank::send);
+            if (I.o.bf16) {
+                t.exchange_seconds += I.to_tokens(m, &Rank::dxrh, &Rank::send16, d / 2);
+                for (Rank& R : m.ranks) cuda::from_bf16(R.send16.get(), R.send16.size(), R.send.get(), I.comm);
+            } else {
+                t.exchange_seconds += I.to_tokens(m, &Rank::dxr, &Rank::send, d);
+            }
             for (Rank& R : m.ranks)
                 cuda::combine_rows(R.send.get(), d, *R.dl, R.ones.get(), R.tokens, K, R.y.get(), I.comm);
         });

@@ -1,7 +1,7 @@
 // One MoE layer's routed experts for the ranks of an expert-parallel group sharing one GPU ("virtual ranks"),
-// entirely on the device: dispatch permute -> the warp-specialized exchange on its own stream and SM budget ->
-// each rank's experts (cuBLAS fp32 GEMMs, SwiGLU) on the compute stream -> the exchange back -> the fixed-order
-// combine; and the backward of all of it (combine backward, exchange, expert MLP backward with the weight
+// entirely on the device: dispatch permute -> the exchange kernel on its own stream and SM budget -> each rank's
+// experts (cuBLAS fp32 GEMMs and SwiGLU, or BF16 ones with fp32 masters) on the compute stream -> the exchange
+// back -> the fixed-order combine; and the backward of all of it (combine backward, exchange, expert MLP backward with the weight
 // gradients, exchange back, unpermute-add). Several microbatches in one call are software-pipelined the way an
 // F&B pair overlaps: while microbatch i's experts compute, microbatch i+1's dispatch is on the wire.
 //
@@ -27,6 +27,10 @@ struct DeviceMoeOptions {
     // Dispatch sends FP8-e4m3 tokens (1x128 tiles with fp32 scales, DeepSeek-V3's choice) and the experts take
     // the dequantized rows; combine and the gradients stay fp32. Needs hidden % 128 == 0.
     bool fp8_dispatch = false;
+    // The experts' math in BF16 (cuBLAS tensor-core GEMMs with fp32 accumulation, SwiGLU on BF16 values) with fp32
+    // master weights and weight gradients; rows cross the exchange in BF16 both ways. Token-side work (permute,
+    // gates, combine) stays fp32. Needs an even hidden size.
+    bool bf16 = false;
     int device = 0;
 };
 

@@ -109,4 +109,17 @@ void gemm_f32(bool ta, bool tb, int m, int n, int k, float alpha, const float* a
                                     tb ? k : n, a, ta ? m : k, &beta, c, n));
 }
 
+void gemm_bf16(bool ta, bool tb, int m, int n, int k, float alpha, const uint16_t* a, const uint16_t* b, float beta,
+               void* c, bool c_is_bf16, cudaStream_t stream) {
+    DUPLEX_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "gemm", "negative size {} x {} x {}", m, n, k);
+    if (m == 0 || n == 0) return;
+    cublasHandle_t h = handle();
+    DUPLEX_CUBLAS_CHECK(cublasSetStream(h, stream));
+    DUPLEX_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+    // Row-major as column-major, B first (see gemm_f32).
+    DUPLEX_CUBLAS_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b,
+                                     CUDA_R_16BF, tb ? k : n, a, CUDA_R_16BF, ta ? m : k, &beta, c,
+                                     c_is_bf16 ? CUDA_R_16BF : CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace duplex::cuda

@@ -13,7 +13,8 @@
 //             them, flat (one node) or node-limited (one crossing per token and node, a relay forwarding inside the
 //             node; combine reduces inside the node before crossing), rows in fp32, BF16 or FP8 with 1x128 scales.
 //   GEMM:     expert_gemm_bf16 — per-expert [rows x k] x [k x n] products, one grouped cuBLAS call, BF16 in, fp32 out;
-//             gemm_f32 and swiglu_* — the fp32 expert MLP of the executor's device path (runtime/device_experts).
+//             gemm_f32 and swiglu_* — the fp32 expert MLP of the executor's device path (runtime/device_experts);
+//             gemm_bf16, swiglu_*_bf16, to_bf16 / from_bf16 — the BF16 expert MLP of runtime/device_moe.
 #pragma once
 
 #include <cstddef>
@@ -157,5 +158,18 @@ void gemm_f32(bool trans_a, bool trans_b, int m, int n, int k, float alpha, cons
 void swiglu_forward(const float* a, const float* b, size_t n, float* h, cudaStream_t stream);
 void swiglu_backward(const float* dh, const float* a, const float* b, size_t n, float* da, float* db,
                      cudaStream_t stream);
+
+// ---- the BF16 math of an expert MLP (DeviceMoeLayer with bf16 = true); values are BF16 bit patterns ----
+// Row-major C [m x n] = alpha op(A) op(B) + beta C with BF16 A and B, fp32 accumulation (tensor cores), C in BF16
+// (c_is_bf16) or fp32 (weight gradients into fp32 masters).
+void gemm_bf16(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const uint16_t* a, const uint16_t* b,
+               float beta, void* c, bool c_is_bf16, cudaStream_t stream);
+// SwiGLU and its backward on BF16 values: widened, computed in fp32 as swiglu_*, each result rounded once.
+void swiglu_forward_bf16(const uint16_t* a, const uint16_t* b, size_t n, uint16_t* h, cudaStream_t stream);
+void swiglu_backward_bf16(const uint16_t* dh, const uint16_t* a, const uint16_t* b, size_t n, uint16_t* da,
+                          uint16_t* db, cudaStream_t stream);
+// fp32 -> BF16 (round to nearest even, as core/dtype.hpp fp32_to_bf16) and back (exact).
+void to_bf16(const float* x, size_t n, uint16_t* h, cudaStream_t stream);
+void from_bf16(const uint16_t* h, size_t n, float* x, cudaStream_t stream);
 
 }  // namespace duplex::cuda

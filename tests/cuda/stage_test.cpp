@@ -15,6 +15,7 @@
 
 #include "comm/launch.hpp"
 #include "core/clock.hpp"
+#include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "kernels/cpu/ops.hpp"
 #include "kernels/cuda/device.hpp"
@@ -93,6 +94,94 @@ TEST(CudaMath, SwigluMatchesTheCpu) {
     expect_close(to_host(d_da, n), da, 1e-6, "swiglu da");
     expect_close(to_host(d_db, n), db, 1e-6, "swiglu db");
     for (float* p : {d_a, d_b, d_dh, d_h, d_da, d_db}) cudaFree(p);
+}
+
+// BF16 values of random floats, as bit patterns, and their widened fp32 values.
+std::vector<uint16_t> random_bf16(size_t n, uint64_t seed, std::vector<float>& widened) {
+    std::vector<float> f = random_floats(n, seed);
+    std::vector<uint16_t> h(n);
+    widened.resize(n);
+    for (size_t i = 0; i < n; ++i) h[i] = fp32_to_bf16(f[i]), widened[i] = bf16_to_fp32(h[i]);
+    return h;
+}
+
+template <typename T>
+T* device_copy(const std::vector<T>& v) {
+    T* p = nullptr;
+    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(T)), cudaSuccess);
+    cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
+    return p;
+}
+
+template <typename T>
+std::vector<T> host_copy(const T* p, size_t n) {
+    std::vector<T> v(n);
+    cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return v;
+}
+
+std::vector<float> widen(const std::vector<uint16_t>& h) {
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); ++i) f[i] = bf16_to_fp32(h[i]);
+    return f;
+}
+
+TEST(CudaMath, GemmBf16MatchesTheCpuInEveryTransposeIntoFp32AndBf16) {
+    NEED_GPU();
+    const int m = 37, n = 50, k = 70;
+    for (bool ta : {false, true})
+        for (bool tb : {false, true})
+            for (bool c_bf16 : {false, true}) {
+                std::vector<float> a, b, c;
+                auto ah = random_bf16(size_t(m) * k, 1, a), bh = random_bf16(size_t(k) * n, 2, b);
+                auto ch = random_bf16(size_t(m) * n, 3, c);
+                // The products of BF16 values are exact in fp32; only the order of the fp32 sums differs.
+                std::vector<float> want = c;
+                kernels::gemm<float>(ta, tb, m, n, k, 0.5f, a.data(), b.data(), 2.0f, want.data());
+                uint16_t *da = device_copy(ah), *db = device_copy(bh);
+                void* dc = c_bf16 ? static_cast<void*>(device_copy(ch)) : static_cast<void*>(device_copy(c));
+                cuda::gemm_bf16(ta, tb, m, n, k, 0.5f, da, db, 2.0f, dc, c_bf16, nullptr);
+                ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+                std::vector<float> got = c_bf16 ? widen(host_copy(static_cast<uint16_t*>(dc), c.size()))
+                                                : host_copy(static_cast<float*>(dc), c.size());
+                // BF16 output: one rounding (2^-9 relative) on top.
+                expect_close(got, want, c_bf16 ? 8e-3 : 1e-5,
+                             fmt::format("gemm bf16 ta={} tb={} c {}", ta, tb, c_bf16 ? "bf16" : "fp32"));
+                cudaFree(da), cudaFree(db), cudaFree(dc);
+            }
+}
+
+TEST(CudaMath, SwigluBf16AndTheConversionsMatchTheCpu) {
+    NEED_GPU();
+    const size_t n = 10007;
+    std::vector<float> a, b, dh;
+    auto ah = random_bf16(n, 4, a), bh = random_bf16(n, 5, b), dhh = random_bf16(n, 6, dh);
+    std::vector<float> h(n), da(n), db(n);
+    kernels::swiglu_forward<float>(a.data(), b.data(), n, h.data());
+    kernels::swiglu_backward<float>(dh.data(), a.data(), b.data(), n, da.data(), db.data());
+    uint16_t *d_a = device_copy(ah), *d_b = device_copy(bh), *d_dh = device_copy(dhh);
+    uint16_t *d_h = device_copy(std::vector<uint16_t>(n)), *d_da = device_copy(std::vector<uint16_t>(n)),
+             *d_db = device_copy(std::vector<uint16_t>(n));
+    cuda::swiglu_forward_bf16(d_a, d_b, n, d_h, nullptr);
+    cuda::swiglu_backward_bf16(d_dh, d_a, d_b, n, d_da, d_db, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    // fp32 math as the CPU's within a few ulp, then one BF16 rounding.
+    expect_close(widen(host_copy(d_h, n)), h, 8e-3, "swiglu bf16");
+    expect_close(widen(host_copy(d_da, n)), da, 8e-3, "swiglu bf16 da");
+    expect_close(widen(host_copy(d_db, n)), db, 8e-3, "swiglu bf16 db");
+    // The conversions: round to nearest even like core/dtype.hpp, bit for bit, and back exactly.
+    std::vector<float> x = random_floats(n, 7);
+    x[0] = 1.00390625f;  // a tie: rounds to even (1.0)
+    std::vector<uint16_t> want(n);
+    for (size_t i = 0; i < n; ++i) want[i] = fp32_to_bf16(x[i]);
+    float* d_x = to_device(x);
+    cuda::to_bf16(d_x, n, d_h, nullptr);
+    ASSERT_EQ(host_copy(d_h, n), want);
+    cuda::from_bf16(d_h, n, d_x, nullptr);
+    ASSERT_EQ(to_host(d_x, n), widen(want));
+    for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_dh), static_cast<void*>(d_h),
+                    static_cast<void*>(d_da), static_cast<void*>(d_db), static_cast<void*>(d_x)})
+        cudaFree(p);
 }
 
 TEST(CudaStage, RoutedExpertsOnTheDeviceMatchTheCpuStage) {

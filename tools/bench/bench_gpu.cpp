@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <tuple>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -192,10 +193,12 @@ int main(int argc, char** argv) {
         // Modes: 0 serial, 1 pipelined, 2 pipelined with FP8 dispatch, 3 the reference: the layer written the
         // plain PyTorch way on the same GPU — every rank's tokens of a microbatch in one batch, gathered per expert,
         // one GEMM per expert and weight, summed back per token (index_add), no exchange — run by the same kernels
-        // (one virtual rank: the gather, cuBLAS fp32 per expert, the fixed-order combine; its one-rank "exchange"
-        // is a device copy of the gathered rows).
-        const char* names[4] = {"serial", "pipelined", "fp8 disp", "reference"};
-        double best[4][2] = {{1e30, 1e30}, {1e30, 1e30}, {1e30, 1e30}, {1e30, 1e30}}, exch[4] = {0, 0, 0, 0};
+        // (one virtual rank: the gather, cuBLAS per expert, the fixed-order combine; its one-rank "exchange" is a
+        // device copy of the gathered rows); 4 and 5: pipelined and the reference with the experts in BF16.
+        const int modes = 6;
+        const char* names[modes] = {"serial", "pipelined", "fp8 disp", "reference", "bf16 pipe", "bf16 ref"};
+        double best[modes][2], exch[modes] = {};
+        for (auto& b : best) b[0] = b[1] = 1e30;
         std::vector<std::vector<MoeRankInput>> one_rank(moe_microbatches, std::vector<MoeRankInput>(1));
         std::vector<std::vector<std::vector<float>>> one_rank_dy(moe_microbatches, std::vector<std::vector<float>>(1));
         for (int i = 0; i < moe_microbatches; ++i)
@@ -206,16 +209,18 @@ int main(int argc, char** argv) {
                 all.gate.insert(all.gate.end(), in[i][r].gate.begin(), in[i][r].gate.end());
                 one_rank_dy[i][0].insert(one_rank_dy[i][0].end(), dy[i][r].begin(), dy[i][r].end());
             }
-        for (int mode = 0; mode < 4; ++mode) {
+        for (int mode = 0; mode < modes; ++mode) {
+            const bool reference = mode == 3 || mode == 5;
             DeviceMoeOptions mm = mo;
             mm.fp8_dispatch = mode == 2 && moe_hidden % 128 == 0;
-            if (mode == 3) mm.ranks = 1;
+            mm.bf16 = mode >= 4;
+            if (reference) mm.ranks = 1;
             DeviceMoeLayer layer(mm, w, w, w);
-            layer.set_serial(mode == 0 || mode == 3);
+            layer.set_serial(mode == 0 || reference);
             for (int i = 0; i < reps; ++i) {
                 std::vector<std::vector<std::vector<float>>> y, dx, dg;
-                MoeTiming f = layer.forward(mode == 3 ? one_rank : in, y);
-                MoeTiming b = layer.backward(mode == 3 ? one_rank_dy : dy, dx, dg);
+                MoeTiming f = layer.forward(reference ? one_rank : in, y);
+                MoeTiming b = layer.backward(reference ? one_rank_dy : dy, dx, dg);
                 best[mode][0] = std::min(best[mode][0], f.seconds);
                 best[mode][1] = std::min(best[mode][1], b.seconds);
                 exch[mode] = f.exchange_seconds + b.exchange_seconds;
@@ -225,9 +230,11 @@ int main(int argc, char** argv) {
         }
         fmt::print("# pipelined / serial: forward {:.3f}, backward {:.3f}; FP8 dispatch / fp32: forward {:.3f}\n",
                    best[1][0] / best[0][0], best[1][1] / best[0][1], best[2][0] / best[1][0]);
-        fmt::print("# device layer (pipelined, 8 virtual ranks) / plain reference, fp32: forward {:.3f}, forward+backward "
-                   "{:.3f} (<= 1.0: the device layer is faster)\n",
-                   best[1][0] / best[3][0], (best[1][0] + best[1][1]) / (best[3][0] + best[3][1]));
+        for (auto [layer_mode, ref_mode, type] : {std::tuple{1, 3, "fp32"}, std::tuple{4, 5, "bf16"}})
+            fmt::print("# device layer (pipelined, {} virtual ranks) / plain reference, {}: forward {:.3f}, "
+                       "forward+backward {:.3f} (<= 1.0: the device layer is faster)\n",
+                       ranks, type, best[layer_mode][0] / best[ref_mode][0],
+                       (best[layer_mode][0] + best[layer_mode][1]) / (best[ref_mode][0] + best[ref_mode][1]));
     } catch (const std::exception& e) {
         fmt::print(stderr, "duplex_bench_gpu: {}\n", e.what());
         return 1;
