@@ -17,6 +17,7 @@
 #include "core/error.hpp"
 #include "kernels/cpu/ops.hpp"
 #include "kernels/cpu/permute.hpp"
+#include "tests/kernels/random_masks.hpp"
 #include "kernels/cuda/device.hpp"
 
 namespace duplex::cuda {
@@ -209,26 +210,7 @@ TEST(CudaExchange, RejectsBadBudgetsAndBuffersBeforeLaunch) {
     EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
 }
 
-// Per rank: tokens and, per token, the ranks it goes to (top-k experts, grouped so a token reaches at most
-// `max_nodes` nodes, like the node-limited routing).
-std::vector<std::vector<uint64_t>> random_masks(int ranks, int nodes, int tokens, int top_k, int max_nodes,
-                                                uint64_t seed) {
-    Rng rng(seed);
-    int L = ranks / nodes;
-    std::vector<std::vector<uint64_t>> m(ranks);
-    for (int s = 0; s < ranks; ++s)
-        for (int t = 0; t < tokens + int(rng.below(7)); ++t) {
-            uint64_t mask = 0;
-            int first_node = int(rng.below(uint64_t(nodes)));
-            for (int k = 0; k < top_k; ++k) {
-                int node = (first_node + int(rng.below(uint64_t(max_nodes)))) % nodes;
-                mask |= 1ull << (node * L + int(rng.below(uint64_t(L))));
-            }
-            if (t % 11 == 5) mask = 0;  // a token no rank takes (all its experts dropped) is skipped
-            m[s].push_back(mask);
-        }
-    return m;
-}
+using test_support::random_masks;
 
 // Rows of a type as bytes, plane by plane: fp32 and BF16 from random floats, FP8 through the CPU quantizer.
 std::vector<std::vector<uint8_t>> typed_rows(RowType type, size_t rows, int dim, uint64_t seed) {

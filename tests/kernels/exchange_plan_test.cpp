@@ -11,30 +11,12 @@
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "kernels/cpu/permute.hpp"
+#include "tests/kernels/random_masks.hpp"
 
 namespace duplex::kernels {
 namespace {
 
-// Per rank: tokens and, per token, the ranks it goes to (top-k, reaching at most max_nodes nodes); every 11th
-// token goes nowhere (all its experts dropped).
-std::vector<std::vector<uint64_t>> random_masks(int ranks, int nodes, int tokens, int top_k, int max_nodes,
-                                                uint64_t seed) {
-    Rng rng(seed);
-    int L = ranks / nodes;
-    std::vector<std::vector<uint64_t>> m(ranks);
-    for (int s = 0; s < ranks; ++s)
-        for (int t = 0; t < tokens + int(rng.below(7)); ++t) {
-            uint64_t mask = 0;
-            int first_node = int(rng.below(uint64_t(nodes)));
-            for (int k = 0; k < top_k; ++k) {
-                int node = (first_node + int(rng.below(uint64_t(max_nodes)))) % nodes;
-                mask |= 1ull << (node * L + int(rng.below(uint64_t(L))));
-            }
-            if (t % 11 == 5) mask = 0;
-            m[s].push_back(mask);
-        }
-    return m;
-}
+using test_support::random_masks;
 
 std::vector<float> random_floats(size_t n, uint64_t seed) {
     Rng rng(seed);
