@@ -40,10 +40,11 @@ struct DeviceMoeLayer::Impl {
         std::unique_ptr<cuda::DeviceLayout> dl;
         DeviceArray<int> src_row;        // slot -> token
         DeviceArray<float> gates, ones, x, send, back, dgate, y;
-        std::vector<int64_t> send_off, send_cnt;  // per destination: first row in send, rows
-        // As an expert owner: rows from each source, source-major, expert-major inside a source.
+        // As an expert owner: its rows expert-major (each local expert's rows together, sources in order inside),
+        // so each expert's MLP is one GEMM per weight.
         int64_t rows_in = 0;
-        std::vector<int64_t> recv_off;            // per source: first row in recv
+        std::vector<int64_t> expert_off;               // per local expert + 1: its first row
+        std::vector<std::vector<int64_t>> block_off;   // [source][local expert]: the first row of that block
         DeviceArray<float> recv, a1, a3, out;
         DeviceArray<float> s, ds, da1, da3, dxr;
         // FP8 dispatch: quantized tokens and their scales, packed one row per token / slot / arrived row.
@@ -128,16 +129,17 @@ struct DeviceMoeLayer::Impl {
                     R.send8 = DeviceArray<float>(slots * packed_width());
                 }
                 if (o.bf16) R.send16 = DeviceArray<uint16_t>(slots * d), R.back16 = DeviceArray<uint16_t>(slots * d);
-                R.send_off.assign(V, 0), R.send_cnt.assign(V, 0);
-                for (int p = 0; p < V; ++p) {
-                    R.send_off[p] = R.layout.offsets[size_t(p) * per];
-                    R.send_cnt[p] = R.layout.offsets[size_t(p + 1) * per] - R.send_off[p];
-                }
             }
             for (int dst = 0; dst < V; ++dst) {
                 Rank& D = m.ranks[dst];
-                D.recv_off.assign(V, 0);
-                for (int s = 0; s < V; ++s) D.recv_off[s] = D.rows_in, D.rows_in += m.ranks[s].send_cnt[dst];
+                D.expert_off.assign(per + 1, 0);
+                D.block_off.assign(V, std::vector<int64_t>(per, 0));
+                int64_t at = 0;
+                for (int le = 0; le < per; ++le) {
+                    D.expert_off[le] = at;
+                    for (int s = 0; s < V; ++s) D.block_off[s][le] = at, at += count(m, s, dst * per + le);
+                }
+                D.expert_off[per] = D.rows_in = at;
                 // The expert side's rows and activations, in the experts' type (fp32 arrivals also for FP8, which
                 // are dequantized there).
                 size_t nd = size_t(D.rows_in) * d, nf = size_t(D.rows_in) * f;
@@ -159,51 +161,58 @@ struct DeviceMoeLayer::Impl {
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(compute));
     }
 
-    // Calls fn(expert, row in the destination's buffers, rows) for each (local expert, source) block of `dst`,
-    // experts in order, sources in order inside an expert (the order weight gradients add up in).
+    // Calls fn(expert, its first row in the destination's buffers, rows) for each local expert of `dst` with rows.
     template <typename Fn>
     void for_blocks(const Micro& m, int dst, Fn&& fn) const {
+        const Rank& D = m.ranks[dst];
         for (int le = 0; le < per; ++le) {
-            int e = dst * per + le;
-            for (int s = 0; s < V; ++s) {
-                int64_t at = m.ranks[dst].recv_off[s];
-                for (int l = 0; l < le; ++l) at += count(m, s, dst * per + l);
-                int64_t rows = count(m, s, e);
-                if (rows) fn(e, at, int(rows));
-            }
+            int64_t rows = D.expert_off[le + 1] - D.expert_off[le];
+            if (rows) fn(dst * per + le, D.expert_off[le], int(rows));
         }
     }
 
+    // The (source, expert) blocks between the token side (the send layout: grouped by expert) and the expert side
+    // (expert-major), as exchange segments from the token side (to_experts) or back (!to_experts).
+    std::vector<cuda::RowSegment> blocks(const Micro& m, bool to_experts) const {
+        std::vector<cuda::RowSegment> segments;
+        for (int s = 0; s < V; ++s)
+            for (int dst = 0; dst < V; ++dst)
+                for (int le = 0; le < per; ++le) {
+                    int e = dst * per + le;
+                    int64_t rows = count(m, s, e), token_row = m.ranks[s].layout.offsets[e];
+                    int64_t expert_row = m.ranks[dst].block_off[s][le];
+                    if (rows == 0) continue;
+                    if (to_experts)
+                        segments.push_back({s, dst, token_row, expert_row, rows});
+                    else
+                        segments.push_back({dst, s, expert_row, token_row, rows});
+                }
+        return segments;
+    }
+
     // Token rows (or their gradients) of every rank to the experts' ranks: src_buf[s] in layout order ->
-    // dst_buf[d] source-major.
-    // Rows of any element type move as 32-bit words: `width` of them per row.
+    // dst_buf[d] expert-major; or back (to_tokens). Rows of any element type move as 32-bit words: `width` of
+    // them per row.
     template <typename E>
     double to_experts(Micro& m, DeviceArray<E> Rank::*src_buf, DeviceArray<E> Rank::*dst_buf, int width) {
-        std::vector<const float*> send;
-        std::vector<float*> recv;
-        std::vector<std::vector<int64_t>> off(V), cnt(V);
-        std::vector<int64_t> cap(V);
-        for (int r = 0; r < V; ++r) {
-            send.push_back(reinterpret_cast<const float*>((m.ranks[r].*src_buf).get()));
-            recv.push_back(reinterpret_cast<float*>((m.ranks[r].*dst_buf).get()));
-            off[r] = m.ranks[r].send_off, cnt[r] = m.ranks[r].send_cnt, cap[r] = m.ranks[r].rows_in;
-        }
-        return cuda::exchange_rows(send, off, cnt, recv, cap, width, o.exchange, comm);
+        return move_blocks(m, src_buf, dst_buf, width, true);
     }
-    // The experts' rows back to their tokens' ranks: src_buf[d] source-major -> dst_buf[s] in layout order.
     template <typename E>
     double to_tokens(Micro& m, DeviceArray<E> Rank::*src_buf, DeviceArray<E> Rank::*dst_buf, int width) {
+        return move_blocks(m, src_buf, dst_buf, width, false);
+    }
+    template <typename E>
+    double move_blocks(Micro& m, DeviceArray<E> Rank::*src_buf, DeviceArray<E> Rank::*dst_buf, int width,
+                       bool to_experts) {
         std::vector<const float*> send;
         std::vector<float*> recv;
-        std::vector<std::vector<int64_t>> off(V, std::vector<int64_t>(V)), cnt(V, std::vector<int64_t>(V));
         std::vector<int64_t> cap(V);
         for (int r = 0; r < V; ++r) {
             send.push_back(reinterpret_cast<const float*>((m.ranks[r].*src_buf).get()));
             recv.push_back(reinterpret_cast<float*>((m.ranks[r].*dst_buf).get()));
-            cap[r] = m.ranks[r].layout.num_rows();
-            for (int s = 0; s < V; ++s) off[r][s] = m.ranks[r].recv_off[s], cnt[r][s] = m.ranks[s].send_cnt[r];
+            cap[r] = to_experts ? m.ranks[r].rows_in : m.ranks[r].layout.num_rows();
         }
-        return cuda::exchange_rows(send, off, cnt, recv, cap, width, o.exchange, comm);
+        return cuda::exchange_segments(send, recv, blocks(m, to_experts), cap, width, o.exchange, comm);
     }
 
     // Microbatch i+1 goes to the experts (comm stream) while microbatch i's experts compute (compute stream);
@@ -264,7 +273,7 @@ struct DeviceMoeLayer::Impl {
         }
     }
 
-    // d out (in D.outh) -> d input rows (in D.dxrh), in BF16; the weight gradients add up in fp32, in block order.
+    // d out (in D.outh) -> d input rows (in D.dxrh), in BF16; the weight gradients add up in fp32.
     void experts_backward_bf16(Micro& m) {
         const size_t wsz = size_t(d) * f;
         for (int dst = 0; dst < V; ++dst) {
@@ -291,7 +300,7 @@ struct DeviceMoeLayer::Impl {
         }
     }
 
-    // d out (in D.out) -> d input rows (in D.dxr); the weight gradients add up in block order.
+    // d out (in D.out) -> d input rows (in D.dxr); the weight gradients add up (one GEMM per expert and weight).
     void experts_backward(Micro& m) {
         const size_t wsz = size_t(d) * f;
         for (int dst = 0; dst < V; ++dst) {

@@ -2,11 +2,11 @@
 // reference is the plain copy it must equal (tests/cuda/kernels_test.cpp builds it).
 //
 // Every row is written once, straight from its source buffer to its place in the destination's buffer: the layout
-// (source-major in each destination) follows from the counts before the launch, so nothing needs a queue between
-// the two. The kernel runs on config.num_sms blocks — the SM budget — so the rest of the device stays free for
-// compute; the warps of the grid take the rows of all (source, destination) channels in turn (warp w: rows w,
-// w + W, ...), so every warp of the budget moves data however the rows spread over the channels, each row with
-// 16-byte loads and stores where it is aligned (copy_floats).
+// (source-major in each destination for exchange_rows; any, given as segments, for exchange_segments) is known
+// before the launch, so nothing needs a queue between the two. The kernel runs on config.num_sms blocks — the SM
+// budget — so the rest of the device stays free for compute; the warps of the grid take the rows of all segments
+// in turn (warp w: rows w, w + W, ...), so every warp of the budget moves data however the rows spread over the
+// segments, each row with 16-byte loads and stores where it is aligned (copy_floats).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,22 +26,23 @@ using detail::copy_floats;
 constexpr int kThreadsPerBlock = 1024;
 
 struct Args {
-    int num_ranks, dim;
+    int num_segments, dim;
     long long total_rows;
     const float* const* send;
     float* const* recv;
-    const long long* first;     // [c], c = src * R + dst: the channel's first row in the numbering of all rows
-    const long long* send_off;  // [c]: its first row in send[src]
-    const long long* recv_off;  // [c]: its first row in recv[dst]
+    const long long* first;     // [k]: segment k's first row in the numbering of all rows (ascending)
+    const int* src;             // [k]: its source rank
+    const int* dst;             // [k]: its destination rank
+    const long long* send_off;  // [k]: its first row in send[src]
+    const long long* recv_off;  // [k]: its first row in recv[dst]
 };
 
 __global__ void __launch_bounds__(kThreadsPerBlock) exchange_kernel(Args a) {
     int lane = threadIdx.x % 32;
     long long warps = (long long)gridDim.x * (blockDim.x / 32);
-    int channels = a.num_ranks * a.num_ranks;
     for (long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < a.total_rows; row += warps) {
-        // Its channel: the last c with first[c] <= row (an empty channel shares its first with the next one).
-        int lo = 0, hi = channels - 1;
+        // Its segment: the last k with first[k] <= row.
+        int lo = 0, hi = a.num_segments - 1;
         while (lo < hi) {
             int mid = (lo + hi + 1) / 2;
             if (a.first[mid] <= row)
@@ -50,8 +51,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) exchange_kernel(Args a) {
                 hi = mid - 1;
         }
         long long k = row - a.first[lo];
-        copy_floats(a.recv[lo % a.num_ranks] + (a.recv_off[lo] + k) * a.dim,
-                    a.send[lo / a.num_ranks] + (a.send_off[lo] + k) * a.dim, a.dim, lane);
+        copy_floats(a.recv[a.dst[lo]] + (a.recv_off[lo] + k) * a.dim, a.send[a.src[lo]] + (a.send_off[lo] + k) * a.dim,
+                    a.dim, lane);
     }
 }
 
@@ -118,6 +119,58 @@ void check_exchange(int num_ranks, const std::vector<std::vector<int64_t>>& send
     }
 }
 
+double exchange_segments(const std::vector<const float*>& send, const std::vector<float*>& recv,
+                         const std::vector<RowSegment>& segments, const std::vector<int64_t>& recv_capacity_rows,
+                         int dim, const ExchangeConfig& c, cudaStream_t stream) {
+    const int R = int(send.size());
+    DUPLEX_CHECK_ARG(R >= 1 && int(recv.size()) == R && int(recv_capacity_rows.size()) == R, "exchange",
+                     "{} send buffers, {} receive buffers, {} capacities", R, recv.size(), recv_capacity_rows.size());
+    DUPLEX_CHECK_ARG(dim >= 1, "exchange", "row width must be positive, got {}", dim);
+    std::vector<long long> first, send_off, recv_off;
+    std::vector<int> src, dst;
+    long long total = 0;
+    for (size_t k = 0; k < segments.size(); ++k) {
+        const RowSegment& g = segments[k];
+        DUPLEX_CHECK_ARG(g.src >= 0 && g.src < R && g.dst >= 0 && g.dst < R && g.rows >= 0 && g.src_row >= 0 &&
+                             g.dst_row >= 0,
+                         "exchange", "segment {}: {} rows from rank {} row {} to rank {} row {}", k, g.rows, g.src,
+                         g.src_row, g.dst, g.dst_row);
+        DUPLEX_CHECK_ARG(g.dst_row + g.rows <= recv_capacity_rows[g.dst], "exchange: receive buffer",
+                         "segment {} ends at row {} of rank {}, whose buffer holds {}", k, g.dst_row + g.rows, g.dst,
+                         recv_capacity_rows[g.dst]);
+        if (g.rows == 0) continue;
+        first.push_back(total), src.push_back(g.src), dst.push_back(g.dst);
+        send_off.push_back(g.src_row), recv_off.push_back(g.dst_row);
+        total += g.rows;
+    }
+    int sms = detail::current_device_sms();
+    DUPLEX_CHECK_ARG(c.num_sms >= 1 && c.num_sms <= sms, "exchange: SM budget", "{} SMs requested, the device has {}",
+                     c.num_sms, sms);
+    const size_t n = first.size();
+    using detail::Arena;
+    Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(n) + 2 * Arena::size_of<int>(n), stream);
+    Args a{};
+    a.num_segments = int(n);
+    a.dim = dim;
+    a.total_rows = total;
+    auto up = [&](auto* to, const auto& from) {
+        if (!from.empty())
+            DUPLEX_CUDA_CHECK(cudaMemcpyAsync(to, from.data(), sizeof(from[0]) * from.size(), cudaMemcpyHostToDevice, stream));
+        return to;
+    };
+    a.send = up(arena.take<const float*>(R), send);
+    a.recv = up(arena.take<float*>(R), recv);
+    a.first = up(arena.take<long long>(n), first);
+    a.src = up(arena.take<int>(n), src);
+    a.dst = up(arena.take<int>(n), dst);
+    a.send_off = up(arena.take<long long>(n), send_off);
+    a.recv_off = up(arena.take<long long>(n), recv_off);
+    int no_error = 0;  // the copy cannot stall
+    return detail::timed_launch(stream, nullptr, no_error, [&] {
+        if (total > 0) exchange_kernel<<<c.num_sms, kThreadsPerBlock, 0, stream>>>(a);
+    });
+}
+
 double exchange_rows(const std::vector<const float*>& send, const std::vector<std::vector<int64_t>>& send_offsets,
                      const std::vector<std::vector<int64_t>>& send_counts, const std::vector<float*>& recv,
                      const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& c,
@@ -126,49 +179,23 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
     check_exchange(R, send_counts, recv_capacity_rows, dim, c, detail::current_device_sms());
     DUPLEX_CHECK_ARG(int(recv.size()) == R && int(send_offsets.size()) == R, "exchange", "{} send, {} receive buffers, {} "
                      "offset lists", R, recv.size(), send_offsets.size());
-    std::vector<long long> off(size_t(R) * R), first(off.size()), roff(off.size());
-    for (int dst = 0; dst < R; ++dst) {
-        long long at = 0;
-        for (int src = 0; src < R; ++src) {
+    // One segment per (source, destination), in that order; each destination receives source-major.
+    std::vector<RowSegment> segments;
+    segments.reserve(size_t(R) * R);
+    std::vector<int64_t> at(R, 0);
+    for (int src = 0; src < R; ++src)
+        for (int dst = 0; dst < R; ++dst) {
             DUPLEX_CHECK_ARG(int(send_offsets[src].size()) == R && send_offsets[src][dst] >= 0, "exchange",
                              "rank {} has a bad send offset for rank {}", src, dst);
-            off[size_t(src) * R + dst] = send_offsets[src][dst];
-            roff[size_t(src) * R + dst] = at;
-            at += send_counts[src][dst];
+            segments.push_back({src, dst, send_offsets[src][dst], 0, send_counts[src][dst]});
         }
-    }
-    long long total = 0;
-    for (size_t c = 0; c < first.size(); ++c) {
-        first[c] = total;
-        total += send_counts[c / R][c % R];
-    }
-    size_t channels = size_t(R) * R;
-    // One allocation for the tables.
-    using detail::Arena;
-    Arena arena(2 * Arena::size_of<void*>(R) + 3 * Arena::size_of<long long>(channels), stream);
-    Args a{};
-    a.num_ranks = R;
-    a.dim = dim;
-    a.total_rows = total;
-    auto* d_send = arena.take<const float*>(R);
-    auto* d_recv = arena.take<float*>(R);
-    auto* d_first = arena.take<long long>(channels);
-    auto* d_off = arena.take<long long>(channels);
-    auto* d_roff = arena.take<long long>(channels);
-    a.send = d_send;
-    a.recv = d_recv;
-    a.first = d_first;
-    a.send_off = d_off;
-    a.recv_off = d_roff;
-    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_send, send.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
-    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_recv, recv.data(), sizeof(void*) * R, cudaMemcpyHostToDevice, stream));
-    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_first, first.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_off, off.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-    DUPLEX_CUDA_CHECK(cudaMemcpyAsync(d_roff, roff.data(), sizeof(long long) * channels, cudaMemcpyHostToDevice, stream));
-    int no_error = 0;  // the copy cannot stall
-    return detail::timed_launch(stream, nullptr, no_error, [&] {
-        if (total > 0) exchange_kernel<<<c.num_sms, kThreadsPerBlock, 0, stream>>>(a);
-    });
+    for (int dst = 0; dst < R; ++dst)
+        for (int src = 0; src < R; ++src) {
+            RowSegment& g = segments[size_t(src) * R + dst];
+            g.dst_row = at[dst];
+            at[dst] += g.rows;
+        }
+    return exchange_segments(send, recv, segments, recv_capacity_rows, dim, c, stream);
 }
 
 }  // namespace duplex::cuda

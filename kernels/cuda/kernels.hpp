@@ -79,6 +79,16 @@ double exchange_rows(const std::vector<const float*>& send, const std::vector<st
                      const std::vector<std::vector<int64_t>>& send_counts, const std::vector<float*>& recv,
                      const std::vector<int64_t>& recv_capacity_rows, int dim, const ExchangeConfig& config,
                      cudaStream_t stream);
+// The same kernel for any layout: segment k moves rows [src_row, src_row + rows) of send[src] to [dst_row, ...) of
+// recv[dst]. Segments must not overlap in a destination. ConfigError (before launch) for ranks out of range,
+// negative rows or offsets, a segment past its destination's capacity, or an SM budget beyond the device.
+struct RowSegment {
+    int src = 0, dst = 0;
+    int64_t src_row = 0, dst_row = 0, rows = 0;
+};
+double exchange_segments(const std::vector<const float*>& send, const std::vector<float*>& recv,
+                         const std::vector<RowSegment>& segments, const std::vector<int64_t>& recv_capacity_rows,
+                         int dim, const ExchangeConfig& config, cudaStream_t stream);
 // The fastest of `repeats` plain copies of `bytes` by a grid of num_sms blocks (16-byte loads, four in flight per
 // thread), in seconds: the ceiling an exchange on the same SM budget is measured against (commbench --backend cuda).
 double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t stream);

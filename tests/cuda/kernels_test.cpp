@@ -210,6 +210,24 @@ TEST(CudaExchange, RejectsBadBudgetsAndBuffersBeforeLaunch) {
     EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
 }
 
+TEST(CudaExchange, SegmentsOutOfRangeOrPastTheirBufferAreRefusedBeforeLaunch) {
+    // Checked before the device is asked anything: no GPU needed.
+    std::vector<const float*> send(2, nullptr);
+    std::vector<float*> recv(2, nullptr);
+    std::vector<int64_t> cap = {10, 4};
+    ExchangeConfig cfg;
+    auto refused = [&](RowSegment g) {
+        EXPECT_THROW(exchange_segments(send, recv, {g}, cap, 8, cfg, nullptr), ConfigError)
+            << g.src << " " << g.dst << " " << g.src_row << " " << g.dst_row << " " << g.rows;
+    };
+    refused({0, 2, 0, 0, 1});   // no rank 2
+    refused({-1, 0, 0, 0, 1});  // no rank -1
+    refused({0, 1, 0, 0, -1});  // negative rows
+    refused({0, 1, -3, 0, 1});  // negative offset
+    refused({0, 1, 0, 2, 3});   // rows 2..4 of a 4-row buffer
+    EXPECT_THROW(exchange_segments(send, recv, {}, {10}, 8, cfg, nullptr), ConfigError);  // capacities for 1 of 2
+}
+
 using test_support::random_masks;
 
 // Rows of a type as bytes, plane by plane: fp32 and BF16 from random floats, FP8 through the CPU quantizer.
