@@ -210,6 +210,43 @@ TEST(CudaExchange, RejectsBadBudgetsAndBuffersBeforeLaunch) {
     EXPECT_THROW(check_exchange(4, c.counts, c.recv_rows, 64, cfg, 132), ConfigError);
 }
 
+TEST(CudaExchange, SegmentsPutEveryRowWhereTheLayoutSays) {
+    NEED_GPU();
+    // Each destination takes its rows block by block in a shuffled order (as the device MoE layer's expert-major
+    // layout does): segment k of the list lands after the ones placed before it.
+    const int ranks = 4, dim = 40;
+    Rng rng(8);
+    std::vector<std::vector<float>> host_send(ranks), want(ranks);
+    std::vector<std::unique_ptr<Dev<float>>> send, recv;
+    std::vector<const float*> sp;
+    std::vector<float*> rp;
+    std::vector<RowSegment> segments;
+    std::vector<int64_t> filled(ranks, 0);
+    for (int s = 0; s < ranks; ++s) host_send[s] = random_floats(size_t(60) * dim, 30 + s);
+    for (int k = 0; k < 40; ++k) {
+        RowSegment g;
+        g.src = int(rng.below(ranks)), g.dst = int(rng.below(ranks));
+        g.rows = int64_t(rng.below(9));  // empty ones too
+        g.src_row = int64_t(rng.below(uint64_t(60 - g.rows + 1)));
+        g.dst_row = filled[g.dst];
+        filled[g.dst] += g.rows;
+        want[g.dst].insert(want[g.dst].end(), host_send[g.src].begin() + g.src_row * dim,
+                           host_send[g.src].begin() + (g.src_row + g.rows) * dim);
+        segments.push_back(g);
+    }
+    for (int r = 0; r < ranks; ++r) {
+        send.push_back(std::make_unique<Dev<float>>(host_send[r]));
+        recv.push_back(std::make_unique<Dev<float>>(want[r].size()));
+        sp.push_back(send.back()->get());
+        rp.push_back(recv.back()->get());
+    }
+    ExchangeConfig cfg;
+    cfg.num_sms = std::min(3, cuda_devices()[0].num_sms);
+    for (auto& b : recv) cudaMemset(b->get(), 0xFF, b->size() * sizeof(float));
+    exchange_segments(sp, rp, segments, filled, dim, cfg, nullptr);
+    for (int d = 0; d < ranks; ++d) ASSERT_EQ(recv[d]->host(), want[d]) << "rank " << d;
+}
+
 TEST(CudaExchange, SegmentsOutOfRangeOrPastTheirBufferAreRefusedBeforeLaunch) {
     // Checked before the device is asked anything: no GPU needed.
     std::vector<const float*> send(2, nullptr);
