@@ -12,23 +12,13 @@
 #include "core/error.hpp"
 
 #include "kernels/cuda/device.hpp"
+#include "tests/cuda/device_copy.hpp"
 
 namespace duplex {
 namespace {
 
-template <typename T>
-T* to_device(const std::vector<T>& v) {
-    T* p = nullptr;
-    cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(T));
-    cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-    return p;
-}
-template <typename T>
-std::vector<T> to_host(const T* p, size_t n) {
-    std::vector<T> v(n);
-    cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
-    return v;
-}
+using test_support::to_device;
+using test_support::to_host;
 
 TEST(Nccl, EveryOpOnEveryDevice) {
     int devices = int(cuda_devices().size());

@@ -27,6 +27,7 @@
 #include "runtime/pipeline_trainer.hpp"
 #include "runtime/reference.hpp"
 #include "runtime/trainer.hpp"
+#include "tests/cuda/device_copy.hpp"
 
 namespace duplex {
 namespace {
@@ -41,17 +42,8 @@ std::vector<float> random_floats(size_t n, uint64_t seed) {
     return v;
 }
 
-float* to_device(const std::vector<float>& v) {
-    float* p = nullptr;
-    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(float)), cudaSuccess);
-    cudaMemcpy(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice);
-    return p;
-}
-std::vector<float> to_host(const float* p, size_t n) {
-    std::vector<float> v(n);
-    cudaMemcpy(v.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost);
-    return v;
-}
+using test_support::to_device;
+using test_support::to_host;
 
 // |a - b| <= tol * (|b| + scale) elementwise: fp32 results of different summation orders.
 void expect_close(const std::vector<float>& a, const std::vector<float>& b, double tol, const std::string& what) {
@@ -105,21 +97,6 @@ std::vector<uint16_t> random_bf16(size_t n, uint64_t seed, std::vector<float>& w
     return h;
 }
 
-template <typename T>
-T* device_copy(const std::vector<T>& v) {
-    T* p = nullptr;
-    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(v.size(), 1) * sizeof(T)), cudaSuccess);
-    cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice);
-    return p;
-}
-
-template <typename T>
-std::vector<T> host_copy(const T* p, size_t n) {
-    std::vector<T> v(n);
-    cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
-    return v;
-}
-
 std::vector<float> widen(const std::vector<uint16_t>& h) {
     std::vector<float> f(h.size());
     for (size_t i = 0; i < h.size(); ++i) f[i] = bf16_to_fp32(h[i]);
@@ -138,12 +115,12 @@ TEST(CudaMath, GemmBf16MatchesTheCpuInEveryTransposeIntoFp32AndBf16) {
                 // The products of BF16 values are exact in fp32; only the order of the fp32 sums differs.
                 std::vector<float> want = c;
                 kernels::gemm<float>(ta, tb, m, n, k, 0.5f, a.data(), b.data(), 2.0f, want.data());
-                uint16_t *da = device_copy(ah), *db = device_copy(bh);
-                void* dc = c_bf16 ? static_cast<void*>(device_copy(ch)) : static_cast<void*>(device_copy(c));
+                uint16_t *da = to_device(ah), *db = to_device(bh);
+                void* dc = c_bf16 ? static_cast<void*>(to_device(ch)) : static_cast<void*>(to_device(c));
                 cuda::gemm_bf16(ta, tb, m, n, k, 0.5f, da, db, 2.0f, dc, c_bf16, nullptr);
                 ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-                std::vector<float> got = c_bf16 ? widen(host_copy(static_cast<uint16_t*>(dc), c.size()))
-                                                : host_copy(static_cast<float*>(dc), c.size());
+                std::vector<float> got = c_bf16 ? widen(to_host(static_cast<uint16_t*>(dc), c.size()))
+                                                : to_host(static_cast<float*>(dc), c.size());
                 // BF16 output: one rounding (2^-9 relative) on top.
                 expect_close(got, want, c_bf16 ? 8e-3 : 1e-5,
                              fmt::format("gemm bf16 ta={} tb={} c {}", ta, tb, c_bf16 ? "bf16" : "fp32"));
@@ -159,16 +136,16 @@ TEST(CudaMath, SwigluBf16AndTheConversionsMatchTheCpu) {
     std::vector<float> h(n), da(n), db(n);
     kernels::swiglu_forward<float>(a.data(), b.data(), n, h.data());
     kernels::swiglu_backward<float>(dh.data(), a.data(), b.data(), n, da.data(), db.data());
-    uint16_t *d_a = device_copy(ah), *d_b = device_copy(bh), *d_dh = device_copy(dhh);
-    uint16_t *d_h = device_copy(std::vector<uint16_t>(n)), *d_da = device_copy(std::vector<uint16_t>(n)),
-             *d_db = device_copy(std::vector<uint16_t>(n));
+    uint16_t *d_a = to_device(ah), *d_b = to_device(bh), *d_dh = to_device(dhh);
+    uint16_t *d_h = to_device(std::vector<uint16_t>(n)), *d_da = to_device(std::vector<uint16_t>(n)),
+             *d_db = to_device(std::vector<uint16_t>(n));
     cuda::swiglu_forward_bf16(d_a, d_b, n, d_h, nullptr);
     cuda::swiglu_backward_bf16(d_dh, d_a, d_b, n, d_da, d_db, nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     // fp32 math as the CPU's within a few ulp, then one BF16 rounding.
-    expect_close(widen(host_copy(d_h, n)), h, 8e-3, "swiglu bf16");
-    expect_close(widen(host_copy(d_da, n)), da, 8e-3, "swiglu bf16 da");
-    expect_close(widen(host_copy(d_db, n)), db, 8e-3, "swiglu bf16 db");
+    expect_close(widen(to_host(d_h, n)), h, 8e-3, "swiglu bf16");
+    expect_close(widen(to_host(d_da, n)), da, 8e-3, "swiglu bf16 da");
+    expect_close(widen(to_host(d_db, n)), db, 8e-3, "swiglu bf16 db");
     // The conversions: round to nearest even like core/dtype.hpp, bit for bit, and back exactly.
     std::vector<float> x = random_floats(n, 7);
     x[0] = 1.00390625f;  // a tie: rounds to even (1.0)
@@ -176,7 +153,7 @@ TEST(CudaMath, SwigluBf16AndTheConversionsMatchTheCpu) {
     for (size_t i = 0; i < n; ++i) want[i] = fp32_to_bf16(x[i]);
     float* d_x = to_device(x);
     cuda::to_bf16(d_x, n, d_h, nullptr);
-    ASSERT_EQ(host_copy(d_h, n), want);
+    ASSERT_EQ(to_host(d_h, n), want);
     cuda::from_bf16(d_h, n, d_x, nullptr);
     ASSERT_EQ(to_host(d_x, n), widen(want));
     for (void* p : {static_cast<void*>(d_a), static_cast<void*>(d_b), static_cast<void*>(d_dh), static_cast<void*>(d_h),
