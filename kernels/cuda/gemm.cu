@@ -96,13 +96,22 @@ GemmPath expert_gemm_bf16(const std::vector<const uint16_t*>& a, const std::vect
     return GemmPath::PerExpert;
 }
 
-void gemm_f32(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c,
-              cudaStream_t stream) {
+namespace {
+// This thread's handle on `stream` in `math` mode, or null for an empty product (after checking the sizes).
+cublasHandle_t handle_for(int m, int n, int k, cudaStream_t stream, cublasMath_t math) {
     DUPLEX_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "gemm", "negative size {} x {} x {}", m, n, k);
-    if (m == 0 || n == 0) return;
+    if (m == 0 || n == 0) return nullptr;
     cublasHandle_t h = handle();
     DUPLEX_CUBLAS_CHECK(cublasSetStream(h, stream));
-    DUPLEX_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_PEDANTIC_MATH));
+    DUPLEX_CUBLAS_CHECK(cublasSetMathMode(h, math));
+    return h;
+}
+}  // namespace
+
+void gemm_f32(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c,
+              cudaStream_t stream) {
+    cublasHandle_t h = handle_for(m, n, k, stream, CUBLAS_PEDANTIC_MATH);
+    if (!h) return;
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T; a row-major buffer read column-major is
     // its transpose, so B goes first, each with its own flag, and the leading dimensions are the row lengths.
     DUPLEX_CUBLAS_CHECK(cublasSgemm(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b,
@@ -111,11 +120,8 @@ void gemm_f32(bool ta, bool tb, int m, int n, int k, float alpha, const float* a
 
 void gemm_bf16(bool ta, bool tb, int m, int n, int k, float alpha, const uint16_t* a, const uint16_t* b, float beta,
                void* c, bool c_is_bf16, cudaStream_t stream) {
-    DUPLEX_CHECK_ARG(m >= 0 && n >= 0 && k >= 0, "gemm", "negative size {} x {} x {}", m, n, k);
-    if (m == 0 || n == 0) return;
-    cublasHandle_t h = handle();
-    DUPLEX_CUBLAS_CHECK(cublasSetStream(h, stream));
-    DUPLEX_CUBLAS_CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+    cublasHandle_t h = handle_for(m, n, k, stream, CUBLAS_DEFAULT_MATH);
+    if (!h) return;
     // Row-major as column-major, B first (see gemm_f32).
     DUPLEX_CUBLAS_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha, b,
                                      CUDA_R_16BF, tb ? k : n, a, CUDA_R_16BF, ta ? m : k, &beta, c,
