@@ -7,8 +7,9 @@
 //             CPU reference (same e4m3 conversion, IEEE division).
 //   permute:  permute_rows / combine_rows — the dispatch layout of kernels/cpu/permute.hpp; combine multiplies
 //             and adds without fusing, in slot order, so it is bit-equal to the CPU reference.
-//   exchange: exchange_rows — the all-to-all of dispatch and combine between "virtual ranks", each row written once
-//             (buffers on one device; the same code would address peers over NVLink), on a budget of SMs;
+//   exchange: exchange_rows / exchange_segments — the all-to-all of dispatch and combine between "virtual ranks",
+//             each row written once (buffers on one device, or peers' buffers opened through CUDA IPC), on a
+//             budget of SMs, source-major or in any layout given as segments;
 //             dispatch_rows_node_limited / combine_rows_node_limited — dispatch from the tokens and combine into
 //             them, flat (one node) or node-limited (one crossing per token and node, a relay forwarding inside the
 //             node; combine reduces inside the node before crossing), rows in fp32, BF16 or FP8 with 1x128 scales.
