@@ -177,16 +177,14 @@ public:
                 throw CommError(r == me ? fmt::format("EP exchange on GPU {}: {}", device_, failure)
                                         : fmt::format("EP exchange on GPU {}: the kernel of group rank {} failed",
                                                       device_, r));
-        // Down: what arrived, source-major.
-        std::vector<float> got(recv_total);
-        recv_.download(got.data(), recv_total, cudaStreamPerThread);
-        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+        // Down: what arrived, source-major, straight into each source's vector.
         size_t from = 0;
         for (int s = 0; s < n; ++s) {
-            size_t len = size_t(counts[s][me]) * width;
-            out[s].assign(got.begin() + long(from), got.begin() + long(from + len));
-            from += len;
+            out[s].resize(size_t(counts[s][me]) * width);
+            recv_.download(out[s].data(), out[s].size(), cudaStreamPerThread, from);
+            from += out[s].size();
         }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
         return out;
     }
 

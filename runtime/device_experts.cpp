@@ -148,8 +148,9 @@ public:
             DUPLEX_CUDA_CHECK(cudaSetDevice(device));
             const int E = st->experts, d = st->d, f = st->f;
             const size_t per = size_t(d) * f;
+            // Per expert: its three gradients computed, downloaded, and one wait (memory of one expert's three).
             DevFloats g(3 * per);
-            std::vector<float> host(per);
+            std::vector<float> host(3 * per);
             for (int e = 0; e < E; ++e) {
                 int r = int(st->rows(e));
                 if (r == 0) continue;
@@ -158,12 +159,11 @@ public:
                 cuda::gemm_f32(true, false, d, f, r, 1, st->x.at(at * d), st->da1.at(at * f), 0, g.at(0), kStream);
                 cuda::gemm_f32(true, false, d, f, r, 1, st->x.at(at * d), st->da3.at(at * f), 0, g.at(per), kStream);
                 cuda::gemm_f32(true, false, f, d, r, 1, st->s.at(at * f), st->dout.at(at * d), 0, g.at(2 * per), kStream);
+                download(host.data(), g.get(), 3 * per);
+                DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
                 Param<float>* targets[3] = {params.w1[e], params.w3[e], params.w2[e]};
-                for (int j = 0; j < 3; ++j) {
-                    download(host.data(), g.at(j * per), per);
-                    DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
-                    for (size_t i = 0; i < per; ++i) targets[j]->grad[i] += host[i];
-                }
+                for (int j = 0; j < 3; ++j)
+                    for (size_t i = 0; i < per; ++i) targets[j]->grad[i] += host[j * per + i];
             }
         };
     }
