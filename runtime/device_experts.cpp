@@ -38,11 +38,17 @@ public:
     explicit DeviceExperts(int device) : device_(device) {}
     std::string name() const override { return fmt::format("cuda:{}", device_); }
 
+    // One layer's local experts' weights on the device, [experts][d x f], [experts][d x f], [experts][f x d]:
+    // uploaded at the layer's first forward after weights_changed(), then shared by its microbatches.
+    struct LayerWeights {
+        DevFloats w1, w3, w2;
+    };
+
     // What one (layer, microbatch) keeps on the device: rows are experts' rows back to back.
     struct Stash {
         int experts = 0, d = 0, f = 0;
         std::vector<size_t> first;  // per expert: its first row; first[experts] = all rows
-        DevFloats w1, w3, w2;       // this step's weights, [experts][d x f], [experts][d x f], [experts][f x d]
+        std::shared_ptr<const LayerWeights> w;  // this step's weights (kept alive by the stash until backward)
         DevFloats x, a1, a3;        // forward: input rows and the two projections
         DevFloats s, dout, da1, da3;  // backward, kept for the W pass
         size_t rows(int e) const { return first[e + 1] - first[e]; }
@@ -66,28 +72,24 @@ public:
             st->first[e + 1] = st->first[e] + rows[e].size() / d;
         }
         const size_t n = st->first[E], per = size_t(d) * f;
-        st->w1 = DevFloats(per * E), st->w3 = DevFloats(per * E), st->w2 = DevFloats(per * E);
+        st->w = weights_of(w, per);
+        const LayerWeights& lw = *st->w;
         st->x = DevFloats(n * d), st->a1 = DevFloats(n * f), st->a3 = DevFloats(n * f);
         DevFloats s(n * f), y(n * d);
-        for (int e = 0; e < E; ++e) {
-            upload(st->w1.at(per * e), w.w1[e]->value.data(), per);
-            upload(st->w3.at(per * e), w.w3[e]->value.data(), per);
-            upload(st->w2.at(per * e), w.w2[e]->value.data(), per);
-            upload(st->x.at(st->first[e] * d), rows[e].data(), rows[e].size());
-        }
+        for (int e = 0; e < E; ++e) upload(st->x.at(st->first[e] * d), rows[e].data(), rows[e].size());
         for (int e = 0; e < E; ++e) {
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), st->w1.at(per * e), 0, st->a1.at(at * f), kStream);
-            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), st->w3.at(per * e), 0, st->a3.at(at * f), kStream);
+            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), lw.w1.at(per * e), 0, st->a1.at(at * f), kStream);
+            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), lw.w3.at(per * e), 0, st->a3.at(at * f), kStream);
         }
         cuda::swiglu_forward(st->a1.get(), st->a3.get(), n * f, s.get(), kStream);
         for (int e = 0; e < E; ++e) {
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, false, r, d, f, 1, s.at(at * f), st->w2.at(per * e), 0, y.at(at * d), kStream);
+            cuda::gemm_f32(false, false, r, d, f, 1, s.at(at * f), lw.w2.at(per * e), 0, y.at(at * d), kStream);
         }
         out.assign(E, {});
         for (int e = 0; e < E; ++e) {
@@ -125,15 +127,15 @@ public:
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, true, r, f, d, 1, st->dout.at(at * d), st->w2.at(per * e), 0, ds.at(at * f), kStream);
+            cuda::gemm_f32(false, true, r, f, d, 1, st->dout.at(at * d), st->w->w2.at(per * e), 0, ds.at(at * f), kStream);
         }
         cuda::swiglu_backward(ds.get(), st->a1.get(), st->a3.get(), n * f, st->da1.get(), st->da3.get(), kStream);
         for (int e = 0; e < E; ++e) {
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, true, r, d, f, 1, st->da1.at(at * f), st->w1.at(per * e), 0, dx.at(at * d), kStream);
-            cuda::gemm_f32(false, true, r, d, f, 1, st->da3.at(at * f), st->w3.at(per * e), 1, dx.at(at * d), kStream);
+            cuda::gemm_f32(false, true, r, d, f, 1, st->da1.at(at * f), st->w->w1.at(per * e), 0, dx.at(at * d), kStream);
+            cuda::gemm_f32(false, true, r, d, f, 1, st->da3.at(at * f), st->w->w3.at(per * e), 1, dx.at(at * d), kStream);
         }
         d_rows.assign(E, {});
         for (int e = 0; e < E; ++e) {
@@ -141,7 +143,7 @@ public:
             download(d_rows[e].data(), dx.at(st->first[e] * d), d_rows[e].size());
         }
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
-        st->w1 = DevFloats(), st->w3 = DevFloats(), st->w2 = DevFloats();  // W needs no weights
+        st->w.reset();  // W needs no weights
         int device = device_;
         Weights params = w;
         return [st, params, device] {
@@ -168,10 +170,37 @@ public:
         };
     }
 
+    void weights_changed() override {
+        std::lock_guard<std::mutex> lock(weights_mutex_);
+        weights_.clear();  // stashes still in flight keep theirs
+    }
+
 private:
+    // The device copy of a layer's weights (the layer named by its first expert's W1), uploaded on first use.
+    std::shared_ptr<const LayerWeights> weights_of(const Weights& w, size_t per) {
+        const int E = int(w.w1.size());
+        std::lock_guard<std::mutex> lock(weights_mutex_);
+        auto& slot = weights_[E ? static_cast<const void*>(w.w1[0]) : nullptr];
+        if (!slot) {
+            auto lw = std::make_shared<LayerWeights>();
+            lw->w1 = DevFloats(per * E), lw->w3 = DevFloats(per * E), lw->w2 = DevFloats(per * E);
+            for (int e = 0; e < E; ++e) {
+                upload(lw->w1.at(per * e), w.w1[e]->value.data(), per);
+                upload(lw->w3.at(per * e), w.w3[e]->value.data(), per);
+                upload(lw->w2.at(per * e), w.w2[e]->value.data(), per);
+            }
+            // The other thread of an F&B pair reads them on its own stream: complete before anyone does.
+            DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
+            slot = std::move(lw);
+        }
+        return slot;
+    }
+
     int device_;
     std::mutex mutex_;
     std::unordered_map<uint64_t, std::shared_ptr<Stash>> stash_;
+    std::mutex weights_mutex_;
+    std::unordered_map<const void*, std::shared_ptr<const LayerWeights>> weights_;
 };
 
 }  // namespace

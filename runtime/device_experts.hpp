@@ -2,9 +2,10 @@
 // cuda`). Expert rows arrive from the dispatch (any exchange: local, flat or hierarchical), the SwiGLU MLPs of the
 // local experts run on the device — cuBLAS fp32 GEMMs per expert, the SwiGLU kernel — on the calling thread's
 // own stream (cudaStreamPerThread), so the two halves of a DualPipe F&B pair, which run on two threads, overlap
-// on the device as they do on the CPU. What backward needs stays on the device between the passes (inputs and
-// the two gate projections; the SwiGLU output is recomputed, it is cheap); the weight gradients are computed
-// in the W pass and added into Param::grad on the host, where the optimizer runs.
+// on the device as they do on the CPU. A layer's weights go up once per step (at its first forward after
+// ModelStage::zero_grad, which calls weights_changed) and serve every microbatch. What backward needs stays on the
+// device between the passes (inputs and the two gate projections; the SwiGLU output is recomputed, it is cheap);
+// the weight gradients are computed in the W pass and added into Param::grad on the host, where the optimizer runs.
 //
 //   stage.set_expert_compute(make_device_experts(/*device=*/0));
 #pragma once

@@ -603,6 +603,8 @@ std::vector<Param<T>*> ModelStage<T>::parameters() {
 template <typename T>
 void ModelStage<T>::zero_grad() {
     for (auto& p : impl_->params) std::fill(p.grad.begin(), p.grad.end(), T(0));
+    // A step starts: the optimizer (or a checkpoint load) may have changed the weights since the last one.
+    if (expert_compute_) expert_compute_->weights_changed();
 }
 
 template <typename T>

@@ -54,6 +54,9 @@ public:
     // d_out[e] -> d_rows[e]; returns the weight-gradient work (adds into Param::grad), which frees the rest.
     virtual std::function<void()> backward(uint64_t key, const Weights& w, const std::vector<std::vector<T>>& d_out,
                                            std::vector<std::vector<T>>& d_rows) = 0;
+    // The weights' values may have changed since the last forward (ModelStage::zero_grad, at each step's start):
+    // an implementation that keeps copies of them refreshes them at the next forward.
+    virtual void weights_changed() {}
 };
 
 template <typename T>
@@ -77,6 +80,8 @@ public:
     std::vector<T> backward(int mb, std::vector<T> grad_output);
 
     std::vector<Param<T>*> parameters();
+    // Zeroes every gradient and starts a step: the expert compute is told the weights may have changed (a device
+    // keeps its copies of them from one zero_grad to the next, so change weights only between steps).
     void zero_grad();
     void set_recompute(bool on) { recompute_ = on; }
     bool recompute() const { return recompute_; }

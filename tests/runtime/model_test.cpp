@@ -213,8 +213,9 @@ public:
             }
         };
     }
+    void weights_changed() override { ++weight_changes; }
     std::map<uint64_t, Kept> kept;
-    int forwards = 0, backwards = 0;
+    int forwards = 0, backwards = 0, weight_changes = 0;
 };
 
 TEST(Model, ExpertComputeHookGivesTheCpuStageResults) {
@@ -244,6 +245,10 @@ TEST(Model, ExpertComputeHookGivesTheCpuStageResults) {
     for (size_t i = 0; i < pa.size(); ++i)
         for (size_t j = 0; j < pa[i]->grad.size(); ++j)
             ASSERT_NEAR(pa[i]->grad[j], pb[i]->grad[j], 1e-12 * (1 + std::fabs(pa[i]->grad[j]))) << pa[i]->name;
+    // Each step's zero_grad tells the expert compute the weights may have changed (a device refreshes its copies).
+    EXPECT_EQ(host->weight_changes, 0);
+    hooked.zero_grad();
+    EXPECT_EQ(host->weight_changes, 1);
 }
 
 TEST(Router, NodeLimitedRoutingNeverExceedsMGroups) {
