@@ -1,8 +1,15 @@
 #include "comm/transport.hpp"
 
+#include <fmt/format.h>
+
 #include "core/error.hpp"
 
 namespace duplex {
+
+std::string size_mismatch_error(int sender, const std::string& sent, int receiver, size_t posted) {
+    return fmt::format("message size mismatch: rank {} sent {} to rank {} which posted {} bytes", sender, sent, receiver,
+                       posted);
+}
 
 bool Request::complete(std::string error) {
     {

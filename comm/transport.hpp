@@ -42,6 +42,10 @@ private:
     std::string error_;
 };
 
+// What both sides of a message report when the receive was posted with another size: "message size mismatch: rank
+// 1 sent 128 bytes to rank 0 which posted 64 bytes" (sent: "128 bytes", "more bytes", "a plain message").
+std::string size_mismatch_error(int sender, const std::string& sent, int receiver, size_t posted);
+
 class Transport {
 public:
     virtual ~Transport() = default;

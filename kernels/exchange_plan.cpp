@@ -37,11 +37,10 @@ namespace {
 
 // Walks the tokens in order and calls visit(s, t, round) with the round a token belongs to: a new round starts
 // when the token's relay rows (one per node it reaches; none with one node) would overflow the capacity.
-// Fills the plan's counts.
+// Fills the plan's crossing counts. The masks were checked (node_limited_rows).
 template <typename Visit>
 NodeLimitedPlan walk(const std::vector<std::vector<uint64_t>>& masks, int nodes, int64_t capacity, int hops,
                      Visit&& visit) {
-    node_limited_rows(masks, nodes, capacity);
     const int R = int(masks.size()), L = R / nodes;
     NodeLimitedPlan p;
     p.ranks = R;
@@ -82,8 +81,8 @@ void add_output(Hop& hop, RowRef to) {
 
 NodeLimitedPlan plan_node_limited_dispatch(const std::vector<std::vector<uint64_t>>& masks, int nodes,
                                            int64_t relay_capacity) {
-    const int R = int(masks.size());
-    const int L = nodes >= 1 && R % std::max(nodes, 1) == 0 ? R / std::max(nodes, 1) : 1;
+    std::vector<int64_t> rows = node_limited_rows(masks, nodes, relay_capacity);  // each recv[d]'s; checks the masks
+    const int R = int(masks.size()), L = R / nodes;
     std::vector<int64_t> delivered(R, 0);  // rows written so far in each recv[d]
     const int32_t relay_buffer = 2 * R;
     NodeLimitedPlan p = walk(masks, nodes, relay_capacity, nodes > 1 ? 2 : 1, [&](int s, int64_t t, PlanRound& round) {
@@ -108,14 +107,14 @@ NodeLimitedPlan plan_node_limited_dispatch(const std::vector<std::vector<uint64_
         }
     });
     for (int s = 0; s < R; ++s) p.source_rows[s] = int64_t(masks[s].size());
-    p.target_rows = delivered;
+    p.target_rows = std::move(rows);
     return p;
 }
 
 NodeLimitedPlan plan_node_limited_combine(const std::vector<std::vector<uint64_t>>& masks, int nodes,
                                           int64_t relay_capacity) {
-    const int R = int(masks.size());
-    const int L = nodes >= 1 && R % std::max(nodes, 1) == 0 ? R / std::max(nodes, 1) : 1;
+    std::vector<int64_t> rows = node_limited_rows(masks, nodes, relay_capacity);  // each in[d]'s; checks the masks
+    const int R = int(masks.size()), L = R / nodes;
     std::vector<int64_t> read(R, 0);  // rows of in[d] taken so far
     const int32_t relay_buffer = 2 * R;
     NodeLimitedPlan p = walk(masks, nodes, relay_capacity, nodes > 1 ? 2 : 1, [&](int s, int64_t t, PlanRound& round) {
@@ -139,7 +138,7 @@ NodeLimitedPlan plan_node_limited_combine(const std::vector<std::vector<uint64_t
         }
         add_output(gather, RowRef{R + s, t});  // no sources (no rank took the token): zero
     });
-    p.source_rows = read;
+    p.source_rows = std::move(rows);
     for (int s = 0; s < R; ++s) p.target_rows[s] = int64_t(masks[s].size());
     return p;
 }

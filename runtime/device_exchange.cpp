@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -55,8 +56,8 @@ public:
         DUPLEX_CUDA_CHECK(cudaDeviceGetPCIBusId(mine.bus_id, sizeof(mine.bus_id) - 1, device_));
         peers_.resize(n);
         group_->all_gather(&mine, peers_.data(), sizeof(mine))->wait();
-        push_ = false;
-        for (const Whereabouts& w : peers_) push_ = push_ || w.pid != mine.pid || w.device != mine.device;
+        push_ = std::any_of(peers_.begin(), peers_.end(),
+                            [&](const Whereabouts& w) { return w.pid != mine.pid || w.device != mine.device; });
         for (int r = 0; r < n; ++r)
             DUPLEX_CHECK_ARG(!push_ || std::strcmp(peers_[r].host, peers_[0].host) == 0, "--exchange-on",
                              "cuda: the EP group's GPUs must be on one node (CUDA IPC); group rank {} runs on {}, "
@@ -64,27 +65,7 @@ public:
                              r, peers_[r].host, peers_[0].host);
         // Push mode: every peer's GPU must be reachable from this one. Each rank checks its own, then all learn
         // every verdict, so all refuse together instead of some waiting for the others.
-        std::string problem;
-        if (push_) {
-            for (int r = 0; r < n && problem.empty(); ++r) {
-                if (std::strcmp(peers_[r].bus_id, mine.bus_id) == 0) continue;
-                int other = -1, ok = 0;
-                if (cudaDeviceGetByPCIBusId(&other, peers_[r].bus_id) != cudaSuccess) {
-                    cudaGetLastError();
-                    problem = fmt::format("group rank {}'s GPU ({}) is not visible to this process (CUDA_VISIBLE_DEVICES)",
-                                          r, peers_[r].bus_id);
-                } else if (cudaDeviceCanAccessPeer(&ok, device_, other) != cudaSuccess || !ok) {
-                    cudaGetLastError();
-                    problem = fmt::format("GPU {} ({}) cannot reach group rank {}'s GPU ({}): no peer access", device_,
-                                          mine.bus_id, r, peers_[r].bus_id);
-                } else if (peers_[r].pid == mine.pid) {
-                    cudaError_t e = cudaDeviceEnablePeerAccess(other, 0);  // threads of this process: raw pointers
-                    if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled)
-                        problem = fmt::format("cannot enable peer access to GPU {}: {}", other, cudaGetErrorString(e));
-                    cudaGetLastError();
-                }
-            }
-        }
+        std::string problem = push_ ? unreachable_peer(mine) : std::string();
         int64_t bad = problem.empty() ? 0 : 1;
         std::vector<int64_t> verdicts(n);
         group_->all_gather(&bad, verdicts.data(), sizeof(bad))->wait();
@@ -189,6 +170,32 @@ public:
     }
 
 private:
+    // Why a peer's GPU cannot be reached from this rank's (empty: all can); enables peer access for the GPUs of
+    // threads of this process (raw pointers).
+    std::string unreachable_peer(const Whereabouts& mine) const {
+        for (size_t r = 0; r < peers_.size(); ++r) {
+            if (std::strcmp(peers_[r].bus_id, mine.bus_id) == 0) continue;
+            int other = -1, ok = 0;
+            if (cudaDeviceGetByPCIBusId(&other, peers_[r].bus_id) != cudaSuccess) {
+                cudaGetLastError();
+                return fmt::format("group rank {}'s GPU ({}) is not visible to this process (CUDA_VISIBLE_DEVICES)", r,
+                                   peers_[r].bus_id);
+            }
+            if (cudaDeviceCanAccessPeer(&ok, device_, other) != cudaSuccess || !ok) {
+                cudaGetLastError();
+                return fmt::format("GPU {} ({}) cannot reach group rank {}'s GPU ({}): no peer access", device_,
+                                   mine.bus_id, r, peers_[r].bus_id);
+            }
+            if (peers_[r].pid == mine.pid) {
+                cudaError_t e = cudaDeviceEnablePeerAccess(other, 0);
+                cudaGetLastError();
+                if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled)
+                    return fmt::format("cannot enable peer access to GPU {}: {}", other, cudaGetErrorString(e));
+            }
+        }
+        return {};
+    }
+
     // Threads of one process on one GPU: group rank 0 moves every rank's rows in one launch.
     void launch_for_all(const std::vector<std::vector<int64_t>>& counts, const std::vector<std::vector<int64_t>>& offsets,
                         const std::vector<int64_t>& recv_rows, int width) {

@@ -24,6 +24,38 @@ double now_s() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// The expert MLP's math in fp32 or on BF16 values (bit patterns), one name each: C = op(A) op(B) + beta C
+// (row-major), SwiGLU and its backward.
+void mlp_gemm(bool ta, bool tb, int m, int n, int k, float beta, const float* a, const float* b, float* c,
+              cudaStream_t stream) {
+    cuda::gemm_f32(ta, tb, m, n, k, 1, a, b, beta, c, stream);
+}
+void mlp_gemm(bool ta, bool tb, int m, int n, int k, float beta, const uint16_t* a, const uint16_t* b, uint16_t* c,
+              cudaStream_t stream) {
+    cuda::gemm_bf16(ta, tb, m, n, k, 1, a, b, beta, c, true, stream);
+}
+void mlp_gemm(bool ta, bool tb, int m, int n, int k, float beta, const uint16_t* a, const uint16_t* b, float* c,
+              cudaStream_t stream) {
+    cuda::gemm_bf16(ta, tb, m, n, k, 1, a, b, beta, c, false, stream);
+}
+void mlp_swiglu(const DeviceArray<float>& a, const DeviceArray<float>& b, size_t n, DeviceArray<float>& h,
+                cudaStream_t stream) {
+    cuda::swiglu_forward(a.get(), b.get(), n, h.get(), stream);
+}
+void mlp_swiglu(const DeviceArray<uint16_t>& a, const DeviceArray<uint16_t>& b, size_t n, DeviceArray<uint16_t>& h,
+                cudaStream_t stream) {
+    cuda::swiglu_forward_bf16(a.get(), b.get(), n, h.get(), stream);
+}
+void mlp_swiglu_backward(const DeviceArray<float>& dh, const DeviceArray<float>& a, const DeviceArray<float>& b,
+                         size_t n, DeviceArray<float>& da, DeviceArray<float>& db, cudaStream_t stream) {
+    cuda::swiglu_backward(dh.get(), a.get(), b.get(), n, da.get(), db.get(), stream);
+}
+void mlp_swiglu_backward(const DeviceArray<uint16_t>& dh, const DeviceArray<uint16_t>& a,
+                         const DeviceArray<uint16_t>& b, size_t n, DeviceArray<uint16_t>& da, DeviceArray<uint16_t>& db,
+                         cudaStream_t stream) {
+    cuda::swiglu_backward_bf16(dh.get(), a.get(), b.get(), n, da.get(), db.get(), stream);
+}
+
 }  // namespace
 
 struct DeviceMoeLayer::Impl {
@@ -239,84 +271,60 @@ struct DeviceMoeLayer::Impl {
         return now_s() - start;
     }
 
-    void experts_forward(Micro& m) {
+    // The expert side's buffers in one element type and that type's weights: fp32, or BF16 bit patterns (whose
+    // weight gradients still add up in fp32).
+    template <typename E>
+    struct ExpertMath {
+        DeviceArray<E> Rank::*x, Rank::*a1, Rank::*a3, Rank::*s, Rank::*out, Rank::*ds, Rank::*da1, Rank::*da3,
+            Rank::*dx;
+        const DeviceArray<E>*w1, *w3, *w2;
+    };
+    ExpertMath<float> f32_math() const {
+        return {&Rank::recv, &Rank::a1, &Rank::a3, &Rank::s, &Rank::out, &Rank::ds, &Rank::da1, &Rank::da3, &Rank::dxr,
+                &w1, &w3, &w2};
+    }
+    ExpertMath<uint16_t> bf16_math() const {
+        return {&Rank::recv16, &Rank::a1h, &Rank::a3h, &Rank::sh, &Rank::outh, &Rank::dsh, &Rank::da1h, &Rank::da3h,
+                &Rank::dxrh, &w1h, &w3h, &w2h};
+    }
+
+    // Rows in D.*x -> D.*out.
+    template <typename E>
+    void experts_forward(Micro& m, const ExpertMath<E>& x) {
         const size_t wsz = size_t(d) * f;
         for (int dst = 0; dst < V; ++dst) {
             Rank& D = m.ranks[dst];
             for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_f32(false, false, rows, f, d, 1, D.recv.at(at * d), w1.at(wsz * e), 0, D.a1.at(at * f), compute);
-                cuda::gemm_f32(false, false, rows, f, d, 1, D.recv.at(at * d), w3.at(wsz * e), 0, D.a3.at(at * f), compute);
+                mlp_gemm(false, false, rows, f, d, 0, (D.*x.x).at(at * d), x.w1->at(wsz * e), (D.*x.a1).at(at * f), compute);
+                mlp_gemm(false, false, rows, f, d, 0, (D.*x.x).at(at * d), x.w3->at(wsz * e), (D.*x.a3).at(at * f), compute);
             });
-            cuda::swiglu_forward(D.a1.get(), D.a3.get(), D.s.size(), D.s.get(), compute);
+            mlp_swiglu(D.*x.a1, D.*x.a3, size_t(D.rows_in) * f, D.*x.s, compute);
             for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_f32(false, false, rows, d, f, 1, D.s.at(at * f), w2.at(wsz * e), 0, D.out.at(at * d), compute);
+                mlp_gemm(false, false, rows, d, f, 0, (D.*x.s).at(at * f), x.w2->at(wsz * e), (D.*x.out).at(at * d), compute);
             });
         }
     }
 
-    // The same in BF16: rows in D.recv16 -> D.outh.
-    void experts_forward_bf16(Micro& m) {
-        const size_t wsz = size_t(d) * f;
-        for (int dst = 0; dst < V; ++dst) {
-            Rank& D = m.ranks[dst];
-            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_bf16(false, false, rows, f, d, 1, D.recv16.at(at * d), w1h.at(wsz * e), 0, D.a1h.at(at * f),
-                                true, compute);
-                cuda::gemm_bf16(false, false, rows, f, d, 1, D.recv16.at(at * d), w3h.at(wsz * e), 0, D.a3h.at(at * f),
-                                true, compute);
-            });
-            cuda::swiglu_forward_bf16(D.a1h.get(), D.a3h.get(), size_t(D.rows_in) * f, D.sh.get(), compute);
-            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_bf16(false, false, rows, d, f, 1, D.sh.at(at * f), w2h.at(wsz * e), 0, D.outh.at(at * d),
-                                true, compute);
-            });
-        }
-    }
-
-    // d out (in D.outh) -> d input rows (in D.dxrh), in BF16; the weight gradients add up in fp32.
-    void experts_backward_bf16(Micro& m) {
+    // d out (in D.*out) -> d input rows (in D.*dx); the weight gradients add up in fp32 (one GEMM per expert and
+    // weight).
+    template <typename E>
+    void experts_backward(Micro& m, const ExpertMath<E>& x) {
         const size_t wsz = size_t(d) * f;
         for (int dst = 0; dst < V; ++dst) {
             Rank& D = m.ranks[dst];
             size_t n = size_t(D.rows_in) * f;
-            cuda::swiglu_forward_bf16(D.a1h.get(), D.a3h.get(), n, D.sh.get(), compute);  // recomputed
+            mlp_swiglu(D.*x.a1, D.*x.a3, n, D.*x.s, compute);  // recomputed
             for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_bf16(false, true, rows, f, d, 1, D.outh.at(at * d), w2h.at(wsz * e), 0, D.dsh.at(at * f),
-                                true, compute);
+                mlp_gemm(false, true, rows, f, d, 0, (D.*x.out).at(at * d), x.w2->at(wsz * e), (D.*x.ds).at(at * f), compute);
             });
-            cuda::swiglu_backward_bf16(D.dsh.get(), D.a1h.get(), D.a3h.get(), n, D.da1h.get(), D.da3h.get(), compute);
+            mlp_swiglu_backward(D.*x.ds, D.*x.a1, D.*x.a3, n, D.*x.da1, D.*x.da3, compute);
             for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_bf16(false, true, rows, d, f, 1, D.da1h.at(at * f), w1h.at(wsz * e), 0, D.dxrh.at(at * d),
-                                true, compute);
-                cuda::gemm_bf16(false, true, rows, d, f, 1, D.da3h.at(at * f), w3h.at(wsz * e), 1, D.dxrh.at(at * d),
-                                true, compute);
-                cuda::gemm_bf16(true, false, d, f, rows, 1, D.recv16.at(at * d), D.da1h.at(at * f), 1, g1.at(wsz * e),
-                                false, compute);
-                cuda::gemm_bf16(true, false, d, f, rows, 1, D.recv16.at(at * d), D.da3h.at(at * f), 1, g3.at(wsz * e),
-                                false, compute);
-                cuda::gemm_bf16(true, false, f, d, rows, 1, D.sh.at(at * f), D.outh.at(at * d), 1, g2.at(wsz * e),
-                                false, compute);
-            });
-        }
-    }
-
-    // d out (in D.out) -> d input rows (in D.dxr); the weight gradients add up (one GEMM per expert and weight).
-    void experts_backward(Micro& m) {
-        const size_t wsz = size_t(d) * f;
-        for (int dst = 0; dst < V; ++dst) {
-            Rank& D = m.ranks[dst];
-            size_t n = size_t(D.rows_in) * f;
-            cuda::swiglu_forward(D.a1.get(), D.a3.get(), n, D.s.get(), compute);  // recomputed
-            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_f32(false, true, rows, f, d, 1, D.out.at(at * d), w2.at(wsz * e), 0, D.ds.at(at * f), compute);
-            });
-            cuda::swiglu_backward(D.ds.get(), D.a1.get(), D.a3.get(), n, D.da1.get(), D.da3.get(), compute);
-            for_blocks(m, dst, [&](int e, int64_t at, int rows) {
-                cuda::gemm_f32(false, true, rows, d, f, 1, D.da1.at(at * f), w1.at(wsz * e), 0, D.dxr.at(at * d), compute);
-                cuda::gemm_f32(false, true, rows, d, f, 1, D.da3.at(at * f), w3.at(wsz * e), 1, D.dxr.at(at * d), compute);
-                cuda::gemm_f32(true, false, d, f, rows, 1, D.recv.at(at * d), D.da1.at(at * f), 1, g1.at(wsz * e), compute);
-                cuda::gemm_f32(true, false, d, f, rows, 1, D.recv.at(at * d), D.da3.at(at * f), 1, g3.at(wsz * e), compute);
-                cuda::gemm_f32(true, false, f, d, rows, 1, D.s.at(at * f), D.out.at(at * d), 1, g2.at(wsz * e), compute);
+                const E *xr = (D.*x.x).at(at * d), *da1 = (D.*x.da1).at(at * f), *da3 = (D.*x.da3).at(at * f);
+                mlp_gemm(false, true, rows, d, f, 0, da1, x.w1->at(wsz * e), (D.*x.dx).at(at * d), compute);
+                mlp_gemm(false, true, rows, d, f, 1, da3, x.w3->at(wsz * e), (D.*x.dx).at(at * d), compute);
+                mlp_gemm(true, false, d, f, rows, 1, xr, da1, g1.at(wsz * e), compute);
+                mlp_gemm(true, false, d, f, rows, 1, xr, da3, g3.at(wsz * e), compute);
+                mlp_gemm(true, false, f, d, rows, 1, (D.*x.s).at(at * f), (D.*x.out).at(at * d), g2.at(wsz * e), compute);
             });
         }
     }
@@ -408,9 +416,9 @@ MoeTiming DeviceMoeLayer::forward(const std::vector<std::vector<MoeRankInput>>& 
         },
         [&](Impl::Micro& m) {
             if (I.o.bf16)
-                I.experts_forward_bf16(m);
+                I.experts_forward(m, I.bf16_math());
             else
-                I.experts_forward(m);
+                I.experts_forward(m, I.f32_math());
         },
         [&](Impl::Micro& m) {  // outputs back, gate-weighted sum per token in slot order
             if (I.o.bf16) {
@@ -468,9 +476,9 @@ MoeTiming DeviceMoeLayer::backward(const std::vector<std::vector<std::vector<flo
         },
         [&](Impl::Micro& m) {
             if (I.o.bf16)
-                I.experts_backward_bf16(m);
+                I.experts_backward(m, I.bf16_math());
             else
-                I.experts_backward(m);
+                I.experts_backward(m, I.f32_math());
         },
         [&](Impl::Micro& m) {  // input-row gradients back; dx[t] = their sum over the token's slots (gates 1)
             if (I.o.bf16) {

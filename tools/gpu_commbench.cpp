@@ -177,22 +177,13 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
                                                    host_src[s][p].begin() + (t + 1) * plane_bytes[p]);
         } else if (o.check) {
             std::vector<const float*> wh;
-            for (int r = 0; r < R; ++r) want[r][0].resize(size_t(tokens) * row_bytes), wh.push_back(host_w[r].data());
-            if (type == cuda::RowType::F32) {
-                std::vector<const float*> in;
-                std::vector<float*> y;
-                for (int r = 0; r < R; ++r)
-                    in.push_back(reinterpret_cast<const float*>(host_src[r][0].data())),
-                        y.push_back(reinterpret_cast<float*>(want[r][0].data()));
-                kernels::combine_node_limited(in, wh, masks, N, d, y);
-            } else {
-                std::vector<const uint16_t*> in;
-                std::vector<uint16_t*> y;
-                for (int r = 0; r < R; ++r)
-                    in.push_back(reinterpret_cast<const uint16_t*>(host_src[r][0].data())),
-                        y.push_back(reinterpret_cast<uint16_t*>(want[r][0].data()));
-                kernels::combine_node_limited_bf16(in, wh, masks, N, d, y);
+            std::vector<const void*> in;
+            std::vector<void*> y;
+            for (int r = 0; r < R; ++r) {
+                want[r][0].resize(size_t(tokens) * row_bytes);
+                wh.push_back(host_w[r].data()), in.push_back(host_src[r][0].data()), y.push_back(want[r][0].data());
             }
+            kernels::combine_node_limited_rows(type == cuda::RowType::BF16, in, wh, masks, N, d, y);
         }
         double copy_bw = copy_bandwidth(size_t(bytes_all));
         int64_t inter_rows = 0, flat_inter_rows = 0;
@@ -204,7 +195,7 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
             for (int it = 0; it < o.warmup + o.iters; ++it) {
                 for (int r = 0; r < R; ++r)  // stale results must not pass the check
                     for (auto& b : dst[r]) DUPLEX_CUDA_CHECK(cudaMemset(b->p, 0xFF, b->bytes));
-                cuda::HierarchicalResult h =
+                cuda::NodeLimitedResult h =
                     dispatch ? cuda::dispatch_rows_node_limited(type, d, src_p, masks, N, dst_p, expert_rows, cfg, nullptr)
                              : cuda::combine_rows_node_limited(type, d, src_p[0], w_p, masks, N, expert_rows, dst_p[0],
                                                                cfg, nullptr);

@@ -235,8 +235,7 @@ private:
             int count = 0;
             MPI_Get_count(&status, MPI_BYTE, &count);
             if (static_cast<size_t>(count) != r.bytes) {
-                r.complete(fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes",
-                                       r.peer, count, rank_, r.bytes));
+                r.complete(size_mismatch_error(r.peer, fmt::format("{} bytes", count), rank_, r.bytes));
                 return;
             }
         }

@@ -418,8 +418,7 @@ private:
                 if (r.answer.status == 0)
                     settle(user, {});
                 else if (r.answer.status == kAnswerMismatch)
-                    settle(user, fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes",
-                                             rank_, user.bytes, user.peer, r.answer.posted));
+                    settle(user, size_mismatch_error(rank_, fmt::format("{} bytes", user.bytes), user.peer, r.answer.posted));
                 else
                     settle(user, fmt::format("rank {}: rank {} could not read this rank's buffer: {}", rank_, user.peer,
                                              std::strerror(static_cast<int>(r.answer.status))));
@@ -450,8 +449,7 @@ private:
                                 "differ: this rank posted {} bytes)", rank_, user.peer, user.bytes);
             answer.status = kAnswerMismatch;
         } else if (o.bytes != user.bytes) {
-            error = fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes", user.peer,
-                                o.bytes, rank_, user.bytes);
+            error = size_mismatch_error(user.peer, fmt::format("{} bytes", o.bytes), rank_, user.bytes);
             answer.status = kAnswerMismatch;
         } else if (int err = read_remote(static_cast<pid_t>(o.pid), o.address, user.destination, user.bytes)) {
             if (err == ESRCH) {
@@ -564,11 +562,10 @@ private:
         } else if (status == UCS_ERR_CANCELED) {
             error = fmt::format("rank {}: {} rank {} cancelled", rank_, r->is_send ? "send to" : "receive from", r->peer);
         } else if (r->part == Part::OfferRecv && (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && received != sizeof(CmaOffer)))) {
-            error = fmt::format("message size mismatch: rank {} sent a plain message to rank {} which posted {} bytes "
-                                "(a single-copy size)", r->peer, rank_, r->parent->bytes);
+            error = size_mismatch_error(r->peer, "a plain message", rank_, r->parent->bytes) + " (a single-copy size)";
         } else if (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && !r->is_send && received != r->bytes)) {
-            error = fmt::format("message size mismatch: rank {} sent {} bytes to rank {} which posted {} bytes", r->peer,
-                                status == UCS_OK ? std::to_string(received) : std::string("more"), rank_, r->bytes);
+            error = size_mismatch_error(r->peer, status == UCS_OK ? fmt::format("{} bytes", received) : "more bytes", rank_,
+                                        r->bytes);
         } else if (status != UCS_OK) {
             error = fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, r->is_send ? "send to" : "receive from",
                                 r->peer, ucs_status_string(status));

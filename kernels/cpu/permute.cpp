@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -154,6 +155,26 @@ void combine_node_limited_bf16(const std::vector<const uint16_t*>& in, const std
                                const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
                                const std::vector<uint16_t*>& y) {
     combine_node_limited_as<uint16_t>(in, weights, masks, nodes, dim, y, bf16_to_fp32, fp32_to_bf16);
+}
+
+void combine_node_limited_rows(bool bf16, const std::vector<const void*>& in, const std::vector<const float*>& weights,
+                               const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                               const std::vector<void*>& y) {
+    auto typed = [&](auto* element) {
+        using T = std::remove_pointer_t<decltype(element)>;
+        std::vector<const T*> in_t;
+        std::vector<T*> y_t;
+        for (const void* p : in) in_t.push_back(static_cast<const T*>(p));
+        for (void* p : y) y_t.push_back(static_cast<T*>(p));
+        if constexpr (std::is_same_v<T, float>)
+            combine_node_limited(in_t, weights, masks, nodes, dim, y_t);
+        else
+            combine_node_limited_bf16(in_t, weights, masks, nodes, dim, y_t);
+    };
+    if (bf16)
+        typed(static_cast<uint16_t*>(nullptr));
+    else
+        typed(static_cast<float*>(nullptr));
 }
 
 }  // namespace duplex::kernels

@@ -61,5 +61,9 @@ void combine_node_limited(const std::vector<const float*>& in, const std::vector
 void combine_node_limited_bf16(const std::vector<const uint16_t*>& in, const std::vector<const float*>& weights,
                                const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
                                const std::vector<uint16_t*>& y);
+// Either of the two on rows given as bytes (device-shaped buffers): BF16 bit patterns when bf16, else fp32.
+void combine_node_limited_rows(bool bf16, const std::vector<const void*>& in, const std::vector<const float*>& weights,
+                               const std::vector<std::vector<uint64_t>>& masks, int nodes, int dim,
+                               const std::vector<void*>& y);
 
 }  // namespace duplex::kernels

@@ -6,7 +6,7 @@
 // before the launch, so nothing needs a queue between the two. The kernel runs on config.num_sms blocks — the SM
 // budget — so the rest of the device stays free for compute; the warps of the grid take the rows of all segments
 // in turn (warp w: rows w, w + W, ...), so every warp of the budget moves data however the rows spread over the
-// segments, each row with 16-byte loads and stores where it is aligned (copy_floats).
+// segments, each row with 16-byte loads and stores where it is aligned (copy_bytes).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,8 +20,6 @@
 namespace duplex::cuda {
 
 namespace {
-
-using detail::copy_floats;
 
 constexpr int kThreadsPerBlock = 1024;
 
@@ -51,8 +49,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) exchange_kernel(Args a) {
                 hi = mid - 1;
         }
         long long k = row - a.first[lo];
-        copy_floats(a.recv[a.dst[lo]] + (a.recv_off[lo] + k) * a.dim, a.send[a.src[lo]] + (a.send_off[lo] + k) * a.dim,
-                    a.dim, lane);
+        detail::copy_bytes(a.recv[a.dst[lo]] + (a.recv_off[lo] + k) * a.dim, a.send[a.src[lo]] + (a.send_off[lo] + k) * a.dim,
+                           a.dim * (long long)sizeof(float), lane);
     }
 }
 
@@ -88,10 +86,8 @@ double copy_ceiling_seconds(size_t bytes, int num_sms, int repeats, cudaStream_t
     auto* to = arena.take<float4>(n4);
     DUPLEX_CUDA_CHECK(cudaMemsetAsync(from, 0, n4 * sizeof(float4), stream));
     double best = 1e30;
-    int no_error = 0;
     for (int r = 0; r < repeats; ++r)
-        best = std::min(best, detail::timed_launch(stream, nullptr, no_error,
-                                                   [&] { plain_copy(to, from, n4 * 16, num_sms, stream); }));
+        best = std::min(best, detail::timed_launch(stream, [&] { plain_copy(to, from, n4 * 16, num_sms, stream); }));
     return best;
 }
 
@@ -165,8 +161,7 @@ double exchange_segments(const std::vector<const float*>& send, const std::vecto
     a.dst = up(arena.take<int>(n), dst);
     a.send_off = up(arena.take<long long>(n), send_off);
     a.recv_off = up(arena.take<long long>(n), recv_off);
-    int no_error = 0;  // the copy cannot stall
-    return detail::timed_launch(stream, nullptr, no_error, [&] {
+    return detail::timed_launch(stream, [&] {
         if (total > 0) exchange_kernel<<<c.num_sms, kThreadsPerBlock, 0, stream>>>(a);
     });
 }

@@ -124,12 +124,12 @@ using TargetPlanes = std::vector<std::vector<void*>>;
 // each target node once, into a relay row there, and the relay copies it to each rank of that node it is for;
 // relay rows come from a stream-ordered allocation (config.relay_rows bounds it: rounds of tokens).
 // recv[d] receives source-major: the tokens of rank 0 that go to d (ascending), then rank 1's, ...
-struct HierarchicalResult {
+struct NodeLimitedResult {
     double seconds = 0;
     int64_t inter_node_rows = 0;       // rows that crossed between nodes (one per token and target node)
     int64_t flat_inter_node_rows = 0;  // what one row per (token, destination rank) would have sent across
 };
-HierarchicalResult dispatch_rows_node_limited(RowType type, int dim, const SourcePlanes& x,
+NodeLimitedResult dispatch_rows_node_limited(RowType type, int dim, const SourcePlanes& x,
                                               const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
                                               const TargetPlanes& recv, const std::vector<int64_t>& recv_capacity_rows,
                                               const ExchangeConfig& config, cudaStream_t stream);
@@ -146,7 +146,7 @@ std::vector<int64_t> check_node_limited(RowType type, int dim, const std::vector
 // its node in rank order (rounded to the row type: what crosses back), and y[s][t] sums those partials in node
 // order (zero for a token no rank took). Products and sums in fp32, each rounded, unfused: bit-equal to
 // kernels::combine_node_limited / combine_node_limited_bf16.
-HierarchicalResult combine_rows_node_limited(RowType type, int dim, const std::vector<const void*>& in,
+NodeLimitedResult combine_rows_node_limited(RowType type, int dim, const std::vector<const void*>& in,
                                              const std::vector<const float*>& weights,
                                              const std::vector<std::vector<uint64_t>>& host_masks, int nodes,
                                              const std::vector<int64_t>& in_capacity_rows, const std::vector<void*>& y,

@@ -260,7 +260,7 @@ std::vector<int64_t> check_node_limited(RowType type, int dim, const std::vector
     return rows;
 }
 
-HierarchicalResult dispatch_rows_node_limited(RowType type, int dim, const SourcePlanes& x,
+NodeLimitedResult dispatch_rows_node_limited(RowType type, int dim, const SourcePlanes& x,
                                               const std::vector<std::vector<uint64_t>>& masks, int nodes,
                                               const TargetPlanes& recv, const std::vector<int64_t>& recv_capacity_rows,
                                               const ExchangeConfig& c, cudaStream_t stream) {
@@ -276,16 +276,15 @@ HierarchicalResult dispatch_rows_node_limited(RowType type, int dim, const Sourc
     }
     kernels::NodeLimitedPlan plan = kernels::plan_node_limited_dispatch(masks, nodes, c.relay_rows);
     DevicePlan dev(plan, planes, row_plane_bytes(type, dim), {}, stream);
-    HierarchicalResult result{0, plan.inter_node_rows, plan.flat_inter_node_rows};
-    int no_error = 0;  // copies cannot stall
-    result.seconds = detail::timed_launch(stream, nullptr, no_error, [&] {
+    NodeLimitedResult result{0, plan.inter_node_rows, plan.flat_inter_node_rows};
+    result.seconds = detail::timed_launch(stream, [&] {
         for (const HopArgs& a : dev.hops())
             if (a.outputs > 0) copy_hop_kernel<<<c.num_sms, kThreadsPerBlock, 0, stream>>>(a);
     });
     return result;
 }
 
-HierarchicalResult combine_rows_node_limited(RowType type, int dim, const std::vector<const void*>& in,
+NodeLimitedResult combine_rows_node_limited(RowType type, int dim, const std::vector<const void*>& in,
                                              const std::vector<const float*>& weights,
                                              const std::vector<std::vector<uint64_t>>& masks, int nodes,
                                              const std::vector<int64_t>& in_capacity_rows, const std::vector<void*>& y,
@@ -301,9 +300,8 @@ HierarchicalResult combine_rows_node_limited(RowType type, int dim, const std::v
     for (void* b : y) planes[0].push_back(static_cast<char*>(b));
     kernels::NodeLimitedPlan plan = kernels::plan_node_limited_combine(masks, nodes, c.relay_rows);
     DevicePlan dev(plan, planes, row_plane_bytes(type, dim), weights, stream);
-    HierarchicalResult result{0, plan.inter_node_rows, plan.flat_inter_node_rows};
-    int no_error = 0;
-    result.seconds = detail::timed_launch(stream, nullptr, no_error, [&] {
+    NodeLimitedResult result{0, plan.inter_node_rows, plan.flat_inter_node_rows};
+    result.seconds = detail::timed_launch(stream, [&] {
         for (HopArgs a : dev.hops()) {
             if (a.outputs == 0) continue;
             a.dim = dim;

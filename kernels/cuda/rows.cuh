@@ -29,31 +29,14 @@ __device__ inline void strided_map4(V* t, const V* f, long long n4, long long fi
     for (; i < n4; i += stride) t[i] = apply(f[i]);
 }
 
-// out[i] = op(in[i]) for n floats, the warp's 32 lanes striding: where both ends are 16-byte aligned, 16-byte loads
-// and stores (LDG.E.128 / STG.E.128), four in flight per lane; the rest (a misaligned pair, a tail of n % 4) one
-// float at a time. op acts on each element alone, so the result is the scalar loop's bit for bit.
-template <typename Op>
-__device__ inline void map_floats(float* to, const float* from, long long n, int lane, Op op) {
-    // Rows live in device allocations: global loads and stores (LDG/STG), not generic ones, where the compiler
-    // cannot see it (pointers read from a table).
-    __builtin_assume(__isGlobal(to) && __isGlobal(from));
-    long long done = 0;
-    if (aligned16(to, from)) {
-        strided_map4(reinterpret_cast<float4*>(to), reinterpret_cast<const float4*>(from), n / 4, lane, 32,
-                     [&](float4 v) { return make_float4(op(v.x), op(v.y), op(v.z), op(v.w)); });
-        done = n / 4 * 4;
-    }
-    for (long long i = done + lane; i < n; i += 32) to[i] = op(from[i]);
-}
-
-// n floats copied by a warp.
-__device__ inline void copy_floats(float* to, const float* from, long long n, int lane) {
-    map_floats(to, from, n, lane, [](float v) { return v; });
-}
-
 // n bytes copied by a warp: 16 at a time where both ends are 16-byte aligned, else 4 at a time where both are
 // 4-byte aligned, the rest one byte at a time (rows of any type and width: fp32, BF16, FP8 and its scales).
-__device__ inline void copy_bytes(char* to, const char* from, long long n, int lane) {
+// Copies only, so the result is the byte loop's whatever path each piece takes.
+__device__ inline void copy_bytes(void* to_row, const void* from_row, long long n, int lane) {
+    auto* to = static_cast<char*>(to_row);
+    auto* from = static_cast<const char*>(from_row);
+    // Rows live in device allocations: global loads and stores (LDG/STG), not generic ones, where the compiler
+    // cannot see it (pointers read from a table).
     __builtin_assume(__isGlobal(to) && __isGlobal(from));
     long long done = 0;
     if (aligned16(to, from)) {
@@ -106,10 +89,9 @@ inline int current_device_sms() {
     return sms;
 }
 
-// Runs launch() on `stream` between two events and reads back the kernel's error word (none for a kernel that
-// cannot stall: d_error null, error left as it is); returns the seconds between the events.
+// Runs launch() on `stream` between two events and waits for it; returns the seconds between the events.
 template <typename Launch>
-double timed_launch(cudaStream_t stream, const int* d_error, int& error, Launch&& launch) {
+double timed_launch(cudaStream_t stream, Launch&& launch) {
     cudaEvent_t start = nullptr, stop = nullptr;
     DUPLEX_CUDA_CHECK(cudaEventCreate(&start));
     if (cudaEventCreate(&stop) != cudaSuccess) {
@@ -122,7 +104,6 @@ double timed_launch(cudaStream_t stream, const int* d_error, int& error, Launch&
         launch();
         DUPLEX_CUDA_CHECK(cudaGetLastError());
         DUPLEX_CUDA_CHECK(cudaEventRecord(stop, stream));
-        if (d_error) DUPLEX_CUDA_CHECK(cudaMemcpyAsync(&error, d_error, sizeof(int), cudaMemcpyDeviceToHost, stream));
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(stream));
         DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
     } catch (...) {

@@ -347,7 +347,7 @@ TEST_P(CudaDispatch, DeliversWhatAPlainGatherDoesCrossingEachNodeOnce) {
             cfg.relay_rows = relay;
             for (auto& planes : recv)
                 for (auto* b : planes) cudaMemset(b->get(), 0xFF, b->size());  // stale results must not pass
-            HierarchicalResult r = dispatch_rows_node_limited(type, dim, xp, masks, nodes, rp, cap, cfg, nullptr);
+            NodeLimitedResult r = dispatch_rows_node_limited(type, dim, xp, masks, nodes, rp, cap, cfg, nullptr);
             for (int d = 0; d < ranks; ++d)
                 for (size_t p = 0; p < P; ++p)
                     ASSERT_EQ(recv[d][p]->host(), want[d][p]) << "rank " << d << ", plane " << p << ", " << sms
@@ -395,22 +395,11 @@ TEST_P(CudaCombine, SumsInsideEachNodeBitForBitLikeTheCpu) {
     }
     for (bool weighted : {true, false}) {
         auto& out = weighted ? want : want_unweighted;
-        std::vector<const float*> weights = weighted ? w_h : std::vector<const float*>{};
-        if (type == RowType::F32) {
-            std::vector<const float*> in_h;
-            std::vector<float*> y_h;
-            for (int r = 0; r < ranks; ++r)
-                in_h.push_back(reinterpret_cast<const float*>(host_in[r].data())),
-                    y_h.push_back(reinterpret_cast<float*>(out[r].data()));
-            kernels::combine_node_limited(in_h, weights, masks, nodes, dim, y_h);
-        } else {
-            std::vector<const uint16_t*> in_h;
-            std::vector<uint16_t*> y_h;
-            for (int r = 0; r < ranks; ++r)
-                in_h.push_back(reinterpret_cast<const uint16_t*>(host_in[r].data())),
-                    y_h.push_back(reinterpret_cast<uint16_t*>(out[r].data()));
-            kernels::combine_node_limited_bf16(in_h, weights, masks, nodes, dim, y_h);
-        }
+        std::vector<const void*> in_h;
+        std::vector<void*> y_h;
+        for (int r = 0; r < ranks; ++r) in_h.push_back(host_in[r].data()), y_h.push_back(out[r].data());
+        kernels::combine_node_limited_rows(type == RowType::BF16, in_h, weighted ? w_h : std::vector<const float*>{},
+                                           masks, nodes, dim, y_h);
     }
     for (int sms : {1, 3, 20})
         for (int64_t relay : {int64_t(0), int64_t(nodes)})
@@ -419,7 +408,7 @@ TEST_P(CudaCombine, SumsInsideEachNodeBitForBitLikeTheCpu) {
                 cfg.num_sms = std::min(sms, cuda_devices()[0].num_sms);
                 cfg.relay_rows = relay;
                 for (auto& b : y) cudaMemset(b->get(), 0xFF, b->size());
-                HierarchicalResult r = combine_rows_node_limited(type, dim, inp, weighted ? wp : std::vector<const float*>{},
+                NodeLimitedResult r = combine_rows_node_limited(type, dim, inp, weighted ? wp : std::vector<const float*>{},
                                                                  masks, nodes, rows, yp, cfg, nullptr);
                 for (int s = 0; s < ranks; ++s)
                     ASSERT_EQ(y[s]->host(), weighted ? want[s] : want_unweighted[s])
