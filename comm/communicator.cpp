@@ -413,9 +413,18 @@ void reduce_sum_into(void* dst, const void* src, size_t count, DType dtype) {
     }
 }
 
+void Communicator::check_host_buffers(const char* op, const void* send, const void* recv) const {
+    if ((send && transport_->device_memory(send)) || (recv && transport_->device_memory(recv)))
+        throw ConfigError(fmt::format("{} buffer", op),
+                          fmt::format("rank {}: device memory; the Communicator's collectives copy and add on the host "
+                                      "(pass host buffers, or run device collectives with NcclCommunicator)",
+                                      rank_));
+}
+
 WorkPtr Communicator::all_to_all_v(const void* send, std::span<const size_t> send_bytes,
                                    std::span<const size_t> send_offsets, void* recv, std::span<const size_t> recv_bytes,
                                    std::span<const size_t> recv_offsets) {
+    check_host_buffers("all_to_all_v", send, recv);
     size_t n = static_cast<size_t>(size());
     if (send_bytes.size() != n || send_offsets.size() != n || recv_bytes.size() != n || recv_offsets.size() != n)
         throw ConfigError("all_to_all_v counts",
@@ -436,6 +445,7 @@ WorkPtr Communicator::all_to_all(const void* send, void* recv, size_t bytes_per_
 }
 
 WorkPtr Communicator::all_gather(const void* send, void* recv, size_t bytes) {
+    check_host_buffers("all_gather", send, recv);
     int n = size();
     auto s = static_cast<const char*>(send);
     auto r = static_cast<char*>(recv);
@@ -452,6 +462,7 @@ WorkPtr Communicator::all_gather(const void* send, void* recv, size_t bytes) {
 
 WorkPtr Communicator::reduce_scatter(const void* send, void* recv, size_t count, DType dtype, ReduceOp) {
     check_reduce_dtype(dtype, rank_, "reduce_scatter");
+    check_host_buffers("reduce_scatter", send, recv);
     int n = size();
     auto s = static_cast<const char*>(send);
     auto r = static_cast<char*>(recv);
@@ -464,6 +475,7 @@ WorkPtr Communicator::reduce_scatter(const void* send, void* recv, size_t count,
 
 WorkPtr Communicator::all_reduce(void* buf, size_t count, DType dtype, ReduceOp) {
     check_reduce_dtype(dtype, rank_, "all_reduce");
+    check_host_buffers("all_reduce", buf, nullptr);
     int n = size();
     auto b = static_cast<char*>(buf);
     return enqueue("all_reduce", [=](const CollectiveCtx& ctx) {

@@ -98,6 +98,7 @@ public:
     std::string backend_description() const { return transport_->describe(); }
     double timeout_s() const { return timeout_s_; }
 
+    // Point-to-point buffers may be device memory where the backend moves it (nccl); collectives take host buffers.
     WorkPtr isend(const void* buf, size_t bytes, int peer, uint32_t tag);
     WorkPtr irecv(void* buf, size_t bytes, int peer, uint32_t tag);
 
@@ -130,6 +131,8 @@ private:
     uint64_t wire_tag(bool collective, uint32_t tag) const;
     WorkPtr enqueue(const char* op, std::function<void(const CollectiveCtx&)> body);
     void count_send(int peer, size_t bytes);
+    // ConfigError when the transport says a buffer is device memory (the collectives work on the host).
+    void check_host_buffers(const char* op, const void* send, const void* recv) const;
 
     std::shared_ptr<Transport> transport_;
     Topology world_topology_;

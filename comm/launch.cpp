@@ -21,6 +21,9 @@
 #ifdef DUPLEX_HAVE_UCX
 #include "comm/ucx/ucx_transport.hpp"
 #endif
+#ifdef DUPLEX_HAVE_NCCL
+#include "comm/nccl/nccl_channels.hpp"
+#endif
 
 namespace duplex {
 
@@ -49,7 +52,11 @@ Topology make_topology(const LaunchOptions& o, const Transport& t) {
     return Topology::from_hostnames(t.hostnames());
 }
 
-void launch_inproc(const LaunchOptions& o, const RankFn& fn) {
+// The transport a rank's communicator runs on, made from its control transport: the transport itself, or nccl
+// layered over it.
+using Layer = std::function<std::shared_ptr<Transport>(std::shared_ptr<Transport>)>;
+
+void launch_inproc(const LaunchOptions& o, const RankFn& fn, const Layer& layer = nullptr) {
     auto fabric = InprocFabric::create(o.ranks);
     if (o.virtual_nodes > 0) Topology::virtual_nodes(o.ranks, o.virtual_nodes);  // validate before starting
     std::mutex mutex;
@@ -58,8 +65,9 @@ void launch_inproc(const LaunchOptions& o, const RankFn& fn) {
     threads.reserve(o.ranks);
     for (int r = 0; r < o.ranks; ++r) {
         threads.emplace_back([&, r] {
-            auto transport = fabric->transport(r);
+            std::shared_ptr<Transport> transport = fabric->transport(r);
             try {
+                if (layer) transport = layer(transport);
                 if (o.bind_cores) bind_thread_to_core(r);
                 auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
                 fn(comm);
@@ -75,6 +83,31 @@ void launch_inproc(const LaunchOptions& o, const RankFn& fn) {
     for (auto& t : threads) t.join();
     if (first) std::rethrow_exception(first);
 }
+
+#ifdef DUPLEX_HAVE_NCCL
+// nccl: payloads through NCCL on `device`, tags matched over `control` (comm/rendezvous_transport.hpp).
+std::shared_ptr<Transport> layer_nccl(std::shared_ptr<Transport> control, std::shared_ptr<Store> store, int device,
+                                      double timeout_s) {
+    auto channels = make_nccl_channels(std::move(store), control->rank(), control->size(), device, "nccl/channel",
+                                       timeout_s);
+    return std::make_shared<RendezvousTransport>(std::move(control), std::move(channels), "nccl");
+}
+
+// Ranks as threads, one GPU each, the control messages in process.
+void launch_nccl_threads(const LaunchOptions& o, const RankFn& fn) {
+    int devices = visible_cuda_devices();
+    if (devices == 0) throw ConfigError("--backend", "nccl needs a CUDA device and this machine shows none");
+    if (o.ranks > devices)
+        throw ConfigError("--ranks", fmt::format("backend nccl puts each rank on a GPU of its own: {} ranks, {} GPU{} "
+                                                 "visible (NCCL refuses two ranks of a communicator on one device)",
+                                                 o.ranks, devices, devices == 1 ? "" : "s"));
+    auto store = std::make_shared<InMemoryStore>();
+    launch_inproc(o, fn, [&](std::shared_ptr<Transport> control) {
+        int device = control->rank();
+        return layer_nccl(std::move(control), store, device, o.timeout_s);
+    });
+}
+#endif
 
 }  // namespace
 
@@ -153,6 +186,11 @@ ProcessEnv process_env() {
     } else {
         p.source = "single process";
     }
+    for (const char* name : {"LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+        if (const char* l = env(name)) {
+            p.local_rank = env_int(name, l);
+            break;
+        }
     if (const char* l = env("LOCAL_WORLD_SIZE"))
         p.local_size = env_int("LOCAL_WORLD_SIZE", l);
     else if (const char* l2 = env("OMPI_COMM_WORLD_LOCAL_SIZE"))
@@ -196,6 +234,9 @@ std::vector<std::string> built_backends() {
 #ifdef DUPLEX_HAVE_UCX
     b.push_back("ucx");
 #endif
+#ifdef DUPLEX_HAVE_NCCL
+    b.push_back("nccl");
+#endif
     return b;
 }
 
@@ -205,15 +246,25 @@ bool backend_built(const std::string& name) {
     return false;
 }
 
-bool backend_is_multiprocess(const std::string& name) { return name == "mpi" || name == "ucx"; }
+bool backend_is_multiprocess(const std::string& name) {
+    return name == "mpi" || name == "ucx" || (name == "nccl" && process_env().source != "single process");
+}
 
 void launch(const LaunchOptions& o, const RankFn& fn) {
     if (o.backend == "inproc") return launch_inproc(o, fn);
-    if (o.backend != "mpi" && o.backend != "ucx")
-        throw ConfigError("--backend", fmt::format("unknown backend '{}' (inproc, mpi, ucx)", o.backend));
+    if (o.backend != "mpi" && o.backend != "ucx" && o.backend != "nccl")
+        throw ConfigError("--backend", fmt::format("unknown backend '{}' (inproc, mpi, ucx, nccl)", o.backend));
     if (!backend_built(o.backend))
         throw ConfigError("--backend", fmt::format("'{}' is not built into this binary (built: {})", o.backend,
                                                    fmt::join(built_backends(), ", ")));
+    // nccl: threads of this process unless a launcher started processes, whose control messages then go over UCX.
+    bool nccl_processes = o.backend == "nccl" && backend_is_multiprocess("nccl");
+#ifdef DUPLEX_HAVE_NCCL
+    if (o.backend == "nccl" && !nccl_processes) return launch_nccl_threads(o, fn);
+#endif
+    if (nccl_processes && !backend_built("ucx"))
+        throw ConfigError("--backend", "nccl across processes carries its control messages over UCX, which is not built "
+                                       "into this binary");
 #ifdef DUPLEX_HAVE_MPI
     if (o.backend == "mpi") {
         auto transport = make_mpi_transport();
@@ -230,7 +281,7 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
     }
 #endif
 #ifdef DUPLEX_HAVE_UCX
-    if (o.backend == "ucx") {
+    if (o.backend == "ucx" || nccl_processes) {
         ProcessEnv p = process_env();
         auto [host, port] = parse_host_port(p.store_addr, "DUPLEX_STORE_ADDR");
         std::unique_ptr<TcpStoreServer> server;
@@ -240,7 +291,14 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
         std::exception_ptr failure;
         std::atomic<bool> store_lost{false};
         {
-            auto transport = make_ucx_transport(store, p.rank, p.world_size);
+            std::shared_ptr<Transport> transport = make_ucx_transport(store, p.rank, p.world_size);
+#ifdef DUPLEX_HAVE_NCCL
+            if (nccl_processes) {
+                int devices = visible_cuda_devices();
+                int device = p.local_rank >= 0 ? p.local_rank : p.rank % std::max(1, devices);
+                transport = layer_nccl(transport, store, device, o.timeout_s);
+            }
+#endif
             // Watchdog: a rank whose process dies cannot say so; the store server sees its connection close.
             // Abort this rank's pending communication with a message naming the lost rank, instead of waiting
             // for the timeout. It polls on a connection of its own.

@@ -9,6 +9,11 @@
 //           PMI_SIZE, or Slurm's SLURM_PROCID / SLURM_NTASKS with the store on the step's first node
 //           (SLURM_STEP_NODELIST or SLURM_JOB_NODELIST) at port 29500 + SLURM_JOB_ID % 1000 (MASTER_PORT if set).
 //   Under mpi the world is MPI's own (MPI_Comm_size), whichever MPI launched it.
+//   nccl    payloads through NCCL between GPUs, one GPU per rank (comm/nccl/nccl_channels.hpp), tags matched over
+//           control messages (comm/rendezvous_transport.hpp): ranks are threads of this process on GPUs 0..ranks-1,
+//           or, under any launcher above, processes whose control goes over UCX, each on the GPU of its node-local
+//           rank (LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID or SLURM_LOCALID; else rank % GPUs).
+//           Point-to-point buffers may be device memory; the collectives take host buffers (staged to the GPU).
 //
 // `fn` runs once per rank with that rank's world communicator. If one rank throws, every other rank's
 // pending and later operations fail with a CommError naming it (inproc), or the job is aborted (mpi, ucx),
@@ -36,6 +41,7 @@ struct ProcessEnv {
     int rank = 0;
     int world_size = 1;
     int local_size = 1;      // ranks on this node (for memory estimates), when the launcher says
+    int local_rank = -1;     // this rank's index on its node (LOCAL_RANK, ...), -1 when the launcher does not say
     std::string store_addr;  // host:port of the rendezvous store
     std::string source;      // which variables supplied them
 };
@@ -48,6 +54,7 @@ std::string slurm_first_host(const std::string& nodelist);
 // Names of the backends compiled into this build, and whether `name` is one of them.
 std::vector<std::string> built_backends();
 bool backend_built(const std::string& name);
+// Whether the ranks of this backend are processes: mpi and ucx always, nccl when a launcher started this one.
 bool backend_is_multiprocess(const std::string& name);
 
 using RankFn = std::function<void(const std::shared_ptr<Communicator>& world)>;

@@ -67,6 +67,12 @@ public:
     virtual void abort(const std::string& reason) = 0;
     // The host names of all ranks of the world (for Topology), exchanged at bootstrap.
     virtual std::vector<std::string> hostnames() const = 0;
+    // Whether `buf` is device memory (a backend that moves it); the Communicator's collectives, which copy and add
+    // on the host, refuse it.
+    virtual bool device_memory(const void* buf) const {
+        (void)buf;
+        return false;
+    }
     // The backend and the choices it made at bootstrap, for headers and logs ("ucx (single copy with 7 of 7 ...)").
     virtual std::string describe() const { return name(); }
 };

@@ -147,7 +147,7 @@ int run_distributed(const Args& a) {
     l.backend = a.backend;
     l.ranks = world_size;
     l.virtual_nodes = a.virtual_nodes;
-    if (a.backend == "ucx") {  // under mpi the world is MPI's own: checked once it exists
+    if (a.backend != "mpi" && backend_is_multiprocess(a.backend)) {  // mpi's world is its own: checked once it exists
         ProcessEnv env = process_env();
         if (env.world_size != world_size)
             throw ConfigError("--pp/--dp", fmt::format("the layout needs {} ranks but {} were launched ({})", world_size,
@@ -377,7 +377,10 @@ Command add_train(CLI::App& app) {
                     "(one copy per expert)")
         ->capture_default_str();
     cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe or dualpipev")->capture_default_str();
-    cmd->add_option("--backend", a->backend, "inproc (threads), or mpi / ucx under mpirun")->capture_default_str();
+    cmd->add_option("--backend", a->backend,
+                    "inproc (threads), mpi / ucx (processes under mpirun, torchrun or srun), or nccl (payloads through "
+                    "NCCL, a GPU per rank: threads, or processes under a launcher)")
+        ->capture_default_str();
     cmd->add_option("--virtual-nodes", a->virtual_nodes, "split the ranks into this many virtual nodes");
     cmd->add_option("--mode", a->mode, "math (real compute) or emulate (timed waits from the cost model)")
         ->capture_default_str();

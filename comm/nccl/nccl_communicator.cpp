@@ -1,7 +1,6 @@
 #include "comm/nccl/nccl_communicator.hpp"
 
 #include <cuda_runtime.h>
-#include <nccl.h>
 
 #include <chrono>
 #include <cstring>
@@ -9,18 +8,11 @@
 
 #include <fmt/format.h>
 
+#include "comm/nccl/nccl_check.hpp"
 #include "core/clock.hpp"
 #include "core/cuda_check.hpp"
 #include "core/error.hpp"
 #include "core/log.hpp"
-
-#define DUPLEX_NCCL_CHECK(call)                                                                            \
-    do {                                                                                                   \
-        ncclResult_t duplex_nccl_rc_ = (call);                                                             \
-        if (duplex_nccl_rc_ != ncclSuccess)                                                                \
-            ::duplex::throw_api_error("NCCL", #call, duplex_nccl_rc_, ncclGetErrorString(duplex_nccl_rc_), \
-                                      __FILE__, __LINE__);                                                 \
-    } while (0)
 
 namespace duplex {
 

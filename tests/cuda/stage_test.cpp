@@ -185,8 +185,11 @@ TEST(CudaStage, RoutedExpertsOnTheDeviceMatchTheCpuStage) {
     for (size_t i = 0; i < pc.size(); ++i) expect_close(pg[i]->grad, pc[i]->grad, 1e-4, pc[i]->name);
 }
 
-// DualPipe PP=2 DP=2 EP=2 on 4 inproc ranks with `device_options` applied, against the single-rank reference.
-void expect_dualpipe_matches_reference(uint64_t seed, const std::function<void(TrainOptions&)>& device_options) {
+// DualPipe (PP=2 DP=2 EP=2 on 4 ranks unless told) with `device_options` applied, on `backend`, against the
+// single-rank reference.
+void expect_dualpipe_matches_reference(uint64_t seed, const std::function<void(TrainOptions&)>& device_options,
+                                       PipelineOptions p = {sched::ScheduleKind::DualPipe, 2, 2, 2},
+                                       const std::string& backend = "inproc") {
     TrainOptions o;
     o.model = "tiny";
     o.steps = 3;
@@ -194,15 +197,15 @@ void expect_dualpipe_matches_reference(uint64_t seed, const std::function<void(T
     o.sequences_per_microbatch = 2;
     o.seed = seed;
     TrainOptions ref_o = o;
-    ref_o.microbatches = o.microbatches * 2;
+    ref_o.microbatches = o.microbatches * p.dp;
     ReferenceTrainer<float> ref(ref_o);
     std::vector<StepMetrics> want = ref.run();
     std::map<std::string, std::vector<float>> want_params;
     for (Param<float>* prm : ref.model().parameters()) want_params[prm->name] = prm->value;
     device_options(o);
-    PipelineOptions p{sched::ScheduleKind::DualPipe, 2, 2, 2};
     LaunchOptions l;
-    l.ranks = 4;
+    l.backend = backend;
+    l.ranks = p.pp * p.dp;
     l.timeout_s = 120;
     std::mutex mu;
     std::vector<StepMetrics> got;
@@ -228,6 +231,18 @@ void expect_dualpipe_matches_reference(uint64_t seed, const std::function<void(T
 TEST(CudaStage, DistributedTrainingOnTheDeviceMatchesTheCpuReference) {
     NEED_GPU();
     expect_dualpipe_matches_reference(5, [](TrainOptions& o) { o.device = "cuda"; });
+}
+
+// The executor's pipeline P2P and data-parallel collectives over the nccl backend (host buffers staged through
+// the GPUs): the same training. NCCL puts each rank on a GPU of its own, so this needs two.
+TEST(CudaStage, DualPipeOverTheNcclBackendMatchesTheCpuReference) {
+#ifdef DUPLEX_HAVE_NCCL
+    if (cuda_devices().size() < 2) GTEST_SKIP() << "the nccl backend needs a GPU per rank: 2, this machine has "
+                                                << cuda_devices().size();
+    expect_dualpipe_matches_reference(6, [](TrainOptions&) {}, {sched::ScheduleKind::DualPipe, 2, 1, 1}, "nccl");
+#else
+    GTEST_SKIP() << "nccl is not built";
+#endif
 }
 
 // One MoE layer's four exchanges with stand-in experts (row * (expert + 1)); everything they return.
