@@ -143,4 +143,42 @@ NodeLimitedPlan plan_node_limited_combine(const std::vector<std::vector<uint64_t
     return p;
 }
 
+ExpertMajorPlan plan_expert_major(const std::vector<std::vector<std::vector<int64_t>>>& sent) {
+    const int n = int(sent.size());
+    const int E = n ? int(sent[0].size() ? sent[0][0].size() : 0) : 0;
+    for (int q = 0; q < n; ++q) {
+        DUPLEX_CHECK_ARG(int(sent[q].size()) == n, "expert-major counts", "rank {} lists {} destinations for {} ranks", q,
+                         sent[q].size(), n);
+        for (int s = 0; s < n; ++s) {
+            DUPLEX_CHECK_ARG(int(sent[q][s].size()) == E, "expert-major counts",
+                             "rank {} lists {} experts of rank {}, rank 0 lists {}", q, sent[q][s].size(), s, E);
+            for (int e = 0; e < E; ++e)
+                DUPLEX_CHECK_ARG(sent[q][s][e] >= 0, "expert-major counts", "rank {} sends {} rows to expert {} of rank {}",
+                                 q, sent[q][s][e], e, s);
+        }
+    }
+    ExpertMajorPlan plan;
+    plan.token_rows.assign(n, 0);
+    plan.expert_first.assign(n, std::vector<int64_t>(E + 1, 0));
+    for (int s = 0; s < n; ++s)
+        for (int e = 0; e < E; ++e) {
+            int64_t rows = 0;
+            for (int q = 0; q < n; ++q) rows += sent[q][s][e];
+            plan.expert_first[s][e + 1] = plan.expert_first[s][e] + rows;
+        }
+    // at[s][e]: where the next block for expert e of rank s goes (ranks q in order).
+    std::vector<std::vector<int64_t>> at(n);
+    for (int s = 0; s < n; ++s) at[s].assign(plan.expert_first[s].begin(), plan.expert_first[s].end() - 1);
+    for (int q = 0; q < n; ++q)
+        for (int s = 0; s < n; ++s)
+            for (int e = 0; e < E; ++e) {
+                int64_t rows = sent[q][s][e];
+                if (rows == 0) continue;
+                plan.moves.push_back({q, s, plan.token_rows[q], at[s][e], rows});
+                plan.token_rows[q] += rows;
+                at[s][e] += rows;
+            }
+    return plan;
+}
+
 }  // namespace duplex::kernels

@@ -66,4 +66,25 @@ NodeLimitedPlan plan_node_limited_dispatch(const std::vector<std::vector<uint64_
 NodeLimitedPlan plan_node_limited_combine(const std::vector<std::vector<uint64_t>>& masks, int nodes,
                                           int64_t relay_capacity);
 
+// ---- the expert-major exchange of the executor's device path (rows stay on the device between the exchange
+// and the experts) ----
+//
+// sent[q][s][e]: rows rank q sends to local expert e of rank s. On the token side, rank q's buffer holds its rows
+// grouped by destination s, each group expert-major (what DistributedExchange sends); on the expert side, rank
+// s's buffer holds what arrived expert-major: expert 0's rows from rank 0, then from rank 1, ..., then expert 1's
+// — the layout the expert MLPs read (runtime/model/expert_exchange.hpp, ResidentRows). A move copies `rows`
+// consecutive rows from token-side buffer `token` at `token_row` to expert-side buffer `expert` at `expert_row`:
+// dispatch runs the moves as listed, combine runs them backwards.
+struct RowMove {
+    int token = 0, expert = 0;
+    int64_t token_row = 0, expert_row = 0, rows = 0;
+};
+struct ExpertMajorPlan {
+    std::vector<RowMove> moves;                     // one per (q, s, e) with rows
+    std::vector<int64_t> token_rows;                // per rank: rows of its token-side buffer
+    std::vector<std::vector<int64_t>> expert_first;  // per rank: each local expert's first row, then the total
+};
+// ConfigError for a tensor that is not n x n x E or holds negative counts.
+ExpertMajorPlan plan_expert_major(const std::vector<std::vector<std::vector<int64_t>>>& sent);
+
 }  // namespace duplex::kernels

@@ -101,6 +101,37 @@ void add_rows_in_slot_order(std::vector<std::pair<int, const T*>> by_slot, int d
 
 }  // namespace
 
+// ---- the expert-major path's defaults: an exchange or transport without it refuses ----
+
+template <typename T>
+std::shared_ptr<ResidentRows> RowTransport<T>::exchange_to_experts(const std::vector<std::vector<T>>&,
+                                                                   const std::vector<std::vector<int64_t>>&, int) {
+    throw Error("this row transport hands rows over on the host (rows_stay_on() is kRowsMove)");
+}
+
+template <typename T>
+std::vector<std::vector<T>> RowTransport<T>::exchange_from_experts(const ResidentRows&,
+                                                                   const std::vector<std::vector<int64_t>>&, int) {
+    throw Error("this row transport hands rows over on the host (rows_stay_on() is kRowsMove)");
+}
+
+template <typename T>
+void ExpertExchange<T>::combine_resident(RoutedTokens<T>&, const ResidentRows&, int, const Routing&, T*) {
+    throw Error("this expert exchange hands rows over on the host (rows_stay_on() is kRowsMove)");
+}
+
+template <typename T>
+void ExpertExchange<T>::combine_backward_resident(RoutedTokens<T>&, const T*, int, const Routing&,
+                                                  std::shared_ptr<ResidentRows>&, std::vector<double>&) {
+    throw Error("this expert exchange hands rows over on the host (rows_stay_on() is kRowsMove)");
+}
+
+template <typename T>
+void ExpertExchange<T>::dispatch_backward_resident(const RoutedTokens<T>&, const ResidentRows&, int, const Routing&,
+                                                   T*) {
+    throw Error("this expert exchange hands rows over on the host (rows_stay_on() is kRowsMove)");
+}
+
 // ---- LocalExchange ----
 
 template <typename T>
@@ -157,14 +188,18 @@ DistributedExchange<T>::DistributedExchange(std::shared_ptr<Communicator> group,
 }
 
 template <typename T>
+void DistributedExchange<T>::in_stage(const std::function<void()>& fn, const char* what) {
+    if (StageContext* c = StageContext::current())
+        c->wait_for(fn, what);
+    else
+        fn();
+}
+
+template <typename T>
 std::vector<std::vector<T>> DistributedExchange<T>::move(const std::vector<std::vector<T>>& per_peer, int width) {
     if (!transport_) return exchange_rows(*group_, per_peer, width);
     std::vector<std::vector<T>> out;
-    auto run = [&] { out = transport_->exchange(per_peer, width); };
-    if (StageContext* c = StageContext::current())
-        c->wait_for(run, "expert exchange (device)");
-    else
-        run();
+    in_stage([&] { out = transport_->exchange(per_peer, width); }, "expert exchange (device)");
     return out;
 }
 
@@ -173,6 +208,14 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
     int n = group_->size();
     out.sent_slots.assign(n, {});
     for (int slot = 0; slot < r.tokens * r.top_k; ++slot) out.sent_slots[owner(r.expert[slot])].push_back(slot);
+    // Each peer's rows grouped by its local expert (slots ascending within one): the expert-major path writes the
+    // groups straight into place, and the rows of an expert come in the same order on every path.
+    out.sent_counts.assign(n, std::vector<int64_t>(per_rank_, 0));
+    for (int p = 0; p < n; ++p) {
+        std::stable_sort(out.sent_slots[p].begin(), out.sent_slots[p].end(),
+                         [&](int a, int b) { return r.expert[a] < r.expert[b]; });
+        for (int slot : out.sent_slots[p]) ++out.sent_counts[p][r.expert[slot] - placement_.first_expert(p)];
+    }
     // Metadata travels as rows of two values: (slot, expert) encoded in T (exact for small integers).
     std::vector<std::vector<T>> meta(n), rows(n);
     for (int p = 0; p < n; ++p)
@@ -183,7 +226,14 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
             rows[p].insert(rows[p].end(), row, row + dim);
         }
     auto meta_in = this->move(meta, 2);
-    auto rows_in = this->move(rows, dim);
+    bool keep = out.keep_rows && rows_stay_on() != kRowsMove;
+    out.resident.reset();
+    std::vector<std::vector<T>> rows_in;
+    if (keep)
+        in_stage([&] { out.resident = transport_->exchange_to_experts(rows, out.sent_counts, dim); },
+                 "expert exchange (device)");
+    else
+        rows_in = this->move(rows, dim);
     out.slots.assign(per_rank_, {});
     out.rows.assign(per_rank_, {});
     out.received.assign(n, {});
@@ -195,38 +245,69 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
                                             e + first_local_expert()));
             out.received[p].push_back({e, int(out.slots[e].size())});
             out.slots[e].push_back(slot);
-            out.rows[e].insert(out.rows[e].end(), rows_in[p].begin() + long(i * dim),
-                               rows_in[p].begin() + long((i + 1) * dim));
+            if (!keep)
+                out.rows[e].insert(out.rows[e].end(), rows_in[p].begin() + long(i * dim),
+                                   rows_in[p].begin() + long((i + 1) * dim));
         }
     }
+    if (keep)
+        for (int e = 0; e < per_rank_; ++e)
+            if (out.resident->rows(e) != int64_t(out.slots[e].size()))
+                throw CommError(fmt::format("rank {}: expert {} got {} rows and {} slots", group_->rank(),
+                                            e + first_local_expert(), out.resident->rows(e), out.slots[e].size()));
 }
 
+namespace {
+
+// The combine on the token's rank: what came back from each peer (its slots in sent order) -> y.
 template <typename T>
-void DistributedExchange<T>::combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim,
-                                     const Routing& r, T* y) {
-    auto got = this->move(rows_for_senders(routed, outputs, dim), dim);
+void combine_returned(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& got, int dim, const Routing& r, T* y) {
     routed.slot_outputs.assign(size_t(r.tokens) * r.top_k * dim, T(0));
-    for (int p = 0; p < group_->size(); ++p)
+    for (size_t p = 0; p < routed.sent_slots.size(); ++p)
         for (size_t i = 0; i < routed.sent_slots[p].size(); ++i)
             std::memcpy(routed.slot_outputs.data() + size_t(routed.sent_slots[p][i]) * dim, got[p].data() + i * dim,
                         sizeof(T) * dim);
     weighted_sum(routed.slot_outputs.data(), r, dim, y);
 }
 
+// The dispatch backward on the token's rank: the input-row gradients that came back -> dx, in slot order.
+template <typename T>
+void add_returned(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& got, int dim, const Routing& r,
+                  T* dx) {
+    std::vector<std::pair<int, const T*>> by_slot;
+    for (size_t p = 0; p < routed.sent_slots.size(); ++p)
+        for (size_t i = 0; i < routed.sent_slots[p].size(); ++i)
+            by_slot.push_back({routed.sent_slots[p][i], got[p].data() + i * dim});
+    add_rows_in_slot_order(std::move(by_slot), dim, r.top_k, dx);
+}
+
+}  // namespace
+
+template <typename T>
+void DistributedExchange<T>::combine(RoutedTokens<T>& routed, const std::vector<std::vector<T>>& outputs, int dim,
+                                     const Routing& r, T* y) {
+    combine_returned(routed, this->move(rows_for_senders(routed, outputs, dim), dim), dim, r, y);
+}
+
+template <typename T>
+std::vector<std::vector<T>> DistributedExchange<T>::slot_rows_for_peers(const RoutedTokens<T>& routed,
+                                                                        const std::vector<T>& dy_slots, int dim) {
+    std::vector<std::vector<T>> rows(group_->size());
+    for (size_t p = 0; p < rows.size(); ++p)
+        for (int slot : routed.sent_slots[p])
+            rows[p].insert(rows[p].end(), dy_slots.data() + size_t(slot) * dim, dy_slots.data() + size_t(slot + 1) * dim);
+    return rows;
+}
+
 template <typename T>
 void DistributedExchange<T>::combine_backward(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
                                               std::vector<std::vector<T>>& d_outputs, std::vector<double>& d_gate) {
-    int n = group_->size();
     std::vector<T> dy_slots;
     slot_gradients(routed.slot_outputs.data(), dy, r, dim, dy_slots, d_gate);
-    std::vector<std::vector<T>> rows(n);
-    for (int p = 0; p < n; ++p)
-        for (int slot : routed.sent_slots[p])
-            rows[p].insert(rows[p].end(), dy_slots.data() + size_t(slot) * dim, dy_slots.data() + size_t(slot + 1) * dim);
-    auto got = this->move(rows, dim);
+    auto got = this->move(slot_rows_for_peers(routed, dy_slots, dim), dim);
     d_outputs.assign(per_rank_, {});
     for (int e = 0; e < per_rank_; ++e) d_outputs[e].resize(routed.slots[e].size() * size_t(dim));
-    for (int p = 0; p < n; ++p)
+    for (int p = 0; p < group_->size(); ++p)
         for (size_t i = 0; i < routed.received[p].size(); ++i) {
             auto [e, row] = routed.received[p][i];
             std::memcpy(d_outputs[e].data() + size_t(row) * dim, got[p].data() + i * dim, sizeof(T) * dim);
@@ -236,12 +317,34 @@ void DistributedExchange<T>::combine_backward(RoutedTokens<T>& routed, const T* 
 template <typename T>
 void DistributedExchange<T>::dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows,
                                                int dim, const Routing& r, T* dx) {
-    auto got = this->move(rows_for_senders(routed, d_rows, dim), dim);
-    std::vector<std::pair<int, const T*>> by_slot;
-    for (int p = 0; p < group_->size(); ++p)
-        for (size_t i = 0; i < routed.sent_slots[p].size(); ++i)
-            by_slot.push_back({routed.sent_slots[p][i], got[p].data() + i * dim});
-    add_rows_in_slot_order(std::move(by_slot), dim, r.top_k, dx);
+    add_returned(routed, this->move(rows_for_senders(routed, d_rows, dim), dim), dim, r, dx);
+}
+
+template <typename T>
+void DistributedExchange<T>::combine_resident(RoutedTokens<T>& routed, const ResidentRows& outputs, int dim,
+                                              const Routing& r, T* y) {
+    std::vector<std::vector<T>> got;
+    in_stage([&] { got = transport_->exchange_from_experts(outputs, routed.sent_counts, dim); }, "expert exchange (device)");
+    combine_returned(routed, got, dim, r, y);
+}
+
+template <typename T>
+void DistributedExchange<T>::combine_backward_resident(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
+                                                       std::shared_ptr<ResidentRows>& d_outputs,
+                                                       std::vector<double>& d_gate) {
+    std::vector<T> dy_slots;
+    slot_gradients(routed.slot_outputs.data(), dy, r, dim, dy_slots, d_gate);
+    auto rows = slot_rows_for_peers(routed, dy_slots, dim);
+    in_stage([&] { d_outputs = transport_->exchange_to_experts(rows, routed.sent_counts, dim); },
+             "expert exchange (device)");
+}
+
+template <typename T>
+void DistributedExchange<T>::dispatch_backward_resident(const RoutedTokens<T>& routed, const ResidentRows& d_rows,
+                                                        int dim, const Routing& r, T* dx) {
+    std::vector<std::vector<T>> got;
+    in_stage([&] { got = transport_->exchange_from_experts(d_rows, routed.sent_counts, dim); }, "expert exchange (device)");
+    add_returned(routed, got, dim, r, dx);
 }
 
 // ---- HierarchicalExchange (node-limited, two hops) ----
@@ -413,6 +516,10 @@ void HierarchicalExchange<T>::dispatch_backward(const RoutedTokens<T>& routed, c
     add_node_partials(group_->topology(), group_->rank(), routed, back, dim, dx);
 }
 
+template class RowTransport<float>;
+template class RowTransport<double>;
+template class ExpertExchange<float>;
+template class ExpertExchange<double>;
 template class LocalExchange<float>;
 template class LocalExchange<double>;
 template class DistributedExchange<float>;

@@ -8,6 +8,7 @@
 // Every exchange adds in a fixed order, so results never depend on timing.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -17,8 +18,30 @@
 
 namespace duplex {
 
+// Rows of the local experts left where an exchange put them, expert-major: rows first[e] .. first[e + 1] - 1 are
+// local expert e's (from group rank 0 first, then 1, ...). The producer has finished writing them when it hands
+// them over. The executor's device path keeps a dispatch's rows on the GPU this way from the exchange through the
+// expert MLPs and back (RowTransport::exchange_to_experts, ExpertCompute::forward_resident).
+struct ResidentRows {
+    virtual ~ResidentRows() = default;
+    std::vector<int64_t> first;  // per local expert, then the total
+    int width = 0;
+    int device = -1;             // the CUDA device holding them; -1: host memory
+    void* data = nullptr;        // first.back() x width values of the model's element type
+    int64_t rows(int e) const { return first[size_t(e) + 1] - first[size_t(e)]; }
+};
+
+// Where rows stay: nowhere (the host path), or a device index (-1 the host, for tests).
+constexpr int kRowsMove = -2;
+
 template <typename T>
 struct RoutedTokens {
+    // Set by the caller before dispatch: leave the rows where the exchange puts them (`resident`) instead of in
+    // `rows`, when the exchange can (ExpertExchange::rows_stay_on).
+    bool keep_rows = false;
+    std::shared_ptr<ResidentRows> resident;
+    // On the token's rank (flat exchange): rows sent to each peer's local experts, [peer][expert].
+    std::vector<std::vector<int64_t>> sent_counts;
     std::vector<std::vector<int>> slots;  // per local expert: one id per row it serves (its count is what matters)
     std::vector<std::vector<T>> rows;     // per local expert: [rows, dim] input rows
     // On the expert's rank, for each peer that sent rows: the (local expert, row) each one landed in, in order.
@@ -56,6 +79,15 @@ public:
     // Gradients of the expert input rows -> dx[tokens, dim] (accumulated).
     virtual void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
                                    const Routing& r, T* dx) = 0;
+
+    // Where a dispatch asked to keep its rows leaves them (kRowsMove: this exchange always hands them over in
+    // RoutedTokens::rows). When not kRowsMove, the three calls below take and give expert rows where they are.
+    virtual int rows_stay_on() const { return kRowsMove; }
+    virtual void combine_resident(RoutedTokens<T>& routed, const ResidentRows& outputs, int dim, const Routing& r, T* y);
+    virtual void combine_backward_resident(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
+                                           std::shared_ptr<ResidentRows>& d_outputs, std::vector<double>& d_gate);
+    virtual void dispatch_backward_resident(const RoutedTokens<T>& routed, const ResidentRows& d_rows, int dim,
+                                            const Routing& r, T* dx);
 };
 
 // Every expert on this rank.
@@ -86,6 +118,18 @@ class RowTransport {
 public:
     virtual ~RowTransport() = default;
     virtual std::vector<std::vector<T>> exchange(const std::vector<std::vector<T>>& per_peer, int width) = 0;
+
+    // The expert-major path (kernels/exchange_plan.hpp, plan_expert_major): where its rows stay (kRowsMove: no such
+    // path). sent[p][e]: rows this rank sends, in the dispatch the call belongs to, to local expert e of rank p.
+    virtual int rows_stay_on() const { return kRowsMove; }
+    // per_peer[p]: rows for p grouped by p's local expert (sent[p][e] each); returns what arrived here, left where
+    // it landed, expert-major.
+    virtual std::shared_ptr<ResidentRows> exchange_to_experts(const std::vector<std::vector<T>>& per_peer,
+                                                              const std::vector<std::vector<int64_t>>& sent, int width);
+    // The way back: expert rows laid out as exchange_to_experts left them return to the ranks they came from;
+    // returns per peer the rows that come back here, in the order this rank sent them.
+    virtual std::vector<std::vector<T>> exchange_from_experts(const ResidentRows& rows,
+                                                              const std::vector<std::vector<int64_t>>& sent, int width);
 };
 
 // Experts spread over an expert-parallel group: expert e lives on group rank e / (experts / group size).
@@ -106,6 +150,15 @@ public:
                           std::vector<std::vector<T>>& d_outputs, std::vector<double>& d_gate) override;
     void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
                            const Routing& r, T* dx) override;
+    // Where its transport keeps rows (a dispatch whose caller set keep_rows leaves them there); kRowsMove without
+    // such a transport.
+    int rows_stay_on() const override { return transport_ ? transport_->rows_stay_on() : kRowsMove; }
+    void combine_resident(RoutedTokens<T>& routed, const ResidentRows& outputs, int dim, const Routing& r,
+                          T* y) override;
+    void combine_backward_resident(RoutedTokens<T>& routed, const T* dy, int dim, const Routing& r,
+                                   std::shared_ptr<ResidentRows>& d_outputs, std::vector<double>& d_gate) override;
+    void dispatch_backward_resident(const RoutedTokens<T>& routed, const ResidentRows& d_rows, int dim,
+                                    const Routing& r, T* dx) override;
 
     // Every later exchange of this object moves its rows through `transport` (null: the communicator).
     void set_transport(std::shared_ptr<RowTransport<T>> transport) { transport_ = std::move(transport); }
@@ -113,6 +166,10 @@ public:
 protected:
     int owner(int expert) const { return placement_.rank_of(expert); }
     std::vector<std::vector<T>> move(const std::vector<std::vector<T>>& per_peer, int width);
+    // Runs `fn` (a transport call) as the stage's wait when there is a stage.
+    void in_stage(const std::function<void()>& fn, const char* what);
+    // dy of every slot, in the rows each peer gets back (its slots in the order they were sent).
+    std::vector<std::vector<T>> slot_rows_for_peers(const RoutedTokens<T>& routed, const std::vector<T>& dy_slots, int dim);
     std::shared_ptr<Communicator> group_;
     int experts_;
     ExpertPlacement placement_;
@@ -141,6 +198,8 @@ public:
                           std::vector<std::vector<T>>& d_outputs, std::vector<double>& d_gate) override;
     void dispatch_backward(const RoutedTokens<T>& routed, const std::vector<std::vector<T>>& d_rows, int dim,
                            const Routing& r, T* dx) override;
+    // The two hops hand rows over on the host.
+    int rows_stay_on() const override { return kRowsMove; }
 
 private:
     using DistributedExchange<T>::group_;

@@ -262,6 +262,14 @@ struct ModelStage<T>::Impl {
         if (w) wait_in_stage(w, fmt::format("{} L{} mb {}", what, L.index, m.id));
     }
 
+    // Whether the forward and backward exchanges leave rows where the expert compute reads them (the same device).
+    bool rows_stay_where_experts_read() const {
+        const auto& dev = self.expert_compute_;
+        if (!dev || !exchange || !bwd_exchange) return false;
+        int where = exchange->rows_stay_on();
+        return where != kRowsMove && bwd_exchange->rows_stay_on() == where && dev->reads_rows_on(where);
+    }
+
     // Names (layer, microbatch) for the expert compute.
     uint64_t expert_key(const Layer& L, const Micro& m) const { return (uint64_t(m.id) << 32) | uint32_t(L.index); }
 
@@ -275,7 +283,9 @@ struct ModelStage<T>::Impl {
         st.routing = route<T>(st.scores->data(), self.bias_[L.moe_slot], n, c);
         for (int e : st.routing.expert) ++L.counts[e];
         if (c.balance_alpha > 0) m.aux_loss += balance_loss(m, st, nullptr);
-        // Routed experts: the dispatch is in flight while the shared experts (which see every token) compute.
+        // Routed experts: the dispatch is in flight while the shared experts (which see every token) compute. Where
+        // the exchanges and the expert compute share a device, the rows stay there from dispatch to combine.
+        st.routed.keep_rows = rows_stay_where_experts_read();
         WorkPtr dispatched = start(ExpertService::Forward,
                                    [&] { exchange->dispatch(st.n2->data(), d, st.routing, st.routed); });
         int shared = c.shared_experts;
@@ -294,11 +304,20 @@ struct ModelStage<T>::Impl {
         int local = exchange->num_local_experts();
         std::vector<std::vector<T>> outputs(local);
         if (const auto& dev = self.expert_compute_) {
-            dev->forward(expert_key(L, m), {L.e1, L.e3, L.e2}, st.routed.rows, outputs);
-            st.routed.rows.clear();
             std::vector<T> y(size_t(n) * d);
-            finish(start(ExpertService::Forward, [&] { exchange->combine(st.routed, outputs, d, st.routing, y.data()); }),
-                   "combine", L, m);
+            if (st.routed.keep_rows) {
+                auto out = dev->forward_resident(expert_key(L, m), {L.e1, L.e3, L.e2}, std::move(st.routed.resident));
+                st.routed.resident.reset();
+                finish(start(ExpertService::Forward,
+                             [&] { exchange->combine_resident(st.routed, *out, d, st.routing, y.data()); }),
+                       "combine", L, m);
+            } else {
+                dev->forward(expert_key(L, m), {L.e1, L.e3, L.e2}, st.routed.rows, outputs);
+                st.routed.rows.clear();
+                finish(start(ExpertService::Forward,
+                             [&] { exchange->combine(st.routed, outputs, d, st.routing, y.data()); }),
+                       "combine", L, m);
+            }
             for (size_t i = 0; i < f.size(); ++i) f[i] += y[i];
             return;
         }
@@ -359,8 +378,14 @@ struct ModelStage<T>::Impl {
         // shared experts' backward computes.
         std::vector<std::vector<T>> d_out;
         std::vector<double> dgate;
-        WorkPtr combined = start(ExpertService::Backward,
-                                 [&] { bwd_exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate); });
+        const bool resident = st.routed.keep_rows;  // the forward's rows stayed on the device: so do these
+        std::shared_ptr<ResidentRows> d_out_resident, d_rows_resident;
+        WorkPtr combined = start(ExpertService::Backward, [&] {
+            if (resident)
+                bwd_exchange->combine_backward_resident(st.routed, df->data(), d, st.routing, d_out_resident, dgate);
+            else
+                bwd_exchange->combine_backward(st.routed, df->data(), d, st.routing, d_out, dgate);
+        });
         try {
             for (int j = 0; j < c.shared_experts; ++j)
                 mlp_backward(m, st.n2, n, L.s1[j], L.s3[j], L.s2[j], st.sa1[j], st.sa3[j], st.ss[j], df, dn2, true);
@@ -371,8 +396,13 @@ struct ModelStage<T>::Impl {
         finish(combined, "combine-bwd", L, m);
         int local = exchange->num_local_experts();
         std::vector<std::vector<T>> d_rows(local);
-        if (const auto& dev = self.expert_compute_)
-            m.wgrad.push_back(dev->backward(expert_key(L, m), {L.e1, L.e3, L.e2}, d_out, d_rows));
+        if (const auto& dev = self.expert_compute_) {
+            if (resident)
+                m.wgrad.push_back(
+                    dev->backward_resident(expert_key(L, m), {L.e1, L.e3, L.e2}, std::move(d_out_resident), d_rows_resident));
+            else
+                m.wgrad.push_back(dev->backward(expert_key(L, m), {L.e1, L.e3, L.e2}, d_out, d_rows));
+        }
         for (int e = 0; e < local && !self.expert_compute_; ++e) {
             int rows = int(st.routed.slots[e].size());
             auto dout_e = buf<T>(std::move(d_out[e]));
@@ -381,7 +411,12 @@ struct ModelStage<T>::Impl {
             d_rows[e].resize(size_t(rows) * d);
         }
         finish(start(ExpertService::Backward,
-                     [&] { bwd_exchange->dispatch_backward(st.routed, d_rows, d, st.routing, dn2.data()); }),
+                     [&] {
+                         if (resident)
+                             bwd_exchange->dispatch_backward_resident(st.routed, *d_rows_resident, d, st.routing, dn2.data());
+                         else
+                             bwd_exchange->dispatch_backward(st.routed, d_rows, d, st.routing, dn2.data());
+                     }),
                "dispatch-bwd", L, m);
         // Gates: g_k = scale * s_k / S over the selected experts; then through the sigmoid.
         auto du = buf<T>(size_t(n) * E);
@@ -623,6 +658,19 @@ void ModelStage<T>::update_router_bias(const std::vector<std::vector<int64_t>>& 
     for (size_t i = 0; i < bias_.size() && i < counts.size(); ++i) update_bias(bias_[i], counts[i], cfg_.bias_update_speed);
 }
 
+template <typename T>
+std::shared_ptr<ResidentRows> ExpertCompute<T>::forward_resident(uint64_t, const Weights&, std::shared_ptr<ResidentRows>) {
+    throw Error(fmt::format("expert compute {} reads rows on the host only (reads_rows_on)", name()));
+}
+
+template <typename T>
+std::function<void()> ExpertCompute<T>::backward_resident(uint64_t, const Weights&, std::shared_ptr<ResidentRows>,
+                                                          std::shared_ptr<ResidentRows>&) {
+    throw Error(fmt::format("expert compute {} reads rows on the host only (reads_rows_on)", name()));
+}
+
+template class ExpertCompute<float>;
+template class ExpertCompute<double>;
 template class ModelStage<float>;
 template class ModelStage<double>;
 

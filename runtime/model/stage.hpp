@@ -57,6 +57,19 @@ public:
     // The weights' values may have changed since the last forward (ModelStage::zero_grad, at each step's start):
     // an implementation that keeps copies of them refreshes them at the next forward.
     virtual void weights_changed() {}
+
+    // Whether it reads rows where an expert-major exchange leaves them on `where` (a device index; -1 the host):
+    // then the stage hands it ResidentRows from the exchange and gives what it returns to the exchange, and no row
+    // goes through the host between dispatch and combine.
+    virtual bool reads_rows_on(int where) const {
+        (void)where;
+        return false;
+    }
+    // forward and backward on rows where they are (expert-major, ResidentRows::first), with results laid out alike.
+    virtual std::shared_ptr<ResidentRows> forward_resident(uint64_t key, const Weights& w,
+                                                           std::shared_ptr<ResidentRows> rows);
+    virtual std::function<void()> backward_resident(uint64_t key, const Weights& w, std::shared_ptr<ResidentRows> d_out,
+                                                    std::shared_ptr<ResidentRows>& d_rows);
 };
 
 template <typename T>
