@@ -18,6 +18,8 @@
 #include "kernels/cuda/buffer.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
+#include "kernels/exchange_plan.hpp"
+#include "runtime/device_rows.hpp"
 #endif
 
 namespace duplex {
@@ -39,6 +41,12 @@ struct RecvBuffer {
     int64_t pointer = 0;
     int64_t generation = 0;
     cudaIpcMemHandle_t handle{};
+};
+
+// A peer's buffer opened through its CUDA IPC handle, and the generation of that buffer.
+struct Opened {
+    void* mapped = nullptr;
+    int64_t generation = 0;
 };
 
 class DeviceTransport : public RowTransport<float> {
@@ -76,11 +84,13 @@ public:
                                                                                      "its peers' GPUs (see its error)", r));
         DUPLEX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
         opened_.assign(n, Opened{});
+        opened_resident_.assign(n, Opened{});
     }
     ~DeviceTransport() override {
         cudaSetDevice(device_);
-        for (Opened& o : opened_)
-            if (o.mapped) cudaIpcCloseMemHandle(o.mapped);
+        for (auto* cache : {&opened_, &opened_resident_})
+            for (Opened& o : *cache)
+                if (o.mapped) cudaIpcCloseMemHandle(o.mapped);
         if (stream_) cudaStreamDestroy(stream_);
     }
 
@@ -169,6 +179,76 @@ public:
         return out;
     }
 
+    int rows_stay_on() const override { return device_; }
+
+    // Dispatch (and the combine backward) with the rows staying on the device: each rank's rows go up once, grouped
+    // by destination and expert, and land expert-major in a buffer of their own that the experts read.
+    std::shared_ptr<ResidentRows> exchange_to_experts(const std::vector<std::vector<float>>& per_peer,
+                                                      const std::vector<std::vector<int64_t>>& sent, int width) override {
+        const int n = group_->size(), me = group_->rank();
+        DUPLEX_CHECK_ARG(int(per_peer.size()) == n && width >= 1, "device exchange", "{} peers' rows of width {} for {} ranks",
+                         per_peer.size(), width, n);
+        DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
+        kernels::ExpertMajorPlan plan = gather_plan(sent);
+        size_t send_total = 0;
+        for (int p = 0; p < n; ++p) {
+            int64_t rows = 0;
+            for (int64_t c : sent[p]) rows += c;
+            DUPLEX_CHECK_ARG(per_peer[p].size() == size_t(rows) * width, "device exchange",
+                             "{} values for rank {}, which gets {} rows of {}", per_peer[p].size(), p, rows, width);
+            send_total += per_peer[p].size();
+        }
+        if (send_.size() < send_total) send_ = cuda::DeviceArray<float>(send_total);
+        size_t at = 0;
+        for (int p = 0; p < n; ++p) {
+            send_.upload(per_peer[p].data(), per_peer[p].size(), cudaStreamPerThread, at);
+            at += per_peer[p].size();
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+        auto out = std::make_shared<DeviceRows>(plan.expert_first[me], width, device_);
+        std::vector<cuda::RowSegment> segments;
+        std::vector<int64_t> capacity(n);
+        for (int r = 0; r < n; ++r) capacity[r] = plan.expert_first[r].back();
+        for (const kernels::RowMove& m : plan.moves)
+            segments.push_back({m.token, m.expert, m.token_row, m.expert_row, m.rows});
+        // A fresh buffer each call (the experts keep it until their W pass): a new generation for its IPC handle.
+        run_segments(segments, send_.get(), out->row(0), ++resident_generation_, opened_resident_, capacity, width);
+        return out;
+    }
+
+    // Combine (and the dispatch backward) from rows on the device: each expert rank writes its rows straight into
+    // the token ranks' receive buffers, in the order each token rank sent them; those come down once.
+    std::vector<std::vector<float>> exchange_from_experts(const ResidentRows& rows, const std::vector<std::vector<int64_t>>& sent,
+                                                          int width) override {
+        const int n = group_->size(), me = group_->rank();
+        DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
+        kernels::ExpertMajorPlan plan = gather_plan(sent);
+        DUPLEX_CHECK_ARG(rows.first == plan.expert_first[me], "device exchange",
+                         "{} expert rows here, the dispatch's counts say {}", rows.first.back(), plan.expert_first[me].back());
+        const float* from = device_rows_of(rows, device_, width, "device exchange");
+        size_t recv_total = size_t(plan.token_rows[me]) * width;
+        if (recv_.size() < recv_total) {
+            recv_ = cuda::DeviceArray<float>(recv_total);
+            ++generation_;
+        }
+        std::vector<cuda::RowSegment> segments;
+        for (const kernels::RowMove& m : plan.moves)
+            segments.push_back({m.expert, m.token, m.expert_row, m.token_row, m.rows});
+        run_segments(segments, from, recv_.get(), generation_, opened_, plan.token_rows, width);
+        // Down: per expert rank, the rows it returned (this rank's buffer holds them grouped by expert rank).
+        std::vector<std::vector<float>> out(n);
+        size_t first = 0;
+        for (int p = 0; p < n; ++p) {
+            int64_t back = 0;
+            for (int64_t c : sent[p]) back += c;
+            out[p].resize(size_t(back) * width);
+            recv_.download(out[p].data(), out[p].size(), cudaStreamPerThread, first);
+            first += out[p].size();
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+        return out;
+    }
+
 private:
     // Why a peer's GPU cannot be reached from this rank's (empty: all can); enables peer access for the GPUs of
     // threads of this process (raw pointers).
@@ -194,6 +274,90 @@ private:
             }
         }
         return {};
+    }
+
+    // Every rank's dispatch counts (sent[p][e] from each), and the expert-major plan they make.
+    kernels::ExpertMajorPlan gather_plan(const std::vector<std::vector<int64_t>>& sent) {
+        const int n = group_->size();
+        const int E = sent.empty() ? 0 : int(sent[0].size());
+        std::vector<int64_t> mine;
+        for (const auto& per_expert : sent) {
+            DUPLEX_CHECK_ARG(int(per_expert.size()) == E, "device exchange", "counts for {} and {} experts", E,
+                             per_expert.size());
+            mine.insert(mine.end(), per_expert.begin(), per_expert.end());
+        }
+        DUPLEX_CHECK_ARG(int(sent.size()) == n, "device exchange", "counts for {} ranks in a group of {}", sent.size(), n);
+        std::vector<int64_t> all(size_t(n) * n * E);
+        group_->all_gather(mine.data(), all.data(), mine.size() * sizeof(int64_t))->wait();
+        std::vector<std::vector<std::vector<int64_t>>> c(n, std::vector<std::vector<int64_t>>(n));
+        for (int q = 0; q < n; ++q)
+            for (int s = 0; s < n; ++s)
+                c[q][s].assign(all.begin() + long((size_t(q) * n + s) * E), all.begin() + long((size_t(q) * n + s + 1) * E));
+        return kernels::plan_expert_major(c);
+    }
+
+    // Runs the group's `segments` (src and dst are group ranks): this rank reads `src` and receives into `dst` (of
+    // `dst_generation`, for the peers' IPC mappings in `cache`); capacity[r]: rows of rank r's destination. Shared
+    // mode: group rank 0 launches every segment with everyone's pointers; push mode: each rank launches the segments
+    // it is the source of, into its peers' buffers. Returns once every rank's writes are done, or throws on all.
+    void run_segments(const std::vector<cuda::RowSegment>& segments, const float* src, float* dst,
+                      int64_t dst_generation, std::vector<Opened>& cache, const std::vector<int64_t>& capacity,
+                      int width) {
+        const int n = group_->size(), me = group_->rank();
+        std::string failure;
+        int64_t status = 0;
+        auto attempt = [&](auto&& step) {
+            if (status) return;
+            try {
+                step();
+            } catch (const std::exception& e) {
+                failure = e.what();
+                status = 1;
+            }
+        };
+        if (push_) {
+            RecvBuffer mine;
+            mine.pointer = int64_t(reinterpret_cast<uintptr_t>(dst));
+            mine.generation = dst_generation;
+            attempt([&] {
+                if (dst) DUPLEX_CUDA_CHECK(cudaIpcGetMemHandle(&mine.handle, dst));
+            });
+            std::vector<RecvBuffer> theirs(n);
+            group_->all_gather(&mine, theirs.data(), sizeof(mine))->wait();
+            attempt([&] {
+                std::vector<cuda::RowSegment> own;
+                for (const cuda::RowSegment& g : segments)
+                    if (g.src == me && g.rows > 0) own.push_back(g);
+                if (own.empty()) return;
+                std::vector<const float*> send(n, nullptr);
+                send[me] = src;
+                std::vector<float*> recv(n, nullptr);
+                for (const cuda::RowSegment& g : own)
+                    if (!recv[g.dst]) recv[g.dst] = g.dst == me ? dst : peer_buffer(g.dst, theirs[g.dst], cache);
+                cuda::exchange_segments(send, recv, own, capacity, width, config_, stream_);
+            });
+        } else {
+            int64_t ptrs[2] = {int64_t(reinterpret_cast<uintptr_t>(src)), int64_t(reinterpret_cast<uintptr_t>(dst))};
+            std::vector<int64_t> all_ptrs(2 * size_t(n));
+            group_->all_gather(ptrs, all_ptrs.data(), sizeof(ptrs))->wait();
+            if (me == 0)
+                attempt([&] {
+                    std::vector<const float*> send(n);
+                    std::vector<float*> recv(n);
+                    for (int r = 0; r < n; ++r) {
+                        send[r] = reinterpret_cast<const float*>(uintptr_t(all_ptrs[2 * r]));
+                        recv[r] = reinterpret_cast<float*>(uintptr_t(all_ptrs[2 * r + 1]));
+                    }
+                    if (!segments.empty()) cuda::exchange_segments(send, recv, segments, capacity, width, config_, stream_);
+                });
+        }
+        std::vector<int64_t> statuses(n);
+        group_->all_gather(&status, statuses.data(), sizeof(status))->wait();
+        for (int r = 0; r < n; ++r)
+            if (statuses[r] != 0)
+                throw CommError(r == me ? fmt::format("EP exchange on GPU {}: {}", device_, failure)
+                                        : fmt::format("EP exchange on GPU {}: the kernel of group rank {} failed",
+                                                      device_, r));
     }
 
     // Threads of one process on one GPU: group rank 0 moves every rank's rows in one launch.
@@ -230,15 +394,15 @@ private:
             if (counts[me][p] == 0) continue;
             int64_t before = 0;  // rows of lower ranks in p's buffer
             for (int s = 0; s < me; ++s) before += counts[s][p];
-            recv[p] = peer_buffer(p, theirs[p]) + before * width;
+            recv[p] = peer_buffer(p, theirs[p], opened_) + before * width;
         }
         cuda::exchange_rows(send, my_offsets, my_counts, recv, counts[me], width, config_, stream_);
     }
 
-    // Peer p's receive buffer in this process's address space.
-    float* peer_buffer(int p, const RecvBuffer& b) {
+    // Peer p's buffer `b` in this process's address space (`cache`: the mappings of that kind of buffer).
+    float* peer_buffer(int p, const RecvBuffer& b, std::vector<Opened>& cache) {
         if (peers_[p].pid == int64_t(getpid())) return reinterpret_cast<float*>(uintptr_t(b.pointer));
-        Opened& o = opened_[p];
+        Opened& o = cache[p];
         if (o.mapped && o.generation != b.generation) {
             DUPLEX_CUDA_CHECK(cudaIpcCloseMemHandle(o.mapped));
             o.mapped = nullptr;
@@ -256,11 +420,6 @@ private:
         return static_cast<float*>(o.mapped);
     }
 
-    struct Opened {
-        void* mapped = nullptr;
-        int64_t generation = 0;
-    };
-
     std::shared_ptr<Communicator> group_;
     int device_;
     cuda::ExchangeConfig config_;
@@ -270,6 +429,8 @@ private:
     bool push_ = false;            // separate processes (or GPUs): each rank pushes its rows through IPC mappings
     int64_t generation_ = 0;       // of recv_: bumped at each new allocation
     std::vector<Opened> opened_;   // per peer in another process: its mapped receive buffer
+    std::vector<Opened> opened_resident_;  // ... and its latest expert-major buffer (a new one per dispatch)
+    int64_t resident_generation_ = 0;
 };
 
 }  // namespace

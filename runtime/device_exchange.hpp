@@ -1,7 +1,8 @@
 // The expert exchanges of the executor on the GPU (`duplex train --experts-on cuda --exchange-on cuda`): the rows
 // of every dispatch and combine of an EP group move through the exchange kernel (kernels/cuda exchange_rows) on a
 // stream of their own and a budget of SMs, instead of the communicator. Each rank uploads what it sends and
-// downloads what arrived (the rest of the stage runs on the host); the counts travel through the communicator.
+// downloads what comes back to it (the rest of the stage runs on the host); the counts travel through the
+// communicator.
 // Two ways to reach the peers' buffers, chosen when the transport is made:
 //   - shared: the group's ranks are threads of one process on one GPU (inproc): group rank 0 launches one kernel
 //     that moves every rank's rows (raw device pointers gathered through the communicator);
@@ -10,6 +11,12 @@
 //     pointers with peer access for threads of its own process). A buffer that grows gets a new handle.
 // While one exchange kernel runs on its SMs, the other half of a DualPipe F&B pair computes its experts on the
 // rest of the device.
+//
+// With the device experts on the same GPU (runtime/device_experts.hpp) the rows stay there from dispatch to combine:
+// a dispatch's rows are written straight into a fresh expert-major buffer the experts read (RowTransport::
+// exchange_to_experts, kernels::plan_expert_major), and their outputs go from there into the token ranks' receive
+// buffers (exchange_from_experts); only the tokens' rows go up and the returned rows come down. The backward's
+// gradients take the same two paths.
 //
 // The kernel moves bytes exactly, so training is bit for bit what the communicator's exchange gives.
 //

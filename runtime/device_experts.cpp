@@ -14,6 +14,7 @@
 #include "kernels/cuda/buffer.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
+#include "runtime/device_rows.hpp"
 #endif
 
 namespace duplex {
@@ -49,60 +50,105 @@ public:
         int experts = 0, d = 0, f = 0;
         std::vector<size_t> first;  // per expert: its first row; first[experts] = all rows
         std::shared_ptr<const LayerWeights> w;  // this step's weights (kept alive by the stash until backward)
-        DevFloats x, a1, a3;        // forward: input rows and the two projections
-        DevFloats s, dout, da1, da3;  // backward, kept for the W pass
+        std::shared_ptr<ResidentRows> x;        // forward: input rows (where the exchange left them, or uploaded)
+        DevFloats a1, a3;                       // forward: the two projections
+        std::shared_ptr<ResidentRows> dout;     // backward: output gradients, kept for the W pass
+        DevFloats s, da1, da3;
         size_t rows(int e) const { return first[e + 1] - first[e]; }
     };
 
+    bool reads_rows_on(int where) const override { return where == device_; }
+
+    // Host rows: uploaded expert-major, the resident forward, the outputs downloaded.
     void forward(uint64_t key, const Weights& w, const std::vector<std::vector<float>>& rows,
                  std::vector<std::vector<float>>& out) override {
         DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
+        const int E = int(w.w1.size()), d = E ? int(w.w1[0]->shape[0]) : 0;
+        DUPLEX_CHECK_ARG(int(rows.size()) == E, "device experts", "{} row blocks for {} experts", rows.size(), E);
+        std::vector<int64_t> first(E + 1, 0);
+        for (int e = 0; e < E; ++e) {
+            DUPLEX_CHECK_ARG(rows[e].size() % size_t(d) == 0, "device experts", "expert {}: {} values are not rows of {}",
+                             e, rows[e].size(), d);
+            first[e + 1] = first[e] + int64_t(rows[e].size() / d);
+        }
+        auto x = std::make_shared<DeviceRows>(first, d, device_);
+        for (int e = 0; e < E; ++e) upload(x->row(first[e]), rows[e].data(), rows[e].size());
+        auto y = forward_resident(key, w, x);  // same stream: after the upload
+        out.assign(E, {});
+        for (int e = 0; e < E; ++e) {
+            out[e].resize(size_t(y->rows(e)) * d);
+            download(out[e].data(), static_cast<const DeviceRows&>(*y).row(first[e]), out[e].size());
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
+    }
+
+    std::shared_ptr<ResidentRows> forward_resident(uint64_t key, const Weights& w,
+                                                   std::shared_ptr<ResidentRows> rows) override {
+        DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
         auto st = std::make_shared<Stash>();
         const int E = int(w.w1.size());
-        DUPLEX_CHECK_ARG(int(rows.size()) == E && int(w.w3.size()) == E && int(w.w2.size()) == E, "device experts",
-                         "{} row blocks for {} experts", rows.size(), E);
+        DUPLEX_CHECK_ARG(int(rows->first.size()) == E + 1 && int(w.w3.size()) == E && int(w.w2.size()) == E,
+                         "device experts", "{} row blocks for {} experts", rows->first.size() - 1, E);
         st->experts = E;
         st->d = E ? int(w.w1[0]->shape[0]) : 0;
         st->f = E ? int(w.w1[0]->shape[1]) : 0;
         const int d = st->d, f = st->f;
-        st->first.assign(E + 1, 0);
-        for (int e = 0; e < E; ++e) {
-            DUPLEX_CHECK_ARG(rows[e].size() % size_t(d) == 0, "device experts", "expert {}: {} values are not rows of {}",
-                             e, rows[e].size(), d);
-            st->first[e + 1] = st->first[e] + rows[e].size() / d;
-        }
+        const float* x = device_rows_of(*rows, device_, d, "device experts");
+        st->first.assign(rows->first.begin(), rows->first.end());
         const size_t n = st->first[E], per = size_t(d) * f;
         st->w = weights_of(w, per);
+        st->x = std::move(rows);
         const LayerWeights& lw = *st->w;
-        st->x = DevFloats(n * d), st->a1 = DevFloats(n * f), st->a3 = DevFloats(n * f);
-        DevFloats s(n * f), y(n * d);
-        for (int e = 0; e < E; ++e) upload(st->x.at(st->first[e] * d), rows[e].data(), rows[e].size());
+        st->a1 = DevFloats(n * f), st->a3 = DevFloats(n * f);
+        DevFloats s(n * f);
+        auto y = std::make_shared<DeviceRows>(st->x->first, d, device_);
         for (int e = 0; e < E; ++e) {
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), lw.w1.at(per * e), 0, st->a1.at(at * f), kStream);
-            cuda::gemm_f32(false, false, r, f, d, 1, st->x.at(at * d), lw.w3.at(per * e), 0, st->a3.at(at * f), kStream);
+            cuda::gemm_f32(false, false, r, f, d, 1, x + at * d, lw.w1.at(per * e), 0, st->a1.at(at * f), kStream);
+            cuda::gemm_f32(false, false, r, f, d, 1, x + at * d, lw.w3.at(per * e), 0, st->a3.at(at * f), kStream);
         }
         cuda::swiglu_forward(st->a1.get(), st->a3.get(), n * f, s.get(), kStream);
         for (int e = 0; e < E; ++e) {
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, false, r, d, f, 1, s.at(at * f), lw.w2.at(per * e), 0, y.at(at * d), kStream);
+            cuda::gemm_f32(false, false, r, d, f, 1, s.at(at * f), lw.w2.at(per * e), 0, y->row(int64_t(at)), kStream);
         }
-        out.assign(E, {});
-        for (int e = 0; e < E; ++e) {
-            out[e].resize(st->rows(e) * d);
-            download(out[e].data(), y.at(st->first[e] * d), out[e].size());
-        }
+        // The exchange reads y on its own stream: complete before it is handed over.
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
         std::lock_guard<std::mutex> lock(mutex_);
         DUPLEX_CHECK_ARG(stash_.emplace(key, std::move(st)).second, "device experts", "forward of key {:#x} twice", key);
+        return y;
     }
 
+    // Host gradients: uploaded expert-major, the resident backward, the input gradients downloaded.
     std::function<void()> backward(uint64_t key, const Weights& w, const std::vector<std::vector<float>>& d_out,
                                    std::vector<std::vector<float>>& d_rows) override {
+        DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
+        std::vector<int64_t> first = first_rows_of(key);
+        const int E = int(first.size()) - 1, d = E ? int(w.w1[0]->shape[0]) : 0;
+        DUPLEX_CHECK_ARG(int(d_out.size()) == E, "device experts", "{} gradient blocks for {} experts", d_out.size(), E);
+        auto g = std::make_shared<DeviceRows>(first, d, device_);
+        for (int e = 0; e < E; ++e) {
+            DUPLEX_CHECK_ARG(int64_t(d_out[e].size()) == (first[e + 1] - first[e]) * d, "device experts",
+                             "expert {}: {} gradient values for {} rows", e, d_out[e].size(), first[e + 1] - first[e]);
+            upload(g->row(first[e]), d_out[e].data(), d_out[e].size());
+        }
+        std::shared_ptr<ResidentRows> dx;
+        auto work = backward_resident(key, w, g, dx);  // same stream: after the upload
+        d_rows.assign(E, {});
+        for (int e = 0; e < E; ++e) {
+            d_rows[e].resize(size_t(dx->rows(e)) * d);
+            download(d_rows[e].data(), static_cast<const DeviceRows&>(*dx).row(first[e]), d_rows[e].size());
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
+        return work;
+    }
+
+    std::function<void()> backward_resident(uint64_t key, const Weights& w, std::shared_ptr<ResidentRows> d_out,
+                                            std::shared_ptr<ResidentRows>& d_rows) override {
         DUPLEX_CUDA_CHECK(cudaSetDevice(device_));
         std::shared_ptr<Stash> st;
         {
@@ -114,35 +160,32 @@ public:
         }
         const int E = st->experts, d = st->d, f = st->f;
         const size_t n = st->first[E], per = size_t(d) * f;
-        DUPLEX_CHECK_ARG(int(d_out.size()) == E, "device experts", "{} gradient blocks for {} experts", d_out.size(), E);
-        st->dout = DevFloats(n * d), st->s = DevFloats(n * f), st->da1 = DevFloats(n * f), st->da3 = DevFloats(n * f);
-        DevFloats ds(n * f), dx(n * d);
-        for (int e = 0; e < E; ++e) {
-            DUPLEX_CHECK_ARG(d_out[e].size() == st->rows(e) * d, "device experts", "expert {}: {} gradient values for {} rows",
-                             e, d_out[e].size(), st->rows(e));
-            upload(st->dout.at(st->first[e] * d), d_out[e].data(), d_out[e].size());
-        }
+        DUPLEX_CHECK_ARG(d_out->first == st->x->first, "device experts",
+                         "output gradients of {} rows for the {} rows of the forward", d_out->first.back(), n);
+        const float* dout = device_rows_of(*d_out, device_, d, "device experts");
+        st->dout = std::move(d_out);
+        st->s = DevFloats(n * f), st->da1 = DevFloats(n * f), st->da3 = DevFloats(n * f);
+        DevFloats ds(n * f);
+        auto dx = std::make_shared<DeviceRows>(st->x->first, d, device_);
         cuda::swiglu_forward(st->a1.get(), st->a3.get(), n * f, st->s.get(), kStream);  // recomputed
         for (int e = 0; e < E; ++e) {
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, true, r, f, d, 1, st->dout.at(at * d), st->w->w2.at(per * e), 0, ds.at(at * f), kStream);
+            cuda::gemm_f32(false, true, r, f, d, 1, dout + at * d, st->w->w2.at(per * e), 0, ds.at(at * f), kStream);
         }
         cuda::swiglu_backward(ds.get(), st->a1.get(), st->a3.get(), n * f, st->da1.get(), st->da3.get(), kStream);
         for (int e = 0; e < E; ++e) {
             int r = int(st->rows(e));
             if (r == 0) continue;
             size_t at = st->first[e];
-            cuda::gemm_f32(false, true, r, d, f, 1, st->da1.at(at * f), st->w->w1.at(per * e), 0, dx.at(at * d), kStream);
-            cuda::gemm_f32(false, true, r, d, f, 1, st->da3.at(at * f), st->w->w3.at(per * e), 1, dx.at(at * d), kStream);
-        }
-        d_rows.assign(E, {});
-        for (int e = 0; e < E; ++e) {
-            d_rows[e].resize(st->rows(e) * d);
-            download(d_rows[e].data(), dx.at(st->first[e] * d), d_rows[e].size());
+            cuda::gemm_f32(false, true, r, d, f, 1, st->da1.at(at * f), st->w->w1.at(per * e), 0, dx->row(int64_t(at)),
+                           kStream);
+            cuda::gemm_f32(false, true, r, d, f, 1, st->da3.at(at * f), st->w->w3.at(per * e), 1, dx->row(int64_t(at)),
+                           kStream);
         }
         DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
+        d_rows = dx;
         st->w.reset();  // W needs no weights
         int device = device_;
         Weights params = w;
@@ -150,6 +193,8 @@ public:
             DUPLEX_CUDA_CHECK(cudaSetDevice(device));
             const int E = st->experts, d = st->d, f = st->f;
             const size_t per = size_t(d) * f;
+            const float* x = static_cast<const float*>(st->x->data);
+            const float* dout = static_cast<const float*>(st->dout->data);
             // Per expert: its three gradients computed, downloaded, and one wait (memory of one expert's three).
             DevFloats g(3 * per);
             std::vector<float> host(3 * per);
@@ -158,9 +203,9 @@ public:
                 if (r == 0) continue;
                 size_t at = st->first[e];
                 // dW1 = x^T da1, dW3 = x^T da3 [d x f]; dW2 = s^T dout [f x d]
-                cuda::gemm_f32(true, false, d, f, r, 1, st->x.at(at * d), st->da1.at(at * f), 0, g.at(0), kStream);
-                cuda::gemm_f32(true, false, d, f, r, 1, st->x.at(at * d), st->da3.at(at * f), 0, g.at(per), kStream);
-                cuda::gemm_f32(true, false, f, d, r, 1, st->s.at(at * f), st->dout.at(at * d), 0, g.at(2 * per), kStream);
+                cuda::gemm_f32(true, false, d, f, r, 1, x + at * d, st->da1.at(at * f), 0, g.at(0), kStream);
+                cuda::gemm_f32(true, false, d, f, r, 1, x + at * d, st->da3.at(at * f), 0, g.at(per), kStream);
+                cuda::gemm_f32(true, false, f, d, r, 1, st->s.at(at * f), dout + at * d, 0, g.at(2 * per), kStream);
                 download(host.data(), g.get(), 3 * per);
                 DUPLEX_CUDA_CHECK(cudaStreamSynchronize(kStream));
                 Param<float>* targets[3] = {params.w1[e], params.w3[e], params.w2[e]};
@@ -176,6 +221,14 @@ public:
     }
 
 private:
+    // The rows per expert of a forward waiting for its backward.
+    std::vector<int64_t> first_rows_of(uint64_t key) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = stash_.find(key);
+        if (it == stash_.end()) throw Error(fmt::format("device experts: backward of key {:#x} without its forward", key));
+        return it->second->x->first;
+    }
+
     // The device copy of a layer's weights (the layer named by its first expert's W1), uploaded on first use.
     std::shared_ptr<const LayerWeights> weights_of(const Weights& w, size_t per) {
         const int E = int(w.w1.size());

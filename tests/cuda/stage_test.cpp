@@ -23,6 +23,7 @@
 #include "runtime/data.hpp"
 #include "runtime/device_exchange.hpp"
 #include "runtime/device_experts.hpp"
+#include "runtime/device_rows.hpp"
 #include "runtime/model/expert_exchange.hpp"
 #include "runtime/pipeline_trainer.hpp"
 #include "runtime/reference.hpp"
@@ -273,6 +274,59 @@ std::vector<std::vector<float>> run_exchanges(ExpertExchange<float>& ex, int ran
     }
     ex.dispatch_backward(routed, d_rows, dim, r, dx.data());
     return {y, std::vector<float>(d_gate.begin(), d_gate.end()), dx};
+}
+
+// run_exchanges with the rows left on the device (the expert-major path): the stand-in experts read and write
+// device rows.
+std::vector<std::vector<float>> run_exchanges_resident(ExpertExchange<float>& ex, int rank) {
+    const int tokens = 48, dim = 40;
+    ModelConfig cfg = ModelConfig::preset("small");
+    Rng rng(300 + uint64_t(rank));
+    std::vector<float> x(size_t(tokens) * dim), dy(x.size()), scores(size_t(tokens) * cfg.experts);
+    for (float& v : x) v = float(rng.normal());
+    for (float& v : dy) v = float(rng.normal());
+    for (float& v : scores) v = float(1.0 / (1.0 + std::exp(-rng.normal())));
+    Routing r = route<float>(scores.data(), std::vector<double>(cfg.experts, 0.0), tokens, cfg);
+    RoutedTokens<float> routed;
+    routed.keep_rows = true;
+    ex.dispatch(x.data(), dim, r, routed);
+    if (!routed.resident || routed.resident->device != 0) throw Error("the dispatch's rows did not stay on GPU 0");
+    auto scaled = [&](const ResidentRows& in) {
+        std::vector<float> host = to_host(static_cast<const float*>(in.data), size_t(in.first.back()) * dim);
+        for (int e = 0; e < ex.num_local_experts(); ++e)
+            for (int64_t i = in.first[e] * dim; i < in.first[e + 1] * dim; ++i) host[i] *= float(ex.first_local_expert() + e + 1);
+        auto out = std::make_shared<DeviceRows>(in.first, dim, 0);
+        if (!host.empty()) cudaMemcpy(out->row(0), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice);
+        return out;
+    };
+    std::vector<float> y(x.size()), dx(x.size(), 0.0f);
+    ex.combine_resident(routed, *scaled(*routed.resident), dim, r, y.data());
+    std::vector<double> d_gate;
+    std::shared_ptr<ResidentRows> d_out;
+    ex.combine_backward_resident(routed, dy.data(), dim, r, d_out, d_gate);
+    ex.dispatch_backward_resident(routed, *scaled(*d_out), dim, r, dx.data());
+    return {y, std::vector<float>(d_gate.begin(), d_gate.end()), dx};
+}
+
+// The expert-major path on the GPU (rows written straight into the experts' rows, read from there on the way back),
+// against the host hand-over, bit for bit, with threads sharing a GPU and with each rank pushing its own rows.
+TEST(CudaExchange, RowsThatStayOnTheDeviceGiveTheHostHandOversResultsBitForBit) {
+    NEED_GPU();
+    for (int sms : {1, 8}) {
+        LaunchOptions l;
+        l.ranks = 4;
+        l.timeout_s = 120;
+        launch(l, [&](const std::shared_ptr<Communicator>& world) {
+            const int experts = ModelConfig::preset("small").experts;
+            DistributedExchange<float> host(world, experts), device(world, experts);
+            device.set_transport(make_device_transport(world->split(0, world->rank()), 0, sms));
+            ASSERT_EQ(device.rows_stay_on(), 0);
+            auto want = run_exchanges(host, world->rank());
+            auto got = run_exchanges_resident(device, world->rank());
+            const char* what[] = {"combine", "gate gradient", "input gradient"};
+            for (int i = 0; i < 3; ++i) EXPECT_EQ(got[i], want[i]) << what[i] << ", rank " << world->rank() << ", " << sms << " SMs";
+        });
+    }
 }
 
 TEST(CudaExchange, DeviceTransportMovesEveryExchangeBitForBit) {
