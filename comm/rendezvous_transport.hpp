@@ -28,7 +28,8 @@ namespace duplex {
 // in the order both were posted. Every call comes from the rendezvous progress thread.
 class ByteChannels {
 public:
-    // Called once per transfer from poll() (or fail()): an empty error on success.
+    // Called once per transfer, from poll() or fail() only (never from a post: the caller holds its lock there): an
+    // empty error on success.
     using Done = std::function<void(const std::string& error)>;
     virtual ~ByteChannels() = default;
     virtual std::string describe() const = 0;

@@ -76,7 +76,7 @@ public:
         cudaSetDevice(device_);
         for (auto* channels : {&to_, &from_})
             for (auto& [peer, c] : *channels) any |= poll_channel(peer, c);
-        return any;
+        return drain() || any;
     }
 
     void fail(int peer, const std::string& reason) override {
@@ -86,8 +86,9 @@ public:
                 if (peer < 0 || p == peer) fail_channel(c, reason);
         if (peer < 0 || peer == rank_) {
             for (auto* q : {&self_sends_, &self_recvs_})
-                for (Op& op : std::exchange(*q, {})) op.done(reason);
+                for (Op& op : std::exchange(*q, {})) finish(op, reason);
         }
+        drain();
     }
 
 private:
@@ -118,14 +119,14 @@ private:
         if (peer == rank_) return post_self(std::move(op));
         Channel& c = (op.send ? to_ : from_)[peer];
         c.send = op.send;
-        if (!c.failed.empty()) return op.done(c.failed);
+        if (!c.failed.empty()) return finish(op, c.failed);
         try {
             cudaSetDevice(device_);
             if (!c.comm) open(peer, op.send, c);
             c.waiting.push_back(std::move(op));
             if (c.ready) issue_waiting(c);
         } catch (const std::exception& e) {
-            if (op.done) op.done(e.what());  // not queued yet
+            if (op.done) finish(op, e.what());  // not queued yet
             fail_channel(c, fmt::format("rank {}: NCCL channel {} rank {}: {}", rank_, op.send ? "to" : "from", peer,
                                         e.what()));
         }
@@ -223,7 +224,7 @@ private:
                     if (!done.send) std::memcpy(done.buf, done.pinned, done.bytes);
                     pinned_.emplace(done.pinned_bytes, done.pinned);
                 }
-                done.done("");
+                finish(done, "");
                 any = true;
             }
         } catch (const std::exception& e) {
@@ -241,7 +242,19 @@ private:
         if (c.comm) ncclCommAbort(c.comm);
         c.comm = nullptr;
         for (auto* q : {&c.issued, &c.waiting})
-            for (Op& op : std::exchange(*q, {})) op.done(c.failed);
+            for (Op& op : std::exchange(*q, {})) finish(op, c.failed);
+    }
+
+    // Completions are reported from poll() and fail() only, never from a post: the caller holds its lock there.
+    void finish(Op& op, std::string error) { finished_.emplace_back(std::move(op.done), std::move(error)); }
+    bool drain() {
+        bool any = !finished_.empty();
+        while (!finished_.empty()) {
+            auto [done, error] = std::move(finished_.front());
+            finished_.pop_front();
+            done(error);
+        }
+        return any;
     }
 
     void take_pinned(Op& op) {
@@ -273,8 +286,8 @@ private:
                     std::memcpy(r.buf, s.buf, s.bytes);
                 }
             }
-            r.done(error);
-            s.done(error);
+            finish(r, error);
+            finish(s, error);
         }
     }
 
@@ -285,6 +298,7 @@ private:
     std::map<int, Channel> to_, from_;
     std::deque<Op> self_sends_, self_recvs_;
     std::multimap<size_t, void*> pinned_;  // free pinned staging buffers by capacity
+    std::deque<std::pair<Done, std::string>> finished_;  // completions waiting for poll() or fail()
 };
 
 }  // namespace
