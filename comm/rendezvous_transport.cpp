@@ -359,10 +359,19 @@ RendezvousTransport::~RendezvousTransport() {
     channels_->fail(-1, fmt::format("rank {}: transport closed", state_->me));
 }
 
+namespace {
+
+std::shared_ptr<Request> new_request(const Transport& t, int peer, uint64_t tag, size_t bytes, bool is_send) {
+    if (peer < 0 || peer >= t.size())
+        throw CommError(fmt::format("{}: peer {} outside 0..{}", comm_context(t.rank(), is_send ? "isend" : "irecv"), peer,
+                                    t.size() - 1));
+    return std::make_shared<Request>(peer, tag, bytes, is_send);
+}
+
+}  // namespace
+
 std::shared_ptr<Request> RendezvousTransport::isend(int peer, uint64_t tag, const void* buf, size_t bytes) {
-    if (peer < 0 || peer >= size())
-        throw CommError(fmt::format("{}: peer {} outside 0..{}", comm_context(rank(), "isend"), peer, size() - 1));
-    auto request = std::make_shared<Request>(peer, tag, bytes, true);
+    auto request = new_request(*this, peer, tag, bytes, true);
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (!state_->aborted.empty()) {
         request->complete(state_->aborted);
@@ -377,9 +386,7 @@ std::shared_ptr<Request> RendezvousTransport::isend(int peer, uint64_t tag, cons
 }
 
 std::shared_ptr<Request> RendezvousTransport::irecv(int peer, uint64_t tag, void* buf, size_t bytes) {
-    if (peer < 0 || peer >= size())
-        throw CommError(fmt::format("{}: peer {} outside 0..{}", comm_context(rank(), "irecv"), peer, size() - 1));
-    auto request = std::make_shared<Request>(peer, tag, bytes, false);
+    auto request = new_request(*this, peer, tag, bytes, false);
     {
         std::lock_guard<std::mutex> lock(state_->mutex);
         if (!state_->aborted.empty()) {

@@ -121,53 +121,17 @@ public:
         }
         std::vector<std::vector<float>> out(n);
         if (moved == 0) return out;
-        // Up: this rank's rows, grouped by destination.
-        size_t recv_total = size_t(recv_rows[me]) * width;
-        if (send_.size() < send_total) send_ = cuda::DeviceArray<float>(send_total);
-        if (recv_.size() < recv_total) {
-            recv_ = cuda::DeviceArray<float>(recv_total);
-            ++generation_;
-        }
-        size_t at = 0;
-        for (int p = 0; p < n; ++p) {
-            send_.upload(per_peer[p].data(), per_peer[p].size(), cudaStreamPerThread, at);
-            at += per_peer[p].size();
-        }
-        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
-        std::string failure;
-        int64_t status = 0;
-        auto attempt = [&](auto&& step) {
-            if (status) return;
-            try {
-                step();
-            } catch (const std::exception& e) {
-                failure = e.what();
-                status = 1;
+        grow_receive_buffer(size_t(recv_rows[me]) * width);
+        upload_rows(per_peer, send_total);
+        // Source-major: rank s's rows for p land after those of the ranks before s.
+        std::vector<cuda::RowSegment> segments;
+        std::vector<int64_t> landed(n, 0);
+        for (int q = 0; q < n; ++q)
+            for (int p = 0; p < n; ++p) {
+                if (counts[q][p] > 0) segments.push_back({q, p, offsets[q][p], landed[p], counts[q][p]});
+                landed[p] += counts[q][p];
             }
-        };
-        if (push_) {
-            // Every rank's receive buffer (gathered whatever happens here, so the collectives stay in step).
-            RecvBuffer mine;
-            mine.pointer = int64_t(reinterpret_cast<uintptr_t>(recv_.get()));
-            mine.generation = generation_;
-            attempt([&] {
-                if (recv_.get()) DUPLEX_CUDA_CHECK(cudaIpcGetMemHandle(&mine.handle, recv_.get()));
-            });
-            std::vector<RecvBuffer> theirs(n);
-            group_->all_gather(&mine, theirs.data(), sizeof(mine))->wait();
-            attempt([&] { push(counts, offsets, theirs, width); });
-        } else {
-            attempt([&] { launch_for_all(counts, offsets, recv_rows, width); });
-        }
-        // Every rank's verdict; in push mode, passing this also means every peer's writes into this rank's buffer
-        // are done (each synchronized its kernel before it came here).
-        std::vector<int64_t> statuses(n);
-        group_->all_gather(&status, statuses.data(), sizeof(status))->wait();
-        for (int r = 0; r < n; ++r)
-            if (statuses[r] != 0)
-                throw CommError(r == me ? fmt::format("EP exchange on GPU {}: {}", device_, failure)
-                                        : fmt::format("EP exchange on GPU {}: the kernel of group rank {} failed",
-                                                      device_, r));
+        run_segments(segments, send_.get(), recv_.get(), generation_, opened_, recv_rows, width);
         // Down: what arrived, source-major, straight into each source's vector.
         size_t from = 0;
         for (int s = 0; s < n; ++s) {
@@ -198,13 +162,7 @@ public:
                              "{} values for rank {}, which gets {} rows of {}", per_peer[p].size(), p, rows, width);
             send_total += per_peer[p].size();
         }
-        if (send_.size() < send_total) send_ = cuda::DeviceArray<float>(send_total);
-        size_t at = 0;
-        for (int p = 0; p < n; ++p) {
-            send_.upload(per_peer[p].data(), per_peer[p].size(), cudaStreamPerThread, at);
-            at += per_peer[p].size();
-        }
-        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+        upload_rows(per_peer, send_total);
         auto out = std::make_shared<DeviceRows>(plan.expert_first[me], width, device_);
         std::vector<cuda::RowSegment> segments;
         std::vector<int64_t> capacity(n);
@@ -226,11 +184,7 @@ public:
         DUPLEX_CHECK_ARG(rows.first == plan.expert_first[me], "device exchange",
                          "{} expert rows here, the dispatch's counts say {}", rows.first.back(), plan.expert_first[me].back());
         const float* from = device_rows_of(rows, device_, width, "device exchange");
-        size_t recv_total = size_t(plan.token_rows[me]) * width;
-        if (recv_.size() < recv_total) {
-            recv_ = cuda::DeviceArray<float>(recv_total);
-            ++generation_;
-        }
+        grow_receive_buffer(size_t(plan.token_rows[me]) * width);
         std::vector<cuda::RowSegment> segments;
         for (const kernels::RowMove& m : plan.moves)
             segments.push_back({m.expert, m.token, m.expert_row, m.token_row, m.rows});
@@ -274,6 +228,24 @@ private:
             }
         }
         return {};
+    }
+
+    // Up: this rank's rows (send_total values), grouped by destination, into send_.
+    void upload_rows(const std::vector<std::vector<float>>& per_peer, size_t send_total) {
+        if (send_.size() < send_total) send_ = cuda::DeviceArray<float>(send_total);
+        size_t at = 0;
+        for (const auto& rows : per_peer) {
+            send_.upload(rows.data(), rows.size(), cudaStreamPerThread, at);
+            at += rows.size();
+        }
+        DUPLEX_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
+    }
+
+    // recv_ holds at least `values` (a new allocation is a new generation for the peers' IPC mappings).
+    void grow_receive_buffer(size_t values) {
+        if (recv_.size() >= values) return;
+        recv_ = cuda::DeviceArray<float>(values);
+        ++generation_;
     }
 
     // Every rank's dispatch counts (sent[p][e] from each), and the expert-major plan they make.
@@ -358,45 +330,6 @@ private:
                 throw CommError(r == me ? fmt::format("EP exchange on GPU {}: {}", device_, failure)
                                         : fmt::format("EP exchange on GPU {}: the kernel of group rank {} failed",
                                                       device_, r));
-    }
-
-    // Threads of one process on one GPU: group rank 0 moves every rank's rows in one launch.
-    void launch_for_all(const std::vector<std::vector<int64_t>>& counts, const std::vector<std::vector<int64_t>>& offsets,
-                        const std::vector<int64_t>& recv_rows, int width) {
-        const int n = group_->size();
-        int64_t ptrs[2] = {int64_t(reinterpret_cast<uintptr_t>(send_.get())),
-                           int64_t(reinterpret_cast<uintptr_t>(recv_.get()))};
-        std::vector<int64_t> all_ptrs(2 * size_t(n));
-        group_->all_gather(ptrs, all_ptrs.data(), sizeof(ptrs))->wait();
-        if (group_->rank() != 0) return;
-        std::vector<const float*> send(n);
-        std::vector<float*> recv(n);
-        for (int r = 0; r < n; ++r) {
-            send[r] = reinterpret_cast<const float*>(uintptr_t(all_ptrs[2 * r]));
-            recv[r] = reinterpret_cast<float*>(uintptr_t(all_ptrs[2 * r + 1]));
-        }
-        cuda::exchange_rows(send, offsets, counts, recv, recv_rows, width, config_, stream_);
-    }
-
-    // Separate processes: each rank writes its own rows into its peers' receive buffers, at the place source-major
-    // order gives them there, through CUDA IPC mappings (raw pointers for threads of its own process).
-    void push(const std::vector<std::vector<int64_t>>& counts, const std::vector<std::vector<int64_t>>& offsets,
-              const std::vector<RecvBuffer>& theirs, int width) {
-        const int n = group_->size(), me = group_->rank();
-        // Only this rank's row of the count matrix moves; every peer's pointer starts where this rank's rows go.
-        std::vector<std::vector<int64_t>> my_counts(n, std::vector<int64_t>(n, 0)), my_offsets(n, std::vector<int64_t>(n, 0));
-        my_counts[me] = counts[me];
-        my_offsets[me] = offsets[me];
-        std::vector<const float*> send(n, nullptr);
-        send[me] = send_.get();
-        std::vector<float*> recv(n, nullptr);
-        for (int p = 0; p < n; ++p) {
-            if (counts[me][p] == 0) continue;
-            int64_t before = 0;  // rows of lower ranks in p's buffer
-            for (int s = 0; s < me; ++s) before += counts[s][p];
-            recv[p] = peer_buffer(p, theirs[p], opened_) + before * width;
-        }
-        cuda::exchange_rows(send, my_offsets, my_counts, recv, counts[me], width, config_, stream_);
     }
 
     // Peer p's buffer `b` in this process's address space (`cache`: the mappings of that kind of buffer).

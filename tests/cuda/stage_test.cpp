@@ -246,65 +246,66 @@ TEST(CudaStage, DualPipeOverTheNcclBackendMatchesTheCpuReference) {
 #endif
 }
 
-// One MoE layer's four exchanges with stand-in experts (row * (expert + 1)); everything they return.
-std::vector<std::vector<float>> run_exchanges(ExpertExchange<float>& ex, int rank) {
-    const int tokens = 48, dim = 40;
-    ModelConfig cfg = ModelConfig::preset("small");  // 16 experts, top-4
-    Rng rng(300 + uint64_t(rank));
-    std::vector<float> x(size_t(tokens) * dim), dy(x.size()), scores(size_t(tokens) * cfg.experts);
-    for (float& v : x) v = float(rng.normal());
-    for (float& v : dy) v = float(rng.normal());
-    for (float& v : scores) v = float(1.0 / (1.0 + std::exp(-rng.normal())));
-    Routing r = route<float>(scores.data(), std::vector<double>(cfg.experts, 0.0), tokens, cfg);
-    RoutedTokens<float> routed;
-    ex.dispatch(x.data(), dim, r, routed);
-    int local = ex.num_local_experts();
-    std::vector<std::vector<float>> out(local), d_rows(local), d_out;
-    for (int e = 0; e < local; ++e) {
-        out[e] = routed.rows[e];
-        for (float& v : out[e]) v *= float(ex.first_local_expert() + e + 1);
-    }
-    std::vector<float> y(x.size()), dx(x.size(), 0.0f);
-    ex.combine(routed, out, dim, r, y.data());
-    std::vector<double> d_gate;
-    ex.combine_backward(routed, dy.data(), dim, r, d_out, d_gate);
-    for (int e = 0; e < local; ++e) {
-        d_rows[e] = d_out[e];
-        for (float& v : d_rows[e]) v *= float(ex.first_local_expert() + e + 1);
-    }
-    ex.dispatch_backward(routed, d_rows, dim, r, dx.data());
-    return {y, std::vector<float>(d_gate.begin(), d_gate.end()), dx};
-}
-
-// run_exchanges with the rows left on the device (the expert-major path): the stand-in experts read and write
-// device rows.
-std::vector<std::vector<float>> run_exchanges_resident(ExpertExchange<float>& ex, int rank) {
-    const int tokens = 48, dim = 40;
+// One MoE layer's inputs on `rank`: tokens, upstream gradient and routing (preset small: 16 experts, top-4).
+struct ExchangeInputs {
+    static constexpr int tokens = 48, dim = 40;
+    std::vector<float> x, dy;
+    Routing r;
+};
+ExchangeInputs exchange_inputs(int rank) {
+    ExchangeInputs in;
     ModelConfig cfg = ModelConfig::preset("small");
     Rng rng(300 + uint64_t(rank));
-    std::vector<float> x(size_t(tokens) * dim), dy(x.size()), scores(size_t(tokens) * cfg.experts);
-    for (float& v : x) v = float(rng.normal());
-    for (float& v : dy) v = float(rng.normal());
+    in.x.resize(size_t(in.tokens) * in.dim);
+    in.dy.resize(in.x.size());
+    std::vector<float> scores(size_t(in.tokens) * cfg.experts);
+    for (float& v : in.x) v = float(rng.normal());
+    for (float& v : in.dy) v = float(rng.normal());
     for (float& v : scores) v = float(1.0 / (1.0 + std::exp(-rng.normal())));
-    Routing r = route<float>(scores.data(), std::vector<double>(cfg.experts, 0.0), tokens, cfg);
+    in.r = route<float>(scores.data(), std::vector<double>(cfg.experts, 0.0), in.tokens, cfg);
+    return in;
+}
+
+// One MoE layer's four exchanges with stand-in experts (row * (expert + 1)); everything they return. `resident`: the
+// rows stay on the device (the expert-major path) and the stand-in experts read and write them there.
+std::vector<std::vector<float>> run_exchanges(ExpertExchange<float>& ex, int rank, bool resident = false) {
+    ExchangeInputs in = exchange_inputs(rank);
+    const int dim = in.dim, local = ex.num_local_experts();
+    const Routing& r = in.r;
+    auto scale = [&](int e) { return float(ex.first_local_expert() + e + 1); };
     RoutedTokens<float> routed;
-    routed.keep_rows = true;
-    ex.dispatch(x.data(), dim, r, routed);
-    if (!routed.resident || routed.resident->device != 0) throw Error("the dispatch's rows did not stay on GPU 0");
-    auto scaled = [&](const ResidentRows& in) {
-        std::vector<float> host = to_host(static_cast<const float*>(in.data), size_t(in.first.back()) * dim);
-        for (int e = 0; e < ex.num_local_experts(); ++e)
-            for (int64_t i = in.first[e] * dim; i < in.first[e + 1] * dim; ++i) host[i] *= float(ex.first_local_expert() + e + 1);
-        auto out = std::make_shared<DeviceRows>(in.first, dim, 0);
-        if (!host.empty()) cudaMemcpy(out->row(0), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice);
-        return out;
-    };
-    std::vector<float> y(x.size()), dx(x.size(), 0.0f);
-    ex.combine_resident(routed, *scaled(*routed.resident), dim, r, y.data());
+    routed.keep_rows = resident;
+    ex.dispatch(in.x.data(), dim, r, routed);
+    std::vector<float> y(in.x.size()), dx(in.x.size(), 0.0f);
     std::vector<double> d_gate;
-    std::shared_ptr<ResidentRows> d_out;
-    ex.combine_backward_resident(routed, dy.data(), dim, r, d_out, d_gate);
-    ex.dispatch_backward_resident(routed, *scaled(*d_out), dim, r, dx.data());
+    if (resident) {
+        if (!routed.resident || routed.resident->device != 0) throw Error("the dispatch's rows did not stay on GPU 0");
+        auto scaled = [&](const ResidentRows& rows) {
+            std::vector<float> host = to_host(static_cast<const float*>(rows.data), size_t(rows.first.back()) * dim);
+            for (int e = 0; e < local; ++e)
+                for (int64_t i = rows.first[e] * dim; i < rows.first[e + 1] * dim; ++i) host[i] *= scale(e);
+            auto out = std::make_shared<DeviceRows>(rows.first, dim, 0);
+            if (!host.empty()) cudaMemcpy(out->row(0), host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice);
+            return out;
+        };
+        ex.combine_resident(routed, *scaled(*routed.resident), dim, r, y.data());
+        std::shared_ptr<ResidentRows> d_out;
+        ex.combine_backward_resident(routed, in.dy.data(), dim, r, d_out, d_gate);
+        ex.dispatch_backward_resident(routed, *scaled(*d_out), dim, r, dx.data());
+    } else {
+        std::vector<std::vector<float>> out(local), d_rows(local), d_out;
+        for (int e = 0; e < local; ++e) {
+            out[e] = routed.rows[e];
+            for (float& v : out[e]) v *= scale(e);
+        }
+        ex.combine(routed, out, dim, r, y.data());
+        ex.combine_backward(routed, in.dy.data(), dim, r, d_out, d_gate);
+        for (int e = 0; e < local; ++e) {
+            d_rows[e] = d_out[e];
+            for (float& v : d_rows[e]) v *= scale(e);
+        }
+        ex.dispatch_backward(routed, d_rows, dim, r, dx.data());
+    }
     return {y, std::vector<float>(d_gate.begin(), d_gate.end()), dx};
 }
 
@@ -322,7 +323,7 @@ TEST(CudaExchange, RowsThatStayOnTheDeviceGiveTheHostHandOversResultsBitForBit) 
             device.set_transport(make_device_transport(world->split(0, world->rank()), 0, sms));
             ASSERT_EQ(device.rows_stay_on(), 0);
             auto want = run_exchanges(host, world->rank());
-            auto got = run_exchanges_resident(device, world->rank());
+            auto got = run_exchanges(device, world->rank(), /*resident=*/true);
             const char* what[] = {"combine", "gate gradient", "input gradient"};
             for (int i = 0; i < 3; ++i) EXPECT_EQ(got[i], want[i]) << what[i] << ", rank " << world->rank() << ", " << sms << " SMs";
         });
