@@ -11,6 +11,7 @@
 
 #include "comm/launch.hpp"
 #include "core/clock.hpp"
+#include "tests/runtime/p2p_transport.hpp"
 
 namespace duplex {
 namespace {
@@ -228,33 +229,7 @@ TEST(ExpertExchange, HierarchicalCombineAddsNodePartialsInNodeOrderBitForBit) {
     EXPECT_GT(multi_node_tokens, 20);  // the order only shows on tokens whose experts span both nodes
 }
 
-// A transport over a communicator of its own, with point-to-point messages: if any exchange bypassed it, the
-// group's communicator would count bytes.
-class PointToPointTransport : public RowTransport<double> {
-public:
-    explicit PointToPointTransport(std::shared_ptr<Communicator> comm) : comm_(std::move(comm)) {}
-    std::vector<std::vector<double>> exchange(const std::vector<std::vector<double>>& per_peer, int width) override {
-        ++calls;
-        int n = comm_->size();
-        std::vector<int64_t> send_rows(n), recv_rows(n);
-        for (int p = 0; p < n; ++p) send_rows[p] = int64_t(per_peer[p].size()) / width;
-        comm_->all_to_all(send_rows.data(), recv_rows.data(), sizeof(int64_t))->wait();
-        std::vector<std::vector<double>> got(n);
-        std::vector<WorkPtr> work;
-        for (int p = 0; p < n; ++p) {
-            got[p].resize(size_t(recv_rows[p]) * width);
-            if (!got[p].empty()) work.push_back(comm_->irecv(got[p].data(), got[p].size() * sizeof(double), p, 7));
-            if (!per_peer[p].empty())
-                work.push_back(comm_->isend(per_peer[p].data(), per_peer[p].size() * sizeof(double), p, 7));
-        }
-        for (auto& w : work) w->wait();
-        return got;
-    }
-    int calls = 0;
-
-private:
-    std::shared_ptr<Communicator> comm_;
-};
+using test_support::PointToPointTransport;
 
 TEST(ExpertExchange, EveryExchangeMovesItsRowsThroughTheTransport) {
     for (bool hierarchical : {false, true}) {
@@ -262,7 +237,7 @@ TEST(ExpertExchange, EveryExchangeMovesItsRowsThroughTheTransport) {
             Inputs in = inputs_of(world->rank());
             LocalExchange<double> local(in.cfg.experts);
             Result want = run(local, in);
-            auto transport = std::make_shared<PointToPointTransport>(world->split(0, world->rank()));
+            auto transport = std::make_shared<PointToPointTransport<double>>(world->split(0, world->rank()));
             std::unique_ptr<DistributedExchange<double>> ex;
             if (hierarchical)
                 ex = std::make_unique<HierarchicalExchange<double>>(world, in.cfg.experts);

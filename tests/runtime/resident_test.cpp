@@ -17,6 +17,7 @@
 #include "runtime/data.hpp"
 #include "runtime/model/expert_exchange.hpp"
 #include "runtime/model/stage.hpp"
+#include "tests/runtime/p2p_transport.hpp"
 
 namespace duplex {
 namespace {
@@ -43,25 +44,10 @@ const T* row_of(const ResidentRows& r, int64_t i) {
 
 // Moves rows with the communicator's point-to-point calls; the expert-major calls place them by the plan.
 template <typename T>
-class HostResidentTransport : public RowTransport<T> {
+class HostResidentTransport : public test_support::PointToPointTransport<T> {
 public:
-    explicit HostResidentTransport(std::shared_ptr<Communicator> comm) : comm_(std::move(comm)) {}
-
-    std::vector<std::vector<T>> exchange(const std::vector<std::vector<T>>& per_peer, int width) override {
-        int n = comm_->size();
-        std::vector<int64_t> send_rows(n), recv_rows(n);
-        for (int p = 0; p < n; ++p) send_rows[p] = int64_t(per_peer[p].size()) / width;
-        comm_->all_to_all(send_rows.data(), recv_rows.data(), sizeof(int64_t))->wait();
-        std::vector<std::vector<T>> got(n);
-        std::vector<WorkPtr> work;
-        for (int p = 0; p < n; ++p) {
-            got[p].resize(size_t(recv_rows[p]) * width);
-            if (!got[p].empty()) work.push_back(comm_->irecv(got[p].data(), got[p].size() * sizeof(T), p, 7));
-            if (!per_peer[p].empty()) work.push_back(comm_->isend(per_peer[p].data(), per_peer[p].size() * sizeof(T), p, 7));
-        }
-        wait_all(work);
-        return got;
-    }
+    using test_support::PointToPointTransport<T>::PointToPointTransport;
+    using test_support::PointToPointTransport<T>::exchange;
 
     int rows_stay_on() const override { return -1; }
 
@@ -69,7 +55,7 @@ public:
                                                       const std::vector<std::vector<int64_t>>& sent, int width) override {
         ++to_experts;
         kernels::ExpertMajorPlan plan = plan_of(sent);
-        int me = comm_->rank();
+        int me = this->comm_->rank();
         auto arrived = exchange(per_peer, width);  // source-major blocks, each grouped by local expert
         auto out = HostRows<T>::make(plan.expert_first[me], width);
         std::vector<int64_t> block_start = first_token_rows(plan, me);
@@ -85,7 +71,7 @@ public:
                                                       int width) override {
         ++from_experts;
         kernels::ExpertMajorPlan plan = plan_of(sent);
-        int n = comm_->size(), me = comm_->rank();
+        int n = this->comm_->size(), me = this->comm_->rank();
         EXPECT_EQ(rows.first, plan.expert_first[me]);
         std::vector<std::vector<T>> back(n);
         for (const kernels::RowMove& m : plan.moves)  // in each token rank's order
@@ -99,10 +85,11 @@ public:
 
 private:
     kernels::ExpertMajorPlan plan_of(const std::vector<std::vector<int64_t>>& sent) {
-        int n = comm_->size(), E = int(sent.at(0).size());
+        Communicator& comm = *this->comm_;
+        int n = comm.size(), E = int(sent.at(0).size());
         std::vector<int64_t> mine, all(size_t(n) * n * E);
         for (const auto& per_expert : sent) mine.insert(mine.end(), per_expert.begin(), per_expert.end());
-        comm_->all_gather(mine.data(), all.data(), mine.size() * sizeof(int64_t))->wait();
+        comm.all_gather(mine.data(), all.data(), mine.size() * sizeof(int64_t))->wait();
         std::vector<std::vector<std::vector<int64_t>>> c(n, std::vector<std::vector<int64_t>>(n));
         for (int q = 0; q < n; ++q)
             for (int s = 0; s < n; ++s) c[q][s].assign(all.begin() + long((size_t(q) * n + s) * E), all.begin() + long((size_t(q) * n + s + 1) * E));
@@ -115,7 +102,6 @@ private:
             if (m.expert == expert_rank && start[m.token] < 0) start[m.token] = m.token_row;
         return start;
     }
-    std::shared_ptr<Communicator> comm_;
 };
 
 TEST(ExpertMajorPlan, PlacesEveryRowExpertMajorAndRefusesBadCounts) {
