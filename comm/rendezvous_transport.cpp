@@ -29,15 +29,6 @@ struct Envelope {
     uint64_t id = 0;
 };
 
-std::string error_of(const Request& r) {
-    try {
-        r.rethrow();
-    } catch (const std::exception& e) {
-        return e.what();
-    }
-    return {};
-}
-
 class TransportChannels : public ByteChannels {
 public:
     TransportChannels(std::shared_ptr<Transport> transport, uint64_t tag) : transport_(std::move(transport)), tag_(tag) {}
@@ -57,7 +48,7 @@ public:
                 continue;
             }
             Done done = std::move(it->done);
-            std::string error = error_of(*it->request);
+            std::string error = it->request->error();
             it = ops_.erase(it);
             done(error);
             any = true;
@@ -237,6 +228,7 @@ struct RendezvousTransport::State {
     // One pass of the progress thread; true if it found work.
     bool progress() {
         bool busy = false;
+        std::vector<std::pair<int, std::string>> gone;  // peers lost since the last pass, and why
         {
             std::lock_guard<std::mutex> lock(mutex);
             while (!posted.empty()) {
@@ -263,7 +255,7 @@ struct RendezvousTransport::State {
                 auto& req = inbox_request[p];
                 if (!req || !req->done()) continue;
                 busy = true;
-                std::string error = error_of(*req);
+                std::string error = req->error();
                 if (!error.empty()) {
                     req.reset();
                     fail_peer(p, error);
@@ -278,21 +270,17 @@ struct RendezvousTransport::State {
                     ++it;
                     continue;
                 }
-                std::string error = error_of(*it->request);
+                std::string error = it->request->error();
                 if (!error.empty()) fail_peer(static_cast<int>(it->request->peer), error);
                 it = outbox.erase(it);
             }
-        }
-        // Outside the lock (the channels' completions take it): in-flight payloads with a lost peer fail.
-        std::vector<std::pair<int, std::string>> gone;
-        {
-            std::lock_guard<std::mutex> lock(mutex);
             for (int p = 0; p < n; ++p)
                 if (!lost[p].empty() && !channel_failed[p]) {
                     channel_failed[p] = true;
                     gone.emplace_back(p, lost[p]);
                 }
         }
+        // Outside the lock (the channels' completions take it): in-flight payloads with a lost peer fail.
         for (auto& [p, why] : gone) channels->fail(p, why);
         return channels->poll() || busy || !gone.empty();
     }
@@ -330,7 +318,8 @@ struct RendezvousTransport::State {
                 idle = 0;
                 continue;
             }
-            // Nothing moved: back off from 10 us to 200 us; new receives and sends wake it at once.
+            // Nothing moved: back off from 10 us to 200 us; a new receive wakes it at once (a send needs no progress
+            // here until its Clear arrives).
             auto pause = std::chrono::microseconds(std::min(200, 10 << std::min(idle++, 5)));
             std::unique_lock<std::mutex> lock(mutex);
             wake.wait_for(lock, pause, [&] { return stop || !posted.empty(); });

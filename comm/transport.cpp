@@ -36,6 +36,11 @@ bool Request::wait_until(const Deadline& deadline) {
     return cv_.wait_until(lock, deadline.at(), [&] { return done_; });
 }
 
+std::string Request::error() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return error_;
+}
+
 void Request::rethrow() const {
     std::lock_guard<std::mutex> lock(mutex_);
     if (done_ && !error_.empty()) throw CommError(error_);

@@ -34,6 +34,8 @@ public:
     bool wait_until(const Deadline& deadline);
     // Throws CommError if the request completed with an error.
     void rethrow() const;
+    // The error it completed with ("" while pending or after success).
+    std::string error() const;
 
 private:
     mutable std::mutex mutex_;

@@ -42,9 +42,8 @@ bool is_device_pointer(const void* buf) {
 
 class NcclChannels : public ByteChannels {
 public:
-    NcclChannels(std::shared_ptr<Store> store, int rank, int size, int device, std::string prefix, double timeout_s)
-        : store_(std::move(store)), rank_(rank), size_(size), device_(device), prefix_(std::move(prefix)),
-          timeout_s_(timeout_s) {}
+    NcclChannels(std::shared_ptr<Store> store, int rank, int device, std::string prefix, double timeout_s)
+        : store_(std::move(store)), rank_(rank), device_(device), prefix_(std::move(prefix)), timeout_s_(timeout_s) {}
 
     ~NcclChannels() override {
         cudaSetDevice(device_);
@@ -292,7 +291,7 @@ private:
     }
 
     std::shared_ptr<Store> store_;
-    int rank_, size_, device_;
+    int rank_, device_;
     std::string prefix_;
     double timeout_s_;
     std::map<int, Channel> to_, from_;
@@ -311,7 +310,7 @@ std::shared_ptr<ByteChannels> make_nccl_channels(std::shared_ptr<Store> store, i
     DUPLEX_CHECK_ARG(device >= 0 && device < devices, "nccl device", "rank {} asks for device {} of {}", rank, device,
                      devices);
     DUPLEX_CUDA_CHECK(cudaSetDevice(device));
-    return std::make_shared<NcclChannels>(std::move(store), rank, size, device, key_prefix,
+    return std::make_shared<NcclChannels>(std::move(store), rank, device, key_prefix,
                                           timeout_s < 0 ? default_comm_timeout() : timeout_s);
 }
 

@@ -188,9 +188,9 @@ DistributedExchange<T>::DistributedExchange(std::shared_ptr<Communicator> group,
 }
 
 template <typename T>
-void DistributedExchange<T>::in_stage(const std::function<void()>& fn, const char* what) {
+void DistributedExchange<T>::in_stage(const std::function<void()>& fn) {
     if (StageContext* c = StageContext::current())
-        c->wait_for(fn, what);
+        c->wait_for(fn, "expert exchange (device)");
     else
         fn();
 }
@@ -199,22 +199,23 @@ template <typename T>
 std::vector<std::vector<T>> DistributedExchange<T>::move(const std::vector<std::vector<T>>& per_peer, int width) {
     if (!transport_) return exchange_rows(*group_, per_peer, width);
     std::vector<std::vector<T>> out;
-    in_stage([&] { out = transport_->exchange(per_peer, width); }, "expert exchange (device)");
+    in_stage([&] { out = transport_->exchange(per_peer, width); });
     return out;
 }
 
 template <typename T>
 void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) {
     int n = group_->size();
-    out.sent_slots.assign(n, {});
-    for (int slot = 0; slot < r.tokens * r.top_k; ++slot) out.sent_slots[owner(r.expert[slot])].push_back(slot);
     // Each peer's rows grouped by its local expert (slots ascending within one): the expert-major path writes the
     // groups straight into place, and the rows of an expert come in the same order on every path.
+    std::vector<std::vector<int>> by_expert(experts_);
+    for (int slot = 0; slot < r.tokens * r.top_k; ++slot) by_expert[r.expert[slot]].push_back(slot);
+    out.sent_slots.assign(n, {});
     out.sent_counts.assign(n, std::vector<int64_t>(per_rank_, 0));
-    for (int p = 0; p < n; ++p) {
-        std::stable_sort(out.sent_slots[p].begin(), out.sent_slots[p].end(),
-                         [&](int a, int b) { return r.expert[a] < r.expert[b]; });
-        for (int slot : out.sent_slots[p]) ++out.sent_counts[p][r.expert[slot] - placement_.first_expert(p)];
+    for (int e = 0; e < experts_; ++e) {  // a rank's experts are consecutive
+        int p = owner(e);
+        out.sent_counts[p][e - placement_.first_expert(p)] = int64_t(by_expert[e].size());
+        out.sent_slots[p].insert(out.sent_slots[p].end(), by_expert[e].begin(), by_expert[e].end());
     }
     // Metadata travels as rows of two values: (slot, expert) encoded in T (exact for small integers).
     std::vector<std::vector<T>> meta(n), rows(n);
@@ -230,8 +231,7 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
     out.resident.reset();
     std::vector<std::vector<T>> rows_in;
     if (keep)
-        in_stage([&] { out.resident = transport_->exchange_to_experts(rows, out.sent_counts, dim); },
-                 "expert exchange (device)");
+        in_stage([&] { out.resident = transport_->exchange_to_experts(rows, out.sent_counts, dim); });
     else
         rows_in = this->move(rows, dim);
     out.slots.assign(per_rank_, {});
@@ -324,7 +324,7 @@ template <typename T>
 void DistributedExchange<T>::combine_resident(RoutedTokens<T>& routed, const ResidentRows& outputs, int dim,
                                               const Routing& r, T* y) {
     std::vector<std::vector<T>> got;
-    in_stage([&] { got = transport_->exchange_from_experts(outputs, routed.sent_counts, dim); }, "expert exchange (device)");
+    in_stage([&] { got = transport_->exchange_from_experts(outputs, routed.sent_counts, dim); });
     combine_returned(routed, got, dim, r, y);
 }
 
@@ -335,15 +335,14 @@ void DistributedExchange<T>::combine_backward_resident(RoutedTokens<T>& routed, 
     std::vector<T> dy_slots;
     slot_gradients(routed.slot_outputs.data(), dy, r, dim, dy_slots, d_gate);
     auto rows = slot_rows_for_peers(routed, dy_slots, dim);
-    in_stage([&] { d_outputs = transport_->exchange_to_experts(rows, routed.sent_counts, dim); },
-             "expert exchange (device)");
+    in_stage([&] { d_outputs = transport_->exchange_to_experts(rows, routed.sent_counts, dim); });
 }
 
 template <typename T>
 void DistributedExchange<T>::dispatch_backward_resident(const RoutedTokens<T>& routed, const ResidentRows& d_rows,
                                                         int dim, const Routing& r, T* dx) {
     std::vector<std::vector<T>> got;
-    in_stage([&] { got = transport_->exchange_from_experts(d_rows, routed.sent_counts, dim); }, "expert exchange (device)");
+    in_stage([&] { got = transport_->exchange_from_experts(d_rows, routed.sent_counts, dim); });
     add_returned(routed, got, dim, r, dx);
 }
 

@@ -167,7 +167,7 @@ protected:
     int owner(int expert) const { return placement_.rank_of(expert); }
     std::vector<std::vector<T>> move(const std::vector<std::vector<T>>& per_peer, int width);
     // Runs `fn` (a transport call) as the stage's wait when there is a stage.
-    void in_stage(const std::function<void()>& fn, const char* what);
+    void in_stage(const std::function<void()>& fn);
     // dy of every slot, in the rows each peer gets back (its slots in the order they were sent).
     std::vector<std::vector<T>> slot_rows_for_peers(const RoutedTokens<T>& routed, const std::vector<T>& dy_slots, int dim);
     std::shared_ptr<Communicator> group_;

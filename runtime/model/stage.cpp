@@ -307,7 +307,6 @@ struct ModelStage<T>::Impl {
             std::vector<T> y(size_t(n) * d);
             if (st.routed.keep_rows) {
                 auto out = dev->forward_resident(expert_key(L, m), {L.e1, L.e3, L.e2}, std::move(st.routed.resident));
-                st.routed.resident.reset();
                 finish(start(ExpertService::Forward,
                              [&] { exchange->combine_resident(st.routed, *out, d, st.routing, y.data()); }),
                        "combine", L, m);
