@@ -33,18 +33,19 @@ struct Case {
     int n, me;
     std::string op;
     size_t bytes;
-    std::vector<uint32_t> send, recv;  // 4-byte elements (float for reductions)
+    HostBuffer send_memory, recv_memory;  // from the backend's allocator unless --plain-buffers
+    std::span<uint32_t> send, recv;       // 4-byte elements (float for reductions)
     std::vector<size_t> sb, so, rb, ro;  // alltoallv / p2p layout in bytes
 
     Case(Communicator& comm, const std::string& op_, size_t bytes_, const CommBenchOptions& o)
         : n(comm.size()), me(comm.rank()), op(op_), bytes(bytes_) {
-        size_t elems = bytes / 4;
+        size_t elems = bytes / 4, send_elems = 0, recv_elems = 0;
         if (op == "p2p") {
-            send.resize(elems);
-            recv.resize(elems);
+            send_elems = elems;
+            recv_elems = elems;
         } else if (op == "alltoall" || op == "allreduce") {
-            send.resize(elems);
-            recv.resize(op == "allreduce" ? 0 : elems);
+            send_elems = elems;
+            recv_elems = op == "allreduce" ? 0 : elems;
         } else if (op == "alltoallv") {
             std::vector<std::vector<size_t>> counts(n);
             for (int s = 0; s < n; ++s) counts[s] = skewed_counts(elems, n, s, o.skew, o.seed);
@@ -58,15 +59,22 @@ struct Case {
                 ro[p] = roff;
                 roff += rb[p];
             }
-            send.resize(soff / 4);
-            recv.resize(roff / 4);
+            send_elems = soff / 4;
+            recv_elems = roff / 4;
         } else if (op == "allgather") {
-            send.resize(elems / n);
-            recv.resize(elems);
+            send_elems = elems / n;
+            recv_elems = elems;
         } else if (op == "reducescatter") {
-            send.resize(elems);
-            recv.resize(elems / n);
+            send_elems = elems;
+            recv_elems = elems / n;
         }
+        auto allocate = [&](size_t count) {
+            return o.plain_buffers ? allocate_ordinary_host(count * 4) : comm.allocate_host(count * 4);
+        };
+        send_memory = allocate(send_elems);
+        recv_memory = allocate(recv_elems);
+        send = {static_cast<uint32_t*>(send_memory.data()), send_elems};
+        recv = {static_cast<uint32_t*>(recv_memory.data()), recv_elems};
     }
 
     void fill() {
@@ -92,7 +100,7 @@ struct Case {
 
     uint64_t count_wrong() const {
         uint64_t wrong = 0;
-        auto check_float = [&](const std::vector<uint32_t>& buf, size_t first_index) {
+        auto check_float = [&](std::span<const uint32_t> buf, size_t first_index) {
             for (size_t i = 0; i < buf.size(); ++i) {
                 float got;
                 std::memcpy(&got, &buf[i], 4);

@@ -26,6 +26,7 @@ struct CommBenchOptions {
     double skew = 1.0;  // alltoallv: Zipf exponent of the per-peer counts (0: uniform)
     uint64_t seed = 1;
     bool compare_mpi = false;  // also time plain MPI on the same buffers (needs MPI initialized)
+    bool plain_buffers = false;  // buffers from the system allocator instead of Communicator::allocate_host
 };
 
 struct CommBenchRow {

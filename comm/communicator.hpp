@@ -98,6 +98,11 @@ public:
     std::string backend_description() const { return transport_->describe(); }
     double timeout_s() const { return timeout_s_; }
 
+    // Host memory this communicator's backend moves fastest (Transport::allocate_host); any host buffer works.
+    HostBuffer allocate_host(size_t bytes) const { return transport_->allocate_host(bytes); }
+    // The backend's counters (Transport::counters), shared by every communicator over it.
+    std::map<std::string, uint64_t> transport_counters() const { return transport_->counters(); }
+
     // Point-to-point buffers may be device memory where the backend moves it (nccl); collectives take host buffers.
     WorkPtr isend(const void* buf, size_t bytes, int peer, uint32_t tag);
     WorkPtr irecv(void* buf, size_t bytes, int peer, uint32_t tag);

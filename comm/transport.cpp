@@ -1,5 +1,10 @@
 #include "comm/transport.hpp"
 
+#include <algorithm>
+#include <cstdlib>
+#include <new>
+#include <utility>
+
 #include <fmt/format.h>
 
 #include "core/error.hpp"
@@ -9,6 +14,62 @@ namespace duplex {
 std::string size_mismatch_error(int sender, const std::string& sent, int receiver, size_t posted) {
     return fmt::format("message size mismatch: rank {} sent {} to rank {} which posted {} bytes", sender, sent, receiver,
                        posted);
+}
+
+HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
+    if (this != &other) {
+        if (release_ && data_) release_(data_);
+        data_ = std::exchange(other.data_, nullptr);
+        bytes_ = std::exchange(other.bytes_, 0);
+        release_ = std::move(other.release_);
+        other.release_ = nullptr;
+    }
+    return *this;
+}
+
+HostBuffer::~HostBuffer() {
+    if (release_ && data_) release_(data_);
+}
+
+HostBuffer HostBufferPool::take(size_t bytes) {
+    if (bytes == 0) return {};
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto best = free_.end();
+        for (auto it = free_.begin(); it != free_.end(); ++it)
+            if (it->size() >= bytes && (best == free_.end() || it->size() < best->size())) best = it;
+        if (best != free_.end()) {
+            HostBuffer b = std::move(*best);
+            free_.erase(best);
+            return b;
+        }
+    }
+    return allocate_(bytes);
+}
+
+void HostBufferPool::give(HostBuffer buffer) {
+    if (!buffer.data()) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(buffer));
+    if (free_.size() > kKeep)
+        free_.erase(std::min_element(free_.begin(), free_.end(),
+                                     [](const HostBuffer& a, const HostBuffer& b) { return a.size() < b.size(); }));
+}
+
+size_t HostBufferPool::free_buffers() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return free_.size();
+}
+
+HostBuffer Transport::allocate_host(size_t bytes) { return allocate_ordinary_host(bytes); }
+
+HostBuffer allocate_ordinary_host(size_t bytes) {
+    constexpr size_t kPage = 4096;
+    size_t rounded = (bytes + kPage - 1) / kPage * kPage;
+    if (rounded == 0) return {};
+    void* p = std::aligned_alloc(kPage, rounded);
+    if (!p) throw std::bad_alloc();
+    return HostBuffer(p, bytes, [](void* q) { std::free(q); });
 }
 
 bool Request::complete(std::string error) {

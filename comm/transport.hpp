@@ -7,8 +7,11 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -48,6 +51,52 @@ private:
 // 1 sent 128 bytes to rank 0 which posted 64 bytes" (sent: "128 bytes", "more bytes", "a plain message").
 std::string size_mismatch_error(int sender, const std::string& sent, int receiver, size_t posted);
 
+// Host memory from Transport::allocate_host: move-only, handed back to its allocator when destroyed.
+class HostBuffer {
+public:
+    HostBuffer() = default;
+    HostBuffer(void* data, size_t bytes, std::function<void(void*)> release)
+        : data_(data), bytes_(bytes), release_(std::move(release)) {}
+    HostBuffer(HostBuffer&& other) noexcept { *this = std::move(other); }
+    HostBuffer& operator=(HostBuffer&& other) noexcept;
+    HostBuffer(const HostBuffer&) = delete;
+    HostBuffer& operator=(const HostBuffer&) = delete;
+    ~HostBuffer();
+
+    void* data() const { return data_; }
+    size_t size() const { return bytes_; }
+    // The buffer as elements of T (size() / sizeof(T) of them).
+    template <typename T>
+    std::span<T> as() const {
+        return {static_cast<T*>(data_), bytes_ / sizeof(T)};
+    }
+
+private:
+    void* data_ = nullptr;
+    size_t bytes_ = 0;
+    std::function<void(void*)> release_;
+};
+
+// Host buffers reused across operations: take() hands out a free one of at least `bytes` (the smallest that fits) or
+// a new one from `allocate`, give() takes it back for the next take(); at most kKeep stay free (the largest).
+// Thread-safe. Keeps an allocator's buffers (UCX: pages its peers map) from being allocated and faulted in per call.
+class HostBufferPool {
+public:
+    static constexpr size_t kKeep = 8;
+    explicit HostBufferPool(std::function<HostBuffer(size_t)> allocate) : allocate_(std::move(allocate)) {}
+    HostBuffer take(size_t bytes);
+    void give(HostBuffer buffer);
+    size_t free_buffers() const;
+
+private:
+    std::function<HostBuffer(size_t)> allocate_;
+    mutable std::mutex mutex_;
+    std::vector<HostBuffer> free_;
+};
+
+// Page-aligned memory from the system allocator (what Transport::allocate_host gives by default).
+HostBuffer allocate_ordinary_host(size_t bytes);
+
 class Transport {
 public:
     virtual ~Transport() = default;
@@ -75,6 +124,13 @@ public:
         (void)buf;
         return false;
     }
+    // Page-aligned host memory this backend moves fastest: the UCX backend's comes from a shared arena that the
+    // other ranks of the host map, so a large message from it is a single memcpy by the receiver. Any host
+    // memory works as a buffer; this is only faster. The default is ordinary page-aligned memory.
+    virtual HostBuffer allocate_host(size_t bytes);
+    // What the backend has counted since it started, by name (UCX: how its single-copy messages were copied); empty
+    // where it counts nothing.
+    virtual std::map<std::string, uint64_t> counters() const { return {}; }
     // The backend and the choices it made at bootstrap, for headers and logs ("ucx (single copy with 7 of 7 ...)").
     virtual std::string describe() const { return name(); }
 };

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "comm/communicator.hpp"
@@ -45,14 +46,18 @@ public:
     std::vector<T>& second_moment() { return v_; }
 
 private:
-    void gather_flat(bool grads, std::vector<T>& out) const;
-    void scatter_flat(const std::vector<T>& in);
+    void gather_flat(bool grads, std::span<T> out) const;
+    void scatter_flat(std::span<const T> in);
     std::shared_ptr<Communicator> group_;
     std::vector<ParamRef<T>> params_;
     kernels::AdamWConfig config_;
     std::vector<double> decay_of_element_;  // per shard element (norms are not decayed)
     size_t total_ = 0, shard_ = 0;
-    std::vector<T> flat_, shard_grad_, m_, v_;
+    // The flat parameters/gradients and this rank's updated shard: the buffers the collectives send from, so from the
+    // group's allocator (UCX: its shared arena, copied by the receivers out of a mapping).
+    HostBuffer flat_memory_, mine_memory_;
+    std::span<T> flat_, mine_;
+    std::vector<T> shard_grad_, m_, v_;
 };
 
 }  // namespace duplex

@@ -217,6 +217,9 @@ Command add_commbench(CLI::App& app) {
     cmd->add_option("--timeout", a->launch.timeout_s, "seconds before an operation times out (default: DUPLEX_COMM_TIMEOUT)");
     cmd->add_flag("--compare-mpi", a->bench.compare_mpi,
                   "also time plain MPI (MPI_Alltoallv, ...) on the same buffers; needs mpirun");
+    cmd->add_flag("--plain-buffers", a->bench.plain_buffers,
+                  "buffers from the system allocator instead of the backend's (ucx: its shared arena, whose large "
+                  "same-host messages are one memcpy out of a mapping; plain memory is read with process_vm_readv)");
     cmd->add_flag("--bind", a->launch.bind_cores, "bind each rank to a core (hwloc)");
     cmd->add_flag("!--no-ceiling", a->ceiling, "inproc: skip measuring the memcpy copy ceiling");
     cmd->add_option("--json", a->json, "also write the rows as JSON to this file; - for standard output");

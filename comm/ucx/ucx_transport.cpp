@@ -20,7 +20,9 @@
 
 #include <fmt/format.h>
 
+#include "comm/shared_arena.hpp"
 #include "core/error.hpp"
+#include "core/host_memory.hpp"
 #include "core/knobs.hpp"
 #include "core/log.hpp"
 
@@ -54,6 +56,10 @@ const Knob<long> kCmaMin("DUPLEX_UCX_CMA_MIN", 64 * 1024,
                          "straight from the sender's memory (process_vm_readv, one copy); 0 turns this off (every "
                          "byte through UCX, whose own CMA then stays on). Used only where every rank of the host can "
                          "read the others' memory");
+const Knob<std::string> kArena("DUPLEX_UCX_ARENA", "64G",
+                               "address space of the shared arena that allocate_host hands out (K/M/G; 0: off): "
+                               "single-copy messages from it are one memcpy out of the receiver's mapping of the "
+                               "sender's pages instead of a process_vm_readv; pages exist only once written");
 
 // UCX tag: bit 63 marks a single-copy answer, bits 49..62 carry the sender's rank, below them the wire tag.
 constexpr int kSourceShift = 49;
@@ -66,9 +72,11 @@ constexpr uint64_t kAnswerBit = uint64_t(1) << 63;
 // (0 and 20 us were tried: no measurable change, BENCHMARKS.md).
 constexpr double kSpinBeforeSleep_s = 200e-6;
 
-constexpr uint64_t kOfferMagic = 0x4450'4C58'434D'4131ull;  // "DPLXCMA1"
+constexpr uint64_t kOfferMagic = 0x4450'4C58'434D'4131ull;  // "DPLXCMA1": address is in the sender's memory
+constexpr uint64_t kMappedMagic = 0x4450'4C58'4D41'5031ull;  // "DPLXMAP1": address is an offset in its arena
 
-// Single copy: the sender's offer (where the bytes are), the receiver's answer once it has read them.
+// Single copy: the sender's offer (where the bytes are), the receiver's answer once it has read them. The receiver
+// copies out of its mapping of the sender's arena (kMappedMagic) or reads the sender's memory (kOfferMagic).
 struct CmaOffer {
     uint64_t magic = kOfferMagic;
     uint64_t pid = 0;
@@ -158,6 +166,7 @@ public:
             }
             DUPLEX_UCX_CHECK(ucp_ep_create(worker_, &ep, &endpoints_[r]));
         }
+        if (cma_min_ > 0) open_arena();
         agree_on_single_copy();
         progress_ = std::thread([this] { progress_loop(); });
         log::debug("comm", "rank {}: UCX worker ready with {} endpoints", rank_, size_);
@@ -222,7 +231,27 @@ public:
                            : host == 0   ? "no other rank on this host"
                                          : fmt::format("single copy with {} of {} ranks of this host from {} bytes",
                                                        pairs, host, cma_min_);
+        int mapped = 0;
+        for (int r = 0; r < size_; ++r) mapped += map_to_[r];
+        if (mapped > 0) copy += fmt::format(", shared arena mapped by {} of them", mapped);
         return fmt::format("ucx ({}; peer errors {})", copy, peer_errors_ ? "on" : "off");
+    }
+
+    std::map<std::string, uint64_t> counters() const override {
+        return {{"single_copy_mapped", mapped_copies_.load()}, {"single_copy_read", remote_reads_.load()}};
+    }
+
+    HostBuffer allocate_host(size_t bytes) override {
+        if (!arena_ || bytes == 0) return allocate_ordinary_host(bytes);
+        void* p = arena_->allocate(bytes);
+        if (!p) {
+            if (!arena_full_logged_.exchange(true))
+                log::info("comm", "rank {}: UCX shared arena full ({} in use of {}, {}): {} from ordinary memory, "
+                          "copied with process_vm_readv", rank_, human_bytes(double(arena_->bytes_in_use())),
+                          human_bytes(double(arena_->capacity())), kArena.name(), human_bytes(double(bytes)));
+            return allocate_ordinary_host(bytes);
+        }
+        return HostBuffer(p, bytes, [arena = arena_](void* q) { arena->release(q); });
     }
 
     std::shared_ptr<Request> isend(int peer, uint64_t tag, const void* buf, size_t bytes) override {
@@ -238,6 +267,10 @@ public:
                 auto offer = make_part(req, Part::OfferSend, true);
                 offer->offer.pid = static_cast<uint64_t>(getpid());
                 offer->offer.address = reinterpret_cast<uint64_t>(buf);
+                if (map_to_[peer] && arena_->contains(buf, bytes)) {
+                    offer->offer.magic = kMappedMagic;
+                    offer->offer.address = arena_->offset_of(buf);
+                }
                 offer->offer.bytes = bytes;
                 post_locked(answer, [&](const ucp_request_param_t* p) {
                     return ucp_tag_recv_nbx(worker_, &answer->answer, sizeof(CmaAnswer),
@@ -444,13 +477,23 @@ private:
         CmaAnswer answer;
         answer.posted = user.bytes;
         std::string error;
-        if (o.magic != kOfferMagic) {
+        const char* mapped = nullptr;
+        if (o.magic == kMappedMagic && peer_arena_[user.peer])
+            mapped = peer_arena_[user.peer]->at(o.address, o.bytes);
+        if (o.magic != kOfferMagic && o.magic != kMappedMagic) {
             error = fmt::format("rank {}: rank {} sent a plain message where a single-copy offer was expected (sizes "
                                 "differ: this rank posted {} bytes)", rank_, user.peer, user.bytes);
             answer.status = kAnswerMismatch;
         } else if (o.bytes != user.bytes) {
             error = size_mismatch_error(user.peer, fmt::format("{} bytes", o.bytes), rank_, user.bytes);
             answer.status = kAnswerMismatch;
+        } else if (o.magic == kMappedMagic && !mapped) {
+            error = fmt::format("rank {}: rank {} offered bytes {}..{} of a shared arena this rank has not mapped "
+                                "(or beyond it)", rank_, user.peer, o.address, o.address + o.bytes);
+            answer.status = EFAULT;
+        } else if (mapped) {
+            std::memcpy(user.destination, mapped, user.bytes);
+            mapped_copies_.fetch_add(1, std::memory_order_relaxed);
         } else if (int err = read_remote(static_cast<pid_t>(o.pid), o.address, user.destination, user.bytes)) {
             if (err == ESRCH) {
                 // The sender is gone: nobody to answer.
@@ -460,6 +503,8 @@ private:
             }
             error = fmt::format("rank {}: reading rank {}'s buffer failed: {}", rank_, user.peer, std::strerror(err));
             answer.status = err;
+        } else {
+            remote_reads_.fetch_add(1, std::memory_order_relaxed);
         }
         auto reply = make_part(offer.parent, Part::AnswerSend, true);
         reply->answer = answer;
@@ -500,19 +545,35 @@ private:
         prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
         cma_probe_ = kOfferMagic ^ static_cast<uint64_t>(rank_);
         store_->set(fmt::format("ucx/cma/{}", rank_),
-                    fmt::format("{} {}", getpid(), reinterpret_cast<uint64_t>(&cma_probe_)));
+                    fmt::format("{} {} {} {}", getpid(), reinterpret_cast<uint64_t>(&cma_probe_), arena_ ? arena_->fd() : -1,
+                                arena_ ? arena_->capacity() : 0));
         std::vector<int> host;
         for (int r = 0; r < size_; ++r)
             if (r != rank_ && hostnames_[r] == hostnames_[rank_]) host.push_back(r);
         bool readable = true;
         std::string why;
+        peer_arena_.resize(size_);
+        std::string mapped(size_, '0');  // which ranks' arenas this rank maps
         for (int r : host) {
-            unsigned long long pid = 0, address = 0;
+            unsigned long long pid = 0, address = 0, capacity = 0;
+            int fd = -1;
             std::string where = store_->get(fmt::format("ucx/cma/{}", r), 120.0);
             uint64_t word = 0;
-            int err = sscanf(where.c_str(), "%llu %llu", &pid, &address) == 2
+            int err = sscanf(where.c_str(), "%llu %llu %d %llu", &pid, &address, &fd, &capacity) == 4
                           ? read_remote(static_cast<pid_t>(pid), address, &word, sizeof(word))
                           : EINVAL;
+            if (!err && fd >= 0 && arena_) {
+                try {
+                    auto arena = std::make_unique<MappedArena>(static_cast<pid_t>(pid), fd, capacity);
+                    const char* probe = arena->at(0, sizeof(uint64_t));
+                    if (probe && std::memcmp(probe, &word, sizeof(word)) == 0) {
+                        peer_arena_[r] = std::move(arena);
+                        mapped[r] = '1';
+                    }
+                } catch (const Error& e) {
+                    log::debug("comm", "rank {}: rank {}'s shared arena: {}", rank_, r, e.what());
+                }
+            }
             if (err || word != (kOfferMagic ^ static_cast<uint64_t>(r))) {
                 readable = false;
                 why = fmt::format("reading rank {}'s memory: {}", r, err ? std::strerror(err) : "another process (pid namespace?)");
@@ -520,17 +581,35 @@ private:
             }
         }
         store_->set(fmt::format("ucx/cma_ok/{}", rank_), readable ? "1" : "0");
+        store_->set(fmt::format("ucx/mapped/{}", rank_), mapped);
+        map_to_.assign(size_, false);
         int pairs = 0;
         for (int r : host) {
             bool theirs = store_->get(fmt::format("ucx/cma_ok/{}", r), 120.0) == "1";
             cma_peer_[r] = readable && theirs;
             pairs += cma_peer_[r];
+            map_to_[r] = cma_peer_[r] && arena_ && store_->get(fmt::format("ucx/mapped/{}", r), 120.0)[rank_] == '1';
         }
         if (!readable)
             log::info("comm", "rank {}: UCX single copy off ({}); same-host messages go through UCX", rank_, why);
         else
             log::debug("comm", "rank {}: UCX single copy with {} of {} ranks of this host (messages >= {} bytes)", rank_,
                        pairs, host.size(), cma_min_);
+    }
+
+    // The arena allocate_host hands out; its header page holds the probe word, so the ranks that map it check that they
+    // see this process's pages. Without it (off, or the system refuses) buffers are ordinary memory.
+    void open_arena() {
+        size_t capacity = parse_size(kArena.get(), kArena.name());
+        if (capacity == 0) return;
+        try {
+            arena_ = std::make_shared<SharedArena>(capacity);
+        } catch (const Error& e) {
+            log::info("comm", "rank {}: no UCX shared arena ({}); allocate_host gives ordinary memory", rank_, e.what());
+            return;
+        }
+        cma_probe_ = kOfferMagic ^ static_cast<uint64_t>(rank_);
+        std::memcpy(arena_->header(), &cma_probe_, sizeof(cma_probe_));
     }
 
     bool in_flight_empty() {
@@ -677,6 +756,11 @@ private:
     std::vector<bool> cma_peer_;  // single copy with this rank (same host, both can read each other)
     long cma_min_ = 0;            // single copy from this many bytes (0: never)
     uint64_t cma_probe_ = 0;      // the word the other ranks of this host read to test single copy
+    std::shared_ptr<SharedArena> arena_;                     // allocate_host's memory (null: off)
+    std::vector<std::unique_ptr<MappedArena>> peer_arena_;  // the arenas of the host's ranks, mapped here
+    std::vector<bool> map_to_;                               // the rank maps this rank's arena
+    std::atomic<bool> arena_full_logged_{false};
+    std::atomic<uint64_t> mapped_copies_{0}, remote_reads_{0};  // single-copy receives, by how they were copied
     std::vector<std::shared_ptr<UcxRequest>> offers_;  // offers received, read after the progress call (ucx_mutex_)
     std::vector<std::string> hostnames_;
     std::mutex ucx_mutex_;    // serializes every UCX call

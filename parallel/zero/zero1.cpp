@@ -1,5 +1,6 @@
 #include "parallel/zero1.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -17,7 +18,11 @@ Zero1AdamW<T>::Zero1AdamW(std::shared_ptr<Communicator> group, std::vector<Param
     for (const auto& p : params_) total_ += p.numel;
     size_t d = static_cast<size_t>(group_->size());
     shard_ = (total_ + d - 1) / d;  // the flat buffer is padded to d * shard_
-    flat_.assign(shard_ * d, T(0));
+    flat_memory_ = group_->allocate_host(shard_ * d * sizeof(T));
+    mine_memory_ = group_->allocate_host(shard_ * sizeof(T));
+    flat_ = flat_memory_.as<T>().first(shard_ * d);
+    mine_ = mine_memory_.as<T>().first(shard_);
+    std::fill(flat_.begin(), flat_.end(), T(0));
     shard_grad_.assign(shard_, T(0));
     m_.assign(shard_, T(0));
     v_.assign(shard_, T(0));
@@ -31,7 +36,7 @@ Zero1AdamW<T>::Zero1AdamW(std::shared_ptr<Communicator> group, std::vector<Param
 }
 
 template <typename T>
-void Zero1AdamW<T>::gather_flat(bool grads, std::vector<T>& out) const {
+void Zero1AdamW<T>::gather_flat(bool grads, std::span<T> out) const {
     size_t offset = 0;
     for (const auto& p : params_) {
         std::memcpy(out.data() + offset, grads ? p.grad : p.value, p.numel * sizeof(T));
@@ -41,7 +46,7 @@ void Zero1AdamW<T>::gather_flat(bool grads, std::vector<T>& out) const {
 }
 
 template <typename T>
-void Zero1AdamW<T>::scatter_flat(const std::vector<T>& in) {
+void Zero1AdamW<T>::scatter_flat(std::span<const T> in) {
     size_t offset = 0;
     for (auto& p : params_) {
         std::memcpy(p.value, in.data() + offset, p.numel * sizeof(T));
@@ -72,8 +77,8 @@ void Zero1AdamW<T>::apply(long step, double clip_scale) {
         kernels::adamw_step<T>(shard + i, shard_grad_.data() + i, m_.data() + i, v_.data() + i, j - i, c, step);
         i = j;
     }
-    std::vector<T> mine(shard, shard + shard_);
-    group_->all_gather(mine.data(), flat_.data(), shard_ * sizeof(T))->wait();
+    std::copy(shard, shard + shard_, mine_.begin());
+    group_->all_gather(mine_.data(), flat_.data(), shard_ * sizeof(T))->wait();
     scatter_flat(flat_);
 }
 

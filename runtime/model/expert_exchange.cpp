@@ -12,19 +12,21 @@ namespace duplex {
 
 namespace {
 
-// Rows of `per_peer[p]` (width values each) to every peer p of the group; returns what each peer sent here.
+// Rows of `per_peer[p]` (width values each) to every peer p of the group; returns what each peer sent here. The
+// flat send and receive buffers come from `staging` (the group's allocator: UCX's shared arena) and go back to it.
 template <typename T>
-std::vector<std::vector<T>> exchange_rows(Communicator& group, const std::vector<std::vector<T>>& per_peer, int width) {
+std::vector<std::vector<T>> exchange_rows(Communicator& group, HostBufferPool& staging,
+                                          const std::vector<std::vector<T>>& per_peer, int width) {
     int n = group.size();
     std::vector<size_t> sb(n), so(n), rb(n), ro(n);
     std::vector<int64_t> send_rows(n), recv_rows(n);
     for (int p = 0; p < n; ++p) send_rows[p] = int64_t(per_peer[p].size() / size_t(std::max(width, 1)));
     wait_in_stage(group.all_to_all(send_rows.data(), recv_rows.data(), sizeof(int64_t)), "expert exchange (counts)");
-    std::vector<T> send;
+    size_t sent = 0;
     for (int p = 0; p < n; ++p) {
-        so[p] = send.size() * sizeof(T);
+        so[p] = sent * sizeof(T);
         sb[p] = per_peer[p].size() * sizeof(T);
-        send.insert(send.end(), per_peer[p].begin(), per_peer[p].end());
+        sent += per_peer[p].size();
     }
     size_t total = 0;
     for (int p = 0; p < n; ++p) {
@@ -32,11 +34,15 @@ std::vector<std::vector<T>> exchange_rows(Communicator& group, const std::vector
         rb[p] = size_t(recv_rows[p]) * width * sizeof(T);
         total += size_t(recv_rows[p]) * width;
     }
-    std::vector<T> recv(total);
-    wait_in_stage(group.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro), "expert exchange");
+    HostBuffer send = staging.take(sent * sizeof(T)), recv = staging.take(total * sizeof(T));
+    auto s = static_cast<T*>(send.data());
+    auto r = static_cast<const T*>(recv.data());
+    for (int p = 0; p < n; ++p) std::copy(per_peer[p].begin(), per_peer[p].end(), s + so[p] / sizeof(T));
+    wait_in_stage(group.all_to_all_v(s, sb, so, recv.data(), rb, ro), "expert exchange");
     std::vector<std::vector<T>> out(n);
-    for (int p = 0; p < n; ++p)
-        out[p].assign(recv.begin() + long(ro[p] / sizeof(T)), recv.begin() + long((ro[p] + rb[p]) / sizeof(T)));
+    for (int p = 0; p < n; ++p) out[p].assign(r + ro[p] / sizeof(T), r + (ro[p] + rb[p]) / sizeof(T));
+    staging.give(std::move(send));
+    staging.give(std::move(recv));
     return out;
 }
 
@@ -185,6 +191,7 @@ template <typename T>
 DistributedExchange<T>::DistributedExchange(std::shared_ptr<Communicator> group, int experts)
     : group_(std::move(group)), experts_(experts), placement_(experts, group_->size()) {
     per_rank_ = placement_.per_rank();
+    staging_ = std::make_shared<HostBufferPool>([g = group_](size_t bytes) { return g->allocate_host(bytes); });
 }
 
 template <typename T>
@@ -197,7 +204,7 @@ void DistributedExchange<T>::in_stage(const std::function<void()>& fn) {
 
 template <typename T>
 std::vector<std::vector<T>> DistributedExchange<T>::move(const std::vector<std::vector<T>>& per_peer, int width) {
-    if (!transport_) return exchange_rows(*group_, per_peer, width);
+    if (!transport_) return exchange_rows(*group_, *staging_, per_peer, width);
     std::vector<std::vector<T>> out;
     in_stage([&] { out = transport_->exchange(per_peer, width); });
     return out;

@@ -175,6 +175,7 @@ protected:
     ExpertPlacement placement_;
     int per_rank_;
     std::shared_ptr<RowTransport<T>> transport_;
+    std::shared_ptr<HostBufferPool> staging_;  // the all-to-all-v's flat buffers, from the group's allocator
 };
 
 // The node-limited two-hop path of DeepSeek-V3 over a group whose topology has several (virtual) nodes of

@@ -32,6 +32,17 @@ inline float rand_value(int src, size_t i) {
     return float(int(x % 2001) - 1000) / 997.0f;
 }
 
+// Where a check's buffers come from: the system allocator, or the communicator's (Communicator::allocate_host: UCX's
+// shared arena, whose single-copy messages are copied out of a mapping instead of read with process_vm_readv).
+enum class Buffers { Plain, Transport };
+
+// `bytes` of host memory, every byte `fill`.
+inline HostBuffer test_buffer(Communicator& c, size_t bytes, uint8_t fill, Buffers from) {
+    HostBuffer b = from == Buffers::Transport ? c.allocate_host(bytes) : allocate_ordinary_host(bytes);
+    if (bytes > 0) std::memset(b.data(), fill, bytes);
+    return b;
+}
+
 // Bytes rank src sends rank dst in the uneven all-to-all: varies per pair, zero for some pairs.
 inline size_t a2a_bytes(size_t base, int src, int dst) {
     if (base == 0) return 0;
@@ -39,9 +50,10 @@ inline size_t a2a_bytes(size_t base, int src, int dst) {
     return (src + dst) % 3 == 2 ? 0 : base + extra;
 }
 
-inline std::string check_p2p(Communicator& c, size_t bytes) {
+inline std::string check_p2p(Communicator& c, size_t bytes, Buffers buffers = Buffers::Plain) {
     int n = c.size(), me = c.rank(), to = (me + 1) % n, from = (me - 1 + n) % n;
-    std::vector<uint8_t> send(bytes), recv(bytes, 0xAB);
+    HostBuffer send_memory = test_buffer(c, bytes, 0, buffers), recv_memory = test_buffer(c, bytes, 0xAB, buffers);
+    auto send = send_memory.as<uint8_t>(), recv = recv_memory.as<uint8_t>();
     for (size_t i = 0; i < bytes; ++i) send[i] = pattern(me, to, i);
     auto r = c.irecv(recv.data(), bytes, from, 11);
     auto s = c.isend(send.data(), bytes, to, 11);
@@ -52,7 +64,7 @@ inline std::string check_p2p(Communicator& c, size_t bytes) {
     return "";
 }
 
-inline std::string check_all_to_all_v(Communicator& c, size_t base) {
+inline std::string check_all_to_all_v(Communicator& c, size_t base, Buffers buffers = Buffers::Plain) {
     int n = c.size(), me = c.rank();
     std::vector<size_t> sb(n), so(n), rb(n), ro(n);
     size_t st = 0, rt = 0;
@@ -67,7 +79,8 @@ inline std::string check_all_to_all_v(Communicator& c, size_t base) {
         ro[p] = rt;
         rt += rb[p];
     }
-    std::vector<uint8_t> send(st), recv(rt, 0xCD);
+    HostBuffer send_memory = test_buffer(c, st, 0, buffers), recv_memory = test_buffer(c, rt, 0xCD, buffers);
+    auto send = send_memory.as<uint8_t>(), recv = recv_memory.as<uint8_t>();
     for (int p = 0; p < n; ++p)
         for (size_t i = 0; i < sb[p]; ++i) send[so[p] + i] = pattern(me, p, i);
     c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro)->wait();
@@ -78,9 +91,10 @@ inline std::string check_all_to_all_v(Communicator& c, size_t base) {
     return "";
 }
 
-inline std::string check_all_gather(Communicator& c, size_t bytes) {
+inline std::string check_all_gather(Communicator& c, size_t bytes, Buffers buffers = Buffers::Plain) {
     int n = c.size(), me = c.rank();
-    std::vector<uint8_t> send(bytes), recv(bytes * n, 0xEE);
+    HostBuffer send_memory = test_buffer(c, bytes, 0, buffers), recv_memory = test_buffer(c, bytes * n, 0xEE, buffers);
+    auto send = send_memory.as<uint8_t>(), recv = recv_memory.as<uint8_t>();
     for (size_t i = 0; i < bytes; ++i) send[i] = pattern(me, -1, i);
     c.all_gather(send.data(), recv.data(), bytes)->wait();
     for (int p = 0; p < n; ++p)
@@ -116,10 +130,11 @@ inline float read_value(const void* buf, size_t i, DType dtype) {
     return dtype == DType::BF16 ? bf16_to_fp32(static_cast<const uint16_t*>(buf)[i]) : static_cast<const float*>(buf)[i];
 }
 
-inline std::string check_reduce_scatter(Communicator& c, size_t size, DType dtype) {
+inline std::string check_reduce_scatter(Communicator& c, size_t size, DType dtype, Buffers buffers = Buffers::Plain) {
     int n = c.size(), me = c.rank();
     size_t count = reduce_count(size), es = dtype_size(dtype);
-    std::vector<char> send(count * n * es), recv(count * es + 1);
+    HostBuffer send_memory = test_buffer(c, count * n * es, 0, buffers), recv_memory = test_buffer(c, count * es + 1, 0, buffers);
+    auto send = send_memory.as<char>(), recv = recv_memory.as<char>();
     fill_values(send.data(), count * n, 0, me, dtype);
     c.reduce_scatter(send.data(), recv.data(), count, dtype)->wait();
     for (size_t i = 0; i < count; ++i) {
@@ -130,10 +145,11 @@ inline std::string check_reduce_scatter(Communicator& c, size_t size, DType dtyp
     return "";
 }
 
-inline std::string check_all_reduce(Communicator& c, size_t size, DType dtype) {
+inline std::string check_all_reduce(Communicator& c, size_t size, DType dtype, Buffers buffers = Buffers::Plain) {
     int me = c.rank();
     size_t count = reduce_count(size), es = dtype_size(dtype);
-    std::vector<char> buf(count * es + 1);
+    HostBuffer memory = test_buffer(c, count * es + 1, 0, buffers);
+    auto buf = memory.as<char>();
     fill_values(buf.data(), count, 0, me, dtype);
     c.all_reduce(buf.data(), count, dtype)->wait();
     for (size_t i = 0; i < count; ++i) {
@@ -144,17 +160,17 @@ inline std::string check_all_reduce(Communicator& c, size_t size, DType dtype) {
     return "";
 }
 
-inline std::string check_op(Communicator& c, const std::string& op, size_t size) {
-    if (op == "p2p") return check_p2p(c, size);
-    if (op == "all_to_all_v") return check_all_to_all_v(c, size);
-    if (op == "all_gather") return check_all_gather(c, size);
+inline std::string check_op(Communicator& c, const std::string& op, size_t size, Buffers buffers = Buffers::Plain) {
+    if (op == "p2p") return check_p2p(c, size, buffers);
+    if (op == "all_to_all_v") return check_all_to_all_v(c, size, buffers);
+    if (op == "all_gather") return check_all_gather(c, size, buffers);
     if (op == "reduce_scatter") {
-        std::string e = check_reduce_scatter(c, size, DType::F32);
-        return e.empty() ? check_reduce_scatter(c, size, DType::BF16) : e;
+        std::string e = check_reduce_scatter(c, size, DType::F32, buffers);
+        return e.empty() ? check_reduce_scatter(c, size, DType::BF16, buffers) : e;
     }
     if (op == "all_reduce") {
-        std::string e = check_all_reduce(c, size, DType::F32);
-        return e.empty() ? check_all_reduce(c, size, DType::BF16) : e;
+        std::string e = check_all_reduce(c, size, DType::F32, buffers);
+        return e.empty() ? check_all_reduce(c, size, DType::BF16, buffers) : e;
     }
     return "unknown op " + op;
 }

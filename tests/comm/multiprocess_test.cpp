@@ -15,18 +15,20 @@ namespace {
 
 std::shared_ptr<Communicator> g_world;
 
-class MultiProcessOps : public ::testing::TestWithParam<std::tuple<std::string, size_t>> {};
+class MultiProcessOps : public ::testing::TestWithParam<std::tuple<std::string, size_t, testing::Buffers>> {};
 
 TEST_P(MultiProcessOps, MatchesReference) {
-    auto [op, size] = GetParam();
-    EXPECT_EQ(testing::check_op(*g_world, op, size), "");
+    auto [op, size, buffers] = GetParam();
+    EXPECT_EQ(testing::check_op(*g_world, op, size, buffers), "");
 }
 
 INSTANTIATE_TEST_SUITE_P(All, MultiProcessOps,
                          ::testing::Combine(::testing::ValuesIn(testing::kOps),
-                                            ::testing::ValuesIn(testing::kMessageSizes)),
+                                            ::testing::ValuesIn(testing::kMessageSizes),
+                                            ::testing::Values(testing::Buffers::Plain, testing::Buffers::Transport)),
                          [](const auto& info) {
-                             return fmt::format("{}_{}B", std::get<0>(info.param), std::get<1>(info.param));
+                             return fmt::format("{}_{}B_{}", std::get<0>(info.param), std::get<1>(info.param),
+                                                std::get<2>(info.param) == testing::Buffers::Plain ? "plain" : "allocated");
                          });
 
 TEST(MultiProcess, Split) { EXPECT_EQ(testing::check_split(*g_world), ""); }
@@ -49,6 +51,33 @@ TEST(MultiProcess, SingleCopyIsInUseWhereExpected) {
     EXPECT_NE(g_world->backend_description().find(fmt::format("single copy with {} of {} ranks", others, others)),
               std::string::npos)
         << g_world->backend_description();
+    if (others > 0)
+        EXPECT_NE(g_world->backend_description().find(fmt::format("shared arena mapped by {} of them", others)),
+                  std::string::npos)
+            << g_world->backend_description();
+}
+
+// Large messages from allocate_host's memory are copied out of the receiver's mapping of the sender's arena, and
+// from ordinary memory read with process_vm_readv: each receive counted once, on its own path (UCX's counters).
+TEST(MultiProcess, AllocatedBuffersAreCopiedOutOfTheMapping) {
+    int n = g_world->size();
+    if (n < 2 || g_world->backend_description().find("shared arena mapped by") == std::string::npos)
+        GTEST_SKIP() << "needs two ranks with UCX's shared arena: " << g_world->backend_description();
+    size_t per_peer = 256 << 10;
+    for (auto buffers : {testing::Buffers::Transport, testing::Buffers::Plain}) {
+        HostBuffer send = testing::test_buffer(*g_world, per_peer * n, uint8_t(g_world->rank()), buffers);
+        HostBuffer recv = testing::test_buffer(*g_world, per_peer * n, 0xFF, buffers);
+        auto before = g_world->transport_counters();
+        g_world->all_to_all(send.data(), recv.data(), per_peer)->wait();
+        auto after = g_world->transport_counters();
+        bool allocated = buffers == testing::Buffers::Transport;
+        EXPECT_EQ(after["single_copy_mapped"] - before["single_copy_mapped"], allocated ? uint64_t(n - 1) : 0u);
+        EXPECT_EQ(after["single_copy_read"] - before["single_copy_read"], allocated ? 0u : uint64_t(n - 1));
+        auto got = recv.as<uint8_t>();
+        for (int p = 0; p < n; ++p)
+            EXPECT_TRUE(got[p * per_peer] == p && got[(p + 1) * per_peer - 1] == p) << "block from rank " << p;
+    }
+    g_world->barrier()->wait();
 }
 
 // A receive posted smaller than the send fails on both sides with both sizes (UCX single copy: the receiver answers
