@@ -45,15 +45,18 @@ namespace {
 // at least DUPLEX_UCX_CMA_MIN bytes between ranks of one host take Duplex's own single copy: the sender posts a
 // 32-byte offer (pid, address, size), the receiver reads the bytes with process_vm_readv (ESRCH for a dead sender:
 // an error naming it) and answers with 16 bytes; a dead receiver is named by the store's watchdog (comm/launch.cpp).
-// BENCHMARKS.md has the numbers (scripts/bench-ucx-default).
+// A buffer from allocate_host lives in this rank's shared arena, which the host's other ranks map: its offer carries
+// the offset, and the receiver copies with memcpy out of its mapping (process_vm_readv pins every page it copies,
+// several times slower per byte). BENCHMARKS.md has the numbers (scripts/bench-ucx-default).
 const Knob<bool> kUcxPeerErrors("DUPLEX_UCX_PEER_ERRORS", false,
                                 "0 (default): UCX's shared-memory FIFOs for small same-host messages, Duplex's single "
                                 "copy for large ones (DUPLEX_UCX_CMA_MIN), a lost rank named by the store's watchdog "
                                 "or by the failed read of its memory; 1: UCX's peer error handling as well (UCX then "
                                 "keeps to TCP on one node: small messages several times slower)");
 const Knob<long> kCmaMin("DUPLEX_UCX_CMA_MIN", 64 * 1024,
-                         "messages of at least this many bytes between ranks of one host are read by the receiver "
-                         "straight from the sender's memory (process_vm_readv, one copy); 0 turns this off (every "
+                         "messages of at least this many bytes between ranks of one host are copied once by the "
+                         "receiver, out of its mapping of the sender's shared arena (buffers from allocate_host) or "
+                         "with process_vm_readv (any other memory); 0 turns this off (every "
                          "byte through UCX, whose own CMA then stays on). Used only where every rank of the host can "
                          "read the others' memory");
 const Knob<std::string> kArena("DUPLEX_UCX_ARENA", "64G",
