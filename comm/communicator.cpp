@@ -207,7 +207,8 @@ struct CollectiveCtx {
     }
     uint64_t tag(int phase) const { return comm.wire_tag(true, (seq << 3) | static_cast<uint32_t>(phase)); }
 
-    // Waits for all requests; on timeout cancels the rest and names the first peer that did not answer.
+    // Waits for all requests; on timeout cancels the rest and names the first peer that did not answer. A failed
+    // request cancels the rest too before its error propagates: the caller then frees their buffers.
     void wait(std::vector<std::shared_ptr<Request>>& requests) const {
         for (auto& r : requests) {
             if (!comm.transport_->wait(*r, deadline)) {
@@ -219,7 +220,10 @@ struct CollectiveCtx {
                     fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer), r->is_send ? "sending" : "receiving", r->bytes),
                     deadline.timeout_s());
             }
-            r->rethrow();
+            if (!r->error().empty()) {
+                for (auto& q : requests) comm.transport_->cancel(*q);
+                r->rethrow();
+            }
         }
         requests.clear();
     }
@@ -325,6 +329,9 @@ void exchange_blocks(const CollectiveCtx& ctx, int phase, const char* send, cons
                      const std::vector<size_t>& send_off, char* recv, const std::vector<size_t>& recv_bytes,
                      const std::vector<size_t>& recv_off) {
     int n = ctx.comm.size(), me = ctx.comm.rank();
+    if (send_bytes[me] != recv_bytes[me])  // before posting anything: nothing left in flight into the caller's buffers
+        throw CommError(fmt::format("{}: sends {} bytes to itself but expects {}", comm_context(me, ctx.op),
+                                    send_bytes[me], recv_bytes[me]));
     std::vector<std::shared_ptr<Request>> requests;
     requests.reserve(2 * n);
     for (int i = 1; i < n; ++i) {
@@ -335,9 +342,6 @@ void exchange_blocks(const CollectiveCtx& ctx, int phase, const char* send, cons
         int peer = (me + i) % n;
         requests.push_back(ctx.send(peer, phase, send + send_off[peer], send_bytes[peer]));
     }
-    if (send_bytes[me] != recv_bytes[me])
-        throw CommError(fmt::format("{}: sends {} bytes to itself but expects {}", comm_context(me, ctx.op),
-                                    send_bytes[me], recv_bytes[me]));
     if (send_bytes[me] > 0 && send + send_off[me] != recv + recv_off[me])
         std::memmove(recv + recv_off[me], send + send_off[me], send_bytes[me]);
     ctx.wait(requests);

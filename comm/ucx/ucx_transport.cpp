@@ -263,6 +263,7 @@ public:
         uint64_t wire = (uint64_t(rank_) << kSourceShift) | (tag & kWireMask);
         {
             std::lock_guard<std::mutex> lock(ucx_mutex_);
+            if (failed(*req)) return req;  // aborted meanwhile (see fail_all)
             if (single_copy(peer, bytes)) {
                 // Offer the buffer; the send completes when the receiver answers that it has read it.
                 track(req);
@@ -299,6 +300,7 @@ public:
         uint64_t wire = (uint64_t(peer) << kSourceShift) | (tag & kWireMask);
         {
             std::lock_guard<std::mutex> lock(ucx_mutex_);
+            if (failed(*req)) return req;  // aborted meanwhile (see fail_all)
             if (single_copy(peer, bytes)) {
                 // Receive the sender's offer; its buffer is read after the progress call that delivers it.
                 track(req);
@@ -475,39 +477,47 @@ private:
     // Reads the bytes an offer points at into the user's buffer, then answers the sender.
     void read_offer(UcxRequest& offer) {
         UcxRequest& user = *offer.parent;
-        if (user.done()) return;  // cancelled or failed meanwhile: the buffer is no longer ours to fill
         const CmaOffer& o = offer.offer;
         CmaAnswer answer;
         answer.posted = user.bytes;
         std::string error;
-        const char* mapped = nullptr;
-        if (o.magic == kMappedMagic && peer_arena_[user.peer])
-            mapped = peer_arena_[user.peer]->at(o.address, o.bytes);
-        if (o.magic != kOfferMagic && o.magic != kMappedMagic) {
-            error = fmt::format("rank {}: rank {} sent a plain message where a single-copy offer was expected (sizes "
-                                "differ: this rank posted {} bytes)", rank_, user.peer, user.bytes);
-            answer.status = kAnswerMismatch;
-        } else if (o.bytes != user.bytes) {
-            error = size_mismatch_error(user.peer, fmt::format("{} bytes", o.bytes), rank_, user.bytes);
-            answer.status = kAnswerMismatch;
-        } else if (o.magic == kMappedMagic && !mapped) {
-            error = fmt::format("rank {}: rank {} offered bytes {}..{} of a shared arena this rank has not mapped "
-                                "(or beyond it)", rank_, user.peer, o.address, o.address + o.bytes);
-            answer.status = EFAULT;
-        } else if (mapped) {
-            std::memcpy(user.destination, mapped, user.bytes);
-            mapped_copies_.fetch_add(1, std::memory_order_relaxed);
-        } else if (int err = read_remote(static_cast<pid_t>(o.pid), o.address, user.destination, user.bytes)) {
-            if (err == ESRCH) {
-                // The sender is gone: nobody to answer.
-                settle(user, fmt::format("rank {}: lost rank {} (its process is gone while reading its buffer)", rank_,
-                                         user.peer));
-                return;
+        int err = 0;
+        {
+            // NOTE: fail_all may complete the request from another thread without the worker's lock; copy_mutex_
+            // makes "not done yet, so fill its buffer" one step, so no byte lands after its waiter has moved on.
+            std::lock_guard<std::mutex> copying(copy_mutex_);
+            if (user.done()) return;  // cancelled or failed meanwhile: the buffer is no longer ours to fill
+            const char* mapped = nullptr;
+            if (o.magic == kMappedMagic && peer_arena_[user.peer])
+                mapped = peer_arena_[user.peer]->at(o.address, o.bytes);
+            if (o.magic != kOfferMagic && o.magic != kMappedMagic) {
+                error = fmt::format("rank {}: rank {} sent a plain message where a single-copy offer was expected "
+                                    "(sizes differ: this rank posted {} bytes)", rank_, user.peer, user.bytes);
+                answer.status = kAnswerMismatch;
+            } else if (o.bytes != user.bytes) {
+                error = size_mismatch_error(user.peer, fmt::format("{} bytes", o.bytes), rank_, user.bytes);
+                answer.status = kAnswerMismatch;
+            } else if (o.magic == kMappedMagic && !mapped) {
+                error = fmt::format("rank {}: rank {} offered bytes {}..{} of a shared arena this rank has not mapped "
+                                    "(or beyond it)", rank_, user.peer, o.address, o.address + o.bytes);
+                answer.status = EFAULT;
+            } else if (mapped) {
+                std::memcpy(user.destination, mapped, user.bytes);
+                mapped_copies_.fetch_add(1, std::memory_order_relaxed);
+            } else if ((err = read_remote(static_cast<pid_t>(o.pid), o.address, user.destination, user.bytes))) {
+                error = fmt::format("rank {}: reading rank {}'s buffer failed: {}", rank_, user.peer, std::strerror(err));
+                answer.status = err;
+            } else {
+                remote_reads_.fetch_add(1, std::memory_order_relaxed);
             }
-            error = fmt::format("rank {}: reading rank {}'s buffer failed: {}", rank_, user.peer, std::strerror(err));
-            answer.status = err;
-        } else {
-            remote_reads_.fetch_add(1, std::memory_order_relaxed);
+        }
+        if (err == ESRCH) {
+            // The sender is gone: nobody to answer, and this rank's operations fail with it (as with UCX's peer
+            // errors): one failed receive alone would let its caller unwind and free the buffers of the others
+            // while their offers still arrive and are read.
+            fail_all(fmt::format("rank {}: lost rank {} (its process is gone while reading its buffer)", rank_, user.peer),
+                     /*worker_locked=*/true);
+            return;
         }
         auto reply = make_part(offer.parent, Part::AnswerSend, true);
         reply->answer = answer;
@@ -680,23 +690,29 @@ private:
     // late message lands in a buffer its owner frees once its wait() has failed. worker_locked: called from inside
     // ucp_worker_progress (a UCX callback), where the worker is ours already.
     void fail_all(const std::string& why, bool worker_locked = false) {
-        std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> pending;
         {
             std::lock_guard<std::mutex> lock(state_mutex_);
             if (!aborted_) abort_reason_ = why;  // the first reason names the culprit
             aborted_ = true;
-            pending = in_flight_;
         }
         std::unique_lock<std::mutex> worker(ucx_mutex_, std::defer_lock);
         // NOTE: never block on the worker here: a caller may be stuck inside UCX on the dead peer.
         for (int i = 0; !worker_locked && i < 100 && !worker.try_lock(); ++i)
             std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        // What is in flight once the worker is ours: isend/irecv check aborted_ again under the worker's lock, so
+        // nothing is posted after this that escapes it.
+        std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> pending;
+        {
+            std::lock_guard<std::mutex> lock(state_mutex_);
+            pending = in_flight_;
+        }
         if (worker_locked || worker.owns_lock()) {
             for (auto& [p, r] : pending)
                 if (r->handle) ucp_request_cancel(worker_, r->handle);
             if (!worker_locked)
                 for (int i = 0; i < 8; ++i) progress_locked();  // deliver the cancellations
         }
+        std::lock_guard<std::mutex> copying(copy_mutex_);  // a read under way finishes first (read_offer)
         for (auto& [p, r] : pending) r->complete(abort_reason_);
     }
 
@@ -772,6 +788,7 @@ private:
     std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> in_flight_;
     bool stopping_ = false;
     std::atomic<bool> aborted_{false};
+    std::mutex copy_mutex_;  // held while a single-copy receive fills its buffer, and while fail_all completes requests
     std::atomic<int> drivers_{0};  // callers inside wait() driving the worker
     std::atomic<bool> polling_{false};  // the progress thread may be asleep in poll()
     std::string abort_reason_;

@@ -1,8 +1,10 @@
 // The Communicator over the in-process backend: every operation × world size × message size against the
 // reference checks, plus sub-communicators, out-of-order completion, timeouts and failure propagation.
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <tuple>
 
 #include <gtest/gtest.h>
@@ -159,6 +161,43 @@ TEST(Inproc, SizeMismatchFailsBothSides) {
         }
     });
     EXPECT_EQ(errors.load(), 2);
+}
+
+// A collective whose first request fails withdraws the others before its error reaches the caller, who may then
+// free or reuse their buffers: a message that arrives afterwards must not land in them. Rank 2 sends rank 0 half
+// the bytes it expects (rank 0's first receive fails); rank 1 joins only once rank 0 has given up and refilled its
+// buffer. Bug it catches: rethrowing a failed request's error with the other receives still posted.
+TEST(Inproc, FailedCollectiveWithdrawsItsOtherReceives) {
+    constexpr size_t B = 64;
+    std::atomic<int> phase{0};
+    std::atomic<int> rank0_errors{0};
+    std::vector<char> rank0_recv;
+    LaunchOptions o;
+    o.ranks = 3;
+    o.timeout_s = 2;
+    launch(o, [&](const std::shared_ptr<Communicator>& c) {
+        std::vector<size_t> offsets = {0, B, 2 * B}, bytes(3, B), send_bytes = bytes;
+        std::vector<char> send(3 * B, char('a' + c->rank())), recv(3 * B, 0);
+        if (c->rank() == 2) send_bytes[0] = B / 2;
+        if (c->rank() == 1)
+            while (phase.load() < 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        try {
+            c->all_to_all_v(send.data(), send_bytes, offsets, recv.data(), bytes, offsets)->wait();
+        } catch (const CommError&) {
+            if (c->rank() == 0) ++rank0_errors;
+        }
+        if (c->rank() == 0) {
+            std::fill(recv.begin(), recv.end(), 'z');  // the caller owns its buffer again
+            phase = 1;
+            while (phase.load() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            rank0_recv = recv;
+        } else if (c->rank() == 1) {
+            phase = 2;  // its collective ended (rank 0 no longer takes part: it timed out)
+        }
+    });
+    EXPECT_EQ(rank0_errors.load(), 1);
+    ASSERT_EQ(rank0_recv.size(), 3 * B);
+    EXPECT_EQ(std::count(rank0_recv.begin(), rank0_recv.end(), 'z'), long(3 * B)) << "rank 1's block landed after the error";
 }
 
 TEST(Inproc, BadArgumentsAreRejected) {
