@@ -207,23 +207,19 @@ struct CollectiveCtx {
     }
     uint64_t tag(int phase) const { return comm.wire_tag(true, (seq << 3) | static_cast<uint32_t>(phase)); }
 
-    // Waits for all requests; on timeout cancels the rest and names the first peer that did not answer. A failed
-    // request cancels the rest too before its error propagates: the caller then frees their buffers.
+    // Waits for all requests. A timeout or a failed request cancels the rest before the error propagates (the
+    // caller then frees their buffers); a timeout names the first peer that did not answer.
     void wait(std::vector<std::shared_ptr<Request>>& requests) const {
         for (auto& r : requests) {
-            if (!comm.transport_->wait(*r, deadline)) {
-                int peer_world = r->peer;
-                for (auto& q : requests) comm.transport_->cancel(*q);
-                int peer = static_cast<int>(std::find(comm.members_.begin(), comm.members_.end(), peer_world) -
-                                            comm.members_.begin());
-                throw TimeoutError(
-                    fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer), r->is_send ? "sending" : "receiving", r->bytes),
-                    deadline.timeout_s());
-            }
-            if (!r->error().empty()) {
-                for (auto& q : requests) comm.transport_->cancel(*q);
-                r->rethrow();
-            }
+            bool arrived = comm.transport_->wait(*r, deadline);
+            if (arrived && r->error().empty()) continue;
+            for (auto& q : requests) comm.transport_->cancel(*q);
+            if (arrived) r->rethrow();
+            int peer = static_cast<int>(std::find(comm.members_.begin(), comm.members_.end(), r->peer) -
+                                        comm.members_.begin());
+            throw TimeoutError(
+                fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer), r->is_send ? "sending" : "receiving", r->bytes),
+                deadline.timeout_s());
         }
         requests.clear();
     }

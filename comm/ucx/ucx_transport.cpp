@@ -259,11 +259,11 @@ public:
 
     std::shared_ptr<Request> isend(int peer, uint64_t tag, const void* buf, size_t bytes) override {
         auto req = std::make_shared<UcxRequest>(peer, tag, bytes, true);
-        if (failed(*req)) return req;
+        if (failed(*req)) return req;  // at once, without waiting for a worker that may be stuck on a dead peer
         uint64_t wire = (uint64_t(rank_) << kSourceShift) | (tag & kWireMask);
         {
             std::lock_guard<std::mutex> lock(ucx_mutex_);
-            if (failed(*req)) return req;  // aborted meanwhile (see fail_all)
+            if (failed(*req)) return req;  // again under the worker's lock: fail_all sees every post
             if (single_copy(peer, bytes)) {
                 // Offer the buffer; the send completes when the receiver answers that it has read it.
                 track(req);
@@ -296,11 +296,11 @@ public:
 
     std::shared_ptr<Request> irecv(int peer, uint64_t tag, void* buf, size_t bytes) override {
         auto req = std::make_shared<UcxRequest>(peer, tag, bytes, false);
-        if (failed(*req)) return req;
+        if (failed(*req)) return req;  // at once, without waiting for a worker that may be stuck on a dead peer
         uint64_t wire = (uint64_t(peer) << kSourceShift) | (tag & kWireMask);
         {
             std::lock_guard<std::mutex> lock(ucx_mutex_);
-            if (failed(*req)) return req;  // aborted meanwhile (see fail_all)
+            if (failed(*req)) return req;  // again under the worker's lock: fail_all sees every post
             if (single_copy(peer, bytes)) {
                 // Receive the sender's offer; its buffer is read after the progress call that delivers it.
                 track(req);
