@@ -1,6 +1,6 @@
 // A small dense tensor: dtype, shape (row-major, contiguous), device (CPU or CUDA device N) and
 // reference-counted storage. TensorView is the non-owning counterpart used at API boundaries. This is the
-// tensor that crosses the Stage contract (runtime/stage.hpp): a framework's memory is wrapped without a copy
+// tensor that crosses the Stage contract (runtime/exec/stage.hpp): a framework's memory is wrapped without a copy
 // (Tensor::wrap, or core/dlpack.hpp for a DLPack capsule), and a tensor can be handed out the same way.
 //
 //   Tensor t = Tensor::zeros(DType::F32, {4, 128});

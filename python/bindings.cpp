@@ -21,10 +21,10 @@
 #include "parallel/plan.hpp"
 #include "parallel/schedule.hpp"
 #include "runtime/model/config.hpp"
-#include "runtime/pipeline_trainer.hpp"
-#include "runtime/simulator.hpp"
-#include "runtime/stage.hpp"
-#include "runtime/trainer.hpp"
+#include "runtime/train/pipeline_trainer.hpp"
+#include "runtime/sim/simulator.hpp"
+#include "runtime/exec/stage.hpp"
+#include "runtime/train/trainer.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;

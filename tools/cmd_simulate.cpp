@@ -8,7 +8,7 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
-#include "runtime/simulator.hpp"
+#include "runtime/sim/simulator.hpp"
 #include "tools/commands.hpp"
 #include "tools/lists.hpp"
 

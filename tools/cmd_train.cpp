@@ -14,10 +14,10 @@
 #include "core/host_memory.hpp"
 #include "parallel/schedule.hpp"
 #include "parallel/plan.hpp"
-#include "runtime/checkpoint.hpp"
-#include "runtime/pipeline_trainer.hpp"
-#include "runtime/reference.hpp"
-#include "runtime/trainer.hpp"
+#include "runtime/train/checkpoint.hpp"
+#include "runtime/train/pipeline_trainer.hpp"
+#include "runtime/train/reference.hpp"
+#include "runtime/train/trainer.hpp"
 #include "tools/commands.hpp"
 
 namespace duplex::tools {

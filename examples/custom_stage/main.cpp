@@ -11,8 +11,8 @@
 
 #include <duplex/comm/launch.hpp>
 #include <duplex/parallel/plan.hpp>
-#include <duplex/runtime/pipeline_trainer.hpp>
-#include <duplex/runtime/reference.hpp>
+#include <duplex/runtime/train/pipeline_trainer.hpp>
+#include <duplex/runtime/train/reference.hpp>
 
 #include "mlp_stage.hpp"
 

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include <duplex/runtime/stage.hpp>
+#include <duplex/runtime/exec/stage.hpp>
 
 namespace mlp {
 

@@ -2,8 +2,7 @@
 
 #include <fmt/format.h>
 
-#include "runtime/device_exchange.hpp"
-#include "runtime/device_experts.hpp"
+#include "core/error.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {
@@ -11,10 +10,11 @@ namespace duplex {
 std::string expert_counts_name(int layer) { return fmt::format("layer{}.expert_counts", layer); }
 
 template <typename T>
-BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& info) : o_(o), cfg_(o.train.model_config()) {
+BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& info) : o_(o), cfg_(o.model.model_config()) {
     name_ = info.num_layers > 0 ? fmt::format("stage {} (layers {}..{})", info.stage, info.first_layer,
                                               info.first_layer + info.num_layers - 1)
                                 : fmt::format("stage {} (no layers)", info.stage);
+    ExpertDevices devices = o.devices ? o.devices(info.rank) : ExpertDevices{};
     std::shared_ptr<ExpertExchange<T>> fwd, bwd;
     if (info.ep_group && info.ep_group->size() > 1) {
         hierarchical_ = o.dispatch == "hierarchical" && info.ep_group->topology().num_nodes() > 1;
@@ -24,26 +24,33 @@ BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& inf
         };
         fwd = make(info.ep_group);
         bwd = make(info.ep_group_backward ? info.ep_group_backward : info.ep_group);
-        if (o.train.exchange_on == "cuda") {
-            // Each communicator's exchanges get their own transport: the forward and the backward of an F&B pair
-            // run their kernels on two streams.
-            int device = o.train.device_index(info.rank);
-            attach_device_transport(static_cast<DistributedExchange<T>&>(*fwd), info.ep_group, device, o.train.comm_sms);
-            attach_device_transport(static_cast<DistributedExchange<T>&>(*bwd), info.ep_group_backward, device,
-                                    o.train.comm_sms);
+        if constexpr (!std::is_same_v<T, float>) {
+            if (devices.transport) throw ConfigError("--exchange-on", "cuda: the device path runs fp32 models, not fp64");
+        } else {
+            if (devices.transport) {
+                // Each communicator's exchanges get their own transport: the forward and the backward of an F&B
+                // pair run their kernels on two streams.
+                static_cast<DistributedExchange<T>&>(*fwd).set_transport(devices.transport(info.ep_group));
+                static_cast<DistributedExchange<T>&>(*bwd).set_transport(
+                    devices.transport(info.ep_group_backward ? info.ep_group_backward : info.ep_group));
+            }
         }
     }
     model_ = std::make_unique<ModelStage<T>>(cfg_, info.first_layer, info.num_layers, info.stage == 0,
-                                             info.stage == info.num_stages - 1, o.train.seed, fwd, bwd);
-    model_->set_recompute(o.train.recompute);
+                                             info.stage == info.num_stages - 1, o.model.seed, fwd, bwd);
+    model_->set_recompute(o.model.recompute);
     if (fwd) model_->set_expert_service(info.expert_service);
     model_->set_loss_scale(info.loss_scale);
-    attach_device_experts(*model_, o.train.device_index(info.rank));
+    if constexpr (!std::is_same_v<T, float>) {
+        if (devices.experts) throw ConfigError("--experts-on", "the CUDA path runs fp32; drop --fp64 or use --experts-on cpu");
+    } else {
+        if (devices.experts) model_->set_expert_compute(devices.experts);
+    }
 }
 
 template <typename T>
 TensorSpec BuiltinStage<T>::input_spec(const Microbatch&) const {
-    return {dtype_of<T>(), {int64_t(o_.train.sequences_per_microbatch) * cfg_.seq_len, cfg_.hidden}, Device::cpu()};
+    return {dtype_of<T>(), {int64_t(o_.sequences_per_microbatch) * cfg_.seq_len, cfg_.hidden}, Device::cpu()};
 }
 
 namespace {
@@ -57,7 +64,7 @@ std::vector<T> values_of(const TensorView& v) {
 
 template <typename T>
 Tensor BuiltinStage<T>::forward(const Microbatch& mb, const TensorView& input) {
-    Batch b = mb.batch ? *mb.batch : Batch{o_.train.sequences_per_microbatch, cfg_.seq_len, {}, {}};
+    Batch b = mb.batch ? *mb.batch : Batch{o_.sequences_per_microbatch, cfg_.seq_len, {}, {}};
     std::vector<T> out = model_->forward(mb.id, b, values_of<T>(input));
     if (out.empty()) return {};
     int64_t rows = int64_t(out.size()) / cfg_.hidden;
@@ -109,7 +116,7 @@ std::map<std::string, std::vector<double>> BuiltinStage<T>::take_statistics() {
 
 template <typename T>
 void BuiltinStage<T>::end_step(const std::map<std::string, std::vector<double>>& summed) {
-    if (!o_.train.bias_update) return;
+    if (!o_.model.bias_update) return;
     std::vector<std::vector<int64_t>> counts;
     for (int l = model_->first_layer(); l < model_->first_layer() + model_->num_layers(); ++l)
         if (cfg_.is_moe_layer(l)) {

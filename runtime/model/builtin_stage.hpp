@@ -2,21 +2,36 @@
 // head and loss on the last) behind the Stage contract, with its routed experts exchanged over the EP group
 // the executor hands it (flat, or node-limited when the group spans nodes), optionally computed on a GPU.
 //
-//   StageFactory f = builtin_stage_factory<float>({.train = train_options, .dispatch = "hierarchical"});
+// Where its experts compute and how its rows move when not on the host is handed in (ExpertDevices): the device
+// room (runtime/device/) implements both, the trainer chooses.
+//
+//   StageFactory f = builtin_stage_factory<float>({.model = model_options, .sequences_per_microbatch = 4});
 #pragma once
 
 #include <memory>
 #include <string>
 
+#include <functional>
+
+#include "runtime/exec/stage.hpp"
+#include "runtime/model/options.hpp"
 #include "runtime/model/stage.hpp"
-#include "runtime/stage.hpp"
-#include "runtime/trainer.hpp"
 
 namespace duplex {
 
+// A rank's experts on a GPU (fp32 stages only): what computes them and, when the EP rows move on the device too,
+// the transport to make over each of the stage's EP communicators (collective over the group).
+struct ExpertDevices {
+    std::shared_ptr<ExpertCompute<float>> experts;
+    std::function<std::shared_ptr<RowTransport<float>>(std::shared_ptr<Communicator> group)> transport;
+};
+
 struct BuiltinStageOptions {
-    TrainOptions train;
+    ModelOptions model;
+    int sequences_per_microbatch = 4;
     std::string dispatch = "hierarchical";  // EP groups spanning nodes: hierarchical or flat
+    // The experts' device of the stage on world rank `rank`; empty (or empty members): the host.
+    std::function<ExpertDevices(int rank)> devices;
 };
 
 template <typename T>

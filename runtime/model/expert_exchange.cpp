@@ -6,7 +6,7 @@
 #include <fmt/format.h>
 
 #include "core/error.hpp"
-#include "runtime/stage.hpp"
+#include "runtime/exec/stage.hpp"
 
 namespace duplex {
 

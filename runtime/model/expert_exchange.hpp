@@ -111,7 +111,7 @@ private:
 
 // How the rows of an exchange move between the ranks of an expert-parallel group. Each call is a collective:
 // per_peer[p] holds rows of `width` values for group rank p; the result holds, per peer, the rows it sent here.
-// Without one, DistributedExchange moves them with the communicator's all-to-all-v; runtime/device_exchange.hpp
+// Without one, DistributedExchange moves them with the communicator's all-to-all-v; runtime/device/device_exchange.hpp
 // moves them with the GPU exchange kernel on its own stream and SM budget.
 template <typename T>
 class RowTransport {

@@ -22,9 +22,9 @@
 
 #include "memory/ledger.hpp"
 #include "runtime/model/config.hpp"
-#include "runtime/expert_service.hpp"
+#include "runtime/exec/expert_service.hpp"
 #include "runtime/model/expert_exchange.hpp"
-#include "runtime/stage.hpp"
+#include "runtime/exec/stage.hpp"
 
 namespace duplex {
 
@@ -37,7 +37,7 @@ struct Param {
 };
 
 // Where the routed experts of the MoE layers compute. Without one, ModelStage runs them on the CPU; the device
-// implementation (runtime/device_experts.hpp) runs them on a GPU. For one (key = layer and microbatch): forward,
+// implementation (runtime/device/device_experts.hpp) runs them on a GPU. For one (key = layer and microbatch): forward,
 // later backward, later the weight-gradient work backward returned. Calls for different keys may come from
 // different threads at the same time (the F&B pairs of DualPipe).
 template <typename T>

@@ -1,7 +1,7 @@
-// The device MoE layer (runtime/device_moe.hpp; ctest label `gpu`, skipped without a device) against a per-slot
+// The device MoE layer (tools/bench/device_moe.hpp; ctest label `gpu`, skipped without a device) against a per-slot
 // CPU loop: 8 virtual ranks, two microbatches pipelined (and serial), forward outputs, input and gate
 // gradients, every expert's weight gradients — within fp32 tolerance (cuBLAS sums in its own order).
-#include "runtime/device_moe.hpp"
+#include "tools/bench/device_moe.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,7 @@
 // Checkpoints: a resumed run equals the uninterrupted one bit for bit (every schedule, EP = 2, the EMA on,
 // fp32 and fp64); a resume with another DP size re-shards ZeRO-1 and equals the uninterrupted run to 1e-12 in
 // fp64; a damaged checkpoint is refused naming the file, before anything changes.
-#include "runtime/checkpoint.hpp"
+#include "runtime/train/checkpoint.hpp"
 
 #include <filesystem>
 #include <fstream>
@@ -10,8 +10,8 @@
 #include <gtest/gtest.h>
 
 #include "comm/launch.hpp"
-#include "runtime/pipeline_trainer.hpp"
-#include "runtime/reference.hpp"
+#include "runtime/train/pipeline_trainer.hpp"
+#include "runtime/train/reference.hpp"
 
 namespace duplex {
 namespace {

@@ -1,5 +1,5 @@
 // Batch sources: the token-file reader against the bytes it was given, and its refusals.
-#include "runtime/data.hpp"
+#include "runtime/train/data.hpp"
 
 #include <cstdio>
 #include <fstream>

@@ -1,5 +1,5 @@
 // Distributed training equals single-rank training on the same global batch, for every schedule.
-#include "runtime/pipeline_trainer.hpp"
+#include "runtime/train/pipeline_trainer.hpp"
 
 #include <cmath>
 #include <cstdio>
@@ -13,7 +13,7 @@
 #include "core/clock.hpp"
 #include "core/error.hpp"
 #include "parallel/plan.hpp"
-#include "runtime/reference.hpp"
+#include "runtime/train/reference.hpp"
 
 namespace duplex {
 namespace {

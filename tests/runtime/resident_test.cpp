@@ -14,7 +14,7 @@
 #include "core/clock.hpp"
 #include "kernels/cpu/ops.hpp"
 #include "kernels/exchange_plan.hpp"
-#include "runtime/data.hpp"
+#include "runtime/train/data.hpp"
 #include "runtime/model/expert_exchange.hpp"
 #include "runtime/model/stage.hpp"
 #include "tests/runtime/p2p_transport.hpp"

@@ -1,6 +1,6 @@
 // The simulator against its oracles: an event-driven replay written in this file and the published bubble formulas with free
 // communication, the published DeepSeek-V3 cost, and the layout checks.
-#include "runtime/simulator.hpp"
+#include "runtime/sim/simulator.hpp"
 
 #include <cmath>
 #include <functional>

@@ -8,8 +8,8 @@
 #include "comm/launch.hpp"
 #include "core/dlpack.hpp"
 #include "examples/custom_stage/mlp_stage.hpp"
-#include "runtime/pipeline_trainer.hpp"
-#include "runtime/reference.hpp"
+#include "runtime/train/pipeline_trainer.hpp"
+#include "runtime/train/reference.hpp"
 
 namespace duplex {
 namespace {

@@ -1,12 +1,12 @@
 // The reference trainer: it learns, it is deterministic, aux-loss-free balancing works, recompute is exact.
-#include "runtime/trainer.hpp"
+#include "runtime/train/trainer.hpp"
 
 #include <algorithm>
 
 #include <gtest/gtest.h>
 
 #include "core/error.hpp"
-#include "runtime/device_experts.hpp"
+#include "runtime/device/device_experts.hpp"
 
 namespace duplex {
 namespace {

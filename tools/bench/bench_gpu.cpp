@@ -2,7 +2,7 @@
 //   1. FP8 1x128 quantize throughput against device-to-device copy bandwidth (the HBM ceiling);
 //   2. a large BF16 GEMM (cuBLAS) alone, the expert exchange alone on an SM budget, and both at once on two
 //      streams: how much GEMM throughput the exchange's SMs take, and whether both progress (overlap);
-//   3. one MoE layer forward + backward on the virtual ranks (runtime/device_moe.hpp), microbatches pipelined
+//   3. one MoE layer forward + backward on the virtual ranks (tools/bench/device_moe.hpp), microbatches pipelined
 //      (dispatch beside expert compute) against the same work serialized: the time the overlap saves; and against
 //      the plain reference layer (gather, a GEMM per expert, index_add; no exchange) on the same GPU.
 //   The GEMM beside the exchange is also measured beside a plain copy kernel of the same bytes and SM budget.
@@ -21,7 +21,7 @@
 #include "core/error.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
-#include "runtime/device_moe.hpp"
+#include "tools/bench/device_moe.hpp"
 #include "tools/gpu_timing.hpp"
 #include "tools/lists.hpp"
 

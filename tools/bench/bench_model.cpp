@@ -10,7 +10,7 @@
 
 #include "core/clock.hpp"
 #include "kernels/cpu/ops.hpp"
-#include "runtime/data.hpp"
+#include "runtime/train/data.hpp"
 #include "runtime/model/stage.hpp"
 
 using namespace duplex;

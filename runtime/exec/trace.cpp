@@ -1,4 +1,4 @@
-#include "runtime/trace.hpp"
+#include "runtime/exec/trace.hpp"
 
 #include <fstream>
 #include <sstream>

@@ -1,4 +1,4 @@
-#include "runtime/simulator.hpp"
+#include "runtime/sim/simulator.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "parallel/schedule.hpp"
-#include "runtime/cost_model.hpp"
+#include "runtime/sim/cost_model.hpp"
 #include "runtime/model/config.hpp"
 
 namespace duplex {

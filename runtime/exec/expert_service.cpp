@@ -1,4 +1,4 @@
-#include "runtime/expert_service.hpp"
+#include "runtime/exec/expert_service.hpp"
 
 namespace duplex {
 

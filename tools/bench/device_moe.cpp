@@ -1,4 +1,4 @@
-#include "runtime/device_moe.hpp"
+#include "tools/bench/device_moe.hpp"
 
 #include "parallel/plan.hpp"
 

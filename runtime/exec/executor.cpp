@@ -1,4 +1,4 @@
-#include "runtime/executor.hpp"
+#include "runtime/exec/executor.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -34,77 +34,6 @@ std::pair<double, double> hidden_time(const std::vector<Interval>& comm, std::ve
         }
     }
     return {hidden, total};
-}
-
-// ---- transports ----
-
-namespace {
-// After a failed step, sends may still be queued at (or being copied by) a peer that will never take them: a
-// short wait cancels what is queued and lets a copy under way finish, so no peer reads freed memory.
-template <typename Pending>
-void cancel_pending(Pending& pending) {
-    for (auto& entry : pending) {
-        try {
-            entry.first->wait(1e-3);
-        } catch (...) {
-        }
-    }
-    pending.clear();
-}
-}  // namespace
-
-CommPipeTransport::~CommPipeTransport() { cancel_pending(pending_); }
-TimedPipeTransport::~TimedPipeTransport() { cancel_pending(pending_); }
-
-void CommPipeTransport::send(const Tensor& t, int peer, uint32_t tag) {
-    DUPLEX_CHECK_ARG(!t.is_meta(), "pipeline send", "a meta tensor {} has no payload; math mode sends data",
-                     t.spec().str());
-    WorkPtr w = pipe_->isend(t.raw(), t.nbytes(), peer, tag);
-    std::lock_guard<std::mutex> lock(mutex_);
-    pending_.push_back({std::move(w), t});
-}
-
-Tensor CommPipeTransport::recv(const TensorSpec& spec, int peer, uint32_t tag) {
-    Tensor t = Tensor::empty(spec.dtype, spec.shape);
-    pipe_->irecv(t.raw(), t.nbytes(), peer, tag)->wait();
-    return t;
-}
-
-void CommPipeTransport::drain() {
-    std::vector<std::pair<WorkPtr, Tensor>> all;
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        all.swap(pending_);
-    }
-    for (auto& [w, t] : all) w->wait();
-}
-
-void TimedPipeTransport::send(const Tensor& t, int peer, uint32_t tag) {
-    auto header = std::make_shared<std::vector<double>>(2);
-    (*header)[0] = now_seconds();
-    (*header)[1] = double(t.nbytes());
-    WorkPtr w = pipe_->isend(header->data(), 2 * sizeof(double), peer, tag);
-    std::lock_guard<std::mutex> lock(mutex_);
-    pending_.push_back({std::move(w), header});
-}
-
-Tensor TimedPipeTransport::recv(const TensorSpec& spec, int peer, uint32_t tag) {
-    double header[2];
-    pipe_->irecv(header, sizeof(header), peer, tag)->wait();
-    if (header[1] != double(spec.nbytes()))
-        throw StageError(fmt::format("pipeline rank {}: {} bytes arrived from rank {} where {} ({} bytes) was expected",
-                                     pipe_->rank(), header[1], peer, spec.str(), spec.nbytes()));
-    sleep_until_seconds(header[0] + cost_.transfer_s(header[1], pipe_->topology().link(peer, pipe_->rank())));
-    return Tensor::meta(spec.dtype, spec.shape, spec.device);
-}
-
-void TimedPipeTransport::drain() {
-    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<double>>>> all;
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        all.swap(pending_);
-    }
-    for (auto& [w, h] : all) w->wait();
 }
 
 // ---- the stage context of the calling thread ----

@@ -1,4 +1,4 @@
-#include "runtime/device_exchange.hpp"
+#include "runtime/device/device_exchange.hpp"
 
 #include <unistd.h>
 
@@ -19,7 +19,7 @@
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
 #include "kernels/exchange_plan.hpp"
-#include "runtime/device_rows.hpp"
+#include "runtime/device/device_rows.hpp"
 #endif
 
 namespace duplex {

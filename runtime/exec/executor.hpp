@@ -1,5 +1,5 @@
 // The one executor: runs a pipeline rank's instruction list (parallel/schedule.hpp) for any Stage
-// (runtime/stage.hpp). It is the only place an instruction list is interpreted for execution; math mode,
+// (runtime/exec/stage.hpp). It is the only place an instruction list is interpreted for execution; math mode,
 // emulate mode and device stages differ in their Stage and their PipeTransport, not in this loop.
 //
 // Per instruction it receives what the chunk needs (sched::p2p_of names peers and tags; a producer on the
@@ -16,15 +16,14 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "comm/communicator.hpp"
 #include "parallel/schedule.hpp"
-#include "runtime/cost_model.hpp"
-#include "runtime/stage.hpp"
-#include "runtime/trace.hpp"
+#include "runtime/exec/pipe_transport.hpp"
+#include "runtime/exec/stage.hpp"
+#include "runtime/exec/trace.hpp"
 
 namespace duplex {
 
@@ -34,51 +33,6 @@ struct Interval {
 
 // Time of `comm` intervals covered by the union of `compute` intervals, and their total time.
 std::pair<double, double> hidden_time(const std::vector<Interval>& comm, std::vector<Interval> compute);
-
-// How activations and gradients travel between pipeline ranks.
-class PipeTransport {
-public:
-    virtual ~PipeTransport() = default;
-    // Starts sending `t` to `peer`; the transport keeps `t` alive until drain().
-    virtual void send(const Tensor& t, int peer, uint32_t tag) = 0;
-    // Blocks until the tensor of `spec` from `peer` is here.
-    virtual Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) = 0;
-    // Waits for every send started so far.
-    virtual void drain() = 0;
-};
-
-// Real payloads over a communicator (math mode).
-class CommPipeTransport : public PipeTransport {
-public:
-    explicit CommPipeTransport(std::shared_ptr<Communicator> pipe) : pipe_(std::move(pipe)) {}
-    ~CommPipeTransport() override;  // cancels sends still in flight (a step that failed) before freeing them
-    void send(const Tensor& t, int peer, uint32_t tag) override;
-    Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) override;
-    void drain() override;
-
-private:
-    std::shared_ptr<Communicator> pipe_;
-    std::mutex mutex_;
-    std::vector<std::pair<WorkPtr, Tensor>> pending_;
-};
-
-// Sizes without payloads (emulate mode): each transfer is a 16-byte header (send time, bytes); the receiver
-// holds it until send time + latency + bytes / bandwidth of the link between the two ranks, from the cost
-// model. The steady clock is shared by threads and by processes on one host.
-class TimedPipeTransport : public PipeTransport {
-public:
-    TimedPipeTransport(std::shared_ptr<Communicator> pipe, const CostModel& cost) : pipe_(std::move(pipe)), cost_(cost) {}
-    ~TimedPipeTransport() override;
-    void send(const Tensor& t, int peer, uint32_t tag) override;
-    Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) override;
-    void drain() override;
-
-private:
-    std::shared_ptr<Communicator> pipe_;
-    const CostModel& cost_;
-    std::mutex mutex_;
-    std::vector<std::pair<WorkPtr, std::shared_ptr<std::vector<double>>>> pending_;
-};
 
 struct ExecutorOptions {
     bool exclusive_compute = false;  // one compute stream per rank (see above)

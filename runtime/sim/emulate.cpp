@@ -1,4 +1,4 @@
-#include "runtime/emulate.hpp"
+#include "runtime/sim/emulate.hpp"
 
 #include <algorithm>
 #include <chrono>

@@ -24,8 +24,8 @@
 #include <vector>
 
 #include "parallel/plan.hpp"
-#include "runtime/cost_model.hpp"
-#include "runtime/stage.hpp"
+#include "runtime/sim/cost_model.hpp"
+#include "runtime/exec/stage.hpp"
 
 namespace duplex {
 

@@ -1,4 +1,4 @@
-#include "runtime/cost_model.hpp"
+#include "runtime/sim/cost_model.hpp"
 
 #include <algorithm>
 #include <fstream>

@@ -1,4 +1,4 @@
-#include "runtime/trainer.hpp"
+#include "runtime/train/trainer.hpp"
 
 #include "core/host_memory.hpp"
 
@@ -8,7 +8,8 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
-#include "runtime/device_experts.hpp"
+#include "runtime/device/device_exchange.hpp"
+#include "runtime/device/device_experts.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {
@@ -47,6 +48,25 @@ int TrainOptions::device_index(int rank) const {
     return n;
 }
 
+BuiltinStageOptions builtin_stage_options(const TrainOptions& o, const std::string& dispatch) {
+    BuiltinStageOptions b;
+    b.model = o;
+    b.sequences_per_microbatch = o.sequences_per_microbatch;
+    b.dispatch = dispatch;
+    if (o.device != "cpu")
+        b.devices = [o](int rank) {
+            int device = o.device_index(rank);
+            ExpertDevices d;
+            d.experts = make_device_experts(device);
+            if (o.exchange_on == "cuda")
+                d.transport = [device, sms = o.comm_sms](std::shared_ptr<Communicator> group) {
+                    return make_device_transport(std::move(group), device, sms);
+                };
+            return d;
+        };
+    return b;
+}
+
 std::pair<double, std::string> TrainOptions::memory_lower_bound(int replicas, size_t elem_bytes, bool emulate) const {
     if (emulate) return {0.0, "emulate mode"};
     ModelConfig c = model_config();
@@ -60,25 +80,6 @@ std::pair<double, std::string> TrainOptions::memory_lower_bound(int replicas, si
             fmt::format("{} replica{} x ({} of parameters, gradients and moments + {} of activations for one "
                         "microbatch of {:.0f} tokens)",
                         replicas, replicas == 1 ? "" : "s", human_bytes(params), human_bytes(acts), tokens)};
-}
-
-ModelConfig TrainOptions::model_config() const {
-    ModelConfig c = ModelConfig::preset(model);
-    if (bias_update_speed >= 0) c.bias_update_speed = bias_update_speed;
-    DUPLEX_CHECK_ARG(balance_alpha >= 0, "--balance-alpha", "must not be negative, got {}", balance_alpha);
-    c.balance_alpha = balance_alpha;
-    if (layers >= 0) {
-        DUPLEX_CHECK_ARG(layers >= 1 && layers <= 4096, "--layers", "between 1 and 4096, got {}", layers);
-        c.dense_layers = std::min(c.dense_layers, layers);
-        c.layers = layers;
-    }
-    if (dense_layers >= 0) {
-        DUPLEX_CHECK_ARG(dense_layers <= c.layers, "--dense-layers", "the {} model has {} layers, got {}", c.name,
-                         c.layers, dense_layers);
-        c.dense_layers = dense_layers;
-    }
-    c.validate();
-    return c;
 }
 
 template <typename T>

@@ -1,4 +1,4 @@
-#include "runtime/reference.hpp"
+#include "runtime/train/reference.hpp"
 
 #include <algorithm>
 #include <cmath>

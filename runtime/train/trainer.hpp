@@ -14,46 +14,43 @@
 #include <vector>
 
 #include "kernels/cpu/ops.hpp"
-#include "runtime/data.hpp"
+#include "runtime/train/data.hpp"
+#include "runtime/model/builtin_stage.hpp"
+#include "runtime/model/options.hpp"
 #include "runtime/model/stage.hpp"
 
 namespace duplex {
 
-struct TrainOptions {
-    std::string model = "tiny";
+// The trainer's options: the built-in model's (runtime/model/options.hpp) and the step loop's.
+struct TrainOptions : ModelOptions {
     int steps = 300;
     int microbatches = 4;
     int sequences_per_microbatch = 4;
-    uint64_t seed = 1;
     double lr = 3e-3;
     double weight_decay = 0.1;
     double clip = 1.0;
-    bool recompute = false;
-    bool bias_update = true;
-    double bias_update_speed = -1;  // gamma; < 0: the model preset's (0.001 as in V3)
-    double balance_alpha = 0.0;     // sequence-wise balance loss weight (V3: 0.0001); 0: off
     double token_skew = 0.0;  // Zipf exponent of the input tokens (skewed expert load); 0: uniform
-    int dense_layers = -1;    // >= 0: override the preset's number of leading dense layers
-    int layers = -1;          // >= 1: override the preset's number of layers (e.g. 16 stages of a 4-layer preset)
-    // Training data: "synthetic" (the task of runtime/data.hpp) or a token-id file "PATH[:u16|:u32]".
+    // Training data: "synthetic" (the task of runtime/train/data.hpp) or a token-id file "PATH[:u16|:u32]".
     std::string data = "synthetic";
     // Where the routed experts compute: "cpu", or "cuda" (rank r on GPU r % GPUs) / "cuda:N" — the executor's
-    // device path (runtime/device_experts.hpp), fp32 only.
+    // device path (runtime/device/device_experts.hpp), fp32 only.
     std::string device = "cpu";
     // How the EP group's dispatch and combine rows move: "host" (the communicator) or "cuda" (the exchange kernel on
-    // the experts' GPU, its own stream and `comm_sms` SMs; runtime/device_exchange.hpp). cuda needs --experts-on.
+    // the experts' GPU, its own stream and `comm_sms` SMs; runtime/device/device_exchange.hpp). cuda needs --experts-on.
     std::string exchange_on = "host";
     int comm_sms = 20;
     void validate() const;
     // The GPU index of `rank` under --experts-on (-1 for cpu); ConfigError when there is no such device.
     int device_index(int rank) const;
-    // The preset named by `model` with the overrides above applied (validated).
-    ModelConfig model_config() const;
     // A lower bound of the host memory `replicas` data-parallel replicas of the built-in model take in one
     // process (parameters with their gradient and AdamW moments; one microbatch's activations through every layer
     // and its logits), with how it was counted. Emulate mode computes nothing: its stages hold no weights.
     std::pair<double, std::string> memory_lower_bound(int replicas, size_t elem_bytes, bool emulate) const;
 };
+
+// The built-in stage's options for a run of `o`: its model options, and its experts' device on each rank from
+// --experts-on / --exchange-on (the device room's experts and exchange transport).
+BuiltinStageOptions builtin_stage_options(const TrainOptions& o, const std::string& dispatch);
 
 struct StepMetrics {
     int step = 0;

@@ -1,4 +1,4 @@
-#include "runtime/data.hpp"
+#include "runtime/train/data.hpp"
 
 #include <cmath>
 #include <fstream>

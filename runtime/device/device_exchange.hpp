@@ -12,7 +12,7 @@
 // While one exchange kernel runs on its SMs, the other half of a DualPipe F&B pair computes its experts on the
 // rest of the device.
 //
-// With the device experts on the same GPU (runtime/device_experts.hpp) the rows stay there from dispatch to combine:
+// With the device experts on the same GPU (runtime/device/device_experts.hpp) the rows stay there from dispatch to combine:
 // a dispatch's rows are written straight into a fresh expert-major buffer the experts read (RowTransport::
 // exchange_to_experts, kernels::plan_expert_major), and their outputs go from there into the token ranks' receive
 // buffers (exchange_from_experts); only the tokens' rows go up and the returned rows come down. The backward's

@@ -1,4 +1,4 @@
-#include "runtime/pipeline_trainer.hpp"
+#include "runtime/train/pipeline_trainer.hpp"
 
 #include <cmath>
 #include <csignal>
@@ -13,9 +13,10 @@
 #include "core/knobs.hpp"
 #include "memory/ema.hpp"
 #include "parallel/plan.hpp"
-#include "runtime/checkpoint.hpp"
-#include "runtime/emulate.hpp"
-#include "runtime/executor.hpp"
+#include "runtime/train/checkpoint.hpp"
+#include "runtime/sim/emulate.hpp"
+#include "runtime/sim/timed_transport.hpp"
+#include "runtime/exec/executor.hpp"
 #include "runtime/model/builtin_stage.hpp"
 #include "runtime/model/router.hpp"
 
@@ -239,7 +240,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
             auto bytes = I.emulated_bytes;
             factory = [eo, bytes](const StageInfo& info) { return std::make_unique<EmulatedStage>(eo, info, bytes); };
         } else {
-            factory = builtin_stage_factory<T>({o, p.dispatch});
+            factory = builtin_stage_factory<T>(builtin_stage_options(o, p.dispatch));
         }
     }
     if (!batches && !p.emulate && !I.custom) {

@@ -1,5 +1,5 @@
-// ResidentRows in device memory of their own: what the executor's device exchange (runtime/device_exchange.cpp)
-// leaves for the device experts (runtime/device_experts.cpp) and what they give back, expert-major. For the CUDA
+// ResidentRows in device memory of their own: what the executor's device exchange (runtime/device/device_exchange.cpp)
+// leaves for the device experts (runtime/device/device_experts.cpp) and what they give back, expert-major. For the CUDA
 // sources of runtime/ only.
 #pragma once
 

@@ -1,4 +1,4 @@
-#include "runtime/device_experts.hpp"
+#include "runtime/device/device_experts.hpp"
 
 #include <fmt/format.h>
 
@@ -14,7 +14,7 @@
 #include "kernels/cuda/buffer.hpp"
 #include "kernels/cuda/device.hpp"
 #include "kernels/cuda/kernels.hpp"
-#include "runtime/device_rows.hpp"
+#include "runtime/device/device_rows.hpp"
 #endif
 
 namespace duplex {

@@ -1,5 +1,5 @@
 // The Stage contract: what a model hands Duplex, one pipeline stage at a time, and what the one executor
-// (runtime/executor.hpp) drives. A stage is a contiguous piece of the model; the executor calls it
+// (runtime/exec/executor.hpp) drives. A stage is a contiguous piece of the model; the executor calls it
 // microbatch by microbatch in the order of its rank's instruction list:
 //
 //   forward(mb, input)            F: the activation from the previous stage (empty on the first) -> output
@@ -21,7 +21,7 @@
 //
 //   class MyStage : public Stage { ... };
 //   StageFactory f = [](const StageInfo& info) { return std::make_unique<MyStage>(info); };
-//   Trainer<float> t(world, plan, f);      // runtime/trainer.hpp
+//   Trainer<float> t(world, plan, f);      // runtime/train/trainer.hpp
 #pragma once
 
 #include <functional>
@@ -33,7 +33,7 @@
 #include "comm/communicator.hpp"
 #include "core/error.hpp"
 #include "core/tensor.hpp"
-#include "runtime/expert_service.hpp"
+#include "runtime/exec/expert_service.hpp"
 
 namespace duplex {
 

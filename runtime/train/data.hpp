@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/stage.hpp"
+#include "runtime/exec/stage.hpp"
 
 namespace duplex {
 

@@ -1,6 +1,6 @@
 // The trainer of every distributed run: builds this rank's stages through a StageFactory (the built-in
 // model's by default, emulate mode's timed stages with `emulate`, or the caller's own), runs the schedule with
-// the one Executor (runtime/executor.hpp), then the step end: DualPipe ranks hold two copies of each stage
+// the one Executor (runtime/exec/executor.hpp), then the step end: DualPipe ranks hold two copies of each stage
 // (r and PP-1-r) whose gradients are summed; ZeRO-1 AdamW per stage over the DP group (routed experts over the
 // expert-DP group) with a global-norm clip; the CPU EMA of the owned weights, updated in the background; and
 // the stages' statistics summed over every rank and handed back (the built-in router-bias update).
@@ -25,11 +25,11 @@
 #include "parallel/grid.hpp"
 #include "parallel/schedule.hpp"
 #include "parallel/zero1.hpp"
-#include "runtime/cost_model.hpp"
-#include "runtime/data.hpp"
-#include "runtime/stage.hpp"
-#include "runtime/trace.hpp"
-#include "runtime/trainer.hpp"
+#include "runtime/sim/cost_model.hpp"
+#include "runtime/train/data.hpp"
+#include "runtime/exec/stage.hpp"
+#include "runtime/exec/trace.hpp"
+#include "runtime/train/trainer.hpp"
 
 namespace duplex {
 
@@ -78,7 +78,7 @@ public:
     // per DP replica).
     std::map<std::string, std::vector<T>> owned_parameters();
     int pipeline_ranks() const;
-    // This rank's recorded spans since construction (see runtime/trace.hpp), for write_chrome_trace.
+    // This rank's recorded spans since construction (see runtime/exec/trace.hpp), for write_chrome_trace.
     std::string trace_blob() const;
     // How tokens reach their experts here: "local" (EP = 1), "flat" or "hierarchical" (an EP group spanning nodes).
     std::string dispatch_path() const;
@@ -86,7 +86,7 @@ public:
     LinkBytes expert_bytes_sent() const;
     // The EMA of the owned parameters (empty without ema_decay); waits for the pending update.
     std::map<std::string, std::vector<T>> ema_parameters();
-    // Checkpoints (runtime/checkpoint.hpp); collectives over the world. save_checkpoint, after a step: this rank's
+    // Checkpoints (runtime/train/checkpoint.hpp); collectives over the world. save_checkpoint, after a step: this rank's
     // shard (its owned stages' values and buffers, its ZeRO-1 moments, its part of the EMA) into root/step-<N>,
     // then rank 0's manifest, then all but the newest `keep` removed (0: keep all). Returns the directory.
     std::string save_checkpoint(const std::string& root, int keep = 0);
