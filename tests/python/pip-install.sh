@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # `pip install .` into a fresh virtual environment (build isolation: scikit-build-core and nanobind from PyPI),
 # then the acceptance one-liner: the DualPipe plan of PP=8, N=20 with F&B=3 has makespan 66.
-# usage: pip-install.sh SOURCE_DIR
+# Given the tree `make test` just built (its compilers, build type and CUDA setting), every library source compiles
+# with the same command line, so a compiler cache (ccache, when installed) serves them instead of compiling them
+# again.
+# usage: pip-install.sh SOURCE_DIR [BUILD_DIR WITH_CUDA]
 set -euo pipefail
 src=$(cd "$1" && pwd)
+same=()
+if [ $# -ge 3 ]; then
+    cached() { sed -n "s/^$1:[A-Z]*=//p" "$2/CMakeCache.txt"; }
+    same=(--config-settings=cmake.build-type="$(cached CMAKE_BUILD_TYPE "$2")"
+          --config-settings=cmake.define.CMAKE_CXX_COMPILER="$(cached CMAKE_CXX_COMPILER "$2")"
+          --config-settings=cmake.define.CMAKE_C_COMPILER="$(cached CMAKE_C_COMPILER "$2")"
+          --config-settings=cmake.define.DUPLEX_WITH_CUDA="$3")
+fi
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 python3 -m venv "$dir/venv"
 "$dir/venv/bin/python" -m pip install -q --disable-pip-version-check "$src" \
-    --config-settings=build-dir="$dir/build" >"$dir/pip.log" 2>&1 || { grep -E "error|Error" "$dir/pip.log" | tail -20; exit 1; }
+    --config-settings=build-dir="$dir/build" "${same[@]}" >"$dir/pip.log" 2>&1 || { grep -E "error|Error" "$dir/pip.log" | tail -20; exit 1; }
 cd "$dir"
 got=$("$dir/venv/bin/python" -c "import duplex; print(duplex.schedule('dualpipe', pp=8, microbatches=20, cost_f=1, cost_b=2, cost_w=1, cost_fb=3).makespan)")
 echo "$got"
