@@ -56,12 +56,22 @@ DType dtype_of_dl(nb::dlpack::dtype t) { return dtype_from_dlpack(t.code, t.bits
 DType dtype_of_array(const Array& a) { return dtype_of_dl(a.dtype()); }
 size_t bytes_of(const Array& a) { return a.nbytes(); }
 
-// A blocking wait with the GIL released.
-// Inside a stage call the wait goes through the executor (traced as communication; with one compute stream the
-// other half of an F&B pair runs meanwhile); elsewhere it is a plain wait. The GIL is released either way.
-void wait(const WorkPtr& w, const std::string& what = "communication") {
+// A stage call as Python sees it (duplex.torch passes it to the group operations its stage runs): the stage's
+// expert-parallel group, and the call's context while the call lasts (null after it returned).
+struct StageCall {
+    StageContext* ctx = nullptr;
+    std::shared_ptr<Communicator> ep_group, ep_group_backward;
+};
+
+// A blocking wait with the GIL released. Given the stage call it runs in, the wait goes through the executor
+// (traced as communication; with one compute stream the other half of an F&B pair runs meanwhile); elsewhere it
+// is a plain wait. The GIL is released either way.
+void wait(const WorkPtr& w, const std::string& what = "communication", const StageCall* call = nullptr) {
     nb::gil_scoped_release release;
-    wait_in_stage(w, what);
+    if (call && call->ctx)
+        call->ctx->wait(w, what);
+    else
+        w->wait();
 }
 
 nb::tuple chunk_tuple(const sched::Chunk& c) { return nb::make_tuple(c.mb, c.stage, c.dir); }
@@ -115,32 +125,35 @@ public:
     }
     std::string name() const override { return name_; }
     TensorSpec input_spec(const Microbatch& mb) const override {
-        return call(mb, "activation", [&] {
+        return call(mb, "activation", [&](nb::handle) {
             auto [shape, dtype] = nb::cast<std::pair<std::vector<int64_t>, std::string>>(py_.attr("activation")(mb.id));
             return TensorSpec{dtype_from_name(dtype), Shape(shape.begin(), shape.end()), Device::cpu()};
         });
     }
     TensorSpec output_spec(const Microbatch& mb) const override { return input_spec(mb); }
     Tensor forward(const Microbatch& mb, const TensorView& input) override {
-        return call(mb, "forward", [&] {
+        return call(mb, "forward", [&](nb::handle c) {
             // NOTE: one copy: the executor frees its receive buffer after the call, autograd may keep the input.
             nb::object x = input.empty() ? nb::none() : tensor_to_torch(Tensor::copy_of(input));
-            nb::object out = py_.attr("forward")(mb.id, mb.global, mb.step, x);
+            nb::object out = py_.attr("forward")(mb.id, mb.global, mb.step, x, c);
             return out.is_none() ? Tensor() : tensor_from_py(out);
         });
     }
     double loss(const Microbatch& mb) override {
-        return call(mb, "loss", [&] { return nb::cast<double>(py_.attr("loss")(mb.id)); });
+        return call(mb, "loss", [&](nb::handle) { return nb::cast<double>(py_.attr("loss")(mb.id)); });
     }
     Tensor backward_input(const Microbatch& mb, const TensorView& grad) override {
-        return call(mb, "backward", [&] {
+        return call(mb, "backward", [&](nb::handle c) {
             nb::object dy = grad.empty() ? nb::none() : tensor_to_torch(Tensor::copy_of(grad));
-            nb::object dx = py_.attr("backward_input")(mb.id, dy, mb.weight_follows);
+            nb::object dx = py_.attr("backward_input")(mb.id, dy, mb.weight_follows, c);
             return dx.is_none() ? Tensor() : tensor_from_py(dx);
         });
     }
     void backward_weight(const Microbatch& mb) override {
-        call(mb, "backward_weight", [&] { py_.attr("backward_weight")(mb.id); return 0; });
+        call(mb, "backward_weight", [&](nb::handle c) {
+            py_.attr("backward_weight")(mb.id, c);
+            return 0;
+        });
     }
     std::vector<StateBuffer> state() override {
         nb::gil_scoped_acquire gil;
@@ -165,11 +178,25 @@ public:
     }
 
 private:
+    // f(call) under the GIL, with the StageCall Python's group operations wait through (valid for this call only).
     template <typename F>
-    auto call(const Microbatch& mb, const char* what, F&& f) const -> decltype(f()) {
+    auto call(const Microbatch& mb, const char* what, F&& f) const -> decltype(f(nb::handle())) {
         nb::gil_scoped_acquire gil;
+        auto handle = std::make_shared<StageCall>();
+        if (mb.ctx) {
+            handle->ctx = mb.ctx;
+            if (ExpertService* ep = mb.ctx->experts()) {
+                handle->ep_group = ep->group(ExpertService::Forward);
+                handle->ep_group_backward = ep->group(ExpertService::Backward);
+            }
+        }
+        struct Expire {
+            StageCall& c;
+            ~Expire() { c.ctx = nullptr; }
+        } expire{*handle};
+        nb::object py_call = nb::cast(handle);
         try {
-            return f();
+            return f(py_call);
         } catch (nb::python_error& e) {
             throw StageError(fmt::format("{}, microbatch {}: {} raised {}", name_, mb.id, what, e.what()));
         } catch (nb::cast_error& e) {
@@ -360,43 +387,54 @@ NB_MODULE(_duplex, m) {
             },
             "The node of each rank of the group (0.., in order of first appearance).")
         .def(
-            "send", [](Communicator& c, Array a, int peer, uint32_t tag) { wait(c.isend(a.data(), bytes_of(a), peer, tag)); },
-            "array"_a, "peer"_a, "tag"_a = 0)
+            "send",
+            [](Communicator& c, Array a, int peer, uint32_t tag, const StageCall* call) {
+                wait(c.isend(a.data(), bytes_of(a), peer, tag), "send", call);
+            },
+            "array"_a, "peer"_a, "tag"_a = 0, "call"_a.none() = nb::none())
         .def(
-            "recv", [](Communicator& c, Array a, int peer, uint32_t tag) { wait(c.irecv(a.data(), bytes_of(a), peer, tag)); },
-            "array"_a, "peer"_a, "tag"_a = 0, "Receives into `array` (its size is the message size).")
+            "recv",
+            [](Communicator& c, Array a, int peer, uint32_t tag, const StageCall* call) {
+                wait(c.irecv(a.data(), bytes_of(a), peer, tag), "recv", call);
+            },
+            "array"_a, "peer"_a, "tag"_a = 0, "call"_a.none() = nb::none(),
+            "Receives into `array` (its size is the message size).")
         .def(
-            "all_reduce", [](Communicator& c, Array a) { wait(c.all_reduce(a.data(), a.size(), dtype_of_array(a))); },
-            "array"_a, "In-place sum over the group, added in rank order (deterministic).")
+            "all_reduce",
+            [](Communicator& c, Array a, const StageCall* call) {
+                wait(c.all_reduce(a.data(), a.size(), dtype_of_array(a)), "all_reduce", call);
+            },
+            "array"_a, "call"_a.none() = nb::none(), "In-place sum over the group, added in rank order (deterministic).")
         .def(
             "all_gather",
-            [](Communicator& c, Array send, Array recv) {
+            [](Communicator& c, Array send, Array recv, const StageCall* call) {
                 DUPLEX_CHECK_ARG(bytes_of(recv) == bytes_of(send) * size_t(c.size()), "all_gather",
                                  "recv holds {} bytes, needs {} x {}", bytes_of(recv), c.size(), bytes_of(send));
-                wait(c.all_gather(send.data(), recv.data(), bytes_of(send)));
+                wait(c.all_gather(send.data(), recv.data(), bytes_of(send)), "all_gather", call);
             },
-            "send"_a, "recv"_a)
+            "send"_a, "recv"_a, "call"_a.none() = nb::none())
         .def(
             "all_to_all",
-            [](Communicator& c, Array send, Array recv) {
+            [](Communicator& c, Array send, Array recv, const StageCall* call) {
                 DUPLEX_CHECK_ARG(bytes_of(send) == bytes_of(recv) && bytes_of(send) % size_t(c.size()) == 0,
                                  "all_to_all", "send and recv must hold the same bytes, a multiple of {} blocks",
                                  c.size());
-                wait(c.all_to_all(send.data(), recv.data(), bytes_of(send) / size_t(c.size())), "all_to_all");
+                wait(c.all_to_all(send.data(), recv.data(), bytes_of(send) / size_t(c.size())), "all_to_all", call);
             },
-            "send"_a, "recv"_a, "Block p of send goes to rank p; block p of recv comes from rank p.")
+            "send"_a, "recv"_a, "call"_a.none() = nb::none(), "Block p of send goes to rank p; block p of recv comes from rank p.")
         .def(
             "reduce_scatter",
-            [](Communicator& c, Array send, Array recv) {
+            [](Communicator& c, Array send, Array recv, const StageCall* call) {
                 DUPLEX_CHECK_ARG(send.size() == recv.size() * size_t(c.size()), "reduce_scatter",
                                  "send holds {} elements, needs {} x {}", send.size(), c.size(), recv.size());
-                wait(c.reduce_scatter(send.data(), recv.data(), recv.size(), dtype_of_array(send)));
+                wait(c.reduce_scatter(send.data(), recv.data(), recv.size(), dtype_of_array(send)), "reduce_scatter",
+                     call);
             },
-            "send"_a, "recv"_a)
+            "send"_a, "recv"_a, "call"_a.none() = nb::none())
         .def(
             "all_to_all_v",
             [](Communicator& c, Array send, std::vector<int64_t> send_rows, Array recv, std::vector<int64_t> recv_rows,
-               const std::string& what) {
+               const std::string& what, const StageCall* call) {
                 int n = c.size();
                 DUPLEX_CHECK_ARG(int(send_rows.size()) == n && int(recv_rows.size()) == n, "all_to_all_v",
                                  "{} send and {} receive counts for a group of {}", send_rows.size(), recv_rows.size(),
@@ -413,12 +451,14 @@ NB_MODULE(_duplex, m) {
                     sb[p] = size_t(send_rows[p]) * row, so[p] = a, a += sb[p];
                     rb[p] = size_t(recv_rows[p]) * row, ro[p] = b, b += rb[p];
                 }
-                wait(c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro), what);
+                wait(c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro), what, call);
             },
-            "send"_a, "send_rows"_a, "recv"_a, "recv_rows"_a, "what"_a = "all_to_all_v",
+            "send"_a, "send_rows"_a, "recv"_a, "recv_rows"_a, "what"_a = "all_to_all_v", "call"_a.none() = nb::none(),
             "Rows of send go to each rank p (send_rows[p] of them, in rank order); rows from each rank land in recv "
             "(recv_rows[p], in rank order). Rows are equal-sized.")
-        .def("barrier", [](Communicator& c) { wait(c.barrier()); })
+        .def(
+            "barrier", [](Communicator& c, const StageCall* call) { wait(c.barrier(), "barrier", call); },
+            "call"_a.none() = nb::none())
         .def(
             "split",
             [](Communicator& c, int color, int key) {
@@ -459,10 +499,18 @@ NB_MODULE(_duplex, m) {
         .def_ro("num_layers", &StageInfo::num_layers)
         .def_ro("loss_scale", &StageInfo::loss_scale)
         .def_ro("rank", &StageInfo::rank)
-        .def_prop_ro("ep_group", [](const StageInfo& i) { return i.ep_group; },
-                     "this stage's expert-parallel group for forward exchanges (None without EP)")
-        .def_prop_ro("ep_group_backward", [](const StageInfo& i) { return i.ep_group_backward; },
-                     "the same ranks, a second communicator: backward exchanges never interleave with forward ones");
+        .def_ro("ep_rank", &StageInfo::ep_rank, "the stage's rank in its expert-parallel group")
+        .def_ro("ep_size", &StageInfo::ep_size, "the size of its expert-parallel group (1: no expert parallelism)");
+
+    nb::class_<StageCall>(m, "StageCall",
+                          "The stage call a Python stage method runs in: pass it as `call=` to a group operation and "
+                          "its wait goes through Duplex's executor (in a DualPipe F&B pair the other half runs "
+                          "meanwhile); after the call it waits plainly.")
+        .def_prop_ro("ep_group", [](const StageCall& c) { return c.ep_group; },
+                     "the stage's expert-parallel group for forward exchanges (None without EP)")
+        .def_prop_ro("ep_group_backward", [](const StageCall& c) { return c.ep_group_backward; },
+                     "the same ranks, a second communicator: backward exchanges never interleave with forward ones")
+        .def_prop_ro("in_fb_pair", [](const StageCall& c) { return c.ctx && c.ctx->in_fb_pair(); });
 
     nb::class_<ModelReference>(m, "_ModelReference",
                                "The built-in model's single-rank trainer in fp64 (tests: an independent reference)")

@@ -33,13 +33,17 @@ _ELEMENT = {torch.float32: "float", torch.float64: "double"}  # Duplex's dtype n
 
 # ---- expert parallelism: dispatch and combine as autograd functions over the stage's EP group ----
 
-_current = threading.local()  # the stage info of the stage call running on this thread
+_current = threading.local()  # the stage call (duplex._duplex.StageCall) running on this thread
+
+
+def _call():
+    return getattr(_current, "call", None)
 
 
 def ep_group():
     """The expert-parallel group of the stage being run on this thread (None outside a Pipeline or without EP)."""
-    info = getattr(_current, "info", None)
-    return None if info is None else info.ep_group
+    call = _call()
+    return None if call is None else call.ep_group
 
 
 class Routed:
@@ -54,34 +58,47 @@ class Routed:
         self.__dict__.update(fields)
 
 
-def _exchange(group, rows, send_rows, recv_rows, what):
+def _groups(explicit):
+    """(forward group, backward group, stage call) of an explicit group (no call: plain waits) or of the stage call
+    running on this thread, whose waits go through Duplex's executor."""
+    if explicit is not None:
+        return explicit, explicit, None
+    call = _call()
+    if call is None or call.ep_group is None:
+        raise RuntimeError("duplex.torch.dispatch runs inside a Pipeline stage with ep > 1 (or pass group=)")
+    return call.ep_group, call.ep_group_backward, call
+
+
+def _exchange(group, rows, send_rows, recv_rows, what, call):
     rows = rows.contiguous()
     out = rows.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
-    group.all_to_all_v(rows.detach(), send_rows, out, recv_rows, what)
+    group.all_to_all_v(rows.detach(), send_rows, out, recv_rows, what, call=call)
     return out
 
 
 class _Move(torch.autograd.Function):
     """Rows over the expert-parallel group (all-to-all-v, send_rows[p] to rank p); the gradient runs the same
-    exchange backwards on the group of backward exchanges."""
+    exchange backwards on the group of backward exchanges, waited for through the stage call running it."""
 
     @staticmethod
-    def forward(ctx, rows, info, send_rows, recv_rows, what):
-        ctx.info, ctx.send_rows, ctx.recv_rows, ctx.what = info, send_rows, recv_rows, what
-        return _exchange(info.ep_group, rows, send_rows, recv_rows, what)
+    def forward(ctx, rows, explicit, send_rows, recv_rows, what):
+        ctx.explicit, ctx.send_rows, ctx.recv_rows, ctx.what = explicit, send_rows, recv_rows, what
+        group, _, call = _groups(explicit)
+        return _exchange(group, rows, send_rows, recv_rows, what, call)
 
     @staticmethod
     def backward(ctx, g):
-        back = _exchange(ctx.info.ep_group_backward, g, ctx.recv_rows, ctx.send_rows, ctx.what + " (backward)")
+        _, group, call = _groups(ctx.explicit)
+        back = _exchange(group, g, ctx.recv_rows, ctx.send_rows, ctx.what + " (backward)", call)
         return back, None, None, None, None
 
 
-def _counts(group, columns):
+def _counts(group, columns, call):
     """Exchanges per-peer counts: columns are [G] int64 tensors, column j of the answer is what each peer sent
     in its column j to this rank. Returns lists."""
     send = torch.stack(columns, 1).contiguous()
     recv = torch.empty_like(send)
-    group.all_to_all(send, recv)
+    group.all_to_all(send, recv, call=call)
     return [recv[:, j].tolist() for j in range(len(columns))]
 
 
@@ -91,11 +108,6 @@ def mark_experts(module):
     for p in module.parameters():
         p._duplex_expert = True
     return module
-
-
-class _GroupInfo:
-    def __init__(self, group):
-        self.ep_group = self.ep_group_backward = group
 
 
 def dispatch(x, dest, tags=None, node_limited=None, group=None):
@@ -112,13 +124,8 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
     node — DeepSeek-V3's dispatch. False: one row per slot straight to its rank.
 
     group: the communicator to use outside a Pipeline (default: the running stage's expert-parallel group)."""
-    if group is not None:
-        info = _GroupInfo(group)
-    else:
-        info = getattr(_current, "info", None)
-        if info is None or info.ep_group is None:
-            raise RuntimeError("duplex.torch.dispatch runs inside a Pipeline stage with ep > 1 (or pass group=)")
-    group = info.ep_group
+    explicit = group
+    group, _, call = _groups(explicit)
     G, N = group.size, x.shape[0]
     slots = dest.to(torch.int64).reshape(N, -1)
     K = slots.shape[1]
@@ -137,12 +144,12 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
     if not node_limited:
         order = torch.argsort(flat_dest, stable=True)
         send = torch.bincount(flat_dest, minlength=G)
-        (recv,) = _counts(group, [send])
+        (recv,) = _counts(group, [send], call)
         send = send.tolist()
-        rows = _Move.apply(x[token[order]], info, send, recv, "dispatch")
-        got_tags = None if tags is None else _exchange(group, tags.reshape(-1)[order], send, recv, "dispatch tags")
+        rows = _Move.apply(x[token[order]], explicit, send, recv, "dispatch")
+        got_tags = None if tags is None else _exchange(group, tags.reshape(-1)[order], send, recv, "dispatch tags", call)
         crossings = int((nodes[flat_dest] != nodes[group.rank]).sum())
-        return rows, Routed(node_limited=False, info=info, tokens=N, top_k=K, order=order, send=send, recv=recv,
+        return rows, Routed(node_limited=False, explicit=explicit, tokens=N, top_k=K, order=order, send=send, recv=recv,
                             tags=got_tags, crossings=crossings)
 
     # Node-limited: hop 1 crosses once per (token, target node) to the relay there; hop 2 stays inside the node.
@@ -168,10 +175,10 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
     first_row = torch.cumsum(send1, 0) - send1
     meta = torch.stack([row_of_slot - first_row[relay], flat_dest,
                         tags.reshape(-1) if tags is not None else torch.zeros_like(flat_dest)], 1)[slot_order]
-    recv1, slot_recv = _counts(group, [send1, slot_send])
+    recv1, slot_recv = _counts(group, [send1, slot_send], call)
     send1, slot_send = send1.tolist(), slot_send.tolist()
-    rows1 = _Move.apply(x[row_token], info, send1, recv1, "dispatch (inter-node)")
-    meta_in = _exchange(group, meta, slot_send, slot_recv, "dispatch routes")
+    rows1 = _Move.apply(x[row_token], explicit, send1, recv1, "dispatch (inter-node)")
+    meta_in = _exchange(group, meta, slot_send, slot_recv, "dispatch routes", call)
     # On the relay: each slot received -> its hop-1 row here, then one row per slot to the expert's rank.
     src = torch.repeat_interleave(torch.arange(G), torch.tensor(slot_recv, dtype=torch.int64))
     recv1_t = torch.tensor(recv1, dtype=torch.int64)
@@ -181,12 +188,12 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
         raise RuntimeError(f"dispatch: rank {me} was asked to relay a row outside its node (inconsistent topology)")
     order2 = torch.argsort(dest2, stable=True)
     send2 = torch.bincount(dest2, minlength=G)
-    (recv2,) = _counts(group, [send2])
+    (recv2,) = _counts(group, [send2], call)
     send2 = send2.tolist()
-    rows = _Move.apply(rows1[at_row[order2]], info, send2, recv2, "dispatch (intra-node)")
-    got_tags = None if tags is None else _exchange(group, meta_in[order2, 2], send2, recv2, "dispatch tags")
+    rows = _Move.apply(rows1[at_row[order2]], explicit, send2, recv2, "dispatch (intra-node)")
+    got_tags = None if tags is None else _exchange(group, meta_in[order2, 2], send2, recv2, "dispatch tags", call)
     crossings = int((nodes[row_relay] != nodes[me]).sum())
-    return rows, Routed(node_limited=True, info=info, tokens=N, top_k=K, rows1=len(keys), row_token=row_token,
+    return rows, Routed(node_limited=True, explicit=explicit, tokens=N, top_k=K, rows1=len(keys), row_token=row_token,
                         send1=send1, recv1=recv1, slot_order=slot_order, slot_send=slot_send, slot_recv=slot_recv,
                         at_row=at_row, order2=order2, send2=send2, recv2=recv2, tags=got_tags, crossings=crossings)
 
@@ -196,23 +203,23 @@ def combine(rows, routed, weights=None):
     their tokens: returns [N, ...] in the order of dispatch's x, the sum over each token's slots of
     weights[n, k] * result (weights shaped like dest; default 1). On the node-limited path the relay adds up the
     weighted results of its node before the one crossing back. Differentiable (in rows and weights)."""
-    r, info = routed, routed.info
+    r, explicit = routed, routed.explicit
     rest = tuple(rows.shape[1:])
     if weights is not None:
         weights = weights.reshape(r.tokens * r.top_k)
     if not r.node_limited:
-        back = _Move.apply(rows, info, r.recv, r.send, "combine")
+        back = _Move.apply(rows, explicit, r.recv, r.send, "combine")
         res = back[torch.argsort(r.order)].reshape((r.tokens, r.top_k) + rest)
         if weights is not None:
             res = res * weights.reshape((r.tokens, r.top_k) + (1,) * len(rest))
         return res.sum(1)
-    back = _Move.apply(rows, info, r.recv2, r.send2, "combine (intra-node)")  # on the relay, one per slot
+    back = _Move.apply(rows, explicit, r.recv2, r.send2, "combine (intra-node)")  # on the relay, one per slot
     out = back[torch.argsort(r.order2)]                                       # in the order the slots came
     if weights is not None:
-        w = _Move.apply(weights[r.slot_order].contiguous(), info, r.slot_send, r.slot_recv, "combine weights")
+        w = _Move.apply(weights[r.slot_order].contiguous(), explicit, r.slot_send, r.slot_recv, "combine weights")
         out = out * w.reshape((-1,) + (1,) * len(rest))
     partial = out.new_zeros((sum(r.recv1),) + rest).index_add(0, r.at_row, out)  # one row per (token, node)
-    home = _Move.apply(partial, info, r.recv1, r.send1, "combine (inter-node)")
+    home = _Move.apply(partial, explicit, r.recv1, r.send1, "combine (inter-node)")
     return home.new_zeros((r.tokens,) + rest).index_add(0, r.row_token, home)
 
 
@@ -235,8 +242,8 @@ class _TorchStage:
     def activation(self, mb):
         return list(self.pipe.activation_shape), _ELEMENT[self.pipe.dtype]
 
-    def forward(self, mb, global_mb, step, x):
-        _current.info = self.info
+    def forward(self, mb, global_mb, step, x, call):
+        _current.call = call
         if self.first:
             inp = self.pipe._inputs[global_mb]
         else:
@@ -255,8 +262,8 @@ class _TorchStage:
     def loss(self, mb):
         return self.losses.pop(mb)
 
-    def backward_input(self, mb, dy, weight_follows):
-        _current.info = self.info
+    def backward_input(self, mb, dy, weight_follows, call):
+        _current.call = call
         inp, out, _ = self.saved[mb]
         grad_out = None if self.last else dy
         if weight_follows:  # B and W in one pass over the graph
@@ -274,8 +281,8 @@ class _TorchStage:
         (dx,) = torch.autograd.grad(out, [inp], grad_out, retain_graph=True)
         return dx.contiguous()
 
-    def backward_weight(self, mb):
-        _current.info = self.info
+    def backward_weight(self, mb, call):
+        _current.call = call
         inp, out, grad_out = self.saved.pop(mb)
         if isinstance(grad_out, str):  # done together with B
             return

@@ -36,21 +36,7 @@ std::pair<double, double> hidden_time(const std::vector<Interval>& comm, std::ve
     return {hidden, total};
 }
 
-// ---- the stage context of the calling thread ----
-
-namespace {
-thread_local StageContext* current_context = nullptr;
-}
-
-StageContext* StageContext::current() { return current_context; }
-void StageContext::set_current(StageContext* c) { current_context = c; }
-
-void wait_in_stage(const WorkPtr& work, const std::string& what) {
-    if (StageContext* c = StageContext::current())
-        c->wait(work, what);
-    else
-        work->wait();
-}
+// ---- outside a step ----
 
 void Stage::zero_grad() {
     for (StateBuffer& b : state())
@@ -61,12 +47,33 @@ void Stage::zero_grad() {
         }
 }
 
+namespace {
+// The context of Stage::prepare: no step runs, so waits are plain and there is no stream to share.
+class PrepareContext : public StageContext {
+public:
+    explicit PrepareContext(ExpertService* experts) : experts_(experts) {}
+    void wait(const WorkPtr& work, const std::string&) override { work->wait(); }
+    void wait_for(const std::function<void()>& fn, const std::string&) override { fn(); }
+    bool in_fb_pair() const override { return false; }
+    void compute_begins() override {}
+    ExpertService* experts() const override { return experts_; }
+
+private:
+    ExpertService* experts_;
+};
+}  // namespace
+
+void Executor::prepare(const std::map<int, Stage*>& stages) {
+    PrepareContext ctx(options_.experts.get());
+    for (auto& [id, st] : stages) st->prepare(ctx);
+}
+
 // ---- one step ----
 
 struct Executor::Run {
     Executor& ex;
     const std::map<int, Stage*>& stages;
-    const std::function<const Batch*(int)>& batch_of;
+    const std::function<const MicrobatchData*(int)>& data_of;
     int step, global_offset, last;
     ExecutorStep result;
     std::mutex mutex;                                    // result, local hand-overs
@@ -111,14 +118,11 @@ struct Executor::Run {
     class Call : public StageContext {
     public:
         Call(Run& run, std::string name, bool in_fb) : run_(run), name_(std::move(name)), in_fb_(in_fb) {
-            previous_ = current();
-            set_current(this);
             start_ = run_.ex.tracer_.now_us();
         }
         ~Call() override {
             double end = run_.ex.tracer_.now_us();
             drop();
-            set_current(previous_);
             std::vector<Interval> pieces;
             if (exclusive()) {
                 pieces = held_;
@@ -152,6 +156,7 @@ struct Executor::Run {
             run_.note_comm(in_fb_ ? what + " [F&B]" : what, t0, t1, in_fb_);
         }
         bool in_fb_pair() const override { return in_fb_; }
+        ExpertService* experts() const override { return run_.ex.options_.experts.get(); }
         void compute_begins() override {
             if (!exclusive()) return;
             if (!holding_) return take();
@@ -176,7 +181,6 @@ struct Executor::Run {
         Run& run_;
         std::string name_;
         bool in_fb_;
-        StageContext* previous_ = nullptr;
         double start_ = 0, held_from_ = 0;
         bool holding_ = false;
         std::vector<Interval> waits_, held_;
@@ -189,12 +193,12 @@ struct Executor::Run {
                                          ex.prank_, s));
         return *it->second;
     }
-    Microbatch micro(const Chunk& c, bool needs_batch) const {
+    Microbatch micro(const Chunk& c, bool needs_data) const {
         Microbatch m;
         m.id = c.mb;
         m.global = global_offset + c.mb;
         m.step = step;
-        m.batch = needs_batch ? batch_of(c.mb) : nullptr;
+        m.data = needs_data && data_of ? data_of(c.mb) : nullptr;
         return m;
     }
     void check(const Stage& st, const Microbatch& m, const char* what, const Tensor& got, const TensorSpec& want) {
@@ -313,9 +317,9 @@ Executor::Executor(const sched::Schedule& schedule, int pipe_rank, PipeTransport
                      pipe_rank, schedule.num_ranks);
 }
 
-ExecutorStep Executor::run(const std::map<int, Stage*>& stages, const std::function<const Batch*(int)>& batch_of, int step,
-                           int global_offset) {
-    Run r{*this, stages, batch_of, step, global_offset, schedule_.pp - 1, {}, {}, {}, {}, {}, false};
+ExecutorStep Executor::run(const std::map<int, Stage*>& stages,
+                           const std::function<const MicrobatchData*(int)>& data_of, int step, int global_offset) {
+    Run r{*this, stages, data_of, step, global_offset, schedule_.pp - 1, {}, {}, {}, {}, {}, false};
     double start = tracer_.now_us();
     for (const Instr& in : schedule_.ranks[prank_]) {
         switch (in.op) {

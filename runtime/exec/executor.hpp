@@ -10,7 +10,8 @@
 // the halves take turns computing and a wait releases it.
 //
 //   Executor ex(schedule, pipe_rank, transport, tracer, {.exclusive_compute = false});
-//   ExecutorStep r = ex.run(stages, batch_of, step, global_offset);   // r.losses, r.compute_us, ...
+//   ex.prepare(stages);                                              // once
+//   ExecutorStep r = ex.run(stages, data_of, step, global_offset);   // r.losses, r.compute_us, ...
 #pragma once
 
 #include <functional>
@@ -36,6 +37,9 @@ std::pair<double, double> hidden_time(const std::vector<Interval>& comm, std::ve
 
 struct ExecutorOptions {
     bool exclusive_compute = false;  // one compute stream per rank (see above)
+    // The stages' expert-parallel group and exchange lanes, handed to every call (StageContext::experts()); null
+    // without expert parallelism.
+    std::shared_ptr<ExpertService> experts;
 };
 
 struct ExecutorStep {
@@ -49,10 +53,13 @@ class Executor {
 public:
     Executor(const sched::Schedule& schedule, int pipe_rank, PipeTransport& transport, Tracer& tracer,
              ExecutorOptions options = {});
+    // Stage::prepare of each stage, in stage order, before the first step (a collective where stages set up
+    // their expert exchanges: every rank of the group calls it at the same point).
+    void prepare(const std::map<int, Stage*>& stages);
     // Runs this rank's list once. `stages` by model stage id (the stages the schedule places here);
-    // batch_of(mb) gives the first and last stage their microbatch (may return null).
-    ExecutorStep run(const std::map<int, Stage*>& stages, const std::function<const Batch*(int mb)>& batch_of, int step,
-                     int global_offset);
+    // data_of(mb) gives the first and last stage their microbatch's data (may be empty or return null).
+    ExecutorStep run(const std::map<int, Stage*>& stages, const std::function<const MicrobatchData*(int mb)>& data_of,
+                     int step, int global_offset);
 
     struct Run;  // one step's state (executor.cpp)
 

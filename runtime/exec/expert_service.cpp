@@ -1,5 +1,7 @@
 #include "runtime/exec/expert_service.hpp"
 
+#include "core/error.hpp"
+
 namespace duplex {
 
 struct ExpertService::Task : public CompletableWork {
@@ -9,8 +11,10 @@ struct ExpertService::Task : public CompletableWork {
     void wait(double) override { wait_finished(Deadline(0)); }
 };
 
-ExpertService::ExpertService() {
-    for (LaneState& l : lanes_) l.thread = std::thread([this, &l] { loop(l); });
+ExpertService::ExpertService(std::shared_ptr<Communicator> group, std::shared_ptr<Communicator> backward)
+    : groups_{group, backward ? backward : group} {
+    DUPLEX_CHECK_ARG(groups_[0] && groups_[1]->size() == groups_[0]->size(), "expert service",
+                     "needs the EP group's communicator and a backward one of the same size");
 }
 
 ExpertService::~ExpertService() {
@@ -21,7 +25,8 @@ ExpertService::~ExpertService() {
         }
         l.cv.notify_all();
     }
-    for (LaneState& l : lanes_) l.thread.join();
+    for (LaneState& l : lanes_)
+        if (l.thread.joinable()) l.thread.join();
 }
 
 WorkPtr ExpertService::submit(Lane lane, std::function<void()> fn) {
@@ -30,6 +35,7 @@ WorkPtr ExpertService::submit(Lane lane, std::function<void()> fn) {
     LaneState& l = lanes_[lane];
     {
         std::lock_guard<std::mutex> lock(l.mutex);
+        if (!l.thread.joinable()) l.thread = std::thread([this, &l] { loop(l); });
         l.queue.push_back(t);
     }
     l.cv.notify_one();

@@ -9,13 +9,17 @@
 //                                    (empty on the first stage); weight-gradient work may be deferred
 //   backward_weight(mb)           W: the deferred weight gradients of mb, accumulated into the gradients
 //   state()                       every buffer that is trained, averaged or checkpointed, by name
+//   prepare(ctx)                  once, before the first step, on every rank in stage order: set-up that needs
+//                                 the executor's services (an expert-parallel exchange over the stage's group)
 //
 // The executor checks every tensor a stage returns against output_spec()/input_spec(): a wrong shape, dtype
 // or device is a StageError naming the stage, the microbatch and expected vs got, on the rank where it
 // happened (the others fail with the communicator's error, never hang).
 //
-// Waits inside a stage call (an expert dispatch or combine) go through the StageContext of the call, so the
-// executor, not the stage, decides what runs during them: inside a DualPipe F&B pair the other half computes.
+// A stage knows what it is (StageInfo: its index, its layers, its loss scale, its dtype and device, its place in
+// the expert-parallel group) and nothing of the model around it. What it may ask the executor for comes with each
+// call (Microbatch::ctx, a StageContext): waits that let the executor decide what runs meanwhile (inside a DualPipe
+// F&B pair, the other half computes), and the expert-parallel group with the lanes its exchanges run on.
 // Threads: calls on one Stage object never overlap; the two halves of an F&B pair call two different stages
 // of the rank from two threads at once.
 //
@@ -37,13 +41,9 @@
 
 namespace duplex {
 
-// Tokens of one microbatch: sequences x seq_len input ids and their targets.
-struct Batch {
-    int sequences = 0;
-    int seq_len = 0;
-    std::vector<int> tokens, targets;  // [sequences * seq_len]
-    int num_tokens() const { return sequences * seq_len; }
-};
+// A microbatch's data as its first and last stage see it: named tensors from the trainer's data source (the
+// built-in one gives "tokens" and "targets", int32 [sequences, seq_len]). Valid for the length of the call.
+using MicrobatchData = std::map<std::string, TensorView>;
 
 class StageContext;
 
@@ -52,7 +52,7 @@ struct Microbatch {
     int id = 0;          // this replica's microbatch id within the step (the key of the stage's stash)
     int global = 0;      // position in the step's global batch: dp_index * N + id
     int step = 0;        // 1-based optimizer step
-    const Batch* batch = nullptr;  // first and last stage, when the trainer has a batch source
+    const MicrobatchData* data = nullptr;  // first and last stage, when the trainer has a data source
     // backward_input only: backward_weight of this microbatch follows at once in the same call (BW, or the
     // backward of an F&B pair), so a stage may fuse the two.
     bool weight_follows = false;
@@ -81,12 +81,11 @@ struct StageInfo {
     int num_layers = 0;
     double loss_scale = 1;  // d(step loss) / d(microbatch loss): 1 / (microbatches x DP)
     int rank = 0;           // world rank
-    // Expert parallelism: this rank's EP group (forward exchanges) and a second communicator over the same ranks
-    // for backward exchanges, so the two halves of an F&B pair never interleave collectives on one. Null: EP = 1.
-    std::shared_ptr<Communicator> ep_group, ep_group_backward;
-    // The executor's expert-exchange service (EP > 1): dispatch and combine submitted here return Work, waited
-    // through wait_in_stage.
-    std::shared_ptr<ExpertService> expert_service;
+    DType dtype = DType::F32;        // the element type the trainer runs (its parameters and activations)
+    Device device = Device::cpu();   // where the trainer expects the stage's tensors
+    // The stage's place in its expert-parallel group (ep_size 1: none): which shard of the experts it holds. The
+    // group itself comes with the calls (StageContext::experts()).
+    int ep_rank = 0, ep_size = 1;
 };
 
 // Thrown by the executor for a stage that broke the contract.
@@ -113,6 +112,10 @@ public:
     virtual std::vector<StateBuffer> state() = 0;
     virtual void zero_grad();  // default: zeroes every parameter's gradient (CPU)
 
+    // Called once before the first step, outside any step, for every stage of every rank in stage order, so
+    // collectives over the expert-parallel group (ctx.experts()) line up. Default: nothing to set up.
+    virtual void prepare(StageContext& ctx) {}
+
     // Per-step statistics the trainer sums over every rank by name (each copy of a stage reports what its own
     // microbatches produced), then hands back to every stage in end_step before the next step. The built-in
     // model uses them for the expert counts that drive its router-bias update.
@@ -132,20 +135,14 @@ public:
     virtual void wait_for(const std::function<void()>& fn, const std::string& what) = 0;
     // True inside an overlapped F&B pair.
     virtual bool in_fb_pair() const = 0;
+    // The stage's expert-parallel group and the lanes its exchanges run on (null: no group, EP = 1). Work submitted
+    // there is waited for through wait(), so the executor decides what runs meanwhile.
+    virtual ExpertService* experts() const = 0;
     // Marks the start of a piece of compute. With one compute stream per rank (ExecutorOptions::exclusive_compute,
     // emulate mode) this is where a call takes the stream, holding it to its next wait; if the other half of an
     // F&B pair waits for the stream, it goes first (as kernels queued on one stream interleave). Without it
     // (math mode: stages compute on their own threads or devices) it does nothing.
     virtual void compute_begins() = 0;
-    // The context of the stage call running on this thread (null outside one): lets code below a stage (an
-    // expert exchange) route its waits through the executor without the stage passing it down.
-    static StageContext* current();
-
-protected:
-    static void set_current(StageContext* c);
 };
-
-// Waits through the current stage call's context when there is one, else plainly.
-void wait_in_stage(const WorkPtr& work, const std::string& what);
 
 }  // namespace duplex

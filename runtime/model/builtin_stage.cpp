@@ -10,42 +10,50 @@ namespace duplex {
 std::string expert_counts_name(int layer) { return fmt::format("layer{}.expert_counts", layer); }
 
 template <typename T>
-BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& info) : o_(o), cfg_(o.model.model_config()) {
+BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& info)
+    : o_(o), cfg_(o.model.model_config()), rank_(info.rank) {
     name_ = info.num_layers > 0 ? fmt::format("stage {} (layers {}..{})", info.stage, info.first_layer,
                                               info.first_layer + info.num_layers - 1)
                                 : fmt::format("stage {} (no layers)", info.stage);
-    ExpertDevices devices = o.devices ? o.devices(info.rank) : ExpertDevices{};
-    std::shared_ptr<ExpertExchange<T>> fwd, bwd;
-    if (info.ep_group && info.ep_group->size() > 1) {
-        hierarchical_ = o.dispatch == "hierarchical" && info.ep_group->topology().num_nodes() > 1;
-        auto make = [&](std::shared_ptr<Communicator> group) -> std::shared_ptr<ExpertExchange<T>> {
-            if (hierarchical_) return std::make_shared<HierarchicalExchange<T>>(group, cfg_.experts);
-            return std::make_shared<DistributedExchange<T>>(group, cfg_.experts);
-        };
-        fwd = make(info.ep_group);
-        bwd = make(info.ep_group_backward ? info.ep_group_backward : info.ep_group);
-        if constexpr (!std::is_same_v<T, float>) {
-            if (devices.transport) throw ConfigError("--exchange-on", "cuda: the device path runs fp32 models, not fp64");
-        } else {
-            if (devices.transport) {
-                // Each communicator's exchanges get their own transport: the forward and the backward of an F&B
-                // pair run their kernels on two streams.
-                static_cast<DistributedExchange<T>&>(*fwd).set_transport(devices.transport(info.ep_group));
-                static_cast<DistributedExchange<T>&>(*bwd).set_transport(
-                    devices.transport(info.ep_group_backward ? info.ep_group_backward : info.ep_group));
-            }
-        }
-    }
+    DUPLEX_CHECK_ARG(info.dtype == dtype_of<T>(), "stage dtype", "the trainer runs {}, this stage computes {}",
+                     dtype_name(info.dtype), dtype_name(dtype_of<T>()));
+    devices_ = o.devices ? o.devices(info.rank) : ExpertDevices{};
+    // The experts' shard comes from the stage's place in its EP group; the exchanges over the group, in prepare().
     model_ = std::make_unique<ModelStage<T>>(cfg_, info.first_layer, info.num_layers, info.stage == 0,
-                                             info.stage == info.num_stages - 1, o.model.seed, fwd, bwd);
+                                             info.stage == info.num_stages - 1, o.model.seed, nullptr, nullptr,
+                                             ExpertShard{info.ep_rank, info.ep_size});
     model_->set_recompute(o.model.recompute);
-    if (fwd) model_->set_expert_service(info.expert_service);
     model_->set_loss_scale(info.loss_scale);
     if constexpr (!std::is_same_v<T, float>) {
-        if (devices.experts) throw ConfigError("--experts-on", "the CUDA path runs fp32; drop --fp64 or use --experts-on cpu");
+        if (devices_.experts) throw ConfigError("--experts-on", "the CUDA path runs fp32; drop --fp64 or use --experts-on cpu");
     } else {
-        if (devices.experts) model_->set_expert_compute(devices.experts);
+        if (devices_.experts) model_->set_expert_compute(devices_.experts);
     }
+}
+
+template <typename T>
+void BuiltinStage<T>::prepare(StageContext& ctx) {
+    ExpertService* ep = ctx.experts();
+    if (!ep || ep->group()->size() == 1) return;
+    std::shared_ptr<Communicator> fwd_group = ep->group(ExpertService::Forward);
+    std::shared_ptr<Communicator> bwd_group = ep->group(ExpertService::Backward);
+    hierarchical_ = o_.dispatch == "hierarchical" && fwd_group->topology().num_nodes() > 1;
+    auto make = [&](std::shared_ptr<Communicator> group) -> std::shared_ptr<ExpertExchange<T>> {
+        if (hierarchical_) return std::make_shared<HierarchicalExchange<T>>(group, cfg_.experts);
+        return std::make_shared<DistributedExchange<T>>(group, cfg_.experts);
+    };
+    std::shared_ptr<ExpertExchange<T>> fwd = make(fwd_group), bwd = make(bwd_group);
+    if constexpr (!std::is_same_v<T, float>) {
+        if (devices_.transport) throw ConfigError("--exchange-on", "cuda: the device path runs fp32 models, not fp64");
+    } else {
+        if (devices_.transport) {
+            // Each communicator's exchanges get their own transport (collective over the group): the forward and
+            // the backward of an F&B pair run their kernels on two streams.
+            static_cast<DistributedExchange<T>&>(*fwd).set_transport(devices_.transport(fwd_group));
+            static_cast<DistributedExchange<T>&>(*bwd).set_transport(devices_.transport(bwd_group));
+        }
+    }
+    model_->set_exchanges(fwd, bwd);
 }
 
 template <typename T>
@@ -64,8 +72,8 @@ std::vector<T> values_of(const TensorView& v) {
 
 template <typename T>
 Tensor BuiltinStage<T>::forward(const Microbatch& mb, const TensorView& input) {
-    Batch b = mb.batch ? *mb.batch : Batch{o_.sequences_per_microbatch, cfg_.seq_len, {}, {}};
-    std::vector<T> out = model_->forward(mb.id, b, values_of<T>(input));
+    Batch b = batch_from(mb.data, o_.sequences_per_microbatch, cfg_.seq_len);
+    std::vector<T> out = model_->forward(mb.id, b, values_of<T>(input), mb.ctx);
     if (out.empty()) return {};
     int64_t rows = int64_t(out.size()) / cfg_.hidden;
     return Tensor::from_vector(std::move(out), {rows, cfg_.hidden});
@@ -73,7 +81,7 @@ Tensor BuiltinStage<T>::forward(const Microbatch& mb, const TensorView& input) {
 
 template <typename T>
 Tensor BuiltinStage<T>::backward_input(const Microbatch& mb, const TensorView& grad_output) {
-    std::vector<T> dx = model_->backward_input(mb.id, values_of<T>(grad_output));
+    std::vector<T> dx = model_->backward_input(mb.id, values_of<T>(grad_output), mb.ctx);
     if (dx.empty()) return {};
     int64_t rows = int64_t(dx.size()) / cfg_.hidden;
     return Tensor::from_vector(std::move(dx), {rows, cfg_.hidden});

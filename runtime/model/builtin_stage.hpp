@@ -47,6 +47,8 @@ public:
     void backward_weight(const Microbatch& mb) override { model_->backward_weight(mb.id); }
     std::vector<StateBuffer> state() override;
     void zero_grad() override { model_->zero_grad(); }
+    // Builds the expert exchanges over the call's EP group (a collective: the device transport's set-up).
+    void prepare(StageContext& ctx) override;
     std::map<std::string, std::vector<double>> take_statistics() override;
     void end_step(const std::map<std::string, std::vector<double>>& summed) override;
 
@@ -58,6 +60,8 @@ private:
     BuiltinStageOptions o_;
     ModelConfig cfg_;
     std::string name_;
+    int rank_ = 0;
+    ExpertDevices devices_;
     bool hierarchical_ = false;
     std::unique_ptr<ModelStage<T>> model_;
 };

@@ -6,7 +6,6 @@
 #include <fmt/format.h>
 
 #include "core/error.hpp"
-#include "runtime/exec/stage.hpp"
 
 namespace duplex {
 
@@ -21,7 +20,7 @@ std::vector<std::vector<T>> exchange_rows(Communicator& group, HostBufferPool& s
     std::vector<size_t> sb(n), so(n), rb(n), ro(n);
     std::vector<int64_t> send_rows(n), recv_rows(n);
     for (int p = 0; p < n; ++p) send_rows[p] = int64_t(per_peer[p].size() / size_t(std::max(width, 1)));
-    wait_in_stage(group.all_to_all(send_rows.data(), recv_rows.data(), sizeof(int64_t)), "expert exchange (counts)");
+    group.all_to_all(send_rows.data(), recv_rows.data(), sizeof(int64_t))->wait();
     size_t sent = 0;
     for (int p = 0; p < n; ++p) {
         so[p] = sent * sizeof(T);
@@ -38,7 +37,7 @@ std::vector<std::vector<T>> exchange_rows(Communicator& group, HostBufferPool& s
     auto s = static_cast<T*>(send.data());
     auto r = static_cast<const T*>(recv.data());
     for (int p = 0; p < n; ++p) std::copy(per_peer[p].begin(), per_peer[p].end(), s + so[p] / sizeof(T));
-    wait_in_stage(group.all_to_all_v(s, sb, so, recv.data(), rb, ro), "expert exchange");
+    group.all_to_all_v(s, sb, so, recv.data(), rb, ro)->wait();
     std::vector<std::vector<T>> out(n);
     for (int p = 0; p < n; ++p) out[p].assign(r + ro[p] / sizeof(T), r + (ro[p] + rb[p]) / sizeof(T));
     staging.give(std::move(send));
@@ -195,18 +194,10 @@ DistributedExchange<T>::DistributedExchange(std::shared_ptr<Communicator> group,
 }
 
 template <typename T>
-void DistributedExchange<T>::in_stage(const std::function<void()>& fn) {
-    if (StageContext* c = StageContext::current())
-        c->wait_for(fn, "expert exchange (device)");
-    else
-        fn();
-}
-
-template <typename T>
 std::vector<std::vector<T>> DistributedExchange<T>::move(const std::vector<std::vector<T>>& per_peer, int width) {
     if (!transport_) return exchange_rows(*group_, *staging_, per_peer, width);
     std::vector<std::vector<T>> out;
-    in_stage([&] { out = transport_->exchange(per_peer, width); });
+    out = transport_->exchange(per_peer, width);
     return out;
 }
 
@@ -238,7 +229,7 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
     out.resident.reset();
     std::vector<std::vector<T>> rows_in;
     if (keep)
-        in_stage([&] { out.resident = transport_->exchange_to_experts(rows, out.sent_counts, dim); });
+        out.resident = transport_->exchange_to_experts(rows, out.sent_counts, dim);
     else
         rows_in = this->move(rows, dim);
     out.slots.assign(per_rank_, {});
@@ -331,7 +322,7 @@ template <typename T>
 void DistributedExchange<T>::combine_resident(RoutedTokens<T>& routed, const ResidentRows& outputs, int dim,
                                               const Routing& r, T* y) {
     std::vector<std::vector<T>> got;
-    in_stage([&] { got = transport_->exchange_from_experts(outputs, routed.sent_counts, dim); });
+    got = transport_->exchange_from_experts(outputs, routed.sent_counts, dim);
     combine_returned(routed, got, dim, r, y);
 }
 
@@ -342,14 +333,14 @@ void DistributedExchange<T>::combine_backward_resident(RoutedTokens<T>& routed, 
     std::vector<T> dy_slots;
     slot_gradients(routed.slot_outputs.data(), dy, r, dim, dy_slots, d_gate);
     auto rows = slot_rows_for_peers(routed, dy_slots, dim);
-    in_stage([&] { d_outputs = transport_->exchange_to_experts(rows, routed.sent_counts, dim); });
+    d_outputs = transport_->exchange_to_experts(rows, routed.sent_counts, dim);
 }
 
 template <typename T>
 void DistributedExchange<T>::dispatch_backward_resident(const RoutedTokens<T>& routed, const ResidentRows& d_rows,
                                                         int dim, const Routing& r, T* dx) {
     std::vector<std::vector<T>> got;
-    in_stage([&] { got = transport_->exchange_from_experts(d_rows, routed.sent_counts, dim); });
+    got = transport_->exchange_from_experts(d_rows, routed.sent_counts, dim);
     add_returned(routed, got, dim, r, dx);
 }
 

@@ -5,7 +5,8 @@
 //
 // A slot is one (token, k) pair: slot = token * top_k + k. Combine returns, per token, the gate-weighted sum
 // of its experts' outputs; combine_backward returns the expert-output gradients and each slot's gate gradient.
-// Every exchange adds in a fixed order, so results never depend on timing.
+// Every exchange adds in a fixed order, so results never depend on timing. Calls block until their rows are
+// there; a stage runs them on its expert lanes (runtime/exec/expert_service.hpp) and waits for the lane.
 #pragma once
 
 #include <functional>
@@ -166,8 +167,6 @@ public:
 protected:
     int owner(int expert) const { return placement_.rank_of(expert); }
     std::vector<std::vector<T>> move(const std::vector<std::vector<T>>& per_peer, int width);
-    // Runs `fn` (a transport call) as the stage's wait when there is a stage.
-    void in_stage(const std::function<void()>& fn);
     // dy of every slot, in the rows each peer gets back (its slots in the order they were sent).
     std::vector<std::vector<T>> slot_rows_for_peers(const RoutedTokens<T>& routed, const std::vector<T>& dy_slots, int dim);
     std::shared_ptr<Communicator> group_;

@@ -73,6 +73,7 @@ struct ModelStage<T>::Impl {
         std::set<const void*> counted;  // buffers already in the ledger's weight-gradient category
         int64_t act_bytes = 0, w_bytes = 0;
         bool forward_done = false, backward_done = false;
+        StageContext* ctx = nullptr;  // the stage call running this microbatch's F or B (null: none)
     };
 
     ModelStage<T>& self;
@@ -80,6 +81,7 @@ struct ModelStage<T>::Impl {
     Param<T>*embed = nullptr, *final_norm = nullptr, *head = nullptr;
     std::vector<Layer> layers;
     std::shared_ptr<ExpertExchange<T>> exchange, bwd_exchange;  // backward: may run beside another forward
+    int first_expert = 0, local_experts = 0;                     // the routed experts held here
     std::map<int, Micro> micro;
     uint64_t seed;
 
@@ -249,17 +251,22 @@ struct ModelStage<T>::Impl {
         return total / m.B;
     }
 
-    // Starts an exchange on the service's lane (or runs it here without a service); finish() waits for it through
-    // the executor.
-    WorkPtr start(ExpertService::Lane lane, std::function<void()> fn) {
-        if (!self.service_) {
+    // Starts an exchange on the call's expert lane (or runs it here without one); finish() waits for it through
+    // the call's context, so the executor decides what runs meanwhile.
+    static WorkPtr start(const Micro& m, ExpertService::Lane lane, std::function<void()> fn) {
+        ExpertService* lanes = m.ctx ? m.ctx->experts() : nullptr;
+        if (!lanes) {
             fn();
             return nullptr;
         }
-        return self.service_->submit(lane, std::move(fn));
+        return lanes->submit(lane, std::move(fn));
     }
     static void finish(const WorkPtr& w, const char* what, const Layer& L, const Micro& m) {
-        if (w) wait_in_stage(w, fmt::format("{} L{} mb {}", what, L.index, m.id));
+        if (!w) return;
+        if (m.ctx)
+            m.ctx->wait(w, fmt::format("{} L{} mb {}", what, L.index, m.id));
+        else
+            w->wait();
     }
 
     // Whether the forward and backward exchanges leave rows where the expert compute reads them (the same device).
@@ -286,7 +293,7 @@ struct ModelStage<T>::Impl {
         // Routed experts: the dispatch is in flight while the shared experts (which see every token) compute. Where
         // the exchanges and the expert compute share a device, the rows stay there from dispatch to combine.
         st.routed.keep_rows = rows_stay_where_experts_read();
-        WorkPtr dispatched = start(ExpertService::Forward,
+        WorkPtr dispatched = start(m, ExpertService::Forward,
                                    [&] { exchange->dispatch(st.n2->data(), d, st.routing, st.routed); });
         int shared = c.shared_experts;
         st.sa1.resize(shared), st.sa3.resize(shared), st.ss.resize(shared);
@@ -307,13 +314,13 @@ struct ModelStage<T>::Impl {
             std::vector<T> y(size_t(n) * d);
             if (st.routed.keep_rows) {
                 auto out = dev->forward_resident(expert_key(L, m), {L.e1, L.e3, L.e2}, std::move(st.routed.resident));
-                finish(start(ExpertService::Forward,
+                finish(start(m, ExpertService::Forward,
                              [&] { exchange->combine_resident(st.routed, *out, d, st.routing, y.data()); }),
                        "combine", L, m);
             } else {
                 dev->forward(expert_key(L, m), {L.e1, L.e3, L.e2}, st.routed.rows, outputs);
                 st.routed.rows.clear();
-                finish(start(ExpertService::Forward,
+                finish(start(m, ExpertService::Forward,
                              [&] { exchange->combine(st.routed, outputs, d, st.routing, y.data()); }),
                        "combine", L, m);
             }
@@ -327,7 +334,7 @@ struct ModelStage<T>::Impl {
             mlp_forward(*st.erows[e], rows, L.e1[e], L.e3[e], L.e2[e], st.ea1[e], st.ea3[e], st.es[e], outputs[e]);
         }
         std::vector<T> y(size_t(n) * d);
-        finish(start(ExpertService::Forward, [&] { exchange->combine(st.routed, outputs, d, st.routing, y.data()); }),
+        finish(start(m, ExpertService::Forward, [&] { exchange->combine(st.routed, outputs, d, st.routing, y.data()); }),
                "combine", L, m);
         for (size_t i = 0; i < f.size(); ++i) f[i] += y[i];
     }
@@ -379,7 +386,7 @@ struct ModelStage<T>::Impl {
         std::vector<double> dgate;
         const bool resident = st.routed.keep_rows;  // the forward's rows stayed on the device: so do these
         std::shared_ptr<ResidentRows> d_out_resident, d_rows_resident;
-        WorkPtr combined = start(ExpertService::Backward, [&] {
+        WorkPtr combined = start(m, ExpertService::Backward, [&] {
             if (resident)
                 bwd_exchange->combine_backward_resident(st.routed, df->data(), d, st.routing, d_out_resident, dgate);
             else
@@ -409,7 +416,7 @@ struct ModelStage<T>::Impl {
                          false);
             d_rows[e].resize(size_t(rows) * d);
         }
-        finish(start(ExpertService::Backward,
+        finish(start(m, ExpertService::Backward,
                      [&] {
                          if (resident)
                              bwd_exchange->dispatch_backward_resident(st.routed, *d_rows_resident, d, st.routing, dn2.data());
@@ -455,15 +462,26 @@ struct ModelStage<T>::Impl {
 template <typename T>
 ModelStage<T>::ModelStage(const ModelConfig& cfg, int first_layer, int num_layers, bool has_embedding, bool has_head,
                           uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange,
-                          std::shared_ptr<ExpertExchange<T>> backward_exchange)
+                          std::shared_ptr<ExpertExchange<T>> backward_exchange, ExpertShard shard)
     : cfg_(cfg), first_layer_(first_layer), num_layers_(num_layers), has_embedding_(has_embedding), has_head_(has_head) {
     cfg_.validate();
     DUPLEX_CHECK_ARG(first_layer >= 0 && num_layers >= 0 && first_layer + num_layers <= cfg.layers, "stage layers",
                      "layers {}..{} outside the model's {}", first_layer, first_layer + num_layers - 1, cfg.layers);
     impl_ = std::make_unique<Impl>(*this, seed);
     Impl& I = *impl_;
-    I.exchange = exchange ? exchange : std::make_shared<LocalExchange<T>>(cfg.experts);
-    I.bwd_exchange = backward_exchange ? backward_exchange : I.exchange;
+    if (!exchange && shard.ranks == 1) exchange = std::make_shared<LocalExchange<T>>(cfg.experts);
+    if (exchange) {
+        I.first_expert = exchange->first_local_expert();
+        I.local_experts = exchange->num_local_experts();
+    } else {
+        ExpertPlacement placement(cfg.experts, shard.ranks);
+        DUPLEX_CHECK_ARG(shard.rank >= 0 && shard.rank < shard.ranks, "expert shard", "rank {} of {}", shard.rank,
+                         shard.ranks);
+        I.first_expert = placement.first_expert(shard.rank);
+        I.local_experts = placement.per_rank();
+    }
+    I.exchange = exchange;
+    I.bwd_exchange = backward_exchange ? backward_exchange : exchange;
     int d = cfg.hidden, A = cfg.heads * cfg.head_dim;
     if (has_embedding) I.embed = I.make("embed", {cfg.vocab, d});
     for (int l = first_layer; l < first_layer + num_layers; ++l) {
@@ -489,8 +507,7 @@ ModelStage<T>::ModelStage(const ModelConfig& cfg, int first_layer, int num_layer
                 L.s3.push_back(I.make(q + "w3", {d, cfg.expert_ffn}));
                 L.s2.push_back(I.make(q + "w2", {cfg.expert_ffn, d}));
             }
-            int first = I.exchange->first_local_expert();
-            for (int e = first; e < first + I.exchange->num_local_experts(); ++e) {
+            for (int e = I.first_expert; e < I.first_expert + I.local_experts; ++e) {
                 std::string q = p + fmt::format("expert{}.", e);
                 L.e1.push_back(I.make(q + "w1", {d, cfg.expert_ffn}, false, true));
                 L.e3.push_back(I.make(q + "w3", {d, cfg.expert_ffn}, false, true));
@@ -512,12 +529,30 @@ template <typename T>
 ModelStage<T>::~ModelStage() = default;
 
 template <typename T>
-std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, std::vector<T> input) {
+void ModelStage<T>::set_exchanges(std::shared_ptr<ExpertExchange<T>> exchange,
+                                  std::shared_ptr<ExpertExchange<T>> backward_exchange) {
     Impl& I = *impl_;
+    if (!backward_exchange) backward_exchange = exchange;
+    for (const auto* x : {exchange.get(), backward_exchange.get()})
+        DUPLEX_CHECK_ARG(x && x->first_local_expert() == I.first_expert && x->num_local_experts() == I.local_experts,
+                         "expert exchange", "it must hold experts {}..{} of this stage",
+                         I.first_expert, I.first_expert + I.local_experts - 1);
+    I.exchange = std::move(exchange);
+    I.bwd_exchange = std::move(backward_exchange);
+}
+
+template <typename T>
+std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, std::vector<T> input, StageContext* ctx) {
+    Impl& I = *impl_;
+    if (!I.exchange)
+        throw Error(fmt::format("stage {}: its experts are sharded over an expert-parallel group but it has no exchange "
+                                "(set_exchanges, or the Stage's prepare, comes before the first forward)",
+                                first_layer_));
     auto [it, fresh] = I.micro.try_emplace(mb);
     if (!fresh) throw Error(fmt::format("stage {}: forward of microbatch {} twice", first_layer_, mb));
     auto& m = it->second;
     m.id = mb;
+    m.ctx = ctx;
     m.B = batch.sequences;
     m.S = batch.seq_len;
     m.tokens = batch.num_tokens();
@@ -573,12 +608,13 @@ double ModelStage<T>::aux_loss(int mb) const {
 }
 
 template <typename T>
-std::vector<T> ModelStage<T>::backward_input(int mb, std::vector<T> grad_output) {
+std::vector<T> ModelStage<T>::backward_input(int mb, std::vector<T> grad_output, StageContext* ctx) {
     Impl& I = *impl_;
     auto it = I.micro.find(mb);
     if (it == I.micro.end() || !it->second.forward_done || it->second.backward_done)
         throw Error(fmt::format("stage {}: backward of microbatch {} without its forward", first_layer_, mb));
     auto& m = it->second;
+    m.ctx = ctx;
     int d = cfg_.hidden;
     std::vector<T> dx;
     if (has_head_) {
@@ -621,8 +657,8 @@ void ModelStage<T>::backward_weight(int mb) {
 }
 
 template <typename T>
-std::vector<T> ModelStage<T>::backward(int mb, std::vector<T> grad_output) {
-    std::vector<T> dx = backward_input(mb, std::move(grad_output));
+std::vector<T> ModelStage<T>::backward(int mb, std::vector<T> grad_output, StageContext* ctx) {
+    std::vector<T> dx = backward_input(mb, std::move(grad_output), ctx);
     backward_weight(mb);
     return dx;
 }

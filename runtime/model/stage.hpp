@@ -21,10 +21,10 @@
 #include <vector>
 
 #include "memory/ledger.hpp"
-#include "runtime/model/config.hpp"
-#include "runtime/exec/expert_service.hpp"
-#include "runtime/model/expert_exchange.hpp"
 #include "runtime/exec/stage.hpp"
+#include "runtime/model/batch.hpp"
+#include "runtime/model/config.hpp"
+#include "runtime/model/expert_exchange.hpp"
 
 namespace duplex {
 
@@ -72,25 +72,36 @@ public:
                                                     std::shared_ptr<ResidentRows>& d_rows);
 };
 
+// Which shard of the routed experts a stage holds: rank `rank` of an expert-parallel group of `ranks`.
+struct ExpertShard {
+    int rank = 0, ranks = 1;
+};
+
 template <typename T>
 class ModelStage {
 public:
+    // The routed experts exchange through `exchange` (forward) and `backward_exchange` (default: the same); without
+    // one, the stage holds the `shard` of them (all with the default), exchanged locally when it is all of them and
+    // through the exchanges set_exchanges gives it before the first forward otherwise.
     ModelStage(const ModelConfig& cfg, int first_layer, int num_layers, bool has_embedding, bool has_head,
                uint64_t seed, std::shared_ptr<ExpertExchange<T>> exchange = nullptr,
-               std::shared_ptr<ExpertExchange<T>> backward_exchange = nullptr);
+               std::shared_ptr<ExpertExchange<T>> backward_exchange = nullptr, ExpertShard shard = {});
     ~ModelStage();
+    // The exchanges of a stage built without them; ConfigError unless they hold the stage's shard.
+    void set_exchanges(std::shared_ptr<ExpertExchange<T>> exchange, std::shared_ptr<ExpertExchange<T>> backward_exchange);
 
     // F: the first stage reads batch.tokens, the others `input` [tokens, hidden]. Returns the output hidden
-    // states (empty on the last stage, which computes the loss).
-    std::vector<T> forward(int mb, const Batch& batch, std::vector<T> input);
+    // states (empty on the last stage, which computes the loss). With a stage call's context, the expert
+    // exchanges run on its expert lanes and are waited for through it (else inline).
+    std::vector<T> forward(int mb, const Batch& batch, std::vector<T> input, StageContext* ctx = nullptr);
     double loss(int mb) const;      // last stage, after forward: the task's cross-entropy
     double aux_loss(int mb) const;  // any stage: its MoE layers' sequence-wise balance loss (0 when alpha = 0)
     // B: gradient of the stage input (empty on the first stage); queues the weight-gradient work of mb.
-    std::vector<T> backward_input(int mb, std::vector<T> grad_output);
+    std::vector<T> backward_input(int mb, std::vector<T> grad_output, StageContext* ctx = nullptr);
     // W: the queued weight gradients of mb, accumulated into Param::grad.
     void backward_weight(int mb);
     // B and W together.
-    std::vector<T> backward(int mb, std::vector<T> grad_output);
+    std::vector<T> backward(int mb, std::vector<T> grad_output, StageContext* ctx = nullptr);
 
     std::vector<Param<T>*> parameters();
     // Zeroes every gradient and starts a step: the expert compute is told the weights may have changed (a device
@@ -99,9 +110,6 @@ public:
     void set_recompute(bool on) { recompute_ = on; }
     bool recompute() const { return recompute_; }
     void set_loss_scale(double s) { loss_scale_ = s; }  // d(step loss)/d(microbatch loss), e.g. 1/N
-    // Expert dispatch and combine go through this service (nullptr: inline), so the stage computes its shared
-    // experts while a dispatch or combine-backward is in flight and waits through the executor.
-    void set_expert_service(std::shared_ptr<ExpertService> s) { service_ = std::move(s); }
     // Runs the routed experts there (nullptr: on the CPU, the default).
     void set_expert_compute(std::shared_ptr<ExpertCompute<T>> c) { expert_compute_ = std::move(c); }
     const std::shared_ptr<ExpertCompute<T>>& expert_compute() const { return expert_compute_; }
@@ -127,7 +135,6 @@ private:
     bool recompute_ = false;
     double loss_scale_ = 1.0;
     std::shared_ptr<ExpertCompute<T>> expert_compute_;
-    std::shared_ptr<ExpertService> service_;
     MemoryLedger ledger_;
     std::vector<std::vector<double>> bias_;
     std::unique_ptr<Impl> impl_;

@@ -37,15 +37,23 @@ EmulatedStage::EmulatedStage(const EmulateOptions& o, const StageInfo& info, std
         double all = given ? 1.0 / n : o.cost_model.forward_flops(cfg, l, tokens) / total;
         shares_.push_back({l, cfg.is_moe_layer(l), attn, all - attn});
     }
-    if (info.ep_group && info.ep_group->size() > 1) {
-        Communicator& group = *info.ep_group;
+}
+
+// The EP group comes with the calls; the byte counts of sampled real routings are planned once, here.
+void EmulatedStage::prepare(StageContext& ctx) {
+    ExpertService* ep = ctx.experts();
+    group_ = ep ? ep->group() : nullptr;
+    const ModelConfig& cfg = o_.model;
+    int first = info_.first_layer, n = info_.num_layers, tokens = o_.sequences * cfg.seq_len;
+    if (group_ && group_->size() > 1) {
+        Communicator& group = *group_;
         int sample = std::min(tokens, kSampleTokens);
         token_scale_ = double(tokens) / sample;
         ExpertPlacement placement(cfg.experts, group.size());
         for (int l = first; l < first + n; ++l) {
             if (!cfg.is_moe_layer(l)) continue;
             for (int i = 0; i < kRoutingSamples; ++i) {
-                Rng rng(mix(mix(mix(o.seed, uint64_t(l)), uint64_t(i)), uint64_t(info.rank)));
+                Rng rng(mix(mix(mix(o_.seed, uint64_t(l)), uint64_t(i)), uint64_t(info_.rank)));
                 std::vector<double> scores(size_t(sample) * cfg.experts);
                 for (double& v : scores) v = 1.0 / (1.0 + std::exp(-rng.normal()));
                 Routing r = route<double>(scores.data(), std::vector<double>(cfg.experts, 0.0), sample, cfg);
@@ -63,7 +71,7 @@ TensorSpec EmulatedStage::input_spec(const Microbatch&) const {
 // A compute piece: a timed wait while holding the rank's compute stream (the executor's call holds it). Without
 // EP an F&B pair is one modelled overlapped duration, shared by its two halves in proportion.
 void EmulatedStage::compute(double seconds, const Microbatch& mb) {
-    bool ep = info_.ep_group && info_.ep_group->size() > 1;
+    bool ep = group_ && group_->size() > 1;
     if (!ep && mb.ctx && mb.ctx->in_fb_pair()) seconds *= costs_.fb / std::max(costs_.f + costs_.b, 1e-30);
     if (mb.ctx) mb.ctx->compute_begins();
     sleep_until_seconds(now_seconds() + seconds);
@@ -73,7 +81,7 @@ std::vector<std::vector<int64_t>> EmulatedStage::round(const Microbatch& mb, uin
                                                        const std::vector<double>& nbytes,
                                                        const std::vector<std::vector<int64_t>>& counts, int width,
                                                        const std::string& name) {
-    Communicator& group = *info_.ep_group;
+    Communicator& group = *group_;
     const Topology& tp = group.topology();
     const int n = group.size(), me = group.rank();
     std::vector<std::vector<int64_t>> got(n);
@@ -121,7 +129,7 @@ uint32_t EmulatedStage::tag_of(const Microbatch& mb, int layer, int exchange, in
 
 void EmulatedStage::dispatch(const Microbatch& mb, int layer) {
     const ModelConfig& cfg = o_.model;
-    Communicator& group = *info_.ep_group;
+    Communicator& group = *group_;
     const Topology& tp = group.topology();
     const int n = group.size(), me = group.rank();
     const int local = tp.local_size(tp.node(me));
@@ -189,7 +197,7 @@ void EmulatedStage::exchange(const Microbatch& mb, int layer, int which) {
         std::lock_guard<std::mutex> lock(mutex_);
         plan = plans_.at({mb.id, layer});
     }
-    const Topology& tp = info_.ep_group->topology();
+    const Topology& tp = group_->topology();
     bool hierarchical = o_.hierarchical && tp.num_nodes() > 1;
     const char* what[] = {"", "combine", "combine-bwd", "dispatch-bwd"};
     std::string name = fmt::format("{} L{} mb {}", what[which], layer, mb.id);
@@ -213,7 +221,7 @@ void EmulatedStage::exchange(const Microbatch& mb, int layer, int which) {
 }
 
 Tensor EmulatedStage::forward(const Microbatch& mb, const TensorView&) {
-    bool ep = info_.ep_group && info_.ep_group->size() > 1;
+    bool ep = group_ && group_->size() > 1;
     double f = costs_.f;
     if (!ep) {
         compute(f, mb);
@@ -235,7 +243,7 @@ Tensor EmulatedStage::forward(const Microbatch& mb, const TensorView&) {
 }
 
 Tensor EmulatedStage::backward_input(const Microbatch& mb, const TensorView&) {
-    bool ep = info_.ep_group && info_.ep_group->size() > 1;
+    bool ep = group_ && group_->size() > 1;
     // B alone is the input-gradient part. A full backward (W follows in the same call) spreads B + W over the
     // layer pieces, as a fused backward computes them, and its backward_weight then costs nothing more.
     double b = mb.weight_follows ? costs_.b : costs_.b - costs_.w;

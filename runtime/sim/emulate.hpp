@@ -57,6 +57,8 @@ public:
     void backward_weight(const Microbatch& mb) override;
     std::vector<StateBuffer> state() override { return {}; }
     void zero_grad() override {}
+    // Samples the routings its exchanges carry the byte counts of, over the call's EP group.
+    void prepare(StageContext& ctx) override;
     const ChunkCosts& costs() const { return costs_; }
 
     struct LayerShare {
@@ -80,6 +82,7 @@ private:
 
     EmulateOptions o_;
     StageInfo info_;
+    std::shared_ptr<Communicator> group_;  // the EP group (from prepare; null: EP = 1)
     std::string name_;
     ChunkCosts costs_;
     std::vector<LayerShare> shares_;

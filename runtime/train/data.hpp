@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/exec/stage.hpp"
+#include "runtime/model/batch.hpp"
 
 namespace duplex {
 

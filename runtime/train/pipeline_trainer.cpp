@@ -42,7 +42,8 @@ struct PipelineTrainer<T>::Impl {
     bool custom = false;
     std::shared_ptr<Communicator> world, pipe, pair, ep_bwd;
     GroupComms groups;
-    std::shared_ptr<ExpertService> expert_service;  // EP > 1: dispatch/combine lanes (before the stages: outlives them)
+    // EP > 1: the stages' EP group and exchange lanes, handed to every stage call (before the stages: outlives them)
+    std::shared_ptr<ExpertService> expert_service;
     RankGrid grid;
     sched::Schedule schedule;
     int prank = 0;
@@ -218,10 +219,8 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
     // Backward expert exchanges use a second communicator over the EP group's ranks, so the two halves of an
     // overlapped F&B pair never interleave collectives on one communicator.
-    if (p.ep > 1 && !p.emulate) {
-        I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
-        I.expert_service = std::make_shared<ExpertService>();
-    }
+    if (p.ep > 1 && !p.emulate) I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
+    if (p.ep > 1) I.expert_service = std::make_shared<ExpertService>(I.groups.ep, I.ep_bwd);
     I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
 
     int layers = I.custom ? p.layers : o.model_config().layers;
@@ -262,8 +261,8 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
                 }
                 info.loss_scale = 1.0 / (double(o.microbatches) * p.dp);
                 info.rank = world->rank();
-                if (p.ep > 1) info.ep_group = I.groups.ep, info.ep_group_backward = I.ep_bwd ? I.ep_bwd : I.groups.ep;
-                info.expert_service = I.expert_service;
+                info.dtype = dtype_of<T>();
+                info.ep_rank = I.grid.ep_index, info.ep_size = p.ep;
                 I.stages[s] = factory(info);
                 if (!I.stages[s]) throw StageError(fmt::format("the stage factory returned nothing for stage {}", s));
                 // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
@@ -276,7 +275,8 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     else
         I.transport = std::make_unique<CommPipeTransport>(I.pipe);
     I.executor = std::make_unique<Executor>(I.schedule, I.prank, *I.transport, I.tracer,
-                                            ExecutorOptions{.exclusive_compute = p.emulate});
+                                            ExecutorOptions{.exclusive_compute = p.emulate, .experts = I.expert_service});
+    I.executor->prepare(stages());
 
     kernels::AdamWConfig ac;
     ac.lr = o.lr;
@@ -347,16 +347,19 @@ StepMetrics PipelineTrainer<T>::step() {
 
     // The first and last stage read the same microbatch: one batch per microbatch per step.
     std::mutex batch_mutex;
-    std::map<int, Batch> batch_cache;
-    auto batch_of = [&](int mb) -> const Batch* {
+    std::map<int, std::pair<Batch, MicrobatchData>> batch_cache;  // a batch and its views (node-stable in the map)
+    auto data_of = [&](int mb) -> const MicrobatchData* {
         if (!I.batches) return nullptr;
         std::lock_guard<std::mutex> lock(batch_mutex);
         auto it = batch_cache.find(mb);
-        if (it == batch_cache.end()) it = batch_cache.emplace(mb, I.batches->batch(I.step_, offset + mb)).first;
-        return &it->second;
+        if (it == batch_cache.end()) {
+            it = batch_cache.emplace(mb, std::make_pair(I.batches->batch(I.step_, offset + mb), MicrobatchData{})).first;
+            it->second.second = microbatch_data(it->second.first);
+        }
+        return &it->second.second;
     };
     std::map<int, Stage*> stages = this->stages();
-    ExecutorStep r = I.executor->run(stages, batch_of, I.step_, offset);
+    ExecutorStep r = I.executor->run(stages, data_of, I.step_, offset);
 
     double slowest_us = 0;
     m.bubble_fraction = I.bubble_share(r.schedule_us, r.compute_us, slowest_us);

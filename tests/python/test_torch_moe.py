@@ -5,6 +5,7 @@ inside DP, tokens moved by duplex.torch.dispatch/combine), and EP = 4 over two (
 path: it equals the same model with every expert local,
 trained by plain PyTorch in one process on the same batch — fp64: losses and every parameter after three SGD
 steps within 1e-12; fp32: step-1 loss within 1e-6, parameters within 1e-5."""
+import math
 import threading
 import unittest
 
@@ -134,6 +135,7 @@ class ExpertParallel(unittest.TestCase):
             with lock:
                 if world.rank == 0:
                     losses["l"] = mine_losses
+                    losses["fb_ep_hidden"] = pipe.last_metrics["fb_ep_comm_hidden_fraction"]
                 for m in mine:
                     paths.update(getattr(m, "paths", ()))
                     s = blocks.index(m)
@@ -151,6 +153,8 @@ class ExpertParallel(unittest.TestCase):
                                      f"step {s + 1}")
         if ep > 1:  # the path dispatch took: node-limited exactly when the EP group spans nodes
             self.assertEqual(paths, {virtual_nodes > 0})
+        if ep > 1 and schedule in ("dualpipe", "dualpipev"):  # the exchanges waited through the executor's stage call
+            self.assertFalse(math.isnan(losses["fb_ep_hidden"]), "no expert exchange was waited for inside an F&B pair")
         self.assertEqual(sorted(got), sorted(want))
         for name, w in want.items():
             self.assertLessEqual(float((got[name] - w).norm() / w.norm()), param_tol, name)

@@ -292,6 +292,30 @@ TEST(PipelineTrainer, EmulateModeRunsEverySchedule) {
 // Expert traffic in emulate mode: nominal bytes from a real routing per microbatch and layer, the node-limited
 // path sending fewer inter-node bytes than the flat one, expert exchanges traced, and the F&B pairs' share of
 // hidden expert communication reported (its size is a benchmark: scripts/bench-emulate).
+// The built-in stage waits for its dispatches and combines through the call's context (the Stage contract's
+// services), not plainly: math mode records them as communication, marked inside F&B pairs.
+TEST(PipelineTrainer, BuiltinStageWaitsForItsExchangesThroughTheExecutor) {
+    TrainOptions o;
+    o.microbatches = 4;
+    o.dense_layers = 0;
+    o.steps = 1;
+    PipelineOptions p{ScheduleKind::DualPipe, 2, 2, 2};
+    p.trace = true;
+    std::mutex m;
+    StepMetrics seen;
+    std::string blob;
+    launch({.ranks = 4}, [&](const std::shared_ptr<Communicator>& world) {
+        PipelineTrainer<double> t(world, p, o);
+        StepMetrics s = t.step();
+        std::lock_guard<std::mutex> lock(m);
+        if (world->rank() == 0) seen = s, blob = t.trace_blob();
+    });
+    EXPECT_NE(blob.find("dispatch L"), std::string::npos) << "no expert dispatch wait in the trace";
+    EXPECT_NE(blob.find("combine-bwd L"), std::string::npos) << "no combine-backward wait in the trace";
+    EXPECT_NE(blob.find("[F&B]"), std::string::npos) << "no expert wait inside an F&B pair";
+    EXPECT_FALSE(std::isnan(seen.fb_ep_comm_hidden_fraction));
+}
+
 TEST(PipelineTrainer, EmulateModeCarriesExpertTraffic) {
     std::map<std::string, LinkBytes> bytes;
     for (std::string dispatch : {"flat", "hierarchical"}) {
