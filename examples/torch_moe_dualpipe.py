@@ -105,7 +105,7 @@ def main():
             torch.manual_seed(0)
             blocks = [Block(embed=s == 0, head=s == a.pp - 1) for s in range(a.pp)]
         r, d = world.rank // a.dp, world.rank % a.dp
-        mine = [blocks[r], blocks[a.pp - 1 - r]]
+        mine = [blocks[s] for s in duplex.stages_of_rank("dualpipe", a.pp, r)]  # stages r and PP-1-r
         if a.ep > 1:
             for b in mine:
                 b.keep_experts(d % a.ep, a.ep)

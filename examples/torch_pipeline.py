@@ -53,10 +53,10 @@ def main():
             blocks = make_blocks()
         pp = STAGES
         r = world.rank // a.dp
-        mine = [blocks[r]] if a.schedule in ("1f1b", "zb1p") else [blocks[r], blocks[pp - 1 - r]]
-        pipe = dt.Pipeline(world, mine, schedule=a.schedule, pp=pp, dp=a.dp, microbatches=a.microbatches,
+        # The stages the schedule places on this rank, asked for by index.
+        pipe = dt.Pipeline(world, lambda s: blocks[s], schedule=a.schedule, pp=pp, dp=a.dp, microbatches=a.microbatches,
                            loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH))
-        opt = torch.optim.Adam([p for m in mine for p in m.parameters()], lr=3e-3)
+        opt = torch.optim.Adam([p for m in pipe.modules for p in m.parameters()], lr=3e-3)
         for step in range(1, a.steps + 1):
             loss = pipe.step(*batch(step, a.dp * a.microbatches))
             opt.step()

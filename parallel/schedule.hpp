@@ -65,6 +65,12 @@ struct Schedule {
 
 // Throws ConfigError naming the violated constraint (odd PP or N for DualPipe, N < 2PP, PP < 1, ...).
 Schedule generate(ScheduleKind kind, int pp, int num_microbatches);
+// Which rank holds each model stage: placement[dir][stage] (what generate puts in Schedule::placement). 1F1B and
+// ZB1P: stage s on rank s; DualPipe: rank r holds stage r going down and stage PP-1-r going up; DualPipeV: PP/2
+// ranks, rank r holds stages r and PP-1-r.
+std::vector<std::vector<int>> placement(ScheduleKind kind, int pp);
+// The model stages pipeline rank `rank` holds, its own stage first (r, then PP-1-r for DualPipe and DualPipeV).
+std::vector<int> stages_of_rank(ScheduleKind kind, int pp, int rank);
 void check_arguments(ScheduleKind kind, int pp, int num_microbatches);
 
 struct Costs {

@@ -328,6 +328,15 @@ NB_MODULE(_duplex, m) {
         });
 
     m.def(
+        "stages_of_rank",
+        [](const std::string& schedule, int pp, int rank) {
+            return sched::stages_of_rank(sched::kind_from_name(schedule), pp, rank);
+        },
+        "schedule"_a, "pp"_a, "rank"_a,
+        "The model stages pipeline rank `rank` holds under `schedule` (1f1b, zb1p, dualpipe, dualpipev) with `pp` "
+        "stages, its own first: [r] for 1f1b and zb1p, [r, pp-1-r] for dualpipe and dualpipev.");
+
+    m.def(
         "schedule",
         [](const std::string& kind, int pp, int microbatches, double cost_f, double cost_b, double cost_w,
            double cost_fb, double p2p) {

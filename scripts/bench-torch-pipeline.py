@@ -32,11 +32,12 @@ def batch(step, rows, width):
 def torch_rank(rank, a, port, out):
     torch.set_num_threads(1)
     from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
+    import duplex  # the same placement (stages r and PP-1-r) as the Duplex side
     ranks = a.stages // 2
     dist.init_process_group("gloo", rank=rank, world_size=ranks, init_method=f"tcp://127.0.0.1:{port}")
     blocks = make_blocks(a.stages, a.width)
-    mine = [rank, a.stages - 1 - rank]
-    stages = [PipelineStage(blocks[s], s, a.stages, torch.device("cpu")) for s in mine]
+    stages = [PipelineStage(blocks[s], s, a.stages, torch.device("cpu"))
+              for s in duplex.stages_of_rank("dualpipev", a.stages, rank)]
     sched = ScheduleDualPipeV(stages, a.microbatches, loss_fn=torch.nn.functional.mse_loss)
     times = []
     for step in range(1, a.steps + 1):
@@ -64,8 +65,7 @@ def duplex_run(a, width):
 
     def rank_main(world):
         r = world.rank
-        mine = [blocks[r], blocks[a.stages - 1 - r]]
-        pipe = dt.Pipeline(world, mine, schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
+        pipe = dt.Pipeline(world, lambda s: blocks[s], schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
                            loss_fn=torch.nn.functional.mse_loss, activation_shape=(a.rows, width),
                            dtype=torch.float32)
         for step in range(1, a.steps + 1):

@@ -212,6 +212,47 @@ void check_arguments(ScheduleKind kind, int pp, int n) {
     }
 }
 
+std::vector<std::vector<int>> placement(ScheduleKind kind, int pp) {
+    switch (kind) {
+        case ScheduleKind::OneFOneB:
+        case ScheduleKind::ZB1P: return linear_placement(pp);
+        case ScheduleKind::DualPipe: {
+            // Rank r holds stage r of the down direction and stage PP-1-r of the up one.
+            std::vector<int> up(pp);
+            for (int st = 0; st < pp; ++st) up[st] = pp - 1 - st;
+            return {linear_placement(pp)[0], up};
+        }
+        case ScheduleKind::DualPipeV: {
+            // PP/2 ranks: rank r holds stages r and PP-1-r, the V's two arms.
+            int ranks = pipeline_ranks(kind, pp);
+            std::vector<int> v(pp);
+            for (int st = 0; st < pp; ++st) v[st] = st < ranks ? st : pp - 1 - st;
+            return {v};
+        }
+    }
+    throw ConfigError("--schedule", "unknown schedule kind");
+}
+
+std::vector<int> stages_of_rank(ScheduleKind kind, int pp, int rank) {
+    DUPLEX_CHECK_ARG(pp >= 1 && pp <= kMaxStages, "--pp", "pipeline stages must be at least 1, got {}", pp);
+    DUPLEX_CHECK_ARG(kind != ScheduleKind::DualPipe || pp % 2 == 0, "--pp", "dualpipe needs an even number, got {}",
+                     pp);
+    DUPLEX_CHECK_ARG(kind != ScheduleKind::DualPipeV || pp % 2 == 0, "--pp", "dualpipev needs an even number, got {}",
+                     pp);
+    int ranks = pipeline_ranks(kind, pp);
+    DUPLEX_CHECK_ARG(rank >= 0 && rank < ranks, "rank", "pipeline rank {} of {}", rank, ranks);
+    std::vector<int> out;
+    for (const std::vector<int>& dir : placement(kind, pp)) {
+        // The stage this rank holds first in each direction's order of stages (its own, then its mirror).
+        std::vector<int> mine;
+        for (int st = 0; st < pp; ++st)
+            if (dir[st] == rank) mine.push_back(st);
+        for (int st : mine)
+            if (std::find(out.begin(), out.end(), st) == out.end()) out.push_back(st);
+    }
+    return out;
+}
+
 Schedule generate(ScheduleKind kind, int pp, int n) {
     check_arguments(kind, pp, n);
     Schedule s;
@@ -221,20 +262,18 @@ Schedule generate(ScheduleKind kind, int pp, int n) {
     switch (kind) {
         case ScheduleKind::OneFOneB:
             s.num_ranks = pp;
-            s.placement = linear_placement(pp);
+            s.placement = placement(kind, pp);
             for (int r = 0; r < pp; ++r) s.ranks.push_back(one_f_one_b_rank(pp, n, r));
             break;
         case ScheduleKind::ZB1P:
             s.num_ranks = pp;
-            s.placement = linear_placement(pp);
+            s.placement = placement(kind, pp);
             s.ranks = zb1p(pp, n);
             break;
         case ScheduleKind::DualPipe: {
             s.num_ranks = pp;
             s.num_directions = 2;
-            std::vector<int> up(pp);
-            for (int st = 0; st < pp; ++st) up[st] = pp - 1 - st;
-            s.placement = {linear_placement(pp)[0], up};
+            s.placement = placement(kind, pp);
             int half = pp / 2, per_dir = n / 2;
             for (int r = 0; r < pp; ++r) {
                 bool second_half = r >= half;
@@ -249,9 +288,7 @@ Schedule generate(ScheduleKind kind, int pp, int n) {
         case ScheduleKind::DualPipeV: {
             int ranks = pipeline_ranks(kind, pp);
             s.num_ranks = ranks;
-            std::vector<int> v(pp);
-            for (int st = 0; st < pp; ++st) v[st] = st < ranks ? st : pp - 1 - st;
-            s.placement = {v};
+            s.placement = placement(kind, pp);
             for (int r = 0; r < ranks; ++r) {
                 auto chunk = [=](int phase, int index) { return Chunk{index, phase == 0 ? r : pp - 1 - r, 0}; };
                 s.ranks.push_back(DualPlan(ranks, r, n, chunk).build());

@@ -15,8 +15,9 @@ replicas all-reduce theirs. The gradients are left in the modules' .grad, so any
             loss = pipe.step(x, y)               # the global batch; every rank passes the same one
             opt.step(); opt.zero_grad()
 
-Modules: one per stage the schedule places on this rank — one for 1f1b and zb1p (stage r), two for dualpipe and
-dualpipev, in DualPipe's order (stage r, then stage PP-1-r). `activation_shape` is the shape of one microbatch's
+Modules: a function from a stage index to its module (called for the stages the schedule places on this rank,
+duplex.stages_of_rank), or a list of them in that order — one for 1f1b and zb1p (stage r), two for dualpipe and
+dualpipev (stage r, then stage PP-1-r). `activation_shape` is the shape of one microbatch's
 activation between stages (the same at every boundary); a stage that returns another shape is an error naming
 the stage and the microbatch.
 """
@@ -337,21 +338,22 @@ class Pipeline:
             raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
         if activation_shape is None:
             raise ValueError("Pipeline needs activation_shape: one microbatch's activation between stages")
-        self.modules = list(modules)
         self.schedule, self.dp, self.microbatches = schedule, dp, microbatches
         ranks_per_replica = world.size // dp
         folded = schedule in ("dualpipev",)
         self.pp = pp if pp is not None else (2 * ranks_per_replica if folded else ranks_per_replica)
-        want = 2 if schedule in ("dualpipe", "dualpipev") else 1
-        if len(self.modules) != want:
-            raise ValueError(f"{schedule} places {want} stage(s) on each rank; got {len(self.modules)} modules")
+        self.pipe_rank = world.rank // dp
+        self.stages = _duplex.stages_of_rank(schedule, self.pp, self.pipe_rank)  # this rank's, its own first
+        self.modules = [modules(s) for s in self.stages] if callable(modules) else list(modules)
+        if len(self.modules) != len(self.stages):
+            raise ValueError(f"{schedule} places {len(self.stages)} stage(s) on each rank (here {self.stages}); got "
+                             f"{len(self.modules)} modules")
         self.loss_fn = loss_fn
         self.activation_shape = tuple(activation_shape)
         params = [p for m in self.modules for p in m.parameters()]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
         if self.dtype not in _DTYPES:
             raise ValueError(f"parameters of {self.dtype}: the trainer runs float32 or float64")
-        self.pipe_rank = world.rank // dp
         self._inputs = self._labels = None
         if optimizer is None:
             kind, lr, wd, clip = "none", 1e-3, 0.0, 0.0
@@ -363,8 +365,7 @@ class Pipeline:
                                          _DTYPES[self.dtype], kind, lr, wd, clip, ema_decay)
 
     def _make_stage(self, info):
-        own = info.stage == self.pipe_rank
-        return _TorchStage(self, self.modules[0 if own else 1], info)
+        return _TorchStage(self, self.modules[self.stages.index(info.stage)], info)
 
     def step(self, inputs, labels):
         """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean

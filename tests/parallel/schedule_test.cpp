@@ -1,6 +1,9 @@
 #include "parallel/schedule.hpp"
 
+#include "core/error.hpp"
+
 #include <map>
+#include <set>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -81,6 +84,37 @@ TEST(Schedule, DualPipeRanksHoldMirroredStages) {
             if (in.op == Op::F || in.op == Op::FB) {
                 EXPECT_EQ(in.f.stage, in.f.dir == 0 ? r : 5 - r);
             }
+        }
+    }
+}
+
+// The stages each rank holds, written out from the papers' figures (DualPipe: rank r runs stage r going down and
+// stage PP-1-r going up; DualPipeV folds PP stages on PP/2 ranks as a V), and the same answer from every plan.
+TEST(Schedule, StagesOfRankArePublishedPairing) {
+    using V = std::vector<int>;
+    EXPECT_EQ(stages_of_rank(ScheduleKind::OneFOneB, 4, 2), V{2});
+    EXPECT_EQ(stages_of_rank(ScheduleKind::ZB1P, 4, 3), V{3});
+    EXPECT_EQ(stages_of_rank(ScheduleKind::DualPipe, 8, 0), (V{0, 7}));
+    EXPECT_EQ(stages_of_rank(ScheduleKind::DualPipe, 8, 2), (V{2, 5}));
+    EXPECT_EQ(stages_of_rank(ScheduleKind::DualPipe, 8, 5), (V{5, 2}));
+    EXPECT_EQ(stages_of_rank(ScheduleKind::DualPipeV, 8, 1), (V{1, 6}));
+    EXPECT_EQ(stages_of_rank(ScheduleKind::DualPipeV, 8, 3), (V{3, 4}));
+    EXPECT_THROW(stages_of_rank(ScheduleKind::DualPipeV, 8, 4), ConfigError);  // 4 ranks
+    EXPECT_THROW(stages_of_rank(ScheduleKind::DualPipe, 7, 0), ConfigError);
+    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV}) {
+        Schedule s = generate(k, 6, 12);
+        for (int r = 0; r < s.num_ranks; ++r) {
+            std::set<int> held;
+            for (const auto& rank_of_stage : s.placement)
+                for (int st = 0; st < s.pp; ++st)
+                    if (rank_of_stage[st] == r) held.insert(st);
+            for (const std::vector<Instr>& list : {s.ranks[r]})
+                for (const Instr& in : list)
+                    for (const Chunk& c : {in.f, in.b})
+                        if (c.stage >= 0) EXPECT_TRUE(held.count(c.stage)) << "rank " << r << " runs stage " << c.stage;
+            V got = stages_of_rank(k, 6, r);
+            EXPECT_EQ(std::set<int>(got.begin(), got.end()), held) << "rank " << r;
+            EXPECT_EQ(got.front(), r) << "its own stage first";
         }
     }
 }

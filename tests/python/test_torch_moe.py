@@ -11,6 +11,7 @@ import unittest
 
 import torch
 
+import duplex
 import duplex.torch as dt
 from common import train_pipeline
 
@@ -124,7 +125,7 @@ class ExpertParallel(unittest.TestCase):
         def rank_main(world):
             blocks = make_model(pp, dtype)
             r, d = world.rank // dp, world.rank % dp
-            mine = [blocks[r]] if schedule in ("1f1b", "zb1p") else [blocks[r], blocks[pp - 1 - r]]
+            mine = [blocks[s] for s in duplex.stages_of_rank(schedule, pp, r)]
             if ep > 1:
                 for m in mine:
                     m.keep_experts(d % ep, ep)

@@ -68,9 +68,9 @@ def distributed(schedule, pp, dp, microbatches, steps, dtype):
     def rank_main(world):
         blocks = make_stages(pp, dtype)
         r = world.rank // dp
-        mine = [blocks[r]] if schedule in ("1f1b", "zb1p") else [blocks[r], blocks[pp - 1 - r]]
-        pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, microbatches=microbatches,
+        pipe = dt.Pipeline(world, lambda s: blocks[s], schedule=schedule, pp=pp, dp=dp, microbatches=microbatches,
                            loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH))
+        mine = pipe.modules  # the stages it asked for: [r], or [r, PP-1-r] for DualPipe and DualPipeV
         params = [p for m in mine for p in m.parameters()]
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         losses = train_pipeline(pipe, opt, (batch(step, dp * microbatches, dtype) for step in range(1, steps + 1)))
