@@ -141,8 +141,8 @@ int run_distributed(const Args& a) {
     TrainOptions o = a.train;
     o.bias_update = !a.no_bias_update;
     RunPlan plan{p.schedule, p.pp, p.dp, p.ep};
-    plan.validate(o.microbatches, o.model_config().experts);
     int world_size = plan.world_size();
+    PipelineTrainer<T>::validate(p, o, world_size);  // the layout, the model and the options, before anything runs
     LaunchOptions l;
     l.backend = a.backend;
     l.ranks = world_size;
@@ -153,7 +153,6 @@ int run_distributed(const Args& a) {
             throw ConfigError("--pp/--dp", fmt::format("the layout needs {} ranks but {} were launched ({})", world_size,
                                                        env.world_size, env.source));
     }
-    PipelineTrainer<T>::validate(p, o, world_size);
     {
         // Before anything is allocated: this process's share of the job (all of it in-process).
         bool multi = backend_is_multiprocess(a.backend);
@@ -194,9 +193,9 @@ int run_distributed(const Args& a) {
             LayerRange mid = plan.layers_of_stage(p.pp / 2, mc.layers);
             ChunkCosts cc = p.emulate_costs.f > 0
                                 ? p.emulate_costs
-                                : p.cost_model.chunk(mc, mid.first, mid.count, o.sequences_per_microbatch * mc.seq_len,
+                                : p.cost_model.chunk(mc, mid.first, mid.count, int(mc.tokens_per_microbatch(o.sequences_per_microbatch)),
                                                      {false, o.recompute});
-            double act_bytes = double(o.sequences_per_microbatch) * mc.seq_len * mc.hidden * sizeof(T);
+            double act_bytes = double(mc.tokens_per_microbatch(o.sequences_per_microbatch)) * mc.hidden * sizeof(T);
             sched::Costs sc{cc.f, cc.b, cc.w, cc.fb, p.cost_model.transfer_s(act_bytes, LinkClass::IntraNode)};
             sched::Replay rp = sched::replay(sch, sc);
             fmt::print(human(), "# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
@@ -300,7 +299,7 @@ int run_distributed(const Args& a) {
                        ep_bytes[0], ep_bytes[1], world->topology().num_nodes(), trainer.dispatch_path());
             // Per token, MoE layer and direction (dispatch, combine and their two gradients), against the
             // node-limited bound M x hidden x element size.
-            double token_layers = double(o.steps - start) * p.dp * o.microbatches * o.sequences_per_microbatch * c.seq_len *
+            double token_layers = double(o.steps - start) * p.dp * o.microbatches * double(c.tokens_per_microbatch(o.sequences_per_microbatch)) *
                                   (c.layers - c.dense_layers) * 4;
             double per = double(ep_bytes[1]) / std::max(token_layers, 1.0);
             double bound = double(c.top_groups) * c.hidden * (a.fp64 ? 8 : 4);

@@ -58,7 +58,7 @@ void BuiltinStage<T>::prepare(StageContext& ctx) {
 
 template <typename T>
 TensorSpec BuiltinStage<T>::input_spec(const Microbatch&) const {
-    return {dtype_of<T>(), {int64_t(o_.sequences_per_microbatch) * cfg_.seq_len, cfg_.hidden}, Device::cpu()};
+    return {dtype_of<T>(), {cfg_.tokens_per_microbatch(o_.sequences_per_microbatch), cfg_.hidden}, Device::cpu()};
 }
 
 namespace {

@@ -50,6 +50,8 @@ struct ModelConfig {
     void check_runnable() const;
     bool is_moe_layer(int layer) const { return layer >= dense_layers; }
     bool mla() const { return kv_lora > 0; }
+    // Tokens of a microbatch of `sequences` sequences (every path sizes a microbatch with this).
+    int64_t tokens_per_microbatch(int sequences) const { return int64_t(sequences) * seq_len; }
     int64_t num_parameters() const;          // of the runtime model (plain attention, no MTP)
     // Parameters by kind, for the cost model (MLA-aware, MTP modules included).
     double attention_params() const;          // one layer's attention projections

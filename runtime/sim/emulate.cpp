@@ -24,7 +24,7 @@ uint64_t mix(uint64_t h, uint64_t v) {
 EmulatedStage::EmulatedStage(const EmulateOptions& o, const StageInfo& info, std::shared_ptr<EmulatedBytes> bytes)
     : o_(o), info_(info), bytes_(std::move(bytes)) {
     const ModelConfig& cfg = o.model;
-    int first = info.first_layer, n = info.num_layers, tokens = o.sequences * cfg.seq_len;
+    int first = info.first_layer, n = info.num_layers, tokens = int(cfg.tokens_per_microbatch(o.sequences));
     name_ = n > 0 ? fmt::format("emulated stage {} (layers {}..{})", info.stage, first, first + n - 1)
                   : fmt::format("emulated stage {} (no layers)", info.stage);
     bool given = o.costs.f > 0;
@@ -44,7 +44,7 @@ void EmulatedStage::prepare(StageContext& ctx) {
     ExpertService* ep = ctx.experts();
     group_ = ep ? ep->group() : nullptr;
     const ModelConfig& cfg = o_.model;
-    int first = info_.first_layer, n = info_.num_layers, tokens = o_.sequences * cfg.seq_len;
+    int first = info_.first_layer, n = info_.num_layers, tokens = int(cfg.tokens_per_microbatch(o_.sequences));
     if (group_ && group_->size() > 1) {
         Communicator& group = *group_;
         int sample = std::min(tokens, kSampleTokens);
@@ -65,7 +65,7 @@ void EmulatedStage::prepare(StageContext& ctx) {
 
 TensorSpec EmulatedStage::input_spec(const Microbatch&) const {
     DType t = o_.elem_bytes == 8 ? DType::F64 : DType::F32;
-    return {t, {int64_t(o_.sequences) * o_.model.seq_len, o_.model.hidden}, Device::cpu()};
+    return {t, {o_.model.tokens_per_microbatch(o_.sequences), o_.model.hidden}, Device::cpu()};
 }
 
 // A compute piece: a timed wait while holding the rank's compute stream (the executor's call holds it). Without

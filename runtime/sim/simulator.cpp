@@ -262,7 +262,7 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
         dev.comm_sms = o.comm_sms;
     }
     CostModel cm(dev);
-    const int S = o.pp, T = o.mb_sequences * cfg.seq_len;
+    const int S = o.pp, T = int(cfg.tokens_per_microbatch(o.mb_sequences));
     DUPLEX_CHECK_ARG(o.partition == "balanced" || o.partition == "uniform", "--partition",
                      "'{}' is not a layer partition (balanced, uniform)", o.partition);
     r.schedule = sched::generate(o.schedule, o.pp, r.microbatches);

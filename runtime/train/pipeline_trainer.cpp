@@ -224,7 +224,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
 
     int layers = I.custom ? p.layers : o.model_config().layers;
-    if (!I.custom) I.tokens_per_microbatch = int64_t(o.sequences_per_microbatch) * o.model_config().seq_len;
+    if (!I.custom) I.tokens_per_microbatch = o.model_config().tokens_per_microbatch(o.sequences_per_microbatch);
     if (!factory) {
         if (p.emulate) {
             EmulateOptions eo;

@@ -70,7 +70,7 @@ BuiltinStageOptions builtin_stage_options(const TrainOptions& o, const std::stri
 std::pair<double, std::string> TrainOptions::memory_lower_bound(int replicas, size_t elem_bytes, bool emulate) const {
     if (emulate) return {0.0, "emulate mode"};
     ModelConfig c = model_config();
-    double elem = double(elem_bytes), tokens = double(sequences_per_microbatch) * c.seq_len;
+    double elem = double(elem_bytes), tokens = double(c.tokens_per_microbatch(sequences_per_microbatch));
     double params = double(c.num_parameters()) * elem * 4;  // value, gradient, two moments
     // Saved per token and layer at the least: the layer's input, attention's q/k/v/output, the norms, a row of
     // attention probabilities, and the routed experts' hidden activations.
@@ -101,7 +101,7 @@ ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
 
 template <typename T>
 int ReferenceTrainer<T>::tokens_per_step() const {
-    return o_.microbatches * o_.sequences_per_microbatch * cfg_.seq_len;
+    return o_.microbatches * int(cfg_.tokens_per_microbatch(o_.sequences_per_microbatch));
 }
 
 template <typename T>
