@@ -15,6 +15,7 @@
 #include "parallel/schedule.hpp"
 #include "parallel/plan.hpp"
 #include "runtime/train/checkpoint.hpp"
+#include "runtime/train/fit.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 #include "runtime/train/reference.hpp"
 #include "runtime/train/trainer.hpp"
@@ -165,7 +166,9 @@ int run_distributed(const Args& a) {
     DUPLEX_CHECK_ARG(a.resume.empty() || !p.emulate, "--resume", "emulate mode trains no weights: nothing to resume");
     DUPLEX_CHECK_ARG(a.resume.empty() || !a.check_reference, "--check-reference",
                      "the single-rank reference starts from step 1; it cannot follow a resumed run");
-    DUPLEX_CHECK_ARG(a.save_every >= 0 && a.keep >= 0, "--save-every/--keep", "must be 0 or more");
+    FitOptions fo;
+    fo.steps = o.steps, fo.save = a.save, fo.save_every = a.save_every, fo.keep = a.keep, fo.resume = a.resume;
+    fo.validate();
     bool mismatch = false;  // --check-reference: set on rank 0 when the run is farther from the reference than allowed
     launch(l, [&](const std::shared_ptr<Communicator>& world) {
         if (world->size() != world_size)
@@ -174,14 +177,22 @@ int run_distributed(const Args& a) {
         PipelineTrainer<T> trainer(world, p, o);
         std::unique_ptr<ReferenceTrainer<T>> ref;
         bool lead = world->rank() == 0;
+        FitCallbacks cb;
         long start = 0;
-        if (!a.resume.empty()) {
-            Stopwatch sw;
-            start = trainer.load_checkpoint(a.resume);
+        cb.on_resume = [&](long step, double seconds) {
+            start = step;
+            if (!lead) return;
+            fmt::print(human(), "# resumed from {} after step {} ({:.2f} s); training to step {}\n",
+                       ckpt::latest_checkpoint(a.resume).value_or(a.resume), step, seconds, o.steps);
+            if (step >= o.steps)
+                fmt::print(human(), "# the checkpoint is at step {}, already at --steps {}: nothing to train\n", step,
+                           o.steps);
+        };
+        cb.on_save = [&](const std::string& dir, const char* why, double seconds) {
             if (lead)
-                fmt::print(human(), "# resumed from {} after step {} ({:.2f} s); training to step {}\n",
-                           ckpt::latest_checkpoint(a.resume).value_or(a.resume), start, sw.seconds(), o.steps);
-        }
+                fmt::print(human(), "# checkpoint of step {} written to {} ({}, {:.2f} s)\n", trainer.steps_done(), dir,
+                           why, seconds);
+        };
         std::unique_ptr<MetricsLog> log = lead ? std::make_unique<MetricsLog>(a.metrics) : nullptr;
         TrainOptions ref_o = o;
         ref_o.microbatches = o.microbatches * p.dp;
@@ -215,20 +226,8 @@ int run_distributed(const Args& a) {
                        o.sequences_per_microbatch, c.seq_len, p.emulate ? " (emulated compute)" : "");
         }
         nlohmann::json steps = nlohmann::json::array();
-        double first = 0, last = 0, worst_loss_diff = 0;
-        auto save = [&](const char* why) {
-            Stopwatch sw;
-            std::string dir = trainer.save_checkpoint(a.save, a.keep);
-            if (lead)
-                fmt::print(human(), "# checkpoint of step {} written to {} ({}, {:.2f} s)\n", trainer.steps_done(), dir,
-                           why, sw.seconds());
-        };
-        if (start >= o.steps && lead)
-            fmt::print(human(), "# the checkpoint is at step {}, already at --steps {}: nothing to train\n", start,
-                       o.steps);
-        auto report = [&](long s, const StepMetrics& m) {
-            if (s == start) first = m.loss;
-            last = m.loss;
+        double worst_loss_diff = 0;
+        auto report = [&](const StepMetrics& m) {
             nlohmann::json j = {{"step", m.step},
                                 {"loss", m.loss},
                                 {"max_vio", m.max_vio},
@@ -249,7 +248,7 @@ int run_distributed(const Args& a) {
             }
             steps.push_back(j);
             log->write(j);
-            if (m.step == 1 || s == start || m.step % a.log_every == 0 || m.step == o.steps)
+            if (m.step == 1 || m.step == start + 1 || m.step % a.log_every == 0 || m.step == o.steps)
                 fmt::print(human(), "step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n",
                            m.step, p.emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss),
                            m.step_time_s * 1e3, m.tokens_per_s, 100 * m.bubble_fraction,
@@ -259,14 +258,12 @@ int run_distributed(const Args& a) {
                            ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
             std::fflush(human());
         };
-        for (long s = start; s < o.steps; ++s) {
-            StepMetrics m = trainer.step();
-            // The step is logged before it is checkpointed: a crash in the save keeps its metrics line.
-            if (lead) report(s, m);
-            if (!a.save.empty() && a.save_every > 0 && m.step % a.save_every == 0 && m.step < o.steps)
-                save("--save-every");
-        }
-        if (!a.save.empty() && trainer.steps_done() > start) save("end of run");
+        // The step is logged before it is checkpointed: a crash in the save keeps its metrics line.
+        cb.on_step = [&](const StepMetrics& m) {
+            if (lead) report(m);
+        };
+        FitResult fr = fit(trainer, fo, cb);
+        double first = fr.first_loss, last = fr.last_loss;
         LinkBytes eb = trainer.expert_bytes_sent();
         int64_t ep_bytes[2] = {int64_t(eb.intra_node), int64_t(eb.inter_node)};
         world->all_reduce(ep_bytes, 2, DType::I64)->wait();
@@ -283,7 +280,7 @@ int run_distributed(const Args& a) {
                               {"backend", world->backend()},
                               {"dtype", a.fp64 ? "fp64" : "fp32"},
                               {"steps", steps}};
-        if (!p.emulate)
+        if (!p.emulate && fr.steps_done > fr.start)
             fmt::print(human(), "# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
         out["mode"] = a.mode;
         if (p.ep > 1 && o.exchange_on != "host") {

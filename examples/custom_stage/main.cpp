@@ -11,6 +11,7 @@
 
 #include <duplex/comm/launch.hpp>
 #include <duplex/parallel/plan.hpp>
+#include <duplex/runtime/train/fit.hpp>
 #include <duplex/runtime/train/pipeline_trainer.hpp>
 #include <duplex/runtime/train/reference.hpp>
 
@@ -36,12 +37,14 @@ Result train(sched::ScheduleKind kind, int pp, int dp, int microbatches, int ste
     launch(l, [&](const std::shared_ptr<Communicator>& world) {
         PipelineTrainer<double> trainer(world, p, o, factory);
         std::vector<double> losses;
-        for (int s = 0; s < steps; ++s) {
-            StepMetrics sm = trainer.step();
-            losses.push_back(sm.loss);
-            if (world->rank() == 0 && l.ranks > 1)
-                std::printf("step %2d  loss %.6f  bubble %4.1f%%\n", sm.step, sm.loss, 100 * sm.bubble_fraction);
-        }
+        FitOptions f;
+        f.steps = steps;
+        fit(trainer, f, {.on_step = [&](const StepMetrics& sm) {
+                             losses.push_back(sm.loss);
+                             if (world->rank() == 0 && l.ranks > 1)
+                                 std::printf("step %2d  loss %.6f  bubble %4.1f%%\n", sm.step, sm.loss,
+                                             100 * sm.bubble_fraction);
+                         }});
         auto owned = trainer.owned_parameters();
         std::lock_guard<std::mutex> lock(m);
         if (world->rank() == 0) r.losses = losses;

@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "core/error.hpp"
+#include "runtime/train/fit.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 #include "runtime/train/trainer.hpp"
 
@@ -187,6 +188,7 @@ public:
     virtual long steps_done() const = 0;
     // The EMA of this rank's owned parameters, by name, as float64 (empty without ema_decay).
     virtual std::map<std::string, std::vector<double>> ema() = 0;
+    virtual FitResult fit(const FitOptions& o, const FitCallbacks& cb) = 0;
 };
 
 template <typename T>
@@ -198,6 +200,7 @@ public:
     std::string save(const std::string& root, int keep) override { return t_.save_checkpoint(root, keep); }
     long load(const std::string& path) override { return t_.load_checkpoint(path); }
     long steps_done() const override { return t_.steps_done(); }
+    FitResult fit(const FitOptions& o, const FitCallbacks& cb) override { return duplex::fit(t_, o, cb); }
     std::map<std::string, std::vector<double>> ema() override {
         std::map<std::string, std::vector<double>> out;
         for (auto& [name, v] : t_.ema_parameters()) out[name].assign(v.begin(), v.end());
@@ -223,6 +226,15 @@ struct TrainerHandle {
         return *t;
     }
 };
+
+nb::dict metrics_dict(const StepMetrics& m) {
+    nb::dict d;
+    d["step"] = m.step, d["loss"] = m.loss, d["grad_norm"] = m.grad_norm;
+    d["bubble_fraction"] = m.bubble_fraction, d["step_time_s"] = m.step_time_s;
+    d["comm_hidden_fraction"] = m.comm_hidden_fraction;
+    d["fb_ep_comm_hidden_fraction"] = m.fb_ep_comm_hidden_fraction;
+    return d;
+}
 
 nb::dict arrays_of(std::map<std::string, std::vector<double>> values) {
     nb::dict out;
@@ -364,6 +376,44 @@ void bind_training(nb::module_& m) {
             },
             "path"_a)
         .def("steps_done", [](TrainerHandle& t) { return t.get().steps_done(); })
+        .def(
+            "fit",
+            [](TrainerHandle& t, long steps, const std::string& save, int save_every, int keep, const std::string& resume,
+               nb::object before_step, nb::object on_step) {
+                FitOptions o;
+                o.steps = steps, o.save = save, o.save_every = save_every, o.keep = keep, o.resume = resume;
+                FitCallbacks cb;
+                // Python callables, called with the GIL (fit runs without it).
+                if (!before_step.is_none())
+                    cb.before_step = [&](long step) {
+                        nb::gil_scoped_acquire gil;
+                        try {
+                            before_step(step);
+                        } catch (nb::python_error& e) {
+                            throw Error(fmt::format("before step {}: {}", step, e.what()));
+                        }
+                    };
+                if (!on_step.is_none())
+                    cb.on_step = [&](const StepMetrics& m) {
+                        nb::gil_scoped_acquire gil;
+                        try {
+                            on_step(metrics_dict(m));
+                        } catch (nb::python_error& e) {
+                            throw Error(fmt::format("after step {}: {}", m.step, e.what()));
+                        }
+                    };
+                FitResult r;
+                {
+                    nb::gil_scoped_release release;
+                    r = t.get().fit(o, cb);
+                }
+                nb::dict d;
+                d["start"] = r.start, d["steps_done"] = r.steps_done;
+                d["first_loss"] = r.first_loss, d["last_loss"] = r.last_loss;
+                return d;
+            },
+            "steps"_a, "save"_a = "", "save_every"_a = 0, "keep"_a = 0, "resume"_a = "", "before_step"_a = nb::none(),
+            "on_step"_a = nb::none())
         .def("step",
              [](TrainerHandle& t) {
                  StepMetrics m;
@@ -371,12 +421,7 @@ void bind_training(nb::module_& m) {
                      nb::gil_scoped_release release;
                      m = t.get().step();
                  }
-                 nb::dict d;
-                 d["step"] = m.step, d["loss"] = m.loss, d["grad_norm"] = m.grad_norm;
-                 d["bubble_fraction"] = m.bubble_fraction, d["step_time_s"] = m.step_time_s;
-                 d["comm_hidden_fraction"] = m.comm_hidden_fraction;
-                 d["fb_ep_comm_hidden_fraction"] = m.fb_ep_comm_hidden_fraction;
-                 return d;
+                 return metrics_dict(m);
              })
         .def("close", [](TrainerHandle& t) {
             nb::gil_scoped_release release;

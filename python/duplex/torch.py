@@ -367,17 +367,42 @@ class Pipeline:
     def _make_stage(self, info):
         return _TorchStage(self, self.modules[self.stages.index(info.stage)], info)
 
-    def step(self, inputs, labels):
-        """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
-        loss over the global batch's microbatches. Gradients are left in the modules' .grad."""
+    def _stage_batch(self, inputs, labels):
         n = self.dp * self.microbatches
         if inputs.shape[0] % n or labels.shape[0] % n:
             raise ValueError(f"a batch of {inputs.shape[0]} does not split into {n} microbatches")
         self._inputs = list(torch.chunk(inputs, n))
         self._labels = list(torch.chunk(labels, n))
+
+    def step(self, inputs, labels):
+        """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
+        loss over the global batch's microbatches. Gradients are left in the modules' .grad."""
+        self._stage_batch(inputs, labels)
         metrics = self._trainer.step()
         self.last_metrics = metrics
         return metrics["loss"]
+
+    def fit(self, batches, steps, save=None, save_every=0, keep=0, resume=None, on_step=None):
+        """Trains until `steps` steps are done, through Duplex's training loop (the one `duplex train` runs): resumes
+        from `resume` (a checkpoint directory, or a save root's newest), takes each step's global batch — the same on
+        every rank — from `batches`: a function of the 1-based step returning (inputs, labels) (a resumed run then
+        gets the steps it continues with), or an iterable of them (consumed from its start whatever the step), calls
+        on_step(metrics) after each step, and checkpoints into `save` every `save_every` steps and at the end, keeping
+        the newest `keep` (0: all). A collective: every rank calls it. With a torch optimizer, step it in on_step.
+        Returns {"start", "steps_done", "first_loss", "last_loss"}."""
+        it = None if callable(batches) else iter(batches)
+
+        def before_step(step):
+            x, y = batches(step) if it is None else next(it)
+            self._stage_batch(x, y)
+
+        def after(metrics):
+            self.last_metrics = metrics
+            if on_step is not None:
+                on_step(metrics)
+
+        return self._trainer.fit(int(steps), str(save or ""), int(save_every), int(keep), str(resume or ""),
+                                 before_step, after)
 
     def save(self, root, keep=0):
         """Checkpoints this step (a collective: every rank calls it): each rank's shard of its stages' parameters and

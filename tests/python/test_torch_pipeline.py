@@ -209,6 +209,63 @@ class Checkpoint(unittest.TestCase):
             for k, w in whole.items():
                 self.assertTrue(torch.equal(resumed[k], w), k)
 
+    def run_fit(self, steps, save=None, save_every=0, keep=0, resume=None):
+        """The same training through Pipeline.fit (Duplex's training loop) instead of a loop of step()."""
+        pp, dp, n = 2, 2, 4
+        out, lock = {}, threading.Lock()
+
+        def rank_main(world):
+            blocks = make_stages(pp, torch.float64)
+            for b in blocks:
+                b.register_buffer("seen", torch.zeros(1, dtype=torch.float64))
+            pipe = dt.Pipeline(world, lambda s: blocks[s], schedule="dualpipe", pp=pp, dp=dp, microbatches=n,
+                               loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH),
+                               optimizer=dt.ZeroAdamW(lr=0.01), ema_decay=0.9)
+            seen = []
+
+            def on_step(m):
+                seen.append((m["step"], m["loss"]))
+                for b in pipe.modules:
+                    b.seen += 1
+
+            if resume:  # a function of the step: the resumed run asks from where it continues
+                data = lambda step: batch(step, n * dp, torch.float64)  # noqa: E731
+            else:  # an iterable, from its start
+                data = (batch(step, n * dp, torch.float64) for step in range(1, steps + 1))
+            r = pipe.fit(data, steps, save=save, save_every=save_every, keep=keep, resume=resume, on_step=on_step)
+            e = pipe.ema()
+            pipe.close()
+            with lock:
+                out["result"], out["seen"] = r, seen
+                for b in pipe.modules:
+                    s = blocks.index(b)
+                    for name, t in list(b.named_parameters()) + list(b.named_buffers()):
+                        out[f"{s}.{name}"] = t.detach().clone()
+                out.update({f"ema.{k}": torch.from_numpy(v.copy()) for k, v in e.items()})
+
+        dt.run(rank_main, ranks=pp * dp, timeout_s=120)
+        return out
+
+    def test_fit_saves_every_n_keeps_k_and_resumes(self):
+        import os
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            stepped = self.run_steps(4)
+            stepped.pop("start")
+            whole = self.run_fit(4)
+            self.assertEqual([s for s, _ in whole.pop("seen")], [1, 2, 3, 4])
+            self.assertEqual(whole.pop("result")["steps_done"], 4)
+            for k, w in stepped.items():  # fit runs the steps step() runs
+                self.assertTrue(torch.equal(whole[k], w), k)
+            first = self.run_fit(3, save=d, save_every=2, keep=1)
+            self.assertEqual(sorted(os.listdir(d)), ["step-00000003"])  # saved at 2 and 3, the newest kept
+            resumed = self.run_fit(4, resume=d)
+            self.assertEqual([s for s, _ in resumed.pop("seen")], [4])
+            self.assertEqual(resumed.pop("result")["start"], 3)
+            for k, w in stepped.items():
+                self.assertTrue(torch.equal(resumed[k], w), k)
+            self.assertEqual(len(first["seen"]), 3)
+
     def test_a_damaged_checkpoint_is_refused_naming_the_file(self):
         import glob
         import os

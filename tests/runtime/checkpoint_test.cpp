@@ -3,6 +3,7 @@
 // fp64; a damaged checkpoint is refused naming the file, before anything changes.
 #include "runtime/train/checkpoint.hpp"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -10,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "comm/launch.hpp"
+#include "runtime/train/fit.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 #include "runtime/train/reference.hpp"
 
@@ -253,6 +255,76 @@ TEST(Checkpoint, PiecesFromSeveralFilesAssembleAnyRange) {
     EXPECT_THROW(r.read("m", DType::F32, 12, 0, 2, wrong.data()), CheckpointError);   // another size
     EXPECT_THROW(r.read("nope", DType::F32, 10, 0, 2, wrong.data()), CheckpointError);
 }
+
+// The training loop: steps to the target, a checkpoint every N steps and at the end with only the newest K kept,
+// the callbacks in order, and a resume that continues where the last checkpoint stopped, bit for bit.
+namespace fit_test {
+
+struct Seen {
+    std::vector<long> before, after;
+    std::vector<double> losses;
+    long resumed = -1;
+    FitResult r;
+};
+
+Seen run_fit(const FitOptions& f) {
+    PipelineOptions p{ScheduleKind::OneFOneB, 2, 1, 1};
+    TrainOptions o = options(4);
+    Seen seen;
+    std::mutex m;
+    launch({.ranks = 2}, [&](const std::shared_ptr<Communicator>& world) {
+        PipelineTrainer<double> t(world, p, o);
+        Seen mine;
+        FitCallbacks cb;
+        cb.on_resume = [&](long step, double) { mine.resumed = step; };
+        cb.before_step = [&](long step) { mine.before.push_back(step); };
+        cb.on_step = [&](const StepMetrics& s) {
+            mine.after.push_back(s.step);
+            mine.losses.push_back(s.loss);
+        };
+        mine.r = fit(t, f, cb);
+        std::lock_guard<std::mutex> lock(m);
+        if (world->rank() == 0) seen = mine;
+    });
+    return seen;
+}
+
+TEST(Fit, SavesEveryNKeepsTheNewestKAndResumesWhereItStopped) {
+    TempDir dir;
+    FitOptions f;
+    f.steps = 5, f.save = dir / "run", f.save_every = 2, f.keep = 2;
+    Seen first = run_fit(f);
+    EXPECT_EQ(first.before, (std::vector<long>{1, 2, 3, 4, 5}));
+    EXPECT_EQ(first.after, (std::vector<long>{1, 2, 3, 4, 5}));
+    EXPECT_EQ(first.r.start, 0);
+    EXPECT_EQ(first.r.steps_done, 5);
+    EXPECT_EQ(first.r.first_loss, first.losses.front());
+    EXPECT_EQ(first.r.last_loss, first.losses.back());
+    std::vector<std::string> kept;
+    for (const auto& e : fs::directory_iterator(dir / "run")) kept.push_back(e.path().filename().string());
+    std::sort(kept.begin(), kept.end());
+    EXPECT_EQ(kept, (std::vector<std::string>{"step-00000004", "step-00000005"})) << "saved at 2, 4 and 5; kept 2";
+
+    FitOptions more;
+    more.steps = 7, more.resume = dir / "run";
+    Seen resumed = run_fit(more);
+    EXPECT_EQ(resumed.resumed, 5);
+    EXPECT_EQ(resumed.r.start, 5);
+    EXPECT_EQ(resumed.before, (std::vector<long>{6, 7}));
+
+    FitOptions all;
+    all.steps = 7;
+    Seen straight = run_fit(all);
+    ASSERT_EQ(straight.losses.size(), 7u);
+    EXPECT_EQ(resumed.losses, (std::vector<double>{straight.losses[5], straight.losses[6]})) << "bit for bit";
+    EXPECT_EQ(std::vector<double>(straight.losses.begin(), straight.losses.begin() + 5), first.losses);
+
+    FitOptions bad;
+    bad.steps = 3, bad.save_every = -1;
+    EXPECT_THROW(bad.validate(), ConfigError);
+}
+
+}  // namespace fit_test
 
 }  // namespace
 }  // namespace duplex
