@@ -8,16 +8,20 @@ JOBS       ?= $(shell nproc)
 GENERATOR  := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 CTEST_ARGS ?= --output-on-failure -j $(JOBS) --timeout 900
 
-.PHONY: all deps build demo test test-asan test-tsan bench bench-gpu clean
+.PHONY: all deps torch build demo test test-asan test-tsan bench bench-gpu clean
 
 all: build
 
 VENV       ?= .venv
 PYTHON_DEF := -DPython_EXECUTABLE=$(CURDIR)/$(VENV)/bin/python
 
+# deps: what the build needs; torch (only the tests and the demo need it) installs beside the build in `make test`.
 deps:
 	@./scripts/install-deps
-	@./scripts/install-python $(VENV)
+	@./scripts/install-python $(VENV) base
+
+torch: deps
+	@./scripts/install-python $(VENV) torch
 
 $(BUILD)/CMakeCache.txt: | deps
 	@cmake -S . -B $(BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=RelWithDebInfo $(PYTHON_DEF) >/dev/null
@@ -28,8 +32,14 @@ build: deps $(BUILD)/CMakeCache.txt
 demo: build
 	@./scripts/demo $(BUILD)
 
-test: build
-	@cd $(BUILD) && ctest $(CTEST_ARGS)
+# The build and torch's install (mostly disk and network) run side by side; the tests start when both are done.
+test: deps $(BUILD)/CMakeCache.txt
+	@mkdir -p $(BUILD)
+	@./scripts/install-python $(VENV) torch > $(BUILD)/install-torch.log 2>&1 & pid=$$!; \
+	cmake --build $(BUILD) -j $(JOBS); built=$$?; \
+	wait $$pid || { cat $(BUILD)/install-torch.log; exit 1; }; cat $(BUILD)/install-torch.log; \
+	[ $$built -eq 0 ] || exit $$built; \
+	cd $(BUILD) && ctest $(CTEST_ARGS)
 
 test-asan: deps
 	@cmake -S . -B $(ASAN_BUILD) $(GENERATOR) -DCMAKE_BUILD_TYPE=Debug -DDUPLEX_SANITIZE=ON -DDUPLEX_WITH_CUDA=OFF \
@@ -50,7 +60,7 @@ test-tsan: deps
 	@cd $(TSAN_BUILD) && TSAN_OPTIONS=halt_on_error=1 ctest $(CTEST_ARGS) \
 		-R "CustomStage|StageContract|ExpertExchange|ExpertMajor|EmulateMode|dualpipe_pp2_dp4_ep4|Fp64MatchesTheReference/dualpipev_pp4_dp2_ep2"
 
-bench: build
+bench: build torch
 	@./scripts/bench-comm $(BUILD)
 	@./scripts/bench-model $(BUILD)
 	@./scripts/bench-ema $(BUILD)

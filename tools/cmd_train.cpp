@@ -18,6 +18,7 @@
 #include "runtime/train/fit.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 #include "runtime/train/reference.hpp"
+#include "runtime/train/report.hpp"
 #include "runtime/train/trainer.hpp"
 #include "tools/commands.hpp"
 
@@ -121,6 +122,165 @@ int run_typed(const Args& a) {
     return 0;
 }
 
+// One step's JSON Lines record (and --json entry).
+nlohmann::json step_json(const StepMetrics& m) {
+    return {{"step", m.step},
+            {"loss", m.loss},
+            {"max_vio", m.max_vio},
+            {"grad_norm", m.grad_norm},
+            {"bubble_fraction", m.bubble_fraction},
+            {"step_time_s", m.step_time_s},
+            {"tokens_per_s", m.tokens_per_s},
+            {"comm_hidden_fraction", m.comm_hidden_fraction},
+            {"fb_ep_comm_hidden_fraction", m.fb_ep_comm_hidden_fraction}};
+}
+
+void print_step(const StepMetrics& m, bool emulate, const std::string& reference) {
+    fmt::print(human(), "step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n", m.step,
+               emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss), m.step_time_s * 1e3, m.tokens_per_s,
+               100 * m.bubble_fraction,
+               std::isnan(m.comm_hidden_fraction) ? std::string("  -  ")
+                                                  : fmt::format("{:5.1f}%", 100 * m.comm_hidden_fraction),
+               emulate ? std::string() : fmt::format("  MaxVio {:6.3f}  |g| {:7.3f}", m.max_vio, m.grad_norm), reference);
+    std::fflush(human());
+}
+
+template <typename T>
+void print_run_header(const Args& a, const PipelineOptions& p, const TrainOptions& o, const Communicator& world) {
+    const ModelConfig c = o.model_config();
+    if (p.emulate) {
+        EmulatePrediction e = predict_emulated_step(p, o, sizeof(T));
+        const ChunkCosts& cc = e.chunk;
+        fmt::print(human(), "# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
+                   "the schedule replay predicts {:.4g} ms per step\n",
+                   cc.f * 1e3, cc.b * 1e3, cc.w * 1e3, cc.fb * 1e3, e.transfer_s * 1e3, e.step_s * 1e3);
+        if (cc.f < 1e-3)
+            fmt::print(human(), "# note: emulated chunks under 1 ms are dominated by timer and thread overheads on a CPU; "
+                       "raise --time-scale (e.g. {:.0f}) or give --cost-f/--cost-b/--cost-w\n",
+                       std::ceil(5e-3 / std::max(cc.f, 1e-12) * p.cost_model.device().time_scale));
+    }
+    fmt::print(human(), "# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}{}\n", c.name,
+               c.num_parameters(), world.size(), world.backend(), a.schedule, p.pp, p.dp, p.ep, a.fp64 ? "fp64" : "fp32",
+               o.device == "cpu" ? "" : ", routed experts on " + o.device);
+    fmt::print(human(), "# {} steps x {} microbatches per replica x {} sequences x {} tokens{}\n", o.steps, o.microbatches,
+               o.sequences_per_microbatch, c.seq_len, p.emulate ? " (emulated compute)" : "");
+}
+
+// After the loop, on rank 0: the expert traffic, the reference comparison, the EMA evaluation, into `out` and
+// printed. Returns false when the run is farther from the reference than allowed.
+template <typename T>
+bool report_run(const Args& a, const PipelineOptions& p, const TrainOptions& o, const ExpertTrafficReport& ep,
+                const std::string& dispatch_path, int nodes, const std::map<std::string, std::vector<T>>& params,
+                const std::map<std::string, std::vector<T>>& ema, ReferenceCheck<T>* ref, nlohmann::json& out) {
+    if (p.ep > 1 && o.exchange_on != "host") {
+        out["exchange_on"] = o.exchange_on;
+        fmt::print(human(), "# expert dispatch/combine rows moved by the exchange kernel on the GPU ({} SMs; the "
+                   "communicator's byte counters do not see them)\n",
+                   o.comm_sms);
+    } else if (p.ep > 1) {
+        out["expert_bytes"] = {{"intra_node", ep.bytes.intra_node}, {"inter_node", ep.bytes.inter_node},
+                               {"inter_node_per_token_direction", ep.inter_node_per_token_direction},
+                               {"node_limited_bound", ep.node_limited_bound}};
+        out["dispatch"] = dispatch_path;
+        fmt::print(human(), "# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes, {} "
+                   "dispatch)\n", ep.bytes.intra_node, ep.bytes.inter_node, nodes, dispatch_path);
+        fmt::print(human(), "# inter-node bytes per token, MoE layer and direction: {:.1f} (bound M x hidden x elem = {:.0f})\n",
+                   ep.inter_node_per_token_direction, ep.node_limited_bound);
+    }
+    bool ok = true;
+    if (ref) {
+        auto r = ref->finish(params, o.device != "cpu");
+        out["reference_max_loss_diff"] = r.worst_loss_diff;
+        out["reference_max_param_rel_diff"] = r.params.worst;
+        fmt::print(human(), "# against the single-rank reference: max loss rel diff {:.3g}, max parameter rel diff {:.3g}{}\n",
+                   r.worst_loss_diff, r.params.worst, r.params.worst_name.empty() ? "" : " (" + r.params.worst_name + ")");
+        if (!r.ok) {
+            ok = false;
+            fmt::print(stderr, "duplex train: MISMATCH with the reference (allowed: loss {:.0e}, parameters {:.0e})\n",
+                       r.tolerance.loss, r.tolerance.param);
+        }
+    }
+    if (p.ema_decay > 0) {
+        EmaEvaluation e = evaluate_ema<T>(o.model_config(), o.seed, params, ema);
+        out["eval_loss"] = e.live;
+        out["ema_eval_loss"] = e.smoothed;
+        fmt::print(human(), "# held-out batch: loss {:.4f} with the trained weights, {:.4f} with their EMA (decay {})\n",
+                   e.live, e.smoothed, p.ema_decay);
+    }
+    return ok;
+}
+
+// One rank of a distributed run: the trainer, the loop with rank 0 printing and logging, then the run's report.
+template <typename T>
+void train_rank(const Args& a, const PipelineOptions& p, const TrainOptions& o, const FitOptions& fo,
+                const std::shared_ptr<Communicator>& world, bool& mismatch) {
+    PipelineTrainer<T> trainer(world, p, o);
+    bool lead = world->rank() == 0;
+    std::unique_ptr<ReferenceCheck<T>> ref;
+    if (lead && a.check_reference) ref = std::make_unique<ReferenceCheck<T>>(o, p);
+    std::unique_ptr<MetricsLog> log = lead ? std::make_unique<MetricsLog>(a.metrics) : nullptr;
+    if (lead) print_run_header<T>(a, p, o, *world);
+    nlohmann::json steps = nlohmann::json::array();
+    long start = 0;
+    FitCallbacks cb;
+    cb.on_resume = [&](long step, double seconds) {
+        start = step;
+        if (!lead) return;
+        fmt::print(human(), "# resumed from {} after step {} ({:.2f} s); training to step {}\n",
+                   ckpt::latest_checkpoint(a.resume).value_or(a.resume), step, seconds, o.steps);
+        if (step >= o.steps)
+            fmt::print(human(), "# the checkpoint is at step {}, already at --steps {}: nothing to train\n", step, o.steps);
+    };
+    cb.on_save = [&](const std::string& dir, const char* why, double seconds) {
+        if (lead)
+            fmt::print(human(), "# checkpoint of step {} written to {} ({}, {:.2f} s)\n", trainer.steps_done(), dir, why,
+                       seconds);
+    };
+    // The step is logged before it is checkpointed: a crash in the save keeps its metrics line.
+    cb.on_step = [&](const StepMetrics& m) {
+        if (!lead) return;
+        nlohmann::json j = step_json(m);
+        std::string reference;
+        if (ref) {
+            double r = ref->step(m.loss);
+            j["reference_loss"] = r;
+            j["reference_loss_rel_diff"] = std::fabs(r - m.loss) / std::max(std::fabs(r), 1e-30);
+            reference = fmt::format("  reference loss {:8.4f}", r);
+        }
+        steps.push_back(j);
+        log->write(j);
+        if (m.step == 1 || m.step == start + 1 || m.step % a.log_every == 0 || m.step == o.steps)
+            print_step(m, p.emulate, reference);
+    };
+    FitResult fr = fit(trainer, fo, cb);
+    LinkBytes eb = trainer.expert_bytes_sent();
+    int64_t ep_bytes[2] = {int64_t(eb.intra_node), int64_t(eb.inter_node)};
+    world->all_reduce(ep_bytes, 2, DType::I64)->wait();
+    auto params = gather_named_tensors<T>(*world, trainer.owned_parameters());
+    auto ema = gather_named_tensors<T>(*world, trainer.ema_parameters());
+    std::vector<std::string> traces = gather_strings(*world, trainer.trace_blob());
+    if (!lead) return;
+    nlohmann::json out = {{"model", o.model_config().name}, {"schedule", a.schedule}, {"pp", p.pp}, {"dp", p.dp},
+                          {"ep", p.ep}, {"ranks", world->size()}, {"backend", world->backend()},
+                          {"dtype", a.fp64 ? "fp64" : "fp32"}, {"steps", steps}, {"mode", a.mode}};
+    if (!p.emulate && fr.steps_done > fr.start)
+        fmt::print(human(), "# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", fr.first_loss, fr.last_loss,
+                   100.0 * fr.last_loss / fr.first_loss);
+    ExpertTrafficReport ep = expert_traffic_report({uint64_t(ep_bytes[0]), uint64_t(ep_bytes[1])}, p, o,
+                                                   fr.steps_done - fr.start, a.fp64 ? 8 : 4);
+    if (!report_run<T>(a, p, o, ep, trainer.dispatch_path(), world->topology().num_nodes(), params, ema, ref.get(), out))
+        mismatch = true;
+    if (!a.trace.empty()) {
+        write_chrome_trace(a.trace, traces);
+        fmt::print(human(), "# trace of {} ranks written to {} (open in ui.perfetto.dev or chrome://tracing)\n",
+                   traces.size(), a.trace);
+    }
+    if (!a.json.empty()) {
+        write_text_file(a.json, out.dump(1) + "\n", "--json");
+        note_written("metrics", a.json);
+    }
+}
+
 template <typename T>
 int run_distributed(const Args& a) {
     PipelineOptions p = a.pipe;
@@ -174,180 +334,13 @@ int run_distributed(const Args& a) {
         if (world->size() != world_size)
             throw ConfigError("--pp/--dp", fmt::format("the layout needs {} ranks but {} were launched", world_size,
                                                        world->size()));
-        PipelineTrainer<T> trainer(world, p, o);
-        std::unique_ptr<ReferenceTrainer<T>> ref;
-        bool lead = world->rank() == 0;
-        FitCallbacks cb;
-        long start = 0;
-        cb.on_resume = [&](long step, double seconds) {
-            start = step;
-            if (!lead) return;
-            fmt::print(human(), "# resumed from {} after step {} ({:.2f} s); training to step {}\n",
-                       ckpt::latest_checkpoint(a.resume).value_or(a.resume), step, seconds, o.steps);
-            if (step >= o.steps)
-                fmt::print(human(), "# the checkpoint is at step {}, already at --steps {}: nothing to train\n", step,
-                           o.steps);
-        };
-        cb.on_save = [&](const std::string& dir, const char* why, double seconds) {
-            if (lead)
-                fmt::print(human(), "# checkpoint of step {} written to {} ({}, {:.2f} s)\n", trainer.steps_done(), dir,
-                           why, seconds);
-        };
-        std::unique_ptr<MetricsLog> log = lead ? std::make_unique<MetricsLog>(a.metrics) : nullptr;
-        TrainOptions ref_o = o;
-        ref_o.microbatches = o.microbatches * p.dp;
-        if (lead && a.check_reference) ref = std::make_unique<ReferenceTrainer<T>>(ref_o);
-        const ModelConfig mc = o.model_config();
-        if (lead && p.emulate) {
-            sched::Schedule sch = sched::generate(p.schedule, p.pp, o.microbatches);
-            // A middle stage, costed as the executor costs it (its own layers, recompute or not).
-            LayerRange mid = plan.layers_of_stage(p.pp / 2, mc.layers);
-            ChunkCosts cc = p.emulate_costs.f > 0
-                                ? p.emulate_costs
-                                : p.cost_model.chunk(mc, mid.first, mid.count, int(mc.tokens_per_microbatch(o.sequences_per_microbatch)),
-                                                     {false, o.recompute});
-            double act_bytes = double(mc.tokens_per_microbatch(o.sequences_per_microbatch)) * mc.hidden * sizeof(T);
-            sched::Costs sc{cc.f, cc.b, cc.w, cc.fb, p.cost_model.transfer_s(act_bytes, LinkClass::IntraNode)};
-            sched::Replay rp = sched::replay(sch, sc);
-            fmt::print(human(), "# emulate: chunk F {:.3g} ms, B {:.3g} ms, W {:.3g} ms, F&B {:.3g} ms, transfer {:.3g} ms; "
-                       "the schedule replay predicts {:.4g} ms per step\n",
-                       cc.f * 1e3, cc.b * 1e3, cc.w * 1e3, cc.fb * 1e3, sc.p2p * 1e3, rp.makespan * 1e3);
-            if (cc.f < 1e-3)
-                fmt::print(human(), "# note: emulated chunks under 1 ms are dominated by timer and thread overheads on a CPU; "
-                           "raise --time-scale (e.g. {:.0f}) or give --cost-f/--cost-b/--cost-w\n",
-                           std::ceil(5e-3 / std::max(cc.f, 1e-12) * p.cost_model.device().time_scale));
-        }
-        const ModelConfig& c = mc;
-        if (lead) {
-            fmt::print(human(), "# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}{}\n", c.name,
-                       c.num_parameters(), world_size, world->backend(), a.schedule, p.pp, p.dp, p.ep,
-                       a.fp64 ? "fp64" : "fp32", o.device == "cpu" ? "" : ", routed experts on " + o.device);
-            fmt::print(human(), "# {} steps x {} microbatches per replica x {} sequences x {} tokens{}\n", o.steps, o.microbatches,
-                       o.sequences_per_microbatch, c.seq_len, p.emulate ? " (emulated compute)" : "");
-        }
-        nlohmann::json steps = nlohmann::json::array();
-        double worst_loss_diff = 0;
-        auto report = [&](const StepMetrics& m) {
-            nlohmann::json j = {{"step", m.step},
-                                {"loss", m.loss},
-                                {"max_vio", m.max_vio},
-                                {"grad_norm", m.grad_norm},
-                                {"bubble_fraction", m.bubble_fraction},
-                                {"step_time_s", m.step_time_s},
-                                {"tokens_per_s", m.tokens_per_s},
-                                {"comm_hidden_fraction", m.comm_hidden_fraction},
-                                {"fb_ep_comm_hidden_fraction", m.fb_ep_comm_hidden_fraction}};
-            double ref_loss = 0;
-            if (ref) {
-                StepMetrics r = ref->step();
-                ref_loss = r.loss;
-                double diff = std::fabs(r.loss - m.loss) / std::max(std::fabs(r.loss), 1e-30);
-                worst_loss_diff = std::max(worst_loss_diff, diff);
-                j["reference_loss"] = r.loss;
-                j["reference_loss_rel_diff"] = diff;
-            }
-            steps.push_back(j);
-            log->write(j);
-            if (m.step == 1 || m.step == start + 1 || m.step % a.log_every == 0 || m.step == o.steps)
-                fmt::print(human(), "step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n",
-                           m.step, p.emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss),
-                           m.step_time_s * 1e3, m.tokens_per_s, 100 * m.bubble_fraction,
-                           std::isnan(m.comm_hidden_fraction) ? std::string("  -  ")
-                                                              : fmt::format("{:5.1f}%", 100 * m.comm_hidden_fraction),
-                           p.emulate ? std::string() : fmt::format("  MaxVio {:6.3f}  |g| {:7.3f}", m.max_vio, m.grad_norm),
-                           ref ? fmt::format("  reference loss {:8.4f}", ref_loss) : "");
-            std::fflush(human());
-        };
-        // The step is logged before it is checkpointed: a crash in the save keeps its metrics line.
-        cb.on_step = [&](const StepMetrics& m) {
-            if (lead) report(m);
-        };
-        FitResult fr = fit(trainer, fo, cb);
-        double first = fr.first_loss, last = fr.last_loss;
-        LinkBytes eb = trainer.expert_bytes_sent();
-        int64_t ep_bytes[2] = {int64_t(eb.intra_node), int64_t(eb.inter_node)};
-        world->all_reduce(ep_bytes, 2, DType::I64)->wait();
-        auto params = gather_named_tensors<T>(*world, trainer.owned_parameters());
-        auto ema = gather_named_tensors<T>(*world, trainer.ema_parameters());
-        std::vector<std::string> traces = gather_strings(*world, trainer.trace_blob());
-        if (!lead) return;
-        nlohmann::json out = {{"model", c.name},
-                              {"schedule", a.schedule},
-                              {"pp", p.pp},
-                              {"dp", p.dp},
-                              {"ep", p.ep},
-                              {"ranks", world_size},
-                              {"backend", world->backend()},
-                              {"dtype", a.fp64 ? "fp64" : "fp32"},
-                              {"steps", steps}};
-        if (!p.emulate && fr.steps_done > fr.start)
-            fmt::print(human(), "# loss {:.4f} -> {:.4f} ({:.1f}% of the initial)\n", first, last, 100.0 * last / first);
-        out["mode"] = a.mode;
-        if (p.ep > 1 && o.exchange_on != "host") {
-            out["exchange_on"] = o.exchange_on;
-            fmt::print(human(), "# expert dispatch/combine rows moved by the exchange kernel on the GPU ({} SMs; the "
-                       "communicator's byte counters do not see them)\n",
-                       o.comm_sms);
-        } else if (p.ep > 1) {
-            out["expert_bytes"] = {{"intra_node", ep_bytes[0]}, {"inter_node", ep_bytes[1]}};
-            out["dispatch"] = trainer.dispatch_path();
-            fmt::print(human(), "# expert dispatch/combine bytes, all ranks: intra-node {}, inter-node {} ({} virtual nodes, {} "
-                       "dispatch)\n",
-                       ep_bytes[0], ep_bytes[1], world->topology().num_nodes(), trainer.dispatch_path());
-            // Per token, MoE layer and direction (dispatch, combine and their two gradients), against the
-            // node-limited bound M x hidden x element size.
-            double token_layers = double(o.steps - start) * p.dp * o.microbatches * double(c.tokens_per_microbatch(o.sequences_per_microbatch)) *
-                                  (c.layers - c.dense_layers) * 4;
-            double per = double(ep_bytes[1]) / std::max(token_layers, 1.0);
-            double bound = double(c.top_groups) * c.hidden * (a.fp64 ? 8 : 4);
-            out["expert_bytes"]["inter_node_per_token_direction"] = per;
-            out["expert_bytes"]["node_limited_bound"] = bound;
-            fmt::print(human(), "# inter-node bytes per token, MoE layer and direction: {:.1f} (bound M x hidden x elem = {:.0f})\n",
-                       per, bound);
-        }
-        if (ref) {
-            std::map<std::string, std::vector<T>> want;
-            for (Param<T>* prm : ref->model().parameters()) want[prm->name] = prm->value;
-            ParamDiff d = compare_parameters(params, want);
-            out["reference_max_loss_diff"] = worst_loss_diff;
-            out["reference_max_param_rel_diff"] = d.worst;
-            fmt::print(human(), "# against the single-rank reference: max loss rel diff {:.3g}, max parameter rel diff {:.3g}{}\n",
-                       worst_loss_diff, d.worst, d.worst_name.empty() ? "" : " (" + d.worst_name + ")");
-            Tolerance tol = reference_tolerance(a.fp64, p.ep, o.device != "cpu");
-            if (worst_loss_diff > tol.loss || d.worst > tol.param) {
-                mismatch = true;
-                fmt::print(stderr, "duplex train: MISMATCH with the reference (allowed: loss {:.0e}, parameters {:.0e})\n",
-                           tol.loss, tol.param);
-            }
-        }
-        if (p.ema_decay > 0) {
-            Batch eval = SyntheticTask(c.vocab, c.seq_len, o.seed).batch(8, 0xE7A1ull);
-            double live = evaluate_loss<T>(c, params, eval), smoothed = evaluate_loss<T>(c, ema, eval);
-            out["eval_loss"] = live;
-            out["ema_eval_loss"] = smoothed;
-            fmt::print(human(), "# held-out batch: loss {:.4f} with the trained weights, {:.4f} with their EMA (decay {})\n", live,
-                       smoothed, p.ema_decay);
-        }
-        if (!a.trace.empty()) {
-            write_chrome_trace(a.trace, traces);
-            fmt::print(human(), "# trace of {} ranks written to {} (open in ui.perfetto.dev or chrome://tracing)\n",
-                       traces.size(), a.trace);
-        }
-        if (!a.json.empty()) {
-            write_text_file(a.json, out.dump(1) + "\n", "--json");
-            note_written("metrics", a.json);
-        }
+        train_rank<T>(a, p, o, fo, world, mismatch);
     });
     return mismatch ? 1 : 0;
 }
 
-}  // namespace
-
-Command add_train(CLI::App& app) {
-    auto a = std::make_shared<Args>();
-    auto* cmd = app.add_subcommand("train",
-                                   "Train the built-in DeepSeek-V3-style MoE model on the synthetic task.\n"
-                                   "Example: duplex train --ranks 1 --model tiny --steps 300 --json metrics.json");
+// The layout, the backend and emulate mode.
+void add_layout_options(CLI::App* cmd, Args* a) {
     cmd->add_option("--ranks", a->ranks,
                     "1: the single-rank reference (the default without --pp/--dp/--ep/--schedule); a distributed run "
                     "takes its rank count from the layout")
@@ -390,6 +383,10 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--ema-decay", a->pipe.ema_decay, "keep a CPU EMA of the weights with this decay (0: off)");
     cmd->add_flag("--check-reference", a->check_reference,
                   "rank 0 also trains the single-rank reference on the same batch and reports the differences");
+}
+
+// The model, the data and the optimizer.
+void add_model_options(CLI::App* cmd, Args* a) {
     cmd->add_option("--model", a->train.model, "tiny or small")->capture_default_str();
     cmd->add_option("--steps", a->train.steps, "optimizer steps")->capture_default_str();
     cmd->add_option("--microbatches", a->train.microbatches, "microbatches per step")->capture_default_str();
@@ -415,6 +412,10 @@ Command add_train(CLI::App& app) {
         ->capture_default_str();
     cmd->add_flag("--no-bias-update", a->no_bias_update, "freeze the aux-loss-free routing bias");
     cmd->add_flag("--fp64", a->fp64, "train in double precision");
+}
+
+// Checkpoints, metrics and progress.
+void add_output_options(CLI::App* cmd, Args* a) {
     cmd->add_option("--save", a->save,
                     "write checkpoints under this directory (DIR/step-NNNNNNNN: a shard per rank and a manifest "
                     "written last, so an interrupted save never replaces a good one); at the end of the run and "
@@ -434,6 +435,18 @@ Command add_train(CLI::App& app) {
     cmd->add_option("--json", a->json,
                     "write per-step metrics (loss, max_vio, ...) to this file; - for standard output (progress lines "
                     "then go to standard error)");
+}
+
+}  // namespace
+
+Command add_train(CLI::App& app) {
+    auto a = std::make_shared<Args>();
+    auto* cmd = app.add_subcommand("train",
+                                   "Train the built-in DeepSeek-V3-style MoE model on the synthetic task.\n"
+                                   "Example: duplex train --ranks 1 --model tiny --steps 300 --json metrics.json");
+    add_layout_options(cmd, a.get());
+    add_model_options(cmd, a.get());
+    add_output_options(cmd, a.get());
     return [a, cmd] {
         json_target(a->json);
         check_writable(a->json, "--json");

@@ -19,7 +19,9 @@ namespace duplex::py {
 
 using namespace nb::literals;
 
-void bind_comm(nb::module_& m) {
+namespace {
+
+void bind_communicator(nb::module_& m) {
     nb::class_<Communicator>(m, "Communicator",
                              "A group of ranks. Operations block until done (the GIL is released while they wait) "
                              "and work in place on C-contiguous CPU arrays (NumPy, torch): no copies.")
@@ -116,6 +118,12 @@ void bind_comm(nb::module_& m) {
             },
             "color"_a, "key"_a, "Ranks with the same color form a new communicator, ordered by key.");
 
+}
+
+}  // namespace
+
+void bind_comm(nb::module_& m) {
+    bind_communicator(m);
     m.def(
         "launch",
         [](nb::callable fn, int ranks, const std::string& backend, int virtual_nodes, double timeout_s) {

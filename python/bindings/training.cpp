@@ -249,7 +249,9 @@ nb::dict arrays_of(std::map<std::string, std::vector<double>> values) {
 
 }  // namespace
 
-void bind_training(nb::module_& m) {
+namespace {
+
+void bind_stage_types(nb::module_& m) {
     nb::class_<StageInfo>(m, "StageInfo", "What a stage factory is told about the stage it builds.")
         .def_ro("stage", &StageInfo::stage)
         .def_ro("num_stages", &StageInfo::num_stages)
@@ -270,6 +272,9 @@ void bind_training(nb::module_& m) {
                      "the same ranks, a second communicator: backward exchanges never interleave with forward ones")
         .def_prop_ro("in_fb_pair", [](const StageCall& c) { return c.ctx && c.ctx->in_fb_pair(); });
 
+}
+
+void bind_model_reference(nb::module_& m) {
     nb::class_<ModelReference>(m, "_ModelReference",
                                "The built-in model's single-rank trainer in fp64 (tests: an independent reference)")
         .def("__init__",
@@ -323,6 +328,46 @@ void bind_training(nb::module_& m) {
             return d;
         });
 
+}
+
+// Pipeline.fit: the library's training loop with Python callables around each step (called with the GIL; the
+// loop runs without it).
+nb::dict fit_trainer(TrainerHandle& t, long steps, const std::string& save, int save_every, int keep,
+                     const std::string& resume, nb::object before_step, nb::object on_step) {
+    FitOptions o;
+    o.steps = steps, o.save = save, o.save_every = save_every, o.keep = keep, o.resume = resume;
+    FitCallbacks cb;
+    // Python callables, called with the GIL (fit runs without it).
+    if (!before_step.is_none())
+        cb.before_step = [&](long step) {
+            nb::gil_scoped_acquire gil;
+            try {
+                before_step(step);
+            } catch (nb::python_error& e) {
+                throw Error(fmt::format("before step {}: {}", step, e.what()));
+            }
+        };
+    if (!on_step.is_none())
+        cb.on_step = [&](const StepMetrics& m) {
+            nb::gil_scoped_acquire gil;
+            try {
+                on_step(metrics_dict(m));
+            } catch (nb::python_error& e) {
+                throw Error(fmt::format("after step {}: {}", m.step, e.what()));
+            }
+        };
+    FitResult r;
+    {
+        nb::gil_scoped_release release;
+        r = t.get().fit(o, cb);
+    }
+    nb::dict d;
+    d["start"] = r.start, d["steps_done"] = r.steps_done;
+    d["first_loss"] = r.first_loss, d["last_loss"] = r.last_loss;
+    return d;
+}
+
+void bind_trainer(nb::module_& m) {
     nb::class_<TrainerHandle>(m, "_Trainer")
         .def("__init__",
              [](TrainerHandle* t, std::shared_ptr<Communicator> world, const std::string& schedule, int pp, int dp, int ep,
@@ -376,44 +421,8 @@ void bind_training(nb::module_& m) {
             },
             "path"_a)
         .def("steps_done", [](TrainerHandle& t) { return t.get().steps_done(); })
-        .def(
-            "fit",
-            [](TrainerHandle& t, long steps, const std::string& save, int save_every, int keep, const std::string& resume,
-               nb::object before_step, nb::object on_step) {
-                FitOptions o;
-                o.steps = steps, o.save = save, o.save_every = save_every, o.keep = keep, o.resume = resume;
-                FitCallbacks cb;
-                // Python callables, called with the GIL (fit runs without it).
-                if (!before_step.is_none())
-                    cb.before_step = [&](long step) {
-                        nb::gil_scoped_acquire gil;
-                        try {
-                            before_step(step);
-                        } catch (nb::python_error& e) {
-                            throw Error(fmt::format("before step {}: {}", step, e.what()));
-                        }
-                    };
-                if (!on_step.is_none())
-                    cb.on_step = [&](const StepMetrics& m) {
-                        nb::gil_scoped_acquire gil;
-                        try {
-                            on_step(metrics_dict(m));
-                        } catch (nb::python_error& e) {
-                            throw Error(fmt::format("after step {}: {}", m.step, e.what()));
-                        }
-                    };
-                FitResult r;
-                {
-                    nb::gil_scoped_release release;
-                    r = t.get().fit(o, cb);
-                }
-                nb::dict d;
-                d["start"] = r.start, d["steps_done"] = r.steps_done;
-                d["first_loss"] = r.first_loss, d["last_loss"] = r.last_loss;
-                return d;
-            },
-            "steps"_a, "save"_a = "", "save_every"_a = 0, "keep"_a = 0, "resume"_a = "", "before_step"_a = nb::none(),
-            "on_step"_a = nb::none())
+        .def("fit", &fit_trainer, "steps"_a, "save"_a = "", "save_every"_a = 0, "keep"_a = 0, "resume"_a = "",
+             "before_step"_a = nb::none(), "on_step"_a = nb::none())
         .def("step",
              [](TrainerHandle& t) {
                  StepMetrics m;
@@ -427,6 +436,14 @@ void bind_training(nb::module_& m) {
             nb::gil_scoped_release release;
             t.t.reset();
         });
+}
+
+}  // namespace
+
+void bind_training(nb::module_& m) {
+    bind_stage_types(m);
+    bind_model_reference(m);
+    bind_trainer(m);
 }
 
 }  // namespace duplex::py
