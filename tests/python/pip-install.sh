@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `pip install .` into a fresh virtual environment (build isolation: scikit-build-core and nanobind from PyPI),
 # then the acceptance one-liner: the DualPipe plan of PP=8, N=20 with F&B=3 has makespan 66.
-# Given the tree `make test` just built (its compilers, build type and CUDA setting), every library source compiles
-# with the same command line, so a compiler cache (ccache, when installed) serves them instead of compiling them
+# Given the tree `make test` just built (its compilers, build type, CUDA setting and nanobind), every source
+# compiles with the same command line, so a compiler cache (ccache, when installed) serves them instead of compiling them
 # again.
 # usage: pip-install.sh SOURCE_DIR [BUILD_DIR WITH_CUDA]
 set -euo pipefail
@@ -14,6 +14,10 @@ if [ $# -ge 3 ]; then
           --config-settings=cmake.define.CMAKE_CXX_COMPILER="$(cached CMAKE_CXX_COMPILER "$2")"
           --config-settings=cmake.define.CMAKE_C_COMPILER="$(cached CMAKE_C_COMPILER "$2")"
           --config-settings=cmake.define.DUPLEX_WITH_CUDA="$3")
+    # The nanobind sources the tree was built with (from PyPI too, in the project's .venv), so the module's
+    # objects come from the cache as well; the isolated build environment still installs its own nanobind.
+    nb=$(cached nanobind_DIR "$2")
+    [ -n "$nb" ] && same+=(--config-settings=cmake.define.nanobind_DIR="$nb")
 fi
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
