@@ -158,6 +158,15 @@ class ZeroAdamWAndEma(unittest.TestCase):
             self.assertLessEqual(float((have - w).norm() / w.norm()), 1e-12, name)
 
 
+def collect(out, blocks, mine, ema):
+    """This rank's stages' parameters and buffers ("<stage>.<name>") and its EMA ("ema.<name>") into out."""
+    for b in mine:
+        s = blocks.index(b)
+        for name, t in list(b.named_parameters()) + list(b.named_buffers()):
+            out[f"{s}.{name}"] = t.detach().clone()
+    out.update({f"ema.{k}": torch.from_numpy(v.copy()) for k, v in ema.items()})
+
+
 class Checkpoint(unittest.TestCase):
     """Pipeline.save / Pipeline.load: 4 steps straight equal 2 steps, a save, a fresh Pipeline (new modules) that
     loads and 2 more steps — parameters, a module buffer, and the EMA bit for bit (ZeroAdamW, DualPipe, DP 2)."""
@@ -186,11 +195,7 @@ class Checkpoint(unittest.TestCase):
             pipe.close()
             with lock:
                 out["start"] = start
-                for b in mine:
-                    s = blocks.index(b)
-                    for name, t in list(b.named_parameters()) + list(b.named_buffers()):
-                        out[f"{s}.{name}"] = t.detach().clone()
-                out.update({f"ema.{k}": torch.from_numpy(v.copy()) for k, v in e.items()})
+                collect(out, blocks, mine, e)
 
         dt.run(rank_main, ranks=pp * dp, timeout_s=120)
         return out
@@ -237,11 +242,7 @@ class Checkpoint(unittest.TestCase):
             pipe.close()
             with lock:
                 out["result"], out["seen"] = r, seen
-                for b in pipe.modules:
-                    s = blocks.index(b)
-                    for name, t in list(b.named_parameters()) + list(b.named_buffers()):
-                        out[f"{s}.{name}"] = t.detach().clone()
-                out.update({f"ema.{k}": torch.from_numpy(v.copy()) for k, v in e.items()})
+                collect(out, blocks, pipe.modules, e)
 
         dt.run(rank_main, ranks=pp * dp, timeout_s=120)
         return out
