@@ -11,7 +11,7 @@ std::string expert_counts_name(int layer) { return fmt::format("layer{}.expert_c
 
 template <typename T>
 BuiltinStage<T>::BuiltinStage(const BuiltinStageOptions& o, const StageInfo& info)
-    : o_(o), cfg_(o.model.model_config()), rank_(info.rank) {
+    : o_(o), cfg_(o.model.model_config()) {
     name_ = info.num_layers > 0 ? fmt::format("stage {} (layers {}..{})", info.stage, info.first_layer,
                                               info.first_layer + info.num_layers - 1)
                                 : fmt::format("stage {} (no layers)", info.stage);

@@ -60,7 +60,6 @@ private:
     BuiltinStageOptions o_;
     ModelConfig cfg_;
     std::string name_;
-    int rank_ = 0;
     ExpertDevices devices_;
     bool hierarchical_ = false;
     std::unique_ptr<ModelStage<T>> model_;

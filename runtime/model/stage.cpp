@@ -135,6 +135,7 @@ std::vector<T> ModelStage<T>::forward(int mb, const Batch& batch, std::vector<T>
     }
     ledger_.add("activations", m.act_bytes);
     m.forward_done = true;
+    m.ctx = nullptr;  // the call's context ends with the call
     return x;
 }
 
@@ -187,6 +188,7 @@ std::vector<T> ModelStage<T>::backward_input(int mb, std::vector<T> grad_output,
     m.layers.clear();  // activations no longer needed (W keeps what it uses)
     ledger_.release("activations", m.act_bytes);
     m.backward_done = true;
+    m.ctx = nullptr;
     return dx;
 }
 
