@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cstdlib>
 #include <exception>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -250,6 +251,149 @@ bool backend_is_multiprocess(const std::string& name) {
     return name == "mpi" || name == "ucx" || (name == "nccl" && process_env().source != "single process");
 }
 
+namespace {
+
+#ifdef DUPLEX_HAVE_MPI
+// This process is one rank of an MPI job: the communicator over MPI, fn, a closing barrier; a failure aborts
+// the job with its message.
+void launch_mpi(const LaunchOptions& o, const RankFn& fn) {
+    auto transport = make_mpi_transport();
+    try {
+        if (o.bind_cores) bind_thread_to_core(transport->rank());
+        auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
+        fn(comm);
+        comm->barrier()->wait();
+    } catch (const std::exception& e) {
+        log::error("comm", "rank {} failed: {}", transport->rank(), e.what());
+        transport->abort(e.what());
+    }
+}
+#endif
+
+#ifdef DUPLEX_HAVE_UCX
+// Watchdog of a rank started by a launcher: a rank whose process dies cannot say so; the store server sees its
+// connection close. Polls the store on a connection of its own until `done`, and calls `lose` with a message
+// naming the lost rank (or rank 0, whose process holds the store), instead of waiting for the timeout.
+void watch_for_lost_ranks(const std::string& host, uint16_t port, const ProcessEnv& p, const std::atomic<bool>& done,
+                          std::atomic<bool>& store_lost, const std::function<void(const std::string&)>& lose) {
+    try {
+        TcpStore watch(host, port, kStoreToken.get(), /*connect_timeout_s=*/10, /*request_timeout_s=*/3);
+        while (!done.load()) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            auto count = watch.try_get(kStoreLostCount);
+            if (!count || std::stoll(*count) == 0) continue;
+            std::vector<std::string> who;
+            for (int r = 0; r < p.world_size; ++r)
+                if (auto at = watch.try_get(kStoreLostPrefix + std::to_string(r)))
+                    who.push_back(fmt::format("rank {} ({})", r, *at));
+            lose(fmt::format("lost {}: the process ended without a clean exit (killed or crashed)",
+                             fmt::join(who, ", ")));
+            return;
+        }
+    } catch (const Error& e) {
+        // The store lives in rank 0's process: losing it means losing rank 0.
+        if (!done.load()) {
+            store_lost.store(true);
+            lose(fmt::format("lost rank 0 (the store server at {}): {}", p.store_addr, e.what()));
+        }
+    }
+}
+
+// This process is one rank of a job a launcher started (mpirun, torchrun, duplex launch): the rendezvous store
+// (served by rank 0), the UCX transport (with NCCL layered over it for nccl), fn under the watchdog, and an
+// orderly exit: the store lives until every rank has torn its transport down (or was lost).
+void launch_store_processes(const LaunchOptions& o, const RankFn& fn, bool nccl_processes) {
+            ProcessEnv p = process_env();
+            auto [host, port] = parse_host_port(p.store_addr, "DUPLEX_STORE_ADDR");
+            std::unique_ptr<TcpStoreServer> server;
+            if (p.rank == 0) server = std::make_unique<TcpStoreServer>(host, port, kStoreToken.get());
+            auto store = std::make_shared<TcpStore>(host, port, kStoreToken.get());
+            store->set(kStoreRankPrefix + std::to_string(p.rank), std::to_string(p.rank));
+            std::exception_ptr failure;
+            std::atomic<bool> store_lost{false};
+            {
+                std::shared_ptr<Transport> transport = make_ucx_transport(store, p.rank, p.world_size);
+    #ifdef DUPLEX_HAVE_NCCL
+                if (nccl_processes) {
+                    int devices = visible_cuda_devices();
+                    int device = p.local_rank >= 0 ? p.local_rank : p.rank % std::max(1, devices);
+                    transport = layer_nccl(transport, store, device, o.timeout_s);
+                }
+    #endif
+                // Watchdog: a rank whose process dies cannot say so; the store server sees its connection close.
+                // Abort this rank's pending communication with a message naming the lost rank, instead of waiting
+                // for the timeout. It polls on a connection of its own.
+                std::atomic<bool> done{false};
+                std::mutex lost_mutex;
+                std::string lost;  // set when a rank was lost: why
+                // Once a rank is lost this one is done too: abort its communication and, if the transport does not
+                // unwind in a few seconds (a communication library blocked on the dead peer), report and exit.
+                // The store lives in rank 0's process: before rank 0 leaves over a lost rank, it waits (a few seconds at
+                // most) for the others to leave too, so they read who was lost instead of blaming rank 0 for the store.
+                auto let_the_others_leave = [&] {
+                    if (!server) return;
+                    try {
+                        wait_for_ranks_to_leave(*store, p.world_size - 1, 3.0);
+                    } catch (const Error&) {
+                    }
+                };
+                auto lose = [&](const std::string& why) {
+                    {
+                        std::lock_guard<std::mutex> lock(lost_mutex);
+                        lost = why;
+                    }
+                    transport->abort(why);
+                    Deadline grace(std::min(5.0, o.timeout_s > 0 ? o.timeout_s : 5.0));
+                    while (!done.load() && !grace.expired()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                    if (!done.load()) {
+                        log::error("comm", "rank {} failed: {} (exiting: the transport did not unwind)", p.rank, why);
+                        std::fflush(nullptr);
+                        let_the_others_leave();
+                        std::_Exit(2);
+                    }
+                };
+                std::thread watchdog(
+            [&] { watch_for_lost_ranks(host, port, p, done, store_lost, lose); });
+                try {
+                    if (o.bind_cores) bind_thread_to_core(p.rank);
+                    auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
+                    fn(comm);
+                    comm->barrier()->wait();
+                } catch (const std::exception& e) {
+                    log::error("comm", "rank {} failed: {}", p.rank, e.what());
+                    transport->abort(e.what());
+                    failure = std::current_exception();
+                }
+                done.store(true);
+                watchdog.join();
+                {
+                    std::lock_guard<std::mutex> lock(lost_mutex);
+                    if (!lost.empty()) {
+                        // Tearing UCX down with a dead peer can block or crash inside the library: the job is over,
+                        // so report and leave without it.
+                        log::error("comm", "rank {}: {}", p.rank, lost);
+                        std::fflush(nullptr);
+                        let_the_others_leave();
+                        std::_Exit(2);
+                    }
+                }
+            }
+            // The server lives until every rank has torn its transport down (or was lost).
+            if (store_lost.load()) std::rethrow_exception(failure);
+            store->set(kStoreExitedPrefix + std::to_string(p.rank), "1");
+            store->add("launch/exit", 1);
+            if (server) wait_for_ranks_to_leave(*store, p.world_size, 30.0);
+            if (failure) std::rethrow_exception(failure);
+}
+#endif
+
+}  // namespace
+
+std::shared_ptr<Communicator> single_rank_world(double timeout_s) {
+    auto fabric = InprocFabric::create(1);
+    return Communicator::create(fabric->transport(0), Topology::single_node(1), {timeout_s});
+}
+
 void launch(const LaunchOptions& o, const RankFn& fn) {
     if (o.backend == "inproc") return launch_inproc(o, fn);
     if (o.backend != "mpi" && o.backend != "ucx" && o.backend != "nccl")
@@ -266,126 +410,10 @@ void launch(const LaunchOptions& o, const RankFn& fn) {
         throw ConfigError("--backend", "nccl across processes carries its control messages over UCX, which is not built "
                                        "into this binary");
 #ifdef DUPLEX_HAVE_MPI
-    if (o.backend == "mpi") {
-        auto transport = make_mpi_transport();
-        try {
-            if (o.bind_cores) bind_thread_to_core(transport->rank());
-            auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
-            fn(comm);
-            comm->barrier()->wait();
-        } catch (const std::exception& e) {
-            log::error("comm", "rank {} failed: {}", transport->rank(), e.what());
-            transport->abort(e.what());
-        }
-        return;
-    }
+    if (o.backend == "mpi") return launch_mpi(o, fn);
 #endif
 #ifdef DUPLEX_HAVE_UCX
-    if (o.backend == "ucx" || nccl_processes) {
-        ProcessEnv p = process_env();
-        auto [host, port] = parse_host_port(p.store_addr, "DUPLEX_STORE_ADDR");
-        std::unique_ptr<TcpStoreServer> server;
-        if (p.rank == 0) server = std::make_unique<TcpStoreServer>(host, port, kStoreToken.get());
-        auto store = std::make_shared<TcpStore>(host, port, kStoreToken.get());
-        store->set(kStoreRankPrefix + std::to_string(p.rank), std::to_string(p.rank));
-        std::exception_ptr failure;
-        std::atomic<bool> store_lost{false};
-        {
-            std::shared_ptr<Transport> transport = make_ucx_transport(store, p.rank, p.world_size);
-#ifdef DUPLEX_HAVE_NCCL
-            if (nccl_processes) {
-                int devices = visible_cuda_devices();
-                int device = p.local_rank >= 0 ? p.local_rank : p.rank % std::max(1, devices);
-                transport = layer_nccl(transport, store, device, o.timeout_s);
-            }
-#endif
-            // Watchdog: a rank whose process dies cannot say so; the store server sees its connection close.
-            // Abort this rank's pending communication with a message naming the lost rank, instead of waiting
-            // for the timeout. It polls on a connection of its own.
-            std::atomic<bool> done{false};
-            std::mutex lost_mutex;
-            std::string lost;  // set when a rank was lost: why
-            // Once a rank is lost this one is done too: abort its communication and, if the transport does not
-            // unwind in a few seconds (a communication library blocked on the dead peer), report and exit.
-            // The store lives in rank 0's process: before rank 0 leaves over a lost rank, it waits (a few seconds at
-            // most) for the others to leave too, so they read who was lost instead of blaming rank 0 for the store.
-            auto let_the_others_leave = [&] {
-                if (!server) return;
-                try {
-                    wait_for_ranks_to_leave(*store, p.world_size - 1, 3.0);
-                } catch (const Error&) {
-                }
-            };
-            auto lose = [&](const std::string& why) {
-                {
-                    std::lock_guard<std::mutex> lock(lost_mutex);
-                    lost = why;
-                }
-                transport->abort(why);
-                Deadline grace(std::min(5.0, o.timeout_s > 0 ? o.timeout_s : 5.0));
-                while (!done.load() && !grace.expired()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-                if (!done.load()) {
-                    log::error("comm", "rank {} failed: {} (exiting: the transport did not unwind)", p.rank, why);
-                    std::fflush(nullptr);
-                    let_the_others_leave();
-                    std::_Exit(2);
-                }
-            };
-            std::thread watchdog([&] {
-                try {
-                    TcpStore watch(host, port, kStoreToken.get(), /*connect_timeout_s=*/10, /*request_timeout_s=*/3);
-                    while (!done.load()) {
-                        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-                        auto count = watch.try_get(kStoreLostCount);
-                        if (!count || std::stoll(*count) == 0) continue;
-                        std::vector<std::string> who;
-                        for (int r = 0; r < p.world_size; ++r)
-                            if (auto at = watch.try_get(kStoreLostPrefix + std::to_string(r)))
-                                who.push_back(fmt::format("rank {} ({})", r, *at));
-                        lose(fmt::format("lost {}: the process ended without a clean exit (killed or crashed)",
-                                         fmt::join(who, ", ")));
-                        return;
-                    }
-                } catch (const Error& e) {
-                    // The store lives in rank 0's process: losing it means losing rank 0.
-                    if (!done.load()) {
-                        store_lost.store(true);
-                        lose(fmt::format("lost rank 0 (the store server at {}): {}", p.store_addr, e.what()));
-                    }
-                }
-            });
-            try {
-                if (o.bind_cores) bind_thread_to_core(p.rank);
-                auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
-                fn(comm);
-                comm->barrier()->wait();
-            } catch (const std::exception& e) {
-                log::error("comm", "rank {} failed: {}", p.rank, e.what());
-                transport->abort(e.what());
-                failure = std::current_exception();
-            }
-            done.store(true);
-            watchdog.join();
-            {
-                std::lock_guard<std::mutex> lock(lost_mutex);
-                if (!lost.empty()) {
-                    // Tearing UCX down with a dead peer can block or crash inside the library: the job is over,
-                    // so report and leave without it.
-                    log::error("comm", "rank {}: {}", p.rank, lost);
-                    std::fflush(nullptr);
-                    let_the_others_leave();
-                    std::_Exit(2);
-                }
-            }
-        }
-        // The server lives until every rank has torn its transport down (or was lost).
-        if (store_lost.load()) std::rethrow_exception(failure);
-        store->set(kStoreExitedPrefix + std::to_string(p.rank), "1");
-        store->add("launch/exit", 1);
-        if (server) wait_for_ranks_to_leave(*store, p.world_size, 30.0);
-        if (failure) std::rethrow_exception(failure);
-        return;
-    }
+    if (o.backend == "ucx" || nccl_processes) return launch_store_processes(o, fn, nccl_processes);
 #endif
 }
 

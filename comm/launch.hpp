@@ -59,5 +59,8 @@ bool backend_is_multiprocess(const std::string& name);
 
 using RankFn = std::function<void(const std::shared_ptr<Communicator>& world)>;
 void launch(const LaunchOptions& options, const RankFn& fn);
+// A world of one rank in the calling thread (in process): a single-rank run of code written for communicators,
+// such as the single-rank reference trainer.
+std::shared_ptr<Communicator> single_rank_world(double timeout_s = -1);
 
 }  // namespace duplex

@@ -91,75 +91,99 @@ void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig&
     fmt::print(human(), "# simulated in {:.3f} s\n", seconds);
 }
 
-int run(const Args& a) {
-    check_writable(a.svg, "--svg");
-    check_writable(a.trace, "--trace");
-    check_writable(a.json, "--json");
-    ModelConfig m = ModelConfig::preset(a.model);
-    if (a.dense_layers >= 0) {
-        DUPLEX_CHECK_ARG(a.dense_layers <= m.layers, "--dense-layers", "{} exceeds the {} layers", a.dense_layers,
-                         m.layers);
-        m.dense_layers = a.dense_layers;
+// The timeline (SVG) and trace (Perfetto JSON) of one simulated layout.
+void write_pictures(const SimResult& r, const Args& a) {
+    // Times in units of the middle stage's forward chunk, so the drawing reads like the schedule figures.
+    double unit = std::max(r.stage_costs[r.pp / 2].f, 1e-12);
+    sched::Replay scaled = r.replay;
+    scaled.makespan /= unit;
+    for (auto& v : scaled.idle) v /= unit;
+    for (auto& v : scaled.busy) v /= unit;
+    for (auto& rank : scaled.spans)
+        for (auto& sp : rank) sp.start /= unit, sp.end /= unit;
+    const ChunkCosts& c = r.stage_costs[r.pp / 2];
+    sched::Costs costs{1, c.b / unit, c.w / unit, -1, 0};
+    if (!a.svg.empty()) {
+        write_text_file(a.svg, sched::render_svg(r.schedule, scaled, costs), "--svg");
+        fmt::print(human(), "# timeline written to {} (time unit: stage {} forward chunk, {:.2f} ms)\n", a.svg, r.pp / 2,
+                   unit * 1e3);
     }
-    ClusterConfig cl = make_cluster(a.cluster, a.device, a.gpus, a.gpus_per_node, a.time_scale);
-    auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
-    auto kinds = split_list(a.schedule);
-    for (const auto& k : kinds) sched::kind_from_name(k);  // ConfigError for an unknown name
-    bool sweep = a.sweep || pps.size() * eps.size() * mbs.size() * kinds.size() > 1;
-    SimOptions base = options_of(a);
-
-    if (!sweep) {
-        SimOptions o = base;
-        o.schedule = sched::kind_from_name(kinds[0]);
-        o.pp = pps[0];
-        o.ep = eps[0];
-        o.microbatches = mbs[0];
-        Stopwatch sw;
-        SimResult r = simulate(m, cl, o);
-        double seconds = sw.seconds();
-        print_report(r, m, cl, a, kinds[0], seconds);
-        if (!a.json.empty()) {
-            write_text_file(a.json, simulation_json(r, m, cl, kinds[0], r.fits || a.ignore_memory) + "\n", "--json");
-            note_written("metrics", a.json);
-        }
-        if (!r.fits && !a.ignore_memory) {
-            fmt::print(stderr,
-                       "duplex simulate: the layout does not fit in {} GB per GPU (needs {} GB); change PP/EP/"
-                       "microbatch size or pass --ignore-memory to simulate it anyway\n",
-                       gb(r.memory_capacity_bytes), gb(r.memory_total_bytes));
-            return 3;
-        }
-        if (!a.svg.empty() || !a.trace.empty()) {
-            // Times in units of the middle stage's forward chunk, so the drawing reads like the schedule figures.
-            double unit = std::max(r.stage_costs[r.pp / 2].f, 1e-12);
-            sched::Replay scaled = r.replay;
-            scaled.makespan /= unit;
-            for (auto& v : scaled.idle) v /= unit;
-            for (auto& v : scaled.busy) v /= unit;
-            for (auto& rank : scaled.spans)
-                for (auto& sp : rank) sp.start /= unit, sp.end /= unit;
-            const ChunkCosts& c = r.stage_costs[r.pp / 2];
-            sched::Costs costs{1, c.b / unit, c.w / unit, -1, 0};
-            if (!a.svg.empty()) {
-                write_text_file(a.svg, sched::render_svg(r.schedule, scaled, costs), "--svg");
-                fmt::print(human(), "# timeline written to {} (time unit: stage {} forward chunk, {:.2f} ms)\n", a.svg, r.pp / 2,
-                           unit * 1e3);
-            }
-            if (!a.trace.empty()) {
-                write_text_file(a.trace, sim_trace_json(r), "--trace");
-                fmt::print(human(), "# trace written to {} (open in ui.perfetto.dev)\n", a.trace);
-            }
-        }
-        return 0;
+    if (!a.trace.empty()) {
+        write_text_file(a.trace, sim_trace_json(r), "--trace");
+        fmt::print(human(), "# trace written to {} (open in ui.perfetto.dev)\n", a.trace);
     }
+}
 
-    // Sweep: every combination; layouts that cannot run are listed with the reason, the rest go to the CSV.
-    struct Row {
-        std::string kind;
-        int pp, ep, mb;
-        SimResult r;
-    };
-    std::vector<Row> rows;
+// One layout: the report, the JSON, the pictures. Exit code 3 when it does not fit (unless --ignore-memory).
+int run_one(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const SimOptions& base,
+            const std::string& kind, int pp, int ep, int mb) {
+    SimOptions o = base;
+    o.schedule = sched::kind_from_name(kind);
+    o.pp = pp;
+    o.ep = ep;
+    o.microbatches = mb;
+    Stopwatch sw;
+    SimResult r = simulate(m, cl, o);
+    double seconds = sw.seconds();
+    print_report(r, m, cl, a, kind, seconds);
+    if (!a.json.empty()) {
+        write_text_file(a.json, simulation_json(r, m, cl, kind, r.fits || a.ignore_memory) + "\n", "--json");
+        note_written("metrics", a.json);
+    }
+    if (!r.fits && !a.ignore_memory) {
+        fmt::print(stderr,
+                   "duplex simulate: the layout does not fit in {} GB per GPU (needs {} GB); change PP/EP/"
+                   "microbatch size or pass --ignore-memory to simulate it anyway\n",
+                   gb(r.memory_capacity_bytes), gb(r.memory_total_bytes));
+        return 3;
+    }
+    if (!a.svg.empty() || !a.trace.empty()) write_pictures(r, a);
+    return 0;
+}
+
+struct SweepRow {
+    std::string kind;
+    int pp, ep, mb;
+    SimResult r;
+};
+
+// The sweep's CSV and its summary: the layouts that could not run, the best that fit.
+void report_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const std::vector<SweepRow>& rows,
+                  const std::vector<std::string>& rejected, size_t total, double seconds) {
+    std::string csv =
+        "schedule,pp,ep,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
+        "gpu_hours_per_trillion_tokens,exposed_expert_s,exposed_pipeline_s,exposed_dp_s,memory_gb,fits\n";
+    for (const SweepRow& w : rows)
+        csv += fmt::format("{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n", w.kind,
+                           w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
+                           w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens, w.r.exposed_comm_s.at("expert"),
+                           w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
+                           w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
+    write_text_file(a.csv, csv, "--csv");
+    fmt::print(human(), "# swept {} layouts of {} on {} in {:.2f} s ({} could not run); CSV: {}\n", total, m.name, cl.name,
+               seconds, rejected.size(), a.csv);
+    for (size_t i = 0; i < std::min<size_t>(rejected.size(), 5); ++i) fmt::print(human(), "#   rejected: {}\n", rejected[i]);
+    std::vector<const SweepRow*> fit;
+    for (const SweepRow& w : rows)
+        if (w.r.fits) fit.push_back(&w);
+    std::sort(fit.begin(), fit.end(),
+              [](const SweepRow* x, const SweepRow* y) { return x->r.tokens_per_s_per_gpu > y->r.tokens_per_s_per_gpu; });
+    fmt::print(human(), "# best layouts that fit in {} GB ({} of {}):\n", gb(cl.device.memory_bytes), fit.size(), rows.size());
+    fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp", "ep", "dp", "mb",
+               "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
+    for (size_t i = 0; i < std::min<size_t>(fit.size(), size_t(a.top)); ++i) {
+        const SweepRow& w = *fit[i];
+        fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n", w.kind,
+                   w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
+                   w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens / 1e3, w.r.memory_total_bytes / 1e9);
+    }
+}
+
+// Every combination of the lists; layouts that cannot run are listed with the reason, the rest go to the CSV.
+void run_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const SimOptions& base,
+               const std::vector<std::string>& kinds, const std::vector<int>& pps, const std::vector<int>& eps,
+               const std::vector<int>& mbs) {
+    std::vector<SweepRow> rows;
     std::vector<std::string> rejected;
     Stopwatch sw;
     size_t total = pps.size() * eps.size() * mbs.size() * kinds.size(), done = 0;
@@ -182,33 +206,28 @@ int run(const Args& a) {
                     if (done % 100 == 0)
                         fmt::print(stderr, "# sweep: {}/{} layouts, {:.1f} s\n", done, total, sw.seconds());
                 }
-    std::string csv =
-        "schedule,pp,ep,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
-        "gpu_hours_per_trillion_tokens,exposed_expert_s,exposed_pipeline_s,exposed_dp_s,memory_gb,fits\n";
-    for (const Row& w : rows)
-        csv += fmt::format("{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n", w.kind,
-                           w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
-                           w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens, w.r.exposed_comm_s.at("expert"),
-                           w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
-                           w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
-    write_text_file(a.csv, csv, "--csv");
-    fmt::print(human(), "# swept {} layouts of {} on {} in {:.2f} s ({} could not run); CSV: {}\n", total, m.name, cl.name,
-               sw.seconds(), rejected.size(), a.csv);
-    for (size_t i = 0; i < std::min<size_t>(rejected.size(), 5); ++i) fmt::print(human(), "#   rejected: {}\n", rejected[i]);
-    std::vector<const Row*> fit;
-    for (const Row& w : rows)
-        if (w.r.fits) fit.push_back(&w);
-    std::sort(fit.begin(), fit.end(),
-              [](const Row* x, const Row* y) { return x->r.tokens_per_s_per_gpu > y->r.tokens_per_s_per_gpu; });
-    fmt::print(human(), "# best layouts that fit in {} GB ({} of {}):\n", gb(cl.device.memory_bytes), fit.size(), rows.size());
-    fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp", "ep", "dp", "mb",
-               "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
-    for (size_t i = 0; i < std::min<size_t>(fit.size(), size_t(a.top)); ++i) {
-        const Row& w = *fit[i];
-        fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n", w.kind,
-                   w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
-                   w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens / 1e3, w.r.memory_total_bytes / 1e9);
+    report_sweep(a, m, cl, rows, rejected, total, sw.seconds());
+}
+
+int run(const Args& a) {
+    check_writable(a.svg, "--svg");
+    check_writable(a.trace, "--trace");
+    check_writable(a.json, "--json");
+    ModelConfig m = ModelConfig::preset(a.model);
+    if (a.dense_layers >= 0) {
+        DUPLEX_CHECK_ARG(a.dense_layers <= m.layers, "--dense-layers", "{} exceeds the {} layers", a.dense_layers,
+                         m.layers);
+        m.dense_layers = a.dense_layers;
     }
+    ClusterConfig cl = make_cluster(a.cluster, a.device, a.gpus, a.gpus_per_node, a.time_scale);
+    auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
+    auto kinds = split_list(a.schedule);
+    for (const auto& k : kinds) sched::kind_from_name(k);  // ConfigError for an unknown name
+    bool sweep = a.sweep || pps.size() * eps.size() * mbs.size() * kinds.size() > 1;
+    SimOptions base = options_of(a);
+
+    if (!sweep) return run_one(a, m, cl, base, kinds[0], pps[0], eps[0], mbs[0]);
+    run_sweep(a, m, cl, base, kinds, pps, eps, mbs);
     return 0;
 }
 

@@ -92,6 +92,111 @@ uint64_t count_wrong(const std::vector<uint8_t>& got, const std::vector<uint8_t>
 
 }  // namespace
 
+namespace {
+
+// Each rank's tokens with K distinct destination ranks each, uniformly: bit p of masks[r][t] when token t of rank
+// r goes to rank p.
+std::vector<std::vector<uint64_t>> random_masks(int R, int K, int tokens, Rng& rng) {
+    std::vector<std::vector<uint64_t>> masks(R, std::vector<uint64_t>(tokens, 0));
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < tokens; ++t) {
+            std::vector<int> peers(R);
+            for (int p = 0; p < R; ++p) peers[p] = p;
+            for (int k = 0; k < K; ++k) {
+                std::swap(peers[k], peers[k + rng.below(uint64_t(R - k))]);
+                masks[r][t] |= 1ull << peers[k];
+            }
+        }
+    return masks;
+}
+
+// One size's buffers. Dispatch: tokens (x) -> the experts' rows (recv). Combine: the experts' rows (in, with
+// their gates) -> tokens (y). Host copies of the sources and gates for the check.
+struct Buffers {
+    std::vector<std::vector<std::vector<uint8_t>>> host_src;
+    std::vector<std::vector<float>> host_w;
+    std::vector<std::vector<std::unique_ptr<DeviceBuffer>>> src, dst;
+    std::vector<std::unique_ptr<DeviceBuffer>> w;
+    cuda::SourcePlanes src_p;
+    cuda::TargetPlanes dst_p;
+    std::vector<const float*> w_p;
+};
+
+Buffers make_buffers(cuda::RowType type, int d, bool dispatch, int tokens, const std::vector<int64_t>& expert_rows,
+                     Rng& rng) {
+    const int R = int(expert_rows.size());
+    const std::vector<size_t> plane_bytes = cuda::row_plane_bytes(type, d);
+    Buffers b;
+    auto& host_src = b.host_src;
+    auto& host_w = b.host_w;
+    auto& src = b.src;
+    auto& dst = b.dst;
+    auto& w = b.w;
+    auto& src_p = b.src_p;
+    auto& dst_p = b.dst_p;
+    auto& w_p = b.w_p;
+    host_src.resize(size_t(R));
+    host_w.resize(size_t(R));
+    src.resize(size_t(R));
+    dst.resize(size_t(R));
+    w.resize(size_t(R));
+    src_p.assign(plane_bytes.size(), std::vector<const void*>(size_t(R)));
+    dst_p.assign(plane_bytes.size(), std::vector<void*>(size_t(R)));
+    for (int r = 0; r < R; ++r) {
+        int64_t src_rows = dispatch ? tokens : expert_rows[r], dst_rows = dispatch ? expert_rows[r] : tokens;
+        host_src[r] = make_rows(type, src_rows, d, rng);
+        for (size_t p = 0; p < plane_bytes.size(); ++p) {
+            src[r].push_back(upload(host_src[r][p]));
+            dst[r].push_back(std::make_unique<DeviceBuffer>(size_t(dst_rows) * plane_bytes[p]));
+            src_p[p][r] = src[r][p]->p;
+            dst_p[p][r] = dst[r][p]->p;
+        }
+        if (!dispatch) {
+            host_w[r].resize(size_t(expert_rows[r]));
+            for (float& g : host_w[r]) g = float(rng.uniform());
+            std::vector<uint8_t> bytes(host_w[r].size() * sizeof(float));
+            std::memcpy(bytes.data(), host_w[r].data(), bytes.size());
+            w[r] = upload(bytes);
+            w_p.push_back(w[r]->as<float>());
+        }
+    }
+    return b;
+}
+
+// What must arrive, per rank and plane.
+std::vector<std::vector<std::vector<uint8_t>>> expected_rows(cuda::RowType type, int d, bool dispatch, int tokens,
+                                                             const std::vector<std::vector<uint64_t>>& masks, int N,
+                                                             const Buffers& b) {
+    const int R = int(masks.size());
+    const std::vector<size_t> plane_bytes = cuda::row_plane_bytes(type, d);
+    size_t row_bytes = 0;
+    for (size_t pb : plane_bytes) row_bytes += pb;
+    // What must arrive: dispatch — rank 0's tokens for d, then rank 1's, ... (each plane); combine — the CPU
+    // reference's sums.
+    std::vector<std::vector<std::vector<uint8_t>>> want(R, std::vector<std::vector<uint8_t>>(plane_bytes.size()));
+    if (dispatch) {
+        for (int dd = 0; dd < R; ++dd)
+            for (int s = 0; s < R; ++s)
+                for (int t = 0; t < tokens; ++t)
+                    if ((masks[s][t] >> dd) & 1)
+                        for (size_t p = 0; p < plane_bytes.size(); ++p)
+                            want[dd][p].insert(want[dd][p].end(), b.host_src[s][p].begin() + t * plane_bytes[p],
+                                               b.host_src[s][p].begin() + (t + 1) * plane_bytes[p]);
+    } else {
+        std::vector<const float*> wh;
+        std::vector<const void*> in;
+        std::vector<void*> y;
+        for (int r = 0; r < R; ++r) {
+            want[r][0].resize(size_t(tokens) * row_bytes);
+            wh.push_back(b.host_w[r].data()), in.push_back(b.host_src[r][0].data()), y.push_back(want[r][0].data());
+        }
+        kernels::combine_node_limited_rows(type == cuda::RowType::BF16, in, wh, masks, N, d, y);
+    }
+    return want;
+}
+
+}  // namespace
+
 int run_gpu_commbench(const GpuCommBenchOptions& o) {
     check_gpu_commbench(o);
     const cuda::RowType type = cuda::parse_row_type(o.dtype, "--dtype");
@@ -125,66 +230,15 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
         // Tokens per rank so that its K rows per token make `size` bytes; each token's K rows go to K distinct
         // ranks, uniformly.
         const int tokens = std::max(1, int(size / (double(K) * row_bytes)));
-        std::vector<std::vector<uint64_t>> masks(R, std::vector<uint64_t>(tokens, 0));
-        for (int r = 0; r < R; ++r)
-            for (int t = 0; t < tokens; ++t) {
-                std::vector<int> peers(R);
-                for (int p = 0; p < R; ++p) peers[p] = p;
-                for (int k = 0; k < K; ++k) {
-                    std::swap(peers[k], peers[k + rng.below(uint64_t(R - k))]);
-                    masks[r][t] |= 1ull << peers[k];
-                }
-            }
+        std::vector<std::vector<uint64_t>> masks = random_masks(R, K, tokens, rng);
         const std::vector<int64_t> expert_rows = kernels::node_limited_rows(masks, N, 0);
         const double bytes_all = double(R) * tokens * K * row_bytes;
         // Dispatch: tokens (x) -> the experts' rows (recv). Combine: the experts' rows (in, with their gates) ->
         // tokens (y).
-        std::vector<std::vector<std::vector<uint8_t>>> host_src(R);
-        std::vector<std::vector<float>> host_w(R);
-        std::vector<std::vector<std::unique_ptr<DeviceBuffer>>> src(R), dst(R);
-        std::vector<std::unique_ptr<DeviceBuffer>> w(R);
-        cuda::SourcePlanes src_p(plane_bytes.size(), std::vector<const void*>(R));
-        cuda::TargetPlanes dst_p(plane_bytes.size(), std::vector<void*>(R));
-        std::vector<const float*> w_p;
-        for (int r = 0; r < R; ++r) {
-            int64_t src_rows = dispatch ? tokens : expert_rows[r], dst_rows = dispatch ? expert_rows[r] : tokens;
-            host_src[r] = make_rows(type, src_rows, d, rng);
-            for (size_t p = 0; p < plane_bytes.size(); ++p) {
-                src[r].push_back(upload(host_src[r][p]));
-                dst[r].push_back(std::make_unique<DeviceBuffer>(size_t(dst_rows) * plane_bytes[p]));
-                src_p[p][r] = src[r][p]->p;
-                dst_p[p][r] = dst[r][p]->p;
-            }
-            if (!dispatch) {
-                host_w[r].resize(size_t(expert_rows[r]));
-                for (float& g : host_w[r]) g = float(rng.uniform());
-                std::vector<uint8_t> bytes(host_w[r].size() * sizeof(float));
-                std::memcpy(bytes.data(), host_w[r].data(), bytes.size());
-                w[r] = upload(bytes);
-                w_p.push_back(w[r]->as<float>());
-            }
-        }
-        // What must arrive: dispatch — rank 0's tokens for d, then rank 1's, ... (each plane); combine — the CPU
-        // reference's sums.
-        std::vector<std::vector<std::vector<uint8_t>>> want(R, std::vector<std::vector<uint8_t>>(plane_bytes.size()));
-        if (o.check && dispatch) {
-            for (int dd = 0; dd < R; ++dd)
-                for (int s = 0; s < R; ++s)
-                    for (int t = 0; t < tokens; ++t)
-                        if ((masks[s][t] >> dd) & 1)
-                            for (size_t p = 0; p < plane_bytes.size(); ++p)
-                                want[dd][p].insert(want[dd][p].end(), host_src[s][p].begin() + t * plane_bytes[p],
-                                                   host_src[s][p].begin() + (t + 1) * plane_bytes[p]);
-        } else if (o.check) {
-            std::vector<const float*> wh;
-            std::vector<const void*> in;
-            std::vector<void*> y;
-            for (int r = 0; r < R; ++r) {
-                want[r][0].resize(size_t(tokens) * row_bytes);
-                wh.push_back(host_w[r].data()), in.push_back(host_src[r][0].data()), y.push_back(want[r][0].data());
-            }
-            kernels::combine_node_limited_rows(type == cuda::RowType::BF16, in, wh, masks, N, d, y);
-        }
+        Buffers b = make_buffers(type, d, dispatch, tokens, expert_rows, rng);
+        auto& dst = b.dst;
+        std::vector<std::vector<std::vector<uint8_t>>> want;
+        if (o.check) want = expected_rows(type, d, dispatch, tokens, masks, N, b);
         double copy_bw = copy_bandwidth(size_t(bytes_all));
         int64_t inter_rows = 0, flat_inter_rows = 0;
         for (int sms : o.sms) {
@@ -194,10 +248,10 @@ int run_gpu_commbench(const GpuCommBenchOptions& o) {
             double best = 1e30;
             for (int it = 0; it < o.warmup + o.iters; ++it) {
                 for (int r = 0; r < R; ++r)  // stale results must not pass the check
-                    for (auto& b : dst[r]) DUPLEX_CUDA_CHECK(cudaMemset(b->p, 0xFF, b->bytes));
+                    for (auto& buf : dst[r]) DUPLEX_CUDA_CHECK(cudaMemset(buf->p, 0xFF, buf->bytes));
                 cuda::NodeLimitedResult h =
-                    dispatch ? cuda::dispatch_rows_node_limited(type, d, src_p, masks, N, dst_p, expert_rows, cfg, nullptr)
-                             : cuda::combine_rows_node_limited(type, d, src_p[0], w_p, masks, N, expert_rows, dst_p[0],
+                    dispatch ? cuda::dispatch_rows_node_limited(type, d, b.src_p, masks, N, b.dst_p, expert_rows, cfg, nullptr)
+                             : cuda::combine_rows_node_limited(type, d, b.src_p[0], b.w_p, masks, N, expert_rows, b.dst_p[0],
                                                                cfg, nullptr);
                 inter_rows = h.inter_node_rows;
                 flat_inter_rows = h.flat_inter_node_rows;

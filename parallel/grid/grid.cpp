@@ -1,5 +1,6 @@
 #include "parallel/grid.hpp"
 
+#include "parallel/expert_plan.hpp"
 #include "parallel/plan.hpp"
 
 #include <fmt/format.h>

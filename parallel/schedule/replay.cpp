@@ -86,11 +86,14 @@ Replay replay(const Schedule& s, const Costs& costs) {
     return replay(s, t);
 }
 
-Replay replay(const Schedule& s, const Timing& timing) {
+namespace {
+
+// Static checks: every instruction on the rank its stage lives on, none twice, none missing. ScheduleError
+// listing the problems.
+void check_placement(const Schedule& s) {
     int R = s.num_ranks;
     std::vector<std::string> problems;
 
-    // Static checks: placement, duplicates, completeness.
     std::map<Key, int> produced_by;  // product -> rank
     auto produce = [&](Product p, const Chunk& c, int rank) {
         if (c.stage < 0 || c.stage >= s.pp || c.dir < 0 || c.dir >= s.num_directions) {
@@ -135,13 +138,26 @@ Replay replay(const Schedule& s, const Timing& timing) {
         throw ScheduleError(fmt::format("invalid {} schedule (PP={}, N={}):\n  {}", kind_name(s.kind), s.pp,
                                         s.num_microbatches, fmt::join(problems, "\n  ")));
 
-    // Timed replay.
-    Replay out;
+}
+
+// Where the timed replay stopped: per rank, the next instruction and when the rank is free; when each product
+// was done.
+struct Progress {
+    std::vector<size_t> pc;
+    std::vector<double> free_at;
+    std::map<Key, double> done_at;
+};
+
+// The timed replay: each rank runs its instructions in order, each as soon as the rank is free and its inputs
+// exist, until no rank can go on.
+Progress run_timed(const Schedule& s, const Timing& timing, Replay& out) {
+    int R = s.num_ranks;
+    Progress g{std::vector<size_t>(size_t(R), 0), std::vector<double>(size_t(R), 0.0), {}};
+    auto& pc = g.pc;
+    auto& free_at = g.free_at;
+    auto& done_at = g.done_at;
     out.busy.assign(R, 0);
     out.spans.resize(R);
-    std::map<Key, double> done_at;
-    std::vector<size_t> pc(R, 0);
-    std::vector<double> free_at(R, 0);
     for (bool progress = true; progress;) {
         progress = false;
         for (int r = 0; r < R; ++r) {
@@ -171,8 +187,15 @@ Replay replay(const Schedule& s, const Timing& timing) {
             }
         }
     }
+    return g;
+}
 
-    // Deadlock: follow "waits for" edges from a blocked rank until a rank repeats.
+// A rank left with instructions is in a deadlock: follow "waits for" edges from a blocked rank until a rank
+// repeats, and throw the cycle.
+void throw_if_deadlocked(const Schedule& s, const Progress& g) {
+    int R = s.num_ranks;
+    const auto& pc = g.pc;
+    const auto& done_at = g.done_at;
     std::vector<int> waits_for(R, -1);
     std::vector<std::string> waiting_on(R);
     bool blocked = false;
@@ -209,7 +232,12 @@ Replay replay(const Schedule& s, const Timing& timing) {
         throw ScheduleError(fmt::format("deadlock in {} schedule (PP={}, N={}); cycle of waiting ranks:\n  {}",
                                         kind_name(s.kind), s.pp, s.num_microbatches, fmt::join(cycle, "\n  ")));
     }
+}
 
+// Makespan, idle time, peak live activations and parameter copies per rank.
+void summarize(const Schedule& s, const Progress& g, Replay& out) {
+    int R = s.num_ranks;
+    const auto& free_at = g.free_at;
     for (int r = 0; r < R; ++r) out.makespan = std::max(out.makespan, free_at[r]);
     out.idle.resize(R);
     out.peak_activations.assign(R, 0);
@@ -229,6 +257,16 @@ Replay replay(const Schedule& s, const Timing& timing) {
         }
         out.param_copies[r] = static_cast<int>(stages.size());
     }
+}
+
+}  // namespace
+
+Replay replay(const Schedule& s, const Timing& timing) {
+    check_placement(s);
+    Replay out;
+    Progress g = run_timed(s, timing, out);
+    throw_if_deadlocked(s, g);
+    summarize(s, g, out);
     return out;
 }
 

@@ -14,6 +14,7 @@
 
 #include "comm/launch.hpp"
 #include "core/error.hpp"
+#include "parallel/expert_plan.hpp"
 
 namespace duplex::py {
 
@@ -21,11 +22,30 @@ using namespace nb::literals;
 
 namespace {
 
-void bind_communicator(nb::module_& m) {
-    nb::class_<Communicator>(m, "Communicator",
-                             "A group of ranks. Operations block until done (the GIL is released while they wait) "
-                             "and work in place on C-contiguous CPU arrays (NumPy, torch): no copies.")
-        .def_prop_ro("rank", &Communicator::rank)
+// Rows of send to each rank p (send_rows[p] of them), rows from each rank into recv: the byte counts and offsets
+// of the communicator's all-to-all-v from row counts.
+void all_to_all_v_rows(Communicator& c, Array send, std::vector<int64_t> send_rows, Array recv,
+                       std::vector<int64_t> recv_rows, const std::string& what, const StageCall* call) {
+    int n = c.size();
+    DUPLEX_CHECK_ARG(int(send_rows.size()) == n && int(recv_rows.size()) == n, "all_to_all_v",
+                     "{} send and {} receive counts for a group of {}", send_rows.size(), recv_rows.size(), n);
+    int64_t ts = 0, tr = 0;
+    for (int p = 0; p < n; ++p) ts += send_rows[p], tr += recv_rows[p];
+    size_t row = ts > 0 ? bytes_of(send) / size_t(ts) : (tr > 0 ? bytes_of(recv) / size_t(tr) : 0);
+    DUPLEX_CHECK_ARG(bytes_of(send) == size_t(ts) * row && bytes_of(recv) == size_t(tr) * row, "all_to_all_v",
+                     "buffers of {} and {} bytes for {} and {} rows", bytes_of(send), bytes_of(recv), ts, tr);
+    std::vector<size_t> sb(n), so(n), rb(n), ro(n);
+    size_t a = 0, b = 0;
+    for (int p = 0; p < n; ++p) {
+        sb[p] = size_t(send_rows[p]) * row, so[p] = a, a += sb[p];
+        rb[p] = size_t(recv_rows[p]) * row, ro[p] = b, b += rb[p];
+    }
+    wait(c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro), what, call);
+}
+
+// Who is in the group and where: ranks, nodes, and the expert-parallel plan's path and relays over it.
+void bind_topology(nb::class_<Communicator>& cls) {
+    cls.def_prop_ro("rank", &Communicator::rank)
         .def_prop_ro("size", &Communicator::size)
         .def_prop_ro("backend", [](const Communicator& c) { return std::string(c.backend()); })
         .def_prop_ro("num_nodes", [](const Communicator& c) { return c.topology().num_nodes(); })
@@ -38,11 +58,32 @@ void bind_communicator(nb::module_& m) {
             },
             "The node of each rank of the group (0.., in order of first appearance).")
         .def(
-            "send",
-            [](Communicator& c, Array a, int peer, uint32_t tag, const StageCall* call) {
-                wait(c.isend(a.data(), bytes_of(a), peer, tag), "send", call);
+            "expert_path",
+            [](const Communicator& c, bool node_limited) {
+                return std::string(path_name(choose_path(node_limited, c.topology())));
             },
-            "array"_a, "peer"_a, "tag"_a = 0, "call"_a.none() = nb::none())
+            "node_limited"_a = true,
+            "The expert exchange's path over this group: 'node-limited' when asked for and the group spans several "
+            "nodes, else 'flat' (the rule every Duplex exchange follows).")
+        .def_prop_ro(
+            "relays",
+            [](const Communicator& c) {
+                std::vector<int> r(c.size());
+                for (int d = 0; d < c.size(); ++d) r[d] = relay_rank(d, c.rank(), c.topology());
+                return r;
+            },
+            "Per destination rank, the relay of the node-limited path: the rank on its node with this rank's local "
+            "index. ValueError when a node has too few ranks for one.");
+}
+
+// Point-to-point and collective operations, each waited for through the stage call when one is given.
+void bind_operations(nb::class_<Communicator>& cls) {
+    cls.def(
+           "send",
+           [](Communicator& c, Array a, int peer, uint32_t tag, const StageCall* call) {
+               wait(c.isend(a.data(), bytes_of(a), peer, tag), "send", call);
+           },
+           "array"_a, "peer"_a, "tag"_a = 0, "call"_a.none() = nb::none())
         .def(
             "recv",
             [](Communicator& c, Array a, int peer, uint32_t tag, const StageCall* call) {
@@ -55,7 +96,8 @@ void bind_communicator(nb::module_& m) {
             [](Communicator& c, Array a, const StageCall* call) {
                 wait(c.all_reduce(a.data(), a.size(), dtype_of_array(a)), "all_reduce", call);
             },
-            "array"_a, "call"_a.none() = nb::none(), "In-place sum over the group, added in rank order (deterministic).")
+            "array"_a, "call"_a.none() = nb::none(),
+            "In-place sum over the group, added in rank order (deterministic).")
         .def(
             "all_gather",
             [](Communicator& c, Array send, Array recv, const StageCall* call) {
@@ -72,7 +114,8 @@ void bind_communicator(nb::module_& m) {
                                  c.size());
                 wait(c.all_to_all(send.data(), recv.data(), bytes_of(send) / size_t(c.size())), "all_to_all", call);
             },
-            "send"_a, "recv"_a, "call"_a.none() = nb::none(), "Block p of send goes to rank p; block p of recv comes from rank p.")
+            "send"_a, "recv"_a, "call"_a.none() = nb::none(),
+            "Block p of send goes to rank p; block p of recv comes from rank p.")
         .def(
             "reduce_scatter",
             [](Communicator& c, Array send, Array recv, const StageCall* call) {
@@ -82,31 +125,10 @@ void bind_communicator(nb::module_& m) {
                      call);
             },
             "send"_a, "recv"_a, "call"_a.none() = nb::none())
-        .def(
-            "all_to_all_v",
-            [](Communicator& c, Array send, std::vector<int64_t> send_rows, Array recv, std::vector<int64_t> recv_rows,
-               const std::string& what, const StageCall* call) {
-                int n = c.size();
-                DUPLEX_CHECK_ARG(int(send_rows.size()) == n && int(recv_rows.size()) == n, "all_to_all_v",
-                                 "{} send and {} receive counts for a group of {}", send_rows.size(), recv_rows.size(),
-                                 n);
-                int64_t ts = 0, tr = 0;
-                for (int p = 0; p < n; ++p) ts += send_rows[p], tr += recv_rows[p];
-                size_t row = ts > 0 ? bytes_of(send) / size_t(ts) : (tr > 0 ? bytes_of(recv) / size_t(tr) : 0);
-                DUPLEX_CHECK_ARG(bytes_of(send) == size_t(ts) * row && bytes_of(recv) == size_t(tr) * row,
-                                 "all_to_all_v", "buffers of {} and {} bytes for {} and {} rows", bytes_of(send),
-                                 bytes_of(recv), ts, tr);
-                std::vector<size_t> sb(n), so(n), rb(n), ro(n);
-                size_t a = 0, b = 0;
-                for (int p = 0; p < n; ++p) {
-                    sb[p] = size_t(send_rows[p]) * row, so[p] = a, a += sb[p];
-                    rb[p] = size_t(recv_rows[p]) * row, ro[p] = b, b += rb[p];
-                }
-                wait(c.all_to_all_v(send.data(), sb, so, recv.data(), rb, ro), what, call);
-            },
-            "send"_a, "send_rows"_a, "recv"_a, "recv_rows"_a, "what"_a = "all_to_all_v", "call"_a.none() = nb::none(),
-            "Rows of send go to each rank p (send_rows[p] of them, in rank order); rows from each rank land in recv "
-            "(recv_rows[p], in rank order). Rows are equal-sized.")
+        .def("all_to_all_v", &all_to_all_v_rows, "send"_a, "send_rows"_a, "recv"_a, "recv_rows"_a,
+             "what"_a = "all_to_all_v", "call"_a.none() = nb::none(),
+             "Rows of send go to each rank p (send_rows[p] of them, in rank order); rows from each rank land in recv "
+             "(recv_rows[p], in rank order). Rows are equal-sized.")
         .def(
             "barrier", [](Communicator& c, const StageCall* call) { wait(c.barrier(), "barrier", call); },
             "call"_a.none() = nb::none())
@@ -117,7 +139,14 @@ void bind_communicator(nb::module_& m) {
                 return c.split(color, key);
             },
             "color"_a, "key"_a, "Ranks with the same color form a new communicator, ordered by key.");
+}
 
+void bind_communicator(nb::module_& m) {
+    nb::class_<Communicator> cls(m, "Communicator",
+                                 "A group of ranks. Operations block until done (the GIL is released while they wait) "
+                                 "and work in place on C-contiguous CPU arrays (NumPy, torch): no copies.");
+    bind_topology(cls);
+    bind_operations(cls);
 }
 
 }  // namespace

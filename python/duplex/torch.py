@@ -120,9 +120,10 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
     tags (int64, shaped like dest, e.g. the expert ids) travel with the rows: routed.tags says, per row received,
     which tag it carries. Rows arrive grouped by the rank that sent them here; use the tags to find their expert.
 
-    node_limited (default: when the group spans more than one node): a token crosses to each node it targets
-    once, to the rank there with this rank's local index (the relay), which forwards one row per slot inside its
-    node — DeepSeek-V3's dispatch. False: one row per slot straight to its rank.
+    node_limited (default True; taken when the group spans more than one node, as every Duplex exchange does): a
+    token crosses to each node it targets once, to the rank there with this rank's local index (the relay), which
+    forwards one row per slot inside its node — DeepSeek-V3's dispatch. False: one row per slot straight to its
+    rank. The path and the relays come from the expert-parallel plan (Communicator.expert_path, .relays).
 
     group: the communicator to use outside a Pipeline (default: the running stage's expert-parallel group)."""
     explicit = group
@@ -136,8 +137,7 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
         tags = tags.to(torch.int64).reshape(N, K)
         if tags.shape != slots.shape:
             raise ValueError(f"dispatch: tags of shape {tuple(tags.shape)} for destinations {tuple(dest.shape)}")
-    if node_limited is None:
-        node_limited = group.num_nodes > 1
+    node_limited = group.expert_path(True if node_limited is None else node_limited) == "node-limited"
     node_list = group.nodes  # one call: each builds the list in C++
     nodes = torch.tensor(node_list, dtype=torch.int64)
     token = torch.arange(N).repeat_interleave(K)  # the token of each slot (slot s = n * K + k)
@@ -155,17 +155,10 @@ def dispatch(x, dest, tags=None, node_limited=None, group=None):
 
     # Node-limited: hop 1 crosses once per (token, target node) to the relay there; hop 2 stays inside the node.
     me = group.rank
-    on_node = {}
-    for r, n in enumerate(node_list):
-        on_node.setdefault(n, []).append(r)
-    local = on_node[node_list[me]].index(me)
-    relay_of = []
-    for r in range(G):
-        peers = on_node[node_list[r]]
-        if local >= len(peers):
-            raise ValueError(f"dispatch: rank {me} has local index {local}, node {node_list[r]} only "
-                             f"{len(peers)} ranks: no relay there (use node_limited=False)")
-        relay_of.append(peers[local])
+    try:
+        relay_of = group.relays  # the plan's relay per destination rank
+    except ValueError as e:
+        raise ValueError(f"dispatch: {e} (use node_limited=False)") from None
     relay = torch.tensor(relay_of, dtype=torch.int64)[flat_dest]  # per slot
     key = relay * N + token                                        # one hop-1 row per distinct key
     keys, row_of_slot = torch.unique(key, sorted=True, return_inverse=True)

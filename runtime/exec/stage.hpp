@@ -118,10 +118,14 @@ public:
 
     // Per-step statistics the trainer sums over every rank by name (each copy of a stage reports what its own
     // microbatches produced), then hands back to every stage in end_step before the next step. The built-in
-    // model uses them for the expert counts that drive its router-bias update.
+    // model uses them for the expert counts that drive its router-bias update. One name has a meaning to the
+    // trainer: kAuxLossStatistic, one value, the auxiliary losses of the stage's microbatches summed; the step
+    // reports the world's sum per microbatch as its auxiliary loss.
     virtual std::map<std::string, std::vector<double>> take_statistics() { return {}; }
     virtual void end_step(const std::map<std::string, std::vector<double>>& summed) {}
 };
+
+inline constexpr const char* kAuxLossStatistic = "aux_loss";
 
 using StageFactory = std::function<std::unique_ptr<Stage>(const StageInfo&)>;
 

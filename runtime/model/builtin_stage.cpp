@@ -37,7 +37,7 @@ void BuiltinStage<T>::prepare(StageContext& ctx) {
     if (!ep || ep->group()->size() == 1) return;
     std::shared_ptr<Communicator> fwd_group = ep->group(ExpertService::Forward);
     std::shared_ptr<Communicator> bwd_group = ep->group(ExpertService::Backward);
-    hierarchical_ = o_.dispatch == "hierarchical" && fwd_group->topology().num_nodes() > 1;
+    hierarchical_ = choose_path(o_.dispatch == "hierarchical", fwd_group->topology()) == ExpertPath::NodeLimited;
     auto make = [&](std::shared_ptr<Communicator> group) -> std::shared_ptr<ExpertExchange<T>> {
         if (hierarchical_) return std::make_shared<HierarchicalExchange<T>>(group, cfg_.experts);
         return std::make_shared<DistributedExchange<T>>(group, cfg_.experts);
@@ -74,6 +74,10 @@ template <typename T>
 Tensor BuiltinStage<T>::forward(const Microbatch& mb, const TensorView& input) {
     Batch b = batch_from(mb.data, o_.sequences_per_microbatch, cfg_.seq_len);
     std::vector<T> out = model_->forward(mb.id, b, values_of<T>(input), mb.ctx);
+    {
+        std::lock_guard<std::mutex> lock(aux_mutex_);
+        aux_loss_ += model_->aux_loss(mb.id);
+    }
     if (out.empty()) return {};
     int64_t rows = int64_t(out.size()) / cfg_.hidden;
     return Tensor::from_vector(std::move(out), {rows, cfg_.hidden});
@@ -112,6 +116,11 @@ std::vector<StateBuffer> BuiltinStage<T>::state() {
 template <typename T>
 std::map<std::string, std::vector<double>> BuiltinStage<T>::take_statistics() {
     std::map<std::string, std::vector<double>> out;
+    {
+        std::lock_guard<std::mutex> lock(aux_mutex_);
+        out[kAuxLossStatistic] = {aux_loss_};
+        aux_loss_ = 0;
+    }
     auto counts = model_->take_expert_counts();
     int moe = 0;
     for (int l = model_->first_layer(); l < model_->first_layer() + model_->num_layers(); ++l)

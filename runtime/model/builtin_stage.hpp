@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include <functional>
@@ -63,6 +64,8 @@ private:
     ExpertDevices devices_;
     bool hierarchical_ = false;
     std::unique_ptr<ModelStage<T>> model_;
+    std::mutex aux_mutex_;
+    double aux_loss_ = 0;  // this step's microbatches' balance losses, summed (kAuxLossStatistic)
 };
 
 template <typename T>

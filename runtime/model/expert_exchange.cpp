@@ -215,7 +215,9 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
         out.sent_counts[p][e - placement_.first_expert(p)] = int64_t(by_expert[e].size());
         out.sent_slots[p].insert(out.sent_slots[p].end(), by_expert[e].begin(), by_expert[e].end());
     }
-    // Metadata travels as rows of two values: (slot, expert) encoded in T (exact for small integers).
+    // Metadata travels as rows of ExchangeWire::kFlatMeta values: (slot, expert) encoded in T (exact for small
+    // integers). The moves are parallel/expert_plan.hpp's exchange_traffic, in its order.
+    constexpr int kMeta = ExchangeWire::kFlatMeta;
     std::vector<std::vector<T>> meta(n), rows(n);
     for (int p = 0; p < n; ++p)
         for (int slot : out.sent_slots[p]) {
@@ -224,7 +226,7 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
             const T* row = x + size_t(slot / r.top_k) * dim;
             rows[p].insert(rows[p].end(), row, row + dim);
         }
-    auto meta_in = this->move(meta, 2);
+    auto meta_in = this->move(meta, kMeta);
     bool keep = out.keep_rows && rows_stay_on() != kRowsMove;
     out.resident.reset();
     std::vector<std::vector<T>> rows_in;
@@ -236,8 +238,8 @@ void DistributedExchange<T>::dispatch(const T* x, int dim, const Routing& r, Rou
     out.rows.assign(per_rank_, {});
     out.received.assign(n, {});
     for (int p = 0; p < n; ++p) {
-        for (size_t i = 0; i < meta_in[p].size() / 2; ++i) {
-            int slot = int(meta_in[p][2 * i]), e = int(meta_in[p][2 * i + 1]) - first_local_expert();
+        for (size_t i = 0; i < meta_in[p].size() / kMeta; ++i) {
+            int slot = int(meta_in[p][kMeta * i]), e = int(meta_in[p][kMeta * i + 1]) - first_local_expert();
             if (e < 0 || e >= per_rank_)
                 throw CommError(fmt::format("rank {}: received a token for expert {} it does not hold", group_->rank(),
                                             e + first_local_expert()));
@@ -357,14 +359,16 @@ HierarchicalExchange<T>::HierarchicalExchange(std::shared_ptr<Communicator> grou
 
 template <typename T>
 int HierarchicalExchange<T>::relay_for(int expert) const {
-    return this->placement_.relay(expert, group_->rank(), group_->topology());
+    return relay_rank(owner(expert), group_->rank(), group_->topology());
 }
 
 template <typename T>
 void HierarchicalExchange<T>::dispatch(const T* x, int dim, const Routing& r, RoutedTokens<T>& out) {
     int n = group_->size(), me = group_->rank(), K = r.top_k;
     const Topology& tp = group_->topology();
-    // Hop 1: one row per (token, target node) to the relay there, with (slot, expert, gate) per slot.
+    // Hop 1: one row per (token, target node) to the relay there, with (slot, expert, gate) per slot. The moves
+    // are parallel/expert_plan.hpp's exchange_traffic, in its order.
+    constexpr int kMeta = ExchangeWire::kToRelayMeta, kForward = ExchangeWire::kForwardMeta;
     out.sent_slots.assign(n, {});
     out.sent_tokens.assign(n, {});
     std::vector<std::vector<T>> meta(n), rows(n);
@@ -378,7 +382,7 @@ void HierarchicalExchange<T>::dispatch(const T* x, int dim, const Routing& r, Ro
                 rows[p].insert(rows[p].end(), x + size_t(t) * dim, x + size_t(t + 1) * dim);
             }
         }
-    auto meta_in = this->move(meta, 3);
+    auto meta_in = this->move(meta, kMeta);
     auto rows_in = this->move(rows, dim);
     // Hop 2 (inside the node): the relay forwards one row per slot to the expert's rank.
     out.forwarded.clear();
@@ -386,20 +390,20 @@ void HierarchicalExchange<T>::dispatch(const T* x, int dim, const Routing& r, Ro
     std::vector<std::vector<T>> fmeta(n), frows(n);
     for (int p = 0; p < n; ++p) {
         int row = -1, prev = -1;
-        for (size_t i = 0; i < meta_in[p].size() / 3; ++i) {
-            int slot = int(meta_in[p][3 * i]), e = int(meta_in[p][3 * i + 1]);
+        for (size_t i = 0; i < meta_in[p].size() / kMeta; ++i) {
+            int slot = int(meta_in[p][kMeta * i]), e = int(meta_in[p][kMeta * i + 1]);
             if (slot / K != prev) ++row, prev = slot / K;
             int q = owner(e);
             if (q < 0 || q >= n || !tp.same_node(q, me))
                 throw CommError(fmt::format("rank {}: relayed a token for expert {} outside its node", me, e));
-            out.forwarded.push_back({p, row, q, meta_in[p][3 * i + 2]});
+            out.forwarded.push_back({p, row, q, meta_in[p][kMeta * i + 2]});
             fmeta[q].push_back(T(e));
             frows[q].insert(frows[q].end(), rows_in[p].begin() + long(size_t(row) * dim),
                             rows_in[p].begin() + long(size_t(row + 1) * dim));
         }
         out.rows_from[p] = row + 1;
     }
-    auto emeta = this->move(fmeta, 1);
+    auto emeta = this->move(fmeta, kForward);
     auto erows = this->move(frows, dim);
     out.slots.assign(per_rank_, {});
     out.rows.assign(per_rank_, {});
@@ -483,7 +487,7 @@ void HierarchicalExchange<T>::combine_backward(RoutedTokens<T>& routed, const T*
         d_g[f.src].push_back(T(g));
     }
     auto got = this->move(d_out, dim);
-    auto gates = this->move(d_g, 1);
+    auto gates = this->move(d_g, ExchangeWire::kGateGradient);
     d_outputs.assign(per_rank_, {});
     for (int e = 0; e < per_rank_; ++e) d_outputs[e].resize(routed.slots[e].size() * size_t(dim));
     for (int q = 0; q < n; ++q)

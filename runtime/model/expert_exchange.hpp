@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "comm/communicator.hpp"
-#include "parallel/plan.hpp"
+#include "parallel/expert_plan.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {

@@ -9,7 +9,8 @@
 #include <fmt/format.h>
 
 #include "core/clock.hpp"
-#include "parallel/plan.hpp"
+#include "core/error.hpp"
+#include "parallel/expert_plan.hpp"
 #include "runtime/model/router.hpp"
 
 namespace duplex {
@@ -43,22 +44,38 @@ EmulatedStage::EmulatedStage(const EmulateOptions& o, const StageInfo& info, std
 void EmulatedStage::prepare(StageContext& ctx) {
     ExpertService* ep = ctx.experts();
     group_ = ep ? ep->group() : nullptr;
+    if (group_ && group_->size() > 1) sample_routings(*group_);
+}
+
+void EmulatedStage::sample_routings(const Communicator& group) {
     const ModelConfig& cfg = o_.model;
-    int first = info_.first_layer, n = info_.num_layers, tokens = int(cfg.tokens_per_microbatch(o_.sequences));
-    if (group_ && group_->size() > 1) {
-        Communicator& group = *group_;
-        int sample = std::min(tokens, kSampleTokens);
-        token_scale_ = double(tokens) / sample;
-        ExpertPlacement placement(cfg.experts, group.size());
-        for (int l = first; l < first + n; ++l) {
-            if (!cfg.is_moe_layer(l)) continue;
-            for (int i = 0; i < kRoutingSamples; ++i) {
+    const int tokens = int(cfg.tokens_per_microbatch(o_.sequences));
+    const int sample = o_.routing ? tokens : std::min(tokens, kSampleTokens);
+    const double scale = double(tokens) / sample;
+    path_ = choose_path(o_.hierarchical, group.topology());
+    ExpertPlacement placement(cfg.experts, group.size());
+    auto scaled = [&](int64_t& count) { count = int64_t(std::llround(double(count) * scale)); };
+    for (int l = info_.first_layer; l < info_.first_layer + info_.num_layers; ++l) {
+        if (!cfg.is_moe_layer(l)) continue;
+        for (int i = 0; i < (o_.routing ? 1 : kRoutingSamples); ++i) {
+            std::vector<int> experts;
+            if (o_.routing) {
+                experts = o_.routing(l, info_.rank);
+                DUPLEX_CHECK_ARG(int64_t(experts.size()) == int64_t(tokens) * cfg.top_k, "emulate routing",
+                                 "layer {}: {} slots for {} tokens x top-{}", l, experts.size(), tokens, cfg.top_k);
+            } else {
                 Rng rng(mix(mix(mix(o_.seed, uint64_t(l)), uint64_t(i)), uint64_t(info_.rank)));
                 std::vector<double> scores(size_t(sample) * cfg.experts);
                 for (double& v : scores) v = 1.0 / (1.0 + std::exp(-rng.normal()));
-                Routing r = route<double>(scores.data(), std::vector<double>(cfg.experts, 0.0), sample, cfg);
-                routed_[l].push_back(plan_dispatch(r.expert, sample, cfg.top_k, placement, group.topology(), group.rank()));
+                experts = route<double>(scores.data(), std::vector<double>(cfg.experts, 0.0), sample, cfg).expert;
             }
+            DispatchPlan d = plan_dispatch(path_, placement.ranks_of(experts), sample, cfg.top_k, group.topology(),
+                                           group.rank());
+            for (int64_t& c : d.slots_to) scaled(c);
+            for (int64_t& c : d.rows_to_relay) scaled(c);
+            for (auto& per_local : d.slots_via_relay)
+                for (int64_t& c : per_local) scaled(c);
+            routed_[l].push_back(std::move(d));
         }
     }
 }
@@ -121,100 +138,85 @@ std::vector<std::vector<int64_t>> EmulatedStage::round(const Microbatch& mb, uin
     return got;
 }
 
-// Unique per (microbatch, layer, exchange, hop) among the rounds in flight on the group (microbatch ids are unique
-// across DualPipe's directions; the two stages of a rank hold different layers).
-uint32_t EmulatedStage::tag_of(const Microbatch& mb, int layer, int exchange, int hop) const {
-    return uint32_t(((mb.id * o_.model.layers + layer) * 4 + exchange) * 2 + hop);
+// Unique per (microbatch, layer, exchange, round) among the rounds in flight on the group (microbatch ids are
+// unique across DualPipe's directions; the two stages of a rank hold different layers).
+uint32_t EmulatedStage::tag_of(const Microbatch& mb, int layer, Exchange exchange, int round) const {
+    return uint32_t(((mb.id * o_.model.layers + layer) * kExchanges + int(exchange)) * 4 + round);
 }
 
+std::vector<std::vector<int64_t>> EmulatedStage::hop_round(const Microbatch& mb, int layer, Exchange which,
+                                                           const std::vector<TrafficMove>& moves, int hop,
+                                                           int round_index,
+                                                           const std::vector<std::vector<int64_t>>& counts, int width) {
+    const int n = group_->size(), me = group_->rank();
+    const double elem = o_.elem_bytes, row = double(o_.model.hidden) * elem;
+    std::vector<double> nbytes = peer_bytes(moves, row, elem, me, hop);  // metadata travels in the rows' type
+    nbytes.resize(size_t(n), 0.0);
+    std::string name = fmt::format("{} L{} mb {}", exchange_name(which), layer, mb.id);
+    if (path_ == ExpertPath::NodeLimited) name += hop == 0 ? " (to nodes)" : " (in node)";
+    return round(mb, tag_of(mb, layer, which, round_index), nbytes, counts, width, name);
+}
+
+// The dispatch's rounds also carry what the next hop and the later exchanges need: the counts each peer's plan
+// sends here (Arrivals). With them, the moves of all four exchanges are known and kept until dispatch backward.
 void EmulatedStage::dispatch(const Microbatch& mb, int layer) {
-    const ModelConfig& cfg = o_.model;
-    Communicator& group = *group_;
-    const Topology& tp = group.topology();
-    const int n = group.size(), me = group.rank();
-    const int local = tp.local_size(tp.node(me));
-    const double row = double(cfg.hidden) * o_.elem_bytes, elem = o_.elem_bytes;
-    bool hierarchical = o_.hierarchical && tp.num_nodes() > 1;
+    const Topology& tp = group_->topology();
+    const int n = group_->size(), me = group_->rank();
     // One of this rank's sampled routings of the layer, scaled to the microbatch.
-    const DispatchPlan& d = routed_.at(layer)[size_t(mb.step + mb.global) % kRoutingSamples];
-    auto scaled = [&](int count) { return int64_t(std::llround(count * token_scale_)); };
-    EpPlan plan;
-    std::string name = fmt::format("dispatch L{} mb {}", layer, mb.id);
-    if (!hierarchical) {
-        plan.to_expert.resize(n);
-        std::vector<double> with_meta(n);
+    const std::vector<DispatchPlan>& samples = routed_.at(layer);
+    const DispatchPlan& d = samples[size_t(mb.step + mb.global) % samples.size()];
+    Arrivals got;
+    got.slots_from.assign(size_t(n), 0);
+    const std::vector<TrafficMove> first = exchange_traffic(d, got, tp, me).of(Exchange::Dispatch);
+    if (path_ == ExpertPath::Flat) {
+        std::vector<std::vector<int64_t>> counts(n);
+        for (int p = 0; p < n; ++p) counts[p] = {d.slots_to[size_t(p)]};
+        auto in = hop_round(mb, layer, Exchange::Dispatch, first, 0, 0, counts, 1);
+        for (int p = 0; p < n; ++p) got.slots_from[size_t(p)] = in[size_t(p)][0];
+    } else {
+        // Hop 1: the relays learn their rows and the slots they forward per rank of their node.
+        const int local = tp.local_size(tp.node(me));
         std::vector<std::vector<int64_t>> counts(n);
         for (int p = 0; p < n; ++p) {
-            int64_t slots = scaled(d.slots_to[p]);
-            plan.to_expert[p] = double(slots) * row;
-            with_meta[p] = double(slots) * (row + 2 * elem);
-            counts[p] = {slots};
+            counts[p] = {d.rows_to_relay[size_t(p)]};
+            counts[p].insert(counts[p].end(), d.slots_via_relay[size_t(p)].begin(), d.slots_via_relay[size_t(p)].end());
         }
-        auto got = round(mb, tag_of(mb, layer, 0, 0), with_meta, counts, 1, name);
-        plan.from_expert.resize(n);
-        for (int p = 0; p < n; ++p) plan.from_expert[p] = double(got[p][0]) * row;
-    } else {
-        // Hop 1: a row per (token, target node) to the relay, (slot, expert, gate) per slot, and the slots per rank
-        // of that node for the relay's forwarding.
-        std::vector<std::vector<int64_t>> counts(n, std::vector<int64_t>(local + 1, 0));
-        plan.to_relay.resize(n), plan.gates.resize(n);
-        std::vector<double> first(n);
+        auto in = hop_round(mb, layer, Exchange::Dispatch, first, 0, 0, counts, local + 1);
+        got.rows_from.assign(size_t(n), 0);
+        got.slots_via_me.assign(size_t(n), {});
         for (int p = 0; p < n; ++p) {
-            counts[p][0] = scaled(d.rows_to_relay[p]);
-            int64_t slots = 0;
-            for (int q = 0; q < local; ++q) slots += counts[p][1 + q] = scaled(d.slots_via_relay[p][q]);
-            plan.to_relay[p] = double(counts[p][0]) * row;
-            first[p] = plan.to_relay[p] + double(slots) * 3 * elem;
+            got.rows_from[size_t(p)] = in[size_t(p)][0];
+            got.slots_via_me[size_t(p)].assign(in[size_t(p)].begin() + 1, in[size_t(p)].end());
         }
-        auto from_src = round(mb, tag_of(mb, layer, 0, 0), first, counts, local + 1, name + " (to nodes)");
-        // Hop 2 (inside the node): one row per slot to the expert's rank; the relay returns the gate gradients.
-        plan.to_expert.assign(n, 0);
-        plan.from_relay.assign(n, 0);
-        std::vector<std::vector<int64_t>> fwd(n, std::vector<int64_t>(1, 0));
-        for (int src = 0; src < n; ++src) {
-            plan.from_relay[src] = double(from_src[src][0]) * row;
-            int64_t slots = 0;
-            for (int q = 0; q < local; ++q) {
-                int dest = tp.ranks_on_node(tp.node(me))[q];
-                fwd[dest][0] += from_src[src][1 + q];
-                slots += from_src[src][1 + q];
-            }
-            plan.gates[src] = double(slots) * elem;
-        }
-        for (int q = 0; q < n; ++q) plan.to_expert[q] = double(fwd[q][0]) * row;
-        auto got = round(mb, tag_of(mb, layer, 0, 1), plan.to_expert, fwd, 1, name + " (in node)");
-        plan.from_expert.resize(n);
-        for (int p = 0; p < n; ++p) plan.from_expert[p] = double(got[p][0]) * row;
+        // Hop 2: the expert ranks learn what each relay of their node forwards.
+        const std::vector<TrafficMove> second = exchange_traffic(d, got, tp, me).of(Exchange::Dispatch);
+        std::vector<std::vector<int64_t>> forward(n);
+        for (int q = 0; q < n; ++q) forward[q] = {second.back().rows[size_t(q)]};
+        auto in2 = hop_round(mb, layer, Exchange::Dispatch, second, 1, 1, forward, 1);
+        got.forwarded_from.assign(size_t(n), 0);
+        for (int r = 0; r < n; ++r) got.forwarded_from[size_t(r)] = in2[size_t(r)][0];
     }
     std::lock_guard<std::mutex> lock(mutex_);
-    plans_[{mb.id, layer}] = std::move(plan);
+    plans_[{mb.id, layer}] = exchange_traffic(d, got, tp, me);
 }
 
-// exchange 1: combine; 2: combine backward; 3: dispatch backward (which drops the plan).
-void EmulatedStage::exchange(const Microbatch& mb, int layer, int which) {
-    EpPlan plan;
+// Combine, combine backward, dispatch backward (which drops the plan): a round per run of moves of one hop.
+void EmulatedStage::exchange(const Microbatch& mb, int layer, Exchange which) {
+    ExchangeTraffic x;
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        plan = plans_.at({mb.id, layer});
+        x = plans_.at({mb.id, layer});
     }
-    const Topology& tp = group_->topology();
-    bool hierarchical = o_.hierarchical && tp.num_nodes() > 1;
-    const char* what[] = {"", "combine", "combine-bwd", "dispatch-bwd"};
-    std::string name = fmt::format("{} L{} mb {}", what[which], layer, mb.id);
-    if (!hierarchical) {
-        // Combine and dispatch backward go expert -> token, combine backward token -> expert.
-        round(mb, tag_of(mb, layer, which, 0), which == 2 ? plan.to_expert : plan.from_expert, {}, 0, name);
-    } else if (which == 2) {
-        round(mb, tag_of(mb, layer, which, 0), plan.to_relay, {}, 0, name + " (to nodes)");
-        round(mb, tag_of(mb, layer, which, 1), plan.to_expert, {}, 0, name + " (in node)");
-    } else {
-        round(mb, tag_of(mb, layer, which, 0), plan.from_expert, {}, 0, name + " (in node)");
-        std::vector<double> back = plan.from_relay;
-        if (which == 3)
-            for (size_t p = 0; p < back.size(); ++p) back[p] += plan.gates[p];
-        round(mb, tag_of(mb, layer, which, 1), back, {}, 0, name + " (to nodes)");
+    const std::vector<TrafficMove>& moves = x.of(which);
+    int round_index = 0;
+    for (size_t i = 0; i < moves.size();) {
+        size_t j = i;
+        while (j < moves.size() && moves[j].hop == moves[i].hop) ++j;
+        std::vector<TrafficMove> run(moves.begin() + long(i), moves.begin() + long(j));
+        hop_round(mb, layer, which, run, moves[i].hop, round_index++, {}, 0);
+        i = j;
     }
-    if (which == 3) {
+    if (which == Exchange::DispatchBackward) {
         std::lock_guard<std::mutex> lock(mutex_);
         plans_.erase({mb.id, layer});
     }
@@ -234,7 +236,7 @@ Tensor EmulatedStage::forward(const Microbatch& mb, const TensorView&) {
             compute(f * l.attn, mb);
             dispatch(mb, l.layer);
             compute(f * l.ffn, mb);
-            exchange(mb, l.layer, 1);
+            exchange(mb, l.layer, Exchange::Combine);
         }
     }
     if (info_.stage == info_.num_stages - 1) return {};
@@ -259,9 +261,9 @@ Tensor EmulatedStage::backward_input(const Microbatch& mb, const TensorView&) {
                 compute(b * (it->attn + it->ffn), mb);
                 continue;
             }
-            exchange(mb, it->layer, 2);
+            exchange(mb, it->layer, Exchange::CombineBackward);
             compute(b * it->ffn, mb);
-            exchange(mb, it->layer, 3);
+            exchange(mb, it->layer, Exchange::DispatchBackward);
             compute(b * it->attn, mb);
         }
     }

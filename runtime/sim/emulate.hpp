@@ -2,19 +2,21 @@
 // timed wait from the cost model (or given costs) and expert exchanges that carry sizes without payloads.
 //
 // The stage's activations are meta tensors (dtype and shape, no storage); the executor's TimedPipeTransport
-// delays each by its link's latency + bytes / bandwidth. Expert exchanges (EP > 1) send every EP peer a small
-// header with the time the rank's link would have delivered its real byte count (the rank's total on that link
-// class over the link's bandwidth) plus the counts the next hop needs; the receiver waits for the latest.
-// Byte counts come from a real routing (node-limited top-K on synthetic affinities) through the expert-parallel
-// plan (parallel/plan.hpp), for the flat path (one copy per expert) or the node-limited one (a row per target
-// node, then forwarded per slot). Routing every token of every microbatch would cost more CPU than the
-// emulated compute it stands beside (DeepSeek-V3: 16K tokens x 256 experts per layer and microbatch), so each
-// stage routes kRoutingSamples samples of up to kSampleTokens tokens per MoE layer once, at construction, and a
-// microbatch uses one of them with its counts scaled to its token count. Exchanges wait through the executor, so in an F&B pair
-// the other half computes meanwhile (the executor runs emulate with one compute stream per rank).
+// delays each by its link's latency + bytes / bandwidth. An expert exchange runs the moves the host exchange
+// would (parallel/expert_plan.hpp, exchange_traffic), one round per hop: every EP peer gets a small header
+// with the time the rank's link would have delivered its real byte count (the rank's total on that link class
+// over the link's bandwidth) plus the counts the next hop needs; the receiver waits for the latest. The bytes
+// charged are the plan's, count messages included — what the communicator counts in math mode for the same
+// routing (tests/runtime/exchange_traffic_test.cpp). Routings are real (node-limited top-K on synthetic
+// affinities). Routing every token of every microbatch would cost more CPU than the emulated compute it stands
+// beside (DeepSeek-V3: 16K tokens x 256 experts per layer and microbatch), so each stage routes
+// kRoutingSamples samples of up to kSampleTokens tokens per MoE layer once, in prepare(), and a microbatch
+// uses one of them with its counts scaled to its token count. Exchanges wait through the executor, so in an
+// F&B pair the other half computes meanwhile (the executor runs emulate with one compute stream per rank).
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -23,7 +25,7 @@
 #include <tuple>
 #include <vector>
 
-#include "parallel/plan.hpp"
+#include "parallel/expert_plan.hpp"
 #include "runtime/sim/cost_model.hpp"
 #include "runtime/exec/stage.hpp"
 
@@ -38,6 +40,9 @@ struct EmulateOptions {
     CostModel cost_model = CostModel::preset("h800");
     bool hierarchical = true;  // EP groups spanning nodes take the node-limited path
     uint64_t seed = 1;
+    // The experts of each slot of a microbatch on `rank` in MoE layer `layer` (a fixed routing, for tests that
+    // compare emulate's bytes with math mode's); unset: sampled routings.
+    std::function<std::vector<int>(int layer, int rank)> routing;
 };
 
 // Nominal expert-exchange bytes sent by the emulated stages of a rank (payloads are elided).
@@ -66,9 +71,6 @@ public:
         bool moe;
         double attn, ffn;  // fractions of the chunk's compute
     };
-    struct EpPlan {  // nominal bytes per EP peer of the four hops
-        std::vector<double> to_relay, to_expert, from_expert, from_relay, gates;
-    };
     static constexpr int kRoutingSamples = 4, kSampleTokens = 512;
 
 private:
@@ -76,9 +78,14 @@ private:
     std::vector<std::vector<int64_t>> round(const Microbatch& mb, uint32_t tag, const std::vector<double>& nbytes,
                                             const std::vector<std::vector<int64_t>>& counts, int width,
                                             const std::string& name);
-    uint32_t tag_of(const Microbatch& mb, int layer, int exchange, int hop) const;
+    uint32_t tag_of(const Microbatch& mb, int layer, Exchange exchange, int round) const;
+    // Runs the hop-`hop` moves of `moves` as one round (a round per hop of the exchange when hop < 0).
+    std::vector<std::vector<int64_t>> hop_round(const Microbatch& mb, int layer, Exchange which,
+                                                const std::vector<TrafficMove>& moves, int hop, int round_index,
+                                                const std::vector<std::vector<int64_t>>& counts, int width);
     void dispatch(const Microbatch& mb, int layer);
-    void exchange(const Microbatch& mb, int layer, int which);
+    void exchange(const Microbatch& mb, int layer, Exchange which);
+    void sample_routings(const Communicator& group);
 
     EmulateOptions o_;
     StageInfo info_;
@@ -88,10 +95,11 @@ private:
     std::vector<LayerShare> shares_;
     std::shared_ptr<EmulatedBytes> bytes_;
     std::mutex mutex_;
-    std::map<std::pair<int, int>, EpPlan> plans_;  // by (microbatch, layer)
+    std::map<std::pair<int, int>, ExchangeTraffic> plans_;  // by (microbatch, layer): the moves of its exchanges
     std::set<int> fused_;                           // microbatches whose W ran inside their backward
-    std::map<int, std::vector<DispatchPlan>> routed_;  // by MoE layer: the sampled routings' dispatch plans
-    double token_scale_ = 1;                            // tokens per microbatch / tokens per sample
+    // By MoE layer: the sampled routings' dispatch plans, counts scaled to a microbatch's tokens.
+    std::map<int, std::vector<DispatchPlan>> routed_;
+    ExpertPath path_ = ExpertPath::Flat;
 };
 
 }  // namespace duplex

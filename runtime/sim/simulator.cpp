@@ -10,8 +10,9 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "parallel/expert_plan.hpp"
 #include "parallel/plan.hpp"
-#include "runtime/model/router.hpp"
+#include "runtime/sim/expert_traffic.hpp"
 
 namespace duplex {
 
@@ -59,34 +60,6 @@ ClusterConfig ClusterConfig::preset(const std::string& name) {
 }
 
 namespace {
-
-// What the routing of the model does to the expert exchange, per token: averages over a sampled batch.
-struct RoutingStats {
-    double nodes = 0;  // distinct nodes of the EP group a token's experts sit on
-};
-
-RoutingStats sample_routing(const ModelConfig& cfg, int ep, int gpn) {
-    // Cached: a sweep asks for the same (model, EP, GPUs per node) many times.
-    static std::mutex m;
-    static std::map<std::tuple<std::string, int, int, int, int>, RoutingStats> cache;
-    auto key = std::make_tuple(cfg.name, cfg.experts, cfg.top_k, ep, gpn);
-    {
-        std::lock_guard<std::mutex> lock(m);
-        if (auto it = cache.find(key); it != cache.end()) return it->second;
-    }
-    const int tokens = 1024, node_size = std::min(gpn, ep);
-    Rng rng(0x5157ull);
-    std::vector<double> scores(size_t(tokens) * cfg.experts);
-    for (double& s : scores) s = 1.0 / (1.0 + std::exp(-rng.normal()));
-    Routing r = route<double>(scores.data(), std::vector<double>(cfg.experts, 0.0), tokens, cfg);
-    RoutingStats st;
-    st.nodes = double(node_crossings(r.expert, tokens, cfg.top_k, ExpertPlacement(cfg.experts, ep),
-                                     Topology::virtual_nodes(ep, ep / node_size))) /
-               tokens;
-    std::lock_guard<std::mutex> lock(m);
-    cache[key] = st;
-    return st;
-}
 
 // Activation bytes one token leaves alive in one layer between its forward and its backward.
 double layer_activation_bytes(const ModelConfig& c, int layer, const SimOptions& o) {
@@ -220,9 +193,10 @@ std::vector<int> balanced_partition(const CostModel& cm, const ModelConfig& cfg,
 
 }  // namespace
 
-SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOptions& o) {
-    cfg.validate();
-    SimResult r;
+namespace {
+
+// The layout's sizes (DP, expert-DP, microbatches, pipeline ranks), or a ConfigError naming what cannot run.
+void check_layout(const ModelConfig& cfg, const ClusterConfig& cl, const SimOptions& o, SimResult& r) {
     r.gpus = cl.gpus;
     r.pp = o.pp;
     r.ep = o.ep;
@@ -255,74 +229,81 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
                      o.pp);
     DUPLEX_CHECK_ARG(o.dispatch == "hierarchical" || o.dispatch == "flat", "--dispatch",
                      "'{}' is not a dispatch path (hierarchical, flat)", o.dispatch);
+    DUPLEX_CHECK_ARG(o.partition == "balanced" || o.partition == "uniform", "--partition",
+                     "'{}' is not a layer partition (balanced, uniform)", o.partition);
+}
 
+// What the pieces of one simulation share: the checked options, the device, its cost model, the sizes.
+struct Run {
+    const ModelConfig& cfg;
+    const ClusterConfig& cl;
+    const SimOptions& o;
+    DevicePreset dev;
+    CostModel cm;
+    int S, T, gpn;
+    SimResult& r;
+    int first_layer(int s) const { return r.stage_first_layer[size_t(s)]; }
+    int num_layers(int s) const { return r.stage_first_layer[size_t(s) + 1] - r.stage_first_layer[size_t(s)]; }
+    int node_of(int pipeline_rank) const { return (pipeline_rank * r.dp) / gpn; }  // stage-major rank grid
+    double act_bytes() const { return double(T) * cfg.hidden * o.elem_bytes; }
+    double dispatch_elem() const { return o.fp8 ? 1.0 + 4.0 / 128 : o.elem_bytes; }  // FP8 rows with their scales
+};
+
+DevicePreset device_of(const ClusterConfig& cl, const SimOptions& o) {
     DevicePreset dev = cl.device;
     if (o.comm_sms >= 0) {
         DUPLEX_CHECK_ARG(o.comm_sms < dev.sms, "--comm-sms", "{} of {} SMs leaves none for compute", o.comm_sms, dev.sms);
         dev.comm_sms = o.comm_sms;
     }
-    CostModel cm(dev);
-    const int S = o.pp, T = int(cfg.tokens_per_microbatch(o.mb_sequences));
-    DUPLEX_CHECK_ARG(o.partition == "balanced" || o.partition == "uniform", "--partition",
-                     "'{}' is not a layer partition (balanced, uniform)", o.partition);
-    r.schedule = sched::generate(o.schedule, o.pp, r.microbatches);
-    r.stage_first_layer = o.partition == "uniform" ? uniform_partition(cfg.layers, S)
-                                                   : balanced_partition(cm, cfg, r.schedule, T, {o.fp8, o.recompute});
-    auto first_layer = [&](int s) { return r.stage_first_layer[s]; };
-    auto num_layers = [&](int s) { return r.stage_first_layer[s + 1] - r.stage_first_layer[s]; };
+    return dev;
+}
 
-    // ---- per-stage compute and expert exchanges ----
-    r.stage_costs.resize(S);
-    r.stage_ep_forward_s.assign(S, 0);
-    r.stage_ep_backward_s.assign(S, 0);
-    for (int s = 0; s < S; ++s)
-        r.stage_costs[s] = cm.chunk(cfg, first_layer(s), num_layers(s), T, {o.fp8, o.recompute}, s == S - 1);
-    const int node_size = std::min(gpn, o.ep), group_nodes = std::max(1, o.ep / gpn);
-    const double h = cfg.hidden, K = cfg.top_k, e = o.elem_bytes, e_dispatch = o.fp8 ? 1.0 + 4.0 / 128 : e;
-    if (o.ep > 1 && !o.free_communication) {
-        RoutingStats st = sample_routing(cfg, o.ep, gpn);
-        // The token's own node is any of the group's nodes: the others it reaches cross the inter-node link.
-        double remote = double(group_nodes - 1) / group_nodes;
-        double remote_nodes = st.nodes * remote, remote_slots = K * remote;
-        r.ep_remote_nodes_per_token = remote_nodes;
-        bool hier = o.dispatch == "hierarchical" && group_nodes > 1;
-        double other_rank = 1.0 - 1.0 / node_size;  // a slot's expert is not on the rank it arrives at
-        auto exchange = [&](double elem, bool with_meta) {
-            double inter, intra;
-            if (hier) {
-                inter = T * (remote_nodes * h * elem + (with_meta ? remote_slots * 3 * e : 0));
-                intra = T * K * other_rank * h * elem;
-                double a = group_nodes > 1 ? cm.ep_transfer_s(inter, LinkClass::InterNode) : 0;
-                double b = node_size > 1 ? cm.ep_transfer_s(intra, LinkClass::IntraNode) : 0;
-                // Pipelined hops forward a token inside its node while the next ones still cross nodes (DeepEP);
-                // the CPU executor runs the two hops one after the other.
-                return std::make_pair(o.pipelined_hops ? std::max(a, b) : a + b, inter);
-            }
-            double meta = with_meta ? 2 * e : 0;
-            inter = T * remote_slots * (h * elem + meta);
-            intra = T * (K / group_nodes) * other_rank * (h * elem + meta);
-            double t = 0;
-            if (group_nodes > 1) t = std::max(t, cm.ep_transfer_s(inter, LinkClass::InterNode));
-            if (node_size > 1) t = std::max(t, cm.ep_transfer_s(intra, LinkClass::IntraNode));
-            return std::make_pair(t, inter);
-        };
-        auto [dispatch_s, dispatch_inter] = exchange(e_dispatch, true);
-        // Combine and both backward exchanges move BF16 rows without metadata, the same bytes each way.
-        double combine_s = exchange(e, false).first;
-        r.ep_inter_bytes_per_token = dispatch_inter / T;
-        for (int s = 0; s < S; ++s) {
-            int moe = 0;
-            for (int l = first_layer(s); l < first_layer(s) + num_layers(s); ++l) moe += cfg.is_moe_layer(l);
-            r.stage_ep_forward_s[s] = moe * (dispatch_s + combine_s);
-            r.stage_ep_backward_s[s] = moe * 2 * combine_s;  // combine's gradient out, dispatch's gradient back
-        }
+// Per stage: the expert exchanges of a forward and of a backward chunk. Each exchange moves the group's mean
+// traffic of a sampled routing (runtime/sim/expert_traffic.hpp); the node-limited path's two hops take the sum
+// of the links' times, or the larger with pipelined hops (a relay forwards inside its node while later rows
+// still cross, as DeepEP does); the flat path's links run side by side.
+void expert_costs(const Run& x) {
+    const ModelConfig& cfg = x.cfg;
+    const SimOptions& o = x.o;
+    SimResult& r = x.r;
+    r.stage_ep_forward_s.assign(size_t(x.S), 0);
+    r.stage_ep_backward_s.assign(size_t(x.S), 0);
+    if (o.ep <= 1 || o.free_communication) return;
+    const int node_size = std::min(x.gpn, o.ep), group_nodes = std::max(1, o.ep / x.gpn);
+    const ExpertPath path = choose_path(o.dispatch == "hierarchical", Topology::virtual_nodes(o.ep, group_nodes));
+    int sample = 0;
+    GroupTraffic traffic = sampled_group_traffic(cfg, o.ep, x.gpn, path, &sample);
+    auto charge = [&](Exchange e, double row_elem) {
+        TrafficVolume v = scale_tokens(traffic[size_t(e)], sample, x.T);
+        TrafficBytes b = v.bytes(double(cfg.hidden) * row_elem, o.elem_bytes);
+        double inter = group_nodes > 1 ? x.cm.ep_transfer_s(b.inter, LinkClass::InterNode) : 0;
+        double intra = node_size > 1 ? x.cm.ep_transfer_s(b.intra, LinkClass::IntraNode) : 0;
+        bool serial = path == ExpertPath::NodeLimited && !o.pipelined_hops;  // the CPU executor's two hops
+        return std::make_pair(serial ? inter + intra : std::max(inter, intra), b.inter);
+    };
+    auto [dispatch_s, dispatch_inter] = charge(Exchange::Dispatch, x.dispatch_elem());
+    double forward_s = dispatch_s + charge(Exchange::Combine, o.elem_bytes).first;
+    double backward_s = charge(Exchange::CombineBackward, o.elem_bytes).first +
+                        charge(Exchange::DispatchBackward, o.elem_bytes).first;
+    r.ep_inter_bytes_per_token = dispatch_inter / x.T;
+    if (group_nodes > 1) {  // the other nodes a token reaches: the node-limited path's inter-node rows
+        GroupTraffic limited = sampled_group_traffic(cfg, o.ep, x.gpn, ExpertPath::NodeLimited, &sample);
+        r.ep_remote_nodes_per_token = limited[size_t(Exchange::Dispatch)].rows[1] / sample;
     }
+    for (int s = 0; s < x.S; ++s) {
+        int moe = 0;
+        for (int l = x.first_layer(s); l < x.first_layer(s) + x.num_layers(s); ++l) moe += cfg.is_moe_layer(l);
+        r.stage_ep_forward_s[size_t(s)] = moe * forward_s;
+        r.stage_ep_backward_s[size_t(s)] = moe * backward_s;
+    }
+}
 
-    // ---- the replay ----
+// The schedule replayed with the stage costs and the links' transfer times; the exposed P2P and expert
+// communication and the bubble.
+void replay_pipeline(const Run& x) {
+    SimResult& r = x.r;
     const sched::Schedule& sc = r.schedule;
-    auto node_of = [&](int pipeline_rank) { return (pipeline_rank * r.dp) / gpn; };  // stage-major rank grid
-    const double act_bytes = double(T) * h * e;
-    r.p2p_s = o.free_communication ? 0 : cm.transfer_s(act_bytes, LinkClass::InterNode);
+    r.p2p_s = x.o.free_communication ? 0 : x.cm.transfer_s(x.act_bytes(), LinkClass::InterNode);
     auto compute_of = [&](const Instr& in) {
         switch (in.op) {
             case Op::F: return r.stage_costs[in.f.stage].f;
@@ -348,8 +329,8 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
         return in.op == Op::FB ? std::max(compute_of(in), comm_of(in)) : compute_of(in) + comm_of(in);
     };
     timing.transfer = [&](int from, int to) {
-        if (o.free_communication) return 0.0;
-        return cm.transfer_s(act_bytes, node_of(from) == node_of(to) ? LinkClass::IntraNode : LinkClass::InterNode);
+        if (x.o.free_communication) return 0.0;
+        return x.cm.transfer_s(x.act_bytes(), x.node_of(from) == x.node_of(to) ? LinkClass::IntraNode : LinkClass::InterNode);
     };
     r.replay = sched::replay(sc, timing);
     r.pipeline_s = r.replay.makespan;
@@ -368,8 +349,18 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
     }
     r.exposed_comm_s["expert"] = ep_exposed;
     r.bubble_fraction = idle / sc.num_ranks;
+}
 
-    // ---- step end (gradient sums and ZeRO-1) and memory, per pipeline rank ----
+// The step end (DualPipe's pair sum of the two copies' gradients, ZeRO-1's reduce-scatter and all-gather) and
+// the memory of the busiest pipeline rank.
+void step_end_and_memory(const Run& x) {
+    const ModelConfig& cfg = x.cfg;
+    const SimOptions& o = x.o;
+    const CostModel& cm = x.cm;
+    SimResult& r = x.r;
+    const sched::Schedule& sc = r.schedule;
+    const int S = x.S, T = x.T, gpn = x.gpn;
+    const double K = cfg.top_k, h = cfg.hidden, e = o.elem_bytes, act_bytes = x.act_bytes();
     double sync = 0;
     std::map<std::string, double> worst_mem;
     double worst_total = -1;
@@ -380,17 +371,17 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
                 if (sc.rank_of(s, dir) == pr) held.push_back(s);  // DualPipe: each stage twice (two copies)
         double pd = 0, pe = 0, act = 0;
         for (int s : held) {
-            pd += dense_params(cfg, first_layer(s), num_layers(s), s == 0, s == S - 1);
-            pe += expert_params(cfg, first_layer(s), num_layers(s), s == S - 1, o.ep);
+            pd += dense_params(cfg, x.first_layer(s), x.num_layers(s), s == 0, s == S - 1);
+            pe += expert_params(cfg, x.first_layer(s), x.num_layers(s), s == S - 1, o.ep);
             double per_token = 0;
-            for (int l = first_layer(s); l < first_layer(s) + num_layers(s); ++l) per_token += layer_activation_bytes(cfg, l, o);
+            for (int l = x.first_layer(s); l < x.first_layer(s) + x.num_layers(s); ++l) per_token += layer_activation_bytes(cfg, l, o);
             act = std::max(act, per_token * T);
         }
         LinkClass dp_link = r.dp > gpn ? LinkClass::InterNode : LinkClass::IntraNode;
         double t = 0;
         if (!o.free_communication) {
             if (o.schedule == ScheduleKind::DualPipe)  // the two copies' gradients (fp32) summed with the partner rank
-                t += cm.transfer_s((pd + pe) * 4 / 2, node_of(pr) == node_of(S - 1 - pr) ? LinkClass::IntraNode
+                t += cm.transfer_s((pd + pe) * 4 / 2, x.node_of(pr) == x.node_of(S - 1 - pr) ? LinkClass::IntraNode
                                                                                       : LinkClass::InterNode) * 2;
             t += ring_s(cm, pd * 4, r.dp, dp_link) + ring_s(cm, pd * 2, r.dp, dp_link);  // RS fp32 grads, AG bf16
             t += ring_s(cm, pe * 4, r.edp, dp_link) + ring_s(cm, pe * 2, r.edp, dp_link);
@@ -402,28 +393,53 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
         mem["optimizer"] = 8 * (pd / r.dp + pe / r.edp);           // FP32 master + two BF16 moments, sharded
         mem["activations"] = r.replay.peak_activations[pr] * act;  // live chunks at the schedule's peak
         // Expert-exchange buffers for the two chunks of an F&B pair (dispatch in, combine out) and P2P buffers.
-        mem["communication_buffers"] = o.ep > 1 ? 2.0 * T * K * h * (e_dispatch + e) + 4 * act_bytes : 4 * act_bytes;
+        mem["communication_buffers"] = o.ep > 1 ? 2.0 * T * K * h * (x.dispatch_elem() + e) + 4 * act_bytes : 4 * act_bytes;
         double total = 0;
         for (auto& [k, v] : mem) total += v;
         if (total > worst_total) worst_total = total, worst_mem = mem;
     }
     r.memory_per_gpu_bytes = worst_mem;
     r.memory_total_bytes = worst_total;
-    r.memory_capacity_bytes = dev.memory_bytes;
-    r.fits = dev.memory_bytes <= 0 || worst_total <= dev.memory_bytes;
+    r.memory_capacity_bytes = x.dev.memory_bytes;
+    r.fits = x.dev.memory_bytes <= 0 || worst_total <= x.dev.memory_bytes;
     r.exposed_comm_s["data_parallel"] = sync;
     r.step_time_s = r.pipeline_s + sync;
+}
 
-    // ---- throughput ----
+void throughput(const Run& x) {
+    SimResult& r = x.r;
     double flops_token = 0;
-    for (int l = 0; l < cfg.layers; ++l) flops_token += CostModel::layer_flops(cfg, l, 1).total();
-    flops_token += CostModel::head_flops(cfg, 1).total();
+    for (int l = 0; l < x.cfg.layers; ++l) flops_token += CostModel::layer_flops(x.cfg, l, 1).total();
+    flops_token += CostModel::head_flops(x.cfg, 1).total();
     r.model_flops_per_token = 3 * flops_token;  // forward + input-gradient + weight-gradient; recompute not counted
-    double tokens_step = double(r.dp) * r.microbatches * T;
-    r.tokens_per_s_per_gpu = tokens_step / std::max(r.step_time_s, 1e-30) / cl.gpus;
+    double tokens_step = double(r.dp) * r.microbatches * x.T;
+    r.tokens_per_s_per_gpu = tokens_step / std::max(r.step_time_s, 1e-30) / x.cl.gpus;
     r.achieved_flops_s = r.tokens_per_s_per_gpu * r.model_flops_per_token;
-    r.mfu = r.achieved_flops_s / dev.bf16_flops;
+    r.mfu = r.achieved_flops_s / x.dev.bf16_flops;
     r.gpu_hours_per_trillion_tokens = 1e12 / std::max(r.tokens_per_s_per_gpu, 1e-30) / 3600;
+}
+
+}  // namespace
+
+SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOptions& o) {
+    cfg.validate();
+    SimResult r;
+    check_layout(cfg, cl, o, r);
+    DevicePreset dev = device_of(cl, o);
+    Run x{cfg, cl, o, dev, CostModel(dev), o.pp, int(cfg.tokens_per_microbatch(o.mb_sequences)),
+          cl.device.gpus_per_node, r};
+    r.schedule = sched::generate(o.schedule, o.pp, r.microbatches);
+    r.stage_first_layer = o.partition == "uniform"
+                              ? uniform_partition(cfg.layers, x.S)
+                              : balanced_partition(x.cm, cfg, r.schedule, x.T, {o.fp8, o.recompute});
+    r.stage_costs.resize(size_t(x.S));
+    for (int s = 0; s < x.S; ++s)
+        r.stage_costs[size_t(s)] =
+            x.cm.chunk(cfg, x.first_layer(s), x.num_layers(s), x.T, {o.fp8, o.recompute}, s == x.S - 1);
+    expert_costs(x);
+    replay_pipeline(x);
+    step_end_and_memory(x);
+    throughput(x);
     return r;
 }
 

@@ -28,6 +28,7 @@ using sched::ScheduleKind;
 
 template <typename T>
 struct PipelineTrainer<T>::Impl {
+    using Value = T;
     PipelineOptions p;
     TrainOptions o;
     RunPlan plan;
@@ -53,6 +54,7 @@ struct PipelineTrainer<T>::Impl {
     std::vector<bool> ema_expert;                                // ... and whether each is a routed expert's
     std::shared_ptr<EmulatedBytes> emulated_bytes = std::make_shared<EmulatedBytes>();
     std::vector<std::pair<std::string, size_t>> stat_layout;  // the world's statistics, by name
+    std::map<std::string, std::vector<double>> summed_statistics;  // the last step's
     int64_t tokens_per_microbatch = 0;                        // built-in model: for tokens/s (custom stages: 0)
     bool hierarchical = false;
     int step_ = 0;

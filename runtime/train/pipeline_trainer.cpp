@@ -36,6 +36,190 @@ void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& 
                          "(--layers sets more)", cfg.name, cfg.layers, p.pp);
 }
 
+namespace {
+
+// The built-in model's stages, or emulate mode's with the cost model's times.
+template <typename T>
+StageFactory default_factory(const PipelineOptions& p, const TrainOptions& o, std::shared_ptr<EmulatedBytes> bytes) {
+    if (!p.emulate) return builtin_stage_factory<T>(builtin_stage_options(o, p.dispatch));
+    EmulateOptions eo;
+    eo.model = o.model_config();
+    eo.sequences = o.sequences_per_microbatch;
+    eo.elem_bytes = sizeof(T);
+    eo.recompute = o.recompute;
+    eo.costs = p.emulate_costs;
+    eo.cost_model = p.cost_model;
+    eo.hierarchical = p.dispatch == "hierarchical";
+    eo.seed = o.seed;
+    return [eo, bytes](const StageInfo& info) { return std::make_unique<EmulatedStage>(eo, info, bytes); };
+}
+
+// The stages this pipeline rank runs, from the schedule's placement.
+template <typename Impl>
+void make_stages(Impl& I, const StageFactory& factory, int layers, int pp) {
+    for (int dir = 0; dir < I.schedule.num_directions; ++dir)
+        for (int s = 0; s < pp; ++s)
+            if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s)) {
+                StageInfo info;
+                info.stage = s;
+                info.num_stages = pp;
+                if (layers > 0) {
+                    LayerRange lr = I.plan.layers_of_stage(s, layers);
+                    info.first_layer = lr.first, info.num_layers = lr.count;
+                }
+                info.loss_scale = 1.0 / (double(I.o.microbatches) * I.p.dp);
+                info.rank = I.world->rank();
+                info.dtype = dtype_of<typename Impl::Value>();
+                info.ep_rank = I.grid.ep_index, info.ep_size = I.p.ep;
+                I.stages[s] = factory(info);
+                if (!I.stages[s]) throw StageError(fmt::format("the stage factory returned nothing for stage {}", s));
+                // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
+                I.owner[s] = I.p.schedule != ScheduleKind::DualPipe || I.schedule.rank_of(s, 0) == I.prank;
+            }
+}
+
+// ZeRO-1 AdamW per stage: one over the dense parameters (DP group), one over the routed experts' (expert-DP).
+template <typename Impl>
+void make_optimizers(Impl& I) {
+    using T = typename Impl::Value;
+    if (I.p.optimizer == "none") return;
+    kernels::AdamWConfig ac;
+    ac.lr = I.o.lr;
+    ac.weight_decay = I.o.weight_decay;
+    for (auto& [s, stage] : I.stages) {
+        std::vector<StateBuffer> params = I.parameters_of(*stage);
+        for (bool experts : {false, true}) {
+            std::vector<ParamRef<T>> refs;
+            std::vector<double> decay;
+            std::vector<std::pair<std::string, size_t>> names;
+            for (StateBuffer& b : params) {
+                if (b.expert != experts) continue;
+                refs.push_back({b.value.template data<T>(), b.grad.template data<T>(), size_t(b.value.numel())});
+                decay.push_back(b.decay ? I.o.weight_decay : 0.0);
+                names.push_back({b.name, size_t(b.value.numel())});
+            }
+            if (refs.empty()) continue;
+            I.optimizer_params[s].push_back(std::move(names));
+            I.optimizers[s].push_back(
+                std::make_unique<Zero1AdamW<T>>(experts ? I.groups.edp : I.groups.dp, refs, ac, decay));
+        }
+    }
+}
+
+// The EMA of the owned parameters, in CPU memory, started from their values now.
+template <typename Impl>
+void make_ema(Impl& I) {
+    using T = typename Impl::Value;
+    std::vector<size_t> sizes;
+    std::vector<const T*> values;
+    for (auto& [s, stage] : I.stages)
+        if (I.owner.at(s))
+            for (StateBuffer& b : I.parameters_of(*stage)) {
+                sizes.push_back(size_t(b.value.numel()));
+                values.push_back(b.value.template data<T>());
+                I.ema_params.push_back({b.name, b.value});
+                I.ema_expert.push_back(b.expert);
+            }
+    I.ema = std::make_unique<CpuEma<T>>(sizes, I.p.ema_decay);
+    I.ema->initialize(values);
+}
+
+// The shares of communication, and of the F&B pairs' expert communication, that compute hid (world means).
+void measure_overlap(Communicator& world, const ExecutorStep& r, StepMetrics& m) {
+    auto [h, t] = hidden_time(r.comm, r.compute);
+    auto [fh, ft] = hidden_time(r.fb_expert_comm, r.compute);
+    double v[4] = {h, t, fh, ft};
+    world.all_reduce(v, 4, DType::F64)->wait();
+    m.comm_hidden_fraction = v[1] > 0 ? v[0] / v[1] : std::nan("");
+    m.fb_ep_comm_hidden_fraction = v[3] > 0 ? v[2] / v[3] : std::nan("");
+}
+
+// The step end: DualPipe's pair sum of the two copies' gradients, then ZeRO-1 (reduce-scatter over DP, the
+// global norm over the owned copies, clipping, AdamW, all-gather) or, without an optimizer, the gradients summed
+// over the replicas for the caller; the EMA gets the new weights. Returns the gradient norm.
+template <typename Impl>
+double update_weights(Impl& I) {
+    using T = typename Impl::Value;
+    std::map<int, std::vector<StateBuffer>> params;
+    for (auto& [s, stage] : I.stages) params[s] = I.parameters_of(*stage);
+    auto all = [](const StateBuffer&) { return true; };
+    // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
+    if (I.pair) {
+        std::vector<StateBuffer*> every;
+        for (auto& [s, bufs] : params)
+            for (StateBuffer& b : bufs) every.push_back(&b);
+        I.sum_gradients(*I.pair, every, all);
+    }
+    double sq = 0;
+    if (I.p.optimizer == "none") {
+        // Gradients summed over the data-parallel replicas (experts: over expert-DP) and left for the caller.
+        for (auto& [s, bufs] : params) {
+            std::vector<StateBuffer*> mine;
+            for (StateBuffer& b : bufs) mine.push_back(&b);
+            for (bool experts : {false, true}) {
+                Communicator& group = experts ? *I.groups.edp : *I.groups.dp;
+                double part = I.sum_gradients(group, mine, [experts](const StateBuffer& b) { return b.expert == experts; });
+                // Every replica of the group holds the sum: count it once over the world.
+                if (I.owner.at(s)) sq += part / group.size();
+            }
+        }
+    }
+    // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
+    for (auto& [s, opts] : I.optimizers)
+        for (auto& opt : opts) {
+            double part = opt->reduce();
+            if (I.owner.at(s)) sq += part;
+        }
+    I.world->all_reduce(&sq, 1, DType::F64)->wait();
+    double norm = std::sqrt(sq);
+    double clip_scale = (I.o.clip > 0 && norm > I.o.clip) ? I.o.clip / norm : 1.0;
+    for (auto& [s, opts] : I.optimizers)
+        for (auto& opt : opts) opt->apply(I.step_, clip_scale);
+    if (I.ema) {
+        std::vector<const T*> values;
+        for (auto& [name, v] : I.ema_params) values.push_back(v.template data<T>());
+        I.ema->submit(values);  // a copy; the update runs in the background during the next step
+    }
+    return norm;
+}
+
+// Statistics summed over the world (all replicas; each DualPipe copy reports its own microbatches), back to
+// every stage; kept for step_statistics(). Fills the step's MaxVio (from the expert counts) and auxiliary loss.
+template <typename Impl>
+void sum_statistics(Impl& I, StepMetrics& m) {
+    double max_vio = 0;
+    std::map<std::string, std::vector<double>> mine;
+    for (auto& [s, stage] : I.stages)
+        for (auto& [name, v] : stage->take_statistics()) {
+            auto& acc = mine[name];
+            acc.resize(std::max(acc.size(), v.size()), 0.0);
+            for (size_t i = 0; i < v.size(); ++i) acc[i] += v[i];
+        }
+    std::vector<double> flat;
+    for (const auto& [name, n] : I.stat_layout) {
+        auto it = mine.find(name);
+        for (size_t i = 0; i < n; ++i) flat.push_back(it != mine.end() && i < it->second.size() ? it->second[i] : 0.0);
+    }
+    I.world->all_reduce(flat.data(), flat.size(), DType::F64)->wait();
+    std::map<std::string, std::vector<double>> summed;
+    size_t off = 0;
+    for (const auto& [name, n] : I.stat_layout) {
+        summed[name].assign(flat.begin() + long(off), flat.begin() + long(off + n));
+        off += n;
+        if (name.size() > 14 && name.compare(name.size() - 14, 14, ".expert_counts") == 0) {
+            std::vector<int64_t> c(summed[name].begin(), summed[name].end());
+            max_vio = std::max(max_vio, max_violation(c));
+        }
+    }
+    for (auto& [s, stage] : I.stages) stage->end_step(summed);
+    m.max_vio = max_vio;
+    if (auto it = summed.find(kAuxLossStatistic); it != summed.end() && !it->second.empty())
+        m.aux_loss = it->second[0] / (double(I.o.microbatches) * I.p.dp);
+    I.summed_statistics = std::move(summed);
+}
+
+}  // namespace
+
 template <typename T>
 PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const PipelineOptions& p, const TrainOptions& o,
                                     StageFactory factory, std::shared_ptr<const BatchSource> batches)
@@ -55,53 +239,18 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     // overlapped F&B pair never interleave collectives on one communicator.
     if (p.ep > 1 && !p.emulate) I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());
     if (p.ep > 1) I.expert_service = std::make_shared<ExpertService>(I.groups.ep, I.ep_bwd);
-    I.hierarchical = p.ep > 1 && p.dispatch == "hierarchical" && I.groups.ep->topology().num_nodes() > 1;
+    I.hierarchical = p.ep > 1 && choose_path(p.dispatch == "hierarchical", I.groups.ep->topology()) == ExpertPath::NodeLimited;
 
     int layers = I.custom ? p.layers : o.model_config().layers;
     if (!I.custom) I.tokens_per_microbatch = o.model_config().tokens_per_microbatch(o.sequences_per_microbatch);
-    if (!factory) {
-        if (p.emulate) {
-            EmulateOptions eo;
-            eo.model = o.model_config();
-            eo.sequences = o.sequences_per_microbatch;
-            eo.elem_bytes = sizeof(T);
-            eo.recompute = o.recompute;
-            eo.costs = p.emulate_costs;
-            eo.cost_model = p.cost_model;
-            eo.hierarchical = p.dispatch == "hierarchical";
-            eo.seed = o.seed;
-            auto bytes = I.emulated_bytes;
-            factory = [eo, bytes](const StageInfo& info) { return std::make_unique<EmulatedStage>(eo, info, bytes); };
-        } else {
-            factory = builtin_stage_factory<T>(builtin_stage_options(o, p.dispatch));
-        }
-    }
+    if (!factory) factory = default_factory<T>(p, o, I.emulated_bytes);
     if (!batches && !p.emulate && !I.custom) {
         ModelConfig cfg = o.model_config();
         batches = make_batch_source(o.data, cfg.vocab, cfg.seq_len, o.sequences_per_microbatch, o.seed, o.token_skew);
     }
     I.batches = batches;
 
-    // The stages this pipeline rank runs, from the schedule's placement.
-    for (int dir = 0; dir < I.schedule.num_directions; ++dir)
-        for (int s = 0; s < p.pp; ++s)
-            if (I.schedule.rank_of(s, dir) == I.prank && !I.stages.count(s)) {
-                StageInfo info;
-                info.stage = s;
-                info.num_stages = p.pp;
-                if (layers > 0) {
-                    LayerRange lr = I.plan.layers_of_stage(s, layers);
-                    info.first_layer = lr.first, info.num_layers = lr.count;
-                }
-                info.loss_scale = 1.0 / (double(o.microbatches) * p.dp);
-                info.rank = world->rank();
-                info.dtype = dtype_of<T>();
-                info.ep_rank = I.grid.ep_index, info.ep_size = p.ep;
-                I.stages[s] = factory(info);
-                if (!I.stages[s]) throw StageError(fmt::format("the stage factory returned nothing for stage {}", s));
-                // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
-                I.owner[s] = p.schedule != ScheduleKind::DualPipe || I.schedule.rank_of(s, 0) == I.prank;
-            }
+    make_stages(I, factory, layers, p.pp);
     if (p.schedule == ScheduleKind::DualPipe)
         I.pair = world->split(I.grid.dp_index * ranks + std::min(I.prank, ranks - 1 - I.prank), I.prank);
     if (p.emulate)
@@ -112,42 +261,8 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
                                             ExecutorOptions{.exclusive_compute = p.emulate, .experts = I.expert_service});
     I.executor->prepare(stages());
 
-    kernels::AdamWConfig ac;
-    ac.lr = o.lr;
-    ac.weight_decay = o.weight_decay;
-    for (auto& [s, stage] : I.stages) {
-        if (p.optimizer == "none") break;
-        std::vector<StateBuffer> params = I.parameters_of(*stage);
-        for (bool experts : {false, true}) {
-            std::vector<ParamRef<T>> refs;
-            std::vector<double> decay;
-            std::vector<std::pair<std::string, size_t>> names;
-            for (StateBuffer& b : params) {
-                if (b.expert != experts) continue;
-                refs.push_back({b.value.template data<T>(), b.grad.template data<T>(), size_t(b.value.numel())});
-                decay.push_back(b.decay ? o.weight_decay : 0.0);
-                names.push_back({b.name, size_t(b.value.numel())});
-            }
-            if (refs.empty()) continue;
-            I.optimizer_params[s].push_back(std::move(names));
-            I.optimizers[s].push_back(
-                std::make_unique<Zero1AdamW<T>>(experts ? I.groups.edp : I.groups.dp, refs, ac, decay));
-        }
-    }
-    if (p.ema_decay > 0) {
-        std::vector<size_t> sizes;
-        std::vector<const T*> values;
-        for (auto& [s, stage] : I.stages)
-            if (I.owner.at(s))
-                for (StateBuffer& b : I.parameters_of(*stage)) {
-                    sizes.push_back(size_t(b.value.numel()));
-                    values.push_back(b.value.template data<T>());
-                    I.ema_params.push_back({b.name, b.value});
-                    I.ema_expert.push_back(b.expert);
-                }
-        I.ema = std::make_unique<CpuEma<T>>(sizes, p.ema_decay);
-        I.ema->initialize(values);
-    }
+    make_optimizers(I);
+    if (p.ema_decay > 0) make_ema(I);
     std::map<std::string, std::vector<double>> stats;
     for (auto& [s, stage] : I.stages)
         for (auto& [name, v] : stage->take_statistics()) stats[name] = std::move(v);
@@ -156,6 +271,11 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
 
 template <typename T>
 PipelineTrainer<T>::~PipelineTrainer() = default;
+
+template <typename T>
+const std::map<std::string, std::vector<double>>& PipelineTrainer<T>::step_statistics() const {
+    return impl_->summed_statistics;
+}
 
 template <typename T>
 int PipelineTrainer<T>::pipeline_ranks() const {
@@ -197,86 +317,12 @@ StepMetrics PipelineTrainer<T>::step() {
 
     double slowest_us = 0;
     m.bubble_fraction = I.bubble_share(r.schedule_us, r.compute_us, slowest_us);
-    {
-        auto [h, t] = hidden_time(r.comm, r.compute);
-        auto [fh, ft] = hidden_time(r.fb_expert_comm, r.compute);
-        double v[4] = {h, t, fh, ft};
-        I.world->all_reduce(v, 4, DType::F64)->wait();
-        m.comm_hidden_fraction = v[1] > 0 ? v[0] / v[1] : std::nan("");
-        m.fb_ep_comm_hidden_fraction = v[3] > 0 ? v[2] / v[3] : std::nan("");
-    }
+    measure_overlap(*I.world, r, m);
     double opt_start = I.tracer.now_us();
-
-    std::map<int, std::vector<StateBuffer>> params;
-    for (auto& [s, stage] : I.stages) params[s] = I.parameters_of(*stage);
-    auto all = [](const StateBuffer&) { return true; };
-    // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
-    if (I.pair) {
-        std::vector<StateBuffer*> every;
-        for (auto& [s, bufs] : params)
-            for (StateBuffer& b : bufs) every.push_back(&b);
-        I.sum_gradients(*I.pair, every, all);
-    }
-    double sq = 0;
-    if (I.p.optimizer == "none") {
-        // Gradients summed over the data-parallel replicas (experts: over expert-DP) and left for the caller.
-        for (auto& [s, bufs] : params) {
-            std::vector<StateBuffer*> mine;
-            for (StateBuffer& b : bufs) mine.push_back(&b);
-            for (bool experts : {false, true}) {
-                Communicator& group = experts ? *I.groups.edp : *I.groups.dp;
-                double part = I.sum_gradients(group, mine, [experts](const StateBuffer& b) { return b.expert == experts; });
-                // Every replica of the group holds the sum: count it once over the world.
-                if (I.owner.at(s)) sq += part / group.size();
-            }
-        }
-    }
-    // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
-    for (auto& [s, opts] : I.optimizers)
-        for (auto& opt : opts) {
-            double part = opt->reduce();
-            if (I.owner.at(s)) sq += part;
-        }
-    I.world->all_reduce(&sq, 1, DType::F64)->wait();
-    m.grad_norm = std::sqrt(sq);
-    double clip_scale = (I.o.clip > 0 && m.grad_norm > I.o.clip) ? I.o.clip / m.grad_norm : 1.0;
-    for (auto& [s, opts] : I.optimizers)
-        for (auto& opt : opts) opt->apply(I.step_, clip_scale);
-    if (I.ema) {
-        std::vector<const T*> values;
-        for (auto& [name, v] : I.ema_params) values.push_back(v.template data<T>());
-        I.ema->submit(values);  // a copy; the update runs in the background during the next step
-    }
+    m.grad_norm = update_weights(I);
     I.tracer.add(Lane::Optimizer, "grad sync + ZeRO-1 AdamW", opt_start, I.tracer.now_us());
 
-    // Statistics summed over the world (all replicas; each DualPipe copy reports its own microbatches), back to
-    // every stage. Expert counts also give the step's MaxVio.
-    if (!I.stat_layout.empty()) {
-        std::map<std::string, std::vector<double>> mine;
-        for (auto& [s, stage] : I.stages)
-            for (auto& [name, v] : stage->take_statistics()) {
-                auto& acc = mine[name];
-                acc.resize(std::max(acc.size(), v.size()), 0.0);
-                for (size_t i = 0; i < v.size(); ++i) acc[i] += v[i];
-            }
-        std::vector<double> flat;
-        for (const auto& [name, n] : I.stat_layout) {
-            auto it = mine.find(name);
-            for (size_t i = 0; i < n; ++i) flat.push_back(it != mine.end() && i < it->second.size() ? it->second[i] : 0.0);
-        }
-        I.world->all_reduce(flat.data(), flat.size(), DType::F64)->wait();
-        std::map<std::string, std::vector<double>> summed;
-        size_t off = 0;
-        for (const auto& [name, n] : I.stat_layout) {
-            summed[name].assign(flat.begin() + long(off), flat.begin() + long(off + n));
-            off += n;
-            if (name.size() > 14 && name.compare(name.size() - 14, 14, ".expert_counts") == 0) {
-                std::vector<int64_t> c(summed[name].begin(), summed[name].end());
-                m.max_vio = std::max(m.max_vio, max_violation(c));
-            }
-        }
-        for (auto& [s, stage] : I.stages) stage->end_step(summed);
-    }
+    if (!I.stat_layout.empty()) sum_statistics(I, m);
 
     // Losses: each microbatch's loss sits on the rank that ran its last stage; the world sums them.
     std::vector<double> losses(size_t(N) * I.p.dp, 0.0);

@@ -23,6 +23,7 @@
 
 #include "comm/communicator.hpp"
 #include "parallel/grid.hpp"
+#include "parallel/plan.hpp"
 #include "parallel/schedule.hpp"
 #include "parallel/zero1.hpp"
 #include "runtime/sim/cost_model.hpp"
@@ -97,6 +98,8 @@ public:
     // the step the checkpoint was written after; step() continues from there.
     long load_checkpoint(const std::string& path);
     long steps_done() const;
+    // The last step's statistics summed over the world, by name (what end_step got; runtime/exec/stage.hpp).
+    const std::map<std::string, std::vector<double>>& step_statistics() const;
     // What a checkpoint records of this run (JSON object), and must agree on at resume.
     std::string layout_json() const;
     // ConfigError for a layout that cannot run. custom_stages: the model is the caller's (no built-in checks).

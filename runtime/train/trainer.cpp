@@ -8,9 +8,11 @@
 
 #include "core/clock.hpp"
 #include "core/error.hpp"
+#include "comm/launch.hpp"
 #include "runtime/device/device_exchange.hpp"
 #include "runtime/device/device_experts.hpp"
 #include "runtime/model/router.hpp"
+#include "runtime/train/pipeline_trainer.hpp"
 
 namespace duplex {
 
@@ -83,61 +85,38 @@ std::pair<double, std::string> TrainOptions::memory_lower_bound(int replicas, si
 }
 
 template <typename T>
-ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o)
-    : o_(o), cfg_(o.model_config()),
-      batches_(make_batch_source(o.data, cfg_.vocab, cfg_.seq_len, o.sequences_per_microbatch, o.seed, o.token_skew)) {
+ReferenceTrainer<T>::ReferenceTrainer(const TrainOptions& o) : o_(o) {
     o_.validate();
-    cfg_.check_runnable();
-    kernels::blas_single_threaded();
-    stage_ = std::make_unique<ModelStage<T>>(cfg_, 0, cfg_.layers, true, true, o.seed);
-    stage_->set_recompute(o.recompute);
-    stage_->set_loss_scale(1.0 / o.microbatches);
-    attach_device_experts(*stage_, o_.device_index(0));
-    for (Param<T>* p : stage_->parameters()) {
-        m_.emplace_back(p->value.size(), T(0));
-        v_.emplace_back(p->value.size(), T(0));
-    }
+    ModelConfig cfg = o_.model_config();
+    batches_ = make_batch_source(o_.data, cfg.vocab, cfg.seq_len, o_.sequences_per_microbatch, o_.seed, o_.token_skew);
+    PipelineOptions p{sched::ScheduleKind::OneFOneB, /*pp=*/1, /*dp=*/1, /*ep=*/1};
+    world_ = single_rank_world();
+    t_ = std::make_unique<PipelineTrainer<T>>(world_, p, o_, StageFactory{}, batches_);
+}
+
+template <typename T>
+ReferenceTrainer<T>::~ReferenceTrainer() = default;
+
+template <typename T>
+ModelStage<T>& ReferenceTrainer<T>::model() {
+    return dynamic_cast<BuiltinStage<T>&>(*t_->stages().at(0)).model();
 }
 
 template <typename T>
 int ReferenceTrainer<T>::tokens_per_step() const {
-    return o_.microbatches * int(cfg_.tokens_per_microbatch(o_.sequences_per_microbatch));
+    return o_.microbatches * int(o_.model_config().tokens_per_microbatch(o_.sequences_per_microbatch));
 }
 
 template <typename T>
 StepMetrics ReferenceTrainer<T>::step() {
-    Stopwatch sw;
-    ++step_;
-    StepMetrics m;
-    m.step = step_;
-    stage_->zero_grad();
-    for (int mb = 0; mb < o_.microbatches; ++mb) {
-        Batch b = batches_->batch(step_, mb);
-        stage_->forward(mb, b, {});
-        m.loss += stage_->loss(mb) / o_.microbatches;
-        m.aux_loss += stage_->aux_loss(mb) / o_.microbatches;
-        stage_->backward(mb, {});
-    }
-    auto params = stage_->parameters();
-    double ss = 0;
-    for (Param<T>* p : params) ss += kernels::sum_squares<T>(p->grad.data(), p->grad.size());
-    m.grad_norm = std::sqrt(ss);
-    double clip_scale = (o_.clip > 0 && m.grad_norm > o_.clip) ? o_.clip / m.grad_norm : 1.0;
-    kernels::AdamWConfig ac;
-    ac.lr = o_.lr;
-    for (size_t i = 0; i < params.size(); ++i) {
-        Param<T>* p = params[i];
-        if (clip_scale != 1.0)
-            for (T& g : p->grad) g = T(g * clip_scale);
-        ac.weight_decay = p->shape.size() > 1 ? o_.weight_decay : 0.0;  // no decay on norms
-        kernels::adamw_step<T>(p->value.data(), p->grad.data(), m_[i].data(), v_[i].data(), p->value.size(), ac, step_);
-    }
-    auto counts = stage_->take_expert_counts();
-    for (const auto& c : counts) m.max_vio = std::max(m.max_vio, max_violation(c));
-    if (o_.bias_update) stage_->update_router_bias(counts);
-    last_counts_ = std::move(counts);
-    m.step_time_s = sw.seconds();
-    m.tokens_per_s = tokens_per_step() / std::max(m.step_time_s, 1e-9);
+    StepMetrics m = t_->step();
+    // The MoE layers' expert counts in layer order (what the router-bias update used).
+    last_counts_.clear();
+    ModelConfig cfg = o_.model_config();
+    const auto& stats = t_->step_statistics();
+    for (int l = 0; l < cfg.layers; ++l)
+        if (auto it = stats.find(expert_counts_name(l)); it != stats.end())
+            last_counts_.emplace_back(it->second.begin(), it->second.end());
     return m;
 }
 

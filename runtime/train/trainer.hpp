@@ -1,6 +1,5 @@
-// The single-rank reference trainer: the whole model as one stage, microbatches run one after another, the
-// gradients summed, clipped by their global norm, AdamW, then the router bias update from the step's counts.
-// This is the oracle every distributed run is compared with.
+// The trainer's options and step metrics, and the single-rank reference trainer: the pipeline trainer
+// (runtime/train/pipeline_trainer.hpp) at PP = DP = 1 — the oracle every distributed run is compared with.
 //
 //   TrainOptions o; o.model = "tiny"; o.steps = 300;
 //   ReferenceTrainer<float> t(o);
@@ -72,13 +71,22 @@ struct StepMetrics {
 template <typename T>
 double evaluate_loss(const ModelConfig& cfg, const std::map<std::string, std::vector<T>>& params, const Batch& batch);
 
+class Communicator;
+template <typename T>
+class PipelineTrainer;
+
+// The single-rank reference: the pipeline trainer itself at PP = DP = EP = 1, on a world of one rank in the
+// calling thread (one stage holds the whole model; 1F1B runs the microbatches one after another, each forward
+// then its backward). What every distributed run is compared with; the fp64 PyTorch model of
+// tests/python/test_model_reference.py checks it independently.
 template <typename T>
 class ReferenceTrainer {
 public:
-    explicit ReferenceTrainer(const TrainOptions& o);
+    explicit ReferenceTrainer(const TrainOptions& o);  // ConfigError for options that cannot run
+    ~ReferenceTrainer();
     StepMetrics step();
     std::vector<StepMetrics> run(const std::function<void(const StepMetrics&)>& on_step = {});
-    ModelStage<T>& model() { return *stage_; }
+    ModelStage<T>& model();
     const BatchSource& batches() const { return *batches_; }
     int tokens_per_step() const;
     // Tokens per expert of each MoE layer in the last step (what its router-bias update used).
@@ -86,12 +94,10 @@ public:
 
 private:
     TrainOptions o_;
-    ModelConfig cfg_;
-    std::unique_ptr<BatchSource> batches_;
-    std::unique_ptr<ModelStage<T>> stage_;
-    std::vector<std::vector<T>> m_, v_;
+    std::shared_ptr<BatchSource> batches_;
+    std::shared_ptr<Communicator> world_;
+    std::unique_ptr<PipelineTrainer<T>> t_;
     std::vector<std::vector<int64_t>> last_counts_;
-    int step_ = 0;
 };
 
 }  // namespace duplex

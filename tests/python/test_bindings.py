@@ -99,6 +99,22 @@ class Collectives(unittest.TestCase):
             self.assertEqual(sub_size, 2)
             self.assertEqual(sub_rank, 1 - r // 2)  # key -r: the higher world rank first
 
+    def test_expert_path_and_relays_come_from_the_plan(self):
+        # 6 ranks on 2 virtual nodes: ranks 0-2 on node 0, 3-5 on node 1; the relay of rank r for destination d is
+        # the rank on d's node with r's local index.
+        out = {}
+
+        def body(world):
+            out[world.rank] = (world.relays, world.expert_path(), world.expert_path(False))
+
+        duplex.launch(body, ranks=6, virtual_nodes=2, timeout_s=60)
+        for r in range(6):
+            relays, path, flat = out[r]
+            self.assertEqual(relays, [r % 3] * 3 + [3 + r % 3] * 3)
+            self.assertEqual((path, flat), ("node-limited", "flat"))
+        one = self.run_ranks(2, lambda world: world.expert_path())
+        self.assertEqual(one, ["flat", "flat"])
+
     def test_a_rank_that_raises_stops_the_others_and_is_named(self):
         def fn(world):
             if world.rank == 2:

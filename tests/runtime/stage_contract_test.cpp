@@ -8,6 +8,7 @@
 #include "comm/launch.hpp"
 #include "core/dlpack.hpp"
 #include "examples/custom_stage/mlp_stage.hpp"
+#include "parallel/plan.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 #include "runtime/train/reference.hpp"
 

@@ -1,5 +1,6 @@
 #include "tools/bench/device_moe.hpp"
 
+#include "parallel/expert_plan.hpp"
 #include "parallel/plan.hpp"
 
 #include <cuda_runtime.h>
