@@ -23,9 +23,10 @@ struct DeviceBuffer {
     size_t bytes;
 };
 
-// Milliseconds of fn() on `stream` (events around it), best of `reps`.
-template <typename Fn>
-float best_ms(cudaStream_t stream, int reps, Fn&& fn) {
+// Milliseconds of fn() on `stream` (events around it), best of `reps`; meanwhile() runs on the host after fn is
+// queued, before the wait (work of its own on another stream, to measure fn beside it).
+template <typename Fn, typename Meanwhile>
+float best_ms(cudaStream_t stream, int reps, Fn&& fn, Meanwhile&& meanwhile) {
     cudaEvent_t s, e;
     DUPLEX_CUDA_CHECK(cudaEventCreate(&s));
     DUPLEX_CUDA_CHECK(cudaEventCreate(&e));
@@ -34,6 +35,7 @@ float best_ms(cudaStream_t stream, int reps, Fn&& fn) {
         DUPLEX_CUDA_CHECK(cudaEventRecord(s, stream));
         fn();
         DUPLEX_CUDA_CHECK(cudaEventRecord(e, stream));
+        meanwhile();
         DUPLEX_CUDA_CHECK(cudaEventSynchronize(e));
         float ms = 0;
         DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, s, e));
@@ -42,6 +44,11 @@ float best_ms(cudaStream_t stream, int reps, Fn&& fn) {
     cudaEventDestroy(s);
     cudaEventDestroy(e);
     return best;
+}
+
+template <typename Fn>
+float best_ms(cudaStream_t stream, int reps, Fn&& fn) {
+    return best_ms(stream, reps, fn, [] {});
 }
 
 // Device-to-device copy bandwidth of `bytes` (read once, written once), bytes per second.

@@ -99,23 +99,7 @@ void bench_gemm_beside_exchange(const Options& o, const std::vector<int>& sms, i
     // Milliseconds of the GEMM on its stream while `beside` runs on the comm stream (best of reps), and the
     // best time `beside` reported.
     auto gemm_beside = [&](auto&& beside, double& beside_best) {
-        float best = 1e30f;
-        for (int i = 0; i < o.reps; ++i) {
-            cudaEvent_t gs, ge;
-            DUPLEX_CUDA_CHECK(cudaEventCreate(&gs));
-            DUPLEX_CUDA_CHECK(cudaEventCreate(&ge));
-            DUPLEX_CUDA_CHECK(cudaEventRecord(gs, gemm_stream));
-            gemm();
-            DUPLEX_CUDA_CHECK(cudaEventRecord(ge, gemm_stream));
-            beside_best = std::min(beside_best, beside());
-            DUPLEX_CUDA_CHECK(cudaEventSynchronize(ge));
-            float ms = 0;
-            DUPLEX_CUDA_CHECK(cudaEventElapsedTime(&ms, gs, ge));
-            best = std::min(best, ms);
-            cudaEventDestroy(gs);
-            cudaEventDestroy(ge);
-        }
-        return best;
+        return tools::best_ms(gemm_stream, o.reps, gemm, [&] { beside_best = std::min(beside_best, beside()); });
     };
     for (int s : sms) {
         if (s > device_sms) continue;
