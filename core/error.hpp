@@ -37,6 +37,13 @@ public:
         : CommError(fmt::format("timeout after {:.3g} s: {}", timeout_s, context)) {}
 };
 
+// Training stopped: too many steps in a row had a loss or a gradient norm that is not finite (none of them was
+// applied). The message is the last step's report.
+class DivergenceError : public Error {
+public:
+    using Error::Error;
+};
+
 // The rendezvous store rejected or failed a request.
 class StoreError : public Error {
 public:

@@ -44,6 +44,7 @@ struct Args {
     std::string metrics;          // JSON Lines, one line per step, appended and flushed as it happens
     std::string save, resume;     // checkpoint roots
     int save_every = 0, keep = 3;
+    int max_bad_steps = 3;
     bool fp64 = false;
     bool no_bias_update = false;
 };
@@ -99,13 +100,15 @@ int run_typed(const Args& a) {
                          {"max_vio", m.max_vio},
                          {"grad_norm", m.grad_norm},
                          {"step_time_s", m.step_time_s},
-                         {"tokens_per_s", m.tokens_per_s}});
+                         {"tokens_per_s", m.tokens_per_s},
+                         {"applied", m.applied}});
         log.write(steps.back());
+        if (!m.applied) fmt::print(stderr, "duplex train: {}\n", m.not_applied);
         if (m.step == 1 || m.step % a.log_every == 0 || m.step == o.steps)
             fmt::print(human(), "step {:>5}  loss {:8.4f}  tokens/s {:9.0f}  MaxVio {:6.3f}  |g| {:7.3f}\n", m.step, m.loss,
                        m.tokens_per_s, m.max_vio, m.grad_norm);
         std::fflush(human());
-    });
+    }, a.max_bad_steps);
     double last = metrics.back().loss;
     fmt::print(human(), "# loss {:.4f} -> {:.4f} ({:.1f}% of the initial); peak activation bytes {}\n", first_loss, last,
                100.0 * last / first_loss, trainer.model().ledger().peak("activations"));
@@ -132,10 +135,12 @@ nlohmann::json step_json(const StepMetrics& m) {
             {"step_time_s", m.step_time_s},
             {"tokens_per_s", m.tokens_per_s},
             {"comm_hidden_fraction", m.comm_hidden_fraction},
-            {"fb_ep_comm_hidden_fraction", m.fb_ep_comm_hidden_fraction}};
+            {"fb_ep_comm_hidden_fraction", m.fb_ep_comm_hidden_fraction},
+            {"applied", m.applied}};
 }
 
 void print_step(const StepMetrics& m, bool emulate, const std::string& reference) {
+    if (!m.applied) fmt::print(stderr, "duplex train: {}\n", m.not_applied);
     fmt::print(human(), "step {:>5}  {}step {:8.2f} ms  tokens/s {:9.0f}  bubble {:5.1f}%  comm hidden {}{}{}\n", m.step,
                emulate ? std::string() : fmt::format("loss {:8.4f}  ", m.loss), m.step_time_s * 1e3, m.tokens_per_s,
                100 * m.bubble_fraction,
@@ -249,7 +254,7 @@ void train_rank(const Args& a, const PipelineOptions& p, const TrainOptions& o, 
         }
         steps.push_back(j);
         log->write(j);
-        if (m.step == 1 || m.step == start + 1 || m.step % a.log_every == 0 || m.step == o.steps)
+        if (m.step == 1 || m.step == start + 1 || m.step % a.log_every == 0 || m.step == o.steps || !m.applied)
             print_step(m, p.emulate, reference);
     };
     FitResult fr = fit(trainer, fo, cb);
@@ -328,6 +333,7 @@ int run_distributed(const Args& a) {
                      "the single-rank reference starts from step 1; it cannot follow a resumed run");
     FitOptions fo;
     fo.steps = o.steps, fo.save = a.save, fo.save_every = a.save_every, fo.keep = a.keep, fo.resume = a.resume;
+    fo.max_bad_steps = a.max_bad_steps;
     fo.validate();
     bool mismatch = false;  // --check-reference: set on rank 0 when the run is farther from the reference than allowed
     launch(l, [&](const std::shared_ptr<Communicator>& world) {
@@ -423,6 +429,11 @@ void add_output_options(CLI::App* cmd, Args* a) {
     cmd->add_option("--save-every", a->save_every, "with --save: also checkpoint every N steps (0: only at the end)")
         ->capture_default_str();
     cmd->add_option("--keep", a->keep, "with --save: keep the newest K complete checkpoints (0: all)")
+        ->capture_default_str();
+    cmd->add_option("--max-bad-steps", a->max_bad_steps,
+                    "a step whose loss or gradient norm is not finite is not applied (weights, moments, EMA untouched) "
+                    "and is reported; after N in a row the run stops with exit code 4, its last checkpoint intact "
+                    "(0: never stop)")
         ->capture_default_str();
     cmd->add_option("--resume", a->resume,
                     "resume from a checkpoint directory, or the newest complete one under a --save directory; "

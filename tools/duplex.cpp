@@ -84,6 +84,9 @@ int main(int argc, char** argv) {
         if (!sub->parsed()) continue;
         try {
             return run();
+        } catch (const duplex::DivergenceError& e) {
+            fmt::print(stderr, "duplex {}: diverged: {}\n", sub->get_name(), e.what());
+            return 4;
         } catch (const duplex::Error& e) {
             fmt::print(stderr, "duplex {}: error: {}\n", sub->get_name(), e.what());
             return 2;

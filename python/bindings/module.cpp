@@ -24,7 +24,8 @@ NB_MODULE(_duplex, m) {
             PyErr_SetString(PyExc_RuntimeError, e.what());
         }
     });
-
+    // After the generic translator, so tried before it: training stopped on steps that were not finite.
+    nb::exception<DivergenceError>(m, "DivergenceError", PyExc_RuntimeError);
 
     py::bind_plans(m);
     py::bind_comm(m);

@@ -233,6 +233,7 @@ nb::dict metrics_dict(const StepMetrics& m) {
     d["bubble_fraction"] = m.bubble_fraction, d["step_time_s"] = m.step_time_s;
     d["comm_hidden_fraction"] = m.comm_hidden_fraction;
     d["fb_ep_comm_hidden_fraction"] = m.fb_ep_comm_hidden_fraction;
+    d["applied"] = m.applied, d["bad_steps_in_a_row"] = m.bad_steps_in_a_row, d["not_applied"] = m.not_applied;
     return d;
 }
 
@@ -333,9 +334,10 @@ void bind_model_reference(nb::module_& m) {
 // Pipeline.fit: the library's training loop with Python callables around each step (called with the GIL; the
 // loop runs without it).
 nb::dict fit_trainer(TrainerHandle& t, long steps, const std::string& save, int save_every, int keep,
-                     const std::string& resume, nb::object before_step, nb::object on_step) {
+                     const std::string& resume, nb::object before_step, nb::object on_step, int max_bad_steps) {
     FitOptions o;
     o.steps = steps, o.save = save, o.save_every = save_every, o.keep = keep, o.resume = resume;
+    o.max_bad_steps = max_bad_steps;
     FitCallbacks cb;
     // Python callables, called with the GIL (fit runs without it).
     if (!before_step.is_none())
@@ -422,7 +424,7 @@ void bind_trainer(nb::module_& m) {
             "path"_a)
         .def("steps_done", [](TrainerHandle& t) { return t.get().steps_done(); })
         .def("fit", &fit_trainer, "steps"_a, "save"_a = "", "save_every"_a = 0, "keep"_a = 0, "resume"_a = "",
-             "before_step"_a = nb::none(), "on_step"_a = nb::none())
+             "before_step"_a = nb::none(), "on_step"_a = nb::none(), "max_bad_steps"_a = 3)
         .def("step",
              [](TrainerHandle& t) {
                  StepMetrics m;

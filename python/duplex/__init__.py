@@ -12,10 +12,10 @@
 """
 import json as _json
 
-from ._duplex import Communicator, Plan, backends, launch, schedule, stages_of_rank  # noqa: F401
+from ._duplex import Communicator, DivergenceError, Plan, backends, launch, schedule, stages_of_rank  # noqa: F401
 from . import _duplex
 
-__all__ = ["Communicator", "Plan", "backends", "launch", "schedule", "simulate", "stages_of_rank"]
+__all__ = ["Communicator", "DivergenceError", "Plan", "backends", "launch", "schedule", "simulate", "stages_of_rank"]
 
 
 def simulate(model="deepseek-v3", cluster="h800x2048", pp=16, ep=64, schedule="dualpipe", microbatches=0,

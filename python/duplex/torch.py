@@ -22,11 +22,13 @@ activation between stages (the same at every boundary); a stage that returns ano
 the stage and the microbatch.
 """
 import threading
+import warnings
 import weakref
 
 import torch
 
 from . import _duplex
+from ._duplex import DivergenceError  # noqa: F401  (raised by step() and fit() on a run that diverges)
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 _ELEMENT = {torch.float32: "float", torch.float64: "double"}  # Duplex's dtype names
@@ -323,12 +325,20 @@ class Pipeline:
     """This rank's share of a pipeline-parallel (and data-parallel) model, run by Duplex's executor.
 
     optimizer: None (gradients left in .grad for a torch optimizer) or ZeroAdamW(...) (Duplex updates the
-    parameters). ema_decay > 0 keeps an EMA of the weights in host memory, updated in the background (ema())."""
+    parameters). ema_decay > 0 keeps an EMA of the weights in host memory, updated in the background (ema()).
+
+    A step whose loss or gradient norm is not finite is not applied: ZeroAdamW leaves the parameters and its
+    moments, and the EMA, as they were; last_metrics["applied"] is False and a RuntimeWarning says where it
+    started (rank, stage, microbatch, the first parameter whose gradient is not finite). With a torch optimizer,
+    skip its step when last_metrics["applied"] is False. After max_bad_steps such steps in a row (0: never),
+    step() and fit() raise DivergenceError (fit keeps its last checkpoint as it was)."""
 
     def __init__(self, world, modules, schedule="1f1b", pp=None, dp=1, microbatches=4, loss_fn=None,
-                 activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0, ep=1):
+                 activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0, ep=1, max_bad_steps=3):
         if loss_fn is None:
             raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
+        if int(max_bad_steps) < 0:
+            raise ValueError(f"max_bad_steps must be 0 or more, got {max_bad_steps}")
         if activation_shape is None:
             raise ValueError("Pipeline needs activation_shape: one microbatch's activation between stages")
         self.schedule, self.dp, self.microbatches = schedule, dp, microbatches
@@ -342,6 +352,7 @@ class Pipeline:
             raise ValueError(f"{schedule} places {len(self.stages)} stage(s) on each rank (here {self.stages}); got "
                              f"{len(self.modules)} modules")
         self.loss_fn = loss_fn
+        self.max_bad_steps = int(max_bad_steps)
         self.activation_shape = tuple(activation_shape)
         params = [p for m in self.modules for p in m.parameters()]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
@@ -373,6 +384,11 @@ class Pipeline:
         self._stage_batch(inputs, labels)
         metrics = self._trainer.step()
         self.last_metrics = metrics
+        if not metrics["applied"]:
+            warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=2)
+            if 0 < self.max_bad_steps <= metrics["bad_steps_in_a_row"]:
+                raise DivergenceError(f"stopped after {metrics['bad_steps_in_a_row']} step(s) in a row that were not "
+                                      f"finite, none applied. Last: {metrics['not_applied']}")
         return metrics["loss"]
 
     def fit(self, batches, steps, save=None, save_every=0, keep=0, resume=None, on_step=None):
@@ -391,11 +407,13 @@ class Pipeline:
 
         def after(metrics):
             self.last_metrics = metrics
+            if not metrics["applied"]:
+                warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=2)
             if on_step is not None:
                 on_step(metrics)
 
         return self._trainer.fit(int(steps), str(save or ""), int(save_every), int(keep), str(resume or ""),
-                                 before_step, after)
+                                 before_step, after, self.max_bad_steps)
 
     def save(self, root, keep=0):
         """Checkpoints this step (a collective: every rank calls it): each rank's shard of its stages' parameters and

@@ -1,7 +1,8 @@
 // The training loop every entry point runs — `duplex train`, duplex.torch's Pipeline.fit, examples/custom_stage:
 // resume from a checkpoint, the steps up to a target, a callback before and after each step, a checkpoint every N
 // steps keeping the newest K, and one at the end of the run. A collective: every rank of the trainer's world calls
-// it with the same options, and the callbacks run on every rank (print on one).
+// it with the same options, and the callbacks run on every rank (print on one). A run that diverges stops with
+// DivergenceError (FitOptions::max_bad_steps).
 //
 //   FitOptions f;
 //   f.steps = 100, f.save = "ckpt", f.save_every = 10, f.keep = 3, f.resume = "ckpt";
@@ -22,6 +23,9 @@ struct FitOptions {
     int save_every = 0;      // > 0: a checkpoint every N steps too (the last step's is the end-of-run one)
     int keep = 0;            // checkpoints kept under `save`, the newest (0: all)
     std::string resume;      // a checkpoint directory, or a root whose newest checkpoint resumes ("": start fresh)
+    // A step whose loss or gradient norm is not finite is not applied (StepMetrics::applied) and not checkpointed;
+    // after this many in a row fit stops with DivergenceError, the last checkpoint as it was (0: never stops).
+    int max_bad_steps = 3;
     void validate() const;   // ConfigError naming the option
 };
 

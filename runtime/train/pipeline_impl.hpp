@@ -58,6 +58,7 @@ struct PipelineTrainer<T>::Impl {
     int64_t tokens_per_microbatch = 0;                        // built-in model: for tokens/s (custom stages: 0)
     bool hierarchical = false;
     int step_ = 0;
+    int bad_in_a_row = 0;  // steps not applied since the last applied one
 
     Impl(std::shared_ptr<Communicator> w, const PipelineOptions& po, const TrainOptions& to)
         : p(po), o(to), plan{po.schedule, po.pp, po.dp, po.ep}, world(std::move(w)), tracer(world->rank(), po.trace) {}
@@ -123,6 +124,17 @@ struct PipelineTrainer<T>::Impl {
         return out;
     }
 
+    // Rank 0's string on every rank (a collective): its bytes, zeros elsewhere, summed.
+    std::string from_rank0(const std::string& mine) {
+        int64_t len = world->rank() == 0 ? int64_t(mine.size()) : 0;
+        world->all_reduce(&len, 1, DType::I64)->wait();
+        if (len == 0) return {};
+        std::vector<int64_t> words(size_t(len + 7) / 8, 0);
+        if (world->rank() == 0) std::memcpy(words.data(), mine.data(), mine.size());
+        world->all_reduce(words.data(), words.size(), DType::I64)->wait();
+        return std::string(reinterpret_cast<const char*>(words.data()), size_t(len));
+    }
+
     // Every rank's statistic names and sizes, merged on rank 0 and sent back: the flat layout summed each step.
     void agree_on_statistics(const std::map<std::string, std::vector<double>>& mine) {
         std::string blob;
@@ -147,14 +159,7 @@ struct PipelineTrainer<T>::Impl {
         } else {
             gather_strings(*world, blob);
         }
-        // Broadcast: rank 0's bytes, zeros elsewhere, summed.
-        int64_t len = int64_t(merged.size());
-        world->all_reduce(&len, 1, DType::I64)->wait();
-        if (len == 0) return;  // no stage reports statistics (emulate mode, most custom stages)
-        std::vector<int64_t> words(size_t(len + 7) / 8, 0);
-        if (world->rank() == 0) std::memcpy(words.data(), merged.data(), merged.size());
-        world->all_reduce(words.data(), words.size(), DType::I64)->wait();
-        merged.assign(reinterpret_cast<const char*>(words.data()), size_t(len));
+        merged = from_rank0(merged);
         size_t pos = 0;
         while (pos < merged.size()) {
             size_t nl = merged.find('\n', pos), sp = merged.rfind(' ', nl);

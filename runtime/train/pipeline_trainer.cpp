@@ -1,5 +1,7 @@
 #include "runtime/train/pipeline_trainer.hpp"
 
+#include <sstream>
+
 #include "runtime/train/pipeline_impl.hpp"
 
 namespace duplex {
@@ -136,9 +138,10 @@ void measure_overlap(Communicator& world, const ExecutorStep& r, StepMetrics& m)
 
 // The step end: DualPipe's pair sum of the two copies' gradients, then ZeRO-1 (reduce-scatter over DP, the
 // global norm over the owned copies, clipping, AdamW, all-gather) or, without an optimizer, the gradients summed
-// over the replicas for the caller; the EMA gets the new weights. Returns the gradient norm.
+// over the replicas for the caller; the EMA gets the new weights. Returns the gradient norm. A norm that is not
+// finite, or `apply` false (the loss is not), leaves the parameters, the moments and the EMA as they were.
 template <typename Impl>
-double update_weights(Impl& I) {
+double update_weights(Impl& I, bool apply) {
     using T = typename Impl::Value;
     std::map<int, std::vector<StateBuffer>> params;
     for (auto& [s, stage] : I.stages) params[s] = I.parameters_of(*stage);
@@ -172,6 +175,7 @@ double update_weights(Impl& I) {
         }
     I.world->all_reduce(&sq, 1, DType::F64)->wait();
     double norm = std::sqrt(sq);
+    if (!apply || !std::isfinite(norm)) return norm;
     double clip_scale = (I.o.clip > 0 && norm > I.o.clip) ? I.o.clip / norm : 1.0;
     for (auto& [s, opts] : I.optimizers)
         for (auto& opt : opts) opt->apply(I.step_, clip_scale);
@@ -181,6 +185,66 @@ double update_weights(Impl& I) {
         I.ema->submit(values);  // a copy; the update runs in the background during the next step
     }
     return norm;
+}
+
+// Where a step that is not finite started, from every rank's view (a collective; the same text on every rank): the
+// first microbatch whose loss is not finite, and the first parameter in backward order (the highest stage, its
+// last parameters first) whose gradient is not.
+template <typename Impl>
+std::string divergence_report(Impl& I, const ExecutorStep& r, const StepMetrics& m, int offset) {
+    using T = typename Impl::Value;
+    std::string mine;
+    for (auto& [mb, l] : r.losses)
+        if (!std::isfinite(l)) {
+            mine += fmt::format("L {} {} {}\n", offset + mb, I.world->rank(), l);
+            break;
+        }
+    // In the order the backward computes them: the last stage first, its last parameters first.
+    for (auto it = I.stages.rbegin(); it != I.stages.rend(); ++it) {
+        auto& [s, stage] = *it;
+        bool found = false;
+        std::vector<StateBuffer> params = I.parameters_of(*stage);
+        for (auto pb = params.rbegin(); pb != params.rend(); ++pb) {
+            StateBuffer& b = *pb;
+            const T* g = b.grad.template data<T>();
+            for (int64_t i = 0; i < b.grad.numel() && !found; ++i)
+                if (!std::isfinite(double(g[i]))) {
+                    mine += fmt::format("G {} {} {} {}\n", I.world->rank(), s, b.name, double(g[i]));
+                    found = true;
+                }
+            if (found) break;
+        }
+        if (found) break;
+    }
+    std::string loss_at = "every loss is finite", grad_at = "every gradient is finite here (the sum overflowed)";
+    int best_mb = -1, best_rank = -1, best_stage = -1;
+    if (I.world->rank() == 0) {
+        std::vector<std::string> all = gather_strings(*I.world, mine);
+        for (const std::string& text : all) {
+            std::istringstream in(text);
+            for (std::string kind; in >> kind;) {
+                if (kind == "L") {
+                    int mb = 0, rank = 0;
+                    std::string v;
+                    in >> mb >> rank >> v;
+                    if (best_mb < 0 || mb < best_mb)
+                        best_mb = mb, loss_at = fmt::format("microbatch {} (loss {}, last stage on rank {})", mb, v, rank);
+                } else {
+                    int rank = 0, stage = 0;
+                    std::string name, v;
+                    in >> rank >> stage >> name >> v;
+                    if (stage > best_stage || (stage == best_stage && rank < best_rank))
+                        best_stage = stage, best_rank = rank,
+                        grad_at = fmt::format("stage {} on rank {}, parameter '{}' ({})", stage, rank, name, v);
+                }
+            }
+        }
+    } else {
+        gather_strings(*I.world, mine);
+    }
+    return I.from_rank0(fmt::format("step {} not applied: loss {}, gradient norm {}; first non-finite loss: {}; first "
+                                    "non-finite gradient (backward order): {}",
+                                    m.step, m.loss, m.grad_norm, loss_at, grad_at));
 }
 
 // Statistics summed over the world (all replicas; each DualPipe copy reports its own microbatches), back to
@@ -211,7 +275,8 @@ void sum_statistics(Impl& I, StepMetrics& m) {
             max_vio = std::max(max_vio, max_violation(c));
         }
     }
-    for (auto& [s, stage] : I.stages) stage->end_step(summed);
+    if (m.applied)  // a step not applied leaves the router bias as it was too
+        for (auto& [s, stage] : I.stages) stage->end_step(summed);
     m.max_vio = max_vio;
     if (auto it = summed.find(kAuxLossStatistic); it != summed.end() && !it->second.empty())
         m.aux_loss = it->second[0] / (double(I.o.microbatches) * I.p.dp);
@@ -273,6 +338,11 @@ template <typename T>
 PipelineTrainer<T>::~PipelineTrainer() = default;
 
 template <typename T>
+bool PipelineTrainer<T>::last_step_applied() const {
+    return impl_->bad_in_a_row == 0;
+}
+
+template <typename T>
 const std::map<std::string, std::vector<double>>& PipelineTrainer<T>::step_statistics() const {
     return impl_->summed_statistics;
 }
@@ -318,17 +388,21 @@ StepMetrics PipelineTrainer<T>::step() {
     double slowest_us = 0;
     m.bubble_fraction = I.bubble_share(r.schedule_us, r.compute_us, slowest_us);
     measure_overlap(*I.world, r, m);
-    double opt_start = I.tracer.now_us();
-    m.grad_norm = update_weights(I);
-    I.tracer.add(Lane::Optimizer, "grad sync + ZeRO-1 AdamW", opt_start, I.tracer.now_us());
-
-    if (!I.stat_layout.empty()) sum_statistics(I, m);
-
     // Losses: each microbatch's loss sits on the rank that ran its last stage; the world sums them.
     std::vector<double> losses(size_t(N) * I.p.dp, 0.0);
     for (auto& [mb, l] : r.losses) losses[size_t(offset + mb)] = l;
     I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
     for (double l : losses) m.loss += l / double(losses.size());
+
+    double opt_start = I.tracer.now_us();
+    m.grad_norm = update_weights(I, std::isfinite(m.loss));
+    I.tracer.add(Lane::Optimizer, "grad sync + ZeRO-1 AdamW", opt_start, I.tracer.now_us());
+    m.applied = std::isfinite(m.loss) && std::isfinite(m.grad_norm);
+    I.bad_in_a_row = m.applied ? 0 : I.bad_in_a_row + 1;
+    m.bad_steps_in_a_row = I.bad_in_a_row;
+    if (!m.applied) m.not_applied = divergence_report(I, r, m, offset);
+
+    if (!I.stat_layout.empty()) sum_statistics(I, m);
     if (I.p.emulate) {
         // The step ends when the slowest rank ends.
         m.step_time_s = slowest_us * 1e-6;

@@ -98,6 +98,8 @@ public:
     // the step the checkpoint was written after; step() continues from there.
     long load_checkpoint(const std::string& path);
     long steps_done() const;
+    // Whether the last step was applied (true before the first); see StepMetrics::applied.
+    bool last_step_applied() const;
     // The last step's statistics summed over the world, by name (what end_step got; runtime/exec/stage.hpp).
     const std::map<std::string, std::vector<double>>& step_statistics() const;
     // What a checkpoint records of this run (JSON object), and must agree on at resume.

@@ -12,6 +12,7 @@
 #include "runtime/device/device_exchange.hpp"
 #include "runtime/device/device_experts.hpp"
 #include "runtime/model/router.hpp"
+#include "runtime/train/fit.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 
 namespace duplex {
@@ -109,24 +110,34 @@ int ReferenceTrainer<T>::tokens_per_step() const {
 
 template <typename T>
 StepMetrics ReferenceTrainer<T>::step() {
-    StepMetrics m = t_->step();
-    // The MoE layers' expert counts in layer order (what the router-bias update used).
-    last_counts_.clear();
+    return t_->step();
+}
+
+// The MoE layers' expert counts in layer order (what the router-bias update used).
+template <typename T>
+std::vector<std::vector<int64_t>> ReferenceTrainer<T>::last_expert_counts() const {
+    std::vector<std::vector<int64_t>> counts;
     ModelConfig cfg = o_.model_config();
     const auto& stats = t_->step_statistics();
     for (int l = 0; l < cfg.layers; ++l)
         if (auto it = stats.find(expert_counts_name(l)); it != stats.end())
-            last_counts_.emplace_back(it->second.begin(), it->second.end());
-    return m;
+            counts.emplace_back(it->second.begin(), it->second.end());
+    return counts;
 }
 
 template <typename T>
-std::vector<StepMetrics> ReferenceTrainer<T>::run(const std::function<void(const StepMetrics&)>& on_step) {
+std::vector<StepMetrics> ReferenceTrainer<T>::run(const std::function<void(const StepMetrics&)>& on_step,
+                                                  int max_bad_steps) {
     std::vector<StepMetrics> all;
-    for (int s = 0; s < o_.steps; ++s) {
-        all.push_back(step());
-        if (on_step) on_step(all.back());
-    }
+    FitOptions f;
+    f.steps = o_.steps;
+    f.max_bad_steps = max_bad_steps;
+    FitCallbacks cb;
+    cb.on_step = [&](const StepMetrics& m) {
+        all.push_back(m);
+        if (on_step) on_step(m);
+    };
+    fit(*t_, f, cb);
     return all;
 }
 

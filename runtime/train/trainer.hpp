@@ -64,6 +64,12 @@ struct StepMetrics {
     double fb_ep_comm_hidden_fraction = 0;
     double step_time_s = 0;
     double tokens_per_s = 0;
+    // Pipeline runs: false when the step's loss or gradient norm was not finite — its update was not applied
+    // (parameters, optimizer moments, EMA and router bias untouched); `not_applied` then says where it started
+    // (rank, stage, microbatch, the first parameter whose gradient is not finite), the same on every rank.
+    bool applied = true;
+    int bad_steps_in_a_row = 0;  // this one included
+    std::string not_applied;
 };
 
 // Loss of the whole model with the given parameters (by name; missing names keep their initial values) on
@@ -85,19 +91,19 @@ public:
     explicit ReferenceTrainer(const TrainOptions& o);  // ConfigError for options that cannot run
     ~ReferenceTrainer();
     StepMetrics step();
-    std::vector<StepMetrics> run(const std::function<void(const StepMetrics&)>& on_step = {});
+    // o.steps steps through the training loop (runtime/train/fit.hpp), which stops a run that diverges.
+    std::vector<StepMetrics> run(const std::function<void(const StepMetrics&)>& on_step = {}, int max_bad_steps = 3);
     ModelStage<T>& model();
     const BatchSource& batches() const { return *batches_; }
     int tokens_per_step() const;
     // Tokens per expert of each MoE layer in the last step (what its router-bias update used).
-    const std::vector<std::vector<int64_t>>& last_expert_counts() const { return last_counts_; }
+    std::vector<std::vector<int64_t>> last_expert_counts() const;
 
 private:
     TrainOptions o_;
     std::shared_ptr<BatchSource> batches_;
     std::shared_ptr<Communicator> world_;
     std::unique_ptr<PipelineTrainer<T>> t_;
-    std::vector<std::vector<int64_t>> last_counts_;
 };
 
 }  // namespace duplex

@@ -280,6 +280,83 @@ class Checkpoint(unittest.TestCase):
                 self.run_steps(2, load=d)
 
 
+class Poison(torch.nn.Module):
+    """Multiplies by `scale`: NaN on the steps a test chooses (the loss then is not finite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class Divergence(unittest.TestCase):
+    """A step that is not finite is not applied (ZeroAdamW's parameters and moments, the EMA untouched) and warns
+    where it started; max_bad_steps in a row raise DivergenceError, from step() and from fit()."""
+
+    def test_a_bad_step_is_skipped_and_reported_then_the_run_stops(self):
+        import tempfile
+        import warnings as w
+        out, lock = {}, threading.Lock()
+        with tempfile.TemporaryDirectory() as d:
+            def rank_main(world):
+                blocks = make_stages(2, torch.float64)
+                poison = Poison()
+                mine = torch.nn.Sequential(blocks[world.rank], poison) if world.rank == 1 else blocks[0]
+                pipe = dt.Pipeline(world, [mine], schedule="1f1b", microbatches=2, loss_fn=torch.nn.functional.mse_loss,
+                                   activation_shape=(ROWS, WIDTH), dtype=torch.float64,
+                                   optimizer=dt.ZeroAdamW(lr=1e-2), ema_decay=0.5, max_bad_steps=2)
+                pipe.step(*batch(1, 2, torch.float64))
+                before = [p.detach().clone() for p in mine.parameters()]
+                ema = pipe.ema()
+                poison.scale = float("nan")
+                pipe.step(*batch(2, 2, torch.float64))
+                bad = dict(pipe.last_metrics)
+                same = all(torch.equal(a, b) for a, b in zip(before, mine.parameters()))
+                ema_same = all((ema[k] == v).all() for k, v in pipe.ema().items())
+                try:
+                    pipe.step(*batch(3, 2, torch.float64))
+                    stopped = None
+                except dt.DivergenceError as e:
+                    stopped = str(e)
+                poison.scale = 1.0
+                good = pipe.step(*batch(4, 2, torch.float64))
+                # fit: poisoned from step 6 on; saves every step; stops after 2, the last checkpoint step 5's.
+                def data(step):
+                    poison.scale = float("nan") if step >= 6 else 1.0
+                    return batch(step, 2, torch.float64)
+                try:
+                    pipe.fit(data, 10, save=d, save_every=1)
+                    fit_stopped = None
+                except duplex.DivergenceError as e:
+                    fit_stopped = str(e)
+                pipe.close()
+                with lock:
+                    out[world.rank] = dict(bad=bad, same=same, ema_same=ema_same, stopped=stopped, good=good,
+                                           fit_stopped=fit_stopped)
+
+            with w.catch_warnings(record=True) as caught:  # both ranks' (threads share the warning filters)
+                w.simplefilter("always")
+                dt.run(rank_main, ranks=2, timeout_s=60)
+            import os
+            saved = sorted(os.listdir(d))
+        for r in (0, 1):
+            o = out[r]
+            self.assertFalse(o["bad"]["applied"], r)
+            self.assertTrue(o["same"], f"rank {r}: parameters changed by a step that was not applied")
+            self.assertTrue(o["ema_same"], f"rank {r}: the EMA changed")
+            self.assertIn("step 2 not applied: loss nan", o["bad"]["not_applied"])
+            self.assertIn("first non-finite loss: microbatch 0", o["bad"]["not_applied"])
+            self.assertEqual(sum(str(c.message) == o["bad"]["not_applied"] for c in caught), 2)  # once a rank
+            self.assertIn("stopped after 2 step(s) in a row", o["stopped"] or "")
+            self.assertTrue(torch.isfinite(torch.tensor(o["good"])))
+            self.assertIn("stopped after 2 step(s) in a row", o["fit_stopped"] or "")
+        self.assertEqual(saved[-1], "step-00000005")  # 5 applied; 6 and 7 not, neither saved
+        with self.assertRaisesRegex(ValueError, "max_bad_steps"):
+            dt.Pipeline(None, [], max_bad_steps=-1, loss_fn=torch.nn.functional.mse_loss, activation_shape=(1,))
+
+
 class BadInput(unittest.TestCase):
     def run_with(self, stage_fn=None, loss_fn=torch.nn.functional.mse_loss, shape=(ROWS, WIDTH)):
         def rank_main(world):
