@@ -229,7 +229,7 @@ struct TrainerHandle {
 
 nb::dict metrics_dict(const StepMetrics& m) {
     nb::dict d;
-    d["step"] = m.step, d["loss"] = m.loss, d["grad_norm"] = m.grad_norm;
+    d["step"] = m.step, d["loss"] = m.loss, d["grad_norm"] = m.grad_norm, d["losses"] = m.losses;
     d["bubble_fraction"] = m.bubble_fraction, d["step_time_s"] = m.step_time_s;
     d["comm_hidden_fraction"] = m.comm_hidden_fraction;
     d["fb_ep_comm_hidden_fraction"] = m.fb_ep_comm_hidden_fraction;

@@ -380,7 +380,8 @@ class Pipeline:
 
     def step(self, inputs, labels):
         """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
-        loss over the global batch's microbatches. Gradients are left in the modules' .grad."""
+        loss over the global batch's microbatches (each one's: last_metrics["losses"], in the batch's order).
+        Gradients are left in the modules' .grad."""
         self._stage_batch(inputs, labels)
         metrics = self._trainer.step()
         self.last_metrics = metrics

@@ -393,6 +393,7 @@ StepMetrics PipelineTrainer<T>::step() {
     for (auto& [mb, l] : r.losses) losses[size_t(offset + mb)] = l;
     I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
     for (double l : losses) m.loss += l / double(losses.size());
+    m.losses = losses;
 
     double opt_start = I.tracer.now_us();
     m.grad_norm = update_weights(I, std::isfinite(m.loss));

@@ -54,6 +54,9 @@ BuiltinStageOptions builtin_stage_options(const TrainOptions& o, const std::stri
 struct StepMetrics {
     int step = 0;
     double loss = 0;      // task cross-entropy, mean over the step's microbatches
+    // Pipeline runs: each microbatch's loss, the global batch's order (DP replica-major: replica d's microbatch i
+    // at d x N + i), the same on every rank.
+    std::vector<double> losses;
     double aux_loss = 0;  // sequence-wise balance loss (when enabled)
     double max_vio = 0;  // over the MoE layers, of the whole step's expert counts
     double grad_norm = 0;

@@ -46,23 +46,25 @@ def reference(pp, n, steps, dtype):
     blocks = make_stages(pp, dtype)
     model = torch.nn.Sequential(*blocks)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
+    losses, per_mb = [], []
     for step in range(1, steps + 1):
         x, y = batch(step, n, dtype)
-        total = 0.0
+        total, each = 0.0, []
         for xm, ym in zip(torch.chunk(x, n), torch.chunk(y, n)):
             loss = torch.nn.functional.mse_loss(model(xm), ym) / n
             loss.backward()
-            total += float(loss) * n
+            total += float(loss.detach()) * n
+            each.append(float(loss.detach()) * n)
         losses.append(total / n)
+        per_mb.append(each)
         opt.step()
         opt.zero_grad()
-    return losses, [list(b.parameters()) for b in blocks]
+    return losses, [list(b.parameters()) for b in blocks], per_mb
 
 
 def distributed(schedule, pp, dp, microbatches, steps, dtype):
     ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp
-    out = {"losses": None, "params": {}}
+    out = {"losses": None, "params": {}, "per_mb": None}
     lock = threading.Lock()
 
     def rank_main(world):
@@ -73,10 +75,12 @@ def distributed(schedule, pp, dp, microbatches, steps, dtype):
         mine = pipe.modules  # the stages it asked for: [r], or [r, PP-1-r] for DualPipe and DualPipeV
         params = [p for m in mine for p in m.parameters()]
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-        losses = train_pipeline(pipe, opt, (batch(step, dp * microbatches, dtype) for step in range(1, steps + 1)))
+        per_mb = []
+        losses = train_pipeline(pipe, opt, (batch(step, dp * microbatches, dtype) for step in range(1, steps + 1)),
+                                per_mb)
         with lock:
             if world.rank == 0:
-                out["losses"] = losses
+                out["losses"], out["per_mb"] = losses, per_mb
             for m in mine:
                 out["params"][blocks.index(m)] = [p.detach().clone() for p in m.parameters()]
 
@@ -89,10 +93,13 @@ class Equivalence(unittest.TestCase):
         n = 2 * pp  # DualPipe needs N >= 2 PP per replica
         steps = 3
         got = distributed(schedule, pp, dp, n, steps, dtype)
-        want_losses, want_params = reference(pp, n * dp, steps, dtype)
+        want_losses, want_params, want_per_mb = reference(pp, n * dp, steps, dtype)
         self.assertEqual(len(got["losses"]), steps)
         for s in range(steps):
             self.assertLessEqual(abs(got["losses"][s] - want_losses[s]), tol * abs(want_losses[s]), f"step {s + 1}")
+            self.assertEqual(len(got["per_mb"][s]), n * dp)
+            for i, (have, want) in enumerate(zip(got["per_mb"][s], want_per_mb[s])):  # the batch's order
+                self.assertLessEqual(abs(have - want), tol * abs(want), f"step {s + 1} microbatch {i}")
         self.assertEqual(sorted(got["params"]), list(range(pp)))
         for b in range(pp):
             for have, want in zip(got["params"][b], want_params[b]):
