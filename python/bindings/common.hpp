@@ -27,6 +27,7 @@ inline size_t bytes_of(const Array& a) { return a.nbytes(); }
 // expert-parallel group, and the call's context while the call lasts (null after it returned).
 struct StageCall {
     StageContext* ctx = nullptr;
+    bool forward_only = false;  // an evaluation forward: no backward follows
     std::shared_ptr<Communicator> ep_group, ep_group_backward;
 };
 

@@ -130,6 +130,7 @@ private:
     auto call(const Microbatch& mb, const char* what, F&& f) const -> decltype(f(nb::handle())) {
         nb::gil_scoped_acquire gil;
         auto handle = std::make_shared<StageCall>();
+        handle->forward_only = mb.forward_only;
         if (mb.ctx) {
             handle->ctx = mb.ctx;
             if (ExpertService* ep = mb.ctx->experts()) {
@@ -183,6 +184,7 @@ class PyTrainer {
 public:
     virtual ~PyTrainer() = default;
     virtual StepMetrics step() = 0;
+    virtual StepMetrics evaluate() = 0;
     virtual std::string save(const std::string& root, int keep) = 0;
     virtual long load(const std::string& path) = 0;
     virtual long steps_done() const = 0;
@@ -197,6 +199,7 @@ public:
     template <typename... Args>
     explicit PyTrainerOf(Args&&... args) : t_(std::forward<Args>(args)...) {}
     StepMetrics step() override { return t_.step(); }
+    StepMetrics evaluate() override { return t_.evaluate(t_.steps_done()); }
     std::string save(const std::string& root, int keep) override { return t_.save_checkpoint(root, keep); }
     long load(const std::string& path) override { return t_.load_checkpoint(path); }
     long steps_done() const override { return t_.steps_done(); }
@@ -271,7 +274,9 @@ void bind_stage_types(nb::module_& m) {
                      "the stage's expert-parallel group for forward exchanges (None without EP)")
         .def_prop_ro("ep_group_backward", [](const StageCall& c) { return c.ep_group_backward; },
                      "the same ranks, a second communicator: backward exchanges never interleave with forward ones")
-        .def_prop_ro("in_fb_pair", [](const StageCall& c) { return c.ctx && c.ctx->in_fb_pair(); });
+        .def_prop_ro("in_fb_pair", [](const StageCall& c) { return c.ctx && c.ctx->in_fb_pair(); })
+        .def_prop_ro("forward_only", [](const StageCall& c) { return c.forward_only; },
+                     "an evaluation forward: no backward follows (keep nothing for one)");
 
 }
 
@@ -431,6 +436,15 @@ void bind_trainer(nb::module_& m) {
                  {
                      nb::gil_scoped_release release;
                      m = t.get().step();
+                 }
+                 return metrics_dict(m);
+             })
+        .def("evaluate",
+             [](TrainerHandle& t) {
+                 StepMetrics m;
+                 {
+                     nb::gil_scoped_release release;
+                     m = t.get().evaluate();
                  }
                  return metrics_dict(m);
              })

@@ -240,6 +240,16 @@ class _TorchStage:
 
     def forward(self, mb, global_mb, step, x, call):
         _current.call = call
+        if call is not None and call.forward_only:  # evaluation: nothing kept for a backward
+            with torch.no_grad():
+                out = self.module(self.pipe._inputs[global_mb] if self.first else x)
+                if not self.last:
+                    return out.contiguous()
+                loss = self.pipe.loss_fn(out, self.pipe._labels[global_mb])
+                if loss.dim() != 0:
+                    raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar")
+                self.losses[mb] = float(loss)
+                return None
         if self.first:
             inp = self.pipe._inputs[global_mb]
         else:
@@ -391,6 +401,13 @@ class Pipeline:
                 raise DivergenceError(f"stopped after {metrics['bad_steps_in_a_row']} step(s) in a row that were not "
                                       f"finite, none applied. Last: {metrics['not_applied']}")
         return metrics["loss"]
+
+    def evaluate(self, inputs, labels):
+        """Forward and loss only (no gradient, nothing trained, no graph kept) over the global batch, split as step()
+        splits it; returns the mean loss (each microbatch's: last_metrics["losses"]). A collective."""
+        self._stage_batch(inputs, labels)
+        self.last_metrics = self._trainer.evaluate()
+        return self.last_metrics["loss"]
 
     def fit(self, batches, steps, save=None, save_every=0, keep=0, resume=None, on_step=None):
         """Trains until `steps` steps are done, through Duplex's training loop (the one `duplex train` runs): resumes

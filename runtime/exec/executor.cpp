@@ -83,6 +83,7 @@ struct Executor::Run {
     std::mutex stream_mutex;
     std::condition_variable stream_cv;
     uint64_t next_ticket = 0, serving = 0;
+    bool forward_only = false;  // run_forward: every call is an evaluation forward
 
     void acquire() {
         if (!ex.options_.exclusive_compute) return;
@@ -109,7 +110,6 @@ struct Executor::Run {
         if (fb_expert) result.fb_expert_comm.push_back({t0, t1});
     }
 
-    // One stage call: holds the compute stream except during waits; its compute time is the call minus them.
     // One stage call. Without exclusive_compute its compute is the call minus its waits. With it, the call takes
     // the rank's compute stream at each compute_begins() and holds it to its next wait (or its end): a wait
     // releases the stream and does not take it back (the half whose exchange finished may have nothing left to
@@ -195,6 +195,7 @@ struct Executor::Run {
     }
     Microbatch micro(const Chunk& c, bool needs_data) const {
         Microbatch m;
+        m.forward_only = forward_only;
         m.id = c.mb;
         m.global = global_offset + c.mb;
         m.step = step;
@@ -358,6 +359,22 @@ ExecutorStep Executor::run(const std::map<int, Stage*>& stages,
             }
         }
     }
+    {
+        auto span = tracer_.scope(Lane::Comm, "drain sends");
+        transport_.drain();
+    }
+    r.result.schedule_us = tracer_.now_us() - start;
+    return std::move(r.result);
+}
+
+ExecutorStep Executor::run_forward(const std::map<int, Stage*>& stages,
+                                   const std::function<const MicrobatchData*(int)>& data_of, int step,
+                                   int global_offset) {
+    Run r{*this, stages, data_of, step, global_offset, schedule_.pp - 1, {}, {}, {}, {}, {}, false};
+    r.forward_only = true;
+    double start = tracer_.now_us();
+    for (const Instr& in : schedule_.ranks[prank_])
+        if (in.op == Op::F || in.op == Op::FB) r.chunk(in, in.f, false, false);
     {
         auto span = tracer_.scope(Lane::Comm, "drain sends");
         transport_.drain();

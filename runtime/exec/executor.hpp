@@ -60,6 +60,11 @@ public:
     // data_of(mb) gives the first and last stage their microbatch's data (may be empty or return null).
     ExecutorStep run(const std::map<int, Stage*>& stages, const std::function<const MicrobatchData*(int mb)>& data_of,
                      int step, int global_offset);
+    // The forward chunks of this rank's list alone, in its order (Microbatch::forward_only): an evaluation pass
+    // over the same microbatches, with their losses. Deadlock-free whenever the schedule is: it keeps the order of
+    // the forwards and drops only waits.
+    ExecutorStep run_forward(const std::map<int, Stage*>& stages,
+                             const std::function<const MicrobatchData*(int mb)>& data_of, int step, int global_offset);
 
     struct Run;  // one step's state (executor.cpp)
 

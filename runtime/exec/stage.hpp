@@ -56,6 +56,9 @@ struct Microbatch {
     // backward_input only: backward_weight of this microbatch follows at once in the same call (BW, or the
     // backward of an F&B pair), so a stage may fuse the two.
     bool weight_follows = false;
+    // forward and loss only: an evaluation run, no backward follows — the stage keeps nothing for one (what its
+    // forward saved is released once the call returns; on the last stage once loss() returns).
+    bool forward_only = false;
     StageContext* ctx = nullptr;   // the executor's services for this call (never null inside the executor)
 };
 

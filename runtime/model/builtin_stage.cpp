@@ -78,9 +78,17 @@ Tensor BuiltinStage<T>::forward(const Microbatch& mb, const TensorView& input) {
         std::lock_guard<std::mutex> lock(aux_mutex_);
         aux_loss_ += model_->aux_loss(mb.id);
     }
+    if (mb.forward_only && !model_->has_head()) model_->discard(mb.id);  // the last stage: after its loss
     if (out.empty()) return {};
     int64_t rows = int64_t(out.size()) / cfg_.hidden;
     return Tensor::from_vector(std::move(out), {rows, cfg_.hidden});
+}
+
+template <typename T>
+double BuiltinStage<T>::loss(const Microbatch& mb) {
+    double l = model_->loss(mb.id);
+    if (mb.forward_only) model_->discard(mb.id);
+    return l;
 }
 
 template <typename T>

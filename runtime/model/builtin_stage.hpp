@@ -43,7 +43,7 @@ public:
     TensorSpec input_spec(const Microbatch& mb) const override;
     TensorSpec output_spec(const Microbatch& mb) const override { return input_spec(mb); }
     Tensor forward(const Microbatch& mb, const TensorView& input) override;
-    double loss(const Microbatch& mb) override { return model_->loss(mb.id); }
+    double loss(const Microbatch& mb) override;
     Tensor backward_input(const Microbatch& mb, const TensorView& grad_output) override;
     void backward_weight(const Microbatch& mb) override { model_->backward_weight(mb.id); }
     std::vector<StateBuffer> state() override;

@@ -204,6 +204,16 @@ void ModelStage<T>::backward_weight(int mb) {
 }
 
 template <typename T>
+void ModelStage<T>::discard(int mb) {
+    Impl& I = *impl_;
+    auto it = I.micro.find(mb);
+    if (it == I.micro.end()) return;
+    if (it->second.forward_done && !it->second.backward_done) ledger_.release("activations", it->second.act_bytes);
+    if (it->second.backward_done) ledger_.release("wgrad_inputs", it->second.w_bytes);
+    I.micro.erase(it);
+}
+
+template <typename T>
 std::vector<T> ModelStage<T>::backward(int mb, std::vector<T> grad_output, StageContext* ctx) {
     std::vector<T> dx = backward_input(mb, std::move(grad_output), ctx);
     backward_weight(mb);

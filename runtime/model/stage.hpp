@@ -102,6 +102,8 @@ public:
     void backward_weight(int mb);
     // B and W together.
     std::vector<T> backward(int mb, std::vector<T> grad_output, StageContext* ctx = nullptr);
+    // Forgets microbatch mb (an evaluation forward no backward follows): what its forward kept is released.
+    void discard(int mb);
 
     std::vector<Param<T>*> parameters();
     // Zeroes every gradient and starts a step: the expert compute is told the weights may have changed (a device

@@ -283,6 +283,37 @@ void sum_statistics(Impl& I, StepMetrics& m) {
     I.summed_statistics = std::move(summed);
 }
 
+// A step's microbatches as the stages read them: the first and last stage read the same one, so each is made
+// once, on first use (node-stable in the map: the executor keeps the views).
+template <typename Impl>
+struct StepBatches {
+    Impl& I;
+    long step;
+    int offset;
+    std::mutex mutex;
+    std::map<int, std::pair<Batch, MicrobatchData>> cache;
+    const MicrobatchData* operator()(int mb) {
+        if (!I.batches) return nullptr;
+        std::lock_guard<std::mutex> lock(mutex);
+        auto it = cache.find(mb);
+        if (it == cache.end()) {
+            it = cache.emplace(mb, std::make_pair(I.batches->batch(step, offset + mb), MicrobatchData{})).first;
+            it->second.second = microbatch_data(it->second.first);
+        }
+        return &it->second.second;
+    }
+};
+
+// Each microbatch's loss of the global batch on every rank: it sits on the rank that ran its last stage; the
+// world sums them.
+template <typename Impl>
+std::vector<double> world_losses(Impl& I, const ExecutorStep& r, int offset) {
+    std::vector<double> losses(size_t(I.o.microbatches) * I.p.dp, 0.0);
+    for (auto& [mb, l] : r.losses) losses[size_t(offset + mb)] = l;
+    I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
+    return losses;
+}
+
 }  // namespace
 
 template <typename T>
@@ -366,32 +397,17 @@ StepMetrics PipelineTrainer<T>::step() {
     ++I.step_;
     StepMetrics m;
     m.step = I.step_;
-    const int N = I.o.microbatches, offset = I.grid.dp_index * N;
+    const int offset = I.grid.dp_index * I.o.microbatches;
     for (auto& [s, stage] : I.stages) stage->zero_grad();
 
-    // The first and last stage read the same microbatch: one batch per microbatch per step.
-    std::mutex batch_mutex;
-    std::map<int, std::pair<Batch, MicrobatchData>> batch_cache;  // a batch and its views (node-stable in the map)
-    auto data_of = [&](int mb) -> const MicrobatchData* {
-        if (!I.batches) return nullptr;
-        std::lock_guard<std::mutex> lock(batch_mutex);
-        auto it = batch_cache.find(mb);
-        if (it == batch_cache.end()) {
-            it = batch_cache.emplace(mb, std::make_pair(I.batches->batch(I.step_, offset + mb), MicrobatchData{})).first;
-            it->second.second = microbatch_data(it->second.first);
-        }
-        return &it->second.second;
-    };
+    StepBatches<Impl> data{I, I.step_, offset};
     std::map<int, Stage*> stages = this->stages();
-    ExecutorStep r = I.executor->run(stages, data_of, I.step_, offset);
+    ExecutorStep r = I.executor->run(stages, [&](int mb) { return data(mb); }, I.step_, offset);
 
     double slowest_us = 0;
     m.bubble_fraction = I.bubble_share(r.schedule_us, r.compute_us, slowest_us);
     measure_overlap(*I.world, r, m);
-    // Losses: each microbatch's loss sits on the rank that ran its last stage; the world sums them.
-    std::vector<double> losses(size_t(N) * I.p.dp, 0.0);
-    for (auto& [mb, l] : r.losses) losses[size_t(offset + mb)] = l;
-    I.world->all_reduce(losses.data(), losses.size(), DType::F64)->wait();
+    std::vector<double> losses = world_losses(I, r, offset);
     for (double l : losses) m.loss += l / double(losses.size());
     m.losses = losses;
 
@@ -411,6 +427,24 @@ StepMetrics PipelineTrainer<T>::step() {
         m.step_time_s = sw.seconds();
     }
     m.tokens_per_s = double(losses.size()) * double(I.tokens_per_microbatch) / std::max(m.step_time_s, 1e-9);
+    return m;
+}
+
+template <typename T>
+StepMetrics PipelineTrainer<T>::evaluate(long data_step) {
+    Impl& I = *impl_;
+    Stopwatch sw;
+    StepMetrics m;
+    m.step = int(data_step);
+    const int offset = I.grid.dp_index * I.o.microbatches;
+    StepBatches<Impl> data{I, data_step, offset};
+    ExecutorStep r = I.executor->run_forward(stages(), [&](int mb) { return data(mb); }, int(data_step), offset);
+    m.losses = world_losses(I, r, offset);
+    for (double l : m.losses) m.loss += l / double(m.losses.size());
+    // What the forwards counted (expert loads, balance losses) belongs to no training step: dropped.
+    for (auto& [s, stage] : I.stages) stage->take_statistics();
+    m.step_time_s = sw.seconds();
+    m.tokens_per_s = double(m.losses.size()) * double(I.tokens_per_microbatch) / std::max(m.step_time_s, 1e-9);
     return m;
 }
 

@@ -73,6 +73,10 @@ public:
                     StageFactory factory = {}, std::shared_ptr<const BatchSource> batches = nullptr);
     ~PipelineTrainer();
     StepMetrics step();
+    // Forward and loss only, over the microbatches of the batch source's step `data_step` (a Python stage reads
+    // the inputs staged for it): each microbatch's loss and their mean, nothing trained, no statistic kept. A
+    // collective, between steps.
+    StepMetrics evaluate(long data_step);
     // The stages built on this rank, by model stage id.
     std::map<int, Stage*> stages();
     // The parameters of the model stages whose "down" copy lives here, by name (each name on exactly one rank

@@ -117,6 +117,52 @@ class Equivalence(unittest.TestCase):
                 self.check(schedule, 4, 2, torch.float32, 1e-5)
 
 
+class Evaluate(unittest.TestCase):
+    """Pipeline.evaluate: forward and loss only; each microbatch's loss equals plain PyTorch's on the same weights,
+    and nothing changes: parameters, their .grad, and the next training step."""
+
+    def test_every_schedule(self):
+        for schedule, dp in itertools.product(["1f1b", "zb1p", "dualpipe", "dualpipev"], [1, 2]):
+            with self.subTest(schedule=schedule, dp=dp):
+                self.check(schedule, 4, dp)
+
+    def check(self, schedule, pp, dp):
+        n, dtype = 2 * pp, torch.float64
+        x, y = batch(9, n * dp, dtype)
+        model = torch.nn.Sequential(*make_stages(pp, dtype))
+        with torch.no_grad():
+            want = [float(torch.nn.functional.mse_loss(model(a), b)) for a, b in zip(torch.chunk(x, n * dp),
+                                                                                    torch.chunk(y, n * dp))]
+        out, lock = {}, threading.Lock()
+
+        def rank_main(world):
+            blocks = make_stages(pp, dtype)
+            pipe = dt.Pipeline(world, lambda s: blocks[s], schedule=schedule, pp=pp, dp=dp, microbatches=n,
+                               loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH))
+            params = [p for m in pipe.modules for p in m.parameters()]
+            before = [p.detach().clone() for p in params]
+            mean = pipe.evaluate(x, y)
+            losses = pipe.last_metrics["losses"]
+            unchanged = all(torch.equal(a, p) for a, p in zip(before, params))
+            no_grad = all(p.grad is None or not p.grad.any() for p in params)
+            step_after = pipe.step(*batch(1, n * dp, dtype))
+            pipe.close()
+            with lock:
+                out[world.rank] = (mean, losses, unchanged, no_grad, step_after)
+
+        ranks = (pp // 2 if schedule == "dualpipev" else pp) * dp
+        dt.run(rank_main, ranks=ranks, timeout_s=60)
+        plain = distributed(schedule, pp, dp, n, 1, dtype)["losses"][0]  # the same step, no evaluate before it
+        for r, (mean, losses, unchanged, no_grad, step_after) in out.items():
+            self.assertEqual(len(losses), n * dp)
+            for i, (have, w) in enumerate(zip(losses, want)):
+                self.assertLessEqual(abs(have - w), 1e-12 * abs(w), f"rank {r} microbatch {i}")
+            self.assertLessEqual(abs(mean - sum(want) / len(want)), 1e-12 * abs(mean))
+            self.assertTrue(unchanged, f"rank {r}: evaluate changed a parameter")
+            self.assertTrue(no_grad, f"rank {r}: evaluate left a gradient")
+            self.assertEqual(step_after, plain, f"rank {r}: the step after evaluate differs")
+
+
 class ZeroAdamWAndEma(unittest.TestCase):
     def test_against_torch_adamw_and_a_plain_ema(self):
         pp, dp, n, steps, decay = 2, 2, 4, 3, 0.9
