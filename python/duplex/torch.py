@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from . import _duplex
+from . import _dualpipe
 from ._duplex import DivergenceError  # noqa: F401  (raised by step() and fit() on a run that diverges)
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -41,6 +42,11 @@ _current = threading.local()  # the stage call (duplex._duplex.StageCall) runnin
 
 def _call():
     return getattr(_current, "call", None)
+
+
+def _current_world():
+    """The world of the duplex.torch.run rank function running on this thread (None elsewhere)."""
+    return getattr(_current, "world", None)
 
 
 def ep_group():
@@ -228,6 +234,7 @@ class _TorchStage:
         self.first = info.stage == 0
         self.last = info.stage == info.num_stages - 1
         self.saved = {}  # mb -> (input that needs a gradient or None, output or scaled loss, output gradient)
+        self.deferred = {}  # mb -> weight-gradient closures custom functions deferred during B
         self.losses = {}
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.zero_grad()
@@ -238,28 +245,36 @@ class _TorchStage:
     def activation(self, mb):
         return list(self.pipe.activation_shape), _ELEMENT[self.pipe.dtype]
 
+    def _run(self, inp):
+        return self.module(*inp) if isinstance(inp, tuple) else self.module(inp)
+
+    def _loss(self, mb, global_mb, out):
+        loss = self.pipe.loss_fn(out, self.pipe._labels[global_mb])
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar")
+        self.losses[mb] = float(loss.detach())
+        if self.pipe._chunk_losses is not None:  # DualPipe's step returns them (and the outputs)
+            self.pipe._chunk_losses[global_mb] = loss.detach()
+            if self.pipe._keep_outputs:
+                self.pipe._chunk_outputs[global_mb] = out.detach()
+        return loss
+
     def forward(self, mb, global_mb, step, x, call):
         _current.call = call
         if call is not None and call.forward_only:  # evaluation: nothing kept for a backward
             with torch.no_grad():
-                out = self.module(self.pipe._inputs[global_mb] if self.first else x)
+                out = self._run(self.pipe._inputs[global_mb] if self.first else x)
                 if not self.last:
                     return out.contiguous()
-                loss = self.pipe.loss_fn(out, self.pipe._labels[global_mb])
-                if loss.dim() != 0:
-                    raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar")
-                self.losses[mb] = float(loss)
+                self._loss(mb, global_mb, out)
                 return None
         if self.first:
             inp = self.pipe._inputs[global_mb]
         else:
             inp = x.detach().requires_grad_(True)
-        out = self.module(inp)
+        out = self._run(inp)
         if self.last:
-            loss = self.pipe.loss_fn(out, self.pipe._labels[global_mb])
-            if loss.dim() != 0:
-                raise ValueError(f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar")
-            self.losses[mb] = float(loss.detach())
+            loss = self._loss(mb, global_mb, out)
             self.saved[mb] = [None if self.first else inp, loss * self.info.loss_scale, None]
             return None
         self.saved[mb] = [None if self.first else inp, out, None]
@@ -284,7 +299,10 @@ class _TorchStage:
         self.saved[mb] = (inp, out, grad_out)
         if inp is None:  # the first stage has no input gradient: all of its backward is W
             return None
-        (dx,) = torch.autograd.grad(out, [inp], grad_out, retain_graph=True)
+        # Custom autograd functions that defer their weight gradients (WeightGradStore) put them here; W runs them.
+        with _dualpipe.deferring() as deferred:
+            (dx,) = torch.autograd.grad(out, [inp], grad_out, retain_graph=True)
+        self.deferred[mb] = deferred
         return dx.contiguous()
 
     def backward_weight(self, mb, call):
@@ -292,7 +310,15 @@ class _TorchStage:
         inp, out, grad_out = self.saved.pop(mb)
         if isinstance(grad_out, str):  # done together with B
             return
-        self._accumulate(torch.autograd.grad(out, self.params, grad_out, allow_unused=True))
+        deferred = self.deferred.pop(mb, None)
+        if deferred is None:  # no B ran (the first stage): custom functions accumulate as autograd reaches them
+            self._accumulate(torch.autograd.grad(out, self.params, grad_out, allow_unused=True))
+            return
+        with _dualpipe.deferring():  # this second pass puts the same closures again: dropped
+            grads = torch.autograd.grad(out, self.params, grad_out, allow_unused=True)
+        self._accumulate(grads)
+        for f in deferred:
+            f()
 
     def _accumulate(self, grads):
         with torch.no_grad():
@@ -344,7 +370,8 @@ class Pipeline:
     step() and fit() raise DivergenceError (fit keeps its last checkpoint as it was)."""
 
     def __init__(self, world, modules, schedule="1f1b", pp=None, dp=1, microbatches=4, loss_fn=None,
-                 activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0, ep=1, max_bad_steps=3):
+                 activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0, ep=1, max_bad_steps=3,
+                 _sum_pairs=True, _loss_scale=0.0):
         if loss_fn is None:
             raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
         if int(max_bad_steps) < 0:
@@ -369,6 +396,8 @@ class Pipeline:
         if self.dtype not in _DTYPES:
             raise ValueError(f"parameters of {self.dtype}: the trainer runs float32 or float64")
         self._inputs = self._labels = None
+        self._chunk_losses = self._chunk_outputs = None  # DualPipe's step: per-chunk losses and outputs kept here
+        self._keep_outputs = False
         if optimizer is None:
             kind, lr, wd, clip = "none", 1e-3, 0.0, 0.0
         elif isinstance(optimizer, ZeroAdamW):
@@ -376,7 +405,7 @@ class Pipeline:
         else:
             raise ValueError("optimizer: None (use a torch optimizer on .grad) or duplex.torch.ZeroAdamW(...)")
         self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, ep, microbatches, self._make_stage,
-                                         _DTYPES[self.dtype], kind, lr, wd, clip, ema_decay)
+                                         _DTYPES[self.dtype], kind, lr, wd, clip, ema_decay, _sum_pairs, _loss_scale)
 
     def _make_stage(self, info):
         return _TorchStage(self, self.modules[self.stages.index(info.stage)], info)
@@ -455,5 +484,17 @@ class Pipeline:
 
 
 def run(fn, ranks, **kwargs):
-    """Runs fn(world) on `ranks` in-process ranks (threads of this process), as duplex.launch."""
-    return _duplex.launch(fn, ranks=ranks, **kwargs)
+    """Runs fn(world) on `ranks` in-process ranks (threads of this process), as duplex.launch. A DualPipe or
+    DualPipeV built in fn without process_group= takes fn's world."""
+    def rank_main(world):
+        _current.world = world
+        try:
+            return fn(world)
+        finally:
+            _current.world = None
+
+    return _duplex.launch(rank_main, ranks=ranks, **kwargs)
+
+
+from ._dualpipe import (DualPipe, DualPipeV, WeightGradStore, run_backward, set_p2p_tensor_dtype,  # noqa: E402,F401
+                        set_p2p_tensor_shapes)

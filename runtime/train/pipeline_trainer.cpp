@@ -10,6 +10,9 @@ template <typename T>
 void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& o, int world_size, bool custom_stages) {
     o.validate();
     RunPlan plan{p.schedule, p.pp, p.dp, p.ep};
+    DUPLEX_CHECK_ARG(p.sum_pairs || p.optimizer == "none", "sum_pairs",
+                     "DualPipe's copies keep their own gradients only without an optimizer (optimizer 'none')");
+    DUPLEX_CHECK_ARG(p.loss_scale >= 0, "loss_scale", "must not be negative, got {}", p.loss_scale);
     if (custom_stages) {
         plan.validate(o.microbatches, p.ep);  // EP groups are the caller's to use: any EP dividing DP
         RankGrid::validate({plan.pipeline_ranks(), p.dp, p.ep}, world_size, p.ep);
@@ -69,7 +72,7 @@ void make_stages(Impl& I, const StageFactory& factory, int layers, int pp) {
                     LayerRange lr = I.plan.layers_of_stage(s, layers);
                     info.first_layer = lr.first, info.num_layers = lr.count;
                 }
-                info.loss_scale = 1.0 / (double(I.o.microbatches) * I.p.dp);
+                info.loss_scale = I.p.loss_scale > 0 ? I.p.loss_scale : 1.0 / (double(I.o.microbatches) * I.p.dp);
                 info.rank = I.world->rank();
                 info.dtype = dtype_of<typename Impl::Value>();
                 info.ep_rank = I.grid.ep_index, info.ep_size = I.p.ep;
@@ -147,7 +150,7 @@ double update_weights(Impl& I, bool apply) {
     for (auto& [s, stage] : I.stages) params[s] = I.parameters_of(*stage);
     auto all = [](const StateBuffer&) { return true; };
     // The two DualPipe copies of a stage: sum their gradients (both ranks hold the same two stages).
-    if (I.pair) {
+    if (I.pair && I.p.sum_pairs) {
         std::vector<StateBuffer*> every;
         for (auto& [s, bufs] : params)
             for (StateBuffer& b : bufs) every.push_back(&b);

@@ -43,6 +43,12 @@ struct PipelineOptions {
     // summed over DualPipe's copies and all-reduced over DP (routed experts over expert-DP) and left in the
     // stages' gradient buffers for the caller's optimizer (a framework's own, e.g. torch.optim).
     std::string optimizer = "zero1-adamw";
+    // DualPipe's two copies of a stage sum their gradients at step end (false: each copy keeps its own, as
+    // deepseek-ai/DualPipe leaves them; only with optimizer "none").
+    bool sum_pairs = true;
+    // d(step loss) / d(microbatch loss) handed to the stages (StageInfo::loss_scale); 0: 1 / (microbatches x DP),
+    // the mean. 1: each microbatch's loss backpropagated as it is (DualPipe's convention).
+    double loss_scale = 0;
     // Custom stages: the model's layer count, split over the stages into StageInfo::first_layer/num_layers
     // (layers_of_stage). The built-in model takes its own.
     int layers = 0;
