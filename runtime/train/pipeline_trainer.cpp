@@ -290,6 +290,7 @@ void sum_statistics(Impl& I, StepMetrics& m) {
 // once, on first use (node-stable in the map: the executor keeps the views).
 template <typename Impl>
 struct StepBatches {
+    StepBatches(Impl& impl, long s, int o) : I(impl), step(s), offset(o) {}
     Impl& I;
     long step;
     int offset;
