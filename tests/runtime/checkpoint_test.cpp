@@ -10,6 +10,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/runtime/temp_dir.hpp"
+
 #include "comm/launch.hpp"
 #include "runtime/train/fit.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
@@ -21,14 +23,8 @@ namespace {
 namespace fs = std::filesystem;
 using sched::ScheduleKind;
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        char tmpl[] = "/tmp/duplex-ckpt-XXXXXX";
-        path = ::mkdtemp(tmpl);
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string operator/(const std::string& s) const { return (path / s).string(); }
+struct TempDir : testing_support::TempDir {
+    TempDir() : testing_support::TempDir("duplex-ckpt") {}
 };
 
 struct Layout {

@@ -14,6 +14,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/runtime/temp_dir.hpp"
+
 #include "comm/launch.hpp"
 #include "core/error.hpp"
 #include "runtime/train/checkpoint.hpp"
@@ -25,14 +27,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        char tmpl[] = "/tmp/duplex-diverge-XXXXXX";
-        path = ::mkdtemp(tmpl);
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string operator/(const std::string& s) const { return (path / s).string(); }
+struct TempDir : testing_support::TempDir {
+    TempDir() : testing_support::TempDir("duplex-diverge") {}
 };
 
 // The built-in stage, with a NaN written into its last parameter's gradient after the weight gradients of
