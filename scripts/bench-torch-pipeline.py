@@ -4,7 +4,11 @@ microbatches, side by side in one run (CPU, gloo for torch; Duplex's in-process 
 overhead per instruction (the same pipeline with modules too small to compute anything).
 
     .venv/bin/python scripts/bench-torch-pipeline.py [--width 512] [--stages 4] [--microbatches 8] [--steps 6]
+    .venv/bin/python scripts/bench-torch-pipeline.py --profile-calls    # where the width-4 run's time goes
 Needs PYTHONPATH=build/python (make bench sets it). Both sides use one intra-op thread per rank.
+--profile-calls runs only the width-4 Duplex pipeline, with every method of its Python stages and
+torch.autograd.grad timed by the calling thread's CPU time (time.thread_time: a thread waiting for the GIL
+counts nothing), and prints the CPU time per call after the warm-up step.
 """
 import argparse
 import os
@@ -56,12 +60,12 @@ def torch_rank(rank, a, port, out):
     dist.destroy_process_group()
 
 
-def duplex_run(a, width):
+def duplex_run(a, width, times=None):
     import duplex
     import duplex.torch as dt
     torch.set_num_threads(1)
     blocks = make_blocks(a.stages, width)
-    times, lock = [], threading.Lock()
+    times, lock = ([] if times is None else times), threading.Lock()
 
     def rank_main(world):
         r = world.rank
@@ -84,6 +88,44 @@ def duplex_run(a, width):
     return times, instructions
 
 
+def profile_calls(a):
+    """CPU time per call of each Python stage method (and of torch.autograd.grad inside them), width-4 modules."""
+    import collections
+    import duplex.torch as dt
+    spent, calls, lock = collections.Counter(), collections.Counter(), threading.Lock()
+    counting = [False]
+
+    def timed(name, f):
+        def run(*args, **kwargs):
+            t = time.thread_time()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                if counting[0]:
+                    with lock:
+                        spent[name] += time.thread_time() - t
+                        calls[name] += 1
+        return run
+
+    for name in ["forward", "backward_input", "backward_weight", "loss", "activation", "state", "zero_grad"]:
+        setattr(dt._TorchStage, name, timed(name, getattr(dt._TorchStage, name)))
+    torch.autograd.grad = timed("  torch.autograd.grad", torch.autograd.grad)
+    steps = a.steps
+
+    class Counting(list):  # duplex_run appends each step's time on rank 0: start counting after the warm-up
+        def append(self, t):
+            super().append(t)
+            counting[0] = True
+
+    times, instructions = duplex_run(a, 4, Counting())
+    counted = steps - 1
+    print(f"# width-4 DualPipeV, {a.stages} stages on {a.stages // 2} in-process ranks, {a.microbatches} microbatches; "
+          f"steps {1e3 * statistics.median(times[1:]):.2f} ms (median); CPU time per call, all ranks, after the warm-up:")
+    for name in sorted(spent, key=lambda n: -spent[n]):
+        print(f"{name:24s} {calls[name] / counted:6.1f} calls/step  {1e6 * spent[name] / calls[name]:8.1f} us/call  "
+              f"{1e3 * spent[name] / counted:7.2f} ms/step")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=512)
@@ -91,7 +133,10 @@ def main():
     ap.add_argument("--stages", type=int, default=4, help="model stages (DualPipeV: on stages/2 ranks)")
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="the first is a warm-up; the median of the rest counts")
+    ap.add_argument("--profile-calls", action="store_true", help="only: where the width-4 Duplex run's time goes")
     a = ap.parse_args()
+    if a.profile_calls:
+        return profile_calls(a)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = 29000 + os.getpid() % 1000
