@@ -498,3 +498,5 @@ def run(fn, ranks, **kwargs):
 
 from ._dualpipe import (DualPipe, DualPipeV, WeightGradStore, run_backward, set_p2p_tensor_dtype,  # noqa: E402,F401
                         set_p2p_tensor_shapes)
+from ._schedules import (PipelineStage, Schedule1F1B, ScheduleDualPipe, ScheduleDualPipeV,  # noqa: E402,F401
+                         ScheduleZB1P)

@@ -1,0 +1,128 @@
+"""torch.distributed.pipelining's interface on Duplex's executor: PipelineStage and schedules whose step() and
+eval() take the arguments torch's do, so a pipelining script switches by its import and its schedule name.
+
+    stage = PipelineStage(module, stage_index, num_stages, device)          # one stage per rank
+    schedule = Schedule1F1B(stage, n_microbatches=8, loss_fn=loss_fn)        # or ScheduleZB1P
+    stages = [PipelineStage(m, i, num_stages, device) for m, i in mine]      # two per rank
+    schedule = ScheduleDualPipeV(stages, n_microbatches=8, loss_fn=loss_fn)  # or ScheduleDualPipe
+    output = schedule.step(x, target=y, losses=losses)   # x on the first stage's rank, y on the last's
+
+As torch's: the whole batch is split into n_microbatches along dim 0; the last stage's rank gets the merged
+outputs (None elsewhere) and, with losses=[...], each microbatch's loss appended (ScheduleDualPipe holds the first
+and the last stage on two ranks each, one per direction: each passes the whole batch and gets the losses and
+outputs of the microbatches whose last stage it ran — the second half on rank 0, the first on the last rank); gradients accumulate in .grad,
+divided by n_microbatches when scale_grads (the default; False: the losses' gradients summed); eval() runs
+forward and loss only. The stages' ranks are a Duplex communicator (group=, or the world of the duplex.torch.run
+rank function building them). The shape crossing the stage boundaries is found at the first step by running the
+first stage on the first microbatch without gradients (one shape at every boundary for now).
+"""
+import torch
+
+
+class PipelineStage:
+    def __init__(self, submodule, stage_index, num_stages, device=None, input_args=None, output_args=None,
+                 group=None, dw_builder=None):
+        from . import torch as dt
+        self.submod, self.stage_index, self.num_stages = submodule, stage_index, num_stages
+        self.device = device
+        self.group = group if group is not None else dt._current_world()
+        if self.group is None:
+            raise ValueError("PipelineStage: no group — pass group= (a Duplex communicator) or build it inside a "
+                             "duplex.torch.run rank function")
+        if not 0 <= stage_index < num_stages:
+            raise ValueError(f"stage_index {stage_index} outside 0..{num_stages - 1}")
+
+
+class _Schedule:
+    kind = None  # Duplex's schedule name
+
+    def __init__(self, stages, n_microbatches, loss_fn=None, scale_grads=True, **unsupported):
+        if unsupported:
+            raise ValueError(f"{type(self).__name__}: unsupported arguments {sorted(unsupported)}")
+        if loss_fn is None:
+            raise ValueError(f"{type(self).__name__} needs a loss_fn(output, target)")
+        self.stages = stages if isinstance(stages, (list, tuple)) else [stages]
+        self.n, self.loss_fn, self.scale_grads = n_microbatches, loss_fn, scale_grads
+        self.world = self.stages[0].group
+        self.num_stages = self.stages[0].num_stages
+        self._pipe = None
+
+    def _mine(self):
+        return {s.stage_index: s for s in self.stages}
+
+    def _shape(self, args):
+        """The boundary shape: the first stage's output on the first microbatch, from rank 0 (which holds the first
+        stage under every schedule) to every rank."""
+        mine = self._mine()
+        dims = torch.zeros(8, dtype=torch.int64)
+        if 0 in mine and self.world.rank == 0:
+            with torch.no_grad():
+                out = mine[0].submod(args[0].tensor_split(self.n, dim=0)[0])
+            if out.dim() > 7:
+                raise ValueError(f"stage outputs of {out.dim()} dimensions: at most 7")
+            dims[0] = out.dim()
+            dims[1:1 + out.dim()] = torch.tensor(out.shape)
+        self.world.all_reduce(dims)  # only rank 0 adds anything
+        return tuple(int(d) for d in dims[1:1 + int(dims[0])])
+
+    def _pipeline(self, args):
+        if self._pipe is None:
+            from . import torch as dt
+            mine = self._mine()
+            params = [p for s in self.stages for p in s.submod.parameters()]
+            self._pipe = dt.Pipeline(self.world, lambda s: mine[s].submod, schedule=self.kind, pp=self.num_stages,
+                                     microbatches=self.n, loss_fn=self.loss_fn, activation_shape=self._shape(args),
+                                     dtype=params[0].dtype if params else torch.float32,
+                                     _loss_scale=1.0 / self.n if self.scale_grads else 1.0)
+        return self._pipe
+
+    def _run(self, args, target, losses, return_outputs, forward_only):
+        pipe = self._pipeline(args)
+        mine = self._mine()
+        first, last = 0 in mine, self.num_stages - 1 in mine
+        if first and not args:
+            raise ValueError("step(): the first stage's rank passes the batch's inputs")
+        if last and target is None:
+            raise ValueError("step(): the last stage's rank passes target=")
+        pipe._inputs = dict(enumerate(args[0].tensor_split(self.n, dim=0))) if first else {}
+        pipe._labels = dict(enumerate(target.tensor_split(self.n, dim=0))) if last else {}
+        pipe._chunk_losses, pipe._chunk_outputs, pipe._keep_outputs = {}, {}, return_outputs
+        pipe.last_metrics = pipe._trainer.evaluate() if forward_only else pipe._trainer.step()
+        if not last:
+            return None
+        order = sorted(pipe._chunk_losses)
+        if losses is not None:
+            losses.extend(pipe._chunk_losses[mb] for mb in order)
+        return torch.cat([pipe._chunk_outputs[mb] for mb in order]) if return_outputs else None
+
+    def step(self, *args, target=None, losses=None, return_outputs=True):
+        """One training step: the batch split into n_microbatches; outputs merged on the last stage's rank."""
+        return self._run(args, target, losses, return_outputs, forward_only=False)
+
+    def eval(self, *args, target=None, losses=None, return_outputs=True):
+        """Forward and loss only, no gradients."""
+        return self._run(args, target, losses, return_outputs, forward_only=True)
+
+    def close(self):
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+
+
+class Schedule1F1B(_Schedule):
+    kind = "1f1b"
+
+
+class ScheduleZB1P(_Schedule):
+    """Zero-bubble 1P (ZB-H1): Duplex's schedule of that name, one stage per rank."""
+    kind = "zb1p"
+
+
+class ScheduleDualPipe(_Schedule):
+    """DualPipe: two stages per rank, r and num_stages-1-r."""
+    kind = "dualpipe"
+
+
+class ScheduleDualPipeV(_Schedule):
+    """DualPipeV: two stages per rank, r and num_stages-1-r, num_stages / 2 ranks."""
+    kind = "dualpipev"
