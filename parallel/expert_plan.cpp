@@ -207,18 +207,4 @@ TrafficBytes traffic_bytes(const std::vector<TrafficMove>& moves, double row_byt
     return traffic_volume(moves, t, me, hop).bytes(row_bytes, value_bytes);
 }
 
-long node_crossings(const std::vector<int>& dest, int tokens, int top_k, const Topology& t) {
-    long rows = 0;
-    std::vector<int> nodes;
-    for (int tok = 0; tok < tokens; ++tok) {
-        nodes.clear();
-        for (int k = 0; k < top_k; ++k) {
-            int node = t.node(dest[size_t(tok) * top_k + k]);
-            if (std::find(nodes.begin(), nodes.end(), node) == nodes.end()) nodes.push_back(node);
-        }
-        rows += long(nodes.size());
-    }
-    return rows;
-}
-
 }  // namespace duplex

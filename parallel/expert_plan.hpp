@@ -123,8 +123,4 @@ TrafficBytes traffic_bytes(const std::vector<TrafficMove>& moves, double row_byt
 std::vector<double> peer_bytes(const std::vector<TrafficMove>& moves, double row_bytes, double value_bytes, int me,
                                int hop = -1);
 
-// Distinct nodes each token's experts sit on (the inter-node rows of the node-limited path, own node included),
-// summed over tokens.
-long node_crossings(const std::vector<int>& dest, int tokens, int top_k, const Topology& t);
-
 }  // namespace duplex

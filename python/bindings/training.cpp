@@ -240,6 +240,16 @@ nb::dict metrics_dict(const StepMetrics& m) {
     return d;
 }
 
+// A training step, or a forward-only pass, without the GIL; its metrics as a dict.
+nb::dict run_step(TrainerHandle& t, bool forward_only) {
+    StepMetrics m;
+    {
+        nb::gil_scoped_release release;
+        m = forward_only ? t.get().evaluate() : t.get().step();
+    }
+    return metrics_dict(m);
+}
+
 nb::dict arrays_of(std::map<std::string, std::vector<double>> values) {
     nb::dict out;
     for (auto& [name, v] : values) {
@@ -431,24 +441,8 @@ void bind_trainer(nb::module_& m) {
         .def("steps_done", [](TrainerHandle& t) { return t.get().steps_done(); })
         .def("fit", &fit_trainer, "steps"_a, "save"_a = "", "save_every"_a = 0, "keep"_a = 0, "resume"_a = "",
              "before_step"_a = nb::none(), "on_step"_a = nb::none(), "max_bad_steps"_a = 3)
-        .def("step",
-             [](TrainerHandle& t) {
-                 StepMetrics m;
-                 {
-                     nb::gil_scoped_release release;
-                     m = t.get().step();
-                 }
-                 return metrics_dict(m);
-             })
-        .def("evaluate",
-             [](TrainerHandle& t) {
-                 StepMetrics m;
-                 {
-                     nb::gil_scoped_release release;
-                     m = t.get().evaluate();
-                 }
-                 return metrics_dict(m);
-             })
+        .def("step", [](TrainerHandle& t) { return run_step(t, false); })
+        .def("evaluate", [](TrainerHandle& t) { return run_step(t, true); }, "forward and loss only")
         .def("close", [](TrainerHandle& t) {
             nb::gil_scoped_release release;
             t.t.reset();

@@ -151,19 +151,14 @@ class _DualPipeBase(torch.nn.Module):
             raise ValueError("criterion is required on the ranks that compute the loss")
         xs = [_chunks(x, len(fed), self.batch_dim) for x in inputs] if fed else []
         ls = [_chunks(lab, len(judged), self.batch_dim) for lab in labels] if judged else []
-        pipe._inputs = {mb: tuple(c[i] for c in xs) for i, mb in enumerate(fed)}
-        pipe._labels = {mb: tuple(c[i] for c in ls) for i, mb in enumerate(judged)}
-        pipe._keep_outputs = return_outputs
-        pipe._chunk_losses, pipe._chunk_outputs = {}, {}
-        if forward_only:
-            pipe.last_metrics = pipe._trainer.evaluate()
-        else:
-            pipe.last_metrics = pipe._trainer.step()
-        mine = sorted(pipe._chunk_losses)
+        losses, outs = pipe._run_chunks({mb: tuple(c[i] for c in xs) for i, mb in enumerate(fed)},
+                                        {mb: tuple(c[i] for c in ls) for i, mb in enumerate(judged)},
+                                        return_outputs, forward_only)
+        mine = sorted(losses)
         if not mine:
             return None, None
-        loss = torch.stack([pipe._chunk_losses[mb] for mb in mine])
-        outputs = torch.cat([pipe._chunk_outputs[mb] for mb in mine], self.batch_dim) if return_outputs else None
+        loss = torch.stack([losses[mb] for mb in mine])
+        outputs = torch.cat([outs[mb] for mb in mine], self.batch_dim) if return_outputs else None
         return loss, outputs
 
     def close(self):

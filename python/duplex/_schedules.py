@@ -84,16 +84,15 @@ class _Schedule:
             raise ValueError("step(): the first stage's rank passes the batch's inputs")
         if last and target is None:
             raise ValueError("step(): the last stage's rank passes target=")
-        pipe._inputs = dict(enumerate(args[0].tensor_split(self.n, dim=0))) if first else {}
-        pipe._labels = dict(enumerate(target.tensor_split(self.n, dim=0))) if last else {}
-        pipe._chunk_losses, pipe._chunk_outputs, pipe._keep_outputs = {}, {}, return_outputs
-        pipe.last_metrics = pipe._trainer.evaluate() if forward_only else pipe._trainer.step()
+        got, outs = pipe._run_chunks(dict(enumerate(args[0].tensor_split(self.n, dim=0))) if first else {},
+                                     dict(enumerate(target.tensor_split(self.n, dim=0))) if last else {},
+                                     return_outputs, forward_only)
         if not last:
             return None
-        order = sorted(pipe._chunk_losses)
+        order = sorted(got)
         if losses is not None:
-            losses.extend(pipe._chunk_losses[mb] for mb in order)
-        return torch.cat([pipe._chunk_outputs[mb] for mb in order]) if return_outputs else None
+            losses.extend(got[mb] for mb in order)
+        return torch.cat([outs[mb] for mb in order]) if return_outputs else None
 
     def step(self, *args, target=None, losses=None, return_outputs=True):
         """One training step: the batch split into n_microbatches; outputs merged on the last stage's rank."""

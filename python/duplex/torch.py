@@ -422,21 +422,33 @@ class Pipeline:
         loss over the global batch's microbatches (each one's: last_metrics["losses"], in the batch's order).
         Gradients are left in the modules' .grad."""
         self._stage_batch(inputs, labels)
-        metrics = self._trainer.step()
+        return self._run()["loss"]
+
+    def _run(self, forward_only=False):
+        """One step (or forward-only pass) on the staged microbatches: its metrics, in last_metrics too; a step that
+        was not applied warns, and after max_bad_steps in a row raises DivergenceError."""
+        metrics = self._trainer.evaluate() if forward_only else self._trainer.step()
         self.last_metrics = metrics
         if not metrics["applied"]:
-            warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=2)
+            warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=3)
             if 0 < self.max_bad_steps <= metrics["bad_steps_in_a_row"]:
                 raise DivergenceError(f"stopped after {metrics['bad_steps_in_a_row']} step(s) in a row that were not "
                                       f"finite, none applied. Last: {metrics['not_applied']}")
-        return metrics["loss"]
+        return metrics
+
+    def _run_chunks(self, inputs, labels, keep_outputs, forward_only):
+        """_run on microbatches staged by id ({mb: input}, {mb: labels}; this rank's share); returns the losses and,
+        with keep_outputs, the outputs of the microbatches whose last stage ran here, by id."""
+        self._inputs, self._labels = inputs, labels
+        self._chunk_losses, self._chunk_outputs, self._keep_outputs = {}, {}, keep_outputs
+        self._run(forward_only)
+        return self._chunk_losses, self._chunk_outputs
 
     def evaluate(self, inputs, labels):
         """Forward and loss only (no gradient, nothing trained, no graph kept) over the global batch, split as step()
         splits it; returns the mean loss (each microbatch's: last_metrics["losses"]). A collective."""
         self._stage_batch(inputs, labels)
-        self.last_metrics = self._trainer.evaluate()
-        return self.last_metrics["loss"]
+        return self._run(forward_only=True)["loss"]
 
     def fit(self, batches, steps, save=None, save_every=0, keep=0, resume=None, on_step=None):
         """Trains until `steps` steps are done, through Duplex's training loop (the one `duplex train` runs): resumes
