@@ -359,6 +359,9 @@ void launch_store_processes(const LaunchOptions& o, const RankFn& fn, bool nccl_
                     auto comm = Communicator::create(transport, make_topology(o, *transport), {o.timeout_s});
                     fn(comm);
                     comm->barrier()->wait();
+                    // Whatever still holds the communicator (a framework that keeps it until its interpreter exits)
+                    // destroys the transport later, without the store: meet the other ranks now.
+                    transport->close();
                 } catch (const std::exception& e) {
                     log::error("comm", "rank {} failed: {}", p.rank, e.what());
                     transport->abort(e.what());

@@ -67,6 +67,7 @@ public:
     // transport aborts (the timeout that asks for this has already failed the operation).
     void cancel(Request& request) override;
     void abort(const std::string& reason) override;
+    void close() override { control_->close(); }
     std::vector<std::string> hostnames() const override { return control_->hostnames(); }
     std::string describe() const override;
     bool device_memory(const void* buf) const override { return channels_->device_memory(buf); }

@@ -116,6 +116,10 @@ public:
     // This rank gives up: requests of every rank that wait on it fail with a CommError naming it (where the
     // backend can reach them), and later calls here fail.
     virtual void abort(const std::string& reason) = 0;
+    // The launch that made this transport is over (every rank got here): meet the other ranks once more, as tearing
+    // down needs, and fail later operations. For a transport that outlives its launch (a framework keeping a
+    // communicator until its interpreter exits): its destructor then runs without the peers. Default: nothing.
+    virtual void close() {}
     // The host names of all ranks of the world (for Topology), exchanged at bootstrap.
     virtual std::vector<std::string> hostnames() const = 0;
     // Whether `buf` is device memory (a backend that moves it); the Communicator's collectives, which copy and add

@@ -22,7 +22,24 @@ std::string shape_str(const Shape& shape) { return fmt::format("[{}]", fmt::join
 
 std::string Device::str() const { return kind == CPU ? "cpu" : fmt::format("cuda:{}", index); }
 
-std::string TensorSpec::str() const { return fmt::format("{}{} on {}", dtype_name(dtype), shape_str(shape), device.str()); }
+std::string TensorSpec::str() const {
+    std::vector<std::string> dims;
+    for (int64_t d : shape) dims.push_back(d == kAnnounced ? "?" : std::to_string(d));
+    return fmt::format("{}[{}] on {}", dtype_name(dtype), fmt::join(dims, ", "), device.str());
+}
+
+bool TensorSpec::announced() const {
+    for (int64_t d : shape)
+        if (d == kAnnounced) return true;
+    return false;
+}
+
+bool TensorSpec::admits(const TensorSpec& got) const {
+    if (got.dtype != dtype || got.device != device || got.shape.size() != shape.size()) return false;
+    for (size_t i = 0; i < shape.size(); ++i)
+        if (shape[i] != kAnnounced && shape[i] != got.shape[i]) return false;
+    return true;
+}
 
 Tensor Tensor::wrap(void* data, DType dtype, Shape shape, Device device, std::shared_ptr<void> owner, int64_t capacity) {
     int64_t n = shape_numel(shape);

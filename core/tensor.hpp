@@ -36,8 +36,11 @@ struct Device {
     std::string str() const;  // "cpu", "cuda:1"
 };
 
-// What a tensor is without its data: dtype, shape and device. "f32[4, 16] on cpu".
+// What a tensor is without its data: dtype, shape and device. "f32[4, 16] on cpu". A dimension of kAnnounced
+// (-1) is not known ahead: the tensor's sender announces it with the tensor (a stage whose shapes change from
+// microbatch to microbatch, runtime/exec/stage.hpp); such a spec has no numel() until then.
 struct TensorSpec {
+    static constexpr int64_t kAnnounced = -1;
     DType dtype = DType::F32;
     Shape shape;
     Device device;
@@ -45,6 +48,11 @@ struct TensorSpec {
     int64_t numel() const { return shape_numel(shape); }
     size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
     std::string str() const;
+    // Some dimension is kAnnounced.
+    bool announced() const;
+    // `got` is a tensor this spec allows: the same dtype, device and rank, every dimension equal where this spec
+    // fixes it.
+    bool admits(const TensorSpec& got) const;
 };
 
 class TensorView {

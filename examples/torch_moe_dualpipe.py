@@ -110,7 +110,7 @@ def main():
             for b in mine:
                 b.keep_experts(d % a.ep, a.ep)
         pipe = dt.Pipeline(world, mine, schedule="dualpipe", pp=a.pp, dp=a.dp, ep=a.ep, microbatches=a.microbatches,
-                           loss_fn=loss_fn, activation_shape=(SEQS, SEQ, WIDTH), dtype=torch.float32)
+                           loss_fn=loss_fn)
         opt = torch.optim.AdamW([p for b in mine for p in b.parameters()], lr=3e-3)
         for step in range(1, a.steps + 1):
             loss = pipe.step(*batch(step, a.dp * a.microbatches * SEQS))

@@ -55,7 +55,7 @@ def main():
         r = world.rank // a.dp
         # The stages the schedule places on this rank, asked for by index.
         pipe = dt.Pipeline(world, lambda s: blocks[s], schedule=a.schedule, pp=pp, dp=a.dp, microbatches=a.microbatches,
-                           loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH))
+                           loss_fn=torch.nn.functional.mse_loss)
         opt = torch.optim.Adam([p for m in pipe.modules for p in m.parameters()], lr=3e-3)
         for step in range(1, a.steps + 1):
             loss = pipe.step(*batch(step, a.dp * a.microbatches))

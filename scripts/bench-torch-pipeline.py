@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """duplex.torch DualPipeV against torch.distributed.pipelining.ScheduleDualPipeV on the same modules and
-microbatches, side by side in one run (CPU, gloo for torch; Duplex's in-process ranks), then the executor's own
-overhead per instruction (the same pipeline with modules too small to compute anything).
+microbatches, side by side in one run (CPU): torch with one process per rank (gloo), Duplex with one process per
+rank (UCX; the processes torchrun would start) and with in-process ranks; then the executor's own overhead per
+instruction (the same pipeline with modules too small to compute anything), as processes and in-process.
 
     .venv/bin/python scripts/bench-torch-pipeline.py [--width 512] [--stages 4] [--microbatches 8] [--steps 6]
     .venv/bin/python scripts/bench-torch-pipeline.py --profile-calls    # where the width-4 run's time goes
@@ -60,32 +61,61 @@ def torch_rank(rank, a, port, out):
     dist.destroy_process_group()
 
 
-def duplex_run(a, width, times=None):
-    import duplex
+def duplex_steps(world, a, blocks, width, times):
+    """This rank's share of the Duplex run: a.steps steps of DualPipeV; rank 0 appends each step's time."""
     import duplex.torch as dt
+    pipe = dt.Pipeline(world, lambda s: blocks[s], schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
+                       loss_fn=torch.nn.functional.mse_loss)
+    for step in range(1, a.steps + 1):
+        world.barrier()
+        t0 = time.perf_counter()
+        pipe.step(*batch(step, a.microbatches * a.rows, width))
+        world.barrier()
+        if world.rank == 0:
+            times.append(time.perf_counter() - t0)
+    pipe.close()
+
+
+def duplex_run(a, width, times=None):
+    """Duplex with in-process ranks (threads of this process)."""
+    import duplex
     torch.set_num_threads(1)
     blocks = make_blocks(a.stages, width)
-    times, lock = ([] if times is None else times), threading.Lock()
+    times = [] if times is None else times
+    duplex.launch(lambda world: duplex_steps(world, a, blocks, width, times), ranks=a.stages // 2, timeout_s=600)
+    return times, instructions_per_rank(a)
 
-    def rank_main(world):
-        r = world.rank
-        pipe = dt.Pipeline(world, lambda s: blocks[s], schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
-                           loss_fn=torch.nn.functional.mse_loss, activation_shape=(a.rows, width),
-                           dtype=torch.float32)
-        for step in range(1, a.steps + 1):
-            world.barrier()
-            t0 = time.perf_counter()
-            pipe.step(*batch(step, a.microbatches * a.rows, width))
-            world.barrier()
-            if r == 0:
-                with lock:
-                    times.append(time.perf_counter() - t0)
-        pipe.close()
 
-    duplex.launch(rank_main, ranks=a.stages // 2, timeout_s=600)
+def duplex_process(rank, a, width, port, out):
+    """Duplex with one rank per process, as torchrun starts them (the UCX backend, the store on `port`)."""
+    torch.set_num_threads(1)
+    os.environ.update(DUPLEX_RANK=str(rank), DUPLEX_WORLD_SIZE=str(a.stages // 2), DUPLEX_STORE_ADDR=f"127.0.0.1:{port}")
+    import duplex
+    times = []
+    duplex.launch(lambda world: duplex_steps(world, a, make_blocks(a.stages, width), width, times), backend="ucx",
+                  timeout_s=600)
+    if rank == 0:
+        out.put(times)
+
+
+def in_processes(target, a, *args):
+    """Runs target(rank, a, *args, port, queue) in a.stages / 2 spawned processes; rank 0's result."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = 29000 + (os.getpid() + len(args) * 17) % 1000
+    procs = [ctx.Process(target=target, args=(r, a) + args + (port, out)) for r in range(a.stages // 2)]
+    for p in procs:
+        p.start()
+    result = out.get(timeout=600)
+    for p in procs:
+        p.join()
+    return result
+
+
+def instructions_per_rank(a):
+    import duplex
     plan = duplex.schedule("dualpipev", pp=a.stages, microbatches=a.microbatches)
-    instructions = max(len(rank) for rank in plan.instructions)
-    return times, instructions
+    return max(len(rank) for rank in plan.instructions)
 
 
 def profile_calls(a):
@@ -137,27 +167,22 @@ def main():
     a = ap.parse_args()
     if a.profile_calls:
         return profile_calls(a)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = 29000 + os.getpid() % 1000
-    procs = [ctx.Process(target=torch_rank, args=(r, a, port, out)) for r in range(a.stages // 2)]
-    for p in procs:
-        p.start()
-    torch_times = out.get(timeout=600)
-    for p in procs:
-        p.join()
-    duplex_times, instructions = duplex_run(a, a.width)
-    t_torch = statistics.median(torch_times[1:])
-    t_duplex = statistics.median(duplex_times[1:])
+    torch_times = in_processes(torch_rank, a)
+    process_times = in_processes(duplex_process, a, a.width)
+    thread_times, instructions = duplex_run(a, a.width)
+    t_torch, t_proc, t_thread = (statistics.median(t[1:]) for t in (torch_times, process_times, thread_times))
     print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} ranks, {a.microbatches} microbatches of "
           f"{a.rows} x {a.width}, CPU, one thread per rank")
-    print(f"torch.distributed.pipelining ScheduleDualPipeV (gloo): {1e3 * t_torch:8.2f} ms per step")
-    print(f"duplex.torch Pipeline dualpipev (in-process ranks):    {1e3 * t_duplex:8.2f} ms per step")
-    print(f"duplex / torch step time: {t_duplex / t_torch:.3f}")
-    tiny, _ = duplex_run(a, 4)
-    t_tiny = statistics.median(tiny[1:])
-    print(f"executor overhead: {1e6 * t_tiny / instructions:.1f} us per instruction ({instructions} instructions per "
-          f"rank, width-4 modules: {1e3 * t_tiny:.2f} ms per step)")
+    print(f"torch.distributed.pipelining ScheduleDualPipeV (gloo, processes): {1e3 * t_torch:8.2f} ms per step")
+    print(f"duplex.torch Pipeline dualpipev (ucx, processes):                 {1e3 * t_proc:8.2f} ms per step  "
+          f"duplex / torch {t_proc / t_torch:.3f}")
+    print(f"duplex.torch Pipeline dualpipev (in-process ranks):               {1e3 * t_thread:8.2f} ms per step  "
+          f"duplex / torch {t_thread / t_torch:.3f}")
+    tiny_proc = statistics.median(in_processes(duplex_process, a, 4)[1:])
+    tiny_thread = statistics.median(duplex_run(a, 4)[0][1:])
+    print(f"executor overhead (width-4 modules, {instructions} instructions per rank): processes "
+          f"{1e6 * tiny_proc / instructions:.1f} us per instruction ({1e3 * tiny_proc:.2f} ms per step), in-process "
+          f"{1e6 * tiny_thread / instructions:.1f} us ({1e3 * tiny_thread:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ public:
 
     void cancel(Request& request) override;
 
+    void close() override;
+
     void abort(const std::string& reason) override {
         std::string why = fmt::format("rank {} failed: {}", rank_, reason);
         try {
@@ -286,6 +288,7 @@ private:
     std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> in_flight_;
     bool stopping_ = false;
     std::atomic<bool> aborted_{false};
+    bool closed_ = false;  // close() ran: the shutdown barrier is behind us
     std::mutex copy_mutex_;  // held while a single-copy receive fills its buffer, and while fail_all completes requests
     std::atomic<int> drivers_{0};  // callers inside wait() driving the worker
     std::atomic<bool> polling_{false};  // the progress thread may be asleep in poll()

@@ -87,7 +87,9 @@ UcxTransport::UcxTransport(std::shared_ptr<Store> store, int rank, int size) : s
     log::debug("comm", "rank {}: UCX worker ready with {} endpoints", rank_, size_);
 }
 
-UcxTransport::~UcxTransport() {
+void UcxTransport::close() {
+    if (closed_) return;
+    closed_ = true;
     // Every rank stops sending before anyone closes endpoints.
     try {
         int64_t arrived = store_->add("ucx/closing", 1);
@@ -98,6 +100,11 @@ UcxTransport::~UcxTransport() {
     } catch (const Error& e) {
         log::warn("comm", "rank {}: UCX shutdown barrier: {}", rank_, e.what());
     }
+    fail_all(fmt::format("rank {}: the launch that made this communicator has ended", rank_));
+}
+
+UcxTransport::~UcxTransport() {
+    close();
     {
         std::lock_guard<std::mutex> lock(state_mutex_);
         stopping_ = true;

@@ -1,7 +1,9 @@
 """deepseek-ai/DualPipe's interface on Duplex's executor: DualPipe, DualPipeV, set_p2p_tensor_shapes,
 set_p2p_tensor_dtype, WeightGradStore and run_backward with the semantics of that project's README and examples, so
-a script written for it runs by changing its imports (and its launch: ranks here are a Duplex communicator —
-in-process threads from duplex.torch.run, whose rank function's world a DualPipe picks up by itself).
+a script written for it runs by changing its imports: under torchrun (or mpirun, srun) after
+torch.distributed.init_process_group, a DualPipe takes this process's Duplex world (duplex.torch.process_world); in
+a duplex.torch.run rank function (in-process ranks), that function's world; or process_group= a Duplex
+communicator.
 
     pipe = DualPipe((stage_r, stage_pp_minus_1_minus_r))      # this rank's two stages, as theirs
     loss, outputs = pipe.step(x, num_chunks=20, criterion=crit, labels=(l,), return_outputs=False)
@@ -19,17 +21,20 @@ import threading
 
 import torch
 
+from ._process_world import group_world
+
 _shapes = None
 _dtype = None
 
 
 def set_p2p_tensor_shapes(shapes):
-    """The shapes of the tensors crossing a stage boundary (one microbatch). One tensor per boundary for now."""
+    """Accepted as theirs; not needed: Duplex sends each chunk's shapes with it (they may change between steps)."""
     global _shapes
     _shapes = [tuple(s) for s in shapes]
 
 
 def set_p2p_tensor_dtype(dtype):
+    """Accepted as theirs; not needed: the tensors crossing a boundary keep their own dtypes."""
     global _dtype
     _dtype = dtype
 
@@ -98,6 +103,13 @@ def _chunks(x, n, dim):
     return list(x.tensor_split(n, dim=dim)) if x is not None else [None] * n
 
 
+def _merge(outputs, dim):
+    """Per-chunk outputs (tensors, or tuples of them) concatenated along dim."""
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts, dim) for parts in zip(*outputs))
+    return torch.cat(outputs, dim)
+
+
 class _DualPipeBase(torch.nn.Module):
     schedule = None
 
@@ -109,33 +121,27 @@ class _DualPipeBase(torch.nn.Module):
         if len(self.module) != 2:
             raise ValueError(f"{type(self).__name__} takes this rank's two stage modules, got {len(self.module)}")
         self.batch_dim = batch_dim
-        self.world = process_group if process_group is not None else dt._current_world()
-        if self.world is None:
-            raise ValueError(f"{type(self).__name__}: no process group — pass process_group= (a Duplex communicator) or "
-                             "build it inside a duplex.torch.run rank function")
+        self.world = group_world(process_group, type(self).__name__)
         if rank_mapping is not None and list(rank_mapping) != list(range(self.world.size)):
             raise ValueError("rank_mapping: only the identity mapping is supported")
         self.rank, self.num_ranks = self.world.rank, self.world.size
         self._pipe, self._key = None, None
 
     def _pipeline(self, num_chunks, criterion):
-        if _shapes is None or _dtype is None:
-            raise ValueError("call set_p2p_tensor_shapes and set_p2p_tensor_dtype before a step")
-        if len(_shapes) != 1:
-            raise ValueError(f"one tensor per stage boundary is supported, got shapes {_shapes}")
-        key = (num_chunks, _shapes[0], _dtype)
+        key = num_chunks
         if self._pipe is None or self._key != key:
             if self._pipe is not None:
                 self._pipe.close()
             pp = self.num_ranks * (2 if self.schedule == "dualpipev" else 1)
             modules = list(self.module)
             self._pipe = self._dt.Pipeline(self.world, modules, schedule=self.schedule, pp=pp, microbatches=num_chunks,
-                                           loss_fn=lambda out, labels: self._criterion(out, *labels),
-                                           activation_shape=_shapes[0], dtype=_dtype, _sum_pairs=False,
-                                           _loss_scale=1.0)
+                                           loss_fn=self._loss, _sum_pairs=False, _loss_scale=1.0)
             self._key = key
         self._criterion = criterion
         return self._pipe
+
+    def _loss(self, out, labels):
+        return self._criterion(*(out if isinstance(out, tuple) else (out,)), *labels)
 
     def _places(self, n):
         """(chunks whose inputs are given here, chunks whose labels are given here), as microbatch ids."""
@@ -151,14 +157,15 @@ class _DualPipeBase(torch.nn.Module):
             raise ValueError("criterion is required on the ranks that compute the loss")
         xs = [_chunks(x, len(fed), self.batch_dim) for x in inputs] if fed else []
         ls = [_chunks(lab, len(judged), self.batch_dim) for lab in labels] if judged else []
-        losses, outs = pipe._run_chunks({mb: tuple(c[i] for c in xs) for i, mb in enumerate(fed)},
+        one = len(inputs) == 1  # a single input goes to the module as a tensor (a tuple would too, unpacked)
+        losses, outs = pipe._run_chunks({mb: xs[0][i] if one else tuple(c[i] for c in xs) for i, mb in enumerate(fed)},
                                         {mb: tuple(c[i] for c in ls) for i, mb in enumerate(judged)},
                                         return_outputs, forward_only)
         mine = sorted(losses)
         if not mine:
             return None, None
         loss = torch.stack([losses[mb] for mb in mine])
-        outputs = torch.cat([outs[mb] for mb in mine], self.batch_dim) if return_outputs else None
+        outputs = _merge([outs[mb] for mb in mine], self.batch_dim) if return_outputs else None
         return loss, outputs
 
     def close(self):

@@ -12,23 +12,23 @@ outputs (None elsewhere) and, with losses=[...], each microbatch's loss appended
 and the last stage on two ranks each, one per direction: each passes the whole batch and gets the losses and
 outputs of the microbatches whose last stage it ran — the second half on rank 0, the first on the last rank); gradients accumulate in .grad,
 divided by n_microbatches when scale_grads (the default; False: the losses' gradients summed); eval() runs
-forward and loss only. The stages' ranks are a Duplex communicator (group=, or the world of the duplex.torch.run
-rank function building them). The shape crossing the stage boundaries is found at the first step by running the
-first stage on the first microbatch without gradients (one shape at every boundary for now).
+forward and loss only. The stages' ranks: under torchrun (after torch.distributed.init_process_group) this
+process's Duplex world, in a duplex.torch.run rank function its world, or group= a Duplex communicator. Several inputs (step(x, positions, ...)) go to the first stage as positional
+arguments; a stage may return a tuple of tensors (the next stage's arguments), of any shapes and dtypes, which may
+change from step to step.
 """
 import torch
+
+from ._dualpipe import _merge
+from ._process_world import group_world
 
 
 class PipelineStage:
     def __init__(self, submodule, stage_index, num_stages, device=None, input_args=None, output_args=None,
                  group=None, dw_builder=None):
-        from . import torch as dt
         self.submod, self.stage_index, self.num_stages = submodule, stage_index, num_stages
         self.device = device
-        self.group = group if group is not None else dt._current_world()
-        if self.group is None:
-            raise ValueError("PipelineStage: no group — pass group= (a Duplex communicator) or build it inside a "
-                             "duplex.torch.run rank function")
+        self.group = group_world(group, "PipelineStage")
         if not 0 <= stage_index < num_stages:
             raise ValueError(f"stage_index {stage_index} outside 0..{num_stages - 1}")
 
@@ -50,49 +50,36 @@ class _Schedule:
     def _mine(self):
         return {s.stage_index: s for s in self.stages}
 
-    def _shape(self, args):
-        """The boundary shape: the first stage's output on the first microbatch, from rank 0 (which holds the first
-        stage under every schedule) to every rank."""
-        mine = self._mine()
-        dims = torch.zeros(8, dtype=torch.int64)
-        if 0 in mine and self.world.rank == 0:
-            with torch.no_grad():
-                out = mine[0].submod(args[0].tensor_split(self.n, dim=0)[0])
-            if out.dim() > 7:
-                raise ValueError(f"stage outputs of {out.dim()} dimensions: at most 7")
-            dims[0] = out.dim()
-            dims[1:1 + out.dim()] = torch.tensor(out.shape)
-        self.world.all_reduce(dims)  # only rank 0 adds anything
-        return tuple(int(d) for d in dims[1:1 + int(dims[0])])
-
-    def _pipeline(self, args):
+    def _pipeline(self):
         if self._pipe is None:
             from . import torch as dt
             mine = self._mine()
             params = [p for s in self.stages for p in s.submod.parameters()]
             self._pipe = dt.Pipeline(self.world, lambda s: mine[s].submod, schedule=self.kind, pp=self.num_stages,
-                                     microbatches=self.n, loss_fn=self.loss_fn, activation_shape=self._shape(args),
-                                     dtype=params[0].dtype if params else torch.float32,
-                                     _loss_scale=1.0 / self.n if self.scale_grads else 1.0)
+                                     microbatches=self.n, loss_fn=self.loss_fn,
+                                     dtype=params[0].dtype if params else torch.float32, _loss_scale=1.0 / self.n if self.scale_grads else 1.0)
         return self._pipe
 
     def _run(self, args, target, losses, return_outputs, forward_only):
-        pipe = self._pipeline(args)
+        pipe = self._pipeline()
         mine = self._mine()
         first, last = 0 in mine, self.num_stages - 1 in mine
         if first and not args:
             raise ValueError("step(): the first stage's rank passes the batch's inputs")
         if last and target is None:
             raise ValueError("step(): the last stage's rank passes target=")
-        got, outs = pipe._run_chunks(dict(enumerate(args[0].tensor_split(self.n, dim=0))) if first else {},
-                                     dict(enumerate(target.tensor_split(self.n, dim=0))) if last else {},
+        inputs = {}
+        if first:
+            parts = [a.tensor_split(self.n, dim=0) for a in args]
+            inputs = {mb: parts[0][mb] if len(args) == 1 else tuple(p[mb] for p in parts) for mb in range(self.n)}
+        got, outs = pipe._run_chunks(inputs, dict(enumerate(target.tensor_split(self.n, dim=0))) if last else {},
                                      return_outputs, forward_only)
         if not last:
             return None
         order = sorted(got)
         if losses is not None:
             losses.extend(got[mb] for mb in order)
-        return torch.cat([outs[mb] for mb in order]) if return_outputs else None
+        return _merge([outs[mb] for mb in order], 0) if return_outputs else None
 
     def step(self, *args, target=None, losses=None, return_outputs=True):
         """One training step: the batch split into n_microbatches; outputs merged on the last stage's rank."""

@@ -9,7 +9,7 @@ replicas all-reduce theirs. The gradients are left in the modules' .grad, so any
     def rank_main(world):                       # duplex.launch(rank_main, ranks=4): PP=2 x DP=2
         stage = make_stage(world.rank // 2)      # this rank's nn.Module
         pipe = duplex.torch.Pipeline(world, [stage], schedule="1f1b", pp=2, dp=2, microbatches=4,
-                                     loss_fn=torch.nn.functional.mse_loss, activation_shape=(8, 32))
+                                     loss_fn=torch.nn.functional.mse_loss)
         opt = torch.optim.SGD(stage.parameters(), lr=0.1)
         for x, y in batches:
             loss = pipe.step(x, y)               # the global batch; every rank passes the same one
@@ -17,225 +17,44 @@ replicas all-reduce theirs. The gradients are left in the modules' .grad, so any
 
 Modules: a function from a stage index to its module (called for the stages the schedule places on this rank,
 duplex.stages_of_rank), or a list of them in that order — one for 1f1b and zb1p (stage r), two for dualpipe and
-dualpipev (stage r, then stage PP-1-r). `activation_shape` is the shape of one microbatch's
-activation between stages (the same at every boundary); a stage that returns another shape is an error naming
-the stage and the microbatch.
+dualpipev (stage r, then stage PP-1-r). Between stages: a tensor, or a tuple or dict of tensors of any dtype and
+shape (see Pipeline). BF16/FP16 modules train on fp32 master weights.
 """
-import threading
 import warnings
 import weakref
 
 import torch
 
+from . import _boundary
 from . import _duplex
 from . import _dualpipe
 from ._duplex import DivergenceError  # noqa: F401  (raised by step() and fit() on a run that diverges)
+from ._experts import Routed, combine, dispatch, ep_group, mark_experts  # noqa: F401
+from ._experts import _current, _current_world  # noqa: F401  (the stage call and world on this thread)
+from ._process_world import process_world  # noqa: F401  (this process's world under torchrun, mpirun, srun)
 
-_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-_ELEMENT = {torch.float32: "float", torch.float64: "double"}  # Duplex's dtype names
-
-
-# ---- expert parallelism: dispatch and combine as autograd functions over the stage's EP group ----
-
-_current = threading.local()  # the stage call (duplex._duplex.StageCall) running on this thread
-
-
-def _call():
-    return getattr(_current, "call", None)
-
-
-def _current_world():
-    """The world of the duplex.torch.run rank function running on this thread (None elsewhere)."""
-    return getattr(_current, "world", None)
-
-
-def ep_group():
-    """The expert-parallel group of the stage being run on this thread (None outside a Pipeline or without EP)."""
-    call = _call()
-    return None if call is None else call.ep_group
-
-
-class Routed:
-    """What dispatch() returns beside the rows: how combine() takes results back to their tokens.
-
-    tags: the tags that came with the rows received here (int64, one per row; None without tags).
-    crossings: rows this rank sent to ranks on other nodes in the dispatch — once per (token, slot) on the flat
-    path, once per (token, target node) on the node-limited path.
-    node_limited: which path the rows took."""
-
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
-
-
-def _groups(explicit):
-    """(forward group, backward group, stage call) of an explicit group (no call: plain waits) or of the stage call
-    running on this thread, whose waits go through Duplex's executor."""
-    if explicit is not None:
-        return explicit, explicit, None
-    call = _call()
-    if call is None or call.ep_group is None:
-        raise RuntimeError("duplex.torch.dispatch runs inside a Pipeline stage with ep > 1 (or pass group=)")
-    return call.ep_group, call.ep_group_backward, call
-
-
-def _exchange(group, rows, send_rows, recv_rows, what, call):
-    rows = rows.contiguous()
-    out = rows.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
-    group.all_to_all_v(rows.detach(), send_rows, out, recv_rows, what, call=call)
-    return out
-
-
-class _Move(torch.autograd.Function):
-    """Rows over the expert-parallel group (all-to-all-v, send_rows[p] to rank p); the gradient runs the same
-    exchange backwards on the group of backward exchanges, waited for through the stage call running it."""
-
-    @staticmethod
-    def forward(ctx, rows, explicit, send_rows, recv_rows, what):
-        ctx.explicit, ctx.send_rows, ctx.recv_rows, ctx.what = explicit, send_rows, recv_rows, what
-        group, _, call = _groups(explicit)
-        return _exchange(group, rows, send_rows, recv_rows, what, call)
-
-    @staticmethod
-    def backward(ctx, g):
-        _, group, call = _groups(ctx.explicit)
-        back = _exchange(group, g, ctx.recv_rows, ctx.send_rows, ctx.what + " (backward)", call)
-        return back, None, None, None, None
-
-
-def _counts(group, columns, call):
-    """Exchanges per-peer counts: columns are [G] int64 tensors, column j of the answer is what each peer sent
-    in its column j to this rank. Returns lists."""
-    send = torch.stack(columns, 1).contiguous()
-    recv = torch.empty_like(send)
-    group.all_to_all(send, recv, call=call)
-    return [recv[:, j].tolist() for j in range(len(columns))]
-
-
-def mark_experts(module):
-    """Marks a module's parameters as routed-expert weights: each rank of an EP group holds its own, so their
-    gradients are summed over the expert-data-parallel group (DP / EP replicas), not over DP."""
-    for p in module.parameters():
-        p._duplex_expert = True
-    return module
-
-
-def dispatch(x, dest, tags=None, node_limited=None, group=None):
-    """Sends token x[n] to the ranks dest[n, k] of the stage's expert-parallel group, one row per slot k (dest [N]
-    is one slot per token). Returns the rows received here and a Routed handle for combine(). Differentiable;
-    inside a Pipeline stage its waits go through Duplex's executor, which runs the other half of an F&B pair
-    meanwhile.
-
-    tags (int64, shaped like dest, e.g. the expert ids) travel with the rows: routed.tags says, per row received,
-    which tag it carries. Rows arrive grouped by the rank that sent them here; use the tags to find their expert.
-
-    node_limited (default True; taken when the group spans more than one node, as every Duplex exchange does): a
-    token crosses to each node it targets once, to the rank there with this rank's local index (the relay), which
-    forwards one row per slot inside its node — DeepSeek-V3's dispatch. False: one row per slot straight to its
-    rank. The path and the relays come from the expert-parallel plan (Communicator.expert_path, .relays).
-
-    group: the communicator to use outside a Pipeline (default: the running stage's expert-parallel group)."""
-    explicit = group
-    group, _, call = _groups(explicit)
-    G, N = group.size, x.shape[0]
-    slots = dest.to(torch.int64).reshape(N, -1)
-    K = slots.shape[1]
-    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= G):
-        raise ValueError(f"dispatch: destinations must be ranks 0..{G - 1} of the expert-parallel group")
-    if tags is not None:
-        tags = tags.to(torch.int64).reshape(N, K)
-        if tags.shape != slots.shape:
-            raise ValueError(f"dispatch: tags of shape {tuple(tags.shape)} for destinations {tuple(dest.shape)}")
-    node_limited = group.expert_path(True if node_limited is None else node_limited) == "node-limited"
-    node_list = group.nodes  # one call: each builds the list in C++
-    nodes = torch.tensor(node_list, dtype=torch.int64)
-    token = torch.arange(N).repeat_interleave(K)  # the token of each slot (slot s = n * K + k)
-    flat_dest = slots.reshape(-1)
-    if not node_limited:
-        order = torch.argsort(flat_dest, stable=True)
-        send = torch.bincount(flat_dest, minlength=G)
-        (recv,) = _counts(group, [send], call)
-        send = send.tolist()
-        rows = _Move.apply(x[token[order]], explicit, send, recv, "dispatch")
-        got_tags = None if tags is None else _exchange(group, tags.reshape(-1)[order], send, recv, "dispatch tags", call)
-        crossings = int((nodes[flat_dest] != nodes[group.rank]).sum())
-        return rows, Routed(node_limited=False, explicit=explicit, tokens=N, top_k=K, order=order, send=send, recv=recv,
-                            tags=got_tags, crossings=crossings)
-
-    # Node-limited: hop 1 crosses once per (token, target node) to the relay there; hop 2 stays inside the node.
-    me = group.rank
-    try:
-        relay_of = group.relays  # the plan's relay per destination rank
-    except ValueError as e:
-        raise ValueError(f"dispatch: {e} (use node_limited=False)") from None
-    relay = torch.tensor(relay_of, dtype=torch.int64)[flat_dest]  # per slot
-    key = relay * N + token                                        # one hop-1 row per distinct key
-    keys, row_of_slot = torch.unique(key, sorted=True, return_inverse=True)
-    row_relay, row_token = keys // N, keys % N
-    send1 = torch.bincount(row_relay, minlength=G)
-    slot_order = torch.argsort(key * K + torch.arange(N * K) % K)  # slots by (relay, token, k)
-    slot_send = torch.bincount(relay, minlength=G)
-    first_row = torch.cumsum(send1, 0) - send1
-    meta = torch.stack([row_of_slot - first_row[relay], flat_dest,
-                        tags.reshape(-1) if tags is not None else torch.zeros_like(flat_dest)], 1)[slot_order]
-    recv1, slot_recv = _counts(group, [send1, slot_send], call)
-    send1, slot_send = send1.tolist(), slot_send.tolist()
-    rows1 = _Move.apply(x[row_token], explicit, send1, recv1, "dispatch (inter-node)")
-    meta_in = _exchange(group, meta, slot_send, slot_recv, "dispatch routes", call)
-    # On the relay: each slot received -> its hop-1 row here, then one row per slot to the expert's rank.
-    src = torch.repeat_interleave(torch.arange(G), torch.tensor(slot_recv, dtype=torch.int64))
-    recv1_t = torch.tensor(recv1, dtype=torch.int64)
-    at_row = (torch.cumsum(recv1_t, 0) - recv1_t)[src] + meta_in[:, 0]
-    dest2 = meta_in[:, 1]
-    if dest2.numel() and bool((nodes[dest2] != nodes[me]).any()):
-        raise RuntimeError(f"dispatch: rank {me} was asked to relay a row outside its node (inconsistent topology)")
-    order2 = torch.argsort(dest2, stable=True)
-    send2 = torch.bincount(dest2, minlength=G)
-    (recv2,) = _counts(group, [send2], call)
-    send2 = send2.tolist()
-    rows = _Move.apply(rows1[at_row[order2]], explicit, send2, recv2, "dispatch (intra-node)")
-    got_tags = None if tags is None else _exchange(group, meta_in[order2, 2], send2, recv2, "dispatch tags", call)
-    crossings = int((nodes[row_relay] != nodes[me]).sum())
-    return rows, Routed(node_limited=True, explicit=explicit, tokens=N, top_k=K, rows1=len(keys), row_token=row_token,
-                        send1=send1, recv1=recv1, slot_order=slot_order, slot_send=slot_send, slot_recv=slot_recv,
-                        at_row=at_row, order2=order2, send2=send2, recv2=recv2, tags=got_tags, crossings=crossings)
-
-
-def combine(rows, routed, weights=None):
-    """Takes the rows dispatch() delivered here (or results computed from them, one per row, same order) back to
-    their tokens: returns [N, ...] in the order of dispatch's x, the sum over each token's slots of
-    weights[n, k] * result (weights shaped like dest; default 1). On the node-limited path the relay adds up the
-    weighted results of its node before the one crossing back. Differentiable (in rows and weights)."""
-    r, explicit = routed, routed.explicit
-    rest = tuple(rows.shape[1:])
-    if weights is not None:
-        weights = weights.reshape(r.tokens * r.top_k)
-    if not r.node_limited:
-        back = _Move.apply(rows, explicit, r.recv, r.send, "combine")
-        res = back[torch.argsort(r.order)].reshape((r.tokens, r.top_k) + rest)
-        if weights is not None:
-            res = res * weights.reshape((r.tokens, r.top_k) + (1,) * len(rest))
-        return res.sum(1)
-    back = _Move.apply(rows, explicit, r.recv2, r.send2, "combine (intra-node)")  # on the relay, one per slot
-    out = back[torch.argsort(r.order2)]                                       # in the order the slots came
-    if weights is not None:
-        w = _Move.apply(weights[r.slot_order].contiguous(), explicit, r.slot_send, r.slot_recv, "combine weights")
-        out = out * w.reshape((-1,) + (1,) * len(rest))
-    partial = out.new_zeros((sum(r.recv1),) + rest).index_add(0, r.at_row, out)  # one row per (token, node)
-    home = _Move.apply(partial, explicit, r.recv1, r.send1, "combine (inter-node)")
-    return home.new_zeros((r.tokens,) + rest).index_add(0, r.row_token, home)
+# The trainer's dtype by the parameters': BF16 and FP16 modules train on fp32 masters (_Masters).
+_TRAINER_DTYPE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "float32",
+                  torch.float16: "float32"}
+# Buffers Duplex checkpoints with the parameters (its tensors' element types).
+_STATE_DTYPES = {torch.float32, torch.float64, torch.bfloat16, torch.int32, torch.int64, torch.uint8}
 
 
 class _TorchStage:
-    """One stage module behind the Stage contract (called from Duplex's executor threads, under the GIL)."""
+    """One stage module behind the Stage contract (called from Duplex's executor threads, under the GIL). What
+    crosses a boundary is packed (duplex._boundary): a tensor, a tuple or a dict of tensors of any shape and dtype,
+    announced with each microbatch."""
 
     def __init__(self, pipe, module, info):
         # A weak reference: the executor (C++) holds this stage, the Pipeline holds the executor.
         self.pipe, self.module, self.info = weakref.proxy(pipe), module, info
         self.first = info.stage == 0
         self.last = info.stage == info.num_stages - 1
-        self.saved = {}  # mb -> (input that needs a gradient or None, output or scaled loss, output gradient)
+        # mb -> (inputs that need a gradient, outputs (or [scaled loss]) that carry one, their gradients or None)
+        self.saved = {}
         self.deferred = {}  # mb -> weight-gradient closures custom functions deferred during B
         self.losses = {}
+        self.masters = _Masters(module) if pipe._mixed else None
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.zero_grad()
 
@@ -243,10 +62,29 @@ class _TorchStage:
         return f"torch stage {self.info.stage} ({type(self.module).__name__})"
 
     def activation(self, mb):
-        return list(self.pipe.activation_shape), _ELEMENT[self.pipe.dtype]
+        return [-1], "uint8"  # packed bytes, their length announced with the microbatch
 
-    def _run(self, inp):
-        return self.module(*inp) if isinstance(inp, tuple) else self.module(inp)
+    def _call(self, value):
+        if isinstance(value, tuple):
+            return self.module(*value)
+        if isinstance(value, dict):
+            return self.module(**value)
+        return self.module(value)
+
+    def _received(self, x):
+        """The previous stage's packed output as this stage's input: leaves that can carry a gradient become leaves
+        of this stage's graph."""
+        leaves, structure = _boundary.unpack(x)
+        leaves = [t if t is None or not t.is_floating_point() else t.detach().requires_grad_(True) for t in leaves]
+        return leaves, structure
+
+    def _send(self, mb, out):
+        leaves, structure = _boundary.flatten(out)
+        shape = self.pipe.activation_shape
+        if shape is not None and (structure[0] != 0 or tuple(leaves[0].shape) != shape):
+            raise ValueError(f"forward returned {_boundary.describe(leaves)}, expected {list(shape)} "
+                             f"(activation_shape)")
+        return leaves, _boundary.pack(leaves, structure)
 
     def _loss(self, mb, global_mb, out):
         loss = self.pipe.loss_fn(out, self.pipe._labels[global_mb])
@@ -256,94 +94,170 @@ class _TorchStage:
         if self.pipe._chunk_losses is not None:  # DualPipe's step returns them (and the outputs)
             self.pipe._chunk_losses[global_mb] = loss.detach()
             if self.pipe._keep_outputs:
-                self.pipe._chunk_outputs[global_mb] = out.detach()
+                self.pipe._chunk_outputs[global_mb] = _detached(out)
         return loss
 
     def forward(self, mb, global_mb, step, x, call):
         _current.call = call
         if call is not None and call.forward_only:  # evaluation: nothing kept for a backward
             with torch.no_grad():
-                out = self._run(self.pipe._inputs[global_mb] if self.first else x)
+                inp = self.pipe._inputs[global_mb] if self.first else _boundary.rebuild(*_boundary.unpack(x))
+                out = self._call(inp)
                 if not self.last:
-                    return out.contiguous()
+                    return self._send(mb, out)[1]
                 self._loss(mb, global_mb, out)
                 return None
         if self.first:
-            inp = self.pipe._inputs[global_mb]
+            inp, grads_of = self.pipe._inputs[global_mb], []
         else:
-            inp = x.detach().requires_grad_(True)
-        out = self._run(inp)
+            leaves, structure = self._received(x)
+            inp, grads_of = _boundary.rebuild(leaves, structure), leaves
+        out = self._call(inp)
         if self.last:
             loss = self._loss(mb, global_mb, out)
-            self.saved[mb] = [None if self.first else inp, loss * self.info.loss_scale, None]
+            self.saved[mb] = [grads_of, [loss * self.info.loss_scale], None]
             return None
-        self.saved[mb] = [None if self.first else inp, out, None]
-        return out.detach().contiguous()
+        leaves, packed = self._send(mb, out)
+        self.saved[mb] = [grads_of, leaves, None]
+        return packed
 
     def loss(self, mb):
         return self.losses.pop(mb)
 
+    def _graph(self, mb, dy):
+        """(outputs, their gradients, inputs that need one) of microbatch mb's backward."""
+        inputs, outs, _ = self.saved[mb]
+        if self.last:
+            return outs, None, inputs
+        grads, _ = _boundary.unpack(dy)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o is not None and o.requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs], inputs
+
+    def _input_grads(self, inputs, got):
+        """The packed gradient of this stage's inputs (None where an input takes none)."""
+        it = iter(got)
+        grads = [next(it) if t is not None and t.requires_grad else None for t in inputs]
+        grads = [torch.zeros_like(t) if g is None and t is not None and t.requires_grad else g
+                 for t, g in zip(inputs, grads)]
+        return _boundary.pack(grads, (1, None))
+
     def backward_input(self, mb, dy, weight_follows, call):
         _current.call = call
-        inp, out, _ = self.saved[mb]
-        grad_out = None if self.last else dy
-        if weight_follows:  # B and W in one pass over the graph
-            targets = ([inp] if inp is not None else []) + self.params
-            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True)
-            dx = None
-            if inp is not None:
-                dx, grads = grads[0], grads[1:]
-            self._accumulate(grads)
+        outs, grad_outs, inputs = self._graph(mb, dy)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        if weight_follows or not wanted:  # B and W in one pass over the graph (or no input gradient: all of it is W)
+            if not weight_follows:
+                self.saved[mb] = (inputs, outs, grad_outs)
+                return None if self.first else self._input_grads(inputs, [])
+            grads = torch.autograd.grad(outs, wanted + self.params, grad_outs, allow_unused=True)
+            self._accumulate(grads[len(wanted):])
             self.saved[mb] = (None, None, "done")
-            return None if dx is None else dx.contiguous()
-        self.saved[mb] = (inp, out, grad_out)
-        if inp is None:  # the first stage has no input gradient: all of its backward is W
-            return None
+            return None if self.first else self._input_grads(inputs, grads[:len(wanted)])
+        self.saved[mb] = (inputs, outs, grad_outs)
         # Custom autograd functions that defer their weight gradients (WeightGradStore) put them here; W runs them.
         with _dualpipe.deferring() as deferred:
-            (dx,) = torch.autograd.grad(out, [inp], grad_out, retain_graph=True)
+            got = torch.autograd.grad(outs, wanted, grad_outs, retain_graph=True, allow_unused=True)
         self.deferred[mb] = deferred
-        return dx.contiguous()
+        return self._input_grads(inputs, got)
 
     def backward_weight(self, mb, call):
         _current.call = call
-        inp, out, grad_out = self.saved.pop(mb)
-        if isinstance(grad_out, str):  # done together with B
+        inp, outs, grad_outs = self.saved.pop(mb)
+        if isinstance(grad_outs, str):  # done together with B
             return
         deferred = self.deferred.pop(mb, None)
-        if deferred is None:  # no B ran (the first stage): custom functions accumulate as autograd reaches them
-            self._accumulate(torch.autograd.grad(out, self.params, grad_out, allow_unused=True))
+        if deferred is None:  # no B pass ran: custom functions accumulate as autograd reaches them
+            self._accumulate(torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True))
             return
         with _dualpipe.deferring():  # this second pass puts the same closures again: dropped
-            grads = torch.autograd.grad(out, self.params, grad_out, allow_unused=True)
+            grads = torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True)
         self._accumulate(grads)
         for f in deferred:
             f()
 
     def _accumulate(self, grads):
         with torch.no_grad():
+            if self.masters is not None:  # low precision: summed in fp32
+                self.masters.accumulate(grads)
+                return
             for p, g in zip(self.params, grads):
                 if g is not None:
                     p.grad.add_(g)
 
     def state(self):
         out = []
-        for name, p in self.module.named_parameters():
-            if p.requires_grad:
-                expert = bool(getattr(p, "_duplex_expert", False))
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        for i, (name, p) in enumerate(named):
+            expert = bool(getattr(p, "_duplex_expert", False))
+            if self.masters is not None:  # Duplex trains, averages and checkpoints the fp32 masters
+                out.append((f"stage{self.info.stage}.{name}", self.masters.values[i], self.masters.grads[i], expert,
+                            p.dim() > 1))
+            else:
                 out.append((f"stage{self.info.stage}.{name}", p.data, p.grad, expert, p.dim() > 1))
         for name, b in self.module.named_buffers():  # checkpointed with the parameters (running statistics, ...)
-            if b.is_contiguous() and b.device.type == "cpu":
+            if b.is_contiguous() and b.device.type == "cpu" and b.dtype in _STATE_DTYPES:
                 out.append((f"stage{self.info.stage}.buffer.{name}", b.data, None, False, False))
         return out
 
     def zero_grad(self):
         # Called before every step: gradients start at zero (and exist: an optimizer's zero_grad sets them to None).
+        if self.masters is not None:
+            self.masters.zero_grad()
+            return
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
+
+
+class _Masters:
+    """fp32 master copies of a BF16/FP16 module's trained parameters and fp32 gradient sums: every microbatch's
+    gradient is added here in fp32, DualPipe's pair sum, the data-parallel reductions, ZeroAdamW (fp32 moments) and
+    the EMA work on them, and the module's parameters are rounded from them after each step."""
+
+    def __init__(self, module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.values = [p.detach().to(torch.float32).contiguous() for p in self.params]
+        self.grads = [torch.zeros_like(v) for v in self.values]
+
+    def accumulate(self, grads):
+        for total, g in zip(self.grads, grads):
+            if g is not None:
+                total.add_(g)  # in fp32
+
+    def zero_grad(self):
+        for g in self.grads:
+            g.zero_()
+
+    def to_module(self):
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+
+    def from_module(self):
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                v.copy_(p)
+
+    def grads_to_module(self):
+        for p, g in zip(self.params, self.grads):
+            p.grad = g.to(p.dtype)
+
+
+def _detached(value):
+    leaves, structure = _boundary.flatten(value)
+    return _boundary.rebuild([None if t is None else t.detach() for t in leaves], structure)
+
+
+def _split(value, n, what):
+    """A tensor, tuple or dict of tensors cut into n microbatches along dim 0."""
+    leaves, structure = _boundary.flatten(value)
+    for t in leaves:
+        if t.dim() == 0 or t.shape[0] % n:
+            raise ValueError(f"{what} of {tuple(t.shape)} does not split into {n} microbatches along dim 0")
+    chunks = [torch.chunk(t, n) for t in leaves]
+    return [_boundary.rebuild([c[i] for c in chunks], structure) for i in range(n)]
 
 
 class ZeroAdamW:
@@ -359,6 +273,18 @@ class ZeroAdamW:
 
 class Pipeline:
     """This rank's share of a pipeline-parallel (and data-parallel) model, run by Duplex's executor.
+
+    Between stages: a tensor, a tuple of tensors or a dict of them (a tuple is passed to the next stage's module as
+    positional arguments, a dict as keyword arguments), each of its own dtype — integer and bool tensors too — and
+    of any shape, which may change from step to step and microbatch to microbatch (the shapes travel with the
+    microbatch). The inputs and labels handed to step() are split into microbatches along dim 0 likewise.
+    activation_shape (optional): the one tensor every stage must pass on, checked.
+
+    Precision: parameters of float32 or float64 train as they are. BF16 or FP16 parameters train on fp32 masters:
+    each microbatch's gradient is added to an fp32 sum, DualPipe's pair sums and the data-parallel reductions run
+    in fp32, ZeroAdamW keeps fp32 masters and moments and rounds the module's parameters from the masters after
+    every step; the activations and their gradients stay in the module's dtype. With a torch optimizer (optimizer
+    None) the fp32 gradient sums are left, rounded, in .grad.
 
     optimizer: None (gradients left in .grad for a torch optimizer) or ZeroAdamW(...) (Duplex updates the
     parameters). ema_decay > 0 keeps an EMA of the weights in host memory, updated in the background (ema()).
@@ -376,8 +302,6 @@ class Pipeline:
             raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
         if int(max_bad_steps) < 0:
             raise ValueError(f"max_bad_steps must be 0 or more, got {max_bad_steps}")
-        if activation_shape is None:
-            raise ValueError("Pipeline needs activation_shape: one microbatch's activation between stages")
         self.schedule, self.dp, self.microbatches = schedule, dp, microbatches
         ranks_per_replica = world.size // dp
         folded = schedule in ("dualpipev",)
@@ -390,11 +314,16 @@ class Pipeline:
                              f"{len(self.modules)} modules")
         self.loss_fn = loss_fn
         self.max_bad_steps = int(max_bad_steps)
-        self.activation_shape = tuple(activation_shape)
-        params = [p for m in self.modules for p in m.parameters()]
+        self.activation_shape = None if activation_shape is None else tuple(activation_shape)
+        params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"parameters of {self.dtype}: the trainer runs float32 or float64")
+        if self.dtype not in _TRAINER_DTYPE:
+            raise ValueError(f"parameters of {self.dtype}: duplex.torch trains float32, float64, bfloat16 or float16")
+        odd = sorted({str(p.dtype) for p in params if p.dtype != self.dtype})
+        if odd:
+            raise ValueError(f"the stages' parameters are {self.dtype} and {', '.join(odd)}: one dtype per Pipeline")
+        self._mixed = self.dtype in (torch.bfloat16, torch.float16)
+        self._built = []  # this rank's _TorchStage objects
         self._inputs = self._labels = None
         self._chunk_losses = self._chunk_outputs = None  # DualPipe's step: per-chunk losses and outputs kept here
         self._keep_outputs = False
@@ -404,18 +333,44 @@ class Pipeline:
             kind, lr, wd, clip = "zero1-adamw", optimizer.lr, optimizer.weight_decay, optimizer.clip
         else:
             raise ValueError("optimizer: None (use a torch optimizer on .grad) or duplex.torch.ZeroAdamW(...)")
+        self._optimizer = kind
         self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, ep, microbatches, self._make_stage,
-                                         _DTYPES[self.dtype], kind, lr, wd, clip, ema_decay, _sum_pairs, _loss_scale)
+                                         _TRAINER_DTYPE[self.dtype], kind, lr, wd, clip, ema_decay, _sum_pairs,
+                                         _loss_scale)
+        self._steps_seen = self._trainer.steps_done()
 
     def _make_stage(self, info):
-        return _TorchStage(self, self.modules[self.stages.index(info.stage)], info)
+        stage = _TorchStage(self, self.modules[self.stages.index(info.stage)], info)
+        self._built.append(stage)
+        return stage
 
     def _stage_batch(self, inputs, labels):
         n = self.dp * self.microbatches
-        if inputs.shape[0] % n or labels.shape[0] % n:
-            raise ValueError(f"a batch of {inputs.shape[0]} does not split into {n} microbatches")
-        self._inputs = list(torch.chunk(inputs, n))
-        self._labels = list(torch.chunk(labels, n))
+        self._inputs = _split(inputs, n, "an input")
+        self._labels = _split(labels, n, "a label tensor")
+
+    def _before_step(self):
+        """BF16/FP16: the module's parameters from the masters after a checkpoint was loaded; the masters from the
+        module when a torch optimizer updates the module."""
+        if not self._mixed:
+            return
+        loaded = self._trainer.steps_done() != self._steps_seen
+        for st in self._built:
+            if loaded:
+                st.masters.to_module()
+            elif self._optimizer == "none":
+                st.masters.from_module()
+        self._steps_seen = self._trainer.steps_done()
+
+    def _after_step(self, metrics, trained=True):
+        self.last_metrics = metrics
+        if self._mixed and trained:
+            self._steps_seen = self._trainer.steps_done()
+            for st in self._built:
+                if self._optimizer == "none":
+                    st.masters.grads_to_module()
+                else:
+                    st.masters.to_module()
 
     def step(self, inputs, labels):
         """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
@@ -427,8 +382,9 @@ class Pipeline:
     def _run(self, forward_only=False):
         """One step (or forward-only pass) on the staged microbatches: its metrics, in last_metrics too; a step that
         was not applied warns, and after max_bad_steps in a row raises DivergenceError."""
+        self._before_step()
         metrics = self._trainer.evaluate() if forward_only else self._trainer.step()
-        self.last_metrics = metrics
+        self._after_step(metrics, trained=not forward_only)
         if not metrics["applied"]:
             warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=3)
             if 0 < self.max_bad_steps <= metrics["bad_steps_in_a_row"]:
@@ -463,9 +419,10 @@ class Pipeline:
         def before_step(step):
             x, y = batches(step) if it is None else next(it)
             self._stage_batch(x, y)
+            self._before_step()
 
         def after(metrics):
-            self.last_metrics = metrics
+            self._after_step(metrics)
             if not metrics["applied"]:
                 warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=2)
             if on_step is not None:
@@ -485,7 +442,9 @@ class Pipeline:
         """Resumes from a checkpoint directory, or the newest complete one under a save root (a collective, before the
         first step): verified on every rank before anything changes; another layout (DP aside) or a damaged file is
         an error naming it. Returns the step it was saved after."""
-        return self._trainer.load_checkpoint(str(path))
+        step = self._trainer.load_checkpoint(str(path))
+        self._before_step()
+        return step
 
     def ema(self):
         """The EMA of the parameters whose owner copy lives on this rank: {"stage<s>.<name>": numpy array}."""

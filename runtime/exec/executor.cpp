@@ -203,7 +203,7 @@ struct Executor::Run {
         return m;
     }
     void check(const Stage& st, const Microbatch& m, const char* what, const Tensor& got, const TensorSpec& want) {
-        if (got.spec() != want)
+        if (!want.admits(got.spec()))
             throw StageError(fmt::format("{}, microbatch {}: {} returned {}, expected {}", st.name(), m.id, what,
                                          got.defined() || got.is_meta() ? got.spec().str() : "no tensor", want.str()));
     }
@@ -213,7 +213,8 @@ struct Executor::Run {
         for (const sched::P2P& t : p2p)
             if (!t.send && t.gradient == gradient) {
                 double t0 = ex.tracer_.now_us();
-                Tensor v = ex.transport_.recv(spec, t.peer, t.tag);
+                Tensor v = spec.announced() ? ex.transport_.recv_announced(spec, t.peer, t.tag)
+                                            : ex.transport_.recv(spec, t.peer, t.tag);
                 note_comm(fmt::format("recv {} mb {} from stage {}", gradient ? "grad" : "act", producer.mb,
                                       producer.stage),
                           t0, ex.tracer_.now_us(), false);
@@ -227,16 +228,20 @@ struct Executor::Run {
                                          ex.prank_, gradient ? "gradient" : "activation", producer.mb, producer.stage));
         Tensor v = std::move(it->second);
         local.erase(it);
-        if (v.spec() != spec)
+        if (!spec.admits(v.spec()))
             throw StageError(fmt::format("pipeline rank {}: stage {} hands over {} for microbatch {}, stage {} expects {}",
                                          ex.prank_, producer.stage, v.spec().str(), producer.mb,
                                          gradient ? producer.stage - 1 : producer.stage + 1, spec.str()));
         return v;
     }
-    void give(const std::vector<sched::P2P>& p2p, const Chunk& producer, bool gradient, Tensor&& t) {
+    // `announced`: the receiver's spec leaves dimensions to the sender (TensorSpec::kAnnounced).
+    void give(const std::vector<sched::P2P>& p2p, const Chunk& producer, bool gradient, Tensor&& t, bool announced) {
         for (const sched::P2P& x : p2p)
             if (x.send && x.gradient == gradient) {
-                ex.transport_.send(t, x.peer, x.tag);
+                if (announced)
+                    ex.transport_.send_announced(t, x.peer, x.tag);
+                else
+                    ex.transport_.send(t, x.peer, x.tag);
                 return;
             }
         std::lock_guard<std::mutex> lock(mutex);
@@ -289,11 +294,13 @@ struct Executor::Run {
             std::lock_guard<std::mutex> lock(mutex);
             result.losses[r.c.mb] = r.loss;
         } else if (!r.backward) {
-            check(*r.st, r.m, "forward", r.out, r.st->output_spec(r.m));
-            give(r.p2p, r.c, false, std::move(r.out));
+            TensorSpec want = r.st->output_spec(r.m);
+            check(*r.st, r.m, "forward", r.out, want);
+            give(r.p2p, r.c, false, std::move(r.out), want.announced());
         } else if (r.c.stage > 0) {
-            check(*r.st, r.m, "backward_input", r.out, r.st->input_spec(r.m));
-            give(r.p2p, r.c, true, std::move(r.out));
+            TensorSpec want = r.st->input_spec(r.m);
+            check(*r.st, r.m, "backward_input", r.out, want);
+            give(r.p2p, r.c, true, std::move(r.out), want.announced());
         }
     }
     void chunk(const Instr& instr, const Chunk& c, bool backward, bool with_weight) {

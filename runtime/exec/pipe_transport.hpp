@@ -25,6 +25,15 @@ public:
     virtual Tensor recv(const TensorSpec& spec, int peer, uint32_t tag) = 0;
     // Waits for every send started so far.
     virtual void drain() = 0;
+
+    // A tensor whose shape the receiver does not know ahead (a spec with TensorSpec::kAnnounced dimensions): a
+    // small header with its dtype and shape goes first (under the tag with kAnnounceBit set), then the tensor.
+    // recv_announced checks the announcement against `spec` (ConfigError naming both when it does not fit). Tags
+    // of announced tensors stay below kAnnounceBit (the schedule's tags for up to half a million chunks).
+    static constexpr uint32_t kAnnounceBit = kMaxUserTag >> 1;
+    static constexpr int kMaxAnnouncedDims = 8;
+    void send_announced(const Tensor& t, int peer, uint32_t tag);
+    Tensor recv_announced(const TensorSpec& spec, int peer, uint32_t tag);
 };
 
 // Real payloads over a communicator (math mode).

@@ -103,7 +103,10 @@ public:
     virtual std::string name() const = 0;  // for messages: "stage 2 (layers 4..5)"
 
     // The activation this stage receives (stages > 0) and the one it sends on (stages < last), per microbatch.
-    // The gradient of each has the same spec.
+    // The gradient of each has the same spec. Dimensions of TensorSpec::kAnnounced are the sender's to choose,
+    // microbatch by microbatch (a sequence length that changes from step to step, several tensors packed into
+    // bytes): the executor sends the shape ahead of the tensor. Both sides of a boundary announce the same
+    // dimensions (stage s's output_spec and stage s+1's input_spec).
     virtual TensorSpec input_spec(const Microbatch& mb) const = 0;
     virtual TensorSpec output_spec(const Microbatch& mb) const = 0;
 

@@ -201,16 +201,40 @@ class DualPipeExamples(unittest.TestCase):
             with self.subTest(ranks=ranks):
                 self.run_example(main_dualpipev, ranks)
 
-    def test_no_shapes_set_is_an_error_naming_the_call(self):
+    def test_shapes_follow_each_step_without_being_set(self):
+        # No set_p2p_tensor_shapes: each chunk's shape travels with it, so the sequence length may change per step.
         import duplex._dualpipe as d
         saved, d._shapes = d._shapes, None
+        failures = []
+
+        def main(world):
+            with _build:
+                torch.manual_seed(5)
+                full = nn.Sequential(*[PipelineStage(HIDDEN) for _ in range(4)]).double()
+                local = nn.Sequential(PipelineStage(HIDDEN), PipelineStage(HIDDEN)).double()
+                local[0].load_state_dict(full[world.rank].state_dict())
+                local[1].load_state_dict(full[3 - world.rank].state_dict())
+            model = DualPipeV(local)
+            for seq in (16, 9, 23):
+                g = torch.Generator().manual_seed(seq)
+                x = torch.randn(8 * MICRO_BATCH, seq, HIDDEN, dtype=torch.float64, generator=g)
+                lab = torch.randn(8 * MICRO_BATCH, seq, HIDDEN, dtype=torch.float64, generator=g)
+                want, _ = ref_step(x, lab, full, 8)
+                loss, _ = model.step(x if world.rank == 0 else None, num_chunks=8, criterion=criterion,
+                                     labels=(lab if world.rank == 0 else None,))
+                if world.rank == 0:
+                    check(failures, torch.equal(loss, want), 0, f"loss at sequence length {seq}")
+                for p, p_ref in zip(local[0].parameters(), full[world.rank].parameters()):
+                    check(failures, cal_diff(p.grad, p_ref.grad) < 1e-13, world.rank, f"gradient at length {seq}")
+                model.zero_grad()
+                full.zero_grad()
+            model.close()
+
         try:
-            with self.assertRaisesRegex(RuntimeError, "set_p2p_tensor_shapes"):
-                dt.run(lambda world: DualPipe((nn.Linear(2, 2), nn.Linear(2, 2))).step(
-                    torch.zeros(4, 2), num_chunks=4, criterion=criterion, labels=(torch.zeros(4, 2),)), ranks=2,
-                    timeout_s=30)
+            dt.run(main, ranks=2, timeout_s=60)
         finally:
             d._shapes = saved
+        self.assertEqual(failures, [])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ every schedule, PP in {2, 4}, DP in {1, 2}, EP in {1, 2} (routed experts spread 
 inside DP, tokens moved by duplex.torch.dispatch/combine), and EP = 4 over two (virtual) nodes on the node-limited
 path: it equals the same model with every expert local,
 trained by plain PyTorch in one process on the same batch — fp64: losses and every parameter after three SGD
-steps within 1e-12; fp32: step-1 loss within 1e-6, parameters within 1e-5."""
+steps within 1e-12; fp32: step-1 loss within 1e-6, parameters within 1e-5; BF16 on fp32 masters (class Bf16: the
+bound and why)."""
 import math
 import threading
 import unittest
@@ -159,6 +160,177 @@ class ExpertParallel(unittest.TestCase):
         self.assertEqual(sorted(got), sorted(want))
         for name, w in want.items():
             self.assertLessEqual(float((got[name] - w).norm() / w.norm()), param_tol, name)
+
+
+BF16 = torch.bfloat16
+
+
+def loss_fp32(logits, labels):
+    """Cross-entropy of BF16 logits computed in fp32, as BF16 training does."""
+    return loss_fn(logits.float(), labels)
+
+
+def ulp_bf16(x):
+    """One BF16 unit in the last place at each element of x (the spacing of BF16 numbers there)."""
+    exp = torch.frexp(x.float().abs().clamp_min(2.0 ** -126))[1]
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exp - 8)
+
+
+def adamw_reference(master, grad, m, v, step, lr):
+    """Duplex's AdamW formula (betas 0.9/0.95, eps 1e-8, no decay) written out: float64 math, rounded to fp32
+    where the moments and the parameter are stored."""
+    g = grad.double()
+    m.copy_((0.9 * m.double() + 0.1 * g).float())
+    v.copy_((0.95 * v.double() + 0.05 * g * g).float())
+    update = (m.double() / (1 - 0.9 ** step)) / ((v.double() / (1 - 0.95 ** step)).sqrt() + 1e-8)
+    master.copy_((master.double() - lr * update).float())
+
+
+def reference_bf16(pp, n, steps, optimizer, lr):
+    """The BF16 model whole in plain PyTorch on the same microbatches: each microbatch's gradients (BF16, as
+    autograd gives them) summed in fp32 in microbatch order; then torch SGD on the BF16 parameters with those sums
+    rounded to BF16 in .grad (what a Pipeline leaves for a torch optimizer), or AdamW on fp32 masters with the
+    parameters rounded from them (what ZeroAdamW does). Returns each step's mean loss, the first step's fp32
+    gradient sums and the parameters at the end, by name."""
+    stages = make_model(pp, BF16)
+    model = torch.nn.Sequential(*stages)
+    named = [(f"{s}.{k}", p) for s, st in enumerate(stages) for k, p in st.named_parameters()]
+    params = [p for _, p in named]
+    masters = [p.detach().float() for p in params]
+    moments = [(torch.zeros_like(m), torch.zeros_like(m)) for m in masters]
+    sgd = torch.optim.SGD(params, lr=lr)
+    losses, first_sums = [], None
+    for step in range(1, steps + 1):
+        x, y = batch(step, n)
+        sums = [torch.zeros_like(m) for m in masters]
+        total = 0.0
+        for xm, ym in zip(torch.chunk(x, n), torch.chunk(y, n)):
+            loss = loss_fp32(model(xm), ym)
+            total += float(loss.detach())
+            for acc, g in zip(sums, torch.autograd.grad(loss * (1.0 / n), params, allow_unused=True)):
+                if g is not None:
+                    acc.add_(g)
+        losses.append(total / n)
+        first_sums = first_sums or {name: g.clone() for (name, _), g in zip(named, sums)}
+        with torch.no_grad():
+            if optimizer == "sgd":
+                for p, g in zip(params, sums):
+                    p.grad = g.to(BF16)
+                sgd.step()
+            else:
+                for p, master, g, (m, v) in zip(params, masters, sums, moments):
+                    adamw_reference(master, g, m, v, step, lr)
+                    p.copy_(master)
+    return losses, first_sums, {name: p.detach().clone() for name, p in named}
+
+
+def run_bf16(schedule, pp, dp, ep, steps, optimizer, lr):
+    """The same through duplex.torch: rank 0's losses, the first step's gradients (.grad, BF16) and the parameters at
+    the end, by name."""
+    n = 2 * pp
+    got, first_grads, losses, lock = {}, {}, {}, threading.Lock()
+
+    def rank_main(world):
+        blocks = make_model(pp, BF16)
+        r, d = world.rank // dp, world.rank % dp
+        mine = [blocks[s] for s in duplex.stages_of_rank(schedule, pp, r)]
+        if ep > 1:
+            for m in mine:
+                m.keep_experts(d % ep, ep)
+        zero = dt.ZeroAdamW(lr=lr, weight_decay=0.0, clip=0.0) if optimizer == "adamw" else None
+        pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, ep=ep, microbatches=n, loss_fn=loss_fp32,
+                           optimizer=zero)
+        opt = torch.optim.SGD([p for m in mine for p in m.parameters()], lr=lr)
+        mine_losses = []
+        for step in range(1, steps + 1):
+            mine_losses.append(pipe.step(*batch(step, n * dp)))
+            if step == 1 and zero is None:
+                with lock:
+                    for m in mine:
+                        for name, p in m.named_parameters():
+                            first_grads[f"{blocks.index(m)}.{global_name(m, name, ep)}"] = p.grad.clone()
+            if zero is None:
+                opt.step()
+                opt.zero_grad()
+        pipe.close()
+        with lock:
+            if world.rank == 0:
+                losses["l"] = mine_losses
+            for m in mine:
+                for name, p in m.named_parameters():
+                    got[f"{blocks.index(m)}.{global_name(m, name, ep)}"] = p.detach().clone()
+
+    ranks = (pp // 2 if schedule == "dualpipev" else pp) * dp
+    dt.run(rank_main, ranks=ranks, timeout_s=180)
+    return losses["l"], first_grads, got
+
+
+def global_name(m, name, ep):
+    """A parameter's name in the whole model (an expert kept on an EP rank by its global index)."""
+    if name.startswith("experts.") and ep > 1:
+        j = int(name.split(".")[1])
+        return f"experts.{m.first + j}." + name.split(".", 2)[2]
+    return name
+
+
+class Bf16(unittest.TestCase):
+    """BF16 parameters, activations and gradients; fp32 gradient sums and masters. Bitwise equal to the whole model
+    where the fp32 sums add the same terms in the same order (1F1B and ZB1P without data or expert parallelism: W runs
+    the microbatches in order); elsewhere the sums add the same BF16 terms in another order — two copies summed
+    (DualPipe), replicas all-reduced (DP), experts' rows in another grouping (EP) — so the fp32 sums differ by
+    rounding (|d| <= (k-1) 2^-24 sum|g_i| for k terms), far below a BF16 unit: after rounding to BF16 an element
+    differs by at most one BF16 ulp (a sum near a rounding boundary), and with EP, whose expert GEMMs also run on
+    other row groupings (other roundings of BF16 activations), the gradient differs by at most 2 ulps in norm."""
+
+    def test_every_layout_step_one(self):
+        want_cache = {}
+        for schedule in ["1f1b", "zb1p", "dualpipe", "dualpipev"]:
+            for pp in [2, 4]:
+                for dp, ep in [(1, 1), (2, 1), (2, 2)]:
+                    with self.subTest(schedule=schedule, pp=pp, dp=dp, ep=ep):
+                        key = (pp, dp)
+                        if key not in want_cache:
+                            want_cache[key] = reference_bf16(pp, 2 * pp * dp, 2, "sgd", 0.1)
+                        want_losses, want_sums, want_params = want_cache[key]
+                        losses, grads, params = run_bf16(schedule, pp, dp, ep, 2, "sgd", 0.1)
+                        self.assertEqual(sorted(grads), sorted(want_sums))
+                        exact = schedule in ("1f1b", "zb1p") and dp == 1 and ep == 1
+                        for name, g in grads.items():
+                            want = want_sums[name].to(BF16)
+                            if exact:
+                                self.assertTrue(torch.equal(g, want), name)
+                            elif ep == 1:
+                                diff = (g.float() - want.float()).abs()
+                                self.assertTrue(bool((diff <= ulp_bf16(want)).all()), f"{name}: {float(diff.max())}")
+                            else:
+                                rel = float((g.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+                                self.assertLessEqual(rel, 2 * 2.0 ** -8, name)
+                        if ep == 1:  # the first step's forward is the same computation
+                            self.assertEqual(losses[0], want_losses[0])
+                        if exact:
+                            self.assertEqual(losses, want_losses)
+                            for name, p in params.items():
+                                self.assertTrue(torch.equal(p, want_params[name]), name)
+
+    def test_fifty_steps_stay_within_one_percent(self):
+        pp, dp, ep, steps = 2, 2, 2, 50
+        want, _, _ = reference_bf16(pp, 2 * pp * dp, steps, "sgd", 0.1)
+        got, _, _ = run_bf16("dualpipev", pp, dp, ep, steps, "sgd", 0.1)
+        self.assertLess(want[-1], 0.85 * want[0], "the model learns")
+        for s, (a, b) in enumerate(zip(got, want)):
+            self.assertLessEqual(abs(a - b), 0.01 * b, f"step {s + 1}")
+
+    def test_zero_adamw_keeps_fp32_masters(self):
+        # Updates of 1e-4 are below half a BF16 unit of most weights: without fp32 masters they would be lost.
+        pp, steps, lr = 2, 6, 1e-4
+        _, _, want = reference_bf16(pp, 2 * pp, steps, "adamw", lr)
+        _, _, got = run_bf16("1f1b", pp, 1, 1, steps, "adamw", lr)
+        start = {f"{s}.{k}": p.detach() for s, st in enumerate(make_model(pp, BF16)) for k, p in st.named_parameters()}
+        moved = sum(int((want[k] != start[k]).sum()) for k in want)
+        self.assertGreater(moved, 0, "the masters moved some weights by a BF16 unit")
+        for name, p in got.items():
+            self.assertEqual(p.dtype, BF16)
+            self.assertTrue(torch.equal(p, want[name]), name)
 
 
 class Exchange(unittest.TestCase):

@@ -423,9 +423,17 @@ class BadInput(unittest.TestCase):
         dt.run(rank_main, ranks=2, timeout_s=30)
 
     def test_a_stage_output_of_another_shape_is_named(self):
-        with self.assertRaisesRegex(RuntimeError, r"torch stage 0 .*microbatch 0: forward returned double\[4, 16\].*"
-                                                  r"expected double\[4, 8\]"):
+        with self.assertRaisesRegex(RuntimeError, r"(?s)torch stage 0 .*microbatch 0: forward raised.*"
+                                                  r"forward returned float64\[4, 16\], expected \[4, 8\]"):
             self.run_with(shape=(ROWS, 8))
+
+    def test_a_boundary_of_something_else_than_tensors(self):
+        class Words(torch.nn.Module):
+            def forward(self, x):
+                return ["not", "tensors"]
+        with self.assertRaisesRegex(RuntimeError, r"(?s)torch stage 0 .*microbatch 0: forward raised.*"
+                                                  r"a stage boundary carries tensors, not str"):
+            self.run_with(stage_fn=lambda b: [Words(), b[1]], shape=None)
 
     def test_a_loss_that_is_not_a_scalar(self):
         with self.assertRaisesRegex(RuntimeError, "(?s)torch stage 1.*microbatch 0.*not a scalar"):
