@@ -139,6 +139,8 @@ def profile_calls(a):
 
     for name in ["forward", "backward_input", "backward_weight", "loss", "activation", "state", "zero_grad"]:
         setattr(dt._TorchStage, name, timed(name, getattr(dt._TorchStage, name)))
+    for name in ["_call", "_received", "_send", "_input_grads", "_graph"]:
+        setattr(dt._TorchStage, name, timed(f"  {name}", getattr(dt._TorchStage, name)))
     torch.autograd.grad = timed("  torch.autograd.grad", torch.autograd.grad)
     steps = a.steps
 

@@ -389,12 +389,13 @@ void bind_trainer(nb::module_& m) {
         .def("__init__",
              [](TrainerHandle* t, std::shared_ptr<Communicator> world, const std::string& schedule, int pp, int dp, int ep,
                 int microbatches, nb::callable factory, const std::string& dtype, const std::string& optimizer,
-                double lr, double weight_decay, double clip, double ema_decay, bool sum_pairs, double loss_scale) {
+                double lr, double weight_decay, double clip, double ema_decay, bool sum_pairs, double loss_scale,
+                bool overlap_pairs) {
                  new (t) TrainerHandle();
                  PipelineOptions p;
                  p.schedule = sched::kind_from_name(schedule);
                  p.pp = pp, p.dp = dp, p.ep = ep, p.optimizer = optimizer, p.ema_decay = ema_decay;
-                 p.sum_pairs = sum_pairs, p.loss_scale = loss_scale;
+                 p.sum_pairs = sum_pairs, p.loss_scale = loss_scale, p.overlap_pairs = overlap_pairs;
                  TrainOptions o;
                  o.microbatches = microbatches, o.lr = lr, o.weight_decay = weight_decay, o.clip = clip;
                  nb::object keep = nb::borrow(factory);
@@ -414,7 +415,8 @@ void bind_trainer(nb::module_& m) {
                  t->t = make_trainer(dtype, world, p, o, f);
              },
              "world"_a, "schedule"_a, "pp"_a, "dp"_a, "ep"_a, "microbatches"_a, "factory"_a, "dtype"_a, "optimizer"_a, "lr"_a,
-             "weight_decay"_a, "clip"_a, "ema_decay"_a, "sum_pairs"_a = true, "loss_scale"_a = 0.0)
+             "weight_decay"_a, "clip"_a, "ema_decay"_a, "sum_pairs"_a = true, "loss_scale"_a = 0.0,
+             "overlap_pairs"_a = true)
         .def("ema",
              [](TrainerHandle& t) {
                  std::map<std::string, std::vector<double>> values;

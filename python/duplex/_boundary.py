@@ -9,6 +9,8 @@ the shapes may change from microbatch to microbatch. The executor announces the 
 
 Layout: int64 words [MAGIC, kind, leaves, key bytes, then per leaf: dtype code (-1: none), rank, dims...], the dict's
 keys (utf-8, NUL-separated), then each leaf's bytes at an offset aligned to 16."""
+import array
+
 import torch
 
 MAGIC = 0x44555058  # "DUPX"
@@ -48,8 +50,19 @@ def _round(n):
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+_PADS = {}  # zero bytes of each length below _ALIGN, by (length, device)
+
+
+def _pad(n, device):
+    key = (n, device)
+    if key not in _PADS:
+        _PADS[key] = torch.zeros(n, dtype=torch.uint8, device=device)
+    return _PADS[key]
+
+
 def pack(leaves, structure):
-    """One uint8 tensor (on the leaves' device) holding the structure and every leaf."""
+    """One uint8 tensor (on the leaves' device) holding the structure and every leaf: a single concatenation of the
+    header's bytes and the leaves' bytes (reinterpreted, not converted)."""
     kind, keys = structure
     key_bytes = "\0".join(keys).encode() if keys else b""
     words = [MAGIC, kind, len(leaves), len(key_bytes)]
@@ -66,43 +79,41 @@ def pack(leaves, structure):
             raise TypeError(f"a stage boundary carries tensors of at most 8 dimensions, not {t.dim()}")
         device = device or t.device
         words += [_CODE_OF[t.dtype], t.dim()] + list(t.shape)
-    offset = _round(8 * len(words) + len(key_bytes))
-    offsets = []
+    device = device or torch.device("cpu")
+    head = array.array("q", words).tobytes() + key_bytes
+    head += bytes(_round(len(head)) - len(head))
+    parts = [torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device)]
     for t in leaves:
-        offsets.append(offset)
-        if t is not None:
-            offset = _round(offset + t.numel() * t.element_size())
-    buf = torch.empty(offset, dtype=torch.uint8, device=device or "cpu")
-    buf[:8 * len(words)].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
-    if key_bytes:
-        buf[8 * len(words):8 * len(words) + len(key_bytes)].copy_(torch.frombuffer(bytearray(key_bytes), dtype=torch.uint8))
-    for t, at in zip(leaves, offsets):
-        if t is not None and t.numel():
-            nbytes = t.numel() * t.element_size()
-            buf[at:at + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
-    return buf
+        if t is None or t.numel() == 0:
+            continue
+        raw = t.detach().contiguous().reshape(-1)
+        raw = raw.view(torch.uint8)
+        parts.append(raw)
+        if raw.numel() % _ALIGN:
+            parts.append(_pad(_ALIGN - raw.numel() % _ALIGN, device))
+    return torch.cat(parts)
 
 
 def unpack(buf):
     """(leaves, structure) of a packed buffer: views into it (no copy)."""
     if buf.numel() < 32:
         raise ValueError(f"a stage boundary buffer of {buf.numel()} bytes holds no header")
-    head = buf[:32].view(torch.int64).tolist()
+    host = buf if buf.device.type == "cpu" else buf[:min(buf.numel(), 4096)].cpu()
+    raw = host.numpy()
+    head = array.array("q", raw[:32].tobytes())
     if head[0] != MAGIC:
         raise ValueError("a stage boundary buffer without Duplex's header (the other stage is not a duplex.torch stage)")
     _, kind, n, key_len = head
     # Each leaf's header is at least two words; read the most it can be, then walk it.
-    max_words = 4 + n * (2 + 8)
-    words = buf[:min(8 * max_words, buf.numel()) // 8 * 8].view(torch.int64).tolist()
+    words = array.array("q", raw[:min(8 * (4 + n * 10), raw.size) // 8 * 8].tobytes())
     pos, specs = 4, []
     for _ in range(n):
         code, rank = words[pos], words[pos + 1]
-        specs.append(None if code < 0 else (_CODES[code], words[pos + 2:pos + 2 + rank]))
+        specs.append(None if code < 0 else (_CODES[code], tuple(words[pos + 2:pos + 2 + rank])))
         pos += 2 + max(rank, 0)
     keys = None
     if kind == _DICT:
-        raw = bytes(buf[8 * pos:8 * pos + key_len].tolist())
-        keys = raw.decode().split("\0") if n else []
+        keys = raw[8 * pos:8 * pos + key_len].tobytes().decode().split("\0") if n else []
     offset = _round(8 * pos + key_len)
     leaves = []
     for spec in specs:
@@ -114,7 +125,9 @@ def unpack(buf):
         for d in shape:
             numel *= d
         nbytes = numel * dtype.itemsize
-        leaves.append(buf[offset:offset + nbytes].view(dtype).view(shape) if numel else
-                      torch.empty(shape, dtype=dtype, device=buf.device))
+        if numel == 0:
+            leaves.append(torch.empty(shape, dtype=dtype, device=buf.device))
+        else:
+            leaves.append(buf[offset:offset + nbytes].view(dtype).view(shape))
         offset = _round(offset + nbytes)
     return leaves, (kind, keys)

@@ -61,6 +61,15 @@ class _TorchStage:
     def name(self):
         return f"torch stage {self.info.stage} ({type(self.module).__name__})"
 
+    def _enter(self, call):
+        """On an executor thread: the stage call its group operations wait through, and torch's intra-op threads as
+        the Pipeline's creator set them (OpenMP's setting is per thread: a new thread would take every core, and
+        its idle workers spin beside the other ranks)."""
+        _current.call = call
+        if getattr(_current, "threads", None) != self.pipe._threads:
+            torch.set_num_threads(self.pipe._threads)
+            _current.threads = self.pipe._threads
+
     def activation(self, mb):
         return [-1], "uint8"  # packed bytes, their length announced with the microbatch
 
@@ -98,7 +107,7 @@ class _TorchStage:
         return loss
 
     def forward(self, mb, global_mb, step, x, call):
-        _current.call = call
+        self._enter(call)
         if call is not None and call.forward_only:  # evaluation: nothing kept for a backward
             with torch.no_grad():
                 inp = self.pipe._inputs[global_mb] if self.first else _boundary.rebuild(*_boundary.unpack(x))
@@ -142,7 +151,7 @@ class _TorchStage:
         return _boundary.pack(grads, (1, None))
 
     def backward_input(self, mb, dy, weight_follows, call):
-        _current.call = call
+        self._enter(call)
         outs, grad_outs, inputs = self._graph(mb, dy)
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         if weight_follows or not wanted:  # B and W in one pass over the graph (or no input gradient: all of it is W)
@@ -161,7 +170,7 @@ class _TorchStage:
         return self._input_grads(inputs, got)
 
     def backward_weight(self, mb, call):
-        _current.call = call
+        self._enter(call)
         inp, outs, grad_outs = self.saved.pop(mb)
         if isinstance(grad_outs, str):  # done together with B
             return
@@ -286,6 +295,10 @@ class Pipeline:
     every step; the activations and their gradients stay in the module's dtype. With a torch optimizer (optimizer
     None) the fp32 gradient sums are left, rounded, in .grad.
 
+    DualPipe's F&B pairs: with ep > 1 the two halves run on two threads, one computing while the other waits for
+    its expert exchange; with ep == 1 there is nothing to wait for inside a call and Python stages cannot compute at
+    once under one interpreter lock, so the halves run one after the other.
+
     optimizer: None (gradients left in .grad for a torch optimizer) or ZeroAdamW(...) (Duplex updates the
     parameters). ema_decay > 0 keeps an EMA of the weights in host memory, updated in the background (ema()).
 
@@ -323,6 +336,7 @@ class Pipeline:
         if odd:
             raise ValueError(f"the stages' parameters are {self.dtype} and {', '.join(odd)}: one dtype per Pipeline")
         self._mixed = self.dtype in (torch.bfloat16, torch.float16)
+        self._threads = torch.get_num_threads()  # the executor's threads run torch with as many
         self._built = []  # this rank's _TorchStage objects
         self._inputs = self._labels = None
         self._chunk_losses = self._chunk_outputs = None  # DualPipe's step: per-chunk losses and outputs kept here
@@ -336,7 +350,7 @@ class Pipeline:
         self._optimizer = kind
         self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, ep, microbatches, self._make_stage,
                                          _TRAINER_DTYPE[self.dtype], kind, lr, wd, clip, ema_decay, _sum_pairs,
-                                         _loss_scale)
+                                         _loss_scale, overlap_pairs=ep > 1)
         self._steps_seen = self._trainer.steps_done()
 
     def _make_stage(self, info):

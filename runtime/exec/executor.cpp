@@ -336,7 +336,7 @@ ExecutorStep Executor::run(const std::map<int, Stage*>& stages,
             case Op::BW: r.chunk(in, in.b, true, true); break;
             case Op::W: r.weight(in.b); break;
             case Op::FB: {
-                if (in.f.stage == in.b.stage) {  // one stage object: its calls stay in order
+                if (in.f.stage == in.b.stage || !options_.overlap_pairs) {  // one thread: the calls in order
                     r.chunk(in, in.f, false, false);
                     r.chunk(in, in.b, true, true);
                     break;

@@ -40,6 +40,10 @@ struct ExecutorOptions {
     // The stages' expert-parallel group and exchange lanes, handed to every call (StageContext::experts()); null
     // without expert parallelism.
     std::shared_ptr<ExpertService> experts;
+    // The two halves of an F&B pair on two threads, so one computes while the other waits (an expert exchange).
+    // false: one after the other on one thread — for stages that cannot compute concurrently anyway (Python
+    // stages under one interpreter lock) and have nothing to wait for inside a call (no EP).
+    bool overlap_pairs = true;
 };
 
 struct ExecutorStep {

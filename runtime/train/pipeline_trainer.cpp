@@ -358,7 +358,8 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     else
         I.transport = std::make_unique<CommPipeTransport>(I.pipe);
     I.executor = std::make_unique<Executor>(I.schedule, I.prank, *I.transport, I.tracer,
-                                            ExecutorOptions{.exclusive_compute = p.emulate, .experts = I.expert_service});
+                                            ExecutorOptions{.exclusive_compute = p.emulate, .experts = I.expert_service,
+                                                            .overlap_pairs = p.overlap_pairs});
     I.executor->prepare(stages());
 
     make_optimizers(I);

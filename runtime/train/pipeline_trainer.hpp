@@ -56,6 +56,8 @@ struct PipelineOptions {
     // "flat" (one copy per expert straight to its rank — the baseline the hierarchical path is measured against).
     std::string dispatch = "hierarchical";
     bool trace = false;      // record compute/communication spans (trace_blob)
+    // DualPipe's F&B pairs: the two halves on two threads (ExecutorOptions::overlap_pairs); false runs them in order.
+    bool overlap_pairs = true;
     double ema_decay = 0;    // > 0: keep an EMA of the weights in host memory, updated in the background
     // Emulate mode: the same schedule, ranks and transfers (real byte counts, zero payloads), but each chunk's
     // compute is a timed wait and each transfer is delivered after latency + bytes / bandwidth of its link.
