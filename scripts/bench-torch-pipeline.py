@@ -112,6 +112,29 @@ def in_processes(target, a, *args):
     return result
 
 
+def module_work(a, width):
+    """What one rank's Python stages ask of torch in a step, done by plain PyTorch in a loop on one thread: for each of
+    its two stages and every microbatch, the forward with a graph, the input gradient (B) and the weight gradients (W)
+    — the same calls a duplex.torch stage makes, without the executor. Seconds per step (median of a.steps)."""
+    import duplex
+    torch.set_num_threads(1)
+    blocks = make_blocks(a.stages, width)
+    mine = [blocks[s] for s in duplex.stages_of_rank("dualpipev", a.stages, 0)]
+    times = []
+    for step in range(1, a.steps + 1):
+        x, y = batch(step, a.microbatches * a.rows, width)
+        t0 = time.perf_counter()
+        for xm, ym in zip(x.chunk(a.microbatches), y.chunk(a.microbatches)):
+            for m in mine:
+                inp = xm.detach().requires_grad_(True)
+                out = m(inp)
+                params = list(m.parameters())
+                (dx,) = torch.autograd.grad(out, [inp], torch.ones_like(out), retain_graph=True)
+                torch.autograd.grad(out, params, torch.ones_like(out))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def instructions_per_rank(a):
     import duplex
     plan = duplex.schedule("dualpipev", pp=a.stages, microbatches=a.microbatches)
@@ -182,9 +205,13 @@ def main():
           f"duplex / torch {t_thread / t_torch:.3f}")
     tiny_proc = statistics.median(in_processes(duplex_process, a, 4)[1:])
     tiny_thread = statistics.median(duplex_run(a, 4)[0][1:])
+    work = module_work(a, 4)
     print(f"executor overhead (width-4 modules, {instructions} instructions per rank): processes "
           f"{1e6 * tiny_proc / instructions:.1f} us per instruction ({1e3 * tiny_proc:.2f} ms per step), in-process "
           f"{1e6 * tiny_thread / instructions:.1f} us ({1e3 * tiny_thread:.2f} ms)")
+    print(f"the same module calls by plain PyTorch on one thread: {1e3 * work:.2f} ms per step per rank; beyond "
+          f"them, the executor's own cost: processes {1e6 * (tiny_proc - work) / instructions:.1f} us per instruction, "
+          f"in-process {1e6 * (tiny_thread - work) / instructions:.1f} us")
 
 
 if __name__ == "__main__":
