@@ -6,6 +6,7 @@ instruction (the same pipeline with modules too small to compute anything), as p
 
     .venv/bin/python scripts/bench-torch-pipeline.py [--width 512] [--stages 4] [--microbatches 8] [--steps 6]
     .venv/bin/python scripts/bench-torch-pipeline.py --profile-calls    # where the width-4 run's time goes
+    .venv/bin/python scripts/bench-torch-pipeline.py --split-backward   # B and W three ways, one stage
 Needs PYTHONPATH=build/python (make bench sets it). Both sides use one intra-op thread per rank.
 --profile-calls runs only the width-4 Duplex pipeline, with every method of its Python stages and
 torch.autograd.grad timed by the calling thread's CPU time (time.thread_time: a thread waiting for the GIL
@@ -181,6 +182,51 @@ def profile_calls(a):
               f"{1e3 * spent[name] / counted:7.2f} ms/step")
 
 
+def split_backward(a):
+    """CPU time of one stage's backward split into B and W three ways, on one thread: B then a second full pass for
+    W (duplex.torch below the threshold), B keeping the branch points' gradients then W from them (SplitBackward),
+    and one pass for both (no split: the floor)."""
+    from duplex._backward import SplitBackward
+    torch.set_num_threads(1)
+    for width, layers in ((a.width, 2), (a.width, 4), (4, 2)):
+        m = torch.nn.Sequential(*[x for _ in range(layers) for x in (torch.nn.Linear(width, width), torch.nn.Tanh())])
+        params, x = list(m.parameters()), torch.randn(a.rows, width)
+
+        def graph():
+            xi = x.detach().requires_grad_(True)
+            y = m(xi)
+            return xi, y, torch.ones_like(y)
+
+        def second_pass():
+            xi, y, g = graph()
+            torch.autograd.grad(y, [xi], g, retain_graph=True)
+            torch.autograd.grad(y, params, g)
+
+        def from_branch_points():
+            xi, y, g = graph()
+            split = SplitBackward.plan([y], [xi], params)
+            split.backward_input([g])
+            split.backward_weight()
+
+        def one_pass():
+            xi, y, g = graph()
+            torch.autograd.grad(y, [xi] + params, g)
+
+        cells = []
+        for name, f in (("B + second pass", second_pass), ("B + W from branch points", from_branch_points),
+                        ("one pass (no split)", one_pass)):
+            for _ in range(10):
+                f()
+            runs = []
+            for _ in range(9):
+                t = time.thread_time()
+                for _ in range(10):
+                    f()
+                runs.append((time.thread_time() - t) / 10)
+            cells.append(f"{name} {1e6 * statistics.median(runs):9.1f} us")
+        print(f"{layers} x Linear({width}) + tanh, {a.rows} rows, forward + backward: " + "  ".join(cells))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=512)
@@ -189,9 +235,13 @@ def main():
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="the first is a warm-up; the median of the rest counts")
     ap.add_argument("--profile-calls", action="store_true", help="only: where the width-4 Duplex run's time goes")
+    ap.add_argument("--split-backward", action="store_true",
+                    help="only: a stage's B and W three ways (second pass, from branch points, one pass), one thread")
     a = ap.parse_args()
     if a.profile_calls:
         return profile_calls(a)
+    if a.split_backward:
+        return split_backward(a)
     torch_times = in_processes(torch_rank, a)
     process_times = in_processes(duplex_process, a, a.width)
     thread_times, instructions = duplex_run(a, a.width)

@@ -62,6 +62,10 @@ constexpr uint64_t kAnswerBit = uint64_t(1) << 63;
 // oversubscribed ranks get the core back and a message that arrives soon is still seen within microseconds
 // (0 and 20 us were tried: no measurable change, BENCHMARKS.md).
 constexpr double kSpinBeforeSleep_s = 200e-6;
+// A waiting thread then polls the worker, sleeping between polls from kMinPollSleep_s up to kMaxPollSleep_s: a
+// message is seen within that long, at a few thousand wake-ups a second.
+constexpr double kMinPollSleep_s = 10e-6;
+constexpr double kMaxPollSleep_s = 100e-6;
 
 constexpr uint64_t kOfferMagic = 0x4450'4C58'434D'4131ull;  // "DPLXCMA1": address is in the sender's memory
 constexpr uint64_t kMappedMagic = 0x4450'4C58'4D41'5031ull;  // "DPLXMAP1": address is an offset in its arena

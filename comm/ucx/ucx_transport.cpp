@@ -201,9 +201,11 @@ std::shared_ptr<Request> UcxTransport::irecv(int peer, uint64_t tag, void* buf, 
 }
 
 bool UcxTransport::wait(Request& request, const Deadline& deadline) {
-    // Drive the worker from the waiting thread while messages keep arriving; when it goes quiet, sleep
-    // on the request and leave progress to the progress thread.
+    // Drive the worker from the waiting thread: yield-spinning while messages keep arriving, then polling with
+    // sleeps that grow to kMaxPollSleep_s. (Handing progress to the progress thread instead cost up to a
+    // millisecond per message: its event wait misses shared-memory arrivals until its poll times out.)
     Stopwatch quiet;
+    double nap_s = kMinPollSleep_s;
     drivers_.fetch_add(1, std::memory_order_relaxed);
     struct Leave {
         std::atomic<int>& n;
@@ -218,16 +220,10 @@ bool UcxTransport::wait(Request& request, const Deadline& deadline) {
         }
         if (progressed) {
             quiet.reset();
+            nap_s = kMinPollSleep_s;
         } else if (quiet.seconds() > kSpinBeforeSleep_s) {
-            // Quiet for a while: hand progress back to the progress thread and sleep on the request.
-            drivers_.fetch_sub(1, std::memory_order_relaxed);
-            state_cv_.notify_all();
-            Deadline slice(1e-3);
-            struct Rejoin {
-                std::atomic<int>& n;
-                ~Rejoin() { n.fetch_add(1, std::memory_order_relaxed); }
-            } rejoin{drivers_};
-            if (request.wait_until(deadline.infinite() || slice.at() < deadline.at() ? slice : deadline)) break;
+            std::this_thread::sleep_for(std::chrono::duration<double>(nap_s));
+            nap_s = std::min(2 * nap_s, kMaxPollSleep_s);
         } else {
             std::this_thread::yield();
         }

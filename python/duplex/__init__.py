@@ -12,8 +12,29 @@
 """
 import json as _json
 
-from ._duplex import Communicator, DivergenceError, Plan, backends, launch, schedule, stages_of_rank  # noqa: F401
-from . import _duplex
+
+def _load_the_wheels_nccl_first():
+    """torch's wheel needs a newer NCCL than the CUDA toolkit's, under the same soname (libnccl.so.2): whichever loads
+    first serves the process, so importing duplex before torch would leave torch without its symbols. When the
+    nvidia-nccl wheel is installed beside torch, load it first: it serves both (NCCL keeps its ABI)."""
+    import ctypes
+    import importlib.util
+    import os
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(base, "nccl", "lib", "libnccl.so.2")
+        if os.path.exists(path):
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return
+
+
+_load_the_wheels_nccl_first()
+
+from ._duplex import Communicator, DivergenceError, Plan, backends, launch, schedule, stages_of_rank  # noqa: E402,F401
+from . import _duplex  # noqa: E402
 
 __all__ = ["Communicator", "DivergenceError", "Plan", "backends", "launch", "schedule", "simulate", "stages_of_rank"]
 

@@ -28,6 +28,7 @@ import torch
 from . import _boundary
 from . import _duplex
 from . import _dualpipe
+from ._backward import SplitBackward
 from ._duplex import DivergenceError  # noqa: F401  (raised by step() and fit() on a run that diverges)
 from ._experts import Routed, combine, dispatch, ep_group, mark_experts  # noqa: F401
 from ._experts import _current, _current_world  # noqa: F401  (the stage call and world on this thread)
@@ -55,6 +56,7 @@ class _TorchStage:
         self.deferred = {}  # mb -> weight-gradient closures custom functions deferred during B
         self.losses = {}
         self.masters = _Masters(module) if pipe._mixed else None
+        self._split = None  # whether B keeps the branch points' gradients for W (_split_pays)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.zero_grad()
 
@@ -162,24 +164,44 @@ class _TorchStage:
             self._accumulate(grads[len(wanted):])
             self.saved[mb] = (None, None, "done")
             return None if self.first else self._input_grads(inputs, grads[:len(wanted)])
-        self.saved[mb] = (inputs, outs, grad_outs)
+        # W will start where the graph branches off to the parameters (SplitBackward) when that pays, or from the
+        # outputs again (also where a parameter sits under two such branches).
+        split = SplitBackward.plan(outs, wanted, self.params) if self._split_pays(outs, wanted) else None
+        self.saved[mb] = (inputs, outs, grad_outs) if split is None else (inputs, split, "split")
         # Custom autograd functions that defer their weight gradients (WeightGradStore) put them here; W runs them.
         with _dualpipe.deferring() as deferred:
-            got = torch.autograd.grad(outs, wanted, grad_outs, retain_graph=True, allow_unused=True)
+            if split is None:
+                got = torch.autograd.grad(outs, wanted, grad_outs, retain_graph=True, allow_unused=True)
+            else:
+                got = split.backward_input(grad_outs)
         self.deferred[mb] = deferred
         return self._input_grads(inputs, got)
+
+    def _split_pays(self, outs, wanted):
+        """Whether W from the branch points is cheaper than a second pass: it saves recomputing the input-side
+        gradients (a matmul per weight below the top one) and costs a graph walk and an autograd call per branch
+        point, about 50 us each. Decided on the first B from the weights per branch point: 16384 elements (a 128 x
+        128 matrix) and more."""
+        if self._split is None:
+            plan = SplitBackward.plan(outs, wanted, self.params)
+            per_start = sum(p.numel() for p in self.params) / max(1, len(plan.starts) if plan else 1)
+            self._split = plan is not None and per_start >= 16384
+        return self._split
 
     def backward_weight(self, mb, call):
         self._enter(call)
         inp, outs, grad_outs = self.saved.pop(mb)
-        if isinstance(grad_outs, str):  # done together with B
+        if isinstance(grad_outs, str) and grad_outs == "done":  # done together with B
             return
         deferred = self.deferred.pop(mb, None)
         if deferred is None:  # no B pass ran: custom functions accumulate as autograd reaches them
             self._accumulate(torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True))
             return
         with _dualpipe.deferring():  # this second pass puts the same closures again: dropped
-            grads = torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True)
+            if grad_outs == "split":
+                grads = outs.backward_weight()
+            else:
+                grads = torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True)
         self._accumulate(grads)
         for f in deferred:
             f()

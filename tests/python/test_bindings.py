@@ -135,5 +135,16 @@ class Collectives(unittest.TestCase):
         self.assertEqual(self.run_ranks(2, fn), [True, True])
 
 
+class Import(unittest.TestCase):
+    def test_duplex_before_torch(self):
+        # torch's wheel needs its own NCCL (the toolkit's, which the module links, is older under the same soname).
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            self.skipTest("torch is not installed")
+        run = subprocess.run([sys.executable, "-c", "import duplex, torch, duplex.torch; print(torch.ones(2).sum())"],
+                             capture_output=True, text=True, env=os.environ)
+        self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

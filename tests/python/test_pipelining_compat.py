@@ -48,28 +48,35 @@ def indices(kind, num_stages, rank):
 SCHEDULES = {"1f1b": Schedule1F1B, "zb1p": ScheduleZB1P, "dualpipe": ScheduleDualPipe, "dualpipev": ScheduleDualPipeV}
 
 
+def script(kind, num_stages, world):
+    """One rank of the pipelining script: its per-microbatch losses and eval losses (on the last stage's rank), the
+    merged output, and its stages' gradients."""
+    model_blocks = blocks(num_stages)
+    mine = indices(kind, num_stages, world.rank)
+    stages = [PipelineStage(model_blocks[i], i, num_stages, "cpu") for i in mine]
+    schedule = SCHEDULES[kind](stages if len(stages) > 1 else stages[0], n_microbatches=N,
+                               loss_fn=torch.nn.functional.mse_loss)
+    x, y = data()
+    losses = []
+    first, last = 0 in mine, num_stages - 1 in mine
+    args = (x,) if first else ()
+    output = schedule.step(*args, target=y if last else None, losses=losses if last else None)
+    grads = {i: [p.grad.clone() for p in model_blocks[i].parameters()] for i in mine}
+    eval_losses = []
+    schedule.eval(*args, target=y if last else None, losses=eval_losses if last else None)
+    schedule.close()
+    return dict(losses=losses, output=output, grads=grads, eval=eval_losses, last=last)
+
+
 class PipeliningScripts(unittest.TestCase):
     def run_script(self, kind, num_stages):
         ranks = num_stages // 2 if kind == "dualpipev" else num_stages
         out, lock = {}, threading.Lock()
 
         def rank_main(world):
-            model_blocks = blocks(num_stages)
-            mine = indices(kind, num_stages, world.rank)
-            stages = [PipelineStage(model_blocks[i], i, num_stages, "cpu") for i in mine]
-            schedule = SCHEDULES[kind](stages if len(stages) > 1 else stages[0], n_microbatches=N,
-                                       loss_fn=torch.nn.functional.mse_loss)
-            x, y = data()
-            losses = []
-            first, last = 0 in mine, num_stages - 1 in mine
-            args = (x,) if first else ()
-            output = schedule.step(*args, target=y if last else None, losses=losses if last else None)
-            grads = {i: [p.grad.clone() for p in model_blocks[i].parameters()] for i in mine}
-            eval_losses = []
-            schedule.eval(*args, target=y if last else None, losses=eval_losses if last else None)
-            schedule.close()
+            result = script(kind, num_stages, world)
             with lock:
-                out[world.rank] = dict(losses=losses, output=output, grads=grads, eval=eval_losses, last=last)
+                out[world.rank] = result
 
         dt.run(rank_main, ranks=ranks, timeout_s=60)
         return out
