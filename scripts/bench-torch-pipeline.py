@@ -234,6 +234,8 @@ def main():
     ap.add_argument("--stages", type=int, default=4, help="model stages (DualPipeV: on stages/2 ranks)")
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6, help="the first is a warm-up; the median of the rest counts")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of the three runs back to back (a ratio within a round shares the machine's state)")
     ap.add_argument("--profile-calls", action="store_true", help="only: where the width-4 Duplex run's time goes")
     ap.add_argument("--split-backward", action="store_true",
                     help="only: a stage's B and W three ways (second pass, from branch points, one pass), one thread")
@@ -242,17 +244,23 @@ def main():
         return profile_calls(a)
     if a.split_backward:
         return split_backward(a)
-    torch_times = in_processes(torch_rank, a)
-    process_times = in_processes(duplex_process, a, a.width)
-    thread_times, instructions = duplex_run(a, a.width)
-    t_torch, t_proc, t_thread = (statistics.median(t[1:]) for t in (torch_times, process_times, thread_times))
     print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} ranks, {a.microbatches} microbatches of "
-          f"{a.rows} x {a.width}, CPU, one thread per rank")
-    print(f"torch.distributed.pipelining ScheduleDualPipeV (gloo, processes): {1e3 * t_torch:8.2f} ms per step")
-    print(f"duplex.torch Pipeline dualpipev (ucx, processes):                 {1e3 * t_proc:8.2f} ms per step  "
-          f"duplex / torch {t_proc / t_torch:.3f}")
-    print(f"duplex.torch Pipeline dualpipev (in-process ranks):               {1e3 * t_thread:8.2f} ms per step  "
-          f"duplex / torch {t_thread / t_torch:.3f}")
+          f"{a.rows} x {a.width}, CPU, one thread per rank; {a.rounds} round(s) of torch, duplex as processes, duplex "
+          f"in-process, back to back (median step of each, ms)", flush=True)
+    ratios = {"processes": [], "in-process": []}
+    for r in range(1, a.rounds + 1):
+        t_torch = statistics.median(in_processes(torch_rank, a)[1:])
+        t_proc = statistics.median(in_processes(duplex_process, a, a.width)[1:])
+        t_thread = statistics.median(duplex_run(a, a.width)[0][1:])
+        ratios["processes"].append(t_proc / t_torch)
+        ratios["in-process"].append(t_thread / t_torch)
+        print(f"round {r}: torch ScheduleDualPipeV (gloo, processes) {1e3 * t_torch:7.2f}  duplex.torch (ucx, "
+              f"processes) {1e3 * t_proc:7.2f} ({t_proc / t_torch:.3f})  duplex.torch (in-process) "
+              f"{1e3 * t_thread:7.2f} ({t_thread / t_torch:.3f})", flush=True)
+    for name, rs in ratios.items():
+        print(f"duplex / torch, {name}: median {statistics.median(rs):.3f} over {len(rs)} round(s) "
+              f"(range {min(rs):.3f}-{max(rs):.3f})")
+    instructions = instructions_per_rank(a)
     tiny_proc = statistics.median(in_processes(duplex_process, a, 4)[1:])
     tiny_thread = statistics.median(duplex_run(a, 4)[0][1:])
     work = module_work(a, 4)
