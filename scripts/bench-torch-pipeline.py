@@ -268,8 +268,16 @@ def main():
           f"{1e6 * tiny_proc / instructions:.1f} us per instruction ({1e3 * tiny_proc:.2f} ms per step), in-process "
           f"{1e6 * tiny_thread / instructions:.1f} us ({1e3 * tiny_thread:.2f} ms)")
     print(f"the same module calls by plain PyTorch on one thread: {1e3 * work:.2f} ms per step per rank; beyond "
-          f"them, the executor's own cost: processes {1e6 * (tiny_proc - work) / instructions:.1f} us per instruction, "
-          f"in-process {1e6 * (tiny_thread - work) / instructions:.1f} us")
+          f"them (the executor, the transfers and the waits for the other rank): processes "
+          f"{1e6 * (tiny_proc - work) / instructions:.1f} us per instruction, in-process "
+          f"{1e6 * (tiny_thread - work) / instructions:.1f} us")
+    # The executor alone: DualPipeV over 2 stages is one rank holding both, no transfers and nothing to wait for.
+    one = argparse.Namespace(**{**vars(a), "stages": 2})
+    for _ in range(3):
+        t_one, work_one = statistics.median(duplex_run(one, 4)[0][1:]), module_work(one, 4)
+        n_one = instructions_per_rank(one)
+        print(f"one rank holding both stages (width 4): step {1e3 * t_one:.2f} ms, the module calls {1e3 * work_one:.2f} "
+              f"ms: the executor's own cost {1e6 * (t_one - work_one) / n_one:.1f} us per instruction ({n_one})")
 
 
 if __name__ == "__main__":
