@@ -162,6 +162,7 @@ class _TorchStage:
                 return None if self.first else self._input_grads(inputs, [])
             grads = torch.autograd.grad(outs, wanted + self.params, grad_outs, allow_unused=True)
             self._accumulate(grads[len(wanted):])
+            self._fold()
             self.saved[mb] = (None, None, "done")
             return None if self.first else self._input_grads(inputs, grads[:len(wanted)])
         # W will start where the graph branches off to the parameters (SplitBackward) when that pays, or from the
@@ -196,6 +197,7 @@ class _TorchStage:
         deferred = self.deferred.pop(mb, None)
         if deferred is None:  # no B pass ran: custom functions accumulate as autograd reaches them
             self._accumulate(torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True))
+            self._fold()
             return
         with _dualpipe.deferring():  # this second pass puts the same closures again: dropped
             if grad_outs == "split":
@@ -205,6 +207,13 @@ class _TorchStage:
         self._accumulate(grads)
         for f in deferred:
             f()
+        self._fold()
+
+    def _fold(self):
+        """BF16/FP16: what custom autograd functions wrote into a parameter's .grad themselves (deepseek-ai/DualPipe's
+        WeightGradStore closures do) joins the fp32 sums."""
+        if self.masters is not None:
+            self.masters.fold()
 
     def _accumulate(self, grads):
         with torch.no_grad():
@@ -260,6 +269,15 @@ class _Masters:
     def zero_grad(self):
         for g in self.grads:
             g.zero_()
+        for p in self.params:  # .grad is where custom functions write (fold); the sums live here
+            p.grad = None
+
+    def fold(self):
+        with torch.no_grad():
+            for total, p in zip(self.grads, self.params):
+                if p.grad is not None:
+                    total.add_(p.grad)
+                    p.grad = None
 
     def to_module(self):
         with torch.no_grad():

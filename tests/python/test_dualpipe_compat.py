@@ -201,6 +201,35 @@ class DualPipeExamples(unittest.TestCase):
             with self.subTest(ranks=ranks):
                 self.run_example(main_dualpipev, ranks)
 
+    def test_bf16_weight_gradients_of_custom_functions_reach_the_masters(self):
+        # Their LinearFunc writes weight.grad itself (through WeightGradStore at W, or at once): in BF16 Duplex sums in
+        # fp32 masters, which must take those gradients too. Against the reference step in BF16 (autograd adding
+        # into .grad in BF16): a dropped weight gradient is cal_diff 1; BF16 rounding of the sums is ~1e-4.
+        failures = []
+
+        def main(world):
+            with _build:
+                torch.manual_seed(9)
+                full = nn.Sequential(*[PipelineStage(HIDDEN) for _ in range(4)]).to(torch.bfloat16)
+                local = nn.Sequential(PipelineStage(HIDDEN), PipelineStage(HIDDEN)).to(torch.bfloat16)
+                local[0].load_state_dict(full[world.rank].state_dict())
+                local[1].load_state_dict(full[3 - world.rank].state_dict())
+                x = torch.randn(8 * MICRO_BATCH, SEQ, HIDDEN).to(torch.bfloat16)
+                lab = torch.randn(8 * MICRO_BATCH, SEQ, HIDDEN).to(torch.bfloat16)
+            ref_step(x, lab, full, 8)
+            model = DualPipeV(local)
+            model.step(x if world.rank == 0 else None, num_chunks=8, criterion=criterion,
+                       labels=(lab if world.rank == 0 else None,))
+            for (n, p), p_ref in zip(local.named_parameters(), nn.Sequential(full[world.rank],
+                                                                               full[3 - world.rank]).parameters()):
+                ok = p.grad is not None and cal_diff(p.grad, p_ref.grad) < 1e-3
+                check(failures, ok, world.rank, f"bf16 gradient of {n}: "
+                      f"{None if p.grad is None else cal_diff(p.grad, p_ref.grad)}")
+            model.close()
+
+        dt.run(main, ranks=2, timeout_s=60)
+        self.assertEqual(failures, [])
+
     def test_shapes_follow_each_step_without_being_set(self):
         # No set_p2p_tensor_shapes: each chunk's shape travels with it, so the sequence length may change per step.
         import duplex._dualpipe as d
