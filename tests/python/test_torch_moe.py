@@ -74,6 +74,16 @@ def make_model(pp, dtype, seed=7):
         return [Moe(embed=s == 0, head=s == pp - 1).to(dtype) for s in range(pp)]
 
 
+def rank_stages(world, schedule, pp, dp, ep, dtype):
+    """The whole model's blocks, and this rank's stages among them (their experts kept for its EP rank)."""
+    blocks = make_model(pp, dtype)
+    mine = [blocks[s] for s in duplex.stages_of_rank(schedule, pp, world.rank // dp)]
+    if ep > 1:
+        for m in mine:
+            m.keep_experts(world.rank % dp % ep, ep)
+    return blocks, mine
+
+
 def batch(step, n):
     g = torch.Generator().manual_seed(50 + step)
     tokens = torch.randint(VOCAB, (n * ROWS,), generator=g)
@@ -124,12 +134,7 @@ class ExpertParallel(unittest.TestCase):
         ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp
 
         def rank_main(world):
-            blocks = make_model(pp, dtype)
-            r, d = world.rank // dp, world.rank % dp
-            mine = [blocks[s] for s in duplex.stages_of_rank(schedule, pp, r)]
-            if ep > 1:
-                for m in mine:
-                    m.keep_experts(d % ep, ep)
+            blocks, mine = rank_stages(world, schedule, pp, dp, ep, dtype)
             pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, ep=ep, microbatches=n, loss_fn=loss_fn,
                                activation_shape=(ROWS, W), dtype=dtype)
             opt = torch.optim.SGD([p for m in mine for p in m.parameters()], lr=0.1)
@@ -142,10 +147,7 @@ class ExpertParallel(unittest.TestCase):
                     paths.update(getattr(m, "paths", ()))
                     s = blocks.index(m)
                     for name, p in m.named_parameters():
-                        if name.startswith("experts.") and ep > 1:
-                            j = int(name.split(".")[1])
-                            name = f"experts.{m.first + j}." + name.split(".", 2)[2]
-                        got[f"{s}.{name}"] = p.detach().clone()
+                        got[f"{s}.{global_name(m, name, ep)}"] = p.detach().clone()
 
         dt.run(rank_main, ranks=ranks_per_replica * dp, timeout_s=120, virtual_nodes=virtual_nodes)
         self.assertLessEqual(abs(losses["l"][0] - want_losses[0]), loss_tol * abs(want_losses[0]), "step 1")
@@ -231,12 +233,7 @@ def run_bf16(schedule, pp, dp, ep, steps, optimizer, lr):
     got, first_grads, losses, lock = {}, {}, {}, threading.Lock()
 
     def rank_main(world):
-        blocks = make_model(pp, BF16)
-        r, d = world.rank // dp, world.rank % dp
-        mine = [blocks[s] for s in duplex.stages_of_rank(schedule, pp, r)]
-        if ep > 1:
-            for m in mine:
-                m.keep_experts(d % ep, ep)
+        blocks, mine = rank_stages(world, schedule, pp, dp, ep, BF16)
         zero = dt.ZeroAdamW(lr=lr, weight_decay=0.0, clip=0.0) if optimizer == "adamw" else None
         pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, ep=ep, microbatches=n, loss_fn=loss_fp32,
                            optimizer=zero)

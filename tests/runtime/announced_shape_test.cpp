@@ -11,6 +11,7 @@
 #include "runtime/exec/pipe_transport.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 #include "runtime/train/reference.hpp"
+#include "tests/runtime/custom_run.hpp"
 
 namespace duplex {
 namespace {
@@ -107,40 +108,21 @@ private:
     std::map<int, Stash> stash_;  // a stage's calls never overlap (the two halves of a pair are two stages)
 };
 
-struct RowsRun {
-    std::vector<double> losses;
-    std::map<std::string, std::vector<double>> params;
-};
+using testing_support::CustomRun;
 
-RowsRun train(ScheduleKind kind, int pp, int dp, int microbatches, int steps) {
-    PipelineOptions p{kind, pp, dp, 1};
-    p.layers = kLayers;
+CustomRun train(ScheduleKind kind, int pp, int dp, int microbatches, int steps) {
     TrainOptions o;
     o.microbatches = microbatches, o.lr = 0.05, o.clip = 0;
-    StageFactory f = [](const StageInfo& info) { return std::make_unique<RowsStage>(info); };
-    LaunchOptions l;
-    l.ranks = pipeline_ranks(kind, pp) * dp;
-    l.timeout_s = 60;
-    RowsRun out;
-    std::mutex m;
-    launch(l, [&](const std::shared_ptr<Communicator>& world) {
-        PipelineTrainer<double> t(world, p, o, f);
-        std::vector<double> losses;
-        for (int s = 0; s < steps; ++s) losses.push_back(t.step().loss);
-        auto owned = t.owned_parameters();
-        std::lock_guard<std::mutex> lock(m);
-        if (world->rank() == 0) out.losses = losses;
-        for (auto& [name, v] : owned) out.params[name] = v;
-    });
-    return out;
+    return testing_support::train_custom(kind, pp, dp, kLayers, o, steps,
+                                         [](const StageInfo& info) { return std::make_unique<RowsStage>(info); });
 }
 
 class AnnouncedShapes : public ::testing::TestWithParam<ScheduleKind> {};
 
 TEST_P(AnnouncedShapes, RowsChangingEveryMicrobatchTrainEqualToOneRank) {
     const int pp = 4, dp = 2, n = 8, steps = 3;
-    RowsRun dist = train(GetParam(), pp, dp, n, steps);
-    RowsRun single = train(ScheduleKind::OneFOneB, 1, 1, n * dp, steps);
+    CustomRun dist = train(GetParam(), pp, dp, n, steps);
+    CustomRun single = train(ScheduleKind::OneFOneB, 1, 1, n * dp, steps);
     ASSERT_EQ(dist.losses.size(), size_t(steps));
     for (int s = 0; s < steps; ++s)
         EXPECT_NEAR(dist.losses[s], single.losses[s], 1e-12 * std::fabs(single.losses[s])) << "step " << s + 1;

@@ -11,42 +11,25 @@
 #include "parallel/plan.hpp"
 #include "runtime/train/pipeline_trainer.hpp"
 #include "runtime/train/reference.hpp"
+#include "tests/runtime/custom_run.hpp"
 
 namespace duplex {
 namespace {
 
 using sched::ScheduleKind;
 
-struct MlpRun {
-    std::vector<double> losses;
-    std::map<std::string, std::vector<double>> params;
-};
+using MlpRun = testing_support::CustomRun;
 
 // Trains the MLP for `steps` on the layout; returns rank 0's losses and every owned parameter.
 MlpRun train_mlp(ScheduleKind kind, int pp, int dp, int microbatches, int steps, const mlp::Config& mc) {
-    PipelineOptions p{kind, pp, dp, 1};
-    p.layers = mc.layers;
     TrainOptions o;
     o.microbatches = microbatches;
     o.lr = 1e-2;
     o.clip = 0.5;
-    o.steps = std::max(steps, 1);  // validated; the loop below runs `steps`
-    StageFactory f = [mc](const StageInfo& info) { return std::make_unique<mlp::MlpStage>(mc, info); };
-    LaunchOptions l;
-    l.ranks = pipeline_ranks(kind, pp) * dp;
-    l.timeout_s = 60;
-    MlpRun out;
-    std::mutex m;
-    launch(l, [&](const std::shared_ptr<Communicator>& world) {
-        PipelineTrainer<double> t(world, p, o, f);
-        std::vector<double> losses;
-        for (int s = 0; s < steps; ++s) losses.push_back(t.step().loss);
-        auto owned = t.owned_parameters();
-        std::lock_guard<std::mutex> lock(m);
-        if (world->rank() == 0) out.losses = losses;
-        for (auto& [name, v] : owned) out.params[name] = v;
+    o.steps = std::max(steps, 1);  // validated; the loop runs `steps`
+    return testing_support::train_custom(kind, pp, dp, mc.layers, o, steps, [mc](const StageInfo& info) {
+        return std::make_unique<mlp::MlpStage>(mc, info);
     });
-    return out;
 }
 
 class CustomStage : public ::testing::TestWithParam<ScheduleKind> {};
