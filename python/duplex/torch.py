@@ -20,6 +20,7 @@ duplex.stages_of_rank), or a list of them in that order — one for 1f1b and zb1
 dualpipev (stage r, then stage PP-1-r). Between stages: a tensor, or a tuple or dict of tensors of any dtype and
 shape (see Pipeline). BF16/FP16 modules train on fp32 master weights.
 """
+import math
 import warnings
 import weakref
 
@@ -126,7 +127,7 @@ class _TorchStage:
         out = self._call(inp)
         if self.last:
             loss = self._loss(mb, global_mb, out)
-            self.saved[mb] = [grads_of, [loss * self.info.loss_scale], None]
+            self.saved[mb] = [grads_of, [loss * (self.info.loss_scale * self.pipe.grad_scale)], None]
             return None
         leaves, packed = self._send(mb, out)
         self.saved[mb] = [grads_of, leaves, None]
@@ -213,12 +214,12 @@ class _TorchStage:
         """BF16/FP16: what custom autograd functions wrote into a parameter's .grad themselves (deepseek-ai/DualPipe's
         WeightGradStore closures do) joins the fp32 sums."""
         if self.masters is not None:
-            self.masters.fold()
+            self.masters.fold(self.pipe.grad_scale)
 
     def _accumulate(self, grads):
         with torch.no_grad():
-            if self.masters is not None:  # low precision: summed in fp32
-                self.masters.accumulate(grads)
+            if self.masters is not None:  # low precision: summed in fp32 (FP16: unscaled)
+                self.masters.accumulate(grads, self.pipe.grad_scale)
                 return
             for p, g in zip(self.params, grads):
                 if g is not None:
@@ -261,10 +262,10 @@ class _Masters:
         self.values = [p.detach().to(torch.float32).contiguous() for p in self.params]
         self.grads = [torch.zeros_like(v) for v in self.values]
 
-    def accumulate(self, grads):
+    def accumulate(self, grads, scale=1.0):
         for total, g in zip(self.grads, grads):
             if g is not None:
-                total.add_(g)  # in fp32
+                _add_unscaled(total, g, scale)  # in fp32
 
     def zero_grad(self):
         for g in self.grads:
@@ -272,11 +273,11 @@ class _Masters:
         for p in self.params:  # .grad is where custom functions write (fold); the sums live here
             p.grad = None
 
-    def fold(self):
+    def fold(self, scale=1.0):
         with torch.no_grad():
             for total, p in zip(self.grads, self.params):
                 if p.grad is not None:
-                    total.add_(p.grad)
+                    _add_unscaled(total, p.grad, scale)
                     p.grad = None
 
     def to_module(self):
@@ -292,6 +293,13 @@ class _Masters:
     def grads_to_module(self):
         for p, g in zip(self.params, self.grads):
             p.grad = g.to(p.dtype)
+
+
+def _add_unscaled(total, g, scale):
+    if scale == 1.0:
+        total.add_(g)
+    else:
+        total.add_(g, alpha=1.0 / scale)
 
 
 def _detached(value):
@@ -333,7 +341,10 @@ class Pipeline:
     each microbatch's gradient is added to an fp32 sum, DualPipe's pair sums and the data-parallel reductions run
     in fp32, ZeroAdamW keeps fp32 masters and moments and rounds the module's parameters from the masters after
     every step; the activations and their gradients stay in the module's dtype. With a torch optimizer (optimizer
-    None) the fp32 gradient sums are left, rounded, in .grad.
+    None) the fp32 gradient sums are left, rounded, in .grad. FP16 adds a dynamic loss scale (grad_scale, 2^16 to
+    start): the loss is multiplied by it before the backward and each gradient divided by it into the fp32 sums; a
+    step whose gradients overflow (its loss finite) is skipped, halves the scale and does not count towards
+    max_bad_steps; 2000 applied steps in a row double it (last_metrics["grad_scale"]).
 
     DualPipe's F&B pairs: with ep > 1 the two halves run on two threads, one computing while the other waits for
     its expert exchange; with ep == 1 there is nothing to wait for inside a call and Python stages cannot compute at
@@ -376,6 +387,12 @@ class Pipeline:
         if odd:
             raise ValueError(f"the stages' parameters are {self.dtype} and {', '.join(odd)}: one dtype per Pipeline")
         self._mixed = self.dtype in (torch.bfloat16, torch.float16)
+        # FP16's dynamic loss scale (_scale_after): the loss is multiplied by it before the backward, each gradient
+        # divided by it as it joins the fp32 sums. 1 for every other dtype.
+        self._fp16 = self.dtype == torch.float16
+        self.grad_scale = 2.0 ** 16 if self._fp16 else 1.0
+        self._scale_good = 0    # applied steps since the scale last changed
+        self._bad_in_a_row = 0  # FP16: steps not applied that the scale does not explain
         self._threads = torch.get_num_threads()  # the executor's threads run torch with as many
         self._built = []  # this rank's _TorchStage objects
         self._inputs = self._labels = None
@@ -418,6 +435,12 @@ class Pipeline:
 
     def _after_step(self, metrics, trained=True):
         self.last_metrics = metrics
+        overflow = trained and self._fp16 and self._scale_after(metrics)
+        if not metrics["applied"] and not overflow:
+            self._bad_in_a_row += 1
+            warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=4)
+        elif metrics["applied"]:
+            self._bad_in_a_row = 0
         if self._mixed and trained:
             self._steps_seen = self._trainer.steps_done()
             for st in self._built:
@@ -425,6 +448,30 @@ class Pipeline:
                     st.masters.grads_to_module()
                 else:
                     st.masters.to_module()
+
+    def _scale_after(self, metrics):
+        """FP16: a step whose loss is finite but whose gradients overflowed (not applied) halves the loss scale, down
+        to 1; 2000 applied steps in a row double it. Returns whether the step was such an overflow (not counted
+        towards max_bad_steps)."""
+        metrics["grad_scale"] = self.grad_scale
+        if not metrics["applied"] and math.isfinite(metrics["loss"]) and self.grad_scale > 1.0:
+            self.grad_scale /= 2
+            self._scale_good = 0
+            return True
+        if metrics["applied"]:
+            self._scale_good += 1
+            if self._scale_good >= 2000:
+                self.grad_scale *= 2
+                self._scale_good = 0
+        return False
+
+    def _diverged(self, metrics):
+        """The DivergenceError message when max_bad_steps steps in a row were not applied, else None."""
+        bad = self._bad_in_a_row if self._fp16 else metrics["bad_steps_in_a_row"]
+        if metrics["applied"] or not 0 < self.max_bad_steps <= bad:
+            return None
+        return (f"stopped after {bad} step(s) in a row that were not finite, none applied. Last: "
+                f"{metrics['not_applied']}")
 
     def step(self, inputs, labels):
         """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
@@ -439,11 +486,9 @@ class Pipeline:
         self._before_step()
         metrics = self._trainer.evaluate() if forward_only else self._trainer.step()
         self._after_step(metrics, trained=not forward_only)
-        if not metrics["applied"]:
-            warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=3)
-            if 0 < self.max_bad_steps <= metrics["bad_steps_in_a_row"]:
-                raise DivergenceError(f"stopped after {metrics['bad_steps_in_a_row']} step(s) in a row that were not "
-                                      f"finite, none applied. Last: {metrics['not_applied']}")
+        stop = self._diverged(metrics)
+        if stop:
+            raise DivergenceError(stop)
         return metrics
 
     def _run_chunks(self, inputs, labels, keep_outputs, forward_only):
@@ -475,15 +520,23 @@ class Pipeline:
             self._stage_batch(x, y)
             self._before_step()
 
+        stopped = []
+
         def after(metrics):
             self._after_step(metrics)
-            if not metrics["applied"]:
-                warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=2)
             if on_step is not None:
                 on_step(metrics)
+            if self._fp16 and self._diverged(metrics):  # FP16 counts here (overflows do not count): stop the loop
+                stopped.append(self._diverged(metrics))
+                raise RuntimeError(stopped[-1])
 
-        return self._trainer.fit(int(steps), str(save or ""), int(save_every), int(keep), str(resume or ""),
-                                 before_step, after, self.max_bad_steps)
+        try:
+            return self._trainer.fit(int(steps), str(save or ""), int(save_every), int(keep), str(resume or ""),
+                                     before_step, after, 0 if self._fp16 else self.max_bad_steps)
+        except RuntimeError:
+            if stopped:
+                raise DivergenceError(stopped[-1]) from None
+            raise
 
     def save(self, root, keep=0):
         """Checkpoints this step (a collective: every rank calls it): each rank's shard of its stages' parameters and

@@ -410,6 +410,88 @@ class Divergence(unittest.TestCase):
             dt.Pipeline(None, [], max_bad_steps=-1, loss_fn=torch.nn.functional.mse_loss, activation_shape=(1,))
 
 
+class Fp16(unittest.TestCase):
+    """FP16 modules: fp32 masters and a dynamic loss scale. The loss is multiplied by the scale (2^16 to start)
+    before the backward and each gradient divided by it as it joins the fp32 sums, so gradients below FP16's
+    smallest number survive; a step whose gradients overflow halves the scale and is skipped without counting as
+    divergence."""
+
+    def run_fp16(self, steps, loss_fn, scale=None, lr=1e-3, inputs=None):
+        out, lock = {}, threading.Lock()
+
+        def rank_main(world):
+            blocks = make_stages(2, torch.float16)
+            pipe = dt.Pipeline(world, [blocks[world.rank]], schedule="1f1b", microbatches=2, loss_fn=loss_fn,
+                               optimizer=dt.ZeroAdamW(lr=lr, weight_decay=0.0, clip=0.0))
+            if scale is not None:
+                pipe.grad_scale = scale
+            scales, applied = [], []
+            try:
+                for step in range(1, steps + 1):
+                    x, y = inputs(step) if inputs else batch(step, 2, torch.float16)
+                    pipe.step(x, y)
+                    scales.append(pipe.last_metrics["grad_scale"])
+                    applied.append(pipe.last_metrics["applied"])
+            finally:
+                pipe.close()
+            with lock:
+                out[world.rank] = dict(params=[p.detach().clone() for p in blocks[world.rank].parameters()],
+                                       scales=scales, applied=applied)
+
+        dt.run(rank_main, ranks=2, timeout_s=120)
+        return out
+
+    def test_gradients_below_fp16_survive(self):
+        # The loss times 1e-6: its gradients are below FP16's smallest number (6e-8), without a scale all zero.
+        tiny = lambda out, y: torch.nn.functional.mse_loss(out, y) * 1e-6  # noqa: E731
+        model = torch.nn.Sequential(*make_stages(2, torch.float16))
+        x, y = batch(1, 2, torch.float16)
+        unscaled = torch.autograd.grad(tiny(model(x[:ROWS]), y[:ROWS]) / 2, list(model.parameters()))
+        self.assertTrue(all(float(g.abs().max()) == 0 for g in unscaled[:2]), "the premise: FP16 underflows")
+        # The reference: the same model, 2^16 times the loss, the gradients divided back in fp32, AdamW on fp32
+        # masters (the formula written out), weights rounded from the masters.
+        from test_torch_moe import adamw_reference
+        params = list(model.parameters())
+        masters = [p.detach().float() for p in params]
+        moments = [(torch.zeros_like(m), torch.zeros_like(m)) for m in masters]
+        for step in range(1, 4):
+            x, y = batch(step, 2, torch.float16)
+            sums = [torch.zeros_like(m) for m in masters]
+            for xm, ym in zip(x.chunk(2), y.chunk(2)):
+                grads = torch.autograd.grad(tiny(model(xm), ym) * (0.5 * 2.0 ** 16), params)
+                for total, g in zip(sums, grads):
+                    total.add_(g, alpha=2.0 ** -16)
+            with torch.no_grad():
+                for p, master, g, (m, v) in zip(params, masters, sums, moments):
+                    adamw_reference(master, g, m, v, step, 1e-3)
+                    p.copy_(master)
+        want = [list(b.parameters()) for b in [model[0], model[1]]]
+        got = self.run_fp16(3, tiny)
+        start = [list(b.parameters()) for b in make_stages(2, torch.float16)]
+        for r in range(2):
+            self.assertEqual(got[r]["scales"], [2.0 ** 16] * 3)
+            for have, ref, first in zip(got[r]["params"], want[r], start[r]):
+                self.assertTrue(torch.equal(have, ref.detach()), f"rank {r}")
+                self.assertFalse(torch.equal(have, first.detach()), f"rank {r}: the weights moved")
+
+    def test_an_overflow_halves_the_scale_and_is_not_divergence(self):
+        # 2^24 times a loss near 1 is beyond FP16's largest number: steps overflow and halve the scale until they fit;
+        # more overflowed steps in a row than max_bad_steps (3) raise nothing.
+        got = self.run_fp16(12, torch.nn.functional.mse_loss, scale=2.0 ** 24)
+        scales, applied = got[0]["scales"], got[0]["applied"]
+        overflowed = applied.index(True)
+        self.assertGreater(overflowed, 3)
+        self.assertEqual(scales[:overflowed + 1], [2.0 ** (24 - k) for k in range(overflowed + 1)])
+        self.assertTrue(all(applied[overflowed:]))
+        self.assertEqual(got[1]["scales"], scales)  # every rank decides alike
+
+    def test_a_loss_that_is_not_finite_still_stops(self):
+        nan = lambda step: (torch.full((2 * ROWS, WIDTH), float("nan"), dtype=torch.float16),  # noqa: E731
+                            torch.zeros(2 * ROWS, 3, dtype=torch.float16))
+        with self.assertRaisesRegex(RuntimeError, "DivergenceError: stopped after 3 step"):
+            self.run_fp16(5, torch.nn.functional.mse_loss, inputs=nan)
+
+
 class BadInput(unittest.TestCase):
     def run_with(self, stage_fn=None, loss_fn=torch.nn.functional.mse_loss, shape=(ROWS, WIDTH)):
         def rank_main(world):
