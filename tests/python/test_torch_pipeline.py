@@ -1,6 +1,7 @@
 """duplex.torch.Pipeline against the same model trained by plain PyTorch in one process on the same batch:
 every schedule, PP in {2, 4}, DP in {1, 2}, fp64 and fp32, three optimizer steps (torch.optim.SGD with
-momentum on the Pipeline's gradients); and the errors a user gets for a broken stage."""
+momentum on the Pipeline's gradients); FP16's loss scale (class Fp16); and the errors a user gets for a broken
+stage."""
 import itertools
 import threading
 import unittest
