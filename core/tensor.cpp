@@ -18,15 +18,15 @@ int64_t shape_numel(const Shape& shape) {
     return n;
 }
 
-std::string shape_str(const Shape& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+std::string shape_str(const Shape& shape) {
+    std::vector<std::string> dims;
+    for (int64_t d : shape) dims.push_back(d == TensorSpec::kAnnounced ? "?" : std::to_string(d));
+    return fmt::format("[{}]", fmt::join(dims, ", "));
+}
 
 std::string Device::str() const { return kind == CPU ? "cpu" : fmt::format("cuda:{}", index); }
 
-std::string TensorSpec::str() const {
-    std::vector<std::string> dims;
-    for (int64_t d : shape) dims.push_back(d == kAnnounced ? "?" : std::to_string(d));
-    return fmt::format("{}[{}] on {}", dtype_name(dtype), fmt::join(dims, ", "), device.str());
-}
+std::string TensorSpec::str() const { return fmt::format("{}{} on {}", dtype_name(dtype), shape_str(shape), device.str()); }
 
 bool TensorSpec::announced() const {
     for (int64_t d : shape)

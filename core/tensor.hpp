@@ -24,7 +24,7 @@ namespace duplex {
 using Shape = std::vector<int64_t>;
 
 int64_t shape_numel(const Shape& shape);
-std::string shape_str(const Shape& shape);
+std::string shape_str(const Shape& shape);  // "[4, 16]" ("?" for a TensorSpec::kAnnounced dimension)
 
 struct Device {
     enum Kind : uint8_t { CPU, CUDA };

@@ -125,18 +125,16 @@ class _DualPipeBase(torch.nn.Module):
         if rank_mapping is not None and list(rank_mapping) != list(range(self.world.size)):
             raise ValueError("rank_mapping: only the identity mapping is supported")
         self.rank, self.num_ranks = self.world.rank, self.world.size
-        self._pipe, self._key = None, None
+        self._pipe = None
 
     def _pipeline(self, num_chunks, criterion):
-        key = num_chunks
-        if self._pipe is None or self._key != key:
+        if self._pipe is None or self._pipe.microbatches != num_chunks:
             if self._pipe is not None:
                 self._pipe.close()
             pp = self.num_ranks * (2 if self.schedule == "dualpipev" else 1)
             modules = list(self.module)
             self._pipe = self._dt.Pipeline(self.world, modules, schedule=self.schedule, pp=pp, microbatches=num_chunks,
                                            loss_fn=self._loss, _sum_pairs=False, _loss_scale=1.0)
-            self._key = key
         self._criterion = criterion
         return self._pipe
 

@@ -21,6 +21,8 @@ from . import _duplex
 
 _lock = threading.Lock()
 _state = {}
+# The variables by which a launcher tells a process its rank (comm/launch.hpp: process_env reads them).
+_LAUNCHER_VARS = ("RANK", "DUPLEX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
 def _backend():
@@ -45,16 +47,16 @@ def _torch_rank_and_size():
     return dist.get_rank(), dist.get_world_size()
 
 
-def process_world(timeout_s=-1.0):
+def process_world(timeout_s=-1.0, who="process_world"):
     """This process's Duplex world (made on the first call; a collective then: every rank calls it). Raises when no
     launcher started this process (run in-process ranks with duplex.torch.run instead)."""
     with _lock:
         if "world" in _state:
             return _state["world"]
-        env = os.environ
-        if not any(k in env for k in ("RANK", "DUPLEX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")):
-            raise RuntimeError("no launcher started this process (torchrun, mpirun, srun, duplex launch): build the "
-                               "pipeline inside a duplex.torch.run rank function, or pass a Duplex communicator")
+        if not any(k in os.environ for k in _LAUNCHER_VARS):
+            raise ValueError(f"{who}: no process group — no launcher started this process (torchrun, mpirun, srun, "
+                             "duplex launch): call torch.distributed.init_process_group under one, pass a Duplex "
+                             "communicator, or build it inside a duplex.torch.run rank function")
         ready, leave = threading.Event(), threading.Event()
         failure = []
 
@@ -113,10 +115,4 @@ def group_world(group, who):
                              f"{dist.get_world_size()} ranks; Duplex runs pipelines over the whole world (or pass a "
                              "Duplex communicator)")
     world = _current_world()
-    if world is not None:
-        return world
-    if _torch_rank_and_size() is None and group is None and not any(
-            k in os.environ for k in ("RANK", "DUPLEX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")):
-        raise ValueError(f"{who}: no process group — call torch.distributed.init_process_group under a launcher, pass "
-                         "a Duplex communicator, or build it inside a duplex.torch.run rank function")
-    return process_world()
+    return world if world is not None else process_world(who=who)

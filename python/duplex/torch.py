@@ -52,12 +52,13 @@ class _TorchStage:
         self.pipe, self.module, self.info = weakref.proxy(pipe), module, info
         self.first = info.stage == 0
         self.last = info.stage == info.num_stages - 1
-        # mb -> (inputs that need a gradient, outputs (or [scaled loss]) that carry one, their gradients or None)
+        # mb -> after F: (inputs that need a gradient, outputs (or [scaled loss]) that carry one); after B, what
+        # W has left to do: ("done",), ("split", SplitBackward) or ("again", outputs, their gradients)
         self.saved = {}
         self.deferred = {}  # mb -> weight-gradient closures custom functions deferred during B
         self.losses = {}
         self.masters = _Masters(module) if pipe._mixed else None
-        self._split = None  # whether B keeps the branch points' gradients for W (_split_pays)
+        self._split = None  # whether B keeps the branch points' gradients for W (_split_plan)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.zero_grad()
 
@@ -127,10 +128,10 @@ class _TorchStage:
         out = self._call(inp)
         if self.last:
             loss = self._loss(mb, global_mb, out)
-            self.saved[mb] = [grads_of, [loss * (self.info.loss_scale * self.pipe.grad_scale)], None]
+            self.saved[mb] = (grads_of, [loss * (self.info.loss_scale * self.pipe.grad_scale)])
             return None
         leaves, packed = self._send(mb, out)
-        self.saved[mb] = [grads_of, leaves, None]
+        self.saved[mb] = (grads_of, leaves)
         return packed
 
     def loss(self, mb):
@@ -138,7 +139,7 @@ class _TorchStage:
 
     def _graph(self, mb, dy):
         """(outputs, their gradients, inputs that need one) of microbatch mb's backward."""
-        inputs, outs, _ = self.saved[mb]
+        inputs, outs = self.saved[mb]
         if self.last:
             return outs, None, inputs
         grads, _ = _boundary.unpack(dy)
@@ -159,17 +160,17 @@ class _TorchStage:
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         if weight_follows or not wanted:  # B and W in one pass over the graph (or no input gradient: all of it is W)
             if not weight_follows:
-                self.saved[mb] = (inputs, outs, grad_outs)
+                self.saved[mb] = ("again", outs, grad_outs)
                 return None if self.first else self._input_grads(inputs, [])
             grads = torch.autograd.grad(outs, wanted + self.params, grad_outs, allow_unused=True)
             self._accumulate(grads[len(wanted):])
             self._fold()
-            self.saved[mb] = (None, None, "done")
+            self.saved[mb] = ("done",)
             return None if self.first else self._input_grads(inputs, grads[:len(wanted)])
         # W will start where the graph branches off to the parameters (SplitBackward) when that pays, or from the
         # outputs again (also where a parameter sits under two such branches).
-        split = SplitBackward.plan(outs, wanted, self.params) if self._split_pays(outs, wanted) else None
-        self.saved[mb] = (inputs, outs, grad_outs) if split is None else (inputs, split, "split")
+        split = self._split_plan(outs, wanted)
+        self.saved[mb] = ("again", outs, grad_outs) if split is None else ("split", split)
         # Custom autograd functions that defer their weight gradients (WeightGradStore) put them here; W runs them.
         with _dualpipe.deferring() as deferred:
             if split is None:
@@ -179,32 +180,33 @@ class _TorchStage:
         self.deferred[mb] = deferred
         return self._input_grads(inputs, got)
 
-    def _split_pays(self, outs, wanted):
-        """Whether W from the branch points is cheaper than a second pass: it saves recomputing the input-side
-        gradients (a matmul per weight below the top one) and costs a graph walk and an autograd call per branch
-        point, about 50 us each. Decided on the first B from the weights per branch point: 16384 elements (a 128 x
-        128 matrix) and more."""
+    def _split_plan(self, outs, wanted):
+        """The SplitBackward of this B, or None for a second pass. W from the branch points saves recomputing the
+        input-side gradients (a matmul per weight below the top one) and costs a graph walk and an autograd call per
+        branch point, about 50 us each: taken when the first B finds 16384 weight elements (a 128 x 128 matrix) or
+        more per branch point."""
+        if self._split is False:
+            return None
+        plan = SplitBackward.plan(outs, wanted, self.params)
         if self._split is None:
-            plan = SplitBackward.plan(outs, wanted, self.params)
-            per_start = sum(p.numel() for p in self.params) / max(1, len(plan.starts) if plan else 1)
-            self._split = plan is not None and per_start >= 16384
-        return self._split
+            self._split = plan is not None and sum(p.numel() for p in self.params) / len(plan.starts) >= 16384
+        return plan if self._split else None
 
     def backward_weight(self, mb, call):
         self._enter(call)
-        inp, outs, grad_outs = self.saved.pop(mb)
-        if isinstance(grad_outs, str) and grad_outs == "done":  # done together with B
+        due = self.saved.pop(mb)
+        if due[0] == "done":  # done together with B
             return
         deferred = self.deferred.pop(mb, None)
         if deferred is None:  # no B pass ran: custom functions accumulate as autograd reaches them
-            self._accumulate(torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True))
+            self._accumulate(torch.autograd.grad(due[1], self.params, due[2], allow_unused=True))
             self._fold()
             return
         with _dualpipe.deferring():  # this second pass puts the same closures again: dropped
-            if grad_outs == "split":
-                grads = outs.backward_weight()
+            if due[0] == "split":
+                grads = due[1].backward_weight()
             else:
-                grads = torch.autograd.grad(outs, self.params, grad_outs, allow_unused=True)
+                grads = torch.autograd.grad(due[1], self.params, due[2], allow_unused=True)
         self._accumulate(grads)
         for f in deferred:
             f()
@@ -392,7 +394,7 @@ class Pipeline:
         self._fp16 = self.dtype == torch.float16
         self.grad_scale = 2.0 ** 16 if self._fp16 else 1.0
         self._scale_good = 0    # applied steps since the scale last changed
-        self._bad_in_a_row = 0  # FP16: steps not applied that the scale does not explain
+        self._bad_in_a_row = 0  # steps not applied in a row (FP16's overflows aside): what max_bad_steps counts
         self._threads = torch.get_num_threads()  # the executor's threads run torch with as many
         self._built = []  # this rank's _TorchStage objects
         self._inputs = self._labels = None
@@ -435,13 +437,15 @@ class Pipeline:
 
     def _after_step(self, metrics, trained=True):
         self.last_metrics = metrics
-        overflow = trained and self._fp16 and self._scale_after(metrics)
+        if not trained:
+            return
+        overflow = self._fp16 and self._scale_after(metrics)
         if not metrics["applied"] and not overflow:
             self._bad_in_a_row += 1
             warnings.warn(metrics["not_applied"], RuntimeWarning, stacklevel=4)
         elif metrics["applied"]:
             self._bad_in_a_row = 0
-        if self._mixed and trained:
+        if self._mixed:
             self._steps_seen = self._trainer.steps_done()
             for st in self._built:
                 if self._optimizer == "none":
@@ -467,11 +471,11 @@ class Pipeline:
 
     def _diverged(self, metrics):
         """The DivergenceError message when max_bad_steps steps in a row were not applied, else None."""
-        bad = self._bad_in_a_row if self._fp16 else metrics["bad_steps_in_a_row"]
+        bad = self._bad_in_a_row
         if metrics["applied"] or not 0 < self.max_bad_steps <= bad:
             return None
-        return (f"stopped after {bad} step(s) in a row that were not finite, none applied. Last: "
-                f"{metrics['not_applied']}")
+        return (f"stopped after {bad} step(s) in a row that were not finite, none applied; the last checkpoint is as "
+                f"it was. Last: {metrics['not_applied']}")
 
     def step(self, inputs, labels):
         """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
@@ -526,13 +530,14 @@ class Pipeline:
             self._after_step(metrics)
             if on_step is not None:
                 on_step(metrics)
-            if self._fp16 and self._diverged(metrics):  # FP16 counts here (overflows do not count): stop the loop
-                stopped.append(self._diverged(metrics))
-                raise RuntimeError(stopped[-1])
+            stop = self._diverged(metrics)  # counted here (FP16's overflows aside): stops the loop before any save
+            if stop:
+                stopped.append(stop)
+                raise RuntimeError(stop)
 
         try:
             return self._trainer.fit(int(steps), str(save or ""), int(save_every), int(keep), str(resume or ""),
-                                     before_step, after, 0 if self._fp16 else self.max_bad_steps)
+                                     before_step, after, 0)
         except RuntimeError:
             if stopped:
                 raise DivergenceError(stopped[-1]) from None

@@ -180,6 +180,17 @@ def main_dualpipev(world, failures):
     dualpipev_model.close()
 
 
+def dualpipev_pair(rank, seed, dtype):
+    """A 4-stage model and this rank's DualPipeV pair of copies of its stages (rank and 3 - rank), on 2 ranks."""
+    with _build:
+        torch.manual_seed(seed)
+        full = nn.Sequential(*[PipelineStage(HIDDEN) for _ in range(4)]).to(dtype)
+        local = nn.Sequential(PipelineStage(HIDDEN), PipelineStage(HIDDEN)).to(dtype)
+        local[0].load_state_dict(full[rank].state_dict())
+        local[1].load_state_dict(full[3 - rank].state_dict())
+    return full, local
+
+
 def check(failures, ok, rank, what):
     if not ok:
         failures.append(f"rank {rank}: {what}")
@@ -208,14 +219,10 @@ class DualPipeExamples(unittest.TestCase):
         failures = []
 
         def main(world):
-            with _build:
-                torch.manual_seed(9)
-                full = nn.Sequential(*[PipelineStage(HIDDEN) for _ in range(4)]).to(torch.bfloat16)
-                local = nn.Sequential(PipelineStage(HIDDEN), PipelineStage(HIDDEN)).to(torch.bfloat16)
-                local[0].load_state_dict(full[world.rank].state_dict())
-                local[1].load_state_dict(full[3 - world.rank].state_dict())
-                x = torch.randn(8 * MICRO_BATCH, SEQ, HIDDEN).to(torch.bfloat16)
-                lab = torch.randn(8 * MICRO_BATCH, SEQ, HIDDEN).to(torch.bfloat16)
+            full, local = dualpipev_pair(world.rank, 9, torch.bfloat16)
+            g = torch.Generator().manual_seed(9)  # the same batch on both ranks
+            x = torch.randn(8 * MICRO_BATCH, SEQ, HIDDEN, generator=g).to(torch.bfloat16)
+            lab = torch.randn(8 * MICRO_BATCH, SEQ, HIDDEN, generator=g).to(torch.bfloat16)
             ref_step(x, lab, full, 8)
             model = DualPipeV(local)
             model.step(x if world.rank == 0 else None, num_chunks=8, criterion=criterion,
@@ -230,6 +237,11 @@ class DualPipeExamples(unittest.TestCase):
         dt.run(main, ranks=2, timeout_s=60)
         self.assertEqual(failures, [])
 
+    def test_no_process_group_is_an_error_naming_the_class(self):
+        # Outside a launcher, without torch.distributed and outside duplex.torch.run: nothing to take ranks from.
+        with self.assertRaisesRegex(ValueError, "DualPipeV: no process group .*torch.distributed.init_process_group"):
+            DualPipeV((nn.Linear(2, 2), nn.Linear(2, 2)))
+
     def test_shapes_follow_each_step_without_being_set(self):
         # No set_p2p_tensor_shapes: each chunk's shape travels with it, so the sequence length may change per step.
         import duplex._dualpipe as d
@@ -237,12 +249,7 @@ class DualPipeExamples(unittest.TestCase):
         failures = []
 
         def main(world):
-            with _build:
-                torch.manual_seed(5)
-                full = nn.Sequential(*[PipelineStage(HIDDEN) for _ in range(4)]).double()
-                local = nn.Sequential(PipelineStage(HIDDEN), PipelineStage(HIDDEN)).double()
-                local[0].load_state_dict(full[world.rank].state_dict())
-                local[1].load_state_dict(full[3 - world.rank].state_dict())
+            full, local = dualpipev_pair(world.rank, 5, torch.float64)
             model = DualPipeV(local)
             for seq in (16, 9, 23):
                 g = torch.Generator().manual_seed(seq)
