@@ -474,8 +474,8 @@ class Pipeline:
         bad = self._bad_in_a_row
         if metrics["applied"] or not 0 < self.max_bad_steps <= bad:
             return None
-        return (f"stopped after {bad} step(s) in a row that were not finite, none applied; the last checkpoint is as "
-                f"it was. Last: {metrics['not_applied']}")
+        return (f"stopped after {bad} step(s) in a row that were not finite, none applied. Last: "
+                f"{metrics['not_applied']}")
 
     def step(self, inputs, labels):
         """Runs one step on the global batch (split into DP x microbatches pieces along dim 0); returns the mean
@@ -532,7 +532,7 @@ class Pipeline:
                 on_step(metrics)
             stop = self._diverged(metrics)  # counted here (FP16's overflows aside): stops the loop before any save
             if stop:
-                stopped.append(stop)
+                stopped.append(stop.replace("none applied.", "none applied; the last checkpoint is as it was."))
                 raise RuntimeError(stop)
 
         try:
