@@ -114,7 +114,8 @@ def main():
     def rank_main(world):
         with init:  # in-process ranks are threads: one at a time through torch's global RNG
             model = make_model(a)
-        mine = [Stage(model, layers[s], s == 0, s == pp - 1) for s in duplex.stages_of_rank("dualpipev", pp, world.rank // a.dp)]
+        mine = [Stage(model, layers[s], s == 0, s == pp - 1)
+                for s in duplex.stages_of_rank("dualpipev", pp, world.rank // a.dp)]
         pipe = dt.Pipeline(world, mine, schedule="dualpipev", pp=pp, dp=a.dp, microbatches=a.microbatches,
                            loss_fn=loss_fn, optimizer=dt.ZeroAdamW(lr=a.lr, weight_decay=0.0))
         for step in range(1, a.steps + 1):

@@ -29,7 +29,8 @@ def flatten(value):
         return list(value), (_TUPLE, None)
     if isinstance(value, dict):
         return list(value.values()), (_DICT, [str(k) for k in value])
-    raise TypeError(f"a stage boundary carries a tensor, a tuple of tensors or a dict of them, not {type(value).__name__}")
+    raise TypeError(f"a stage boundary carries a tensor, a tuple of tensors or a dict of them, not "
+                    f"{type(value).__name__}")
 
 
 def rebuild(leaves, structure):
@@ -102,7 +103,8 @@ def unpack(buf):
     raw = host.numpy()
     head = array.array("q", raw[:32].tobytes())
     if head[0] != MAGIC:
-        raise ValueError("a stage boundary buffer without Duplex's header (the other stage is not a duplex.torch stage)")
+        raise ValueError("a stage boundary buffer without Duplex's header (the other stage is not a duplex.torch "
+                         "stage)")
     _, kind, n, key_len = head
     # Each leaf's header is at least two words; read the most it can be, then walk it.
     words = array.array("q", raw[:min(8 * (4 + n * 10), raw.size) // 8 * 8].tobytes())

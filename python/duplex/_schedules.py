@@ -10,10 +10,11 @@ eval() take the arguments torch's do, so a pipelining script switches by its imp
 As torch's: the whole batch is split into n_microbatches along dim 0; the last stage's rank gets the merged
 outputs (None elsewhere) and, with losses=[...], each microbatch's loss appended (ScheduleDualPipe holds the first
 and the last stage on two ranks each, one per direction: each passes the whole batch and gets the losses and
-outputs of the microbatches whose last stage it ran — the second half on rank 0, the first on the last rank); gradients accumulate in .grad,
-divided by n_microbatches when scale_grads (the default; False: the losses' gradients summed); eval() runs
-forward and loss only. The stages' ranks: under torchrun (after torch.distributed.init_process_group) this
-process's Duplex world, in a duplex.torch.run rank function its world, or group= a Duplex communicator. Several inputs (step(x, positions, ...)) go to the first stage as positional
+outputs of the microbatches whose last stage it ran — the second half on rank 0, the first on the last rank);
+gradients accumulate in .grad, divided by n_microbatches when scale_grads (the default; False: the losses'
+gradients summed); eval() runs forward and loss only. The stages' ranks: under torchrun (after
+torch.distributed.init_process_group) this process's Duplex world, in a duplex.torch.run rank function its world,
+or group= a Duplex communicator. Several inputs (step(x, positions, ...)) go to the first stage as positional
 arguments; a stage may return a tuple of tensors (the next stage's arguments), of any shapes and dtypes, which may
 change from step to step.
 """
@@ -57,7 +58,8 @@ class _Schedule:
             params = [p for s in self.stages for p in s.submod.parameters()]
             self._pipe = dt.Pipeline(self.world, lambda s: mine[s].submod, schedule=self.kind, pp=self.num_stages,
                                      microbatches=self.n, loss_fn=self.loss_fn,
-                                     dtype=params[0].dtype if params else torch.float32, _loss_scale=1.0 / self.n if self.scale_grads else 1.0)
+                                     dtype=params[0].dtype if params else torch.float32,
+                                     _loss_scale=1.0 / self.n if self.scale_grads else 1.0)
         return self._pipe
 
     def _run(self, args, target, losses, return_outputs, forward_only):
