@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """duplex.torch DualPipeV against torch.distributed.pipelining.ScheduleDualPipeV on the same modules and
 microbatches, side by side in one run (CPU): torch with one process per rank (gloo), Duplex with one process per
-rank (UCX; the processes torchrun would start) and with in-process ranks; then the executor's own overhead per
-instruction (the same pipeline with modules too small to compute anything), as processes and in-process.
+rank (UCX; the processes torchrun would start) and with in-process ranks; each round also times the compute floor
+(one rank's module calls alone, B and W in one pass: what no schedule can go below). Then the executor's own overhead
+per instruction (the same pipeline with modules too small to compute anything), as processes and in-process.
 
     .venv/bin/python scripts/bench-torch-pipeline.py [--width 512] [--stages 4] [--microbatches 8] [--steps 6]
+    .venv/bin/python scripts/bench-torch-pipeline.py --width 16 --no-overhead   # where the schedulers' cost shows
     .venv/bin/python scripts/bench-torch-pipeline.py --profile-calls    # where the width-4 run's time goes
     .venv/bin/python scripts/bench-torch-pipeline.py --split-backward   # B and W three ways, one stage
 Needs PYTHONPATH=build/python (make bench sets it). Both sides use one intra-op thread per rank.
@@ -113,10 +115,12 @@ def in_processes(target, a, *args):
     return result
 
 
-def module_work(a, width):
+def module_work(a, width, one_pass=False):
     """What one rank's Python stages ask of torch in a step, done by plain PyTorch in a loop on one thread: for each of
     its two stages and every microbatch, the forward with a graph, the input gradient (B) and the weight gradients (W)
-    — the same calls a duplex.torch stage makes, without the executor. Seconds per step (median of a.steps)."""
+    — the same calls a duplex.torch stage makes, without the executor. Seconds per step (median of a.steps).
+    one_pass: B and W in one backward pass for every microbatch — the least computing any schedule can do for a step
+    of this rank (the compute floor: no bubble, no transfers, no split)."""
     import duplex
     torch.set_num_threads(1)
     blocks = make_blocks(a.stages, width)
@@ -130,6 +134,9 @@ def module_work(a, width):
                 inp = xm.detach().requires_grad_(True)
                 out = m(inp)
                 params = list(m.parameters())
+                if one_pass:
+                    torch.autograd.grad(out, [inp] + params, torch.ones_like(out))
+                    continue
                 (dx,) = torch.autograd.grad(out, [inp], torch.ones_like(out), retain_graph=True)
                 torch.autograd.grad(out, params, torch.ones_like(out))
         times.append(time.perf_counter() - t0)
@@ -236,6 +243,8 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="the first is a warm-up; the median of the rest counts")
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds of the three runs back to back (a ratio within a round shares the machine's state)")
+    ap.add_argument("--no-overhead", action="store_true",
+                    help="skip the width-4 overhead lines after the rounds (when --width is itself small)")
     ap.add_argument("--profile-calls", action="store_true", help="only: where the width-4 Duplex run's time goes")
     ap.add_argument("--split-backward", action="store_true",
                     help="only: a stage's B and W three ways (second pass, from branch points, one pass), one thread")
@@ -252,14 +261,18 @@ def main():
         t_torch = statistics.median(in_processes(torch_rank, a)[1:])
         t_proc = statistics.median(in_processes(duplex_process, a, a.width)[1:])
         t_thread = statistics.median(duplex_run(a, a.width)[0][1:])
+        floor = module_work(a, a.width, one_pass=True)
         ratios["processes"].append(t_proc / t_torch)
         ratios["in-process"].append(t_thread / t_torch)
         print(f"round {r}: torch ScheduleDualPipeV (gloo, processes) {1e3 * t_torch:7.2f}  duplex.torch (ucx, "
               f"processes) {1e3 * t_proc:7.2f} ({t_proc / t_torch:.3f})  duplex.torch (in-process) "
-              f"{1e3 * t_thread:7.2f} ({t_thread / t_torch:.3f})", flush=True)
+              f"{1e3 * t_thread:7.2f} ({t_thread / t_torch:.3f}); compute floor {1e3 * floor:7.2f} (torch "
+              f"{t_torch / floor:.2f}x it, duplex {t_proc / floor:.2f}x / {t_thread / floor:.2f}x)", flush=True)
     for name, rs in ratios.items():
         print(f"duplex / torch, {name}: median {statistics.median(rs):.3f} over {len(rs)} round(s) "
               f"(range {min(rs):.3f}-{max(rs):.3f})")
+    if a.no_overhead:
+        return 0
     instructions = instructions_per_rank(a)
     tiny_proc = statistics.median(in_processes(duplex_process, a, 4)[1:])
     tiny_thread = statistics.median(duplex_run(a, 4)[0][1:])
@@ -273,12 +286,14 @@ def main():
           f"{1e6 * (tiny_thread - work) / instructions:.1f} us")
     # The executor alone: DualPipeV over 2 stages is one rank holding both, no transfers and nothing to wait for.
     one = argparse.Namespace(**{**vars(a), "stages": 2})
-    for _ in range(3):
+    n_one, costs = instructions_per_rank(one), []
+    for _ in range(5):  # alternated, so that a slow spell of the machine touches both sides of the subtraction
         t_one, work_one = statistics.median(duplex_run(one, 4)[0][1:]), module_work(one, 4)
-        n_one = instructions_per_rank(one)
-        print(f"one rank holding both stages (width 4): step {1e3 * t_one:.2f} ms, the module calls {1e3 * work_one:.2f} "
-              f"ms: the executor's own cost {1e6 * (t_one - work_one) / n_one:.1f} us per instruction ({n_one})")
-
+        costs.append((t_one - work_one) / n_one)
+        print(f"one rank holding both stages (width 4): step {1e3 * t_one:.2f} ms, the module calls "
+              f"{1e3 * work_one:.2f} ms: the executor's own cost {1e6 * costs[-1]:.1f} us per instruction ({n_one})")
+    print(f"the executor's own cost with Python stages: median {1e6 * statistics.median(costs):.1f} us per instruction "
+          f"over {len(costs)} runs")
 
 if __name__ == "__main__":
     sys.exit(main())

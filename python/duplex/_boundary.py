@@ -7,8 +7,9 @@ the shapes may change from microbatch to microbatch. The executor announces the 
     leaves, structure = unpack(buf)                        # views into buf, no copy
     hidden, positions, mask = rebuild(leaves, structure)
 
-Layout: int64 words [MAGIC, kind, leaves, key bytes, then per leaf: dtype code (-1: none), rank, dims...], the dict's
-keys (utf-8, NUL-separated), then each leaf's bytes at an offset aligned to 16."""
+Layout: int64 words [MAGIC, kind, leaves, key bytes, header bytes, then per leaf: dtype code (-1: none), rank,
+dims...], the dict's keys (utf-8, NUL-separated), padding to 16, then each leaf's bytes at an offset aligned to 16.
+Both ends keep what they built from a header (the same boundary repeats every microbatch)."""
 import array
 
 import torch
@@ -61,13 +62,13 @@ def _pad(n, device):
     return _PADS[key]
 
 
-def pack(leaves, structure):
-    """One uint8 tensor (on the leaves' device) holding the structure and every leaf: a single concatenation of the
-    header's bytes and the leaves' bytes (reinterpreted, not converted)."""
-    kind, keys = structure
+_HEADS = {}  # (kind, keys, dtypes and shapes, device) -> the packed header (the same boundary, step after step)
+_LAYOUTS = {}  # header bytes -> (kind, keys, [(dtype, shape, offset, bytes) or None per leaf])
+
+
+def _header(leaves, kind, keys, device):
     key_bytes = "\0".join(keys).encode() if keys else b""
-    words = [MAGIC, kind, len(leaves), len(key_bytes)]
-    device = None
+    words = [MAGIC, kind, len(leaves), len(key_bytes), 0]
     for t in leaves:
         if t is None:
             words += [-1, 0]
@@ -78,58 +79,91 @@ def pack(leaves, structure):
             raise TypeError(f"a stage boundary cannot carry {t.dtype}")
         if t.dim() > 8:
             raise TypeError(f"a stage boundary carries tensors of at most 8 dimensions, not {t.dim()}")
-        device = device or t.device
         words += [_CODE_OF[t.dtype], t.dim()] + list(t.shape)
-    device = device or torch.device("cpu")
+    words[4] = _round(8 * len(words) + len(key_bytes))
     head = array.array("q", words).tobytes() + key_bytes
-    head += bytes(_round(len(head)) - len(head))
-    parts = [torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device)]
+    head += bytes(words[4] - len(head))
+    return torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device)
+
+
+def pack(leaves, structure):
+    """One uint8 tensor (on the leaves' device) holding the structure and every leaf: a single concatenation of the
+    header's bytes and the leaves' bytes (reinterpreted, not converted). The header of a boundary seen before is
+    reused."""
+    kind, keys = structure
+    device = next((t.device for t in leaves if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    sig = (kind, tuple(keys) if keys else None, device,
+           tuple(None if t is None else (t.dtype, t.shape) if isinstance(t, torch.Tensor) else type(t) for t in leaves))
+    head = _HEADS.get(sig)
+    if head is None:
+        head = _header(leaves, kind, keys, device)
+        if len(_HEADS) > 4096:  # shapes that change every step: keep the cache bounded
+            _HEADS.clear()
+        _HEADS[sig] = head
+    parts = [head]
     for t in leaves:
         if t is None or t.numel() == 0:
             continue
-        raw = t.detach().contiguous().reshape(-1)
-        raw = raw.view(torch.uint8)
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
         parts.append(raw)
         if raw.numel() % _ALIGN:
             parts.append(_pad(_ALIGN - raw.numel() % _ALIGN, device))
     return torch.cat(parts)
 
 
-def unpack(buf):
-    """(leaves, structure) of a packed buffer: views into it (no copy)."""
-    if buf.numel() < 32:
-        raise ValueError(f"a stage boundary buffer of {buf.numel()} bytes holds no header")
-    host = buf if buf.device.type == "cpu" else buf[:min(buf.numel(), 4096)].cpu()
-    raw = host.numpy()
-    head = array.array("q", raw[:32].tobytes())
-    if head[0] != MAGIC:
-        raise ValueError("a stage boundary buffer without Duplex's header (the other stage is not a duplex.torch "
-                         "stage)")
-    _, kind, n, key_len = head
-    # Each leaf's header is at least two words; read the most it can be, then walk it.
-    words = array.array("q", raw[:min(8 * (4 + n * 10), raw.size) // 8 * 8].tobytes())
-    pos, specs = 4, []
+def _layout(raw):
+    """(kind, keys, per leaf (dtype, shape, offset, bytes) or None) of a header's bytes."""
+    _, kind, n, key_len, _ = array.array("q", raw[:40])
+    words = array.array("q", raw[:len(raw) // 8 * 8])
+    pos, specs = 5, []
     for _ in range(n):
         code, rank = words[pos], words[pos + 1]
         specs.append(None if code < 0 else (_CODES[code], tuple(words[pos + 2:pos + 2 + rank])))
         pos += 2 + max(rank, 0)
-    keys = None
-    if kind == _DICT:
-        keys = raw[8 * pos:8 * pos + key_len].tobytes().decode().split("\0") if n else []
-    offset = _round(8 * pos + key_len)
-    leaves = []
+    keys = raw[8 * pos:8 * pos + key_len].decode().split("\0") if kind == _DICT and n else None
+    if kind == _DICT and keys is None:
+        keys = []
+    offset, layout = _round(8 * pos + key_len), []
     for spec in specs:
         if spec is None:
-            leaves.append(None)
+            layout.append(None)
             continue
         dtype, shape = spec
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * dtype.itemsize
-        if numel == 0:
-            leaves.append(torch.empty(shape, dtype=dtype, device=buf.device))
+        layout.append((dtype, shape, offset, numel * dtype.itemsize))
+        offset = _round(offset + numel * dtype.itemsize)
+    return kind, keys, layout
+
+
+def unpack(buf):
+    """(leaves, structure) of a packed buffer: views into it (no copy)."""
+    if buf.numel() < 40:
+        raise ValueError(f"a stage boundary buffer of {buf.numel()} bytes holds no header")
+    host = buf if buf.device.type == "cpu" else buf[:min(buf.numel(), 4096)].cpu()
+    raw = host.numpy()
+    magic, _, _, _, head_len = array.array("q", raw[:40].tobytes())
+    if magic != MAGIC:
+        raise ValueError("a stage boundary buffer without Duplex's header (the other stage is not a duplex.torch "
+                         "stage)")
+    if not 40 <= head_len <= raw.size:
+        raise ValueError(f"a stage boundary header of {head_len} bytes in a buffer of {raw.size}")
+    head = raw[:head_len].tobytes()
+    found = _LAYOUTS.get(head)
+    if found is None:
+        found = _layout(head)
+        if len(_LAYOUTS) > 4096:
+            _LAYOUTS.clear()
+        _LAYOUTS[head] = found
+    kind, keys, layout = found
+    leaves = []
+    for spec in layout:
+        if spec is None:
+            leaves.append(None)
+        elif spec[3] == 0:
+            leaves.append(torch.empty(spec[1], dtype=spec[0], device=buf.device))
         else:
+            dtype, shape, offset, nbytes = spec
             leaves.append(buf[offset:offset + nbytes].view(dtype).view(shape))
-        offset = _round(offset + nbytes)
     return leaves, (kind, keys)

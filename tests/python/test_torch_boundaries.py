@@ -137,6 +137,27 @@ class Format(unittest.TestCase):
         for k in value:
             self.assertTrue(torch.equal(back[k], value[k]), k)
 
+    def test_repeated_boundaries_reuse_headers_without_mixing_them(self):
+        # pack and unpack keep what they built from a boundary seen before: the same shapes in other dtypes, other
+        # shapes in the same dtypes, a tuple and a dict of the same leaves, and keys that differ, must each come
+        # back as themselves, every time (a cache keyed on too little hands one boundary another's layout).
+        values = [torch.randn(4, 6), torch.randn(4, 6).double(), torch.randn(4, 6).bfloat16(),
+                  torch.arange(24).view(4, 6),
+                  torch.randn(6, 4), (torch.randn(4, 6), torch.arange(4)),
+                  {"x": torch.randn(4, 6), "p": torch.arange(4)},
+                  {"y": torch.randn(4, 6), "p": torch.arange(4)}, (torch.arange(4), torch.randn(4, 6))]
+        for _ in range(3):
+            for value in values:
+                back = _boundary.rebuild(*_boundary.unpack(_boundary.pack(*_boundary.flatten(value))))
+                if isinstance(value, torch.Tensor):
+                    value, back = {"": value}, {"": back}
+                elif isinstance(value, tuple):
+                    value, back = dict(enumerate(value)), dict(enumerate(back))
+                self.assertEqual(list(back), list(value))
+                for k in value:
+                    self.assertEqual((back[k].dtype, back[k].shape), (value[k].dtype, value[k].shape), k)
+                    self.assertTrue(torch.equal(back[k], value[k]), k)
+
     def test_a_buffer_that_is_not_one(self):
         with self.assertRaisesRegex(ValueError, "without Duplex's header"):
             _boundary.unpack(torch.zeros(64, dtype=torch.uint8))
