@@ -6,7 +6,11 @@
 
 namespace duplex {
 
-int pipeline_ranks(sched::ScheduleKind kind, int pp) { return kind == sched::ScheduleKind::DualPipeV ? pp / 2 : pp; }
+int pipeline_ranks(sched::ScheduleKind kind, int pp, int vpp) {
+    if (kind == sched::ScheduleKind::DualPipeV) return pp / 2;
+    if (kind == sched::ScheduleKind::Interleaved) return vpp >= 1 ? pp / vpp : pp;
+    return pp;
+}
 
 LayerRange layers_of_stage(int s, int pp, int layers) {
     DUPLEX_CHECK_ARG(pp >= 1 && s >= 0 && s < pp, "layer split", "stage {} of {}", s, pp);
@@ -18,7 +22,7 @@ void RunPlan::validate(int microbatches, int experts) const {
     DUPLEX_CHECK_ARG(pp >= 1, "--pp", "needs at least 1 pipeline stage, got {}", pp);
     DUPLEX_CHECK_ARG(dp >= 1, "--dp", "needs at least 1 data-parallel replica, got {}", dp);
     DUPLEX_CHECK_ARG(ep >= 1, "--ep", "needs at least 1, got {}", ep);
-    sched::check_arguments(schedule, pp, microbatches);
+    sched::check_arguments(schedule, pp, microbatches, vpp);
     DUPLEX_CHECK_ARG(dp % ep == 0, "--ep", "EP={} must divide DP={} (expert groups live inside data parallelism)", ep, dp);
     DUPLEX_CHECK_ARG(experts % ep == 0, "--ep", "EP={} must divide the {} routed experts", ep, experts);
 }

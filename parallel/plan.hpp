@@ -12,8 +12,9 @@
 
 namespace duplex {
 
-// Pipeline ranks a schedule needs for `pp` model stages: DualPipeV folds two stages on each rank.
-int pipeline_ranks(sched::ScheduleKind kind, int pp);
+// Pipeline ranks a schedule needs for `pp` model stages: DualPipeV folds two stages on each rank, Interleaved
+// `vpp` stages.
+int pipeline_ranks(sched::ScheduleKind kind, int pp, int vpp = 1);
 
 struct LayerRange {
     int first = 0, count = 0;
@@ -26,7 +27,8 @@ LayerRange layers_of_stage(int s, int pp, int layers);
 struct RunPlan {
     sched::ScheduleKind schedule = sched::ScheduleKind::OneFOneB;
     int pp = 1, dp = 1, ep = 1;
-    int pipeline_ranks() const { return duplex::pipeline_ranks(schedule, pp); }
+    int vpp = 1;  // model stages per rank, Interleaved only
+    int pipeline_ranks() const { return duplex::pipeline_ranks(schedule, pp, vpp); }
     int world_size() const { return pipeline_ranks() * dp; }
     LayerRange layers_of_stage(int s, int layers) const { return duplex::layers_of_stage(s, pp, layers); }
     // ConfigError naming what is wrong (pp < 1, a schedule's own constraints, ep not dividing dp or the experts).

@@ -7,6 +7,11 @@
 //   r.makespan == 66;  r.peak_activations[3] == 9;
 //   std::string svg = sched::render_svg(s, r);
 //
+// Interleaved 1F1B (Megatron's virtual pipeline stages) places pp model stages round-robin on pp / vpp ranks:
+//   sched::generate(sched::ScheduleKind::Interleaved, /*pp=*/8, /*microbatches=*/8, /*vpp=*/2);  // 4 ranks
+// stage s on rank s % (pp / vpp), so Megatron's "PP 4, VP 2" is pp = 8 model stages here, as DualPipeV's pp counts
+// its model stages (two per rank).
+//
 // Instructions. A chunk is one microbatch on one model stage in one direction. F runs its forward; B its
 // input-gradient backward (the weight gradient W is deferred, zero-bubble style); BW a full backward (B then
 // W); W a deferred weight gradient; FB a forward chunk and a full backward chunk run together (DualPipe's
@@ -24,7 +29,7 @@
 
 namespace duplex::sched {
 
-enum class ScheduleKind { OneFOneB, ZB1P, DualPipe, DualPipeV };
+enum class ScheduleKind { OneFOneB, ZB1P, DualPipe, DualPipeV, Interleaved };
 enum class Op : uint8_t { F, B, W, BW, FB };
 
 // Bounds on a schedule's size (ConfigError beyond them).
@@ -33,7 +38,7 @@ constexpr int kMaxMicrobatches = 1000000;
 constexpr int64_t kMaxChunks = 4000000;
 
 const char* kind_name(ScheduleKind k);
-ScheduleKind kind_from_name(const std::string& name);  // "1f1b", "zb1p", "dualpipe", "dualpipev"
+ScheduleKind kind_from_name(const std::string& name);  // "1f1b", "zb1p", "dualpipe", "dualpipev", "interleaved"
 const char* op_name(Op op);
 
 struct Chunk {
@@ -55,6 +60,7 @@ struct Schedule {
     int num_ranks = 0;
     int num_microbatches = 0;
     int num_directions = 1;
+    int vpp = 1;             // model stages per rank (Interleaved; DualPipeV's two are implied by its kind)
     std::vector<std::vector<int>> placement;  // placement[dir][stage] = rank holding it
     std::vector<std::vector<Instr>> ranks;    // per rank, in execution order
 
@@ -63,15 +69,18 @@ struct Schedule {
     int direction_of_mb(int mb) const;  // DualPipe: first half of the microbatches go down, the rest up
 };
 
-// Throws ConfigError naming the violated constraint (odd PP or N for DualPipe, N < 2PP, PP < 1, ...).
-Schedule generate(ScheduleKind kind, int pp, int num_microbatches);
+// Throws ConfigError naming the violated constraint (odd PP or N for DualPipe, N < 2PP, PP < 1, VPP not dividing
+// PP, ...). vpp: model stages per rank, Interleaved only (1 for every other kind).
+Schedule generate(ScheduleKind kind, int pp, int num_microbatches, int vpp = 1);
 // Which rank holds each model stage: placement[dir][stage] (what generate puts in Schedule::placement). 1F1B and
 // ZB1P: stage s on rank s; DualPipe: rank r holds stage r going down and stage PP-1-r going up; DualPipeV: PP/2
-// ranks, rank r holds stages r and PP-1-r.
-std::vector<std::vector<int>> placement(ScheduleKind kind, int pp);
-// The model stages pipeline rank `rank` holds, its own stage first (r, then PP-1-r for DualPipe and DualPipeV).
-std::vector<int> stages_of_rank(ScheduleKind kind, int pp, int rank);
-void check_arguments(ScheduleKind kind, int pp, int num_microbatches);
+// ranks, rank r holds stages r and PP-1-r; Interleaved: PP/VPP ranks, stage s on rank s % (PP/VPP).
+std::vector<std::vector<int>> placement(ScheduleKind kind, int pp, int vpp = 1);
+// The model stages pipeline rank `rank` holds, its own stage first (r, then PP-1-r for DualPipe and DualPipeV;
+// r, r + PP/VPP, ... for Interleaved).
+std::vector<int> stages_of_rank(ScheduleKind kind, int pp, int rank, int vpp = 1);
+void check_arguments(ScheduleKind kind, int pp, int num_microbatches, int vpp = 1);
+void check_vpp(ScheduleKind kind, int pp, int vpp);  // VPP only for Interleaved, dividing PP
 
 struct Costs {
     double f = 1;       // forward chunk
@@ -114,8 +123,9 @@ struct Timing {
 };
 Replay replay(const Schedule& s, const Timing& timing);
 
-// The published bubble per rank (docs/reference.md) and whether it is exact for these costs.
-double formula_bubble(ScheduleKind kind, int pp, const Costs& c);
+// The published bubble per rank (docs/reference.md) and whether it is exact for these costs. Interleaved 1F1B:
+// (PP/VPP - 1)(F + B) with the costs of one model stage, i.e. (p - 1)/(v m) of the ideal step.
+double formula_bubble(ScheduleKind kind, int pp, const Costs& c, int vpp = 1);
 bool formula_is_exact(ScheduleKind kind, const Costs& c);
 
 // The transfers an instruction implies on `rank`: receives before it runs, sends after.

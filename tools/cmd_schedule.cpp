@@ -15,6 +15,7 @@ struct Args {
     std::string kind = "dualpipe";
     int pp = 8;
     int microbatches = 20;
+    int vpp = 1;
     sched::Costs costs;
     std::string svg;
     std::string json;
@@ -33,9 +34,9 @@ nlohmann::json instr_json(const sched::Instr& in) {
 int run(const Args& a) {
     sched::ScheduleKind kind = sched::kind_from_name(a.kind);
     sched::check_costs(a.costs);
-    sched::Schedule s = sched::generate(kind, a.pp, a.microbatches);
+    sched::Schedule s = sched::generate(kind, a.pp, a.microbatches, a.vpp);
     sched::Replay r = sched::replay(s, a.costs);
-    double formula = sched::formula_bubble(kind, a.pp, a.costs);
+    double formula = sched::formula_bubble(kind, a.pp, a.costs, a.vpp);
     bool exact = sched::formula_is_exact(kind, a.costs);
     double max_idle = *std::max_element(r.idle.begin(), r.idle.end());
     if (!a.svg.empty()) write_text_file(a.svg, sched::render_svg(s, r, a.costs), "--svg");
@@ -43,6 +44,7 @@ int run(const Args& a) {
         nlohmann::json j;
         j["kind"] = a.kind;
         j["pp"] = a.pp;
+        j["vpp"] = a.vpp;
         j["num_ranks"] = s.num_ranks;
         j["microbatches"] = a.microbatches;
         j["costs"] = {{"f", a.costs.f}, {"b", a.costs.b}, {"w", a.costs.w}, {"fb", a.costs.fb_cost()}, {"p2p", a.costs.p2p}};
@@ -74,7 +76,12 @@ int run(const Args& a) {
     fmt::print(human(), "# makespan             : {:g}\n", r.makespan);
     fmt::print(human(), "# bubble per rank      : max {:g}, min {:g}\n", max_idle, *std::min_element(r.idle.begin(), r.idle.end()));
     fmt::print(human(), "# published formula    : {:g} ({})\n", formula,
-               exact ? "exact for these costs" : "an estimate: exact only when B-W = F and p2p = 0");
+               exact ? "exact for these costs"
+               : a.costs.p2p != 0 ? "an estimate: exact only with p2p = 0"
+                                  : "an estimate: exact only when B-W = F and p2p = 0");
+    if (kind == sched::ScheduleKind::Interleaved)
+        fmt::print(human(), "# bubble fraction      : {:.4g} of the ideal step, (p - 1) / (v m) = {:.4g}\n",
+                   max_idle / (r.makespan - max_idle), double(s.num_ranks - 1) / (double(a.vpp) * a.microbatches));
     if (a.text) fmt::print(human(), "\n{}", sched::render_text(s, r));
     if (!a.svg.empty()) fmt::print(human(), "# SVG timeline written to {}\n", a.svg);
     return 0;
@@ -85,10 +92,16 @@ int run(const Args& a) {
 Command add_schedule(CLI::App& app) {
     auto a = std::make_shared<Args>();
     auto* cmd = app.add_subcommand("schedule",
-                                   "Generate, validate and draw a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV).\n"
-                                   "Example: duplex schedule --kind dualpipe --pp 8 --microbatches 20 --svg dp.svg");
-    cmd->add_option("--kind", a->kind, "1f1b, zb1p, dualpipe or dualpipev")->capture_default_str();
-    cmd->add_option("--pp", a->pp, "pipeline stages (dualpipev runs them on pp/2 ranks)")->capture_default_str();
+                                   "Generate, validate and draw a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV, "
+                                   "interleaved 1F1B).\n"
+                                   "Example: duplex schedule --kind dualpipe --pp 8 --microbatches 20 --svg dp.svg\n"
+                                   "         duplex schedule --kind interleaved --pp 8 --vpp 2 --microbatches 8 --text");
+    cmd->add_option("--kind", a->kind, "1f1b, zb1p, dualpipe, dualpipev or interleaved")->capture_default_str();
+    cmd->add_option("--pp", a->pp, "pipeline stages of the model (dualpipev runs them on pp/2 ranks, interleaved on "
+                    "pp/vpp)")
+        ->capture_default_str();
+    cmd->add_option("--vpp", a->vpp, "interleaved: model stages per rank (Megatron's PP 4 VP 2 is --pp 8 --vpp 2)")
+        ->capture_default_str();
     cmd->add_option("--microbatches", a->microbatches, "microbatches per step")->capture_default_str();
     cmd->add_option("--cost-f", a->costs.f, "cost of a forward chunk")->capture_default_str();
     cmd->add_option("--cost-b", a->costs.b, "cost of a full backward chunk (input grad + weight grad)")

@@ -22,7 +22,7 @@ struct Args {
     std::string device;  // overrides the cluster's device preset
     int gpus = 0;        // overrides the cluster's GPU count
     int gpus_per_node = 0;
-    std::string pp = "16", ep = "64", schedule = "dualpipe", microbatches = "0";
+    std::string pp = "16", vpp = "1", ep = "64", schedule = "dualpipe", microbatches = "0";
     int global_batch = 15360, mb_sequences = 1;
     bool no_fp8 = false, no_recompute = false, free_comm = false, ignore_memory = false, sequential_hops = false;
     bool sweep = false;
@@ -36,6 +36,24 @@ struct Args {
 };
 
 std::string gb(double bytes) { return fmt::format("{:.1f}", bytes / 1e9); }
+
+// One parallel layout of a run or a sweep.
+struct Layout {
+    std::string kind;
+    int pp = 1, vpp = 1, ep = 1, mb = 0;
+    std::string str() const {
+        return fmt::format("{} pp {}{} ep {} mb {}", kind, pp, vpp > 1 ? fmt::format(" vpp {}", vpp) : "", ep, mb);
+    }
+};
+
+SimOptions with_layout(SimOptions o, const Layout& l) {
+    o.schedule = sched::kind_from_name(l.kind);
+    o.pp = l.pp;
+    o.vpp = l.vpp;
+    o.ep = l.ep;
+    o.microbatches = l.mb;
+    return o;
+}
 
 SimOptions options_of(const Args& a) {
     SimOptions o;
@@ -58,9 +76,11 @@ void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig&
     fmt::print(human(), "# duplex simulate: {} ({:.0f}B parameters, {:.1f}B activated) on {} ({} GPUs, {} per node, {})\n",
                m.name, m.total_params() / 1e9, m.activated_params() / 1e9, cl.name, r.gpus, cl.device.gpus_per_node,
                cl.device.name);
-    fmt::print(human(), "# {} PP={} x DP={} (EP={}, expert-DP={}), {} microbatches of {} x {} tokens per replica; {}{}, {} SMs "
-               "for communication, {} dispatch\n",
-               kind, r.pp, r.dp, r.ep, r.edp, r.microbatches, a.mb_sequences, m.seq_len, a.no_fp8 ? "BF16" : "FP8",
+    fmt::print(human(), "# {} PP={}{} x DP={} (EP={}, expert-DP={}), {} microbatches of {} x {} tokens per replica; {}{}, {} "
+               "SMs for communication, {} dispatch\n",
+               kind, r.pp,
+               r.schedule.vpp > 1 ? fmt::format(" ({} ranks x VPP {})", r.pipeline_ranks, r.schedule.vpp) : "", r.dp,
+               r.ep, r.edp, r.microbatches, a.mb_sequences, m.seq_len, a.no_fp8 ? "BF16" : "FP8",
                a.no_recompute ? "" : " + recompute", a.comm_sms >= 0 ? a.comm_sms : cl.device.comm_sms, a.dispatch);
     auto mem = r.memory_per_gpu_bytes;
     std::string mem_line = fmt::format(
@@ -115,13 +135,9 @@ void write_pictures(const SimResult& r, const Args& a) {
 }
 
 // One layout: the report, the JSON, the pictures. Exit code 3 when it does not fit (unless --ignore-memory).
-int run_one(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const SimOptions& base,
-            const std::string& kind, int pp, int ep, int mb) {
-    SimOptions o = base;
-    o.schedule = sched::kind_from_name(kind);
-    o.pp = pp;
-    o.ep = ep;
-    o.microbatches = mb;
+int run_one(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const SimOptions& base, const Layout& l) {
+    SimOptions o = with_layout(base, l);
+    const std::string& kind = l.kind;
     Stopwatch sw;
     SimResult r = simulate(m, cl, o);
     double seconds = sw.seconds();
@@ -142,8 +158,7 @@ int run_one(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const 
 }
 
 struct SweepRow {
-    std::string kind;
-    int pp, ep, mb;
+    Layout l;
     SimResult r;
 };
 
@@ -151,11 +166,11 @@ struct SweepRow {
 void report_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const std::vector<SweepRow>& rows,
                   const std::vector<std::string>& rejected, size_t total, double seconds) {
     std::string csv =
-        "schedule,pp,ep,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
+        "schedule,pp,vpp,ep,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
         "gpu_hours_per_trillion_tokens,exposed_expert_s,exposed_pipeline_s,exposed_dp_s,memory_gb,fits\n";
     for (const SweepRow& w : rows)
-        csv += fmt::format("{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n", w.kind,
-                           w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
+        csv += fmt::format("{},{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n",
+                           w.l.kind, w.l.pp, w.l.vpp, w.l.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
                            w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens, w.r.exposed_comm_s.at("expert"),
                            w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
                            w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
@@ -169,44 +184,36 @@ void report_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, 
     std::sort(fit.begin(), fit.end(),
               [](const SweepRow* x, const SweepRow* y) { return x->r.tokens_per_s_per_gpu > y->r.tokens_per_s_per_gpu; });
     fmt::print(human(), "# best layouts that fit in {} GB ({} of {}):\n", gb(cl.device.memory_bytes), fit.size(), rows.size());
-    fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp", "ep", "dp", "mb",
-               "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
+    fmt::print(human(), "{:>11} {:>4} {:>3} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp",
+               "vpp", "ep", "dp", "mb", "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
     for (size_t i = 0; i < std::min<size_t>(fit.size(), size_t(a.top)); ++i) {
         const SweepRow& w = *fit[i];
-        fmt::print(human(), "{:>10} {:>4} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n", w.kind,
-                   w.pp, w.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
+        fmt::print(human(), "{:>11} {:>4} {:>3} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n",
+                   w.l.kind, w.l.pp, w.l.vpp, w.l.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
                    w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens / 1e3, w.r.memory_total_bytes / 1e9);
     }
 }
 
 // Every combination of the lists; layouts that cannot run are listed with the reason, the rest go to the CSV.
+// VPP other than 1 belongs to the interleaved schedule only: other kinds take VPP 1 once.
 void run_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const SimOptions& base,
-               const std::vector<std::string>& kinds, const std::vector<int>& pps, const std::vector<int>& eps,
-               const std::vector<int>& mbs) {
+               const std::vector<Layout>& layouts) {
     std::vector<SweepRow> rows;
     std::vector<std::string> rejected;
     Stopwatch sw;
-    size_t total = pps.size() * eps.size() * mbs.size() * kinds.size(), done = 0;
-    for (const auto& k : kinds)
-        for (int pp : pps)
-            for (int ep : eps)
-                for (int mb : mbs) {
-                    SimOptions o = base;
-                    o.schedule = sched::kind_from_name(k);
-                    o.pp = pp;
-                    o.ep = ep;
-                    o.microbatches = mb;
-                    o.ignore_memory = true;  // the CSV shows the time of every layout, with whether it fits
-                    ++done;
-                    try {
-                        rows.push_back({k, pp, ep, mb, simulate(m, cl, o)});
-                    } catch (const ConfigError& e) {
-                        rejected.push_back(fmt::format("{} pp {} ep {} mb {}: {}", k, pp, ep, mb, e.what()));
-                    }
-                    if (done % 100 == 0)
-                        fmt::print(stderr, "# sweep: {}/{} layouts, {:.1f} s\n", done, total, sw.seconds());
-                }
-    report_sweep(a, m, cl, rows, rejected, total, sw.seconds());
+    size_t done = 0;
+    for (const Layout& l : layouts) {
+        SimOptions o = with_layout(base, l);
+        o.ignore_memory = true;  // the CSV shows the time of every layout, with whether it fits
+        ++done;
+        try {
+            rows.push_back({l, simulate(m, cl, o)});
+        } catch (const ConfigError& e) {
+            rejected.push_back(fmt::format("{}: {}", l.str(), e.what()));
+        }
+        if (done % 100 == 0) fmt::print(stderr, "# sweep: {}/{} layouts, {:.1f} s\n", done, layouts.size(), sw.seconds());
+    }
+    report_sweep(a, m, cl, rows, rejected, layouts.size(), sw.seconds());
 }
 
 int run(const Args& a) {
@@ -221,13 +228,23 @@ int run(const Args& a) {
     }
     ClusterConfig cl = make_cluster(a.cluster, a.device, a.gpus, a.gpus_per_node, a.time_scale);
     auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
+    auto vpps = int_list(a.vpp, "--vpp");
     auto kinds = split_list(a.schedule);
     for (const auto& k : kinds) sched::kind_from_name(k);  // ConfigError for an unknown name
-    bool sweep = a.sweep || pps.size() * eps.size() * mbs.size() * kinds.size() > 1;
+    std::vector<Layout> layouts;
+    for (const auto& k : kinds) {
+        // A VPP list sweeps the interleaved schedule; the other kinds run once with one stage per rank (a single
+        // --vpp other than 1 with them is refused by the simulation, naming it).
+        bool interleaved = sched::kind_from_name(k) == sched::ScheduleKind::Interleaved;
+        std::vector<int> kind_vpps = interleaved || vpps.size() == 1 ? vpps : std::vector<int>{1};
+        for (int pp : pps)
+            for (int vpp : kind_vpps)
+                for (int ep : eps)
+                    for (int mb : mbs) layouts.push_back({k, pp, vpp, ep, mb});
+    }
     SimOptions base = options_of(a);
-
-    if (!sweep) return run_one(a, m, cl, base, kinds[0], pps[0], eps[0], mbs[0]);
-    run_sweep(a, m, cl, base, kinds, pps, eps, mbs);
+    if (!a.sweep && layouts.size() == 1) return run_one(a, m, cl, base, layouts[0]);
+    run_sweep(a, m, cl, base, layouts);
     return 0;
 }
 
@@ -238,7 +255,7 @@ Command add_simulate(CLI::App& app) {
     auto* cmd = app.add_subcommand(
         "simulate",
         "Predict step time, bubbles, exposed communication, MFU, GPU-hours and memory of a model on a cluster by "
-        "replaying the executor's schedules against the cost model. Comma lists in --pp/--ep/--microbatches/"
+        "replaying the executor's schedules against the cost model. Comma lists in --pp/--vpp/--ep/--microbatches/"
         "--schedule sweep every combination to a CSV and print the best layouts that fit.");
     cmd->option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later flag overrides
     cmd->add_option("--model", a->model, "deepseek-v3, small, tiny, or a model .json")->capture_default_str();
@@ -247,10 +264,16 @@ Command add_simulate(CLI::App& app) {
     cmd->add_option("--device", a->device, "override the cluster's device preset (h800, h100, h200, or a .json)");
     cmd->add_option("--gpus", a->gpus, "override the cluster's GPU count");
     cmd->add_option("--gpus-per-node", a->gpus_per_node, "override GPUs per node (default 8)");
-    cmd->add_option("--pp", a->pp, "pipeline stages (a comma list sweeps)")->capture_default_str();
+    cmd->add_option("--pp", a->pp,
+                    "pipeline stages of the model (dualpipev: on pp/2 ranks, interleaved: on pp/vpp; a comma list "
+                    "sweeps)")
+        ->capture_default_str();
+    cmd->add_option("--vpp", a->vpp,
+                    "interleaved: model stages per rank (Megatron's PP 8 VP 4 is --pp 32 --vpp 4; a comma list sweeps)")
+        ->capture_default_str();
     cmd->add_option("--ep", a->ep, "expert parallelism inside a stage's DP ranks (a comma list sweeps)")
         ->capture_default_str();
-    cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe, dualpipev (a comma list sweeps)")
+    cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe, dualpipev, interleaved (a comma list sweeps)")
         ->capture_default_str();
     cmd->add_option("--microbatches", a->microbatches,
                     "per DP replica; 0: global batch / (DP x sequences per microbatch) (a comma list sweeps)")

@@ -164,8 +164,9 @@ void print_run_header(const Args& a, const PipelineOptions& p, const TrainOption
                        "raise --time-scale (e.g. {:.0f}) or give --cost-f/--cost-b/--cost-w\n",
                        std::ceil(5e-3 / std::max(cc.f, 1e-12) * p.cost_model.device().time_scale));
     }
-    fmt::print(human(), "# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={} x DP={} x EP={}, {}{}\n", c.name,
-               c.num_parameters(), world.size(), world.backend(), a.schedule, p.pp, p.dp, p.ep, a.fp64 ? "fp64" : "fp32",
+    fmt::print(human(), "# duplex train: model {} ({} parameters), {} ranks ({}): {} PP={}{} x DP={} x EP={}, {}{}\n",
+               c.name, c.num_parameters(), world.size(), world.backend(), a.schedule, p.pp,
+               p.vpp > 1 ? fmt::format(" ({} per rank)", p.vpp) : "", p.dp, p.ep, a.fp64 ? "fp64" : "fp32",
                o.device == "cpu" ? "" : ", routed experts on " + o.device);
     fmt::print(human(), "# {} steps x {} microbatches per replica x {} sequences x {} tokens{}\n", o.steps, o.microbatches,
                o.sequences_per_microbatch, c.seq_len, p.emulate ? " (emulated compute)" : "");
@@ -265,7 +266,7 @@ void train_rank(const Args& a, const PipelineOptions& p, const TrainOptions& o, 
     auto ema = gather_named_tensors<T>(*world, trainer.ema_parameters());
     std::vector<std::string> traces = gather_strings(*world, trainer.trace_blob());
     if (!lead) return;
-    nlohmann::json out = {{"model", o.model_config().name}, {"schedule", a.schedule}, {"pp", p.pp}, {"dp", p.dp},
+    nlohmann::json out = {{"model", o.model_config().name}, {"schedule", a.schedule}, {"pp", p.pp}, {"vpp", p.vpp}, {"dp", p.dp},
                           {"ep", p.ep}, {"ranks", world->size()}, {"backend", world->backend()},
                           {"dtype", a.fp64 ? "fp64" : "fp32"}, {"steps", steps}, {"mode", a.mode}};
     if (!p.emulate && fr.steps_done > fr.start)
@@ -306,7 +307,7 @@ int run_distributed(const Args& a) {
     }
     TrainOptions o = a.train;
     o.bias_update = !a.no_bias_update;
-    RunPlan plan{p.schedule, p.pp, p.dp, p.ep};
+    RunPlan plan{p.schedule, p.pp, p.dp, p.ep, p.vpp};
     int world_size = plan.world_size();
     PipelineTrainer<T>::validate(p, o, world_size);  // the layout, the model and the options, before anything runs
     LaunchOptions l;
@@ -351,7 +352,12 @@ void add_layout_options(CLI::App* cmd, Args* a) {
                     "1: the single-rank reference (the default without --pp/--dp/--ep/--schedule); a distributed run "
                     "takes its rank count from the layout")
         ->capture_default_str();
-    cmd->add_option("--pp", a->pipe.pp, "pipeline stages (dualpipev: on pp/2 ranks)")->capture_default_str();
+    cmd->add_option("--pp", a->pipe.pp, "pipeline stages of the model (dualpipev: on pp/2 ranks; interleaved: on pp/vpp)")
+        ->capture_default_str();
+    cmd->add_option("--vpp", a->pipe.vpp,
+                    "interleaved: model stages per rank (Megatron's virtual pipeline size; its PP 4 VP 2 is --pp 8 "
+                    "--vpp 2)")
+        ->capture_default_str();
     cmd->add_option("--dp", a->pipe.dp, "data-parallel replicas")->capture_default_str();
     cmd->add_option("--ep", a->pipe.ep, "expert parallelism inside DP (divides DP and the routed experts)")
         ->capture_default_str();
@@ -371,7 +377,9 @@ void add_layout_options(CLI::App* cmd, Args* a) {
                     "EP groups over several nodes: hierarchical (node-limited, one crossing per node) or flat "
                     "(one copy per expert)")
         ->capture_default_str();
-    cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe or dualpipev")->capture_default_str();
+    cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe, dualpipev or interleaved (1F1B over --vpp stages "
+                    "per rank)")
+        ->capture_default_str();
     cmd->add_option("--backend", a->backend,
                     "inproc (threads), mpi / ucx (processes under mpirun, torchrun or srun), or nccl (payloads through "
                     "NCCL, a GPU per rank: threads, or processes under a launcher)")
@@ -463,7 +471,8 @@ Command add_train(CLI::App& app) {
         check_writable(a->json, "--json");
         check_writable(a->metrics, "--metrics");
         check_writable(a->trace, "--trace");
-        bool layout = cmd->count("--pp") || cmd->count("--dp") || cmd->count("--ep") || cmd->count("--schedule");
+        bool layout = cmd->count("--pp") || cmd->count("--dp") || cmd->count("--ep") || cmd->count("--schedule") ||
+                      cmd->count("--vpp");
         bool distributed = layout || a->backend != "inproc" || a->mode != "math";
         if (cmd->count("--ranks")) {
             DUPLEX_CHECK_ARG(a->ranks == 1, "--ranks",

@@ -35,6 +35,33 @@ std::vector<Instr> one_f_one_b_rank(int pp, int n, int rank) {
     return out;
 }
 
+// Interleaved 1F1B (Megatron's virtual pipeline): p ranks, v model stages each (stage c * p + r on rank r). The
+// forwards go in groups of p microbatches through the rank's stages in order (for each group: every stage of the
+// rank, for each stage the group's p microbatches), the backwards in the same groups through the stages in reverse;
+// (p - r - 1) * 2 + (v - 1) * p forwards warm up, then one forward and one full backward alternate, then the
+// remaining backwards drain. With m == p every forward goes first (Megatron's all-warm-up case); with v == 1 the
+// lists are 1F1B's.
+std::vector<Instr> interleaved_rank(int p, int v, int m, int r) {
+    int total = m * v;
+    auto chunk = [&](int k, bool forward) {
+        int in_group = k % (p * v);
+        int c = in_group / p;
+        return Chunk{k / (p * v) * p + in_group % p, (forward ? c : v - 1 - c) * p + r, 0};
+    };
+    int warmup = v == 1 ? std::min(p - r - 1, m)  // one stage per rank: plain 1F1B
+                 : m == p ? total
+                          : std::min(total, (p - r - 1) * 2 + (v - 1) * p);
+    std::vector<Instr> out;
+    int next_f = 0, next_b = 0;
+    for (int i = 0; i < warmup; ++i) out.push_back({Op::F, chunk(next_f++, true), {}});
+    for (int i = 0; i < total - warmup; ++i) {
+        out.push_back({Op::F, chunk(next_f++, true), {}});
+        out.push_back({Op::BW, {}, chunk(next_b++, false)});
+    }
+    while (next_b < total) out.push_back({Op::BW, {}, chunk(next_b++, false)});
+    return out;
+}
+
 // ZB-H1: the 1F1B memory limit (pp - stage forwards in flight), backward split into B and W, and every W
 // deferred until the rank has nothing else to do. The order comes from a list-scheduling pass with unit
 // costs (F = B = W = 1), priorities B > F > W; it is then fixed: the plan does not depend on real costs.
@@ -163,14 +190,17 @@ const char* kind_name(ScheduleKind k) {
         case ScheduleKind::ZB1P: return "zb1p";
         case ScheduleKind::DualPipe: return "dualpipe";
         case ScheduleKind::DualPipeV: return "dualpipev";
+        case ScheduleKind::Interleaved: return "interleaved";
     }
     return "?";
 }
 
 ScheduleKind kind_from_name(const std::string& name) {
-    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV})
+    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV,
+                   ScheduleKind::Interleaved})
         if (name == kind_name(k)) return k;
-    throw ConfigError("--kind", fmt::format("unknown schedule '{}' (1f1b, zb1p, dualpipe, dualpipev)", name));
+    throw ConfigError("--kind",
+                      fmt::format("unknown schedule '{}' (1f1b, zb1p, dualpipe, dualpipev, interleaved)", name));
 }
 
 const char* op_name(Op op) {
@@ -188,7 +218,15 @@ int Schedule::direction_of_mb(int mb) const {
     return kind == ScheduleKind::DualPipe && mb >= num_microbatches / 2 ? 1 : 0;
 }
 
-void check_arguments(ScheduleKind kind, int pp, int n) {
+void check_vpp(ScheduleKind kind, int pp, int vpp) {
+    DUPLEX_CHECK_ARG(vpp == 1 || kind == ScheduleKind::Interleaved, "--vpp",
+                     "virtual pipeline stages (--vpp {}) are for the interleaved schedule, not {}", vpp, kind_name(kind));
+    DUPLEX_CHECK_ARG(vpp >= 1, "--vpp", "model stages per rank must be at least 1, got {}", vpp);
+    DUPLEX_CHECK_ARG(pp % vpp == 0, "--vpp",
+                     "VPP={} must divide the {} model stages (interleaved: PP/VPP ranks hold VPP stages each)", vpp, pp);
+}
+
+void check_arguments(ScheduleKind kind, int pp, int n, int vpp) {
     DUPLEX_CHECK_ARG(pp >= 1, "--pp", "pipeline stages must be at least 1, got {}", pp);
     DUPLEX_CHECK_ARG(n >= 1, "--microbatches", "need at least 1 microbatch, got {}", n);
     // Bounds no real run comes near (DeepSeek-V3: 16 stages, tens of microbatches), so a typo is an error, not an
@@ -199,6 +237,13 @@ void check_arguments(ScheduleKind kind, int pp, int n) {
     DUPLEX_CHECK_ARG(int64_t(pp) * n <= kMaxChunks, "--pp/--microbatches",
                      "{} stages x {} microbatches = {} chunks per direction: at most {} are supported", pp, n,
                      int64_t(pp) * n, kMaxChunks);
+    check_vpp(kind, pp, vpp);
+    if (kind == ScheduleKind::Interleaved) {
+        int ranks = pp / vpp;
+        DUPLEX_CHECK_ARG(n % ranks == 0, "--microbatches",
+                         "interleaved 1F1B runs microbatches in groups of the {} pipeline ranks: {} is not a multiple",
+                         ranks, n);
+    }
     if (kind == ScheduleKind::DualPipe || kind == ScheduleKind::DualPipeV) {
         const char* name = kind_name(kind);
         DUPLEX_CHECK_ARG(pp % 2 == 0 && pp >= 2, "--pp", "{} needs an even number of stages (>= 2), got {}", name, pp);
@@ -212,8 +257,13 @@ void check_arguments(ScheduleKind kind, int pp, int n) {
     }
 }
 
-std::vector<std::vector<int>> placement(ScheduleKind kind, int pp) {
+std::vector<std::vector<int>> placement(ScheduleKind kind, int pp, int vpp) {
     switch (kind) {
+        case ScheduleKind::Interleaved: {
+            std::vector<int> p(pp);
+            for (int st = 0; st < pp; ++st) p[st] = st % pipeline_ranks(kind, pp, vpp);
+            return {p};
+        }
         case ScheduleKind::OneFOneB:
         case ScheduleKind::ZB1P: return linear_placement(pp);
         case ScheduleKind::DualPipe: {
@@ -233,16 +283,17 @@ std::vector<std::vector<int>> placement(ScheduleKind kind, int pp) {
     throw ConfigError("--schedule", "unknown schedule kind");
 }
 
-std::vector<int> stages_of_rank(ScheduleKind kind, int pp, int rank) {
+std::vector<int> stages_of_rank(ScheduleKind kind, int pp, int rank, int vpp) {
     DUPLEX_CHECK_ARG(pp >= 1 && pp <= kMaxStages, "--pp", "pipeline stages must be at least 1, got {}", pp);
     DUPLEX_CHECK_ARG(kind != ScheduleKind::DualPipe || pp % 2 == 0, "--pp", "dualpipe needs an even number, got {}",
                      pp);
     DUPLEX_CHECK_ARG(kind != ScheduleKind::DualPipeV || pp % 2 == 0, "--pp", "dualpipev needs an even number, got {}",
                      pp);
-    int ranks = pipeline_ranks(kind, pp);
+    check_vpp(kind, pp, vpp);
+    int ranks = pipeline_ranks(kind, pp, vpp);
     DUPLEX_CHECK_ARG(rank >= 0 && rank < ranks, "rank", "pipeline rank {} of {}", rank, ranks);
     std::vector<int> out;
-    for (const std::vector<int>& dir : placement(kind, pp)) {
+    for (const std::vector<int>& dir : placement(kind, pp, vpp)) {
         // The stage this rank holds first in each direction's order of stages (its own, then its mirror).
         std::vector<int> mine;
         for (int st = 0; st < pp; ++st)
@@ -253,13 +304,19 @@ std::vector<int> stages_of_rank(ScheduleKind kind, int pp, int rank) {
     return out;
 }
 
-Schedule generate(ScheduleKind kind, int pp, int n) {
-    check_arguments(kind, pp, n);
+Schedule generate(ScheduleKind kind, int pp, int n, int vpp) {
+    check_arguments(kind, pp, n, vpp);
     Schedule s;
     s.kind = kind;
     s.pp = pp;
+    s.vpp = vpp;
     s.num_microbatches = n;
     switch (kind) {
+        case ScheduleKind::Interleaved:
+            s.num_ranks = pipeline_ranks(kind, pp, vpp);
+            s.placement = placement(kind, pp, vpp);
+            for (int r = 0; r < s.num_ranks; ++r) s.ranks.push_back(interleaved_rank(s.num_ranks, vpp, n, r));
+            break;
         case ScheduleKind::OneFOneB:
             s.num_ranks = pp;
             s.placement = placement(kind, pp);

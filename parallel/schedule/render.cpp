@@ -38,7 +38,7 @@ std::string render_svg(const Schedule& s, const Replay& r, const Costs& c) {
     out += fmt::format(
         "<text x=\"{}\" y=\"42\" font-size=\"12\" fill=\"#444\">costs F={:.3g} B={:.3g} W={:.3g} F&amp;B={:.3g} · makespan {:.4g} · "
         "max idle per rank {:.4g} (formula {:.4g})</text>\n",
-        left, c.f, c.b, c.w, c.fb_cost(), r.makespan, worst_idle, formula_bubble(s.kind, s.pp, c));
+        left, c.f, c.b, c.w, c.fb_cost(), r.makespan, worst_idle, formula_bubble(s.kind, s.pp, c, s.vpp));
     for (int rank = 0; rank < s.num_ranks; ++rank) {
         double y = top + rank * row_h;
         out += fmt::format("<text x=\"{}\" y=\"{:.1f}\" font-size=\"12\" text-anchor=\"end\">rank {}</text>\n",

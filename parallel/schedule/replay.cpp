@@ -270,9 +270,10 @@ Replay replay(const Schedule& s, const Timing& timing) {
     return out;
 }
 
-double formula_bubble(ScheduleKind kind, int pp, const Costs& c) {
+double formula_bubble(ScheduleKind kind, int pp, const Costs& c, int vpp) {
     switch (kind) {
         case ScheduleKind::OneFOneB: return (pp - 1) * (c.f + c.b);
+        case ScheduleKind::Interleaved: return (pp / vpp - 1) * (c.f + c.b);
         case ScheduleKind::ZB1P: return (pp - 1) * (c.f + c.b - 2 * c.w);
         case ScheduleKind::DualPipe:
         case ScheduleKind::DualPipeV: return (pp / 2 - 1) * (c.fb_cost() + c.b - 3 * c.w);
@@ -283,6 +284,7 @@ double formula_bubble(ScheduleKind kind, int pp, const Costs& c) {
 bool formula_is_exact(ScheduleKind kind, const Costs& c) {
     if (c.p2p != 0) return false;
     if (kind == ScheduleKind::OneFOneB) return true;
+    if (kind == ScheduleKind::Interleaved) return true;  // every rank idles (p - 1)(F + B): checked for any F, B
     return c.b - c.w == c.f;
 }
 

@@ -51,6 +51,7 @@ void bind_plans(nb::module_& m) {
         .def_prop_ro("kind", [](const Plan& p) { return p.kind; })
         .def_prop_ro("pp", [](const Plan& p) { return p.schedule.pp; })
         .def_prop_ro("num_ranks", [](const Plan& p) { return p.schedule.num_ranks; })
+        .def_prop_ro("vpp", [](const Plan& p) { return p.schedule.vpp; }, "model stages per rank (interleaved)")
         .def_prop_ro("microbatches", [](const Plan& p) { return p.schedule.num_microbatches; })
         .def_prop_ro("makespan", [](const Plan& p) { return p.time(p.replay.makespan); },
                      "end of the last instruction, in the costs' unit (an int when every cost is a whole number)")
@@ -60,7 +61,8 @@ void bind_plans(nb::module_& m) {
                      "per rank: microbatch-chunks alive at once")
         .def_prop_ro("param_copies", [](const Plan& p) { return p.replay.param_copies; })
         .def_prop_ro("formula_bubble",
-                     [](const Plan& p) { return p.time(sched::formula_bubble(p.schedule.kind, p.schedule.pp, p.costs)); },
+                     [](const Plan& p) { return p.time(sched::formula_bubble(p.schedule.kind, p.schedule.pp, p.costs, p.schedule.vpp));
+                     },
                      "the published bubble per rank for these costs")
         .def_prop_ro(
             "instructions",
@@ -89,31 +91,33 @@ void bind_plans(nb::module_& m) {
 
     m.def(
         "stages_of_rank",
-        [](const std::string& schedule, int pp, int rank) {
-            return sched::stages_of_rank(sched::kind_from_name(schedule), pp, rank);
+        [](const std::string& schedule, int pp, int rank, int vpp) {
+            return sched::stages_of_rank(sched::kind_from_name(schedule), pp, rank, vpp);
         },
-        "schedule"_a, "pp"_a, "rank"_a,
-        "The model stages pipeline rank `rank` holds under `schedule` (1f1b, zb1p, dualpipe, dualpipev) with `pp` "
-        "stages, its own first: [r] for 1f1b and zb1p, [r, pp-1-r] for dualpipe and dualpipev.");
+        "schedule"_a, "pp"_a, "rank"_a, "vpp"_a = 1,
+        "The model stages pipeline rank `rank` holds under `schedule` (1f1b, zb1p, dualpipe, dualpipev, interleaved) "
+        "with `pp` stages, its own first: [r] for 1f1b and zb1p, [r, pp-1-r] for dualpipe and dualpipev, "
+        "[r, r + pp/vpp, ...] for interleaved.");
 
     m.def(
         "schedule",
         [](const std::string& kind, int pp, int microbatches, double cost_f, double cost_b, double cost_w,
-           double cost_fb, double p2p) {
+           double cost_fb, double p2p, int vpp) {
             Plan p;
             p.kind = kind;
             p.costs = {cost_f, cost_b, cost_w, cost_fb, p2p};
             sched::check_costs(p.costs);
             p.whole_costs = true;
             for (double c : {cost_f, cost_b, cost_w, cost_fb, p2p}) p.whole_costs = p.whole_costs && std::nearbyint(c) == c;
-            p.schedule = sched::generate(sched::kind_from_name(kind), pp, microbatches);
+            p.schedule = sched::generate(sched::kind_from_name(kind), pp, microbatches, vpp);
             p.replay = sched::replay(p.schedule, p.costs);
             return p;
         },
         "kind"_a, "pp"_a, "microbatches"_a, nb::kw_only(), "cost_f"_a = 1.0, "cost_b"_a = 2.0, "cost_w"_a = 1.0,
-        "cost_fb"_a = -1.0, "p2p"_a = 0.0,
-        "Generates, validates and replays a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev). cost_b is a full "
-        "backward, cost_w its weight-gradient part, cost_fb an overlapped forward+backward pair (< 0: F + B).");
+        "cost_fb"_a = -1.0, "p2p"_a = 0.0, "vpp"_a = 1,
+        "Generates, validates and replays a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev, interleaved). pp "
+        "counts model stages (interleaved: pp/vpp ranks, vpp stages each). cost_b is a full backward, cost_w its "
+        "weight-gradient part, cost_fb an overlapped forward+backward pair (< 0: F + B).");
 
     m.def(
         "_simulate_json",

@@ -203,10 +203,13 @@ void check_layout(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpti
     DUPLEX_CHECK_ARG(o.pp >= 1, "--pp", "must be at least 1, got {}", o.pp);
     DUPLEX_CHECK_ARG(o.schedule != ScheduleKind::DualPipeV || o.pp % 2 == 0, "--pp", "DualPipeV needs an even PP, got {}",
                      o.pp);
-    r.pipeline_ranks = pipeline_ranks(o.schedule, o.pp);
+    sched::check_vpp(o.schedule, o.pp, o.vpp);
+    r.pipeline_ranks = pipeline_ranks(o.schedule, o.pp, o.vpp);
     DUPLEX_CHECK_ARG(cl.gpus % r.pipeline_ranks == 0, "--pp",
                      "{} GPUs are not divisible into pipelines of {} ranks (PP {}{})", cl.gpus, r.pipeline_ranks, o.pp,
-                     o.schedule == ScheduleKind::DualPipeV ? ", DualPipeV: PP/2 ranks" : "");
+                     o.schedule == ScheduleKind::DualPipeV     ? ", DualPipeV: PP/2 ranks"
+                     : o.schedule == ScheduleKind::Interleaved ? fmt::format(", interleaved: PP/VPP = {} / {}", o.pp, o.vpp)
+                                                               : "");
     r.dp = cl.gpus / r.pipeline_ranks;
     DUPLEX_CHECK_ARG(o.ep >= 1 && o.ep <= r.dp, "--ep", "EP ({}) is larger than the {} GPUs of a pipeline stage", o.ep,
                      r.dp);
@@ -224,7 +227,7 @@ void check_layout(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpti
                          o.mb_sequences);
         r.microbatches = o.global_batch / (r.dp * o.mb_sequences);
     }
-    sched::check_arguments(o.schedule, o.pp, r.microbatches);
+    sched::check_arguments(o.schedule, o.pp, r.microbatches, o.vpp);
     DUPLEX_CHECK_ARG(cfg.layers >= o.pp, "--pp", "the {} model has {} layers, fewer than {} stages", cfg.name, cfg.layers,
                      o.pp);
     DUPLEX_CHECK_ARG(o.dispatch == "hierarchical" || o.dispatch == "flat", "--dispatch",
@@ -428,7 +431,7 @@ SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpt
     DevicePreset dev = device_of(cl, o);
     Run x{cfg, cl, o, dev, CostModel(dev), o.pp, int(cfg.tokens_per_microbatch(o.mb_sequences)),
           cl.device.gpus_per_node, r};
-    r.schedule = sched::generate(o.schedule, o.pp, r.microbatches);
+    r.schedule = sched::generate(o.schedule, o.pp, r.microbatches, o.vpp);
     r.stage_first_layer = o.partition == "uniform"
                               ? uniform_partition(cfg.layers, x.S)
                               : balanced_partition(x.cm, cfg, r.schedule, x.T, {o.fp8, o.recompute});
@@ -484,6 +487,8 @@ std::string simulation_json(const SimResult& r, const ModelConfig& m, const Clus
                         {"gpus", r.gpus},
                         {"schedule", kind},
                         {"pp", r.pp},
+                        {"vpp", r.schedule.vpp},
+                        {"pipeline_ranks", r.pipeline_ranks},
                         {"dp", r.dp},
                         {"ep", r.ep},
                         {"edp", r.edp},

@@ -44,7 +44,8 @@ struct ClusterConfig {
 
 struct SimOptions {
     sched::ScheduleKind schedule = sched::ScheduleKind::DualPipe;
-    int pp = 16;
+    int pp = 16;               // model stages (DualPipeV: on pp/2 ranks; interleaved: on pp/vpp)
+    int vpp = 1;               // interleaved: model stages per rank
     int ep = 64;
     int global_batch = 15360;  // sequences per step (DeepSeek-V3's after its batch-size ramp)
     int mb_sequences = 1;      // sequences per microbatch

@@ -28,6 +28,7 @@ std::string PipelineTrainer<T>::layout_json() const {
                         {"optimizer", I.p.optimizer},
                         {"global_microbatches", I.o.microbatches * I.p.dp},
                         {"ema", I.p.ema_decay > 0}};
+    if (I.p.vpp != 1) j["vpp"] = I.p.vpp;  // the stages each rank holds (absent: one, as before interleaving)
     if (I.custom) {
         j["model"] = "custom";
         j["layers"] = I.p.layers;

@@ -61,7 +61,7 @@ struct PipelineTrainer<T>::Impl {
     int bad_in_a_row = 0;  // steps not applied since the last applied one
 
     Impl(std::shared_ptr<Communicator> w, const PipelineOptions& po, const TrainOptions& to)
-        : p(po), o(to), plan{po.schedule, po.pp, po.dp, po.ep}, world(std::move(w)), tracer(world->rank(), po.trace) {}
+        : p(po), o(to), plan{po.schedule, po.pp, po.dp, po.ep, po.vpp}, world(std::move(w)), tracer(world->rank(), po.trace) {}
 
     // The idle share of the schedule: 1 - compute / (the slowest rank's schedule time), averaged over the world.
     double bubble_share(double schedule_us, double compute_us, double& slowest_us) {

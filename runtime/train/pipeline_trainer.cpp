@@ -9,7 +9,7 @@ namespace duplex {
 template <typename T>
 void PipelineTrainer<T>::validate(const PipelineOptions& p, const TrainOptions& o, int world_size, bool custom_stages) {
     o.validate();
-    RunPlan plan{p.schedule, p.pp, p.dp, p.ep};
+    RunPlan plan{p.schedule, p.pp, p.dp, p.ep, p.vpp};
     DUPLEX_CHECK_ARG(p.sum_pairs || p.optimizer == "none", "sum_pairs",
                      "DualPipe's copies keep their own gradients only without an optimizer (optimizer 'none')");
     DUPLEX_CHECK_ARG(p.loss_scale >= 0, "loss_scale", "must not be negative, got {}", p.loss_scale);
@@ -334,7 +334,7 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
     I.groups = make_groups(*world, I.grid);
     I.pipe = I.groups.pp;
     I.prank = I.pipe->rank();
-    I.schedule = sched::generate(p.schedule, p.pp, o.microbatches);
+    I.schedule = sched::generate(p.schedule, p.pp, o.microbatches, p.vpp);
     // Backward expert exchanges use a second communicator over the EP group's ranks, so the two halves of an
     // overlapped F&B pair never interleave collectives on one communicator.
     if (p.ep > 1 && !p.emulate) I.ep_bwd = I.groups.ep->split(0, I.groups.ep->rank());

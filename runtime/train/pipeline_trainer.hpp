@@ -36,9 +36,10 @@ namespace duplex {
 
 struct PipelineOptions {
     sched::ScheduleKind schedule = sched::ScheduleKind::OneFOneB;
-    int pp = 2;  // pipeline stages of the model (DualPipeV runs them on pp/2 ranks)
+    int pp = 2;  // pipeline stages of the model (DualPipeV runs them on pp/2 ranks, Interleaved on pp/vpp)
     int dp = 1;
     int ep = 1;
+    int vpp = 1;  // Interleaved: model stages per rank (Megatron's virtual pipeline size)
     // "zero1-adamw": ZeRO-1 AdamW over the DP group updates the parameters at step end. "none": the gradients are
     // summed over DualPipe's copies and all-reduced over DP (routed experts over expert-DP) and left in the
     // stages' gradient buffers for the caller's optimizer (a framework's own, e.g. torch.optim).

@@ -10,8 +10,8 @@ namespace duplex {
 
 EmulatePrediction predict_emulated_step(const PipelineOptions& p, const TrainOptions& o, size_t elem_bytes) {
     const ModelConfig mc = o.model_config();
-    RunPlan plan{p.schedule, p.pp, p.dp, p.ep};
-    sched::Schedule sch = sched::generate(p.schedule, p.pp, o.microbatches);
+    RunPlan plan{p.schedule, p.pp, p.dp, p.ep, p.vpp};
+    sched::Schedule sch = sched::generate(p.schedule, p.pp, o.microbatches, p.vpp);
     LayerRange mid = plan.layers_of_stage(p.pp / 2, mc.layers);
     int tokens = int(mc.tokens_per_microbatch(o.sequences_per_microbatch));
     EmulatePrediction e;

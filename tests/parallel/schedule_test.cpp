@@ -6,6 +6,7 @@
 #include <set>
 #include <string>
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 namespace duplex::sched {
@@ -203,6 +204,86 @@ TEST(Schedule, BadInputNamesTheConstraint) {
     EXPECT_THROW(kind_from_name("gpipe"), ConfigError);
 }
 
+// Interleaved 1F1B as Megatron orders it, written out by hand for PP 2 x VPP 2 (4 model stages: rank 0 holds 0 and 2,
+// rank 1 holds 1 and 3), 4 microbatches: forwards in groups of 2 microbatches per model chunk, backwards through the
+// chunks in reverse; rank 0 warms up with (2 - 0 - 1) * 2 + (2 - 1) * 2 = 4 forwards, rank 1 with 2.
+TEST(Interleaved, MegatronOrderWrittenOut) {
+    Schedule s = generate(ScheduleKind::Interleaved, 4, 4, 2);
+    ASSERT_EQ(s.num_ranks, 2);
+    EXPECT_EQ(s.placement, (std::vector<std::vector<int>>{{0, 1, 0, 1}}));
+    auto str = [](const std::vector<Instr>& list) {
+        std::string out;
+        for (const Instr& in : list) {
+            const Chunk& c = in.op == Op::F ? in.f : in.b;
+            out += fmt::format("{}{}s{} ", in.op == Op::F ? "F" : "B", c.mb, c.stage);
+        }
+        return out;
+    };
+    EXPECT_EQ(str(s.ranks[0]), "F0s0 F1s0 F0s2 F1s2 F2s0 B0s2 F3s0 B1s2 F2s2 B0s0 F3s2 B1s0 B2s2 B3s2 B2s0 B3s0 ");
+    EXPECT_EQ(str(s.ranks[1]), "F0s1 F1s1 F0s3 B0s3 F1s3 B1s3 F2s1 B0s1 F3s1 B1s1 F2s3 B2s3 F3s3 B3s3 B2s1 B3s1 ");
+    for (const auto& list : s.ranks)
+        for (const Instr& in : list) EXPECT_TRUE(in.op == Op::F || in.op == Op::BW) << "full backwards, as Megatron";
+    EXPECT_EQ(stages_of_rank(ScheduleKind::Interleaved, 8, 1, 4), (std::vector<int>{1, 3, 5, 7}));
+}
+
+// For every (p, v, m): valid, the bubble of every rank is Megatron's (p - 1)(F + B) per chunk costs, i.e. (p - 1)/(v m)
+// of the ideal step, whatever F and B; rank 0 holds (p - 1) * 2 + (v - 1) * p + 1 chunks at its peak; v = 1 is 1F1B.
+TEST(Interleaved, EveryLayoutValidatesWithMegatronsBubble) {
+    int checked = 0;
+    for (int p = 2; p <= 8; ++p)
+        for (int v = 1; v <= 4; ++v)
+            for (int groups = 1; groups <= 3; ++groups) {
+                int m = p * groups;
+                Schedule s = generate(ScheduleKind::Interleaved, p * v, m, v);
+                ASSERT_EQ(s.num_ranks, p);
+                for (const Costs& c : {costs(1, 2, 0), costs(1, 3, 0), costs(2, 3, 0), costs(1.5, 1.25, 0)}) {
+                    Replay r;
+                    ASSERT_NO_THROW(r = replay(s, c)) << "p " << p << " v " << v << " m " << m;
+                    double ideal = m * v * (c.f + c.b);
+                    for (int rank = 0; rank < p; ++rank) {
+                        ASSERT_NEAR(r.busy[rank], ideal, 1e-9);
+                        ASSERT_NEAR(r.idle[rank], (p - 1) * (c.f + c.b), 1e-9) << "p " << p << " v " << v << " m " << m;
+                    }
+                    ASSERT_NEAR(r.makespan / ideal - 1, double(p - 1) / (v * m), 1e-12);
+                    ASSERT_NEAR(formula_bubble(ScheduleKind::Interleaved, p * v, c, v), (p - 1) * (c.f + c.b), 1e-12);
+                    ++checked;
+                }
+                Replay r = replay(s, costs(1, 2, 0));
+                int expect = v == 1 ? p : m == p ? m * v : std::min(m * v, (p - 1) * 2 + (v - 1) * p + 1);
+                EXPECT_EQ(r.peak_activations[0], expect) << "p " << p << " v " << v << " m " << m;
+                if (v == 1) {
+                    Schedule plain = generate(ScheduleKind::OneFOneB, p, m);
+                    for (int rank = 0; rank < p; ++rank) {
+                        ASSERT_EQ(s.ranks[rank].size(), plain.ranks[rank].size());
+                        for (size_t i = 0; i < s.ranks[rank].size(); ++i) {
+                            ASSERT_EQ(s.ranks[rank][i].op, plain.ranks[rank][i].op);
+                            ASSERT_EQ(s.ranks[rank][i].f, plain.ranks[rank][i].f);
+                            ASSERT_EQ(s.ranks[rank][i].b, plain.ranks[rank][i].b);
+                        }
+                    }
+                }
+            }
+    EXPECT_GT(checked, 300);
+}
+
+TEST(Interleaved, BadInputNamesTheConstraint) {
+    auto message = [](auto fn) {
+        try {
+            fn();
+        } catch (const ConfigError& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    EXPECT_NE(message([] { generate(ScheduleKind::Interleaved, 6, 8, 4); }).find("VPP=4 must divide the 6 model stages"),
+              std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::Interleaved, 8, 6, 2); }).find("groups of the 4 pipeline ranks: 6"),
+              std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 8, 16, 2); }).find("for the interleaved schedule"),
+              std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::Interleaved, 8, 8, 0); }).find("at least 1"), std::string::npos);
+}
+
 std::string replay_error(const Schedule& s) {
     try {
         replay(s, Costs{});
@@ -262,8 +343,9 @@ TEST(Validator, ReportsMissingDuplicateMisplacedAndLeftoverW) {
 }
 
 TEST(P2P, EverySendHasOneMatchingReceive) {
-    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV}) {
-        Schedule s = generate(k, 8, 16);
+    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV,
+                   ScheduleKind::Interleaved}) {
+        Schedule s = generate(k, 8, 16, k == ScheduleKind::Interleaved ? 2 : 1);
         std::map<std::tuple<int, int, uint32_t>, int> balance;  // (from, to, tag) -> sends - receives
         int sends = 0;
         for (int r = 0; r < s.num_ranks; ++r)

@@ -19,12 +19,13 @@ struct CustomRun {
     std::map<std::string, std::vector<double>> params;
 };
 
+// vpp: interleaved's model stages per rank (1 for every other schedule).
 inline CustomRun train_custom(sched::ScheduleKind kind, int pp, int dp, int layers, const TrainOptions& o, int steps,
-                              const StageFactory& factory) {
-    PipelineOptions p{kind, pp, dp, 1};
+                              const StageFactory& factory, int vpp = 1) {
+    PipelineOptions p{kind, pp, dp, 1, vpp};
     p.layers = layers;
     LaunchOptions l;
-    l.ranks = pipeline_ranks(kind, pp) * dp;
+    l.ranks = pipeline_ranks(kind, pp, vpp) * dp;
     l.timeout_s = 60;
     CustomRun out;
     std::mutex m;

@@ -24,11 +24,13 @@ struct Case {
     ScheduleKind kind;
     int pp, dp, ep;
     int nodes = 0;  // > 0: virtual nodes (EP groups spanning nodes take the node-limited path)
+    int vpp = 1;    // interleaved: model stages per rank
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-    return fmt::format("{}_pp{}_dp{}_ep{}{}", sched::kind_name(info.param.kind), info.param.pp, info.param.dp,
-                       info.param.ep, info.param.nodes ? fmt::format("_nodes{}", info.param.nodes) : "");
+    return fmt::format("{}_pp{}{}_dp{}_ep{}{}", sched::kind_name(info.param.kind), info.param.pp,
+                       info.param.vpp > 1 ? fmt::format("_vpp{}", info.param.vpp) : "", info.param.dp, info.param.ep,
+                       info.param.nodes ? fmt::format("_nodes{}", info.param.nodes) : "");
 }
 
 template <typename T>
@@ -40,8 +42,8 @@ void check_equivalence(const Case& c, double param_tol, bool recompute = false) 
     o.microbatches = 2 * c.pp;  // N per replica: DualPipe needs N >= 2 PP
     o.sequences_per_microbatch = 2;
     o.seed = 5;
-    PipelineOptions p{c.kind, c.pp, c.dp, c.ep};
-    int ranks = pipeline_ranks(c.kind, c.pp) * c.dp;
+    PipelineOptions p{c.kind, c.pp, c.dp, c.ep, c.vpp};
+    int ranks = pipeline_ranks(c.kind, c.pp, c.vpp) * c.dp;
 
     TrainOptions ref_o = o;
     ref_o.microbatches = o.microbatches * c.dp;
@@ -112,6 +114,11 @@ std::vector<Case> cases() {
                     if (ep <= dp) out.push_back({k, pp, dp, ep});
     // EP groups of 4 ranks over 2 virtual nodes: the node-limited two-hop dispatch.
     for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::DualPipe}) out.push_back({k, 2, 4, 4, 4});
+    // Interleaved 1F1B: the tiny model's 4 layers as 4 stages, 2 per rank on 2 ranks and all 4 on one.
+    for (int dp : {1, 2})
+        for (int ep : {1, 2})
+            if (ep <= dp) out.push_back({ScheduleKind::Interleaved, 4, dp, ep, 0, 2});
+    out.push_back({ScheduleKind::Interleaved, 4, 1, 1, 0, 4});
     return out;
 }
 
@@ -119,10 +126,12 @@ INSTANTIATE_TEST_SUITE_P(Schedules, PipelineEquivalence, ::testing::ValuesIn(cas
 
 // Recompute under every schedule: the distributed run with recompute equals the reference without it.
 class PipelineRecompute : public ::testing::TestWithParam<ScheduleKind> {};
-TEST_P(PipelineRecompute, Fp64MatchesTheReference) { check_equivalence<double>({GetParam(), 4, 2, 2}, 1e-12, true); }
+TEST_P(PipelineRecompute, Fp64MatchesTheReference) {
+    check_equivalence<double>({GetParam(), 4, 2, 2, 0, GetParam() == ScheduleKind::Interleaved ? 2 : 1}, 1e-12, true);
+}
 INSTANTIATE_TEST_SUITE_P(Schedules, PipelineRecompute,
                          ::testing::Values(ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe,
-                                           ScheduleKind::DualPipeV),
+                                           ScheduleKind::DualPipeV, ScheduleKind::Interleaved),
                          [](const auto& info) { return std::string(sched::kind_name(info.param)); });
 
 TEST(PipelineTrainer, RejectsImpossibleLayouts) {
@@ -255,13 +264,15 @@ namespace {
 // for compute. Timing is a benchmark (scripts/bench-emulate); here: it completes, no faster than the schedule's
 // replay allows, and accounts sanely.
 TEST(PipelineTrainer, EmulateModeRunsEverySchedule) {
-    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV}) {
+    for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV,
+                   ScheduleKind::Interleaved}) {
         TrainOptions o;
         o.microbatches = 8;
-        PipelineOptions p{k, 4, 1, 1};
+        const int vpp = k == ScheduleKind::Interleaved ? 2 : 1;
+        PipelineOptions p{k, 4, 1, 1, vpp};
         p.emulate = true;
         p.emulate_costs = {2e-4, 4e-4, 2e-4, 6e-4};
-        int ranks = k == ScheduleKind::DualPipeV ? 2 : 4;
+        int ranks = pipeline_ranks(k, 4, vpp);
         std::mutex m;
         StepMetrics seen;
         LaunchOptions l;
@@ -276,7 +287,7 @@ TEST(PipelineTrainer, EmulateModeRunsEverySchedule) {
         });
         // The timed waits cannot finish a step before the schedule's replay with the same chunk costs and free
         // transfers says it can (a compute wait that is skipped, or chunks of a rank run in parallel, would).
-        sched::Replay rp = sched::replay(sched::generate(k, 4, o.microbatches), {2e-4, 4e-4, 2e-4, 6e-4, 0});
+        sched::Replay rp = sched::replay(sched::generate(k, 4, o.microbatches, vpp), {2e-4, 4e-4, 2e-4, 6e-4, 0});
         EXPECT_GE(seen.step_time_s, rp.makespan * (1 - 1e-6)) << sched::kind_name(k);
         EXPECT_LT(seen.step_time_s, rp.makespan * 100) << sched::kind_name(k);
         EXPECT_GE(seen.bubble_fraction, 0) << sched::kind_name(k);

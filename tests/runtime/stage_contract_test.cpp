@@ -27,9 +27,10 @@ MlpRun train_mlp(ScheduleKind kind, int pp, int dp, int microbatches, int steps,
     o.lr = 1e-2;
     o.clip = 0.5;
     o.steps = std::max(steps, 1);  // validated; the loop runs `steps`
-    return testing_support::train_custom(kind, pp, dp, mc.layers, o, steps, [mc](const StageInfo& info) {
-        return std::make_unique<mlp::MlpStage>(mc, info);
-    });
+    return testing_support::train_custom(
+        kind, pp, dp, mc.layers, o, steps,
+        [mc](const StageInfo& info) { return std::make_unique<mlp::MlpStage>(mc, info); },
+        kind == ScheduleKind::Interleaved ? 2 : 1);  // interleaved: 4 stages on 2 ranks
 }
 
 class CustomStage : public ::testing::TestWithParam<ScheduleKind> {};
@@ -54,7 +55,7 @@ TEST_P(CustomStage, DistributedEqualsItsSingleRankRun) {
 
 INSTANTIATE_TEST_SUITE_P(Schedules, CustomStage,
                          ::testing::Values(ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe,
-                                           ScheduleKind::DualPipeV),
+                                           ScheduleKind::DualPipeV, ScheduleKind::Interleaved),
                          [](const auto& info) { return std::string(sched::kind_name(info.param)); });
 
 // Stage 1 of 2 returns one row too few from forward.
