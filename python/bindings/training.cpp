@@ -390,11 +390,11 @@ void bind_trainer(nb::module_& m) {
              [](TrainerHandle* t, std::shared_ptr<Communicator> world, const std::string& schedule, int pp, int dp, int ep,
                 int microbatches, nb::callable factory, const std::string& dtype, const std::string& optimizer,
                 double lr, double weight_decay, double clip, double ema_decay, bool sum_pairs, double loss_scale,
-                bool overlap_pairs) {
+                bool overlap_pairs, int vpp) {
                  new (t) TrainerHandle();
                  PipelineOptions p;
                  p.schedule = sched::kind_from_name(schedule);
-                 p.pp = pp, p.dp = dp, p.ep = ep, p.optimizer = optimizer, p.ema_decay = ema_decay;
+                 p.pp = pp, p.dp = dp, p.ep = ep, p.vpp = vpp, p.optimizer = optimizer, p.ema_decay = ema_decay;
                  p.sum_pairs = sum_pairs, p.loss_scale = loss_scale, p.overlap_pairs = overlap_pairs;
                  TrainOptions o;
                  o.microbatches = microbatches, o.lr = lr, o.weight_decay = weight_decay, o.clip = clip;
@@ -416,7 +416,7 @@ void bind_trainer(nb::module_& m) {
              },
              "world"_a, "schedule"_a, "pp"_a, "dp"_a, "ep"_a, "microbatches"_a, "factory"_a, "dtype"_a, "optimizer"_a, "lr"_a,
              "weight_decay"_a, "clip"_a, "ema_decay"_a, "sum_pairs"_a = true, "loss_scale"_a = 0.0,
-             "overlap_pairs"_a = true)
+             "overlap_pairs"_a = true, "vpp"_a = 1)
         .def("ema",
              [](TrainerHandle& t) {
                  std::map<std::string, std::vector<double>> values;

@@ -5,6 +5,8 @@ eval() take the arguments torch's do, so a pipelining script switches by its imp
     schedule = Schedule1F1B(stage, n_microbatches=8, loss_fn=loss_fn)        # or ScheduleZB1P
     stages = [PipelineStage(m, i, num_stages, device) for m, i in mine]      # two per rank
     schedule = ScheduleDualPipeV(stages, n_microbatches=8, loss_fn=loss_fn)  # or ScheduleDualPipe
+    stages = [PipelineStage(m, r + k * ranks, num_stages, device) for k, m in enumerate(chunks)]  # v per rank
+    schedule = ScheduleInterleaved1F1B(stages, n_microbatches=8, loss_fn=loss_fn)
     output = schedule.step(x, target=y, losses=losses)   # x on the first stage's rank, y on the last's
 
 As torch's: the whole batch is split into n_microbatches along dim 0; the last stage's rank gets the merged
@@ -51,16 +53,25 @@ class _Schedule:
     def _mine(self):
         return {s.stage_index: s for s in self.stages}
 
+    def _vpp(self):
+        return 1
+
     def _pipeline(self):
         if self._pipe is None:
             from . import torch as dt
             mine = self._mine()
             params = [p for s in self.stages for p in s.submod.parameters()]
-            self._pipe = dt.Pipeline(self.world, lambda s: mine[s].submod, schedule=self.kind, pp=self.num_stages,
-                                     microbatches=self.n, loss_fn=self.loss_fn,
+            self._pipe = dt.Pipeline(self.world, lambda s: self._stage(mine, s).submod, schedule=self.kind,
+                                     pp=self.num_stages, vpp=self._vpp(), microbatches=self.n, loss_fn=self.loss_fn,
                                      dtype=params[0].dtype if params else torch.float32,
                                      _loss_scale=1.0 / self.n if self.scale_grads else 1.0)
         return self._pipe
+
+    def _stage(self, mine, index):
+        if index not in mine:
+            raise ValueError(f"{type(self).__name__}: the schedule places stage {index} on this rank, whose "
+                             f"PipelineStages are {sorted(mine)}")
+        return mine[index]
 
     def _run(self, args, target, losses, return_outputs, forward_only):
         pipe = self._pipeline()
@@ -114,3 +125,12 @@ class ScheduleDualPipe(_Schedule):
 class ScheduleDualPipeV(_Schedule):
     """DualPipeV: two stages per rank, r and num_stages-1-r, num_stages / 2 ranks."""
     kind = "dualpipev"
+
+
+class ScheduleInterleaved1F1B(_Schedule):
+    """Interleaved 1F1B (Megatron's virtual pipeline): each rank holds len(stages) stages, stage s on rank
+    s % (num_stages / len(stages)), as torch's loop placement; n_microbatches a multiple of the ranks."""
+    kind = "interleaved"
+
+    def _vpp(self):
+        return len(self.stages)

@@ -1,7 +1,7 @@
 """duplex.torch: Duplex as the pipeline backend of a PyTorch model.
 
 A rank hands its stage modules to a Pipeline; Duplex's executor runs the schedule (1F1B, ZB1P, DualPipe,
-DualPipeV) over them: activations and gradients move between ranks through Duplex's communicator, every
+DualPipeV, interleaved 1F1B) over them: activations and gradients move between ranks through Duplex's communicator, every
 backward is split with autograd into the input gradient (B, on the critical path) and the weight gradient (W,
 deferred to where the schedule puts it), DualPipe's two copies of a stage sum their gradients and data-parallel
 replicas all-reduce theirs. The gradients are left in the modules' .grad, so any torch optimizer steps them.
@@ -17,8 +17,8 @@ replicas all-reduce theirs. The gradients are left in the modules' .grad, so any
 
 Modules: a function from a stage index to its module (called for the stages the schedule places on this rank,
 duplex.stages_of_rank), or a list of them in that order — one for 1f1b and zb1p (stage r), two for dualpipe and
-dualpipev (stage r, then stage PP-1-r). Between stages: a tensor, or a tuple or dict of tensors of any dtype and
-shape (see Pipeline). BF16/FP16 modules train on fp32 master weights.
+dualpipev (stage r, then stage PP-1-r), vpp for interleaved (stages r, r + PP/vpp, ...). Between stages: a tensor,
+or a tuple or dict of tensors of any dtype and shape (see Pipeline). BF16/FP16 modules train on fp32 master weights.
 """
 import math
 import warnings
@@ -333,6 +333,10 @@ class ZeroAdamW:
 class Pipeline:
     """This rank's share of a pipeline-parallel (and data-parallel) model, run by Duplex's executor.
 
+    schedule: 1f1b, zb1p, dualpipe, dualpipev or interleaved (Megatron's interleaved 1F1B: vpp stages per rank,
+    stage s on pipeline rank s % (pp / vpp)). pp counts the model's stages (default: the pipeline ranks times the
+    stages each holds).
+
     Between stages: a tensor, a tuple of tensors or a dict of them (a tuple is passed to the next stage's module as
     positional arguments, a dict as keyword arguments), each of its own dtype — integer and bool tensors too — and
     of any shape, which may change from step to step and microbatch to microbatch (the shapes travel with the
@@ -363,17 +367,18 @@ class Pipeline:
 
     def __init__(self, world, modules, schedule="1f1b", pp=None, dp=1, microbatches=4, loss_fn=None,
                  activation_shape=None, dtype=None, optimizer=None, ema_decay=0.0, ep=1, max_bad_steps=3,
-                 _sum_pairs=True, _loss_scale=0.0):
+                 vpp=1, _sum_pairs=True, _loss_scale=0.0):
         if loss_fn is None:
             raise ValueError("Pipeline needs a loss_fn(output, labels) -> scalar tensor")
         if int(max_bad_steps) < 0:
             raise ValueError(f"max_bad_steps must be 0 or more, got {max_bad_steps}")
         self.schedule, self.dp, self.microbatches = schedule, dp, microbatches
         ranks_per_replica = world.size // dp
-        folded = schedule in ("dualpipev",)
-        self.pp = pp if pp is not None else (2 * ranks_per_replica if folded else ranks_per_replica)
+        folded = 2 if schedule == "dualpipev" else int(vpp) if schedule == "interleaved" else 1  # stages per rank
+        self.vpp = int(vpp)
+        self.pp = pp if pp is not None else folded * ranks_per_replica
         self.pipe_rank = world.rank // dp
-        self.stages = _duplex.stages_of_rank(schedule, self.pp, self.pipe_rank)  # this rank's, its own first
+        self.stages = _duplex.stages_of_rank(schedule, self.pp, self.pipe_rank, self.vpp)  # this rank's, own first
         self.modules = [modules(s) for s in self.stages] if callable(modules) else list(modules)
         if len(self.modules) != len(self.stages):
             raise ValueError(f"{schedule} places {len(self.stages)} stage(s) on each rank (here {self.stages}); got "
@@ -409,7 +414,7 @@ class Pipeline:
         self._optimizer = kind
         self._trainer = _duplex._Trainer(world, schedule, self.pp, dp, ep, microbatches, self._make_stage,
                                          _TRAINER_DTYPE[self.dtype], kind, lr, wd, clip, ema_decay, _sum_pairs,
-                                         _loss_scale, overlap_pairs=ep > 1)
+                                         _loss_scale, overlap_pairs=ep > 1, vpp=self.vpp)
         self._steps_seen = self._trainer.steps_done()
 
     def _make_stage(self, info):
@@ -582,4 +587,4 @@ def run(fn, ranks, **kwargs):
 from ._dualpipe import (DualPipe, DualPipeV, WeightGradStore, run_backward, set_p2p_tensor_dtype,  # noqa: E402,F401
                         set_p2p_tensor_shapes)
 from ._schedules import (PipelineStage, Schedule1F1B, ScheduleDualPipe, ScheduleDualPipeV,  # noqa: E402,F401
-                         ScheduleZB1P)
+                         ScheduleInterleaved1F1B, ScheduleZB1P)

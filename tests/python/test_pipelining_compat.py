@@ -1,5 +1,5 @@
 """duplex.torch's torch.distributed.pipelining-style interface (PipelineStage, Schedule1F1B, ScheduleZB1P,
-ScheduleDualPipe, ScheduleDualPipeV): a script written the pipelining way — stages built from the model's blocks by
+ScheduleDualPipe, ScheduleDualPipeV, ScheduleInterleaved1F1B — two stages per rank, r and r + ranks): a script written the pipelining way — stages built from the model's blocks by
 index, schedule.step(x, target=y, losses=losses) on the first and last stage's ranks, step() elsewhere — gives
 each microbatch's loss and the gradients (divided by the microbatch count, as torch's scale_grads does) of the
 whole model run in plain PyTorch, fp64 to 1e-12; eval() gives the losses with no gradient."""
@@ -9,7 +9,8 @@ import unittest
 import torch
 
 import duplex.torch as dt
-from duplex.torch import PipelineStage, Schedule1F1B, ScheduleDualPipe, ScheduleDualPipeV, ScheduleZB1P
+from duplex.torch import (PipelineStage, Schedule1F1B, ScheduleDualPipe, ScheduleDualPipeV, ScheduleInterleaved1F1B,
+                          ScheduleZB1P)
 
 WIDTH, ROWS, N = 8, 3, 8
 _build = threading.Lock()
@@ -42,10 +43,13 @@ def reference(num_stages):
 def indices(kind, num_stages, rank):
     if kind in ("dualpipe", "dualpipev"):
         return [rank, num_stages - 1 - rank]
+    if kind == "interleaved":  # torch's loop placement, two stages per rank
+        return [rank, rank + num_stages // 2]
     return [rank]
 
 
-SCHEDULES = {"1f1b": Schedule1F1B, "zb1p": ScheduleZB1P, "dualpipe": ScheduleDualPipe, "dualpipev": ScheduleDualPipeV}
+SCHEDULES = {"1f1b": Schedule1F1B, "zb1p": ScheduleZB1P, "dualpipe": ScheduleDualPipe, "dualpipev": ScheduleDualPipeV,
+             "interleaved": ScheduleInterleaved1F1B}
 
 
 def script(kind, num_stages, world):
@@ -70,7 +74,7 @@ def script(kind, num_stages, world):
 
 class PipeliningScripts(unittest.TestCase):
     def run_script(self, kind, num_stages):
-        ranks = num_stages // 2 if kind == "dualpipev" else num_stages
+        ranks = num_stages // 2 if kind in ("dualpipev", "interleaved") else num_stages
         out, lock = {}, threading.Lock()
 
         def rank_main(world):
@@ -82,10 +86,12 @@ class PipeliningScripts(unittest.TestCase):
         return out
 
     def test_every_schedule(self):
-        for kind, num_stages in [("1f1b", 2), ("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 4)]:
+        for kind, num_stages in [("1f1b", 2), ("1f1b", 4), ("zb1p", 4), ("dualpipe", 4), ("dualpipev", 4),
+                                 ("interleaved", 4), ("interleaved", 8)]:
             with self.subTest(kind=kind, num_stages=num_stages):
                 want_losses, want_grads = reference(num_stages)
                 out = self.run_script(kind, num_stages)
+                self.assertEqual(len(out), num_stages // 2 if kind in ("dualpipev", "interleaved") else num_stages)
                 # The last stage's rank; DualPipe's two (the down direction's, the last rank, has the first half).
                 holders = sorted((r for r, o in out.items() if o["last"]), reverse=True)
                 self.assertEqual(len(holders), 2 if kind == "dualpipe" else 1)

@@ -63,8 +63,13 @@ def reference(pp, n, steps, dtype):
     return losses, [list(b.parameters()) for b in blocks], per_mb
 
 
+def per_rank(schedule):
+    """Stages each rank holds: DualPipeV's two, interleaved 1F1B's vpp (2 in these tests), else one."""
+    return 2 if schedule in ("dualpipev", "interleaved") else 1
+
+
 def distributed(schedule, pp, dp, microbatches, steps, dtype):
-    ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp
+    ranks_per_replica = pp // per_rank(schedule)
     out = {"losses": None, "params": {}, "per_mb": None}
     lock = threading.Lock()
 
@@ -72,8 +77,9 @@ def distributed(schedule, pp, dp, microbatches, steps, dtype):
         blocks = make_stages(pp, dtype)
         r = world.rank // dp
         pipe = dt.Pipeline(world, lambda s: blocks[s], schedule=schedule, pp=pp, dp=dp, microbatches=microbatches,
-                           loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH))
-        mine = pipe.modules  # the stages it asked for: [r], or [r, PP-1-r] for DualPipe and DualPipeV
+                           loss_fn=torch.nn.functional.mse_loss, activation_shape=(ROWS, WIDTH),
+                           vpp=per_rank(schedule) if schedule == "interleaved" else 1)
+        mine = pipe.modules  # the stages it asked for: [r], [r, PP-1-r] for DualPipe(V), [r, r + PP/2] interleaved
         params = [p for m in mine for p in m.parameters()]
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         per_mb = []
@@ -108,7 +114,8 @@ class Equivalence(unittest.TestCase):
                 self.assertLessEqual(rel, tol, f"block {b}")
 
     def test_every_schedule_fp64(self):
-        for schedule, pp, dp in itertools.product(["1f1b", "zb1p", "dualpipe", "dualpipev"], [2, 4], [1, 2]):
+        for schedule, pp, dp in itertools.product(["1f1b", "zb1p", "dualpipe", "dualpipev", "interleaved"], [2, 4],
+                                                  [1, 2]):
             with self.subTest(schedule=schedule, pp=pp, dp=dp):
                 self.check(schedule, pp, dp, torch.float64, 1e-12)
 

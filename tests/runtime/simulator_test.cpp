@@ -82,17 +82,20 @@ double independent_makespan(const sched::Schedule& s, const std::function<double
 }
 
 TEST(Simulator, FreeCommunicationBubbleEqualsAnIndependentReplayAndTheFormula) {
-    for (auto kind : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV}) {
+    for (auto kind : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV,
+                      ScheduleKind::Interleaved}) {
+        const int vpp = kind == ScheduleKind::Interleaved ? 2 : 1;  // 8 stages on 4 ranks
         SimOptions o;
         o.schedule = kind;
         o.pp = 8;
+        o.vpp = vpp;
         o.ep = 1;
         o.microbatches = 20;
         o.free_communication = true;
         o.partition = "uniform";
         o.fp8 = false;
         o.recompute = false;
-        int ranks = kind == ScheduleKind::DualPipeV ? 4 : 8;
+        int ranks = kind == ScheduleKind::DualPipeV || kind == ScheduleKind::Interleaved ? 4 : 8;
         SimResult r = simulate(uniform_model(16), formula_cluster(ranks), o);
         // An independent replay with the simulator's per-stage costs (no overlap modelled: free communication).
         const auto& st = r.stage_costs;
@@ -106,7 +109,7 @@ TEST(Simulator, FreeCommunicationBubbleEqualsAnIndependentReplayAndTheFormula) {
             }
             return 0.0;
         };
-        double independent = independent_makespan(sched::generate(kind, 8, 20), cost);
+        double independent = independent_makespan(sched::generate(kind, 8, 20, vpp), cost);
         ASSERT_GT(independent, 0) << sched::kind_name(kind) << ": the schedule deadlocks";
         EXPECT_NEAR(r.pipeline_s, independent, 1e-12 * independent) << sched::kind_name(kind);
         // The published formula with the middle stage's costs (B = 2F, W = F: exact); the last stage's head is
@@ -116,12 +119,12 @@ TEST(Simulator, FreeCommunicationBubbleEqualsAnIndependentReplayAndTheFormula) {
         ASSERT_NEAR(c.w, c.f, 1e-9 * c.f);
         sched::Costs costs{c.f, 2 * c.f, c.f, -1, 0};
         ASSERT_TRUE(sched::formula_is_exact(kind, costs)) << sched::kind_name(kind);
-        sched::Replay uniform = sched::replay(sched::generate(kind, 8, 20), costs);
+        sched::Replay uniform = sched::replay(sched::generate(kind, 8, 20, vpp), costs);
         double worst_idle = *std::max_element(r.replay.idle.begin(), r.replay.idle.end());
         double head = st[7].f + st[7].b - (c.f + c.b);
         EXPECT_LT(head, 1e-2 * c.f);
         double tol = (20 + 8) * head;
-        EXPECT_NEAR(worst_idle, sched::formula_bubble(kind, 8, costs), tol) << sched::kind_name(kind);
+        EXPECT_NEAR(worst_idle, sched::formula_bubble(kind, 8, costs, vpp), tol) << sched::kind_name(kind);
         EXPECT_NEAR(r.pipeline_s, uniform.makespan, tol) << sched::kind_name(kind);
         EXPECT_DOUBLE_EQ(r.exposed_comm_s.at("expert"), 0);
         EXPECT_DOUBLE_EQ(r.exposed_comm_s.at("data_parallel"), 0);
@@ -188,6 +191,51 @@ TEST(Simulator, RejectsImpossibleLayoutsAndReportsOnesThatDoNotFit) {
     SimResult r = simulate(m, ClusterConfig::preset("h800x256"), small);
     EXPECT_FALSE(r.fits);
     EXPECT_GT(r.memory_total_bytes, r.memory_capacity_bytes);
+    // Interleaving: VPP must divide the stages and belongs to the interleaved schedule; the microbatches go in groups
+    // of the pipeline ranks.
+    auto message = [&](SimOptions bad) {
+        try {
+            simulate(m, ClusterConfig::preset("h800x2048"), bad);
+        } catch (const ConfigError& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    SimOptions il;
+    il.schedule = ScheduleKind::Interleaved;
+    il.pp = 32;
+    il.vpp = 3;
+    EXPECT_NE(message(il).find("VPP=3 must divide the 32 model stages"), std::string::npos) << message(il);
+    il.vpp = 4;
+    il.microbatches = 12;
+    EXPECT_NE(message(il).find("groups of the 8 pipeline ranks: 12"), std::string::npos) << message(il);
+    SimOptions dual;
+    dual.vpp = 2;
+    EXPECT_NE(message(dual).find("for the interleaved schedule, not dualpipe"), std::string::npos) << message(dual);
+}
+
+// Interleaving the same 16 ranks' layers (VPP 2: 32 stages, half the layers each) shortens the bubble of 1F1B by
+// about VPP at the price of twice the P2P transfers, as Megatron reports.
+TEST(Simulator, InterleavingHalvesThe1F1BBubble) {
+    ModelConfig m = uniform_model(32);
+    SimOptions o;
+    o.schedule = ScheduleKind::OneFOneB;
+    o.pp = 16;
+    o.ep = 1;
+    o.microbatches = 32;
+    o.free_communication = true;
+    o.partition = "uniform";
+    SimResult plain = simulate(m, formula_cluster(16), o);
+    o.schedule = ScheduleKind::Interleaved;
+    o.pp = 32;
+    o.vpp = 2;
+    SimResult il = simulate(m, formula_cluster(16), o);
+    EXPECT_EQ(il.pipeline_ranks, 16);
+    EXPECT_EQ(il.dp, plain.dp);
+    double compute = plain.pipeline_s * (1 - plain.bubble_fraction);
+    double bubble_plain = plain.pipeline_s - compute, bubble_il = il.pipeline_s - compute;
+    EXPECT_NEAR(bubble_plain / compute, 15.0 / 32, 0.02);        // (p - 1) / m
+    EXPECT_NEAR(bubble_il / compute, 15.0 / (2 * 32), 0.02);     // (p - 1) / (v m)
 }
 
 }  // namespace
