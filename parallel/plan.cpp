@@ -8,7 +8,7 @@ namespace duplex {
 
 int pipeline_ranks(sched::ScheduleKind kind, int pp, int vpp) {
     if (kind == sched::ScheduleKind::DualPipeV) return pp / 2;
-    if (kind == sched::ScheduleKind::Interleaved) return vpp >= 1 ? pp / vpp : pp;
+    if (sched::is_interleaved(kind)) return vpp >= 1 ? pp / vpp : pp;
     return pp;
 }
 

@@ -29,7 +29,11 @@
 
 namespace duplex::sched {
 
-enum class ScheduleKind { OneFOneB, ZB1P, DualPipe, DualPipeV, Interleaved };
+enum class ScheduleKind { OneFOneB, ZB1P, DualPipe, DualPipeV, Interleaved, InterleavedFB };
+// Interleaved 1F1B, plain or with its steady state's forward and backward run as F&B pairs (InterleavedFB: what
+// Megatron-Core's expert-parallel all-to-all overlap does, one microbatch's exchange hidden behind the other's
+// compute, as DualPipe's pairs).
+inline bool is_interleaved(ScheduleKind k) { return k == ScheduleKind::Interleaved || k == ScheduleKind::InterleavedFB; }
 enum class Op : uint8_t { F, B, W, BW, FB };
 
 // Bounds on a schedule's size (ConfigError beyond them).
@@ -38,7 +42,7 @@ constexpr int kMaxMicrobatches = 1000000;
 constexpr int64_t kMaxChunks = 4000000;
 
 const char* kind_name(ScheduleKind k);
-ScheduleKind kind_from_name(const std::string& name);  // "1f1b", "zb1p", "dualpipe", "dualpipev", "interleaved"
+ScheduleKind kind_from_name(const std::string& name);  // "1f1b", "zb1p", "dualpipe", "dualpipev", "interleaved", "interleaved-fb"
 const char* op_name(Op op);
 
 struct Chunk {

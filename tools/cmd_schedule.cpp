@@ -79,7 +79,7 @@ int run(const Args& a) {
                exact ? "exact for these costs"
                : a.costs.p2p != 0 ? "an estimate: exact only with p2p = 0"
                                   : "an estimate: exact only when B-W = F and p2p = 0");
-    if (kind == sched::ScheduleKind::Interleaved)
+    if (sched::is_interleaved(kind))
         fmt::print(human(), "# bubble fraction      : {:.4g} of the ideal step, (p - 1) / (v m) = {:.4g}\n",
                    max_idle / (r.makespan - max_idle), double(s.num_ranks - 1) / (double(a.vpp) * a.microbatches));
     if (a.text) fmt::print(human(), "\n{}", sched::render_text(s, r));

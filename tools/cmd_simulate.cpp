@@ -23,6 +23,9 @@ struct Args {
     int gpus = 0;        // overrides the cluster's GPU count
     int gpus_per_node = 0;
     std::string pp = "16", vpp = "1", ep = "64", schedule = "dualpipe", microbatches = "0";
+    std::string tp = "1", cp = "1", etp = "1";
+    int seq_len = 0;
+    bool serial_grad_sync = false;
     int global_batch = 15360, mb_sequences = 1;
     bool no_fp8 = false, no_recompute = false, free_comm = false, ignore_memory = false, sequential_hops = false;
     bool sweep = false;
@@ -40,9 +43,11 @@ std::string gb(double bytes) { return fmt::format("{:.1f}", bytes / 1e9); }
 // One parallel layout of a run or a sweep.
 struct Layout {
     std::string kind;
-    int pp = 1, vpp = 1, ep = 1, mb = 0;
+    int pp = 1, vpp = 1, ep = 1, mb = 0, tp = 1, cp = 1, etp = 1;
     std::string str() const {
-        return fmt::format("{} pp {}{} ep {} mb {}", kind, pp, vpp > 1 ? fmt::format(" vpp {}", vpp) : "", ep, mb);
+        return fmt::format("{} tp {} cp {} pp {}{} ep {}{} mb {}", kind, tp, cp, pp,
+                           vpp > 1 ? fmt::format(" vpp {}", vpp) : "", ep, etp > 1 ? fmt::format(" etp {}", etp) : "",
+                           mb);
     }
 };
 
@@ -52,6 +57,7 @@ SimOptions with_layout(SimOptions o, const Layout& l) {
     o.vpp = l.vpp;
     o.ep = l.ep;
     o.microbatches = l.mb;
+    o.tp = l.tp, o.cp = l.cp, o.etp = l.etp;
     return o;
 }
 
@@ -68,6 +74,8 @@ SimOptions options_of(const Args& a) {
     o.elem_bytes = a.elem_bytes;
     o.free_communication = a.free_comm;
     o.ignore_memory = a.ignore_memory;
+    o.seq_len = a.seq_len;
+    o.overlap_grad_sync = !a.serial_grad_sync;
     return o;
 }
 
@@ -76,11 +84,12 @@ void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig&
     fmt::print(human(), "# duplex simulate: {} ({:.0f}B parameters, {:.1f}B activated) on {} ({} GPUs, {} per node, {})\n",
                m.name, m.total_params() / 1e9, m.activated_params() / 1e9, cl.name, r.gpus, cl.device.gpus_per_node,
                cl.device.name);
-    fmt::print(human(), "# {} PP={}{} x DP={} (EP={}, expert-DP={}), {} microbatches of {} x {} tokens per replica; {}{}, {} "
-               "SMs for communication, {} dispatch\n",
-               kind, r.pp,
-               r.schedule.vpp > 1 ? fmt::format(" ({} ranks x VPP {})", r.pipeline_ranks, r.schedule.vpp) : "", r.dp,
-               r.ep, r.edp, r.microbatches, a.mb_sequences, m.seq_len, a.no_fp8 ? "BF16" : "FP8",
+    fmt::print(human(), "# {} {}PP={}{} x DP={} (EP={}{}, expert-DP={}), {} microbatches of {} x {} tokens per replica; {}{}, "
+               "{} SMs for communication, {} dispatch\n",
+               kind, (r.tp > 1 ? fmt::format("TP={} x ", r.tp) : "") + (r.cp > 1 ? fmt::format("CP={} x ", r.cp) : ""),
+               r.pp, r.schedule.vpp > 1 ? fmt::format(" ({} ranks x VPP {})", r.pipeline_ranks, r.schedule.vpp) : "",
+               r.dp, r.ep, r.etp > 1 ? fmt::format(", ETP={}", r.etp) : "", r.edp, r.microbatches, a.mb_sequences,
+               r.seq_len, a.no_fp8 ? "BF16" : "FP8",
                a.no_recompute ? "" : " + recompute", a.comm_sms >= 0 ? a.comm_sms : cl.device.comm_sms, a.dispatch);
     auto mem = r.memory_per_gpu_bytes;
     std::string mem_line = fmt::format(
@@ -91,11 +100,14 @@ void print_report(const SimResult& r, const ModelConfig& m, const ClusterConfig&
         fmt::print(human(), "DOES NOT FIT   memory per GPU {}\n", mem_line);
         return;
     }
-    fmt::print(human(), "step time      {:.4g} s (pipeline {:.4g} s + gradient sync {:.4g} s)\n", r.step_time_s, r.pipeline_s,
-               r.exposed_comm_s.at("data_parallel"));
+    fmt::print(human(), "step time      {:.4g} s (pipeline {:.4g} s + gradient sync {:.4g} s exposed of {:.4g} s{})\n",
+               r.step_time_s, r.pipeline_s, r.exposed_comm_s.at("data_parallel"), r.grad_sync_s,
+               a.serial_grad_sync ? ", after the pipeline" : ", started as each stage's weight gradients are done");
     fmt::print(human(), "bubble         {:.1f}% of the pipeline\n", 100 * r.bubble_fraction);
-    fmt::print(human(), "exposed comm   expert {:.4g} s, pipeline {:.4g} s, data-parallel {:.4g} s\n",
-               r.exposed_comm_s.at("expert"), r.exposed_comm_s.at("pipeline"), r.exposed_comm_s.at("data_parallel"));
+    fmt::print(human(), "exposed comm   expert {:.4g} s, pipeline {:.4g} s, data-parallel {:.4g} s{}{}\n",
+               r.exposed_comm_s.at("expert"), r.exposed_comm_s.at("pipeline"), r.exposed_comm_s.at("data_parallel"),
+               r.tp > 1 ? fmt::format(", tensor {:.4g} s", r.exposed_comm_s.at("tensor")) : "",
+               r.cp > 1 ? fmt::format(", context {:.4g} s", r.exposed_comm_s.at("context")) : "");
     fmt::print(human(), "throughput     {:.0f} tokens/s/GPU, {:.0f} TFLOP/s/GPU achieved (MFU {:.1f}% of {:.0f} TFLOP/s BF16)\n",
                r.tokens_per_s_per_gpu, r.achieved_flops_s / 1e12, 100 * r.mfu, cl.device.bf16_flops / 1e12);
     fmt::print(human(), "cost           {:.1f}K GPU-hours per trillion tokens{}\n", r.gpu_hours_per_trillion_tokens / 1e3,
@@ -166,11 +178,11 @@ struct SweepRow {
 void report_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const std::vector<SweepRow>& rows,
                   const std::vector<std::string>& rejected, size_t total, double seconds) {
     std::string csv =
-        "schedule,pp,vpp,ep,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
+        "schedule,tp,cp,pp,vpp,ep,etp,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
         "gpu_hours_per_trillion_tokens,exposed_expert_s,exposed_pipeline_s,exposed_dp_s,memory_gb,fits\n";
     for (const SweepRow& w : rows)
-        csv += fmt::format("{},{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n",
-                           w.l.kind, w.l.pp, w.l.vpp, w.l.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
+        csv += fmt::format("{},{},{},{},{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n",
+                           w.l.kind, w.l.tp, w.l.cp, w.l.pp, w.l.vpp, w.l.ep, w.l.etp, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
                            w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens, w.r.exposed_comm_s.at("expert"),
                            w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
                            w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
@@ -184,12 +196,13 @@ void report_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, 
     std::sort(fit.begin(), fit.end(),
               [](const SweepRow* x, const SweepRow* y) { return x->r.tokens_per_s_per_gpu > y->r.tokens_per_s_per_gpu; });
     fmt::print(human(), "# best layouts that fit in {} GB ({} of {}):\n", gb(cl.device.memory_bytes), fit.size(), rows.size());
-    fmt::print(human(), "{:>11} {:>4} {:>3} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule", "pp",
-               "vpp", "ep", "dp", "mb", "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
+    fmt::print(human(), "{:>11} {:>3} {:>3} {:>4} {:>3} {:>4} {:>5} {:>4} {:>9} {:>7} {:>6} {:>10} {:>12} {:>8}\n", "schedule",
+               "tp", "cp", "pp", "vpp", "ep", "dp", "mb", "step s", "bubble", "MFU", "tok/s/GPU", "GPU-h/T tok", "mem GB");
     for (size_t i = 0; i < std::min<size_t>(fit.size(), size_t(a.top)); ++i) {
         const SweepRow& w = *fit[i];
-        fmt::print(human(), "{:>11} {:>4} {:>3} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K {:>8.1f}\n",
-                   w.l.kind, w.l.pp, w.l.vpp, w.l.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
+        fmt::print(human(), "{:>11} {:>3} {:>3} {:>4} {:>3} {:>4} {:>5} {:>4} {:>9.3f} {:>6.1f}% {:>5.1f}% {:>10.0f} {:>11.1f}K "
+                   "{:>8.1f}\n",
+                   w.l.kind, w.l.tp, w.l.cp, w.l.pp, w.l.vpp, w.l.ep, w.r.dp, w.r.microbatches, w.r.step_time_s, 100 * w.r.bubble_fraction, 100 * w.r.mfu,
                    w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens / 1e3, w.r.memory_total_bytes / 1e9);
     }
 }
@@ -228,19 +241,23 @@ int run(const Args& a) {
     }
     ClusterConfig cl = make_cluster(a.cluster, a.device, a.gpus, a.gpus_per_node, a.time_scale);
     auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
-    auto vpps = int_list(a.vpp, "--vpp");
+    auto vpps = int_list(a.vpp, "--vpp"), tps = int_list(a.tp, "--tp"), cps = int_list(a.cp, "--cp");
+    auto etps = int_list(a.etp, "--etp");
     auto kinds = split_list(a.schedule);
     for (const auto& k : kinds) sched::kind_from_name(k);  // ConfigError for an unknown name
     std::vector<Layout> layouts;
     for (const auto& k : kinds) {
         // A VPP list sweeps the interleaved schedule; the other kinds run once with one stage per rank (a single
         // --vpp other than 1 with them is refused by the simulation, naming it).
-        bool interleaved = sched::kind_from_name(k) == sched::ScheduleKind::Interleaved;
+        bool interleaved = sched::is_interleaved(sched::kind_from_name(k));
         std::vector<int> kind_vpps = interleaved || vpps.size() == 1 ? vpps : std::vector<int>{1};
-        for (int pp : pps)
-            for (int vpp : kind_vpps)
-                for (int ep : eps)
-                    for (int mb : mbs) layouts.push_back({k, pp, vpp, ep, mb});
+        for (int tp : tps)
+            for (int cp : cps)
+                for (int pp : pps)
+                    for (int vpp : kind_vpps)
+                        for (int ep : eps)
+                            for (int etp : etps)
+                                for (int mb : mbs) layouts.push_back({k, pp, vpp, ep, mb, tp, cp, etp});
     }
     SimOptions base = options_of(a);
     if (!a.sweep && layouts.size() == 1) return run_one(a, m, cl, base, layouts[0]);
@@ -271,8 +288,21 @@ Command add_simulate(CLI::App& app) {
     cmd->add_option("--vpp", a->vpp,
                     "interleaved: model stages per rank (Megatron's PP 8 VP 4 is --pp 32 --vpp 4; a comma list sweeps)")
         ->capture_default_str();
-    cmd->add_option("--ep", a->ep, "expert parallelism inside a stage's DP ranks (a comma list sweeps)")
+    cmd->add_option("--ep", a->ep, "expert parallelism inside a stage's TP x CP x DP ranks (a comma list sweeps)")
         ->capture_default_str();
+    cmd->add_option("--tp", a->tp,
+                    "tensor parallelism with sequence parallelism, inside a node; must divide the heads, the hidden "
+                    "and FFN sizes and the sequence (a comma list sweeps)")
+        ->capture_default_str();
+    cmd->add_option("--cp", a->cp, "context parallelism (ring attention); 2 x CP must divide the sequence (a comma "
+                                   "list sweeps)")
+        ->capture_default_str();
+    cmd->add_option("--etp", a->etp, "the routed experts' tensor parallelism, apart from --tp (a comma list sweeps)")
+        ->capture_default_str();
+    cmd->add_option("--seq-len", a->seq_len, "tokens per sequence (0: the model's)")->capture_default_str();
+    cmd->add_flag("--serial-grad-sync", a->serial_grad_sync,
+                  "the gradient synchronization after the pipeline (default: each stage's starts when its last weight "
+                  "gradient is done)");
     cmd->add_option("--schedule", a->schedule, "1f1b, zb1p, dualpipe, dualpipev, interleaved (a comma list sweeps)")
         ->capture_default_str();
     cmd->add_option("--microbatches", a->microbatches,

@@ -40,8 +40,9 @@ std::vector<Instr> one_f_one_b_rank(int pp, int n, int rank) {
 // rank, for each stage the group's p microbatches), the backwards in the same groups through the stages in reverse;
 // (p - r - 1) * 2 + (v - 1) * p forwards warm up, then one forward and one full backward alternate, then the
 // remaining backwards drain. With m == p every forward goes first (Megatron's all-warm-up case); with v == 1 the
-// lists are 1F1B's.
-std::vector<Instr> interleaved_rank(int p, int v, int m, int r) {
+// lists are 1F1B's. pairs (Megatron-Core's all-to-all overlap): the steady state's first forward alone, then each
+// backward with the next forward as one F&B pair, the last steady backward alone.
+std::vector<Instr> interleaved_rank(int p, int v, int m, int r, bool pairs) {
     int total = m * v;
     auto chunk = [&](int k, bool forward) {
         int in_group = k % (p * v);
@@ -55,8 +56,13 @@ std::vector<Instr> interleaved_rank(int p, int v, int m, int r) {
     int next_f = 0, next_b = 0;
     for (int i = 0; i < warmup; ++i) out.push_back({Op::F, chunk(next_f++, true), {}});
     for (int i = 0; i < total - warmup; ++i) {
+        if (pairs && i > 0) {  // the backward of the previous step with this step's forward (never the same chunk)
+            Chunk b = chunk(next_b++, false);
+            out.push_back({Op::FB, chunk(next_f++, true), b});
+            continue;
+        }
         out.push_back({Op::F, chunk(next_f++, true), {}});
-        out.push_back({Op::BW, {}, chunk(next_b++, false)});
+        if (!pairs) out.push_back({Op::BW, {}, chunk(next_b++, false)});
     }
     while (next_b < total) out.push_back({Op::BW, {}, chunk(next_b++, false)});
     return out;
@@ -191,16 +197,17 @@ const char* kind_name(ScheduleKind k) {
         case ScheduleKind::DualPipe: return "dualpipe";
         case ScheduleKind::DualPipeV: return "dualpipev";
         case ScheduleKind::Interleaved: return "interleaved";
+        case ScheduleKind::InterleavedFB: return "interleaved-fb";
     }
     return "?";
 }
 
 ScheduleKind kind_from_name(const std::string& name) {
     for (auto k : {ScheduleKind::OneFOneB, ScheduleKind::ZB1P, ScheduleKind::DualPipe, ScheduleKind::DualPipeV,
-                   ScheduleKind::Interleaved})
+                   ScheduleKind::Interleaved, ScheduleKind::InterleavedFB})
         if (name == kind_name(k)) return k;
-    throw ConfigError("--kind",
-                      fmt::format("unknown schedule '{}' (1f1b, zb1p, dualpipe, dualpipev, interleaved)", name));
+    throw ConfigError(
+        "--kind", fmt::format("unknown schedule '{}' (1f1b, zb1p, dualpipe, dualpipev, interleaved, interleaved-fb)", name));
 }
 
 const char* op_name(Op op) {
@@ -219,7 +226,7 @@ int Schedule::direction_of_mb(int mb) const {
 }
 
 void check_vpp(ScheduleKind kind, int pp, int vpp) {
-    DUPLEX_CHECK_ARG(vpp == 1 || kind == ScheduleKind::Interleaved, "--vpp",
+    DUPLEX_CHECK_ARG(vpp == 1 || is_interleaved(kind), "--vpp",
                      "virtual pipeline stages (--vpp {}) are for the interleaved schedule, not {}", vpp, kind_name(kind));
     DUPLEX_CHECK_ARG(vpp >= 1, "--vpp", "model stages per rank must be at least 1, got {}", vpp);
     DUPLEX_CHECK_ARG(pp % vpp == 0, "--vpp",
@@ -238,7 +245,10 @@ void check_arguments(ScheduleKind kind, int pp, int n, int vpp) {
                      "{} stages x {} microbatches = {} chunks per direction: at most {} are supported", pp, n,
                      int64_t(pp) * n, kMaxChunks);
     check_vpp(kind, pp, vpp);
-    if (kind == ScheduleKind::Interleaved) {
+    DUPLEX_CHECK_ARG(kind != ScheduleKind::InterleavedFB || vpp >= 2, "--vpp",
+                     "interleaved-fb pairs chunks of different stages of a rank: it needs VPP >= 2, got {} (with one "
+                     "stage per rank its pairs would serialize the pipeline)", vpp);
+    if (is_interleaved(kind)) {
         int ranks = pp / vpp;
         DUPLEX_CHECK_ARG(n % ranks == 0, "--microbatches",
                          "interleaved 1F1B runs microbatches in groups of the {} pipeline ranks: {} is not a multiple",
@@ -259,7 +269,8 @@ void check_arguments(ScheduleKind kind, int pp, int n, int vpp) {
 
 std::vector<std::vector<int>> placement(ScheduleKind kind, int pp, int vpp) {
     switch (kind) {
-        case ScheduleKind::Interleaved: {
+        case ScheduleKind::Interleaved:
+        case ScheduleKind::InterleavedFB: {
             std::vector<int> p(pp);
             for (int st = 0; st < pp; ++st) p[st] = st % pipeline_ranks(kind, pp, vpp);
             return {p};
@@ -313,9 +324,11 @@ Schedule generate(ScheduleKind kind, int pp, int n, int vpp) {
     s.num_microbatches = n;
     switch (kind) {
         case ScheduleKind::Interleaved:
+        case ScheduleKind::InterleavedFB:
             s.num_ranks = pipeline_ranks(kind, pp, vpp);
             s.placement = placement(kind, pp, vpp);
-            for (int r = 0; r < s.num_ranks; ++r) s.ranks.push_back(interleaved_rank(s.num_ranks, vpp, n, r));
+            for (int r = 0; r < s.num_ranks; ++r)
+                s.ranks.push_back(interleaved_rank(s.num_ranks, vpp, n, r, kind == ScheduleKind::InterleavedFB));
             break;
         case ScheduleKind::OneFOneB:
             s.num_ranks = pp;

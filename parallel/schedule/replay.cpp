@@ -273,7 +273,8 @@ Replay replay(const Schedule& s, const Timing& timing) {
 double formula_bubble(ScheduleKind kind, int pp, const Costs& c, int vpp) {
     switch (kind) {
         case ScheduleKind::OneFOneB: return (pp - 1) * (c.f + c.b);
-        case ScheduleKind::Interleaved: return (pp / vpp - 1) * (c.f + c.b);
+        case ScheduleKind::Interleaved:
+        case ScheduleKind::InterleavedFB: return (pp / vpp - 1) * (c.f + c.b);  // F&B pairs: an estimate
         case ScheduleKind::ZB1P: return (pp - 1) * (c.f + c.b - 2 * c.w);
         case ScheduleKind::DualPipe:
         case ScheduleKind::DualPipeV: return (pp / 2 - 1) * (c.fb_cost() + c.b - 3 * c.w);

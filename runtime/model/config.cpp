@@ -55,8 +55,25 @@ ModelConfig ModelConfig::preset(const std::string& name) {
         c.seq_len = 4096;
         return c;
     }
+    if (name == "llama3-405b") {
+        // "The Llama 3 Herd of Models" (arXiv 2407.21783), its table of model sizes: 126 layers, hidden 16384,
+        // FFN 53248, 128 heads with 8 key/value heads (GQA), vocabulary 128256; pre-training sequences of 8192.
+        c.name = "llama3-405b";
+        c.vocab = 128256;
+        c.hidden = 16384;
+        c.heads = 128;
+        c.kv_heads = 8;
+        c.head_dim = 128;
+        c.layers = 126;
+        c.dense_layers = 126;
+        c.dense_ffn = 53248;
+        c.experts = 0, c.expert_ffn = 0, c.shared_experts = 0, c.top_k = 0, c.groups = 1, c.top_groups = 1;
+        c.seq_len = 8192;
+        return c;
+    }
     if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return from_json_file(name);
-    throw ConfigError("--model", fmt::format("unknown model '{}' (tiny, small, deepseek-v3, or a .json file)", name));
+    throw ConfigError("--model",
+                      fmt::format("unknown model '{}' (tiny, small, deepseek-v3, llama3-405b, or a .json file)", name));
 }
 
 ModelConfig ModelConfig::from_json_file(const std::string& path) {
@@ -80,6 +97,7 @@ ModelConfig ModelConfig::from_json_file(const std::string& path) {
     };
     get("name", c.name);
     get("vocab", c.vocab), get("hidden", c.hidden), get("heads", c.heads), get("head_dim", c.head_dim);
+    get("kv_heads", c.kv_heads);
     get("layers", c.layers), get("dense_layers", c.dense_layers), get("dense_ffn", c.dense_ffn);
     get("experts", c.experts), get("expert_ffn", c.expert_ffn), get("shared_experts", c.shared_experts);
     get("top_k", c.top_k), get("groups", c.groups), get("top_groups", c.top_groups), get("seq_len", c.seq_len);
@@ -87,7 +105,7 @@ ModelConfig ModelConfig::from_json_file(const std::string& path) {
     get("mtp_depth", c.mtp_depth), get("route_scale", c.route_scale);
     for (auto it = j.begin(); it != j.end(); ++it) {
         static const std::set<std::string> known = {
-            "name", "vocab", "hidden", "heads", "head_dim", "layers", "dense_layers", "dense_ffn", "experts",
+            "name", "vocab", "hidden", "heads", "kv_heads", "head_dim", "layers", "dense_layers", "dense_ffn", "experts",
             "expert_ffn", "shared_experts", "top_k", "groups", "top_groups", "seq_len", "q_lora", "kv_lora",
             "rope_dim", "v_head_dim", "mtp_depth", "route_scale"};
         if (!known.count(it.key()))
@@ -116,18 +134,22 @@ void ModelConfig::validate() const {
                          "top_k ({}) exceeds the experts of {} groups", top_k, top_groups);
     }
     DUPLEX_CHECK_ARG(seq_len >= 1, "model.seq_len", "must be positive, got {}", seq_len);
+    DUPLEX_CHECK_ARG(kv_heads >= 0 && kv_heads <= heads && (kv_heads == 0 || heads % kv_heads == 0), "model.kv_heads",
+                     "{} key/value heads must divide the {} heads (0: one per head)", kv_heads, heads);
+    DUPLEX_CHECK_ARG(kv_heads == 0 || !mla(), "model.kv_heads", "grouped-query heads and MLA exclude each other");
 }
 
 void ModelConfig::check_runnable() const {
-    DUPLEX_CHECK_ARG(!mla() && mtp_depth == 0 && num_parameters() < 1000000000LL, "--model",
+    bool gqa = kv_head_count() != heads;
+    DUPLEX_CHECK_ARG(!mla() && !gqa && mtp_depth == 0 && num_parameters() < 1000000000LL, "--model",
                      "'{}' ({:.0f}B parameters{}) is for --mode emulate and `duplex simulate`; the runtime model "
-                     "trains tiny, small or a JSON model without MLA/MTP under 1B parameters",
-                     name, total_params() / 1e9, mla() ? ", MLA" : "");
+                     "trains tiny, small or a JSON model without MLA/GQA/MTP under 1B parameters",
+                     name, total_params() / 1e9, mla() ? ", MLA" : gqa ? ", grouped-query attention" : "");
 }
 
 double ModelConfig::attention_params() const {
     double h = hidden, H = heads;
-    if (!mla()) return 4 * h * H * head_dim;
+    if (!mla()) return 2 * h * H * head_dim + 2 * h * kv_head_count() * head_dim;  // Q and O; K and V (GQA: fewer)
     double q = q_lora > 0 ? h * q_lora + q_lora * H * (head_dim + rope_dim) : h * H * (head_dim + rope_dim);
     return q + h * (kv_lora + rope_dim) + kv_lora * H * (head_dim + v_head_dim) + H * v_head_dim * h;
 }

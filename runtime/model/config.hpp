@@ -16,6 +16,7 @@ struct ModelConfig {
     int vocab = 64;
     int hidden = 64;
     int heads = 4;
+    int kv_heads = 0;  // grouped-query attention: key/value heads (0: as many as heads; cost model only)
     int head_dim = 16;
     int layers = 4;
     int dense_layers = 1;  // the first layers use a dense FFN (as V3's first 3)
@@ -39,7 +40,8 @@ struct ModelConfig {
     int q_lora = 0, kv_lora = 0, rope_dim = 0, v_head_dim = 0;
     int mtp_depth = 0;  // multi-token-prediction modules after the last layer (cost model only)
 
-    // "tiny", "small" (runnable), "deepseek-v3" (the published architecture, for emulate and simulate); a path
+    // "tiny", "small" (runnable), "deepseek-v3", "llama3-405b" (the published architectures, for emulate and
+    // simulate; Llama 3 405B is dense: every layer's FFN dense, GQA with 8 key/value heads); a path
     // ending in .json reads a ModelConfig object (fields as above, missing ones take the tiny defaults).
     // ConfigError otherwise.
     static ModelConfig preset(const std::string& name);
@@ -50,6 +52,8 @@ struct ModelConfig {
     void check_runnable() const;
     bool is_moe_layer(int layer) const { return layer >= dense_layers; }
     bool mla() const { return kv_lora > 0; }
+    int kv_head_count() const { return kv_heads > 0 ? kv_heads : heads; }
+    bool dense() const { return dense_layers == layers; }  // no MoE layer
     // Tokens of a microbatch of `sequences` sequences (every path sizes a microbatch with this).
     int64_t tokens_per_microbatch(int sequences) const { return int64_t(sequences) * seq_len; }
     int64_t num_parameters() const;          // of the runtime model (plain attention, no MTP)

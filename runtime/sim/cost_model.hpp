@@ -84,6 +84,9 @@ public:
     double transfer_s(double bytes, LinkClass link) const;
     // An expert-exchange message: the bandwidth its reserved SMs reach on the link.
     double ep_transfer_s(double bytes, LinkClass link) const;
+    // The same device for a layout with `ep`-way expert parallelism: without expert exchanges (ep <= 1) no SMs are
+    // held back for them (comm_sms 0), every SM computes.
+    CostModel for_expert_parallel(int ep) const;
     const DevicePreset& device() const { return device_; }
     DevicePreset& device() { return device_; }
 

@@ -13,9 +13,11 @@
 #include "parallel/expert_plan.hpp"
 #include "parallel/plan.hpp"
 #include "runtime/sim/expert_traffic.hpp"
+#include "runtime/sim/sim_run.hpp"
 
 namespace duplex {
 
+using sim_detail::Run;
 using sched::Instr;
 using sched::Op;
 using sched::ScheduleKind;
@@ -60,63 +62,6 @@ ClusterConfig ClusterConfig::preset(const std::string& name) {
 }
 
 namespace {
-
-// Activation bytes one token leaves alive in one layer between its forward and its backward.
-double layer_activation_bytes(const ModelConfig& c, int layer, const SimOptions& o) {
-    double b = o.elem_bytes, cached = o.fp8 ? 1.0 : b;  // DeepSeek-V3 caches GEMM inputs in FP8
-    double h = c.hidden, H = c.heads, bytes = 0;
-    bool rc = o.recompute;
-    // Attention: the residual input, (no recompute) its normed copy, the projections flash attention needs,
-    // the attention output (input of the out-projection) and the softmax statistics.
-    bytes += h * b + (rc ? 0 : h * b);
-    if (c.mla()) {
-        bytes += (c.q_lora + c.kv_lora + c.rope_dim) * b;
-        if (!rc) bytes += H * ((c.head_dim + c.rope_dim) * 2 + c.v_head_dim) * b;
-        bytes += H * c.v_head_dim * cached;
-    } else {
-        bytes += 3 * H * c.head_dim * b + H * c.head_dim * cached;
-    }
-    bytes += H * 4;
-    // FFN.
-    bytes += h * b + (rc ? 0 : h * b);
-    if (c.is_moe_layer(layer)) {
-        double slots = c.top_k, experts_run = c.top_k + c.shared_experts;
-        bytes += c.experts * 4.0                         // router affinities (fp32)
-                 + slots * h * cached                    // dispatched rows
-                 + experts_run * 2 * c.expert_ffn * cached;  // SwiGLU inputs
-        if (!rc) bytes += experts_run * c.expert_ffn * b + slots * h * b;  // SwiGLU outputs, expert outputs
-    } else {
-        bytes += 2 * c.dense_ffn * cached + (rc ? 0 : c.dense_ffn * b);
-    }
-    return bytes;
-}
-
-double dense_params(const ModelConfig& c, int first, int n, bool has_embedding, bool has_head) {
-    double p = 0;
-    for (int l = first; l < first + n; ++l)
-        p += c.attention_params() + (c.is_moe_layer(l) ? c.expert_params() * c.shared_experts + double(c.hidden) * c.experts
-                                                       : 3.0 * c.hidden * c.dense_ffn);
-    if (has_embedding) p += double(c.vocab) * c.hidden;
-    if (has_head) {
-        p += double(c.vocab) * c.hidden;
-        p += c.mtp_depth * (2.0 * c.hidden * c.hidden + c.attention_params() +
-                            c.expert_params() * c.shared_experts + double(c.hidden) * c.experts);
-    }
-    return p;
-}
-
-double expert_params(const ModelConfig& c, int first, int n, bool has_head, int ep) {
-    int moe = 0;
-    for (int l = first; l < first + n; ++l) moe += c.is_moe_layer(l);
-    if (has_head) moe += c.mtp_depth;
-    return double(moe) * (double(c.experts) / ep) * c.expert_params();
-}
-
-// Ring reduce-scatter or all-gather of `bytes` over n ranks.
-double ring_s(const CostModel& cm, double bytes, int n, LinkClass link) {
-    if (n <= 1) return 0;
-    return (n - 1) * cm.transfer_s(bytes / n, link);
-}
 
 std::vector<int> uniform_partition(int layers, int stages) {
     std::vector<int> first(stages + 1);
@@ -197,6 +142,7 @@ namespace {
 
 // The layout's sizes (DP, expert-DP, microbatches, pipeline ranks), or a ConfigError naming what cannot run.
 void check_layout(const ModelConfig& cfg, const ClusterConfig& cl, const SimOptions& o, SimResult& r) {
+    DUPLEX_CHECK_ARG(o.seq_len >= 0, "--seq-len", "must be positive (0: the model's), got {}", o.seq_len);
     r.gpus = cl.gpus;
     r.pp = o.pp;
     r.ep = o.ep;
@@ -208,18 +154,29 @@ void check_layout(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpti
     DUPLEX_CHECK_ARG(cl.gpus % r.pipeline_ranks == 0, "--pp",
                      "{} GPUs are not divisible into pipelines of {} ranks (PP {}{})", cl.gpus, r.pipeline_ranks, o.pp,
                      o.schedule == ScheduleKind::DualPipeV     ? ", DualPipeV: PP/2 ranks"
-                     : o.schedule == ScheduleKind::Interleaved ? fmt::format(", interleaved: PP/VPP = {} / {}", o.pp, o.vpp)
+                     : sched::is_interleaved(o.schedule) ? fmt::format(", interleaved: PP/VPP = {} / {}", o.pp, o.vpp)
                                                                : "");
-    r.dp = cl.gpus / r.pipeline_ranks;
-    DUPLEX_CHECK_ARG(o.ep >= 1 && o.ep <= r.dp, "--ep", "EP ({}) is larger than the {} GPUs of a pipeline stage", o.ep,
-                     r.dp);
-    DUPLEX_CHECK_ARG(r.dp % o.ep == 0, "--ep", "EP ({}) must divide the {} GPUs of a stage (DP)", o.ep, r.dp);
-    DUPLEX_CHECK_ARG(cfg.experts % o.ep == 0, "--ep", "EP ({}) must divide the {} routed experts", o.ep, cfg.experts);
+    const int stage_gpus = cl.gpus / r.pipeline_ranks;
+    const Shards sh{o.tp, o.cp, o.etp};
+    check_shards(cfg, cl.device, sh);
+    DUPLEX_CHECK_ARG(stage_gpus % sh.per_stage() == 0, "--tp/--cp",
+                     "TP x CP = {} x {} does not divide the {} GPUs of a pipeline rank", o.tp, o.cp, stage_gpus);
+    r.dp = stage_gpus / sh.per_stage();
+    r.tp = o.tp, r.cp = o.cp, r.etp = o.etp, r.seq_len = cfg.seq_len;
+    const int ep_gpus = o.ep * o.etp;
+    DUPLEX_CHECK_ARG(o.ep >= 1 && ep_gpus <= stage_gpus, "--ep",
+                     "EP x ETP ({} x {}) is larger than the {} GPUs of a pipeline rank", o.ep, o.etp, stage_gpus);
+    DUPLEX_CHECK_ARG(stage_gpus % ep_gpus == 0, "--ep", "EP x ETP ({} x {}) must divide the {} GPUs of a stage", o.ep,
+                     o.etp, stage_gpus);
+    DUPLEX_CHECK_ARG(o.ep == 1 || !cfg.dense(), "--ep", "the {} model is dense: no experts to spread (EP {})", cfg.name,
+                     o.ep);
+    DUPLEX_CHECK_ARG(cfg.dense() || cfg.experts % o.ep == 0, "--ep", "EP ({}) must divide the {} routed experts", o.ep,
+                     cfg.experts);
     const int gpn = cl.device.gpus_per_node;
     DUPLEX_CHECK_ARG(o.ep <= gpn ? gpn % o.ep == 0 : o.ep % gpn == 0, "--ep",
                      "an EP group of {} must fill whole nodes of {} GPUs or divide one", o.ep, gpn);
     DUPLEX_CHECK_ARG(o.mb_sequences >= 1, "--mb-sequences", "must be at least 1, got {}", o.mb_sequences);
-    r.edp = r.dp / o.ep;
+    r.edp = stage_gpus / ep_gpus;
     r.microbatches = o.microbatches;
     if (r.microbatches <= 0) {
         DUPLEX_CHECK_ARG(o.global_batch % (r.dp * o.mb_sequences) == 0, "--global-batch",
@@ -236,24 +193,9 @@ void check_layout(const ModelConfig& cfg, const ClusterConfig& cl, const SimOpti
                      "'{}' is not a layer partition (balanced, uniform)", o.partition);
 }
 
-// What the pieces of one simulation share: the checked options, the device, its cost model, the sizes.
-struct Run {
-    const ModelConfig& cfg;
-    const ClusterConfig& cl;
-    const SimOptions& o;
-    DevicePreset dev;
-    CostModel cm;
-    int S, T, gpn;
-    SimResult& r;
-    int first_layer(int s) const { return r.stage_first_layer[size_t(s)]; }
-    int num_layers(int s) const { return r.stage_first_layer[size_t(s) + 1] - r.stage_first_layer[size_t(s)]; }
-    int node_of(int pipeline_rank) const { return (pipeline_rank * r.dp) / gpn; }  // stage-major rank grid
-    double act_bytes() const { return double(T) * cfg.hidden * o.elem_bytes; }
-    double dispatch_elem() const { return o.fp8 ? 1.0 + 4.0 / 128 : o.elem_bytes; }  // FP8 rows with their scales
-};
-
+// The cluster's device with the SMs this layout reserves for the expert exchange (none without EP).
 DevicePreset device_of(const ClusterConfig& cl, const SimOptions& o) {
-    DevicePreset dev = cl.device;
+    DevicePreset dev = CostModel(cl.device).for_expert_parallel(o.ep).device();
     if (o.comm_sms >= 0) {
         DUPLEX_CHECK_ARG(o.comm_sms < dev.sms, "--comm-sms", "{} of {} SMs leaves none for compute", o.comm_sms, dev.sms);
         dev.comm_sms = o.comm_sms;
@@ -273,11 +215,12 @@ void expert_costs(const Run& x) {
     r.stage_ep_backward_s.assign(size_t(x.S), 0);
     if (o.ep <= 1 || o.free_communication) return;
     const int node_size = std::min(x.gpn, o.ep), group_nodes = std::max(1, o.ep / x.gpn);
+    const int tokens = x.Tg * x.sh.etp;  // a GPU's tokens, gathered over its expert-TP group
     const ExpertPath path = choose_path(o.dispatch == "hierarchical", Topology::virtual_nodes(o.ep, group_nodes));
     int sample = 0;
     GroupTraffic traffic = sampled_group_traffic(cfg, o.ep, x.gpn, path, &sample);
     auto charge = [&](Exchange e, double row_elem) {
-        TrafficVolume v = scale_tokens(traffic[size_t(e)], sample, x.T);
+        TrafficVolume v = scale_tokens(traffic[size_t(e)], sample, tokens);
         TrafficBytes b = v.bytes(double(cfg.hidden) * row_elem, o.elem_bytes);
         double inter = group_nodes > 1 ? x.cm.ep_transfer_s(b.inter, LinkClass::InterNode) : 0;
         double intra = node_size > 1 ? x.cm.ep_transfer_s(b.intra, LinkClass::IntraNode) : 0;
@@ -288,7 +231,7 @@ void expert_costs(const Run& x) {
     double forward_s = dispatch_s + charge(Exchange::Combine, o.elem_bytes).first;
     double backward_s = charge(Exchange::CombineBackward, o.elem_bytes).first +
                         charge(Exchange::DispatchBackward, o.elem_bytes).first;
-    r.ep_inter_bytes_per_token = dispatch_inter / x.T;
+    r.ep_inter_bytes_per_token = dispatch_inter / tokens;
     if (group_nodes > 1) {  // the other nodes a token reaches: the node-limited path's inter-node rows
         GroupTraffic limited = sampled_group_traffic(cfg, o.ep, x.gpn, ExpertPath::NodeLimited, &sample);
         r.ep_remote_nodes_per_token = limited[size_t(Exchange::Dispatch)].rows[1] / sample;
@@ -351,98 +294,57 @@ void replay_pipeline(const Run& x) {
         idle += r.replay.idle[pr] / std::max(r.pipeline_s, 1e-30);
     }
     r.exposed_comm_s["expert"] = ep_exposed;
-    r.bubble_fraction = idle / sc.num_ranks;
-}
-
-// The step end (DualPipe's pair sum of the two copies' gradients, ZeRO-1's reduce-scatter and all-gather) and
-// the memory of the busiest pipeline rank.
-void step_end_and_memory(const Run& x) {
-    const ModelConfig& cfg = x.cfg;
-    const SimOptions& o = x.o;
-    const CostModel& cm = x.cm;
-    SimResult& r = x.r;
-    const sched::Schedule& sc = r.schedule;
-    const int S = x.S, T = x.T, gpn = x.gpn;
-    const double K = cfg.top_k, h = cfg.hidden, e = o.elem_bytes, act_bytes = x.act_bytes();
-    double sync = 0;
-    std::map<std::string, double> worst_mem;
-    double worst_total = -1;
+    // TP and CP: what their collectives leave exposed inside the chunks (stage_shard_comm), on the busiest rank.
+    double tp_exposed = 0, cp_exposed = 0;
     for (int pr = 0; pr < sc.num_ranks; ++pr) {
-        std::vector<int> held;
-        for (int dir = 0; dir < sc.num_directions; ++dir)
-            for (int s = 0; s < S; ++s)
-                if (sc.rank_of(s, dir) == pr) held.push_back(s);  // DualPipe: each stage twice (two copies)
-        double pd = 0, pe = 0, act = 0;
-        for (int s : held) {
-            pd += dense_params(cfg, x.first_layer(s), x.num_layers(s), s == 0, s == S - 1);
-            pe += expert_params(cfg, x.first_layer(s), x.num_layers(s), s == S - 1, o.ep);
-            double per_token = 0;
-            for (int l = x.first_layer(s); l < x.first_layer(s) + x.num_layers(s); ++l) per_token += layer_activation_bytes(cfg, l, o);
-            act = std::max(act, per_token * T);
+        double tp = 0, cp = 0;
+        for (const Instr& in : sc.ranks[pr]) {
+            bool f = in.op == Op::F || in.op == Op::FB, b = in.op == Op::B || in.op == Op::BW || in.op == Op::FB;
+            if (f) tp += r.stage_shard_comm[in.f.stage].tp_f, cp += r.stage_shard_comm[in.f.stage].cp_f;
+            if (b) tp += r.stage_shard_comm[in.b.stage].tp_b, cp += r.stage_shard_comm[in.b.stage].cp_b;
         }
-        LinkClass dp_link = r.dp > gpn ? LinkClass::InterNode : LinkClass::IntraNode;
-        double t = 0;
-        if (!o.free_communication) {
-            if (o.schedule == ScheduleKind::DualPipe)  // the two copies' gradients (fp32) summed with the partner rank
-                t += cm.transfer_s((pd + pe) * 4 / 2, x.node_of(pr) == x.node_of(S - 1 - pr) ? LinkClass::IntraNode
-                                                                                      : LinkClass::InterNode) * 2;
-            t += ring_s(cm, pd * 4, r.dp, dp_link) + ring_s(cm, pd * 2, r.dp, dp_link);  // RS fp32 grads, AG bf16
-            t += ring_s(cm, pe * 4, r.edp, dp_link) + ring_s(cm, pe * 2, r.edp, dp_link);
-        }
-        sync = std::max(sync, t);
-        std::map<std::string, double> mem;
-        mem["parameters"] = 2 * (pd + pe);                         // BF16 working weights
-        mem["gradients"] = 4 * (pd + pe);                          // FP32 gradients
-        mem["optimizer"] = 8 * (pd / r.dp + pe / r.edp);           // FP32 master + two BF16 moments, sharded
-        mem["activations"] = r.replay.peak_activations[pr] * act;  // live chunks at the schedule's peak
-        // Expert-exchange buffers for the two chunks of an F&B pair (dispatch in, combine out) and P2P buffers.
-        mem["communication_buffers"] = o.ep > 1 ? 2.0 * T * K * h * (x.dispatch_elem() + e) + 4 * act_bytes : 4 * act_bytes;
-        double total = 0;
-        for (auto& [k, v] : mem) total += v;
-        if (total > worst_total) worst_total = total, worst_mem = mem;
+        tp_exposed = std::max(tp_exposed, tp), cp_exposed = std::max(cp_exposed, cp);
     }
-    r.memory_per_gpu_bytes = worst_mem;
-    r.memory_total_bytes = worst_total;
-    r.memory_capacity_bytes = x.dev.memory_bytes;
-    r.fits = x.dev.memory_bytes <= 0 || worst_total <= x.dev.memory_bytes;
-    r.exposed_comm_s["data_parallel"] = sync;
-    r.step_time_s = r.pipeline_s + sync;
-}
-
-void throughput(const Run& x) {
-    SimResult& r = x.r;
-    double flops_token = 0;
-    for (int l = 0; l < x.cfg.layers; ++l) flops_token += CostModel::layer_flops(x.cfg, l, 1).total();
-    flops_token += CostModel::head_flops(x.cfg, 1).total();
-    r.model_flops_per_token = 3 * flops_token;  // forward + input-gradient + weight-gradient; recompute not counted
-    double tokens_step = double(r.dp) * r.microbatches * x.T;
-    r.tokens_per_s_per_gpu = tokens_step / std::max(r.step_time_s, 1e-30) / x.cl.gpus;
-    r.achieved_flops_s = r.tokens_per_s_per_gpu * r.model_flops_per_token;
-    r.mfu = r.achieved_flops_s / x.dev.bf16_flops;
-    r.gpu_hours_per_trillion_tokens = 1e12 / std::max(r.tokens_per_s_per_gpu, 1e-30) / 3600;
+    r.exposed_comm_s["tensor"] = tp_exposed;
+    r.exposed_comm_s["context"] = cp_exposed;
+    r.bubble_fraction = idle / sc.num_ranks;
 }
 
 }  // namespace
 
-SimResult simulate(const ModelConfig& cfg, const ClusterConfig& cl, const SimOptions& o) {
+SimResult simulate(const ModelConfig& model, const ClusterConfig& cl, const SimOptions& o) {
+    ModelConfig cfg = model;
+    if (o.seq_len > 0) cfg.seq_len = o.seq_len;
     cfg.validate();
     SimResult r;
     check_layout(cfg, cl, o, r);
     DevicePreset dev = device_of(cl, o);
-    Run x{cfg, cl, o, dev, CostModel(dev), o.pp, int(cfg.tokens_per_microbatch(o.mb_sequences)),
-          cl.device.gpus_per_node, r};
+    const Shards sh{o.tp, o.cp, o.etp};
+    const int T = int(cfg.tokens_per_microbatch(o.mb_sequences));
+    Run x{cfg, cl, o, dev, CostModel(dev), o.pp, T, T / sh.per_stage(), cl.device.gpus_per_node, sh, r};
     r.schedule = sched::generate(o.schedule, o.pp, r.microbatches, o.vpp);
-    r.stage_first_layer = o.partition == "uniform"
-                              ? uniform_partition(cfg.layers, x.S)
-                              : balanced_partition(x.cm, cfg, r.schedule, x.T, {o.fp8, o.recompute});
+    const ChunkOptions co{o.fp8, o.recompute};
+    r.stage_first_layer = o.partition == "uniform" ? uniform_partition(cfg.layers, x.S)
+                                                   : balanced_partition(x.cm, cfg, r.schedule, x.Tg, co);
     r.stage_costs.resize(size_t(x.S));
-    for (int s = 0; s < x.S; ++s)
-        r.stage_costs[size_t(s)] =
-            x.cm.chunk(cfg, x.first_layer(s), x.num_layers(s), x.T, {o.fp8, o.recompute}, s == x.S - 1);
+    r.stage_shard_comm.resize(size_t(x.S));
+    // CP peers are TP ranks apart: on other nodes once TP x CP outgrows one.
+    const LinkClass cp_link = sh.per_stage() > x.gpn ? LinkClass::InterNode : LinkClass::IntraNode;
+    for (int s = 0; s < x.S; ++s) {
+        ChunkCosts c = x.cm.chunk(cfg, x.first_layer(s), x.num_layers(s), x.Tg, co, s == x.S - 1);
+        ChunkComm comm = o.free_communication ? ChunkComm{}
+                                              : shard_comm(x.cm, cfg, x.first_layer(s), x.num_layers(s), T, sh,
+                                                           o.elem_bytes, o.fp8, cp_link);
+        c.f += comm.f();
+        c.b += comm.b();
+        c.fb = c.f + c.b;
+        r.stage_costs[size_t(s)] = c;
+        r.stage_shard_comm[size_t(s)] = comm;
+    }
     expert_costs(x);
     replay_pipeline(x);
-    step_end_and_memory(x);
-    throughput(x);
+    sim_detail::step_end_and_memory(x);
+    sim_detail::throughput(x);
     return r;
 }
 
@@ -489,6 +391,10 @@ std::string simulation_json(const SimResult& r, const ModelConfig& m, const Clus
                         {"pp", r.pp},
                         {"vpp", r.schedule.vpp},
                         {"pipeline_ranks", r.pipeline_ranks},
+                        {"tp", r.tp},
+                        {"cp", r.cp},
+                        {"etp", r.etp},
+                        {"seq_len", r.seq_len},
                         {"dp", r.dp},
                         {"ep", r.ep},
                         {"edp", r.edp},
@@ -499,6 +405,7 @@ std::string simulation_json(const SimResult& r, const ModelConfig& m, const Clus
                         {"memory_capacity_bytes", r.memory_capacity_bytes}};
     if (!with_timing) return j.dump(1);
     j.update({{"step_time_s", r.step_time_s},
+              {"grad_sync_s", r.grad_sync_s},
               {"pipeline_s", r.pipeline_s},
               {"bubble_fraction", r.bubble_fraction},
               {"mfu", r.mfu},

@@ -18,8 +18,9 @@
 // inter-node round and the intra-node one, pipelined (max, as GPU kernels forward) or one after the other (sum,
 // as the CPU executor's rounds). Byte counts come from a sampled node-limited routing of the
 // model (distinct nodes per token, slots per node). At step end the DualPipe copies' gradients are summed
-// and ZeRO-1 reduce-scatters gradients and all-gathers weights over DP (experts over expert-DP) as rings,
-// not overlapped.
+// and ZeRO-1 reduce-scatters gradients and all-gathers weights over DP (experts over expert-DP) as rings, each
+// stage's as soon as its last weight gradient is done (runtime/sim/step_end.cpp). Tensor and context parallelism
+// divide a chunk's compute and add their exposed communication (runtime/sim/layout.hpp).
 #pragma once
 
 #include <map>
@@ -28,6 +29,7 @@
 
 #include "parallel/schedule.hpp"
 #include "runtime/sim/cost_model.hpp"
+#include "runtime/sim/layout.hpp"
 #include "runtime/model/config.hpp"
 
 namespace duplex {
@@ -47,6 +49,10 @@ struct SimOptions {
     int pp = 16;               // model stages (DualPipeV: on pp/2 ranks; interleaved: on pp/vpp)
     int vpp = 1;               // interleaved: model stages per rank
     int ep = 64;
+    int tp = 1;                // tensor parallel with sequence parallelism, inside a node (runtime/sim/layout.hpp)
+    int cp = 1;                // context parallel (ring attention)
+    int etp = 1;               // the routed experts' tensor parallel, apart from tp
+    int seq_len = 0;           // tokens per sequence; 0: the model's
     int global_batch = 15360;  // sequences per step (DeepSeek-V3's after its batch-size ramp)
     int mb_sequences = 1;      // sequences per microbatch
     int microbatches = 0;      // per DP replica; 0: global_batch / (DP x mb_sequences)
@@ -62,12 +68,16 @@ struct SimOptions {
     // last stage included) or "uniform" (stage s starts at layer s * layers / PP, as the executor splits).
     std::string partition = "balanced";
     bool free_communication = false;        // every transfer and exchange costs nothing (validation)
+    // A stage's gradient synchronization starts when its last weight gradient is done (false: after the pipeline).
+    bool overlap_grad_sync = true;
     bool ignore_memory = false;             // simulate a layout that does not fit anyway
 };
 
 struct SimResult {
     int gpus = 0, pp = 0, dp = 0, ep = 0, edp = 0, microbatches = 0, pipeline_ranks = 0;
-    double step_time_s = 0;      // pipeline + step-end gradient synchronization
+    int tp = 1, cp = 1, etp = 1, seq_len = 0;
+    double step_time_s = 0;      // pipeline + the exposed part of the step-end gradient synchronization
+    double grad_sync_s = 0;      // the gradient synchronization of the busiest rank, exposed or not
     double pipeline_s = 0;       // the schedule's makespan
     double bubble_fraction = 0;  // mean over pipeline ranks of idle / makespan
     double mfu = 0;              // model FLOPs / (step time x GPUs x BF16 peak)
@@ -78,11 +88,13 @@ struct SimResult {
     std::map<std::string, double> memory_per_gpu_bytes;  // busiest rank, by category
     double memory_total_bytes = 0, memory_capacity_bytes = 0;
     bool fits = true;
-    std::map<std::string, double> exposed_comm_s;  // by kind: expert (EP), pipeline (P2P), data_parallel
+    // by kind: expert (EP), pipeline (P2P), data_parallel, tensor (TP), context (CP ring attention)
+    std::map<std::string, double> exposed_comm_s;
     // Per stage: compute of F/B/W and the expert exchanges of a forward and of a backward chunk.
     std::vector<ChunkCosts> stage_costs;
     std::vector<int> stage_first_layer;  // S + 1 entries: stage s runs layers [first[s], first[s + 1])
     std::vector<double> stage_ep_forward_s, stage_ep_backward_s;
+    std::vector<ChunkComm> stage_shard_comm;  // exposed TP and CP seconds of a chunk, included in stage_costs
     double p2p_s = 0;                 // one activation transfer between nodes
     double ep_remote_nodes_per_token = 0;  // mean distinct other nodes a token's experts sit on
     double ep_inter_bytes_per_token = 0;   // per MoE layer, dispatch direction

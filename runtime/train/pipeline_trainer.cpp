@@ -53,7 +53,7 @@ StageFactory default_factory(const PipelineOptions& p, const TrainOptions& o, st
     eo.elem_bytes = sizeof(T);
     eo.recompute = o.recompute;
     eo.costs = p.emulate_costs;
-    eo.cost_model = p.cost_model;
+    eo.cost_model = p.cost_model.for_expert_parallel(p.ep);
     eo.hierarchical = p.dispatch == "hierarchical";
     eo.seed = o.seed;
     return [eo, bytes](const StageInfo& info) { return std::make_unique<EmulatedStage>(eo, info, bytes); };

@@ -16,7 +16,8 @@ EmulatePrediction predict_emulated_step(const PipelineOptions& p, const TrainOpt
     int tokens = int(mc.tokens_per_microbatch(o.sequences_per_microbatch));
     EmulatePrediction e;
     e.chunk = p.emulate_costs.f > 0 ? p.emulate_costs
-                                    : p.cost_model.chunk(mc, mid.first, mid.count, tokens, {false, o.recompute});
+                                    : p.cost_model.for_expert_parallel(p.ep).chunk(mc, mid.first, mid.count, tokens,
+                                                                                  {false, o.recompute});
     double act_bytes = double(tokens) * mc.hidden * double(elem_bytes);
     e.transfer_s = p.cost_model.transfer_s(act_bytes, LinkClass::IntraNode);
     sched::Costs sc{e.chunk.f, e.chunk.b, e.chunk.w, e.chunk.fb, e.transfer_s};

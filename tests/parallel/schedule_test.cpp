@@ -266,6 +266,34 @@ TEST(Interleaved, EveryLayoutValidatesWithMegatronsBubble) {
     EXPECT_GT(checked, 300);
 }
 
+// Megatron-Core's all-to-all overlap: the steady state as F&B pairs (a backward with the next forward). With no gain
+// from the pairing (F&B = F + B) it takes exactly as long as plain interleaving; with a perfect one (F&B = max) it
+// is shorter. (A pair may join two microbatches of one stage: the executor runs those one after the other.)
+TEST(Interleaved, FbPairsCostNothingWithoutOverlapAndHideWithIt) {
+    int checked = 0;
+    for (int p = 1; p <= 8; ++p)
+        for (int v = 2; v <= 4; ++v)
+            for (int groups = 1; groups <= 3; ++groups) {
+                int m = p * groups;
+                Schedule plain = generate(ScheduleKind::Interleaved, p * v, m, v);
+                Schedule pairs = generate(ScheduleKind::InterleavedFB, p * v, m, v);
+                for (const Costs& c : {costs(1, 2, 0), costs(2, 3, 0)}) {
+                    Replay a = replay(plain, c), b;
+                    ASSERT_NO_THROW(b = replay(pairs, c)) << "p " << p << " v " << v << " m " << m;
+                    ASSERT_NEAR(b.makespan, a.makespan, 1e-9) << "p " << p << " v " << v << " m " << m;
+                    Costs overlapped = c;
+                    overlapped.fb = std::max(c.f, c.b);
+                    if (m * v > (p - 1) * 2 + (v - 1) * p + 1)  // a steady state with pairs in it
+                        ASSERT_LT(replay(pairs, overlapped).makespan, a.makespan) << "p " << p << " v " << v;
+                    ++checked;
+                }
+                int fb = 0;
+                for (const auto& list : pairs.ranks) fb += count_ops(list).fb;
+                EXPECT_EQ(fb > 0, m * v > (p - 1) * 2 + (v - 1) * p + 1) << "p " << p << " v " << v << " m " << m;
+            }
+    EXPECT_GT(checked, 100);
+}
+
 TEST(Interleaved, BadInputNamesTheConstraint) {
     auto message = [](auto fn) {
         try {
@@ -282,6 +310,7 @@ TEST(Interleaved, BadInputNamesTheConstraint) {
     EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 8, 16, 2); }).find("for the interleaved schedule"),
               std::string::npos);
     EXPECT_NE(message([] { generate(ScheduleKind::Interleaved, 8, 8, 0); }).find("at least 1"), std::string::npos);
+    EXPECT_NE(message([] { generate(ScheduleKind::InterleavedFB, 4, 8, 1); }).find("needs VPP >= 2"), std::string::npos);
 }
 
 std::string replay_error(const Schedule& s) {

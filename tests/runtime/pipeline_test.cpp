@@ -1,6 +1,7 @@
 // Distributed training equals single-rank training on the same global batch, for every schedule.
 #include "runtime/train/pipeline_trainer.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -28,7 +29,9 @@ struct Case {
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
-    return fmt::format("{}_pp{}{}_dp{}_ep{}{}", sched::kind_name(info.param.kind), info.param.pp,
+    std::string kind = sched::kind_name(info.param.kind);
+    std::replace(kind.begin(), kind.end(), '-', '_');  // a test name takes no '-'
+    return fmt::format("{}_pp{}{}_dp{}_ep{}{}", kind, info.param.pp,
                        info.param.vpp > 1 ? fmt::format("_vpp{}", info.param.vpp) : "", info.param.dp, info.param.ep,
                        info.param.nodes ? fmt::format("_nodes{}", info.param.nodes) : "");
 }
@@ -119,6 +122,7 @@ std::vector<Case> cases() {
         for (int ep : {1, 2})
             if (ep <= dp) out.push_back({ScheduleKind::Interleaved, 4, dp, ep, 0, 2});
     out.push_back({ScheduleKind::Interleaved, 4, 1, 1, 0, 4});
+    out.push_back({ScheduleKind::InterleavedFB, 4, 2, 2, 0, 2});  // its F&B pairs overlap the expert exchanges
     return out;
 }
 
