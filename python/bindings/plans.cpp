@@ -124,12 +124,14 @@ void bind_plans(nb::module_& m) {
         [](const std::string& model, const std::string& cluster, int pp, int ep, const std::string& schedule,
            int microbatches, int global_batch, int mb_sequences, bool fp8, bool recompute, const std::string& dispatch,
            const std::string& partition, int comm_sms, double elem_bytes, const std::string& device, int gpus,
-           int gpus_per_node, bool sequential_hops, bool ignore_memory, bool free_comm, int vpp) {
+           int gpus_per_node, bool sequential_hops, bool ignore_memory, bool free_comm, int vpp, int tp, int cp, int etp,
+           int seq_len, bool serial_grad_sync) {
             ModelConfig mc = ModelConfig::preset(model);
             ClusterConfig cl = make_cluster(cluster, device, gpus, gpus_per_node);
             SimOptions o;
             o.schedule = sched::kind_from_name(schedule);
             o.pp = pp, o.vpp = vpp, o.ep = ep, o.microbatches = microbatches, o.global_batch = global_batch;
+            o.tp = tp, o.cp = cp, o.etp = etp, o.seq_len = seq_len, o.overlap_grad_sync = !serial_grad_sync;
             o.mb_sequences = mb_sequences, o.fp8 = fp8, o.recompute = recompute, o.dispatch = dispatch;
             o.partition = partition, o.comm_sms = comm_sms, o.elem_bytes = elem_bytes;
             o.pipelined_hops = !sequential_hops, o.ignore_memory = ignore_memory, o.free_communication = free_comm;
@@ -142,7 +144,8 @@ void bind_plans(nb::module_& m) {
         },
         "model"_a, "cluster"_a, "pp"_a, "ep"_a, "schedule"_a, "microbatches"_a, "global_batch"_a, "mb_sequences"_a,
         "fp8"_a, "recompute"_a, "dispatch"_a, "partition"_a, "comm_sms"_a, "elem_bytes"_a, "device"_a, "gpus"_a,
-        "gpus_per_node"_a, "sequential_hops"_a, "ignore_memory"_a, "free_comm"_a, "vpp"_a = 1);
+        "gpus_per_node"_a, "sequential_hops"_a, "ignore_memory"_a, "free_comm"_a, "vpp"_a = 1, "tp"_a = 1, "cp"_a = 1,
+        "etp"_a = 1, "seq_len"_a = 0, "serial_grad_sync"_a = false);
 
 }
 

@@ -42,15 +42,18 @@ __all__ = ["Communicator", "DivergenceError", "Plan", "backends", "launch", "sch
 def simulate(model="deepseek-v3", cluster="h800x2048", pp=16, ep=64, schedule="dualpipe", microbatches=0,
              global_batch=15360, mb_sequences=1, fp8=True, recompute=True, dispatch="hierarchical",
              partition="balanced", comm_sms=-1, elem_bytes=2.0, device="", gpus=0, gpus_per_node=0,
-             sequential_hops=False, ignore_memory=False, free_comm=False, vpp=1):
+             sequential_hops=False, ignore_memory=False, free_comm=False, vpp=1, tp=1, cp=1, etp=1, seq_len=0,
+             serial_grad_sync=False):
     """Predicts one training step of `model` on `cluster` with a parallel layout, as `duplex simulate --json`.
 
     Returns the same fields as a dict: step_time_s, pipeline_s, bubble_fraction, mfu, tokens_per_s_per_gpu,
     gpu_hours_per_trillion_tokens, exposed_comm_s, memory_per_gpu_bytes, fits, per-stage costs, ...
     A layout that cannot run raises ValueError naming the constraint it breaks. pp counts model stages (dualpipev
-    holds two per rank, interleaved vpp).
+    holds two per rank, interleaved and interleaved-fb vpp); tp (with sequence parallelism), cp (ring attention) and
+    etp (the experts' own TP) shard every stage, as `duplex simulate --tp/--cp/--etp`.
     """
     text = _duplex._simulate_json(model, cluster, pp, ep, schedule, microbatches, global_batch, mb_sequences, fp8,
                                   recompute, dispatch, partition, comm_sms, elem_bytes, device, gpus, gpus_per_node,
-                                  sequential_hops, ignore_memory, free_comm, vpp)
+                                  sequential_hops, ignore_memory, free_comm, vpp, tp, cp, etp, seq_len,
+                                  serial_grad_sync)
     return _json.loads(text)

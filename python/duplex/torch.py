@@ -333,8 +333,9 @@ class ZeroAdamW:
 class Pipeline:
     """This rank's share of a pipeline-parallel (and data-parallel) model, run by Duplex's executor.
 
-    schedule: 1f1b, zb1p, dualpipe, dualpipev or interleaved (Megatron's interleaved 1F1B: vpp stages per rank,
-    stage s on pipeline rank s % (pp / vpp)). pp counts the model's stages (default: the pipeline ranks times the
+    schedule: 1f1b, zb1p, dualpipe, dualpipev, interleaved (Megatron's interleaved 1F1B: vpp stages per rank,
+    stage s on pipeline rank s % (pp / vpp)) or interleaved-fb (its steady state as F&B pairs, each backward with
+    the next forward: with ep > 1 one's expert exchange waits while the other computes). pp counts the model's stages (default: the pipeline ranks times the
     stages each holds).
 
     Between stages: a tensor, a tuple of tensors or a dict of them (a tuple is passed to the next stage's module as
@@ -374,7 +375,8 @@ class Pipeline:
             raise ValueError(f"max_bad_steps must be 0 or more, got {max_bad_steps}")
         self.schedule, self.dp, self.microbatches = schedule, dp, microbatches
         ranks_per_replica = world.size // dp
-        folded = 2 if schedule == "dualpipev" else int(vpp) if schedule == "interleaved" else 1  # stages per rank
+        interleaved = schedule in ("interleaved", "interleaved-fb")
+        folded = 2 if schedule == "dualpipev" else int(vpp) if interleaved else 1  # stages per rank
         self.vpp = int(vpp)
         self.pp = pp if pp is not None else folded * ranks_per_replica
         self.pipe_rank = world.rank // dp

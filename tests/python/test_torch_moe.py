@@ -74,10 +74,10 @@ def make_model(pp, dtype, seed=7):
         return [Moe(embed=s == 0, head=s == pp - 1).to(dtype) for s in range(pp)]
 
 
-def rank_stages(world, schedule, pp, dp, ep, dtype):
+def rank_stages(world, schedule, pp, dp, ep, dtype, vpp=1):
     """The whole model's blocks, and this rank's stages among them (their experts kept for its EP rank)."""
     blocks = make_model(pp, dtype)
-    mine = [blocks[s] for s in duplex.stages_of_rank(schedule, pp, world.rank // dp)]
+    mine = [blocks[s] for s in duplex.stages_of_rank(schedule, pp, world.rank // dp, vpp)]
     if ep > 1:
         for m in mine:
             m.keep_experts(world.rank % dp % ep, ep)
@@ -107,12 +107,17 @@ class ExpertParallel(unittest.TestCase):
             with self.subTest(schedule=schedule):
                 self.check(schedule, 2, 4, 4, torch.float64, 1e-12, 1e-12, virtual_nodes=4)
 
+    def test_interleaved_fb_pairs_fp64(self):
+        # Interleaved 1F1B with its steady state as F&B pairs (VPP 2: 4 stages on 2 ranks), EP 2: one microbatch's
+        # expert exchange waited through while the other computes, equal to the whole model.
+        self.check("interleaved-fb", 4, 2, 2, torch.float64, 1e-12, 1e-12, vpp=2)
+
     def test_fp32(self):
         for schedule in ["zb1p", "dualpipe"]:
             with self.subTest(schedule=schedule):
                 self.check(schedule, 4, 2, 2, torch.float32, 1e-6, 1e-5)
 
-    def check(self, schedule, pp, dp, ep, dtype, loss_tol, param_tol, virtual_nodes=0):
+    def check(self, schedule, pp, dp, ep, dtype, loss_tol, param_tol, virtual_nodes=0, vpp=1):
         n, steps = 2 * pp, 3
         stages = make_model(pp, dtype)
         model = torch.nn.Sequential(*stages)
@@ -131,12 +136,12 @@ class ExpertParallel(unittest.TestCase):
         want = {f"{s}.{name}": p.detach() for s, st in enumerate(stages) for name, p in st.named_parameters()}
 
         got, losses, paths, lock = {}, {}, set(), threading.Lock()
-        ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp
+        ranks_per_replica = pp // 2 if schedule == "dualpipev" else pp // vpp
 
         def rank_main(world):
-            blocks, mine = rank_stages(world, schedule, pp, dp, ep, dtype)
+            blocks, mine = rank_stages(world, schedule, pp, dp, ep, dtype, vpp)
             pipe = dt.Pipeline(world, mine, schedule=schedule, pp=pp, dp=dp, ep=ep, microbatches=n, loss_fn=loss_fn,
-                               activation_shape=(ROWS, W), dtype=dtype)
+                               activation_shape=(ROWS, W), dtype=dtype, vpp=vpp)
             opt = torch.optim.SGD([p for m in mine for p in m.parameters()], lr=0.1)
             mine_losses = train_pipeline(pipe, opt, (batch(step, n * dp) for step in range(1, steps + 1)))
             with lock:
@@ -157,7 +162,7 @@ class ExpertParallel(unittest.TestCase):
                                      f"step {s + 1}")
         if ep > 1:  # the path dispatch took: node-limited exactly when the EP group spans nodes
             self.assertEqual(paths, {virtual_nodes > 0})
-        if ep > 1 and schedule in ("dualpipe", "dualpipev"):  # the exchanges waited through the executor's stage call
+        if ep > 1 and schedule in ("dualpipe", "dualpipev", "interleaved-fb"):  # waited through the stage call
             self.assertFalse(math.isnan(losses["fb_ep_hidden"]), "no expert exchange was waited for inside an F&B pair")
         self.assertEqual(sorted(got), sorted(want))
         for name, w in want.items():
