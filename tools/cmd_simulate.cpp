@@ -11,6 +11,7 @@
 #include "runtime/sim/simulator.hpp"
 #include "tools/commands.hpp"
 #include "tools/lists.hpp"
+#include "tools/sim_plots.hpp"
 
 namespace duplex::tools {
 
@@ -20,7 +21,7 @@ struct Args {
     std::string model = "deepseek-v3";
     std::string cluster = "h800x2048";
     std::string device;  // overrides the cluster's device preset
-    int gpus = 0;        // overrides the cluster's GPU count
+    std::string gpus = "0";  // overrides the cluster's GPU count (a list: one sweep per cluster size)
     int gpus_per_node = 0;
     std::string pp = "16", vpp = "1", ep = "64", schedule = "dualpipe", microbatches = "0";
     std::string tp = "1", cp = "1", etp = "1";
@@ -45,9 +46,9 @@ struct Layout {
     std::string kind;
     int pp = 1, vpp = 1, ep = 1, mb = 0, tp = 1, cp = 1, etp = 1;
     std::string str() const {
-        return fmt::format("{} tp {} cp {} pp {}{} ep {}{} mb {}", kind, tp, cp, pp,
+        return fmt::format("{} tp {}{} pp {}{} ep {}{}{}", kind, tp, cp > 1 ? fmt::format(" cp {}", cp) : "", pp,
                            vpp > 1 ? fmt::format(" vpp {}", vpp) : "", ep, etp > 1 ? fmt::format(" etp {}", etp) : "",
-                           mb);
+                           mb > 0 ? fmt::format(" mb {}", mb) : "");
     }
 };
 
@@ -174,21 +175,27 @@ struct SweepRow {
     SimResult r;
 };
 
-// The sweep's CSV and its summary: the layouts that could not run, the best that fit.
+// Every sweep row of every cluster size, one CSV.
+void write_sweep_csv(const Args& a, const std::vector<SweepRow>& rows) {
+    std::string csv =
+        "gpus,schedule,tp,cp,pp,vpp,ep,etp,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
+        "gpu_hours_per_trillion_tokens,exposed_expert_s,exposed_pipeline_s,exposed_dp_s,exposed_tp_s,memory_gb,fits\n";
+    for (const SweepRow& w : rows)
+        csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.4g},"
+                           "{:.2f},{}\n",
+                           w.r.gpus, w.l.kind, w.l.tp, w.l.cp, w.l.pp, w.l.vpp, w.l.ep, w.l.etp, w.r.dp,
+                           w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu, w.r.tokens_per_s_per_gpu,
+                           w.r.gpu_hours_per_trillion_tokens, w.r.exposed_comm_s.at("expert"),
+                           w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
+                           w.r.exposed_comm_s.at("tensor"), w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
+    write_text_file(a.csv, csv, "--csv");
+}
+
+// A sweep's summary: the layouts that could not run, the best that fit.
 void report_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const std::vector<SweepRow>& rows,
                   const std::vector<std::string>& rejected, size_t total, double seconds) {
-    std::string csv =
-        "schedule,tp,cp,pp,vpp,ep,etp,dp,microbatches,step_time_s,bubble_fraction,mfu,tokens_per_s_per_gpu,"
-        "gpu_hours_per_trillion_tokens,exposed_expert_s,exposed_pipeline_s,exposed_dp_s,memory_gb,fits\n";
-    for (const SweepRow& w : rows)
-        csv += fmt::format("{},{},{},{},{},{},{},{},{},{:.6g},{:.4f},{:.4f},{:.1f},{:.1f},{:.4g},{:.4g},{:.4g},{:.2f},{}\n",
-                           w.l.kind, w.l.tp, w.l.cp, w.l.pp, w.l.vpp, w.l.ep, w.l.etp, w.r.dp, w.r.microbatches, w.r.step_time_s, w.r.bubble_fraction, w.r.mfu,
-                           w.r.tokens_per_s_per_gpu, w.r.gpu_hours_per_trillion_tokens, w.r.exposed_comm_s.at("expert"),
-                           w.r.exposed_comm_s.at("pipeline"), w.r.exposed_comm_s.at("data_parallel"),
-                           w.r.memory_total_bytes / 1e9, w.r.fits ? 1 : 0);
-    write_text_file(a.csv, csv, "--csv");
-    fmt::print(human(), "# swept {} layouts of {} on {} in {:.2f} s ({} could not run); CSV: {}\n", total, m.name, cl.name,
-               seconds, rejected.size(), a.csv);
+    fmt::print(human(), "# swept {} layouts of {} on {} in {:.2f} s ({} could not run)\n", total, m.name, cl.name,
+               seconds, rejected.size());
     for (size_t i = 0; i < std::min<size_t>(rejected.size(), 5); ++i) fmt::print(human(), "#   rejected: {}\n", rejected[i]);
     std::vector<const SweepRow*> fit;
     for (const SweepRow& w : rows)
@@ -209,8 +216,8 @@ void report_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, 
 
 // Every combination of the lists; layouts that cannot run are listed with the reason, the rest go to the CSV.
 // VPP other than 1 belongs to the interleaved schedule only: other kinds take VPP 1 once.
-void run_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const SimOptions& base,
-               const std::vector<Layout>& layouts) {
+std::vector<SweepRow> run_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, const SimOptions& base,
+                                const std::vector<Layout>& layouts) {
     std::vector<SweepRow> rows;
     std::vector<std::string> rejected;
     Stopwatch sw;
@@ -227,6 +234,38 @@ void run_sweep(const Args& a, const ModelConfig& m, const ClusterConfig& cl, con
         if (done % 100 == 0) fmt::print(stderr, "# sweep: {}/{} layouts, {:.1f} s\n", done, layouts.size(), sw.seconds());
     }
     report_sweep(a, m, cl, rows, rejected, layouts.size(), sw.seconds());
+    return rows;
+}
+
+std::string layout_label(const Layout& l) {
+    std::string s = l.str();
+    return s.substr(l.kind.size() + 1);  // the schedule is the colour
+}
+
+// The pictures of a sweep: one cluster size, every layout (throughput against memory); several, the best fitting
+// layout of each size.
+void write_sweep_svg(const Args& a, const ModelConfig& m, const std::vector<std::vector<SweepRow>>& by_size,
+                     const std::vector<ClusterConfig>& clusters) {
+    if (a.svg.empty()) return;
+    if (by_size.size() == 1) {
+        std::vector<PlotPoint> pts;
+        for (const SweepRow& w : by_size[0])
+            pts.push_back({w.r.memory_total_bytes / 1e9, w.r.tokens_per_s_per_gpu, w.l.kind, layout_label(w.l), w.r.fits});
+        write_text_file(a.svg, layouts_svg(fmt::format("{} on {}: {} layouts that run", m.name, clusters[0].name, pts.size()),
+                                           pts, clusters[0].device.memory_bytes / 1e9),
+                        "--svg");
+    } else {
+        std::vector<PlotPoint> pts;
+        for (size_t i = 0; i < by_size.size(); ++i) {
+            const SweepRow* best = nullptr;
+            for (const SweepRow& w : by_size[i])
+                if (w.r.fits && (!best || w.r.tokens_per_s_per_gpu > best->r.tokens_per_s_per_gpu)) best = &w;
+            if (best) pts.push_back({double(clusters[i].gpus), best->r.tokens_per_s_per_gpu, best->l.kind,
+                                     layout_label(best->l), true});
+        }
+        write_text_file(a.svg, scaling_svg(fmt::format("{}: the best layout at each cluster size", m.name), pts), "--svg");
+    }
+    fmt::print(human(), "# plot written to {}\n", a.svg);
 }
 
 int run(const Args& a) {
@@ -239,7 +278,7 @@ int run(const Args& a) {
                          m.layers);
         m.dense_layers = a.dense_layers;
     }
-    ClusterConfig cl = make_cluster(a.cluster, a.device, a.gpus, a.gpus_per_node, a.time_scale);
+    auto gpus = int_list(a.gpus, "--gpus");
     auto pps = int_list(a.pp, "--pp"), eps = int_list(a.ep, "--ep"), mbs = int_list(a.microbatches, "--microbatches");
     auto vpps = int_list(a.vpp, "--vpp"), tps = int_list(a.tp, "--tp"), cps = int_list(a.cp, "--cp");
     auto etps = int_list(a.etp, "--etp");
@@ -260,8 +299,20 @@ int run(const Args& a) {
                                 for (int mb : mbs) layouts.push_back({k, pp, vpp, ep, mb, tp, cp, etp});
     }
     SimOptions base = options_of(a);
-    if (!a.sweep && layouts.size() == 1) return run_one(a, m, cl, base, layouts[0]);
-    run_sweep(a, m, cl, base, layouts);
+    if (!a.sweep && layouts.size() == 1 && gpus.size() == 1)
+        return run_one(a, m, make_cluster(a.cluster, a.device, gpus[0], a.gpus_per_node, a.time_scale), base,
+                       layouts[0]);
+    std::vector<std::vector<SweepRow>> by_size;
+    std::vector<ClusterConfig> clusters;
+    std::vector<SweepRow> all;
+    for (int g : gpus) {
+        clusters.push_back(make_cluster(a.cluster, a.device, g, a.gpus_per_node, a.time_scale));
+        by_size.push_back(run_sweep(a, m, clusters.back(), base, layouts));
+        all.insert(all.end(), by_size.back().begin(), by_size.back().end());
+    }
+    write_sweep_csv(a, all);
+    fmt::print(human(), "# CSV: {}\n", a.csv);
+    write_sweep_svg(a, m, by_size, clusters);
     return 0;
 }
 
@@ -279,7 +330,9 @@ Command add_simulate(CLI::App& app) {
     cmd->add_option("--cluster", a->cluster, "DEVICExGPUS (h800x2048, h100x1024, h200x64, ...) or a cluster .json")
         ->capture_default_str();
     cmd->add_option("--device", a->device, "override the cluster's device preset (h800, h100, h200, or a .json)");
-    cmd->add_option("--gpus", a->gpus, "override the cluster's GPU count");
+    cmd->add_option("--gpus", a->gpus,
+                    "override the cluster's GPU count (a comma list sweeps cluster sizes; --svg then draws the best "
+                    "layout's throughput against the GPUs)");
     cmd->add_option("--gpus-per-node", a->gpus_per_node, "override GPUs per node (default 8)");
     cmd->add_option("--pp", a->pp,
                     "pipeline stages of the model (dualpipev: on pp/2 ranks, interleaved: on pp/vpp; a comma list "
@@ -328,7 +381,10 @@ Command add_simulate(CLI::App& app) {
         ->capture_default_str();
     cmd->add_flag("--free-comm", a->free_comm, "every transfer and exchange costs nothing (validation)");
     cmd->add_flag("--ignore-memory", a->ignore_memory, "simulate a layout that does not fit in GPU memory");
-    cmd->add_option("--svg", a->svg, "write the replayed pipeline as an SVG timeline");
+    cmd->add_option("--svg", a->svg,
+                    "one layout: the replayed pipeline as an SVG timeline; a sweep: every layout's tokens/s/GPU against "
+                    "its memory per GPU, the Pareto front and the chosen layout marked; a --gpus list: the best "
+                    "throughput against cluster size");
     cmd->add_option("--trace", a->trace, "write the replayed pipeline as Chrome-trace JSON");
     cmd->add_option("--json", a->json, "write the result as JSON to this file; - for standard output");
     cmd->add_flag("--sweep", a->sweep, "sweep mode even for single values (lists in --pp/--ep/--microbatches/--schedule "

@@ -375,7 +375,7 @@ ClusterConfig make_cluster(const std::string& preset, const std::string& device,
         cl.device = CostModel::preset(device).device();
         cl.device.gpus_per_node = gpn;
     }
-    if (gpus > 0) cl.gpus = gpus;
+    if (gpus > 0 && gpus != cl.gpus) cl.gpus = gpus, cl.name = fmt::format("{}x{}", cl.device.name, gpus);
     if (gpus_per_node > 0) cl.device.gpus_per_node = gpus_per_node;
     DUPLEX_CHECK_ARG(time_scale > 0, "--time-scale", "must be positive, got {}", time_scale);
     cl.device.time_scale = time_scale;
