@@ -36,6 +36,7 @@ struct Args {
     std::string mode = "math";
     std::string device = "h800";
     double time_scale = 1.0;
+    bool serial_grad_sync = false;
     double cost_f_ms = 0, cost_b_ms = 0, cost_w_ms = 0, cost_fb_ms = -1;
     int virtual_nodes = 0;
     int ranks = 1;
@@ -298,6 +299,7 @@ int run_distributed(const Args& a) {
     if (p.emulate) {
         p.cost_model = CostModel::preset(a.device);
         p.cost_model.device().time_scale = a.time_scale;
+        p.overlap_grad_sync = !a.serial_grad_sync;
         if (a.cost_f_ms > 0) {
             sched::Costs c{a.cost_f_ms, a.cost_b_ms, a.cost_w_ms, a.cost_fb_ms, 0};
             sched::check_costs(c);
@@ -389,6 +391,9 @@ void add_layout_options(CLI::App* cmd, Args* a) {
         ->capture_default_str();
     cmd->add_option("--device", a->device, "emulate: device preset of the cost model")->capture_default_str();
     cmd->add_option("--time-scale", a->time_scale, "emulate: multiply every modelled duration")->capture_default_str();
+    cmd->add_flag("--serial-grad-sync", a->serial_grad_sync,
+                  "emulate: the step-end gradient synchronization after the pipeline (default: each stage's starts "
+                  "when its last weight gradient is done, as `duplex simulate` models it)");
     cmd->add_option("--cost-f", a->cost_f_ms, "emulate: forward chunk in ms (default: from the cost model)");
     cmd->add_option("--cost-b", a->cost_b_ms, "emulate: full backward chunk in ms");
     cmd->add_option("--cost-w", a->cost_w_ms, "emulate: weight-gradient part of the backward in ms");

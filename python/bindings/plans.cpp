@@ -46,6 +46,8 @@ nb::tuple chunk_tuple(const sched::Chunk& c) { return nb::make_tuple(c.mb, c.sta
 
 }  // namespace
 
+void bind_simulate(nb::module_& m);
+
 void bind_plans(nb::module_& m) {
     nb::class_<Plan>(m, "Plan", "A validated schedule replayed with given costs: per-rank instruction lists and timings.")
         .def_prop_ro("kind", [](const Plan& p) { return p.kind; })
@@ -119,6 +121,11 @@ void bind_plans(nb::module_& m) {
         "counts model stages (interleaved: pp/vpp ranks, vpp stages each). cost_b is a full backward, cost_w its "
         "weight-gradient part, cost_fb an overlapped forward+backward pair (< 0: F + B).");
 
+    bind_simulate(m);
+}
+
+// duplex._duplex._simulate_json: what duplex.simulate (python/duplex/__init__.py) wraps.
+void bind_simulate(nb::module_& m) {
     m.def(
         "_simulate_json",
         [](const std::string& model, const std::string& cluster, int pp, int ep, const std::string& schedule,
@@ -146,7 +153,6 @@ void bind_plans(nb::module_& m) {
         "fp8"_a, "recompute"_a, "dispatch"_a, "partition"_a, "comm_sms"_a, "elem_bytes"_a, "device"_a, "gpus"_a,
         "gpus_per_node"_a, "sequential_hops"_a, "ignore_memory"_a, "free_comm"_a, "vpp"_a = 1, "tp"_a = 1, "cp"_a = 1,
         "etp"_a = 1, "seq_len"_a = 0, "serial_grad_sync"_a = false);
-
 }
 
 }  // namespace duplex::py

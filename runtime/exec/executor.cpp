@@ -4,6 +4,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <map>
 #include <thread>
 
 #include <fmt/format.h>
@@ -329,16 +330,36 @@ ExecutorStep Executor::run(const std::map<int, Stage*>& stages,
                            const std::function<const MicrobatchData*(int)>& data_of, int step, int global_offset) {
     Run r{*this, stages, data_of, step, global_offset, schedule_.pp - 1, {}, {}, {}, {}, {}, false};
     double start = tracer_.now_us();
-    for (const Instr& in : schedule_.ranks[prank_]) {
+    const std::vector<Instr>& list = schedule_.ranks[prank_];
+    std::map<int, size_t> last_weight;  // stage -> the instruction computing its last weight gradient here
+    for (size_t i = 0; i < list.size(); ++i)
+        if (list[i].op == Op::W || list[i].op == Op::BW || list[i].op == Op::FB) last_weight[list[i].b.stage] = i;
+    for (size_t i = 0; i < list.size(); ++i) {
+        const Instr& in = list[i];
+        // Right after the compute that finishes a stage's last weight gradient, before its sends.
+        auto weights_done = [&] {
+            if (options_.on_weights_done)
+                for (auto& [stage, at] : last_weight)
+                    if (at == i) options_.on_weights_done(stage);
+        };
+        auto full_backward = [&] {
+            Run::ChunkRun b = r.receive(in, in.b, true, true);
+            r.compute(b, false);
+            weights_done();
+            r.send(b);
+        };
         switch (in.op) {
             case Op::F: r.chunk(in, in.f, false, false); break;
             case Op::B: r.chunk(in, in.b, true, false); break;
-            case Op::BW: r.chunk(in, in.b, true, true); break;
-            case Op::W: r.weight(in.b); break;
+            case Op::BW: full_backward(); break;
+            case Op::W:
+                r.weight(in.b);
+                weights_done();
+                break;
             case Op::FB: {
                 if (in.f.stage == in.b.stage || !options_.overlap_pairs) {  // one thread: the calls in order
                     r.chunk(in, in.f, false, false);
-                    r.chunk(in, in.b, true, true);
+                    full_backward();
                     break;
                 }
                 Run::ChunkRun f = r.receive(in, in.f, false, false), b = r.receive(in, in.b, true, true);
@@ -360,6 +381,7 @@ ExecutorStep Executor::run(const std::map<int, Stage*>& stages,
                 }
                 helper.join();
                 if (failed) std::rethrow_exception(failed);
+                weights_done();
                 r.send(f);
                 r.send(b);
                 break;

@@ -44,6 +44,9 @@ struct ExecutorOptions {
     // false: one after the other on one thread — for stages that cannot compute concurrently anyway (Python
     // stages under one interpreter lock) and have nothing to wait for inside a call (no EP).
     bool overlap_pairs = true;
+    // Called on the executor's thread right after the instruction that computes a stage's last weight gradient of
+    // the step on this rank (its W, BW or F&B pair): the stage's step-end synchronization may start.
+    std::function<void(int stage)> on_weights_done;
 };
 
 struct ExecutorStep {

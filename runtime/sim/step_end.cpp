@@ -5,7 +5,8 @@
 // group (DP x CP ranks) and the experts' (expert-DP). With overlap (the default, as Megatron's overlapped gradient
 // reduction and DeepSeek-V3's run) a stage's synchronization starts when its last weight gradient is done, the
 // stages of a rank one after the other on its links; the step ends when the last rank's last synchronization does
-// (or the pipeline, whichever is later). Serialized: every synchronization after the pipeline.
+// (or the pipeline, whichever is later). Serialized: each rank's synchronizations after its own last instruction
+// (its data-parallel peers run the same list; no other rank takes part).
 //
 // Memory per GPU: BF16 weights and FP32 gradients of the rank's stages (dense ones / TP, experts / (EP x ETP)),
 // FP32 master weights and two BF16 moments sharded over the data-parallel groups, the activations of the chunks
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <map>
 
+#include "runtime/sim/grad_sync.hpp"
 #include "runtime/sim/sim_run.hpp"
 
 namespace duplex::sim_detail {
@@ -54,34 +56,6 @@ double layer_activation_bytes(const ModelConfig& c, int layer, const SimOptions&
     return bytes;
 }
 
-double dense_params(const ModelConfig& c, int first, int n, bool has_embedding, bool has_head) {
-    double p = 0;
-    for (int l = first; l < first + n; ++l)
-        p += c.attention_params() + (c.is_moe_layer(l) ? c.expert_params() * c.shared_experts + double(c.hidden) * c.experts
-                                                       : 3.0 * c.hidden * c.dense_ffn);
-    if (has_embedding) p += double(c.vocab) * c.hidden;
-    if (has_head) {
-        p += double(c.vocab) * c.hidden;
-        p += c.mtp_depth * (2.0 * c.hidden * c.hidden + c.attention_params() +
-                            c.expert_params() * c.shared_experts + double(c.hidden) * c.experts);
-    }
-    return p;
-}
-
-double expert_params(const ModelConfig& c, int first, int n, bool has_head, int ep) {
-    int moe = 0;
-    for (int l = first; l < first + n; ++l) moe += c.is_moe_layer(l);
-    if (has_head) moe += c.mtp_depth;
-    return double(moe) * (double(c.experts) / ep) * c.expert_params();
-}
-
-// Ring reduce-scatter or all-gather of `bytes` over n ranks.
-double ring_s(const CostModel& cm, double bytes, int n, LinkClass link) {
-    if (n <= 1) return 0;
-    return (n - 1) * cm.transfer_s(bytes / n, link);
-}
-
-
 // When each stage a rank holds computes its last weight gradient (the end of the instruction that does).
 std::map<int, double> last_weight_gradient(const sched::Schedule& sc, const sched::Replay& rp, int rank) {
     std::map<int, double> done;
@@ -102,7 +76,7 @@ void step_end_and_memory(const Run& x) {
     const sched::Schedule& sc = r.schedule;
     const int S = x.S, Tg = x.Tg;
     const double K = cfg.top_k, h = cfg.hidden, e = o.elem_bytes, act_bytes = x.act_bytes();
-    const double tp = x.sh.tp, etp = x.sh.etp;
+    const double etp = x.sh.etp;
     const int dense_dp = r.dp * x.sh.cp;  // CP ranks hold the same weights
     const LinkClass dp_link = x.stage_gpus() > x.gpn ? LinkClass::InterNode : LinkClass::IntraNode;
     double step_end = r.pipeline_s, serial = 0;
@@ -115,8 +89,9 @@ void step_end_and_memory(const Run& x) {
         for (int dir = 0; dir < sc.num_directions; ++dir)
             for (int s = 0; s < S; ++s) {
                 if (sc.rank_of(s, dir) != pr) continue;  // DualPipe: each stage twice (two copies)
-                double d = dense_params(cfg, x.first_layer(s), x.num_layers(s), s == 0, s == S - 1) / tp;
-                double p = expert_params(cfg, x.first_layer(s), x.num_layers(s), s == S - 1, o.ep) / etp;
+                StageParams sp = stage_params(cfg, x.first_layer(s), x.num_layers(s), s == 0, s == S - 1, o.ep, x.sh.tp,
+                                              x.sh.etp);
+                const double d = sp.dense, p = sp.experts;
                 pd += d, pe += p;
                 double per_token = 0;
                 for (int l = x.first_layer(s); l < x.first_layer(s) + x.num_layers(s); ++l)
@@ -124,11 +99,8 @@ void step_end_and_memory(const Run& x) {
                 act = std::max(act, per_token * Tg);
                 double t = 0;
                 if (!o.free_communication) {
-                    if (o.schedule == ScheduleKind::DualPipe)  // the two copies' fp32 gradients summed with the partner
-                        t += cm.transfer_s((d + p) * 4 / 2, x.node_of(pr) == x.node_of(S - 1 - pr) ? LinkClass::IntraNode
-                                                                                            : LinkClass::InterNode) * 2;
-                    t += ring_s(cm, d * 4, dense_dp, dp_link) + ring_s(cm, d * 2, dense_dp, dp_link);  // RS, AG
-                    t += ring_s(cm, p * 4, r.edp, dp_link) + ring_s(cm, p * 2, r.edp, dp_link);
+                    LinkClass pair = x.node_of(pr) == x.node_of(S - 1 - pr) ? LinkClass::IntraNode : LinkClass::InterNode;
+                    t = stage_sync_s(cm, sp, dense_dp, r.edp, dp_link, o.schedule == ScheduleKind::DualPipe, pair);
                 }
                 syncs.push_back({ready.count(s) ? ready[s] : r.pipeline_s, t});
                 total_sync += t;
@@ -136,7 +108,10 @@ void step_end_and_memory(const Run& x) {
         std::sort(syncs.begin(), syncs.end());
         double busy_until = 0;  // the rank's links: one stage's synchronization after the other
         for (auto [at, t] : syncs) busy_until = std::max(busy_until, at) + t;
-        step_end = std::max(step_end, busy_until);
+        // Serialized: after this rank's own last instruction (its data-parallel peers run the same list; the
+        // other pipeline ranks do not take part).
+        const double own_end = r.replay.spans[pr].empty() ? 0 : r.replay.spans[pr].back().end;
+        step_end = std::max(step_end, o.overlap_grad_sync ? busy_until : own_end + total_sync);
         serial = std::max(serial, total_sync);
         std::map<std::string, double> mem;
         mem["parameters"] = 2 * (pd + pe);                                      // BF16 working weights
@@ -155,8 +130,8 @@ void step_end_and_memory(const Run& x) {
     r.memory_capacity_bytes = x.dev.memory_bytes;
     r.fits = x.dev.memory_bytes <= 0 || worst_total <= x.dev.memory_bytes;
     r.grad_sync_s = serial;
-    r.exposed_comm_s["data_parallel"] = o.overlap_grad_sync ? step_end - r.pipeline_s : serial;
-    r.step_time_s = r.pipeline_s + r.exposed_comm_s["data_parallel"];
+    r.exposed_comm_s["data_parallel"] = step_end - r.pipeline_s;
+    r.step_time_s = step_end;
 }
 
 void throughput(const Run& x) {

@@ -16,6 +16,7 @@
 #include "memory/ema.hpp"
 #include "parallel/plan.hpp"
 #include "runtime/train/checkpoint.hpp"
+#include "runtime/train/timed_sync.hpp"
 #include "runtime/sim/emulate.hpp"
 #include "runtime/sim/timed_transport.hpp"
 #include "runtime/exec/executor.hpp"
@@ -53,6 +54,7 @@ struct PipelineTrainer<T>::Impl {
     std::vector<std::pair<std::string, TensorView>> ema_params;  // owned parameters, in EMA order
     std::vector<bool> ema_expert;                                // ... and whether each is a routed expert's
     std::shared_ptr<EmulatedBytes> emulated_bytes = std::make_shared<EmulatedBytes>();
+    std::unique_ptr<TimedGradSync> timed_sync;  // emulate mode: the step-end synchronization as timed waits
     std::vector<std::pair<std::string, size_t>> stat_layout;  // the world's statistics, by name
     std::map<std::string, std::vector<double>> summed_statistics;  // the last step's
     int64_t tokens_per_microbatch = 0;                        // built-in model: for tokens/s (custom stages: 0)

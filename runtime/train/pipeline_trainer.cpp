@@ -2,6 +2,7 @@
 
 #include <sstream>
 
+#include "runtime/sim/grad_sync.hpp"
 #include "runtime/train/pipeline_impl.hpp"
 
 namespace duplex {
@@ -81,6 +82,24 @@ void make_stages(Impl& I, const StageFactory& factory, int layers, int pp) {
                 // DualPipe holds every stage twice (ranks s and PP-1-s); the down copy (rank s) is the owner.
                 I.owner[s] = I.p.schedule != ScheduleKind::DualPipe || I.schedule.rank_of(s, 0) == I.prank;
             }
+}
+
+// Emulate mode's gradient synchronization: per stage this rank holds, what the cost model charges its pair sum
+// (DualPipe), reduce-scatter and all-gather over this run's groups (runtime/sim/grad_sync.hpp).
+template <typename Impl>
+std::unique_ptr<TimedGradSync> make_timed_sync(Impl& I, int layers) {
+    const ModelConfig cfg = I.o.model_config();
+    const CostModel cm = I.p.cost_model.for_expert_parallel(I.p.ep);
+    auto link = [](Communicator& c) { return c.topology().num_nodes() > 1 ? LinkClass::InterNode : LinkClass::IntraNode; };
+    const bool pair_sum = I.p.schedule == ScheduleKind::DualPipe;
+    std::map<int, double> seconds;
+    for (auto& [s, stage] : I.stages) {
+        LayerRange lr = I.plan.layers_of_stage(s, layers);
+        StageParams sp = stage_params(cfg, lr.first, lr.count, s == 0, s == I.p.pp - 1, I.p.ep);
+        seconds[s] = stage_sync_s(cm, sp, I.p.dp, I.p.dp / I.p.ep, link(*I.groups.dp), pair_sum,
+                                  pair_sum ? link(*I.pair) : LinkClass::Self);
+    }
+    return std::make_unique<TimedGradSync>(seconds, I.p.overlap_grad_sync);
 }
 
 // ZeRO-1 AdamW per stage: one over the dense parameters (DP group), one over the routed experts' (expert-DP).
@@ -357,9 +376,13 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
         I.transport = std::make_unique<TimedPipeTransport>(I.pipe, I.p.cost_model);
     else
         I.transport = std::make_unique<CommPipeTransport>(I.pipe);
-    I.executor = std::make_unique<Executor>(I.schedule, I.prank, *I.transport, I.tracer,
-                                            ExecutorOptions{.exclusive_compute = p.emulate, .experts = I.expert_service,
-                                                            .overlap_pairs = p.overlap_pairs});
+    ExecutorOptions eo;
+    eo.exclusive_compute = p.emulate, eo.experts = I.expert_service, eo.overlap_pairs = p.overlap_pairs;
+    if (p.emulate) {
+        I.timed_sync = make_timed_sync(I, layers);
+        eo.on_weights_done = [&I](int stage) { I.timed_sync->weights_done(stage, I.tracer.now_us()); };
+    }
+    I.executor = std::make_unique<Executor>(I.schedule, I.prank, *I.transport, I.tracer, eo);
     I.executor->prepare(stages());
 
     make_optimizers(I);
@@ -407,7 +430,10 @@ StepMetrics PipelineTrainer<T>::step() {
 
     StepBatches<Impl> data{I, I.step_, offset};
     std::map<int, Stage*> stages = this->stages();
+    if (I.timed_sync) I.timed_sync->start(I.tracer.now_us());
     ExecutorStep r = I.executor->run(stages, [&](int mb) { return data(mb); }, I.step_, offset);
+    // Emulate mode: the synchronization the pipeline did not cover, waited for now.
+    double sync_us = I.timed_sync ? I.timed_sync->finish(I.tracer.now_us()) : 0;
 
     double slowest_us = 0;
     m.bubble_fraction = I.bubble_share(r.schedule_us, r.compute_us, slowest_us);
@@ -426,8 +452,11 @@ StepMetrics PipelineTrainer<T>::step() {
 
     if (!I.stat_layout.empty()) sum_statistics(I, m);
     if (I.p.emulate) {
-        // The step ends when the slowest rank ends.
-        m.step_time_s = slowest_us * 1e-6;
+        // The step ends when the slowest rank's pipeline and gradient synchronization end.
+        double mine = r.schedule_us + sync_us;
+        std::vector<double> all(size_t(I.world->size()));
+        I.world->all_gather(&mine, all.data(), sizeof(double))->wait();
+        m.step_time_s = *std::max_element(all.begin(), all.end()) * 1e-6;
     } else {
         m.step_time_s = sw.seconds();
     }

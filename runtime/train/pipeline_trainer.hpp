@@ -65,6 +65,9 @@ struct PipelineOptions {
     bool emulate = false;
     ChunkCosts emulate_costs{};            // seconds per chunk; f == 0: from the cost model per stage
     CostModel cost_model = CostModel::preset("h800");
+    // Emulate mode's step-end gradient synchronization (timed, as the simulator charges it): each stage's starts
+    // when the executor finishes its last weight gradient; false: all of it after the pipeline.
+    bool overlap_grad_sync = true;
 };
 
 // Every rank's named tensors (owned parameters, their EMA, ...) collected on rank 0; a collective. Other ranks

@@ -142,7 +142,9 @@ TEST(SimLayout, GradientSyncStartsWithEachStagesLastWeightGradient) {
         SimResult serial = simulate(v3, ClusterConfig::preset("h800x2048"), o);
         o.overlap_grad_sync = true;
         SimResult overlapped = simulate(v3, ClusterConfig::preset("h800x2048"), o);
-        EXPECT_DOUBLE_EQ(serial.step_time_s, serial.pipeline_s + serial.grad_sync_s);
+        // Serialized: each rank after its own last instruction, so at most the pipeline plus the largest sync.
+        EXPECT_LE(serial.step_time_s, serial.pipeline_s + serial.grad_sync_s + 1e-9);
+        EXPECT_GE(serial.step_time_s, serial.pipeline_s);
         EXPECT_DOUBLE_EQ(overlapped.pipeline_s, serial.pipeline_s);
         EXPECT_GE(overlapped.step_time_s, overlapped.pipeline_s);
         EXPECT_LE(overlapped.step_time_s, serial.step_time_s);
