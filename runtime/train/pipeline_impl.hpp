@@ -16,6 +16,7 @@
 #include "memory/ema.hpp"
 #include "parallel/plan.hpp"
 #include "runtime/train/checkpoint.hpp"
+#include "runtime/train/serial_worker.hpp"
 #include "runtime/train/timed_sync.hpp"
 #include "runtime/sim/emulate.hpp"
 #include "runtime/sim/timed_transport.hpp"
@@ -55,6 +56,11 @@ struct PipelineTrainer<T>::Impl {
     std::vector<bool> ema_expert;                                // ... and whether each is a routed expert's
     std::shared_ptr<EmulatedBytes> emulated_bytes = std::make_shared<EmulatedBytes>();
     std::unique_ptr<TimedGradSync> timed_sync;  // emulate mode: the step-end synchronization as timed waits
+    // ZeRO-1's reduce-scatter of each stage, started on this thread as the stage's last weight gradient is done
+    // (overlap_grad_sync; not with DualPipe, whose pair sum comes first); the squared norms they returned, by stage.
+    std::unique_ptr<SerialWorker> reducer;
+    std::mutex reduced_mu;
+    std::map<int, double> reduced_sq;
     std::vector<std::pair<std::string, size_t>> stat_layout;  // the world's statistics, by name
     std::map<std::string, std::vector<double>> summed_statistics;  // the last step's
     int64_t tokens_per_microbatch = 0;                        // built-in model: for tokens/s (custom stages: 0)

@@ -102,6 +102,20 @@ std::unique_ptr<TimedGradSync> make_timed_sync(Impl& I, int layers) {
     return std::make_unique<TimedGradSync>(seconds, I.p.overlap_grad_sync);
 }
 
+// ZeRO-1's reduce-scatter of one stage's gradients (its dense and expert optimizers); the squared norm it counts.
+template <typename Impl>
+void reduce_stage(Impl& I, int stage) {
+    double sq = 0;
+    auto opts = I.optimizers.find(stage);
+    if (opts != I.optimizers.end())
+        for (auto& opt : opts->second) {
+            double part = opt->reduce();
+            if (I.owner.at(stage)) sq += part;
+        }
+    std::lock_guard<std::mutex> lock(I.reduced_mu);
+    I.reduced_sq[stage] = sq;
+}
+
 // ZeRO-1 AdamW per stage: one over the dense parameters (DP group), one over the routed experts' (expert-DP).
 template <typename Impl>
 void make_optimizers(Impl& I) {
@@ -189,12 +203,15 @@ double update_weights(Impl& I, bool apply) {
             }
         }
     }
-    // ZeRO-1: reduce-scatter over DP, global norm over the owned copies, AdamW, all-gather.
-    for (auto& [s, opts] : I.optimizers)
-        for (auto& opt : opts) {
-            double part = opt->reduce();
-            if (I.owner.at(s)) sq += part;
-        }
+    // ZeRO-1: reduce-scatter over DP (each stage's, unless it already ran as its weight gradients were done),
+    // global norm over the owned copies, AdamW, all-gather.
+    if (I.reducer) I.reducer->wait();
+    for (auto& [s, opts] : I.optimizers) {
+        auto done = I.reduced_sq.find(s);
+        if (done == I.reduced_sq.end()) reduce_stage(I, s);
+        sq += I.reduced_sq.at(s);
+    }
+    I.reduced_sq.clear();
     I.world->all_reduce(&sq, 1, DType::F64)->wait();
     double norm = std::sqrt(sq);
     if (!apply || !std::isfinite(norm)) return norm;
@@ -378,14 +395,18 @@ PipelineTrainer<T>::PipelineTrainer(std::shared_ptr<Communicator> world, const P
         I.transport = std::make_unique<CommPipeTransport>(I.pipe);
     ExecutorOptions eo;
     eo.exclusive_compute = p.emulate, eo.experts = I.expert_service, eo.overlap_pairs = p.overlap_pairs;
+    make_optimizers(I);
     if (p.emulate) {
         I.timed_sync = make_timed_sync(I, layers);
         eo.on_weights_done = [&I](int stage) { I.timed_sync->weights_done(stage, I.tracer.now_us()); };
+    } else if (p.overlap_grad_sync && !I.optimizers.empty() && p.schedule != ScheduleKind::DualPipe) {
+        // DP replicas run the same list, so they post their stages' reduce-scatters in the same order.
+        I.reducer = std::make_unique<SerialWorker>();
+        eo.on_weights_done = [&I](int stage) { I.reducer->post([&I, stage] { reduce_stage(I, stage); }); };
     }
     I.executor = std::make_unique<Executor>(I.schedule, I.prank, *I.transport, I.tracer, eo);
     I.executor->prepare(stages());
 
-    make_optimizers(I);
     if (p.ema_decay > 0) make_ema(I);
     std::map<std::string, std::vector<double>> stats;
     for (auto& [s, stage] : I.stages)

@@ -65,8 +65,9 @@ struct PipelineOptions {
     bool emulate = false;
     ChunkCosts emulate_costs{};            // seconds per chunk; f == 0: from the cost model per stage
     CostModel cost_model = CostModel::preset("h800");
-    // Emulate mode's step-end gradient synchronization (timed, as the simulator charges it): each stage's starts
-    // when the executor finishes its last weight gradient; false: all of it after the pipeline.
+    // The step-end gradient synchronization: each stage's ZeRO-1 reduce-scatter (emulate mode: the timed pair sum,
+    // reduce-scatter and all-gather the simulator charges) starts when the executor finishes the stage's last
+    // weight gradient; false: all of it after the pipeline. (DualPipe's real pair sum stays at the step end.)
     bool overlap_grad_sync = true;
 };
 

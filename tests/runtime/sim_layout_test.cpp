@@ -148,7 +148,9 @@ TEST(SimLayout, GradientSyncStartsWithEachStagesLastWeightGradient) {
         EXPECT_DOUBLE_EQ(overlapped.pipeline_s, serial.pipeline_s);
         EXPECT_GE(overlapped.step_time_s, overlapped.pipeline_s);
         EXPECT_LE(overlapped.step_time_s, serial.step_time_s);
-        if (kind == ScheduleKind::DualPipe) EXPECT_LT(overlapped.exposed_comm_s.at("data_parallel"), 0.8 * serial.grad_sync_s);
+        if (kind == ScheduleKind::DualPipe) {
+            EXPECT_LT(overlapped.exposed_comm_s.at("data_parallel"), 0.8 * serial.grad_sync_s);
+        }
     }
 }
 
