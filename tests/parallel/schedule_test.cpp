@@ -183,15 +183,18 @@ TEST(ScheduleProperties, FormulaIsAnEstimateWhenBMinusWDiffersFromF) {
     EXPECT_NO_THROW(replay(generate(ScheduleKind::DualPipe, 8, 20), c));
 }
 
+// What fn throws as a ConfigError ("no error" when it does not throw).
+template <typename Fn>
+std::string message(Fn fn) {
+    try {
+        fn();
+    } catch (const ConfigError& e) {
+        return std::string(e.what());
+    }
+    return std::string("no error");
+}
+
 TEST(Schedule, BadInputNamesTheConstraint) {
-    auto message = [](auto fn) {
-        try {
-            fn();
-        } catch (const ConfigError& e) {
-            return std::string(e.what());
-        }
-        return std::string("no error");
-    };
     EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 7, 28); }).find("even number of stages"), std::string::npos);
     EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 8, 21); }).find("N must be even"), std::string::npos);
     EXPECT_NE(message([] { generate(ScheduleKind::DualPipe, 8, 14); }).find("N >= 2*PP = 16"), std::string::npos);
@@ -295,14 +298,6 @@ TEST(Interleaved, FbPairsCostNothingWithoutOverlapAndHideWithIt) {
 }
 
 TEST(Interleaved, BadInputNamesTheConstraint) {
-    auto message = [](auto fn) {
-        try {
-            fn();
-        } catch (const ConfigError& e) {
-            return std::string(e.what());
-        }
-        return std::string("no error");
-    };
     EXPECT_NE(message([] { generate(ScheduleKind::Interleaved, 6, 8, 4); }).find("VPP=4 must divide the 6 model stages"),
               std::string::npos);
     EXPECT_NE(message([] { generate(ScheduleKind::Interleaved, 8, 6, 2); }).find("groups of the 4 pipeline ranks: 6"),
