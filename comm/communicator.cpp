@@ -1,7 +1,9 @@
 #include "comm/communicator.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -20,6 +22,28 @@ namespace {
 
 const Knob<double> kCommTimeout("DUPLEX_COMM_TIMEOUT", 300.0,
                                 "seconds a communication operation may wait for a peer before TimeoutError");
+const Knob<std::string> kSlowPair("DUPLEX_TEST_SLOW_PAIR", "",
+                                  "tests only: FROM:TO:MICROSECONDS delays every point-to-point send from world rank "
+                                  "FROM to world rank TO by that long before it is posted (a slow link, for checking "
+                                  "that `duplex commbench --op pairs` names it); empty: none");
+
+struct SlowPair {
+    int from = -1, to = -1;
+    double us = 0;
+};
+
+// The DUPLEX_TEST_SLOW_PAIR link, read once per process.
+const SlowPair& slow_pair() {
+    static const SlowPair pair = [] {
+        SlowPair p;
+        std::string text = kSlowPair.get();
+        if (text.empty()) return p;
+        if (std::sscanf(text.c_str(), "%d:%d:%lf", &p.from, &p.to, &p.us) != 3 || p.from < 0 || p.to < 0 || p.us < 0)
+            throw ConfigError("DUPLEX_TEST_SLOW_PAIR", fmt::format("'{}' is not FROM:TO:MICROSECONDS", text));
+        return p;
+    }();
+    return pair;
+}
 }  // namespace
 
 double default_comm_timeout() { return kCommTimeout.get(); }
@@ -280,6 +304,8 @@ WorkPtr Communicator::isend(const void* buf, size_t bytes, int peer, uint32_t ta
     DUPLEX_CHECK_ARG(peer >= 0 && peer < size(), "isend peer", "rank {}: peer {} outside 0..{}", rank_, peer, size() - 1);
     DUPLEX_CHECK_ARG(tag < kMaxUserTag, "isend tag", "rank {}: tag {} must be below {}", rank_, tag, kMaxUserTag);
     count_send(peer, bytes);
+    if (const SlowPair& slow = slow_pair(); slow.from == world_rank(rank_) && slow.to == world_rank(peer))
+        std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(slow.us));
     auto r = transport_->isend(world_rank(peer), wire_tag(false, tag), buf, bytes);
     return std::make_shared<P2PWork>(transport_, std::move(r),
                                      fmt::format("{} (tag {}, {} bytes)", comm_context(rank_, "isend", peer), tag, bytes),

@@ -11,6 +11,7 @@
 #include "core/error.hpp"
 #include "core/host_memory.hpp"
 #include "tools/commands.hpp"
+#include "tools/commbench_pairs.hpp"
 #include "tools/gpu_commbench.hpp"
 #include "tools/lists.hpp"
 #ifdef DUPLEX_HAVE_NCCL
@@ -30,6 +31,8 @@ struct Args {
     int check = 1;
     std::string json;
     bool ceiling = true;
+    PairsCommand pairs;  // --op pairs
+    std::string pair_bytes = "4M";
 };
 
 void print_header(const CommBenchResult& r, const Args& a) {
@@ -89,6 +92,16 @@ int run_nccl(Args& a) {
 }
 
 int run(Args& a) {
+    if (a.bench.op == "pairs") {
+        a.pairs.pairs.large = parse_size(a.pair_bytes, "--pair-bytes");
+        a.pairs.pairs.iters = a.bench.iters;
+        a.pairs.pairs.warmup = a.bench.warmup;
+        a.pairs.json = a.json;
+        DUPLEX_CHECK_ARG(a.launch.backend != "cuda", "--op", "pairs runs on the host backends (inproc, mpi, ucx, nccl)");
+        validate(a.pairs.pairs, backend_is_multiprocess(a.launch.backend) ? 2 : a.launch.ranks);
+        for (const std::string* f : {&a.pairs.json, &a.pairs.csv, &a.pairs.svg}) check_writable(*f, "--json/--csv/--svg");
+        return run_pairs_command(a.launch, a.pairs);
+    }
     if (a.launch.backend == "cuda") return run_cuda(a);
     if (a.launch.backend == "nccl") return run_nccl(a);
     a.bench.check = a.check != 0;
@@ -189,16 +202,25 @@ Command add_commbench(CLI::App& app) {
                                    "  duplex commbench --ranks 8 --op alltoall -b 1K -e 64M\n"
                                    "  mpirun -np 8 duplex commbench --backend ucx --op alltoallv --compare-mpi\n"
                                    "  duplex commbench --backend nccl --op allreduce -b 1M -e 1G\n"
-                                   "  duplex commbench --backend cuda --op dispatch --ranks 8 --sms 4,8,16,20,32");
+                                   "  duplex commbench --backend cuda --op dispatch --ranks 8 --sms 4,8,16,20,32\n"
+                                   "  duplex commbench --ranks 8 --virtual-nodes 2 --op pairs --svg pairs.svg");
     auto min_b = std::make_shared<std::string>("1K"), max_b = std::make_shared<std::string>("64M");
     cmd->add_option("--backend", a->launch.backend,
                     "inproc (threads), mpi or ucx (processes under mpirun), nccl (device buffers, one rank per "
                     "GPU of this machine, as threads), or cuda (dispatch/combine between virtual ranks on one GPU)")
         ->capture_default_str();
     cmd->add_option("--op", a->bench.op,
-                    "p2p, alltoall, alltoallv, allgather, reducescatter, allreduce; with --backend cuda: dispatch, "
-                    "combine")
+                    "p2p, alltoall, alltoallv, allgather, reducescatter, allreduce; pairs (every ordered rank pair's "
+                    "bandwidth and latency, one pair at a time and all at once, the slow pairs named); with --backend "
+                    "cuda: dispatch, combine")
         ->capture_default_str();
+    cmd->add_option("--pair-bytes", a->pair_bytes, "pairs: message size for bandwidth")->capture_default_str();
+    cmd->add_option("--latency-bytes", a->pairs.pairs.small, "pairs: message size for latency")->capture_default_str();
+    cmd->add_option("--slow-factor", a->pairs.pairs.slow_factor,
+                    "pairs: a pair is slow below the median bandwidth / this or above the median latency x this")
+        ->capture_default_str();
+    cmd->add_option("--csv", a->pairs.csv, "pairs: one row per ordered pair (nodes, bandwidths, latency, slow)");
+    cmd->add_option("--svg", a->pairs.svg, "pairs: a rank x rank heatmap grouped by node, slow pairs outlined");
     cmd->add_option("--ranks", a->launch.ranks, "ranks as threads (inproc; nccl: default one per GPU; cuda: virtual ranks)")->capture_default_str();
     cmd->add_option("-b,--minbytes", *min_b, "smallest size (bytes; K, M, G suffixes)")->capture_default_str();
     cmd->add_option("-e,--maxbytes", *max_b, "largest size")->capture_default_str();
