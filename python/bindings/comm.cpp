@@ -10,8 +10,11 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <mutex>
+
 #include <fmt/format.h>
 
+#include "comm/bench.hpp"
 #include "comm/launch.hpp"
 #include "core/error.hpp"
 #include "parallel/expert_plan.hpp"
@@ -151,8 +154,48 @@ void bind_communicator(nb::module_& m) {
 
 }  // namespace
 
+// duplex.commbench (python/duplex/__init__.py): `duplex commbench`'s rows for each size, as dicts with its --json
+// fields, from rank 0 of the launched ranks.
+void bind_commbench(nb::module_& m) {
+    m.def(
+        "_commbench",
+        [](const std::string& op, int ranks, const std::vector<size_t>& sizes, const std::string& backend, int iters,
+           int warmup, bool check, int virtual_nodes, double skew) {
+            DUPLEX_CHECK_ARG(!sizes.empty(), "sizes", "give at least one size in bytes");
+            LaunchOptions l;
+            l.backend = backend, l.ranks = ranks, l.virtual_nodes = virtual_nodes;
+            std::vector<CommBenchRow> rows;
+            std::mutex mu;
+            {
+                nb::gil_scoped_release release;
+                launch(l, [&](const std::shared_ptr<Communicator>& comm) {
+                    std::vector<CommBenchRow> mine;
+                    for (size_t bytes : sizes) {
+                        CommBenchOptions o;
+                        o.op = op, o.min_bytes = o.max_bytes = bytes, o.iters = iters, o.warmup = warmup;
+                        o.check = check, o.skew = skew;
+                        validate(o);
+                        for (CommBenchRow& r : run_commbench(*comm, o).rows) mine.push_back(r);
+                    }
+                    std::lock_guard<std::mutex> lock(mu);
+                    if (comm->rank() == 0) rows = std::move(mine);
+                });
+            }
+            nb::list out;
+            for (const CommBenchRow& r : rows) {
+                nb::dict d;
+                d["size"] = r.bytes, d["count"] = r.count, d["type"] = r.type, d["time_us"] = r.time_us;
+                d["algbw_gbs"] = r.algbw_gbs, d["busbw_gbs"] = r.busbw_gbs, d["wrong"] = r.wrong;
+                out.append(d);
+            }
+            return out;
+        },
+        "op"_a, "ranks"_a, "sizes"_a, "backend"_a, "iters"_a, "warmup"_a, "check"_a, "virtual_nodes"_a, "skew"_a);
+}
+
 void bind_comm(nb::module_& m) {
     bind_communicator(m);
+    bind_commbench(m);
     m.def(
         "launch",
         [](nb::callable fn, int ranks, const std::string& backend, int virtual_nodes, double timeout_s) {

@@ -36,7 +36,21 @@ _load_the_wheels_nccl_first()
 from ._duplex import Communicator, DivergenceError, Plan, backends, launch, schedule, stages_of_rank  # noqa: E402,F401
 from . import _duplex  # noqa: E402
 
-__all__ = ["Communicator", "DivergenceError", "Plan", "backends", "launch", "schedule", "simulate", "stages_of_rank"]
+__all__ = ["Communicator", "DivergenceError", "Plan", "backends", "commbench", "launch", "schedule", "simulate",
+           "stages_of_rank"]
+
+
+def commbench(op="alltoall", ranks=4, sizes=(1 << 20,), backend="inproc", iters=20, warmup=5, check=True,
+              virtual_nodes=0, skew=1.0):
+    """`duplex commbench` from Python: times `op` (p2p, alltoall, alltoallv, allgather, reducescatter, allreduce) at
+    each size in bytes on `ranks` ranks (threads with backend inproc; under mpirun/torchrun this process's rank with
+    mpi or ucx). Returns one dict per size with the fields of `duplex commbench --json`'s rows: size, count, type,
+    time_us, algbw_gbs, busbw_gbs (nccl-tests' bus bandwidth), wrong (elements that failed the check).
+
+        duplex.commbench(op="alltoall", ranks=4, sizes=[1 << 20])[0]["busbw_gbs"]
+    """
+    return _duplex._commbench(op, int(ranks), [int(s) for s in sizes], backend, int(iters), int(warmup), bool(check),
+                              int(virtual_nodes), float(skew))
 
 
 def simulate(model="deepseek-v3", cluster="h800x2048", pp=16, ep=64, schedule="dualpipe", microbatches=0,

@@ -1,7 +1,7 @@
 """duplex.torch: Duplex as the pipeline backend of a PyTorch model.
 
-A rank hands its stage modules to a Pipeline; Duplex's executor runs the schedule (1F1B, ZB1P, DualPipe,
-DualPipeV, interleaved 1F1B) over them: activations and gradients move between ranks through Duplex's communicator, every
+A rank hands its stage modules to a Pipeline; Duplex's executor runs the schedule (1F1B, ZB1P, DualPipe, DualPipeV,
+interleaved 1F1B) over them: activations and gradients move between ranks through Duplex's communicator, every
 backward is split with autograd into the input gradient (B, on the critical path) and the weight gradient (W,
 deferred to where the schedule puts it), DualPipe's two copies of a stage sum their gradients and data-parallel
 replicas all-reduce theirs. The gradients are left in the modules' .grad, so any torch optimizer steps them.
@@ -335,8 +335,8 @@ class Pipeline:
 
     schedule: 1f1b, zb1p, dualpipe, dualpipev, interleaved (Megatron's interleaved 1F1B: vpp stages per rank,
     stage s on pipeline rank s % (pp / vpp)) or interleaved-fb (its steady state as F&B pairs, each backward with
-    the next forward: with ep > 1 one's expert exchange waits while the other computes). pp counts the model's stages (default: the pipeline ranks times the
-    stages each holds).
+    the next forward: with ep > 1 one's expert exchange waits while the other computes). pp counts the model's
+    stages (default: the pipeline ranks times the stages each holds).
 
     Between stages: a tensor, a tuple of tensors or a dict of them (a tuple is passed to the next stage's module as
     positional arguments, a dict as keyword arguments), each of its own dtype — integer and bool tensors too — and

@@ -28,4 +28,8 @@ cd "$dir"
 got=$("$dir/venv/bin/python" -c "import duplex; print(duplex.schedule('dualpipe', pp=8, microbatches=20, cost_f=1, cost_b=2, cost_w=1, cost_fb=3).makespan)")
 echo "$got"
 [ "$got" = 66 ] || { echo "the one-liner printed '$got', not 66" >&2; exit 1; }
+# duplex.commbench: the bus bandwidth of a 1 MiB all-to-all on 4 in-process ranks, a positive number.
+bw=$("$dir/venv/bin/python" -c "import duplex; print(duplex.commbench(op='alltoall', ranks=4, sizes=[1<<20])[0]['busbw_gbs'])")
+echo "commbench busbw $bw GB/s"
+python3 -c "import sys; sys.exit(0 if float('$bw') > 0 else 1)" || { echo "commbench printed '$bw'" >&2; exit 1; }
 "$dir/venv/bin/python" -c "import duplex, os; print('installed at', os.path.dirname(duplex.__file__)); print(sorted(os.listdir(os.path.dirname(duplex.__file__))))"

@@ -53,6 +53,28 @@ class Simulate(unittest.TestCase):
             duplex.simulate(pp=16, ep=7)
 
 
+class CommBench(unittest.TestCase):
+    def test_rows_have_the_command_lines_fields(self):
+        rows = duplex.commbench(op="alltoall", ranks=4, sizes=[1 << 10, 1 << 20], iters=3, warmup=1)
+        args = ["commbench", "--ranks", "4", "--op", "alltoall", "-b", "1K", "-e", "1M", "-f", "1024", "-n", "3",
+                "-w", "1", "--no-ceiling", "--json", "-"]
+        cli = json.loads(subprocess.run([DUPLEX] + args, capture_output=True, text=True, check=True).stdout)["rows"]
+        self.assertEqual([r["size"] for r in rows], [1 << 10, 1 << 20])
+        self.assertEqual([r["size"] for r in cli], [1 << 10, 1 << 20])
+        for mine, theirs in zip(rows, cli):
+            self.assertEqual(sorted(mine), sorted(theirs))
+            self.assertEqual((mine["count"], mine["type"], mine["wrong"]), (theirs["count"], theirs["type"], 0))
+            self.assertGreater(mine["busbw_gbs"], 0)
+            # nccl-tests' all-to-all bus bandwidth: algbw (size / time) x (n - 1) / n.
+            self.assertAlmostEqual(mine["busbw_gbs"], mine["size"] / (mine["time_us"] * 1e3) * 3 / 4, places=6)
+
+    def test_bad_input_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "sizes"):
+            duplex.commbench(sizes=[])
+        with self.assertRaisesRegex(ValueError, "op|gather"):
+            duplex.commbench(op="gather")
+
+
 class Collectives(unittest.TestCase):
     def run_ranks(self, n, fn):
         out = {}

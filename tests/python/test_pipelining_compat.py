@@ -1,8 +1,9 @@
 """duplex.torch's torch.distributed.pipelining-style interface (PipelineStage, Schedule1F1B, ScheduleZB1P,
-ScheduleDualPipe, ScheduleDualPipeV, ScheduleInterleaved1F1B — two stages per rank, r and r + ranks): a script written the pipelining way — stages built from the model's blocks by
-index, schedule.step(x, target=y, losses=losses) on the first and last stage's ranks, step() elsewhere — gives
-each microbatch's loss and the gradients (divided by the microbatch count, as torch's scale_grads does) of the
-whole model run in plain PyTorch, fp64 to 1e-12; eval() gives the losses with no gradient."""
+ScheduleDualPipe, ScheduleDualPipeV, ScheduleInterleaved1F1B — two stages per rank, r and r + ranks): a script
+written the pipelining way — stages built from the model's blocks by index, schedule.step(x, target=y,
+losses=losses) on the first and last stage's ranks, step() elsewhere — gives each microbatch's loss and the
+gradients (divided by the microbatch count, as torch's scale_grads does) of the whole model run in plain PyTorch,
+fp64 to 1e-12; eval() gives the losses with no gradient."""
 import threading
 import unittest
 
