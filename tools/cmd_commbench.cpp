@@ -14,6 +14,7 @@
 #include "tools/commbench_pairs.hpp"
 #include "tools/gpu_commbench.hpp"
 #include "tools/lists.hpp"
+#include "tools/sim_plots.hpp"
 #ifdef DUPLEX_HAVE_NCCL
 #include "tools/nccl_commbench.hpp"
 #endif
@@ -33,6 +34,7 @@ struct Args {
     bool ceiling = true;
     PairsCommand pairs;  // --op pairs
     std::string pair_bytes = "4M";
+    std::string svg;     // pairs: the heatmap; other ops: bus bandwidth (and p2p latency) against size
 };
 
 void print_header(const CommBenchResult& r, const Args& a) {
@@ -91,12 +93,67 @@ int run_nccl(Args& a) {
 #endif
 }
 
+// The size sweep as pictures: bus bandwidth per size (ours, Open MPI's with --compare-mpi, the copy ceiling dashed);
+// p2p also its latency (time per message) under it.
+std::string sweep_svg(const CommBenchResult& r, const Args& a, double ceiling_gbs) {
+    Series ours{fmt::format("{} busbw", r.backend), {}, false}, mpi{"Open MPI busbw", {}, false};
+    Series ours_t{fmt::format("{} time", r.backend), {}, false}, mpi_t{"Open MPI time", {}, false};
+    Series ceiling{"copy ceiling (memcpy / ranks)", {}, true};
+    for (const CommBenchRow& row : r.rows) {
+        double x = double(row.bytes);
+        ours.points.push_back({x, row.busbw_gbs});
+        ours_t.points.push_back({x, row.time_us});
+        if (a.bench.compare_mpi && row.mpi_time_us > 0) {
+            mpi.points.push_back({x, row.busbw_gbs * row.time_us / row.mpi_time_us});
+            mpi_t.points.push_back({x, row.mpi_time_us});
+        }
+        if (ceiling_gbs > 0) ceiling.points.push_back({x, ceiling_gbs});
+    }
+    std::vector<Series> bw{ours}, lat{ours_t};
+    if (!mpi.points.empty()) bw.push_back(mpi), lat.push_back(mpi_t);
+    if (!ceiling.points.empty()) bw.push_back(ceiling);
+    std::string title =
+        fmt::format("duplex commbench {}: {} ranks, {} node{}", r.op, r.ranks, r.nodes, r.nodes == 1 ? "" : "s");
+    std::vector<std::string> charts{lines_svg(title, "bus bandwidth (GB/s)", bw, false)};
+    if (r.op == "p2p") charts.push_back(lines_svg(title + ": latency", "time per message (us, log)", lat, true));
+    return stack_svg(charts);
+}
+
+// --json: the run's rows and totals (the fields duplex.commbench returns per row).
+void write_json(const CommBenchResult& result, const Args& a, double ceiling_gbs, double per_rank_ceiling) {
+    nlohmann::json j;
+    j["op"] = result.op;
+    j["backend"] = result.backend;
+    j["ranks"] = result.ranks;
+    j["nodes"] = result.nodes;
+    j["iters"] = a.bench.iters;
+    j["warmup"] = a.bench.warmup;
+    j["avg_busbw_gbs"] = result.avg_busbw_gbs;
+    if (ceiling_gbs > 0) {
+        j["memcpy_aggregate_gbs"] = ceiling_gbs;
+        j["copy_ceiling_busbw_gbs"] = per_rank_ceiling;
+    }
+    j["bytes_sent_rank0"] = {{"intra_node", result.bytes_sent.intra_node},
+                             {"inter_node", result.bytes_sent.inter_node}};
+    for (auto& row : result.rows) {
+        nlohmann::json r = {{"size", row.bytes},        {"count", row.count},         {"type", row.type},
+                            {"time_us", row.time_us},   {"algbw_gbs", row.algbw_gbs}, {"busbw_gbs", row.busbw_gbs},
+                            {"wrong", row.wrong}};
+        if (a.bench.compare_mpi) r["mpi_time_us"] = row.mpi_time_us;
+        if (ceiling_gbs > 0) r["fraction_of_ceiling"] = row.busbw_gbs / per_rank_ceiling;
+        j["rows"].push_back(r);
+    }
+    write_text_file(a.json, j.dump(2) + "\n", "--json");
+    note_written("JSON", a.json);
+}
+
 int run(Args& a) {
     if (a.bench.op == "pairs") {
         a.pairs.pairs.large = parse_size(a.pair_bytes, "--pair-bytes");
         a.pairs.pairs.iters = a.bench.iters;
         a.pairs.pairs.warmup = a.bench.warmup;
         a.pairs.json = a.json;
+        a.pairs.svg = a.svg;
         DUPLEX_CHECK_ARG(a.launch.backend != "cuda", "--op", "pairs runs on the host backends (inproc, mpi, ucx, nccl)");
         validate(a.pairs.pairs, backend_is_multiprocess(a.launch.backend) ? 2 : a.launch.ranks);
         for (const std::string* f : {&a.pairs.json, &a.pairs.csv, &a.pairs.svg}) check_writable(*f, "--json/--csv/--svg");
@@ -107,6 +164,7 @@ int run(Args& a) {
     a.bench.check = a.check != 0;
     validate(a.bench);
     check_writable(a.json, "--json");
+    check_writable(a.svg, "--svg");
     bool multiprocess = backend_is_multiprocess(a.launch.backend);
     if (multiprocess && a.launch.ranks != 1)
         throw ConfigError("--ranks", fmt::format("backend {} runs one rank per process: use mpirun -np {} duplex commbench "
@@ -163,32 +221,11 @@ int run(Args& a) {
     }
     fmt::print(human(), "# Bytes sent by rank 0 : intra-node {}, inter-node {}\n", result.bytes_sent.intra_node,
                result.bytes_sent.inter_node);
-    if (!a.json.empty()) {
-        nlohmann::json j;
-        j["op"] = result.op;
-        j["backend"] = result.backend;
-        j["ranks"] = result.ranks;
-        j["nodes"] = result.nodes;
-        j["iters"] = a.bench.iters;
-        j["warmup"] = a.bench.warmup;
-        j["avg_busbw_gbs"] = result.avg_busbw_gbs;
-        if (ceiling_gbs > 0) {
-            j["memcpy_aggregate_gbs"] = ceiling_gbs;
-            j["copy_ceiling_busbw_gbs"] = per_rank_ceiling;
-        }
-        j["bytes_sent_rank0"] = {{"intra_node", result.bytes_sent.intra_node},
-                                 {"inter_node", result.bytes_sent.inter_node}};
-        for (auto& row : result.rows) {
-            nlohmann::json r = {{"size", row.bytes},        {"count", row.count},         {"type", row.type},
-                                {"time_us", row.time_us},   {"algbw_gbs", row.algbw_gbs}, {"busbw_gbs", row.busbw_gbs},
-                                {"wrong", row.wrong}};
-            if (a.bench.compare_mpi) r["mpi_time_us"] = row.mpi_time_us;
-            if (ceiling_gbs > 0) r["fraction_of_ceiling"] = row.busbw_gbs / per_rank_ceiling;
-            j["rows"].push_back(r);
-        }
-        write_text_file(a.json, j.dump(2) + "\n", "--json");
-        note_written("JSON", a.json);
+    if (!a.svg.empty()) {
+        write_text_file(a.svg, sweep_svg(result, a, per_rank_ceiling), "--svg");
+        fmt::print(human(), "# plot written to {}\n", a.svg);
     }
+    if (!a.json.empty()) write_json(result, a, ceiling_gbs, per_rank_ceiling);
     return wrong ? 1 : 0;
 }
 
@@ -220,7 +257,9 @@ Command add_commbench(CLI::App& app) {
                     "pairs: a pair is slow below the median bandwidth / this or above the median latency x this")
         ->capture_default_str();
     cmd->add_option("--csv", a->pairs.csv, "pairs: one row per ordered pair (nodes, bandwidths, latency, slow)");
-    cmd->add_option("--svg", a->pairs.svg, "pairs: a rank x rank heatmap grouped by node, slow pairs outlined");
+    cmd->add_option("--svg", a->svg,
+                    "an SVG: bus bandwidth against size (with Open MPI's line after --compare-mpi, the copy ceiling "
+                    "dashed; p2p adds latency against size); pairs: a rank x rank heatmap grouped by node");
     cmd->add_option("--ranks", a->launch.ranks, "ranks as threads (inproc; nccl: default one per GPU; cuda: virtual ranks)")->capture_default_str();
     cmd->add_option("-b,--minbytes", *min_b, "smallest size (bytes; K, M, G suffixes)")->capture_default_str();
     cmd->add_option("-e,--maxbytes", *max_b, "largest size")->capture_default_str();

@@ -40,17 +40,21 @@ std::vector<double> ticks(double lo, double hi) {
 
 struct Frame {
     double x0, x1, y0, y1;
-    bool log_x = false;
+    bool log_x = false, log_y = false;
     double px(double x) const {
         double f = log_x ? (std::log2(x) - std::log2(x0)) / std::max(std::log2(x1) - std::log2(x0), 1e-12)
                          : (x - x0) / std::max(x1 - x0, 1e-12);
         return kLeft + f * (kWidth - kLeft - kRight);
     }
-    double py(double y) const { return kHeight - kBottom - (y - y0) / std::max(y1 - y0, 1e-12) * (kHeight - kTop - kBottom); }
+    double py(double y) const {
+        double f = log_y ? (std::log10(y) - std::log10(y0)) / std::max(std::log10(y1) - std::log10(y0), 1e-12)
+                         : (y - y0) / std::max(y1 - y0, 1e-12);
+        return kHeight - kBottom - f * (kHeight - kTop - kBottom);
+    }
 };
 
 std::string axes(const Frame& f, const std::string& title, const std::string& xlabel, const std::string& ylabel,
-                 const std::vector<double>& xticks) {
+                 const std::vector<double>& xticks, std::string (*xname)(double) = nullptr) {
     std::string s = fmt::format(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0f}\" height=\"{:.0f}\" font-family=\"Helvetica,Arial,"
         "sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
@@ -62,9 +66,14 @@ std::string axes(const Frame& f, const std::string& title, const std::string& xl
                      kLeft, bottom, right, kTop);
     for (double x : xticks)
         s += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{0:.1f}\" y2=\"{2:.1f}\" stroke=\"#ddd\"/>"
-                         "<text x=\"{0:.1f}\" y=\"{3:.1f}\" text-anchor=\"middle\">{4:g}</text>\n",
-                         f.px(x), bottom, kTop, bottom + 16, x);
-    for (double y : ticks(f.y0, f.y1))
+                         "<text x=\"{0:.1f}\" y=\"{3:.1f}\" text-anchor=\"middle\">{4}</text>\n",
+                         f.px(x), bottom, kTop, bottom + 16, xname ? xname(x) : fmt::format("{:g}", x));
+    std::vector<double> yticks;
+    if (f.log_y)
+        for (double y = std::pow(10, std::ceil(std::log10(f.y0))); y <= f.y1 * 1.0001; y *= 10) yticks.push_back(y);
+    else
+        yticks = ticks(f.y0, f.y1);
+    for (double y : yticks)
         s += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{2:.1f}\" y2=\"{1:.1f}\" stroke=\"#ddd\"/>"
                          "<text x=\"{3:.1f}\" y=\"{4:.1f}\" text-anchor=\"end\">{5:g}</text>\n",
                          kLeft, f.py(y), right, kLeft - 6, f.py(y) + 4, y);
@@ -76,10 +85,10 @@ std::string axes(const Frame& f, const std::string& title, const std::string& xl
 }
 
 Frame frame_of(const std::vector<PlotPoint>& pts, double extra_x, bool log_x) {
-    Frame f{1e300, -1e300, 0, -1e300, log_x};
+    Frame f{1e300, -1e300, 0, -1e300, log_x, false};
     for (const PlotPoint& p : pts) f.x0 = std::min(f.x0, p.x), f.x1 = std::max(f.x1, p.x), f.y1 = std::max(f.y1, p.y);
     if (extra_x > 0) f.x1 = std::max(f.x1, extra_x);
-    if (pts.empty()) f = {0, 1, 0, 1, false};
+    if (pts.empty()) f = {0, 1, 0, 1, false, false};
     if (!log_x) f.x0 = std::max(0.0, f.x0 - 0.05 * (f.x1 - f.x0)), f.x1 += 0.05 * (f.x1 - f.x0);
     if (log_x) f.x0 /= 1.5, f.x1 *= 1.5;  // room for the labels of the end points
     f.y1 *= 1.08;
@@ -163,6 +172,58 @@ std::string scaling_svg(const std::string& title, const std::vector<PlotPoint>& 
     }
     if (!path.empty())
         s += fmt::format("<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"/>\n", path, kColours[0]);
+    return s + "</svg>\n";
+}
+
+std::string size_name(double bytes) {
+    const char* units[] = {"", "K", "M", "G", "T"};
+    int u = 0;
+    while (bytes >= 1024 && u < 4) bytes /= 1024, ++u;
+    return fmt::format("{:g}{}", bytes, units[u]);
+}
+
+std::string lines_svg(const std::string& title, const std::string& ylabel, const std::vector<Series>& series,
+                      bool log_y) {
+    Frame f{1e300, -1e300, log_y ? 1e300 : 0.0, -1e300, true, log_y};
+    for (const Series& sr : series)
+        for (auto [x, y] : sr.points) {
+            f.x0 = std::min(f.x0, x), f.x1 = std::max(f.x1, x), f.y1 = std::max(f.y1, y);
+            if (log_y && y > 0) f.y0 = std::min(f.y0, y);
+        }
+    if (f.x0 > f.x1) f = {1, 2, log_y ? 1.0 : 0.0, 10, true, log_y};
+    if (f.x1 <= f.x0) f.x1 = f.x0 * 2;
+    f.y1 = log_y ? std::pow(10, std::ceil(std::log10(f.y1))) : f.y1 * 1.1;
+    if (log_y) f.y0 = std::pow(10, std::floor(std::log10(f.y0)));
+    std::vector<double> xt;
+    for (double x = f.x0; x <= f.x1 * 1.0001; x *= 4) xt.push_back(x);
+    std::string s = axes(f, title, "message size (bytes)", ylabel, xt, size_name);
+    double ly = kTop + 10;
+    for (size_t i = 0; i < series.size(); ++i) {
+        const Series& sr = series[i];
+        const char* c = sr.dashed ? "#555" : kColours[i % 8];
+        std::string path;
+        for (auto [x, y] : sr.points)
+            if (!log_y || y > 0) path += fmt::format("{}{:.1f},{:.1f}", path.empty() ? "" : " ", f.px(x), f.py(y));
+        s += fmt::format("<polyline class=\"series\" points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{}>"
+                         "<title>{}</title></polyline>\n",
+                         path, c, sr.dashed ? " stroke-dasharray=\"6,4\"" : "", escape(sr.name));
+        for (auto [x, y] : sr.points)
+            if (!sr.dashed && (!log_y || y > 0))
+                s += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", f.px(x), f.py(y), c);
+        s += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{2:.1f}\" y2=\"{1:.1f}\" stroke=\"{3}\" "
+                         "stroke-width=\"2\"{4}/><text x=\"{5:.1f}\" y=\"{6:.1f}\">{7}</text>\n",
+                         kWidth - kRight + 14, ly, kWidth - kRight + 34, c,
+                         sr.dashed ? " stroke-dasharray=\"6,4\"" : "", kWidth - kRight + 40, ly + 4, escape(sr.name));
+        ly += 18;
+    }
+    return s + "</svg>\n";
+}
+
+std::string stack_svg(const std::vector<std::string>& charts) {
+    std::string s = fmt::format("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0f}\" height=\"{:.0f}\">\n",
+                                kWidth, kHeight * double(charts.size()));
+    for (size_t i = 0; i < charts.size(); ++i)
+        s += fmt::format("<g transform=\"translate(0 {:.0f})\">\n{}</g>\n", kHeight * double(i), charts[i]);
     return s + "</svg>\n";
 }
 

@@ -1,5 +1,6 @@
-// SVG pictures of `duplex simulate` sweeps: every layout's throughput against its memory per GPU with the Pareto
-// front and the chosen layout marked, and the best throughput against cluster size.
+// Duplex's SVG charts: `duplex simulate` sweeps (every layout's throughput against its memory per GPU with the
+// Pareto front and the chosen layout marked; the best throughput against cluster size) and `duplex commbench`
+// size sweeps (bus bandwidth and latency against message size).
 //
 //   std::vector<PlotPoint> pts = {{.x = 62.1, .y = 1717, .group = "dualpipev", .label = "tp 2 pp 8 ep 64", .fits = true}};
 //   std::string svg = layouts_svg("deepseek-v3 on h800x2048", pts, /*capacity=*/80);
@@ -24,6 +25,18 @@ std::string layouts_svg(const std::string& title, const std::vector<PlotPoint>& 
 
 // The best fitting throughput (y) against the cluster's GPUs (x, log2 axis), each point labelled with its layout.
 std::string scaling_svg(const std::string& title, const std::vector<PlotPoint>& points);
+
+// Line charts against message size (a log2 axis labelled 1K, 1M, ...): one polyline per series (dashed: a ceiling),
+// bandwidth on a linear axis or latency on a log10 one; stack_svg puts several charts one under the other.
+struct Series {
+    std::string name;
+    std::vector<std::pair<double, double>> points;  // (bytes, value)
+    bool dashed = false;
+};
+std::string lines_svg(const std::string& title, const std::string& ylabel, const std::vector<Series>& series,
+                      bool log_y);
+std::string stack_svg(const std::vector<std::string>& charts);
+std::string size_name(double bytes);  // 1024 -> "1K"
 
 // Indices of the Pareto front of the fitting points (smaller x, larger y), by increasing x.
 std::vector<size_t> pareto_front(const std::vector<PlotPoint>& points);
