@@ -15,7 +15,7 @@ if [ "$backend" = inproc ]; then
     "$duplex" "${args[@]}" --ranks 8 > "$dir/out.txt" || true   # exit 1: a slow pair was found
 else
     "$mpirun" --allow-run-as-root --oversubscribe -np 8 -x DUPLEX_TEST_SLOW_PAIR \
-        -x DUPLEX_STORE_ADDR=127.0.0.1:$port -x DUPLEX_COMM_TIMEOUT=120 \
+        -x DUPLEX_STORE_ADDR=127.0.0.1:$port -x DUPLEX_COMM_TIMEOUT=120 -x ASAN_OPTIONS=detect_leaks=0 \
         "$duplex" "${args[@]}" --backend "$backend" > "$dir/out.txt" || true
 fi
 python3 - "$dir" <<'PY'
