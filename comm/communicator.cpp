@@ -27,22 +27,22 @@ const Knob<std::string> kSlowPair("DUPLEX_TEST_SLOW_PAIR", "",
                                   "FROM to world rank TO by that long before it is posted (a slow link, for checking "
                                   "that `duplex commbench --op pairs` names it); empty: none");
 
-struct SlowPair {
+struct SlowLink {
     int from = -1, to = -1;
     double us = 0;
 };
 
 // The DUPLEX_TEST_SLOW_PAIR link, read once per process.
-const SlowPair& slow_pair() {
-    static const SlowPair pair = [] {
-        SlowPair p;
+const SlowLink& slow_link() {
+    static const SlowLink link = [] {
+        SlowLink p;
         std::string text = kSlowPair.get();
         if (text.empty()) return p;
         if (std::sscanf(text.c_str(), "%d:%d:%lf", &p.from, &p.to, &p.us) != 3 || p.from < 0 || p.to < 0 || p.us < 0)
             throw ConfigError("DUPLEX_TEST_SLOW_PAIR", fmt::format("'{}' is not FROM:TO:MICROSECONDS", text));
         return p;
     }();
-    return pair;
+    return link;
 }
 }  // namespace
 
@@ -304,7 +304,7 @@ WorkPtr Communicator::isend(const void* buf, size_t bytes, int peer, uint32_t ta
     DUPLEX_CHECK_ARG(peer >= 0 && peer < size(), "isend peer", "rank {}: peer {} outside 0..{}", rank_, peer, size() - 1);
     DUPLEX_CHECK_ARG(tag < kMaxUserTag, "isend tag", "rank {}: tag {} must be below {}", rank_, tag, kMaxUserTag);
     count_send(peer, bytes);
-    if (const SlowPair& slow = slow_pair(); slow.from == world_rank(rank_) && slow.to == world_rank(peer))
+    if (const SlowLink& slow = slow_link(); slow.from == world_rank(rank_) && slow.to == world_rank(peer))
         std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(slow.us));
     auto r = transport_->isend(world_rank(peer), wire_tag(false, tag), buf, bytes);
     return std::make_shared<P2PWork>(transport_, std::move(r),

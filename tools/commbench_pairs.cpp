@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tools/commands.hpp"
+#include "tools/sim_plots.hpp"
 
 namespace duplex::tools {
 
@@ -71,7 +72,7 @@ std::string pairs_svg(const PairsResult& r, const std::string& title) {
         "<text x=\"{:.0f}\" y=\"24\" font-size=\"15\" font-weight=\"bold\">{}</text>\n"
         "<text x=\"{:.0f}\" y=\"42\" fill=\"#444\">bandwidth one pair at a time (median {:.2f} GB/s); rows send, columns "
         "receive; red outline: slow</text>\n",
-        width, height, left, title, left, r.median_bandwidth_gbs);
+        width, height, left, svg_escape(title), left, r.median_bandwidth_gbs);
     auto colour = [&](double v) {  // white (0) to dark blue (the best pair)
         double x = best > 0 ? std::clamp(v / best, 0.0, 1.0) : 0;
         return fmt::format("rgb({},{},{})", int(255 - 225 * x), int(255 - 165 * x), int(255 - 75 * x));

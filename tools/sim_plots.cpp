@@ -13,7 +13,9 @@ namespace {
 constexpr double kWidth = 860, kHeight = 520, kLeft = 80, kRight = 200, kTop = 50, kBottom = 60;
 const char* kColours[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"};
 
-std::string escape(const std::string& s) {
+}  // namespace
+
+std::string svg_escape(const std::string& s) {
     std::string out;
     for (char c : s) {
         if (c == '&') out += "&amp;";
@@ -23,6 +25,8 @@ std::string escape(const std::string& s) {
     }
     return out;
 }
+
+namespace {
 
 // Tick values: 4-8 round numbers spanning [lo, hi].
 std::vector<double> ticks(double lo, double hi) {
@@ -59,7 +63,7 @@ std::string axes(const Frame& f, const std::string& title, const std::string& xl
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0f}\" height=\"{:.0f}\" font-family=\"Helvetica,Arial,"
         "sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         "<text x=\"{:.0f}\" y=\"28\" font-size=\"16\" font-weight=\"bold\">{}</text>\n",
-        kWidth, kHeight, kLeft, escape(title));
+        kWidth, kHeight, kLeft, svg_escape(title));
     double bottom = kHeight - kBottom, right = kWidth - kRight;
     s += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{2:.1f}\" y2=\"{1:.1f}\" stroke=\"black\"/>\n"
                      "<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{0:.1f}\" y2=\"{3:.1f}\" stroke=\"black\"/>\n",
@@ -78,9 +82,9 @@ std::string axes(const Frame& f, const std::string& title, const std::string& xl
                          "<text x=\"{3:.1f}\" y=\"{4:.1f}\" text-anchor=\"end\">{5:g}</text>\n",
                          kLeft, f.py(y), right, kLeft - 6, f.py(y) + 4, y);
     s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"middle\">{}</text>\n", (kLeft + right) / 2,
-                     kHeight - 18, escape(xlabel));
+                     kHeight - 18, svg_escape(xlabel));
     s += fmt::format("<text x=\"18\" y=\"{0:.1f}\" text-anchor=\"middle\" transform=\"rotate(-90 18 {0:.1f})\">{1}</text>\n",
-                     (kTop + bottom) / 2, escape(ylabel));
+                     (kTop + bottom) / 2, svg_escape(ylabel));
     return s;
 }
 
@@ -127,7 +131,7 @@ std::string layouts_svg(const std::string& title, const std::vector<PlotPoint>& 
         s += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3.5\" fill=\"{}\" stroke=\"{}\" fill-opacity=\"{}\">"
                          "<title>{} {} — {:.0f} tokens/s/GPU, {:.1f} GB</title></circle>\n",
                          f.px(p.x), f.py(p.y), p.fits ? colour[p.group] : "none", colour[p.group],
-                         p.fits ? "0.75" : "1", escape(p.group), escape(p.label), p.y, p.x);
+                         p.fits ? "0.75" : "1", svg_escape(p.group), svg_escape(p.label), p.y, p.x);
     std::vector<size_t> front = pareto_front(points);
     std::string path;
     for (size_t i : front) path += fmt::format("{}{:.1f},{:.1f}", path.empty() ? "" : " ", f.px(points[i].x), f.py(points[i].y));
@@ -141,13 +145,13 @@ std::string layouts_svg(const std::string& title, const std::vector<PlotPoint>& 
                          "<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"end\" font-weight=\"bold\">chosen (circled): {} {}"
                          "</text><text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"end\">{:.0f} tokens/s/GPU, {:.1f} GB per GPU"
                          "</text>\n",
-                         f.px(p.x), f.py(p.y), kWidth - kRight - 8, kHeight - kBottom - 28, escape(p.group),
-                         escape(p.label), kWidth - kRight - 8, kHeight - kBottom - 12, p.y, p.x);
+                         f.px(p.x), f.py(p.y), kWidth - kRight - 8, kHeight - kBottom - 28, svg_escape(p.group),
+                         svg_escape(p.label), kWidth - kRight - 8, kHeight - kBottom - 12, p.y, p.x);
     }
     double ly = kTop + 10;
     for (auto& [group, c] : colour) {
         s += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"5\" fill=\"{}\"/><text x=\"{:.1f}\" y=\"{:.1f}\">{}</text>\n",
-                         kWidth - kRight + 20, ly, c, kWidth - kRight + 30, ly + 4, escape(group));
+                         kWidth - kRight + 20, ly, c, kWidth - kRight + 30, ly + 4, svg_escape(group));
         ly += 18;
     }
     s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" fill=\"#444\">— Pareto front</text>\n"
@@ -167,8 +171,8 @@ std::string scaling_svg(const std::string& title, const std::vector<PlotPoint>& 
         s += fmt::format("<circle cx=\"{0:.1f}\" cy=\"{1:.1f}\" r=\"4\" fill=\"{2}\"/><text x=\"{0:.1f}\" y=\"{3:.1f}\" "
                          "text-anchor=\"middle\" font-size=\"10\">{4}</text><text x=\"{0:.1f}\" y=\"{5:.1f}\" "
                          "text-anchor=\"middle\" font-size=\"10\">{6}</text>\n",
-                         f.px(p.x), f.py(p.y), kColours[0], f.py(p.y) - 22, escape(p.group), f.py(p.y) - 10,
-                         escape(p.label));
+                         f.px(p.x), f.py(p.y), kColours[0], f.py(p.y) - 22, svg_escape(p.group), f.py(p.y) - 10,
+                         svg_escape(p.label));
     }
     if (!path.empty())
         s += fmt::format("<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"/>\n", path, kColours[0]);
@@ -206,14 +210,14 @@ std::string lines_svg(const std::string& title, const std::string& ylabel, const
             if (!log_y || y > 0) path += fmt::format("{}{:.1f},{:.1f}", path.empty() ? "" : " ", f.px(x), f.py(y));
         s += fmt::format("<polyline class=\"series\" points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{}>"
                          "<title>{}</title></polyline>\n",
-                         path, c, sr.dashed ? " stroke-dasharray=\"6,4\"" : "", escape(sr.name));
+                         path, c, sr.dashed ? " stroke-dasharray=\"6,4\"" : "", svg_escape(sr.name));
         for (auto [x, y] : sr.points)
             if (!sr.dashed && (!log_y || y > 0))
                 s += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", f.px(x), f.py(y), c);
         s += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{2:.1f}\" y2=\"{1:.1f}\" stroke=\"{3}\" "
                          "stroke-width=\"2\"{4}/><text x=\"{5:.1f}\" y=\"{6:.1f}\">{7}</text>\n",
                          kWidth - kRight + 14, ly, kWidth - kRight + 34, c,
-                         sr.dashed ? " stroke-dasharray=\"6,4\"" : "", kWidth - kRight + 40, ly + 4, escape(sr.name));
+                         sr.dashed ? " stroke-dasharray=\"6,4\"" : "", kWidth - kRight + 40, ly + 4, svg_escape(sr.name));
         ly += 18;
     }
     return s + "</svg>\n";

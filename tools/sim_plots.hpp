@@ -37,6 +37,7 @@ std::string lines_svg(const std::string& title, const std::string& ylabel, const
                       bool log_y);
 std::string stack_svg(const std::vector<std::string>& charts);
 std::string size_name(double bytes);  // 1024 -> "1K"
+std::string svg_escape(const std::string& text);  // &, <, > as SVG text needs them
 
 // Indices of the Pareto front of the fitting points (smaller x, larger y), by increasing x.
 std::vector<size_t> pareto_front(const std::vector<PlotPoint>& points);

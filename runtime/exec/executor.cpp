@@ -324,6 +324,9 @@ Executor::Executor(const sched::Schedule& schedule, int pipe_rank, PipeTransport
     : schedule_(schedule), prank_(pipe_rank), transport_(transport), tracer_(tracer), options_(options) {
     DUPLEX_CHECK_ARG(pipe_rank >= 0 && pipe_rank < schedule.num_ranks, "executor", "pipeline rank {} of a {}-rank schedule",
                      pipe_rank, schedule.num_ranks);
+    const std::vector<Instr>& list = schedule.ranks[pipe_rank];
+    for (size_t i = 0; i < list.size(); ++i)
+        if (list[i].op == Op::W || list[i].op == Op::BW || list[i].op == Op::FB) last_weight_[list[i].b.stage] = i;
 }
 
 ExecutorStep Executor::run(const std::map<int, Stage*>& stages,
@@ -331,15 +334,12 @@ ExecutorStep Executor::run(const std::map<int, Stage*>& stages,
     Run r{*this, stages, data_of, step, global_offset, schedule_.pp - 1, {}, {}, {}, {}, {}, false};
     double start = tracer_.now_us();
     const std::vector<Instr>& list = schedule_.ranks[prank_];
-    std::map<int, size_t> last_weight;  // stage -> the instruction computing its last weight gradient here
-    for (size_t i = 0; i < list.size(); ++i)
-        if (list[i].op == Op::W || list[i].op == Op::BW || list[i].op == Op::FB) last_weight[list[i].b.stage] = i;
     for (size_t i = 0; i < list.size(); ++i) {
         const Instr& in = list[i];
         // Right after the compute that finishes a stage's last weight gradient, before its sends.
         auto weights_done = [&] {
             if (options_.on_weights_done)
-                for (auto& [stage, at] : last_weight)
+                for (auto& [stage, at] : last_weight_)
                     if (at == i) options_.on_weights_done(stage);
         };
         auto full_backward = [&] {

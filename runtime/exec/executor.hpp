@@ -81,6 +81,7 @@ private:
     PipeTransport& transport_;
     Tracer& tracer_;
     ExecutorOptions options_;
+    std::map<int, size_t> last_weight_;  // stage -> the instruction computing its last weight gradient here
 };
 
 }  // namespace duplex

@@ -33,10 +33,4 @@ double TimedGradSync::finish(double now_us) {
     return extra;
 }
 
-double TimedGradSync::total_s() const {
-    double t = 0;
-    for (auto& [stage, s] : seconds_) t += s;
-    return t;
-}
-
 }  // namespace duplex

@@ -22,7 +22,6 @@ public:
     // After the pipeline, at now_us: sleeps until every stage's synchronization is done; returns the microseconds it
     // added to the step.
     double finish(double now_us);
-    double total_s() const;
 
 private:
     std::map<int, double> seconds_;
