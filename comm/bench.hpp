@@ -1,6 +1,6 @@
 // The engine behind `duplex commbench`: nccl-tests-style measurements of one operation over a range of
 // sizes on one communicator. Every rank calls run_commbench with the same options; rank 0's result holds
-// the rows (time is the slowest rank's average per iteration).
+// the rows (time is the slowest rank's average per iteration; with compare_mpi the median of 5 rounds of it).
 //
 //   CommBenchOptions o; o.op = "alltoall"; o.min_bytes = 1024; o.max_bytes = 64 << 20;
 //   CommBenchResult r = run_commbench(*comm, o);
@@ -25,7 +25,9 @@ struct CommBenchOptions {
     bool check = true;
     double skew = 1.0;  // alltoallv: Zipf exponent of the per-peer counts (0: uniform)
     uint64_t seed = 1;
-    bool compare_mpi = false;  // also time plain MPI on the same buffers (needs MPI initialized)
+    // Also time plain MPI on the same buffers (needs MPI initialized): both then run in 5 alternating rounds of
+    // iters / 5 and each time is its median round.
+    bool compare_mpi = false;
     bool plain_buffers = false;  // buffers from the system allocator instead of Communicator::allocate_host
 };
 
@@ -33,7 +35,7 @@ struct CommBenchRow {
     size_t bytes = 0;    // per-rank size in the nccl-tests sense
     size_t count = 0;    // elements of `type`
     std::string type = "float";
-    double time_us = 0;  // slowest rank, average per iteration
+    double time_us = 0;  // slowest rank, average per iteration (compare_mpi: its median round)
     double algbw_gbs = 0;
     double busbw_gbs = 0;
     uint64_t wrong = 0;  // elements that differ from the reference (all ranks), -c 1
@@ -62,6 +64,9 @@ std::vector<size_t> skewed_counts(size_t total, int ranks, int sender, double sk
 // Called after each row on rank 0 (for progress output).
 using RowCallback = std::function<void(const CommBenchRow&)>;
 CommBenchResult run_commbench(Communicator& comm, const CommBenchOptions& o, const RowCallback& on_row = {});
+
+// The middle value (the upper one of an even count; 0 for none).
+double median(std::vector<double> v);
 
 // Aggregate memcpy bandwidth (bytes/s) of `threads` threads copying `bytes` each: the copy ceiling.
 double measure_memcpy_bandwidth(int threads, size_t bytes = 64u << 20, int reps = 5);

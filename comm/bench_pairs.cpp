@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include "comm/bench.hpp"
 #include "core/error.hpp"
 
 namespace duplex {
@@ -49,9 +50,8 @@ double ping_pong(Communicator& c, int from, int to, const PairsOptions& o, HostB
             c.isend(buf.data(), o.small, from, kPong)->wait();
         }
     }
-    if (me != from || trips.empty()) return 0;
-    std::nth_element(trips.begin(), trips.begin() + long(trips.size() / 2), trips.end());
-    return trips[trips.size() / 2] / 2;
+    if (me != from) return 0;
+    return median(std::move(trips)) / 2;
 }
 
 // Round r of the circle method over n ranks (n even: n - 1 rounds; odd: n rounds with a bye): my partner or -1.
@@ -81,9 +81,7 @@ double median_off_diagonal(const std::vector<std::vector<double>>& m) {
     for (size_t f = 0; f < m.size(); ++f)
         for (size_t t = 0; t < m.size(); ++t)
             if (f != t) v.push_back(m[f][t]);
-    if (v.empty()) return 0;
-    std::nth_element(v.begin(), v.begin() + long(v.size() / 2), v.end());
-    return v[v.size() / 2];
+    return median(std::move(v));
 }
 
 }  // namespace

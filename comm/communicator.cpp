@@ -12,6 +12,7 @@
 
 #include <fmt/format.h>
 
+#include "comm/progress_gate.hpp"
 #include "core/error.hpp"
 #include "core/knobs.hpp"
 #include "core/log.hpp"
@@ -50,24 +51,36 @@ double default_comm_timeout() { return kCommTimeout.get(); }
 
 namespace {
 
-// Point-to-point work: the transport request itself.
+// Point-to-point work: the transport request itself. What a timeout names is formatted only then (a message of
+// a few bytes costs less than formatting it would).
 class P2PWork : public Work {
 public:
-    P2PWork(std::shared_ptr<Transport> t, std::shared_ptr<Request> r, std::string context, double default_timeout)
-        : transport_(std::move(t)), request_(std::move(r)), context_(std::move(context)), timeout_(default_timeout) {}
+    struct Context {
+        int rank, peer;
+        const char* op;
+        uint32_t tag;
+        size_t bytes;
+    };
+    P2PWork(std::shared_ptr<Transport> t, std::shared_ptr<Request> r, Context context, double default_timeout)
+        : transport_(std::move(t)), request_(std::move(r)), context_(context), timeout_(default_timeout) {}
     bool test() override {
         if (!request_->done()) return false;
         request_->rethrow();
         return true;
     }
     void wait(double timeout_s) override {
+        if (request_->done()) {  // (without reading the clock for a deadline)
+            request_->rethrow();
+            return;
+        }
         double t = timeout_s < 0 ? timeout_ : timeout_s;
         if (!transport_->wait(*request_, Deadline(t))) {
             transport_->cancel(*request_);
             try {
                 request_->rethrow();
             } catch (const CommError&) {
-                throw TimeoutError(context_, t);
+                throw TimeoutError(fmt::format("{} (tag {}, {} bytes)", comm_context(context_.rank, context_.op, context_.peer),
+                                               context_.tag, context_.bytes), t);
             }
             return;  // it completed while being cancelled
         }
@@ -77,7 +90,7 @@ public:
 private:
     std::shared_ptr<Transport> transport_;
     std::shared_ptr<Request> request_;
-    std::string context_;
+    Context context_;
     double timeout_;
 };
 
@@ -95,15 +108,16 @@ uint32_t mix_context(uint32_t parent, uint32_t seq) {
 }  // namespace
 
 // The per-communicator progress thread for collectives: runs queued operations strictly in order. A caller
-// that waits on the operation at the head of an idle queue runs it on its own thread instead, which saves
-// two thread hand-offs when nothing was left to overlap.
+// that waits on a queued operation runs it (and whatever is queued before it) on its own thread if the worker is not
+// busy: a collective waited on at once costs no thread hand-off. Queuing does not wake the worker (ProgressGate):
+// it picks up an operation nobody waits on within ProgressGate::kNap, for overlap with the caller's computation.
 struct Communicator::Worker {
     struct Task {
         uint64_t id;
         std::function<void()> run;
     };
     std::mutex mutex;
-    std::condition_variable cv;
+    ProgressGate gate;
     std::deque<Task> queue;
     uint64_t next_id = 0;
     bool busy = false;
@@ -118,44 +132,43 @@ struct Communicator::Worker {
             queue.push_back({id, std::move(fn)});
             if (!thread.joinable()) thread = std::thread([this] { run(); });
         }
-        cv.notify_all();
+        gate.posted();
         return id;
     }
-    // Runs task `id` here if it is next and nothing else runs; false otherwise.
+    // Runs the queued tasks up to `id` here, in order, while the worker thread is not running one; true once task
+    // `id` has run (here or before), false if the worker thread holds the queue.
     bool try_run_inline(uint64_t id) {
-        Task task;
-        {
-            std::lock_guard<std::mutex> lock(mutex);
-            if (busy || queue.empty() || queue.front().id != id) return false;
-            task = std::move(queue.front());
-            queue.pop_front();
-            busy = true;
-        }
-        task.run();
-        {
+        for (;;) {
+            Task task;
+            {
+                std::lock_guard<std::mutex> lock(mutex);
+                if (queue.empty() || queue.front().id > id) return true;
+                if (busy) return false;
+                task = std::move(queue.front());
+                queue.pop_front();
+                busy = true;
+            }
+            task.run();
             std::lock_guard<std::mutex> lock(mutex);
             busy = false;
         }
-        cv.notify_all();
-        return true;
     }
     void run() {
         for (;;) {
             Task task;
             {
                 std::unique_lock<std::mutex> lock(mutex);
-                cv.wait(lock, [&] { return (stopping && !busy) || (!queue.empty() && !busy); });
+                if (!gate.wait_for_work(lock, [&] { return (stopping && !busy) || (!queue.empty() && !busy); }))
+                    continue;
                 if (queue.empty()) return;
                 task = std::move(queue.front());
                 queue.pop_front();
                 busy = true;
+                gate.worked();
             }
             task.run();
-            {
-                std::lock_guard<std::mutex> lock(mutex);
-                busy = false;
-            }
-            cv.notify_all();
+            std::lock_guard<std::mutex> lock(mutex);
+            busy = false;
         }
     }
     // Drains the queue and joins the thread; later try_run_inline calls find nothing to run.
@@ -164,7 +177,7 @@ struct Communicator::Worker {
             std::lock_guard<std::mutex> lock(mutex);
             stopping = true;
         }
-        cv.notify_all();
+        gate.wake_all();
         if (thread.joinable()) thread.join();
     }
 };
@@ -197,8 +210,8 @@ bool CompletableWork::wait_finished(const Deadline& deadline) {
 // Collective work: completed by the communicator's worker thread.
 class CollectiveWork : public CompletableWork {
 public:
-    explicit CollectiveWork(std::string context, std::shared_ptr<Communicator::Worker> worker)
-        : context_(std::move(context)), worker_(std::move(worker)) {}
+    CollectiveWork(int rank, const char* op, std::shared_ptr<Communicator::Worker> worker)
+        : rank_(rank), op_(op), worker_(std::move(worker)) {}
     void set_id(uint64_t id) { id_ = id; }
     void wait(double timeout_s) override {
         // NOTE: by default wait for the worker: the collective has its own deadline and its error names the
@@ -206,11 +219,12 @@ public:
         double t = timeout_s < 0 ? 0 : timeout_s;
         Deadline deadline(t);
         if (!test()) worker_->try_run_inline(id_);
-        if (!wait_finished(deadline)) throw TimeoutError(context_, t);
+        if (!wait_finished(deadline)) throw TimeoutError(comm_context(rank_, op_), t);
     }
 
 private:
-    std::string context_;
+    int rank_;
+    const char* op_;
     std::shared_ptr<Communicator::Worker> worker_;
     uint64_t id_ = 0;
 };
@@ -307,8 +321,7 @@ WorkPtr Communicator::isend(const void* buf, size_t bytes, int peer, uint32_t ta
     if (const SlowLink& slow = slow_link(); slow.from == world_rank(rank_) && slow.to == world_rank(peer))
         std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(slow.us));
     auto r = transport_->isend(world_rank(peer), wire_tag(false, tag), buf, bytes);
-    return std::make_shared<P2PWork>(transport_, std::move(r),
-                                     fmt::format("{} (tag {}, {} bytes)", comm_context(rank_, "isend", peer), tag, bytes),
+    return std::make_shared<P2PWork>(transport_, std::move(r), P2PWork::Context{rank_, peer, "isend", tag, bytes},
                                      timeout_s_);
 }
 
@@ -316,14 +329,13 @@ WorkPtr Communicator::irecv(void* buf, size_t bytes, int peer, uint32_t tag) {
     DUPLEX_CHECK_ARG(peer >= 0 && peer < size(), "irecv peer", "rank {}: peer {} outside 0..{}", rank_, peer, size() - 1);
     DUPLEX_CHECK_ARG(tag < kMaxUserTag, "irecv tag", "rank {}: tag {} must be below {}", rank_, tag, kMaxUserTag);
     auto r = transport_->irecv(world_rank(peer), wire_tag(false, tag), buf, bytes);
-    return std::make_shared<P2PWork>(transport_, std::move(r),
-                                     fmt::format("{} (tag {}, {} bytes)", comm_context(rank_, "irecv", peer), tag, bytes),
+    return std::make_shared<P2PWork>(transport_, std::move(r), P2PWork::Context{rank_, peer, "irecv", tag, bytes},
                                      timeout_s_);
 }
 
 WorkPtr Communicator::enqueue(const char* op, std::function<void(const CollectiveCtx&)> body) {
     uint32_t seq = collective_seq_++;
-    auto work = std::make_shared<CollectiveWork>(comm_context(rank_, op), worker_);
+    auto work = std::make_shared<CollectiveWork>(rank_, op, worker_);
     // NOTE: `this` outlives the task: ~Communicator drains the worker's queue before it returns.
     uint64_t id = worker_->push([this, work, op, seq, body = std::move(body)] {
         try {

@@ -75,36 +75,30 @@ HostBuffer allocate_ordinary_host(size_t bytes) {
 bool Request::complete(std::string error) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        if (done_) return false;
-        done_ = true;
+        if (done_.load(std::memory_order_relaxed)) return false;
         error_ = std::move(error);
+        done_.store(true, std::memory_order_release);  // error_ is final before done() says so
     }
     cv_.notify_all();
     return true;
 }
 
-bool Request::done() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return done_;
-}
+bool Request::done() const { return done_.load(std::memory_order_acquire); }
 
 bool Request::wait_until(const Deadline& deadline) {
+    if (done()) return true;
     std::unique_lock<std::mutex> lock(mutex_);
     if (deadline.infinite()) {
-        cv_.wait(lock, [&] { return done_; });
+        cv_.wait(lock, [&] { return done(); });
         return true;
     }
-    return cv_.wait_until(lock, deadline.at(), [&] { return done_; });
+    return cv_.wait_until(lock, deadline.at(), [&] { return done(); });
 }
 
-std::string Request::error() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return error_;
-}
+std::string Request::error() const { return done() ? error_ : std::string(); }
 
 void Request::rethrow() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (done_ && !error_.empty()) throw CommError(error_);
+    if (done() && !error_.empty()) throw CommError(error_);
 }
 
 }  // namespace duplex

@@ -5,6 +5,7 @@
 // thread for inproc, a progress thread for MPI and UCX) completes it while the caller computes.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -41,9 +42,11 @@ public:
     std::string error() const;
 
 private:
-    mutable std::mutex mutex_;
+    // NOTE: done() is one atomic load (a waiting caller polls it per progress call); error_ is written once, before
+    // done_ turns true, and read only after.
+    std::mutex mutex_;
     std::condition_variable cv_;
-    bool done_ = false;
+    std::atomic<bool> done_{false};
     std::string error_;
 };
 

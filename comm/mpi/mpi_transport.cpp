@@ -4,7 +4,6 @@
 
 #include <atomic>
 #include <climits>
-#include <condition_variable>
 #include <cstdlib>
 #include <mutex>
 #include <thread>
@@ -13,6 +12,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include "comm/progress_gate.hpp"
 #include "core/error.hpp"
 #include "core/log.hpp"
 
@@ -93,7 +93,7 @@ public:
             std::lock_guard<std::mutex> lock(mutex_);
             stopping_ = true;
         }
-        cv_.notify_all();
+        gate_.wake_all();
         progress_.join();
         MPI_Comm_free(&comm_);
     }
@@ -107,6 +107,13 @@ public:
         auto req = std::make_shared<MpiRequest>(peer, tag, bytes, true);
         check_size(bytes, "isend");
         DUPLEX_MPI_CHECK(MPI_Isend(buf, static_cast<int>(bytes), MPI_BYTE, peer, mpi_tag(tag), comm_, &req->handle));
+        // A small send is usually out already (copied eagerly): then nothing is left for the progress thread.
+        int flag = 0;
+        MPI_Status status{};
+        if (MPI_Test(&req->handle, &flag, &status) == MPI_SUCCESS && flag) {
+            finish(*req, status, false);
+            return req;
+        }
         track(req);
         return req;
     }
@@ -119,14 +126,18 @@ public:
         return req;
     }
 
-    // Tests the request from the waiting thread (under the same lock as the progress thread), which saves
-    // two thread hand-offs per message; backs off like the progress thread when nothing moves.
+    // Tests the request from the waiting thread (under the same lock as the progress thread, which naps while a
+    // caller waits), which saves two thread hand-offs per message; backs off like the progress thread when nothing
+    // moves.
     bool wait(Request& request, const Deadline& deadline) override {
         auto& r = static_cast<MpiRequest&>(request);
+        if (r.done()) return true;
+        ProgressGate::Driving driving(gate_);
         for (int round = 0; !r.done(); ++round) {
-            if (deadline.expired()) return false;
-            {
-                std::lock_guard<std::mutex> lock(mutex_);
+            if (round % kRoundsPerClock == 0 && deadline.expired()) return false;
+            // NOTE: never block on the progress thread's lock: it is testing (and so progressing) MPI meanwhile, and
+            // on a full machine it may have lost its core while holding the lock.
+            if (std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock); lock.owns_lock()) {
                 if (r.handle != MPI_REQUEST_NULL) {
                     int flag = 0;
                     MPI_Status status{};
@@ -173,11 +184,12 @@ private:
             std::lock_guard<std::mutex> lock(mutex_);
             incoming_.push_back(std::move(req));
         }
-        cv_.notify_one();
+        gate_.posted();
     }
 
-    // Tests outstanding requests; sleeps on a condition variable when none are in flight and backs off from
-    // spinning to short sleeps while transfers are slow (oversubscribed ranks need the core back).
+    // Tests outstanding requests nobody waits on; waits on the gate when none are in flight (ProgressGate), naps
+    // while a caller drives MPI itself, and backs off from spinning to short sleeps while transfers are slow
+    // (oversubscribed ranks need the core back).
     void progress_loop() {
         std::vector<std::shared_ptr<MpiRequest>> active;
         std::vector<MPI_Request> handles;
@@ -187,8 +199,15 @@ private:
         for (;;) {
             {
                 std::unique_lock<std::mutex> lock(mutex_);
-                if (active.empty()) cv_.wait(lock, [&] { return stopping_ || !incoming_.empty(); });
+                // Waiting callers complete requests too (wait()): drop every finished one.
+                std::erase_if(active, [](const std::shared_ptr<MpiRequest>& r) { return r->done(); });
+                if (!gate_.wait_for_work(lock, [&] { return stopping_ || !incoming_.empty() || !active.empty(); }))
+                    continue;
                 if (stopping_ && active.empty() && incoming_.empty()) return;
+                if (gate_.driven()) {
+                    gate_.nap(lock);
+                    continue;
+                }
                 for (auto& r : incoming_) active.push_back(std::move(r));
                 incoming_.clear();
                 handles.resize(active.size());
@@ -204,14 +223,13 @@ private:
                 bool moved = count != MPI_UNDEFINED && count > 0;
                 if (moved)
                     for (int k = 0; k < count; ++k) finish(*active[indices[k]], statuses[k], errors_in_status);
-                // Waiting callers complete requests too (wait()): drop every finished one.
-                std::erase_if(active, [](const std::shared_ptr<MpiRequest>& r) { return r->done(); });
                 if (!moved) {
                     lock.unlock();
                     backoff(idle_rounds++);
                     continue;
                 }
                 idle_rounds = 0;
+                gate_.worked();
             }
         }
     }
@@ -242,6 +260,9 @@ private:
         r.complete();
     }
 
+    // A waiting caller reads the clock (its deadline) once per this many rounds.
+    static constexpr int kRoundsPerClock = 8;
+
     // Spin, then yield (oversubscribed ranks get the core back), then sleep when a transfer stays quiet.
     static void backoff(int round) {
         if (round < 16) return;
@@ -256,7 +277,7 @@ private:
     int rank_ = 0, size_ = 1;
     std::vector<std::string> hostnames_;
     std::mutex mutex_;
-    std::condition_variable cv_;
+    ProgressGate gate_;  // the progress thread's waits (with mutex_)
     std::vector<std::shared_ptr<MpiRequest>> incoming_;
     bool stopping_ = false;
     std::thread progress_;

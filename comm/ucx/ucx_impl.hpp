@@ -9,6 +9,7 @@
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -18,11 +19,11 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "comm/progress_gate.hpp"
 #include "comm/shared_arena.hpp"
 #include "comm/store.hpp"
 #include "comm/transport.hpp"
@@ -66,6 +67,8 @@ constexpr double kSpinBeforeSleep_s = 200e-6;
 // message is seen within that long, at a few thousand wake-ups a second.
 constexpr double kMinPollSleep_s = 10e-6;
 constexpr double kMaxPollSleep_s = 100e-6;
+// A waiting thread reads the clock (its deadline, how long it has been quiet) once per this many polls of the worker.
+constexpr unsigned kPollsPerClock = 8;
 
 constexpr uint64_t kOfferMagic = 0x4450'4C58'434D'4131ull;  // "DPLXCMA1": address is in the sender's memory
 constexpr uint64_t kMappedMagic = 0x4450'4C58'4D41'5031ull;  // "DPLXMAP1": address is an offset in its arena
@@ -97,6 +100,49 @@ struct UcxRequest : Request {
     void* destination = nullptr;                     // a single-copy receive: the user's buffer
     CmaOffer offer;                                  // OfferSend / OfferRecv: the wire bytes
     CmaAnswer answer;                                // AnswerSend / AnswerRecv: the wire bytes
+    // While UCX holds it (InFlight): the request keeps itself alive and is linked to the others.
+    std::shared_ptr<UcxRequest> self;
+    UcxRequest* prev = nullptr;
+    UcxRequest* next = nullptr;
+};
+
+// The requests UCX holds, linked through themselves: listing and unlisting allocate nothing (a small message's
+// bookkeeping is a few pointer writes). The owner's lock guards it.
+class InFlight {
+public:
+    InFlight() = default;
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+    ~InFlight() {
+        while (head_) remove(*head_);  // what never completed (a lost peer's): its self-reference goes too
+    }
+    void add(const std::shared_ptr<UcxRequest>& r) {
+        r->self = r;
+        r->prev = nullptr;
+        r->next = head_;
+        if (head_) head_->prev = r.get();
+        head_ = r.get();
+        ++size_;
+    }
+    // Unlists r; its reference (null if it was not listed).
+    std::shared_ptr<UcxRequest> remove(UcxRequest& r) {
+        if (!r.self) return nullptr;
+        (r.prev ? r.prev->next : head_) = r.next;
+        if (r.next) r.next->prev = r.prev;
+        r.prev = r.next = nullptr;
+        --size_;
+        return std::move(r.self);
+    }
+    bool empty() const { return size_ == 0; }
+    std::vector<std::shared_ptr<UcxRequest>> list() const {
+        std::vector<std::shared_ptr<UcxRequest>> out;
+        for (UcxRequest* r = head_; r; r = r->next) out.push_back(r->self);
+        return out;
+    }
+
+private:
+    UcxRequest* head_ = nullptr;
+    size_t size_ = 0;
 };
 
 // The transport's knobs (defined in ucx_transport.cpp, with their help texts).
@@ -155,33 +201,50 @@ private:
     void track(const std::shared_ptr<UcxRequest>& req) {
         req->owner = this;
         std::lock_guard<std::mutex> slock(state_mutex_);
-        in_flight_[req.get()] = req;
+        in_flight_.add(req);
     }
 
-    // Posts one UCX operation for req (ucx_mutex_ held); call(params) makes the UCX call.
+    // Posts one UCX operation for req (ucx_mutex_ held); call(params) makes the UCX call. A user's plain send may
+    // complete inside the call (a small message copied out): then it is never tracked, and no callback comes.
+    // Receives and internal parts always complete through their callback. (UCX 1.13 reports no length for a receive
+    // that completes inside the call, so its size could not be checked.)
     template <typename Call>
     void post_locked(const std::shared_ptr<UcxRequest>& req, Call&& call) {
-        track(req);
+        req->owner = this;
+        bool may_finish_here = req->part == Part::User && req->is_send;
+        if (!may_finish_here) track(req);
         ucp_request_param_t p{};
-        p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+        if (!may_finish_here) p.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
         if (req->is_send)
             p.cb.send = &UcxTransport::on_send;
         else
             p.cb.recv = &UcxTransport::on_recv;
         p.user_data = req.get();
-        // NOTE: UCX may run the completion callback inside this call, before it returns the handle.
+        // NOTE: with UCP_OP_ATTR_FLAG_NO_IMM_CMPL, UCX may run the completion callback inside this call, before it
+        // returns the handle.
         ucs_status_ptr_t h = call(&p);
-        if (UCS_PTR_IS_ERR(h)) {
-            settle(*req, fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, req->is_send ? "send to" : "receive from",
-                                     req->peer, ucs_status_string(UCS_PTR_STATUS(h))));
+        if (may_finish_here && !UCS_PTR_IS_PTR(h)) {
+            req->complete(completion_error(*req, UCS_PTR_STATUS(h), req->bytes));
             return;
         }
+        if (UCS_PTR_IS_ERR(h)) {
+            settle(*req, completion_error(*req, UCS_PTR_STATUS(h), 0));
+            return;
+        }
+        if (may_finish_here) track(req);  // before any progress call can run its callback (ucx_mutex_ is held)
         if (!req->done()) req->handle = h;
     }
 
-    // After posting (ucx_mutex_ released): wake the progress thread.
-    void posted() {
-        state_cv_.notify_one();
+    // What a finished operation failed with ("" for success): a cancel, a size that differs from the posted one, an
+    // error of UCX.
+    std::string completion_error(const UcxRequest& r, ucs_status_t status, size_t received) const;
+
+    // After posting req (ucx_mutex_ released): the progress thread looks within ProgressGate::kNapMax (a waiting caller
+    // drives the worker itself).
+    void posted(const Request& req) {
+        if (req.done()) return;
+        gate_.posted();
         wake();
     }
 
@@ -276,6 +339,7 @@ private:
     std::vector<ucp_ep_h> endpoints_;
     std::vector<PeerRef> peers_;  // error-handler arguments, one per endpoint
     bool peer_errors_ = false;    // UCX's peer failure mode (TCP on one host)
+    bool one_host_ = false;       // every rank on this host (then no TCP interface unless peer errors are on)
     std::vector<bool> cma_peer_;  // single copy with this rank (same host, both can read each other)
     long cma_min_ = 0;            // single copy from this many bytes (0: never)
     uint64_t cma_probe_ = 0;      // the word the other ranks of this host read to test single copy
@@ -288,13 +352,12 @@ private:
     std::vector<std::string> hostnames_;
     std::mutex ucx_mutex_;    // serializes every UCX call
     std::mutex state_mutex_;  // guards in_flight_, stopping_, abort state
-    std::condition_variable state_cv_;
-    std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> in_flight_;
+    ProgressGate gate_;  // the progress thread's waits (with state_mutex_)
+    InFlight in_flight_;
     bool stopping_ = false;
     std::atomic<bool> aborted_{false};
     bool closed_ = false;  // close() ran: the shutdown barrier is behind us
     std::mutex copy_mutex_;  // held while a single-copy receive fills its buffer, and while fail_all completes requests
-    std::atomic<int> drivers_{0};  // callers inside wait() driving the worker
     std::atomic<bool> polling_{false};  // the progress thread may be asleep in poll()
     std::string abort_reason_;
     std::thread progress_;

@@ -32,10 +32,20 @@ UcxTransport::UcxTransport(std::shared_ptr<Store> store, int rank, int size) : s
         ucp_config_release(config);
         throw ConfigError(kCmaMin.name(), fmt::format("must be 0 (off) or a size in bytes, got {}", cma_min_));
     }
-    if (!peer_errors_ && cma_min_ > 0 && !std::getenv("UCX_TLS")) {
+    char host[256] = {};
+    gethostname(host, sizeof(host) - 1);
+    store_->set(fmt::format("ucx/host/{}", rank_), host);
+    for (int r = 0; r < size_; ++r) hostnames_.push_back(store_->get(fmt::format("ucx/host/{}", r), 120.0));
+    one_host_ = std::all_of(hostnames_.begin(), hostnames_.end(), [&](const std::string& h) { return h == host; });
+    if (!peer_errors_ && !std::getenv("UCX_TLS")) {
         // UCX's own CMA copy aborts the process when the peer just died; Duplex's single copy takes those
-        // messages instead and fails with an error naming the rank.
-        DUPLEX_UCX_CHECK(ucp_config_modify(config, "TLS", "^cma"));
+        // messages instead and fails with an error naming the rank. On one host shared memory reaches every rank, and
+        // a TCP interface would only cost each progress call an epoll_wait (a system call per poll of a waiting
+        // caller: 2-3x the latency of a small message).
+        const char* tls = cma_min_ > 0 ? (one_host_ ? "^tcp,cma" : "^cma") : (one_host_ ? "^tcp" : nullptr);
+        if (tls) DUPLEX_UCX_CHECK(ucp_config_modify(config, "TLS", tls));
+    }
+    if (!peer_errors_ && cma_min_ > 0 && !std::getenv("UCX_TLS")) {
         // Without CMA, UCX's rendezvous on one host is a chain of bounce-buffer fragments (4x the time of an
         // eager send at 32 KiB here): below the single-copy size, eager it is (on every link: UCX 1.13 has one
         // threshold for all).
@@ -57,17 +67,13 @@ UcxTransport::UcxTransport(std::shared_ptr<Store> store, int rank, int size) : s
     ucp_address_t* address = nullptr;
     size_t address_len = 0;
     DUPLEX_UCX_CHECK(ucp_worker_get_address(worker_, &address, &address_len));
-    char host[256] = {};
-    gethostname(host, sizeof(host) - 1);
     store_->set(fmt::format("ucx/addr/{}", rank_), std::string(reinterpret_cast<char*>(address), address_len));
-    store_->set(fmt::format("ucx/host/{}", rank_), host);
     ucp_worker_release_address(worker_, address);
 
     endpoints_.resize(size_, nullptr);
     peers_.resize(size_);
     for (int r = 0; r < size_; ++r) {
         std::string a = store_->get(fmt::format("ucx/addr/{}", r), 120.0);
-        hostnames_.push_back(store_->get(fmt::format("ucx/host/{}", r), 120.0));
         ucp_ep_params_t ep{};
         ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
         ep.address = reinterpret_cast<const ucp_address_t*>(a.data());
@@ -109,7 +115,7 @@ UcxTransport::~UcxTransport() {
         std::lock_guard<std::mutex> lock(state_mutex_);
         stopping_ = true;
     }
-    state_cv_.notify_all();
+    gate_.wake_all();
     wake();
     progress_.join();
     std::lock_guard<std::mutex> lock(ucx_mutex_);
@@ -118,7 +124,7 @@ UcxTransport::~UcxTransport() {
         std::vector<void*> handles;
         {
             std::lock_guard<std::mutex> slock(state_mutex_);
-            for (auto& [p, r] : in_flight_)
+            for (auto& r : in_flight_.list())
                 if (r->handle) handles.push_back(r->handle);
         }
         for (void* h : handles) ucp_request_cancel(worker_, h);
@@ -171,7 +177,7 @@ std::shared_ptr<Request> UcxTransport::isend(int peer, uint64_t tag, const void*
             });
         }
     }
-    posted();
+    posted(*req);
     return req;
 }
 
@@ -196,37 +202,43 @@ std::shared_ptr<Request> UcxTransport::irecv(int peer, uint64_t tag, void* buf, 
             });
         }
     }
-    posted();
+    posted(*req);
     return req;
 }
 
 bool UcxTransport::wait(Request& request, const Deadline& deadline) {
     // Drive the worker from the waiting thread: yield-spinning while messages keep arriving, then polling with
     // sleeps that grow to kMaxPollSleep_s. (Handing progress to the progress thread instead cost up to a
-    // millisecond per message: its event wait misses shared-memory arrivals until its poll times out.)
-    Stopwatch quiet;
+    // millisecond per message: its event wait misses shared-memory arrivals until its poll times out.) The clock is
+    // read every kPollsPerClock polls only: a small message takes about as long as a few readings.
+    if (request.done()) return true;
+    ProgressGate::Driving driving(gate_);
     double nap_s = kMinPollSleep_s;
-    drivers_.fetch_add(1, std::memory_order_relaxed);
-    struct Leave {
-        std::atomic<int>& n;
-        ~Leave() { n.fetch_sub(1, std::memory_order_relaxed); }
-    } leave{drivers_};
-    while (!request.done()) {
-        if (deadline.expired()) return false;
+    unsigned empty_polls = 0;
+    Clock::time_point quiet_since{};
+    for (unsigned polls = 1; !request.done(); ++polls) {
+        if (polls % kPollsPerClock == 0 && deadline.expired()) return false;
         unsigned progressed = 0;
         if (ucx_mutex_.try_lock()) {
             progressed = progress_locked();
             ucx_mutex_.unlock();
         }
         if (progressed) {
-            quiet.reset();
+            empty_polls = 0;
             nap_s = kMinPollSleep_s;
-        } else if (quiet.seconds() > kSpinBeforeSleep_s) {
-            std::this_thread::sleep_for(std::chrono::duration<double>(nap_s));
-            nap_s = std::min(2 * nap_s, kMaxPollSleep_s);
-        } else {
-            std::this_thread::yield();
+            continue;
         }
+        if (++empty_polls % kPollsPerClock == 0) {
+            Clock::time_point now = Clock::now();
+            if (empty_polls == kPollsPerClock) {
+                quiet_since = now;
+            } else if (now - quiet_since > std::chrono::duration<double>(kSpinBeforeSleep_s)) {
+                std::this_thread::sleep_for(std::chrono::duration<double>(nap_s));
+                nap_s = std::min(2 * nap_s, kMaxPollSleep_s);
+                continue;
+            }
+        }
+        std::this_thread::yield();
     }
     return true;
 }
@@ -252,11 +264,7 @@ void UcxTransport::settle(UcxRequest& r, std::string error) {
     std::shared_ptr<UcxRequest> keep;
     {
         std::lock_guard<std::mutex> lock(state_mutex_);
-        auto it = in_flight_.find(&r);
-        if (it != in_flight_.end()) {
-            keep = std::move(it->second);
-            in_flight_.erase(it);
-        }
+        keep = in_flight_.remove(r);
     }
     bool was_open = r.complete(error);
     if (r.part == Part::User) return;
@@ -286,24 +294,25 @@ void UcxTransport::settle(UcxRequest& r, std::string error) {
     }
 }
 
+std::string UcxTransport::completion_error(const UcxRequest& r, ucs_status_t status, size_t received) const {
+    if (status == UCS_ERR_CANCELED && aborted_) return abort_reason_;
+    if (status == UCS_ERR_CANCELED)
+        return fmt::format("rank {}: {} rank {} cancelled", rank_, r.is_send ? "send to" : "receive from", r.peer);
+    if (r.part == Part::OfferRecv && (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && received != sizeof(CmaOffer))))
+        return size_mismatch_error(r.peer, "a plain message", rank_, r.parent->bytes) + " (a single-copy size)";
+    if (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && !r.is_send && received != r.bytes))
+        return size_mismatch_error(r.peer, status == UCS_OK ? fmt::format("{} bytes", received) : "more bytes", rank_,
+                                   r.bytes);
+    if (status != UCS_OK)
+        return fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, r.is_send ? "send to" : "receive from", r.peer,
+                           ucs_status_string(status));
+    return {};
+}
+
 void UcxTransport::finish(UcxRequest* r, void* ucx_request, ucs_status_t status, size_t received) {
     ucp_request_free(ucx_request);
     r->handle = nullptr;
-    std::string error;
-    if (status == UCS_ERR_CANCELED && aborted_) {
-        error = abort_reason_;
-    } else if (status == UCS_ERR_CANCELED) {
-        error = fmt::format("rank {}: {} rank {} cancelled", rank_, r->is_send ? "send to" : "receive from", r->peer);
-    } else if (r->part == Part::OfferRecv && (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && received != sizeof(CmaOffer)))) {
-        error = size_mismatch_error(r->peer, "a plain message", rank_, r->parent->bytes) + " (a single-copy size)";
-    } else if (status == UCS_ERR_MESSAGE_TRUNCATED || (status == UCS_OK && !r->is_send && received != r->bytes)) {
-        error = size_mismatch_error(r->peer, status == UCS_OK ? fmt::format("{} bytes", received) : "more bytes", rank_,
-                                    r->bytes);
-    } else if (status != UCS_OK) {
-        error = fmt::format("rank {}: UCX {} rank {} failed: {}", rank_, r->is_send ? "send to" : "receive from",
-                            r->peer, ucs_status_string(status));
-    }
-    settle(*r, std::move(error));
+    settle(*r, completion_error(*r, status, received));
 }
 
 void UcxTransport::fail_all(const std::string& why, bool worker_locked) {
@@ -318,19 +327,19 @@ void UcxTransport::fail_all(const std::string& why, bool worker_locked) {
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     // What is in flight once the worker is ours: isend/irecv check aborted_ again under the worker's lock, so
     // nothing is posted after this that escapes it.
-    std::unordered_map<UcxRequest*, std::shared_ptr<UcxRequest>> pending;
+    std::vector<std::shared_ptr<UcxRequest>> pending;
     {
         std::lock_guard<std::mutex> lock(state_mutex_);
-        pending = in_flight_;
+        pending = in_flight_.list();
     }
     if (worker_locked || worker.owns_lock()) {
-        for (auto& [p, r] : pending)
+        for (auto& r : pending)
             if (r->handle) ucp_request_cancel(worker_, r->handle);
         if (!worker_locked)
             for (int i = 0; i < 8; ++i) progress_locked();  // deliver the cancellations
     }
     std::lock_guard<std::mutex> copying(copy_mutex_);  // a read under way finishes first (read_offer)
-    for (auto& [p, r] : pending) r->complete(abort_reason_);
+    for (auto& r : pending) r->complete(abort_reason_);
 }
 
 void UcxTransport::progress_loop() {
@@ -338,15 +347,15 @@ void UcxTransport::progress_loop() {
     for (;;) {
         {
             std::unique_lock<std::mutex> lock(state_mutex_);
-            state_cv_.wait(lock, [&] { return stopping_ || !in_flight_.empty(); });
+            bool work = gate_.wait_for_work(lock, [&] { return stopping_ || !in_flight_.empty(); });
             // After an abort, operations with a lost peer never finish: stop anyway (the destructor cancels them).
             if (stopping_ && (in_flight_.empty() || aborted_)) return;
-        }
-        if (drivers_.load(std::memory_order_relaxed) > 0) {
-            // A waiting caller drives the worker itself; competing for it would only cost a core.
-            std::unique_lock<std::mutex> lock(state_mutex_);
-            state_cv_.wait_for(lock, std::chrono::milliseconds(1));
-            continue;
+            if (!work) continue;
+            if (gate_.driven()) {
+                // A waiting caller drives the worker itself; competing for it would only cost a core.
+                gate_.nap(lock);
+                continue;
+            }
         }
         unsigned progressed = 0;
         ucs_status_t armed = UCS_ERR_BUSY;
@@ -355,6 +364,7 @@ void UcxTransport::progress_loop() {
             while (unsigned n = progress_locked()) progressed += n;
             if (progressed) {
                 idle.reset();
+                gate_.worked();
             } else if (idle.seconds() > kSpinBeforeSleep_s) {
                 polling_.store(true);
                 armed = ucp_worker_arm(worker_);
