@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include "comm/in_flight.hpp"
 #include "comm/progress_gate.hpp"
 #include "core/error.hpp"
 #include "core/log.hpp"
@@ -68,7 +69,7 @@ void mpi_ensure_initialized() {
 
 namespace {
 
-struct MpiRequest : Request {
+struct MpiRequest : Request, InFlightLinks<MpiRequest> {
     using Request::Request;
     MPI_Request handle = MPI_REQUEST_NULL;
 };
@@ -134,7 +135,7 @@ public:
         if (r.done()) return true;
         ProgressGate::Driving driving(gate_);
         for (int round = 0; !r.done(); ++round) {
-            if (round % kRoundsPerClock == 0 && deadline.expired()) return false;
+            if (round % kRoundsPerClock == kRoundsPerClock - 1 && deadline.expired()) return false;
             // NOTE: never block on the progress thread's lock: it is testing (and so progressing) MPI meanwhile, and
             // on a full machine it may have lost its core while holding the lock.
             if (std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock); lock.owns_lock()) {
@@ -152,6 +153,7 @@ public:
                         finish(r, status, false);
                     }
                 }
+                if (r.done()) in_flight_.remove(r);
             }
             if (!r.done()) backoff(round);
         }
@@ -179,10 +181,10 @@ private:
             throw CommError(fmt::format("{}: {} bytes exceed one MPI message (2^31-1)", comm_context(rank_, op), bytes));
     }
 
-    void track(std::shared_ptr<MpiRequest> req) {
+    void track(const std::shared_ptr<MpiRequest>& req) {
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            incoming_.push_back(std::move(req));
+            in_flight_.add(req);
         }
         gate_.posted();
     }
@@ -191,46 +193,44 @@ private:
     // while a caller drives MPI itself, and backs off from spinning to short sleeps while transfers are slow
     // (oversubscribed ranks need the core back).
     void progress_loop() {
-        std::vector<std::shared_ptr<MpiRequest>> active;
+        std::vector<MpiRequest*> active;
         std::vector<MPI_Request> handles;
         std::vector<int> indices;
         std::vector<MPI_Status> statuses;
         int idle_rounds = 0;
         for (;;) {
-            {
-                std::unique_lock<std::mutex> lock(mutex_);
-                // Waiting callers complete requests too (wait()): drop every finished one.
-                std::erase_if(active, [](const std::shared_ptr<MpiRequest>& r) { return r->done(); });
-                if (!gate_.wait_for_work(lock, [&] { return stopping_ || !incoming_.empty() || !active.empty(); }))
-                    continue;
-                if (stopping_ && active.empty() && incoming_.empty()) return;
-                if (gate_.driven()) {
-                    gate_.nap(lock);
-                    continue;
-                }
-                for (auto& r : incoming_) active.push_back(std::move(r));
-                incoming_.clear();
-                handles.resize(active.size());
-                for (size_t i = 0; i < active.size(); ++i) handles[i] = active[i]->handle;
-                indices.resize(active.size());
-                statuses.resize(active.size());
-                int count = 0;
-                int rc = MPI_Testsome(static_cast<int>(handles.size()), handles.data(), &count, indices.data(),
-                                      statuses.data());
-                bool errors_in_status = rc == MPI_ERR_IN_STATUS;
-                if (rc != MPI_SUCCESS && !errors_in_status) count = MPI_UNDEFINED;
-                for (size_t i = 0; i < active.size(); ++i) active[i]->handle = handles[i];
-                bool moved = count != MPI_UNDEFINED && count > 0;
-                if (moved)
-                    for (int k = 0; k < count; ++k) finish(*active[indices[k]], statuses[k], errors_in_status);
-                if (!moved) {
-                    lock.unlock();
-                    backoff(idle_rounds++);
-                    continue;
-                }
-                idle_rounds = 0;
-                gate_.worked();
+            std::unique_lock<std::mutex> lock(mutex_);
+            if (!gate_.wait_for_work(lock, [&] { return stopping_ || !in_flight_.empty(); })) continue;
+            if (stopping_ && in_flight_.empty()) return;
+            if (gate_.driven()) {
+                gate_.nap(lock);
+                continue;
             }
+            active.clear();
+            in_flight_.for_each([&](MpiRequest& r) { active.push_back(&r); });
+            handles.resize(active.size());
+            for (size_t i = 0; i < active.size(); ++i) handles[i] = active[i]->handle;
+            indices.resize(active.size());
+            statuses.resize(active.size());
+            int count = 0;
+            int rc = MPI_Testsome(static_cast<int>(handles.size()), handles.data(), &count, indices.data(),
+                                  statuses.data());
+            bool errors_in_status = rc == MPI_ERR_IN_STATUS;
+            if (rc != MPI_SUCCESS && !errors_in_status) count = MPI_UNDEFINED;
+            for (size_t i = 0; i < active.size(); ++i) active[i]->handle = handles[i];
+            bool moved = count != MPI_UNDEFINED && count > 0;
+            if (moved)
+                for (int k = 0; k < count; ++k) finish(*active[indices[k]], statuses[k], errors_in_status);
+            // Unlisted last: a request's last reference may be its own.
+            for (MpiRequest* r : active)
+                if (r->done()) in_flight_.remove(*r);
+            if (!moved) {
+                lock.unlock();
+                backoff(idle_rounds++);
+                continue;
+            }
+            idle_rounds = 0;
+            gate_.worked();
         }
     }
 
@@ -278,7 +278,7 @@ private:
     std::vector<std::string> hostnames_;
     std::mutex mutex_;
     ProgressGate gate_;  // the progress thread's waits (with mutex_)
-    std::vector<std::shared_ptr<MpiRequest>> incoming_;
+    InFlight<MpiRequest> in_flight_;  // what MPI holds and nobody has seen complete (mutex_)
     bool stopping_ = false;
     std::thread progress_;
 };

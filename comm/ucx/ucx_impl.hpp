@@ -23,6 +23,7 @@
 
 #include <fmt/format.h>
 
+#include "comm/in_flight.hpp"
 #include "comm/progress_gate.hpp"
 #include "comm/shared_arena.hpp"
 #include "comm/store.hpp"
@@ -90,7 +91,7 @@ constexpr int64_t kAnswerMismatch = -1;
 // What an internal UCX operation does for the user's request it serves (its parent).
 enum class Part : uint8_t { User, OfferSend, OfferRecv, AnswerSend, AnswerRecv };
 
-struct UcxRequest : Request {
+struct UcxRequest : Request, InFlightLinks<UcxRequest> {
     using Request::Request;
     void* handle = nullptr;  // UCX's request while in flight
     class UcxTransport* owner = nullptr;
@@ -100,49 +101,6 @@ struct UcxRequest : Request {
     void* destination = nullptr;                     // a single-copy receive: the user's buffer
     CmaOffer offer;                                  // OfferSend / OfferRecv: the wire bytes
     CmaAnswer answer;                                // AnswerSend / AnswerRecv: the wire bytes
-    // While UCX holds it (InFlight): the request keeps itself alive and is linked to the others.
-    std::shared_ptr<UcxRequest> self;
-    UcxRequest* prev = nullptr;
-    UcxRequest* next = nullptr;
-};
-
-// The requests UCX holds, linked through themselves: listing and unlisting allocate nothing (a small message's
-// bookkeeping is a few pointer writes). The owner's lock guards it.
-class InFlight {
-public:
-    InFlight() = default;
-    InFlight(const InFlight&) = delete;
-    InFlight& operator=(const InFlight&) = delete;
-    ~InFlight() {
-        while (head_) remove(*head_);  // what never completed (a lost peer's): its self-reference goes too
-    }
-    void add(const std::shared_ptr<UcxRequest>& r) {
-        r->self = r;
-        r->prev = nullptr;
-        r->next = head_;
-        if (head_) head_->prev = r.get();
-        head_ = r.get();
-        ++size_;
-    }
-    // Unlists r; its reference (null if it was not listed).
-    std::shared_ptr<UcxRequest> remove(UcxRequest& r) {
-        if (!r.self) return nullptr;
-        (r.prev ? r.prev->next : head_) = r.next;
-        if (r.next) r.next->prev = r.prev;
-        r.prev = r.next = nullptr;
-        --size_;
-        return std::move(r.self);
-    }
-    bool empty() const { return size_ == 0; }
-    std::vector<std::shared_ptr<UcxRequest>> list() const {
-        std::vector<std::shared_ptr<UcxRequest>> out;
-        for (UcxRequest* r = head_; r; r = r->next) out.push_back(r->self);
-        return out;
-    }
-
-private:
-    UcxRequest* head_ = nullptr;
-    size_t size_ = 0;
 };
 
 // The transport's knobs (defined in ucx_transport.cpp, with their help texts).
@@ -353,7 +311,7 @@ private:
     std::mutex ucx_mutex_;    // serializes every UCX call
     std::mutex state_mutex_;  // guards in_flight_, stopping_, abort state
     ProgressGate gate_;  // the progress thread's waits (with state_mutex_)
-    InFlight in_flight_;
+    InFlight<UcxRequest> in_flight_;
     bool stopping_ = false;
     std::atomic<bool> aborted_{false};
     bool closed_ = false;  // close() ran: the shutdown barrier is behind us
