@@ -73,26 +73,30 @@ HostBuffer allocate_ordinary_host(size_t bytes) {
 }
 
 bool Request::complete(std::string error) {
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (done_.load(std::memory_order_relaxed)) return false;
-        error_ = std::move(error);
-        done_.store(true, std::memory_order_release);  // error_ is final before done() says so
+    uint8_t expected = kPending;
+    if (!state_.compare_exchange_strong(expected, kCompleting)) return false;
+    error_ = std::move(error);
+    state_.store(kDone);  // error_ is final before done() says so
+    if (waiters_.load() > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);  // a waiter between its check and its sleep finishes either first
+        cv_.notify_all();
     }
-    cv_.notify_all();
     return true;
 }
 
-bool Request::done() const { return done_.load(std::memory_order_acquire); }
+bool Request::done() const { return state_.load(std::memory_order_acquire) == kDone; }
 
 bool Request::wait_until(const Deadline& deadline) {
     if (done()) return true;
+    waiters_.fetch_add(1);
     std::unique_lock<std::mutex> lock(mutex_);
-    if (deadline.infinite()) {
+    bool arrived = true;
+    if (deadline.infinite())
         cv_.wait(lock, [&] { return done(); });
-        return true;
-    }
-    return cv_.wait_until(lock, deadline.at(), [&] { return done(); });
+    else
+        arrived = cv_.wait_until(lock, deadline.at(), [&] { return done(); });
+    waiters_.fetch_sub(1);
+    return arrived;
 }
 
 std::string Request::error() const { return done() ? error_ : std::string(); }

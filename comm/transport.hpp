@@ -42,11 +42,15 @@ public:
     std::string error() const;
 
 private:
-    // NOTE: done() is one atomic load (a waiting caller polls it per progress call); error_ is written once, before
-    // done_ turns true, and read only after.
+    // NOTE: completing takes no lock (a message's completion is on its latency path): the first complete() claims
+    // state_ (kPending -> kCompleting), writes error_, then publishes kDone; done() is one atomic load. The mutex and
+    // condition variable serve wait_until only, and complete() touches them only when a waiter announced itself in
+    // waiters_ (it increments before checking done(), complete() publishes before reading it: one sees the other).
+    enum : uint8_t { kPending, kCompleting, kDone };
+    std::atomic<uint8_t> state_{kPending};
+    std::atomic<int> waiters_{0};
     std::mutex mutex_;
     std::condition_variable cv_;
-    std::atomic<bool> done_{false};
     std::string error_;
 };
 
