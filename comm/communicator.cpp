@@ -250,7 +250,7 @@ struct CollectiveCtx {
     void wait(std::vector<std::shared_ptr<Request>>& requests) const {
         for (auto& r : requests) {
             bool arrived = comm.transport_->wait(*r, deadline);
-            if (arrived && r->error().empty()) continue;
+            if (arrived && !r->failed()) continue;
             for (auto& q : requests) comm.transport_->cancel(*q);
             if (arrived) r->rethrow();
             int peer = static_cast<int>(std::find(comm.members_.begin(), comm.members_.end(), r->peer) -
@@ -359,9 +359,9 @@ void add_into(T* dst, const T* src, size_t n) {
 
 // Posts receives from every peer, then sends in a rotated order (rank+1, rank+2, ...) so that no rank is
 // everyone's first target; the block to self is a local copy.
-void exchange_blocks(const CollectiveCtx& ctx, int phase, const char* send, const std::vector<size_t>& send_bytes,
-                     const std::vector<size_t>& send_off, char* recv, const std::vector<size_t>& recv_bytes,
-                     const std::vector<size_t>& recv_off) {
+void exchange_blocks(const CollectiveCtx& ctx, int phase, const char* send, std::span<const size_t> send_bytes,
+                     std::span<const size_t> send_off, char* recv, std::span<const size_t> recv_bytes,
+                     std::span<const size_t> recv_off) {
     int n = ctx.comm.size(), me = ctx.comm.rank();
     if (send_bytes[me] != recv_bytes[me])  // before posting anything: nothing left in flight into the caller's buffers
         throw CommError(fmt::format("{}: sends {} bytes to itself but expects {}", comm_context(me, ctx.op),
@@ -468,18 +468,30 @@ WorkPtr Communicator::all_to_all_v(const void* send, std::span<const size_t> sen
         throw ConfigError("all_to_all_v counts",
                           fmt::format("rank {}: need {} entries per list, got send {}/{} recv {}/{}", rank_, n,
                                       send_bytes.size(), send_offsets.size(), recv_bytes.size(), recv_offsets.size()));
-    std::vector<size_t> sb(send_bytes.begin(), send_bytes.end()), so(send_offsets.begin(), send_offsets.end());
-    std::vector<size_t> rb(recv_bytes.begin(), recv_bytes.end()), ro(recv_offsets.begin(), recv_offsets.end());
-    auto s = static_cast<const char*>(send);
-    auto r = static_cast<char*>(recv);
-    return enqueue("all_to_all_v", [=](const CollectiveCtx& ctx) { exchange_blocks(ctx, 0, s, sb, so, r, rb, ro); });
+    // The four lists in one allocation, moved into the task (a small exchange costs about as much as a few copies).
+    std::vector<size_t> layout;
+    layout.reserve(4 * n);
+    for (auto list : {send_bytes, send_offsets, recv_bytes, recv_offsets})
+        layout.insert(layout.end(), list.begin(), list.end());
+    return enqueue_exchange("all_to_all_v", send, recv, std::move(layout));
 }
 
 WorkPtr Communicator::all_to_all(const void* send, void* recv, size_t bytes_per_peer) {
-    int n = size();
-    std::vector<size_t> bytes(n, bytes_per_peer), offsets(n);
-    for (int i = 0; i < n; ++i) offsets[i] = size_t(i) * bytes_per_peer;
-    return all_to_all_v(send, bytes, offsets, recv, bytes, offsets);
+    check_host_buffers("all_to_all", send, recv);
+    size_t n = static_cast<size_t>(size());
+    std::vector<size_t> layout(4 * n, bytes_per_peer);
+    for (size_t i = 0; i < n; ++i) layout[n + i] = layout[3 * n + i] = i * bytes_per_peer;
+    return enqueue_exchange("all_to_all", send, recv, std::move(layout));
+}
+
+WorkPtr Communicator::enqueue_exchange(const char* op, const void* send, void* recv, std::vector<size_t> layout) {
+    auto s = static_cast<const char*>(send);
+    auto r = static_cast<char*>(recv);
+    return enqueue(op, [s, r, layout = std::move(layout)](const CollectiveCtx& ctx) {
+        std::span<const size_t> l(layout);
+        size_t n = l.size() / 4;
+        exchange_blocks(ctx, 0, s, l.first(n), l.subspan(n, n), r, l.subspan(2 * n, n), l.subspan(3 * n, n));
+    });
 }
 
 WorkPtr Communicator::all_gather(const void* send, void* recv, size_t bytes) {

@@ -135,6 +135,9 @@ private:
                  double timeout_s);
     uint64_t wire_tag(bool collective, uint32_t tag) const;
     WorkPtr enqueue(const char* op, std::function<void(const CollectiveCtx&)> body);
+    // An exchange of blocks (all_to_all, all_to_all_v): `layout` holds send bytes, send offsets, receive bytes and
+    // receive offsets per peer, one list after the other.
+    WorkPtr enqueue_exchange(const char* op, const void* send, void* recv, std::vector<size_t> layout);
     void count_send(int peer, size_t bytes);
     // ConfigError when the transport says a buffer is device memory (the collectives work on the host).
     void check_host_buffers(const char* op, const void* send, const void* recv) const;

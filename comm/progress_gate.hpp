@@ -4,7 +4,8 @@
 // A caller waiting on a request drives the backend itself (Transport::wait) and a caller waiting on a collective runs
 // it itself, so the thread only matters for work nobody waits on yet (a transfer overlapping computation). Posting
 // therefore does not wake it: while posts keep coming the thread naps and looks again, each nap twice the last (kNapMin
-// up to kNapMax) until it finds work itself (worked()); only after kDeepAfter without a post does it sleep until a post wakes it.
+// up to kNapMax) until it finds work itself (worked()); only after kDeepAfter without a post does it sleep until a
+// post wakes it.
 // A message stream thus costs no system call per message on the posting side, an idle rank no wake-ups, and work nobody
 // waits on is picked up within kNapMax. (On glibc every timed wait costs two system calls, its wait and the wake of the
 // re-locked mutex: naps that stay short would cost a busy rank more than its messages do.)

@@ -40,6 +40,8 @@ public:
     void rethrow() const;
     // The error it completed with ("" while pending or after success).
     std::string error() const;
+    // Completed with an error (no copy of its text).
+    bool failed() const { return done() && !error_.empty(); }
 
 private:
     // NOTE: completing takes no lock (a message's completion is on its latency path): the first complete() claims
