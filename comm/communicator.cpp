@@ -12,7 +12,7 @@
 
 #include <fmt/format.h>
 
-#include "comm/progress_gate.hpp"
+#include "comm/collective_worker.hpp"
 #include "core/error.hpp"
 #include "core/knobs.hpp"
 #include "core/log.hpp"
@@ -106,81 +106,6 @@ uint32_t mix_context(uint32_t parent, uint32_t seq) {
 }
 
 }  // namespace
-
-// The per-communicator progress thread for collectives: runs queued operations strictly in order. A caller
-// that waits on a queued operation runs it (and whatever is queued before it) on its own thread if the worker is not
-// busy: a collective waited on at once costs no thread hand-off. Queuing does not wake the worker (ProgressGate):
-// it picks up an operation nobody waits on within ProgressGate::kNap, for overlap with the caller's computation.
-struct Communicator::Worker {
-    struct Task {
-        uint64_t id;
-        std::function<void()> run;
-    };
-    std::mutex mutex;
-    ProgressGate gate;
-    std::deque<Task> queue;
-    uint64_t next_id = 0;
-    bool busy = false;
-    bool stopping = false;
-    std::thread thread;
-
-    uint64_t push(std::function<void()> fn) {
-        uint64_t id;
-        {
-            std::lock_guard<std::mutex> lock(mutex);
-            id = next_id++;
-            queue.push_back({id, std::move(fn)});
-            if (!thread.joinable()) thread = std::thread([this] { run(); });
-        }
-        gate.posted();
-        return id;
-    }
-    // Runs the queued tasks up to `id` here, in order, while the worker thread is not running one; true once task
-    // `id` has run (here or before), false if the worker thread holds the queue.
-    bool try_run_inline(uint64_t id) {
-        for (;;) {
-            Task task;
-            {
-                std::lock_guard<std::mutex> lock(mutex);
-                if (queue.empty() || queue.front().id > id) return true;
-                if (busy) return false;
-                task = std::move(queue.front());
-                queue.pop_front();
-                busy = true;
-            }
-            task.run();
-            std::lock_guard<std::mutex> lock(mutex);
-            busy = false;
-        }
-    }
-    void run() {
-        for (;;) {
-            Task task;
-            {
-                std::unique_lock<std::mutex> lock(mutex);
-                if (!gate.wait_for_work(lock, [&] { return (stopping && !busy) || (!queue.empty() && !busy); }))
-                    continue;
-                if (queue.empty()) return;
-                task = std::move(queue.front());
-                queue.pop_front();
-                busy = true;
-                gate.worked();
-            }
-            task.run();
-            std::lock_guard<std::mutex> lock(mutex);
-            busy = false;
-        }
-    }
-    // Drains the queue and joins the thread; later try_run_inline calls find nothing to run.
-    void shutdown() {
-        {
-            std::lock_guard<std::mutex> lock(mutex);
-            stopping = true;
-        }
-        gate.wake_all();
-        if (thread.joinable()) thread.join();
-    }
-};
 
 void CompletableWork::finish(std::exception_ptr error) {
     {
