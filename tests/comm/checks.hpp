@@ -251,4 +251,44 @@ inline std::string check_many_in_flight(Communicator& c) {
     return "";
 }
 
+// Work nobody waits on still completes: ranks 0 and 1 exchange a small and a large message (the large one a single
+// copy on UCX: the receiver's progress thread must read it) and every rank starts an all_reduce, all polled with
+// test() only, so the backend's progress thread and the communicator's worker must move them. Twice: the second
+// time after 150 ms of quiet, past ProgressGate::kDeepAfter, so a thread asleep until a post must be woken by one.
+inline std::string check_progress_without_waiting(Communicator& c) {
+    int me = c.rank();
+    auto settle = [](const WorkPtr& w) {
+        Deadline d(30);
+        while (!w->test() && !d.expired()) std::this_thread::yield();
+        return w->test();
+    };
+    for (int round = 0; round < 2; ++round) {
+        if (round == 1) std::this_thread::sleep_for(std::chrono::milliseconds(150));
+        std::vector<uint8_t> small(64, uint8_t(round + 1)), large(size_t(1) << 20, uint8_t(round + 7));
+        std::vector<uint8_t> small_in(small.size(), 0), large_in(large.size(), 0);
+        std::vector<WorkPtr> mine;  // what this rank polls
+        bool pair = c.size() >= 2;
+        if (me == 0 && pair) {
+            mine.push_back(c.irecv(small_in.data(), small_in.size(), 1, 40));
+            mine.push_back(c.irecv(large_in.data(), large_in.size(), 1, 41));
+        } else if (me == 1) {
+            c.isend(small.data(), small.size(), 0, 40)->wait();
+            c.isend(large.data(), large.size(), 0, 41)->wait();
+        }
+        std::vector<int64_t> red(16, me + round);
+        WorkPtr coll = c.all_reduce(red.data(), red.size(), DType::I64);
+        for (size_t k = 0; k < mine.size(); ++k)
+            if (!settle(mine[k]))
+                return fmt::format("rank {}: round {}: receive {} did not complete within 30 s without wait()", me, round,
+                                   k);
+        if (!settle(coll))
+            return fmt::format("rank {}: round {}: all_reduce did not complete within 30 s without wait()", me, round);
+        if (me == 0 && pair && (small_in != small || large_in != large))
+            return fmt::format("rank 0: round {}: the bytes received differ from the bytes sent", round);
+        int64_t want = int64_t(c.size()) * (c.size() - 1) / 2 + int64_t(c.size()) * round;
+        if (red[0] != want) return fmt::format("rank {}: round {}: all_reduce gave {} != {}", me, round, red[0], want);
+    }
+    return "";
+}
+
 }  // namespace duplex::testing

@@ -237,6 +237,10 @@ TEST(Inproc, CountsBytesPerLinkClass) {
     EXPECT_EQ(rank0.inter_node, 200u);  // to ranks 2 and 3
 }
 
+TEST_P(InprocWorld, WorkNobodyWaitsOnCompletes) {
+    EXPECT_EQ(run_ranks(GetParam(), testing::check_progress_without_waiting), "");
+}
+
 TEST(Inproc, OverlapsWithCompute) {
     // The exchange completes while this rank computes: a posted receive finishes without a wait() call.
     LaunchOptions o;

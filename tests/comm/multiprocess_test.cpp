@@ -34,6 +34,7 @@ INSTANTIATE_TEST_SUITE_P(All, MultiProcessOps,
 TEST(MultiProcess, Split) { EXPECT_EQ(testing::check_split(*g_world), ""); }
 TEST(MultiProcess, ManyInFlight) { EXPECT_EQ(testing::check_many_in_flight(*g_world), ""); }
 TEST(MultiProcess, BarrierHoldsEveryRankUntilTheLastArrives) { EXPECT_EQ(testing::check_barrier(*g_world), ""); }
+TEST(MultiProcess, WorkNobodyWaitsOnCompletes) { EXPECT_EQ(testing::check_progress_without_waiting(*g_world), ""); }
 
 TEST(MultiProcess, ReceiveTimesOut) {
     char buf[4];
@@ -51,10 +52,11 @@ TEST(MultiProcess, SingleCopyIsInUseWhereExpected) {
     EXPECT_NE(g_world->backend_description().find(fmt::format("single copy with {} of {} ranks", others, others)),
               std::string::npos)
         << g_world->backend_description();
-    if (others > 0)
+    if (others > 0) {
         EXPECT_NE(g_world->backend_description().find(fmt::format("shared arena mapped by {} of them", others)),
                   std::string::npos)
             << g_world->backend_description();
+    }
 }
 
 // Large messages from allocate_host's memory are copied out of the receiver's mapping of the sender's arena, and
