@@ -19,35 +19,35 @@ constexpr uint32_t kData = 7101, kPing = 7103, kPong = 7104;
 
 // `from` streams iters x large bytes to `to`; GB/s as `to` receives them, timed from when both left a barrier (a
 // slow reverse direction does not enter it). At `to` (0 elsewhere).
-double stream(Communicator& c, int from, int to, const PairsOptions& o, HostBuffer& buf, int iters) {
+double stream(Communicator& c, int from, int to, const PairsOptions& o, void* buf, int iters) {
     const int me = c.rank();
     if (me == from) {
         std::vector<WorkPtr> works;
-        for (int i = 0; i < iters; ++i) works.push_back(c.isend(buf.data(), o.large, to, kData));
+        for (int i = 0; i < iters; ++i) works.push_back(c.isend(buf, o.large, to, kData));
         wait_all(works);
     }
     if (me != to) return 0;
     auto t0 = Clock::now();
     std::vector<WorkPtr> works;
-    for (int i = 0; i < iters; ++i) works.push_back(c.irecv(buf.data(), o.large, from, kData));
+    for (int i = 0; i < iters; ++i) works.push_back(c.irecv(buf, o.large, from, kData));
     wait_all(works);
     return double(iters) * double(o.large) / (since_us(t0) * 1e3);
 }
 
 // Half the median round trip of `from` and `to` ping-ponging small messages, in microseconds, at `from`.
-double ping_pong(Communicator& c, int from, int to, const PairsOptions& o, HostBuffer& buf, int iters) {
+double ping_pong(Communicator& c, int from, int to, const PairsOptions& o, void* buf, int iters) {
     const int me = c.rank();
     if (me != from && me != to) return 0;
     std::vector<double> trips;
     for (int i = 0; i < iters; ++i) {
         auto t0 = Clock::now();
         if (me == from) {
-            c.isend(buf.data(), o.small, to, kPing)->wait();
-            c.irecv(buf.data(), o.small, to, kPong)->wait();
+            c.isend(buf, o.small, to, kPing)->wait();
+            c.irecv(buf, o.small, to, kPong)->wait();
             trips.push_back(since_us(t0));
         } else {
-            c.irecv(buf.data(), o.small, from, kPing)->wait();
-            c.isend(buf.data(), o.small, from, kPong)->wait();
+            c.irecv(buf, o.small, from, kPing)->wait();
+            c.isend(buf, o.small, from, kPong)->wait();
         }
     }
     if (me != from) return 0;
@@ -96,9 +96,15 @@ void validate(const PairsOptions& o, int ranks) {
 PairsResult run_pairs(Communicator& c, const PairsOptions& o) {
     validate(o, c.size());
     const int n = c.size(), me = c.rank();
-    HostBuffer buf = c.allocate_host(std::max(o.large, o.small));
-    std::span<char> bytes = buf.as<char>();
-    std::fill(bytes.begin(), bytes.end(), char(me));
+    // Buffers from o.allocate (device memory for nccl) or the backend's host memory, filled with this rank's number.
+    auto allocate = [&](size_t size) -> std::shared_ptr<void> {
+        if (o.allocate) return o.allocate(size);
+        auto host = std::make_shared<HostBuffer>(c.allocate_host(size));
+        std::fill_n(static_cast<char*>(host->data()), size, char(me));
+        return {host, host->data()};
+    };
+    std::shared_ptr<void> out_buf = allocate(std::max(o.large, o.small));
+    void* buf = out_buf.get();
     const size_t un = static_cast<size_t>(n);
     // At each rank: what it received from each peer (bandwidth, loaded) and its round trip with each higher rank.
     std::vector<double> bw_in(un, 0), lat(un, 0), loaded_in(un, 0);
@@ -118,7 +124,7 @@ PairsResult run_pairs(Communicator& c, const PairsOptions& o) {
         }
     // All pairs at once: each round a perfect matching, both directions of every pair together; each rank times what
     // it receives.
-    HostBuffer in = c.allocate_host(o.large);
+    std::shared_ptr<void> in = allocate(o.large);
     for (int r = 0; r < (n % 2 == 0 ? n - 1 : n); ++r) {
         int p = partner(me, n, r);
         for (int pass = 0; pass < 2; ++pass) {  // a warm-up pass, then the timed one
@@ -128,8 +134,8 @@ PairsResult run_pairs(Communicator& c, const PairsOptions& o) {
             auto t0 = Clock::now();
             std::vector<WorkPtr> recvs, sends;
             for (int i = 0; i < iters; ++i) {
-                recvs.push_back(c.irecv(in.data(), o.large, p, kData));
-                sends.push_back(c.isend(buf.data(), o.large, p, kData));
+                recvs.push_back(c.irecv(in.get(), o.large, p, kData));
+                sends.push_back(c.isend(buf, o.large, p, kData));
             }
             wait_all(recvs);
             if (pass == 1) loaded_in[size_t(p)] = double(iters) * double(o.large) / (since_us(t0) * 1e3);

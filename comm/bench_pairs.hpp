@@ -16,6 +16,8 @@
 // descheduled process shows in one, not in the median).
 #pragma once
 
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -29,6 +31,9 @@ struct PairsOptions {
     int iters = 10;
     int warmup = 2;
     double slow_factor = 2.0;  // how far from the median a slow pair is (x slower)
+    // Where the messages live: a buffer of at least the given size (device memory for the nccl backend); unset, the
+    // backend's host memory (Communicator::allocate_host).
+    std::function<std::shared_ptr<void>(size_t)> allocate;
 };
 
 struct SlowPair {

@@ -154,7 +154,9 @@ int run(Args& a) {
         a.pairs.pairs.warmup = a.bench.warmup;
         a.pairs.json = a.json;
         a.pairs.svg = a.svg;
-        DUPLEX_CHECK_ARG(a.launch.backend != "cuda", "--op", "pairs runs on the host backends (inproc, mpi, ucx, nccl)");
+        DUPLEX_CHECK_ARG(a.launch.backend != "cuda", "--op",
+                         "pairs runs on inproc, mpi, ucx and nccl (device buffers, one GPU per rank); the cuda "
+                         "backend's virtual ranks share one GPU, so they have no links of their own to measure");
         validate(a.pairs.pairs, backend_is_multiprocess(a.launch.backend) ? 2 : a.launch.ranks);
         for (const std::string* f : {&a.pairs.json, &a.pairs.csv, &a.pairs.svg}) check_writable(*f, "--json/--csv/--svg");
         return run_pairs_command(a.launch, a.pairs);

@@ -8,6 +8,9 @@
 
 #include "tools/commands.hpp"
 #include "tools/sim_plots.hpp"
+#ifdef DUPLEX_HAVE_NCCL
+#include "tools/gpu_timing.hpp"
+#endif
 
 namespace duplex::tools {
 
@@ -118,13 +121,23 @@ int run_pairs_command(const LaunchOptions& options, const PairsCommand& cmd) {
     PairsResult result;
     std::string backend;
     std::mutex mu;
+    PairsOptions pairs = cmd.pairs;
+#ifdef DUPLEX_HAVE_NCCL
+    // The nccl backend measures the GPUs' links: its messages live on each rank's device (the rank's thread or
+    // process has it current once launched).
+    if (options.backend == "nccl" && !pairs.allocate)
+        pairs.allocate = [](size_t bytes) -> std::shared_ptr<void> {
+            auto device = std::make_shared<DeviceBuffer>(bytes);
+            return {device, device->p};
+        };
+#endif
     launch(options, [&](const std::shared_ptr<Communicator>& comm) {
         if (comm->rank() == 0)
             fmt::print(human(), "# duplex commbench: pairs on {} ranks ({} nodes), backend {}: {} x {} bytes one pair "
                        "at a time and all pairs at once, ping-pong of {} bytes\n",
                        comm->size(), comm->topology().num_nodes(), comm->backend_description(), cmd.pairs.iters,
                        cmd.pairs.large, cmd.pairs.small);
-        PairsResult r = run_pairs(*comm, cmd.pairs);
+        PairsResult r = run_pairs(*comm, pairs);
         std::lock_guard<std::mutex> lock(mu);
         if (comm->rank() == 0) result = std::move(r), backend = comm->backend_description();
     });
