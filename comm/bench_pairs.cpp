@@ -84,6 +84,52 @@ double median_off_diagonal(const std::vector<std::vector<double>>& m) {
     return median(std::move(v));
 }
 
+// One pass over every pair: at each rank what it received from each peer (bandwidth, loaded) and its round trip with
+// each higher rank.
+struct LocalRows {
+    std::vector<double> bw_in, lat, loaded_in;
+};
+
+LocalRows measure_pairs(Communicator& c, const PairsOptions& o, void* buf, void* in) {
+    const int n = c.size(), me = c.rank();
+    const size_t un = static_cast<size_t>(n);
+    LocalRows rows{std::vector<double>(un, 0), std::vector<double>(un, 0), std::vector<double>(un, 0)};
+    for (int from = 0; from < n; ++from)
+        for (int to = 0; to < n; ++to) {
+            if (from == to) continue;
+            c.barrier()->wait();
+            stream(c, from, to, o, buf, o.warmup);
+            c.barrier()->wait();
+            double g = stream(c, from, to, o, buf, o.iters);
+            if (me == to) rows.bw_in[size_t(from)] = g;
+            if (from < to) {  // a round trip is the pair's, both directions: measured once
+                ping_pong(c, from, to, o, buf, o.warmup);
+                double l = ping_pong(c, from, to, o, buf, o.iters);
+                if (me == from) rows.lat[size_t(to)] = l;
+            }
+        }
+    // All pairs at once: each round a perfect matching, both directions of every pair together; each rank times what
+    // it receives.
+    for (int r = 0; r < (n % 2 == 0 ? n - 1 : n); ++r) {
+        int p = partner(me, n, r);
+        for (int pass = 0; pass < 2; ++pass) {  // a warm-up pass, then the timed one
+            int iters = pass == 0 ? std::max(o.warmup, 1) : o.iters;
+            c.barrier()->wait();
+            if (p < 0) continue;
+            auto t0 = Clock::now();
+            std::vector<WorkPtr> recvs, sends;
+            for (int i = 0; i < iters; ++i) {
+                recvs.push_back(c.irecv(in, o.large, p, kData));
+                sends.push_back(c.isend(buf, o.large, p, kData));
+            }
+            wait_all(recvs);
+            if (pass == 1) rows.loaded_in[size_t(p)] = double(iters) * double(o.large) / (since_us(t0) * 1e3);
+            wait_all(sends);
+        }
+    }
+    return rows;
+}
+
 }  // namespace
 
 void validate(const PairsOptions& o, int ranks) {
@@ -91,6 +137,7 @@ void validate(const PairsOptions& o, int ranks) {
     DUPLEX_CHECK_ARG(o.large >= 1 && o.small >= 1, "--pair-bytes", "message sizes must be positive");
     DUPLEX_CHECK_ARG(o.iters >= 1 && o.warmup >= 0, "-n", "need at least one iteration");
     DUPLEX_CHECK_ARG(o.slow_factor > 1, "--slow-factor", "must be above 1, got {}", o.slow_factor);
+    DUPLEX_CHECK_ARG(o.repeat >= 1, "--repeat", "must be at least 1, got {}", o.repeat);
 }
 
 PairsResult run_pairs(Communicator& c, const PairsOptions& o) {
@@ -103,44 +150,21 @@ PairsResult run_pairs(Communicator& c, const PairsOptions& o) {
         std::fill_n(static_cast<char*>(host->data()), size, char(me));
         return {host, host->data()};
     };
-    std::shared_ptr<void> out_buf = allocate(std::max(o.large, o.small));
-    void* buf = out_buf.get();
+    std::shared_ptr<void> out_buf = allocate(std::max(o.large, o.small)), in = allocate(o.large);
     const size_t un = static_cast<size_t>(n);
-    // At each rank: what it received from each peer (bandwidth, loaded) and its round trip with each higher rank.
-    std::vector<double> bw_in(un, 0), lat(un, 0), loaded_in(un, 0);
-    for (int from = 0; from < n; ++from)
-        for (int to = 0; to < n; ++to) {
-            if (from == to) continue;
-            c.barrier()->wait();
-            stream(c, from, to, o, buf, o.warmup);
-            c.barrier()->wait();
-            double g = stream(c, from, to, o, buf, o.iters);
-            if (me == to) bw_in[size_t(from)] = g;
-            if (from < to) {  // a round trip is the pair's, both directions: measured once
-                ping_pong(c, from, to, o, buf, o.warmup);
-                double l = ping_pong(c, from, to, o, buf, o.iters);
-                if (me == from) lat[size_t(to)] = l;
-            }
-        }
-    // All pairs at once: each round a perfect matching, both directions of every pair together; each rank times what
-    // it receives.
-    std::shared_ptr<void> in = allocate(o.large);
-    for (int r = 0; r < (n % 2 == 0 ? n - 1 : n); ++r) {
-        int p = partner(me, n, r);
-        for (int pass = 0; pass < 2; ++pass) {  // a warm-up pass, then the timed one
-            int iters = pass == 0 ? std::max(o.warmup, 1) : o.iters;
-            c.barrier()->wait();
-            if (p < 0) continue;
-            auto t0 = Clock::now();
-            std::vector<WorkPtr> recvs, sends;
-            for (int i = 0; i < iters; ++i) {
-                recvs.push_back(c.irecv(in.get(), o.large, p, kData));
-                sends.push_back(c.isend(buf, o.large, p, kData));
-            }
-            wait_all(recvs);
-            if (pass == 1) loaded_in[size_t(p)] = double(iters) * double(o.large) / (since_us(t0) * 1e3);
-            wait_all(sends);
-        }
+    // Every cell the median of its repeats: a pair named slow was slow in most passes, not in one stall.
+    std::vector<LocalRows> passes;
+    for (int k = 0; k < o.repeat; ++k) passes.push_back(measure_pairs(c, o, out_buf.get(), in.get()));
+    auto cell = [&](std::vector<double> LocalRows::*row, size_t peer) {
+        std::vector<double> v;
+        for (const LocalRows& p : passes) v.push_back((p.*row)[peer]);
+        return median(std::move(v));
+    };
+    std::vector<double> bw_in(un), lat(un), loaded_in(un);
+    for (size_t q = 0; q < un; ++q) {
+        bw_in[q] = cell(&LocalRows::bw_in, q);
+        lat[q] = cell(&LocalRows::lat, q);
+        loaded_in[q] = cell(&LocalRows::loaded_in, q);
     }
     PairsResult res;
     res.ranks = n;

@@ -13,7 +13,9 @@
 //              round trip uses both directions, so [a][b] = [b][a] and a slow latency names the pair once (a < b).
 // A pair is slow when its bandwidth is below the median of all pairs divided by slow_factor, or its latency above
 // the median times slow_factor. Latency is the median round trip of the iterations (a stalled thread or a
-// descheduled process shows in one, not in the median).
+// descheduled process shows in one, not in the median). With repeat > 1 every pair is measured that many times and
+// each cell is the median of its passes: on a busy machine one pass names a stalled pair now and then, the median of
+// three names a pair slow in two of them.
 #pragma once
 
 #include <functional>
@@ -31,6 +33,7 @@ struct PairsOptions {
     int iters = 10;
     int warmup = 2;
     double slow_factor = 2.0;  // how far from the median a slow pair is (x slower)
+    int repeat = 1;            // passes over every pair; each cell is the median of its passes
     // Where the messages live: a buffer of at least the given size (device memory for the nccl backend); unset, the
     // backend's host memory (Communicator::allocate_host).
     std::function<std::shared_ptr<void>(size_t)> allocate;

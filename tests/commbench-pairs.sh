@@ -4,12 +4,15 @@
 # oversubscribed processes on a CI machine jitter by tens); the report (text, JSON) must name 2->5
 # for bandwidth (and at most the pair 2<->5 for latency, a round trip) and nothing else, and the heatmap must hold one cell
 # per ordered pair with exactly that one outlined.
-# usage: commbench-pairs.sh DUPLEX [BACKEND [MPIRUN PORT]]   (mpi and ucx run 8 processes under MPIRUN)
+# With REPEAT set (inproc), every pair is measured REPEAT times, 4 messages each, and the cells are their medians.
+# usage: [REPEAT=N] commbench-pairs.sh DUPLEX [BACKEND [MPIRUN PORT]]   (mpi and ucx run 8 processes under MPIRUN)
 set -euo pipefail
-duplex=$1 backend=${2:-inproc} mpirun=${3:-} port=${4:-29690}
+duplex=$1 backend=${2:-inproc} mpirun=${3:-} port=${4:-29690} repeat=${REPEAT:-1}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-args=(commbench --op pairs --virtual-nodes 2 --slow-factor 100 -n 10 -w 2 --json "$dir/pairs.json" --svg "$dir/pairs.svg")
+iters=(-n 10 -w 2)
+[ "$repeat" -gt 1 ] && iters=(-n 4 -w 1 --repeat "$repeat")
+args=(commbench --op pairs --virtual-nodes 2 --slow-factor 100 "${iters[@]}" --json "$dir/pairs.json" --svg "$dir/pairs.svg")
 export DUPLEX_TEST_SLOW_PAIR=2:5:200000
 if [ "$backend" = inproc ]; then
     "$duplex" "${args[@]}" --ranks 8 > "$dir/out.txt" || true   # exit 1: a slow pair was found
@@ -18,10 +21,11 @@ else
         -x DUPLEX_STORE_ADDR=127.0.0.1:$port -x DUPLEX_COMM_TIMEOUT=120 -x ASAN_OPTIONS=detect_leaks=0 \
         "$duplex" "${args[@]}" --backend "$backend" > "$dir/out.txt" || true
 fi
-python3 - "$dir" <<'PY'
+python3 - "$dir" "$repeat" <<'PY'
 import json, re, sys
 d = sys.argv[1]
 r = json.load(open(f"{d}/pairs.json"))
+assert r["repeat"] == int(sys.argv[2]), r["repeat"]
 slow = sorted((s["from"], s["to"], s["what"]) for s in r["slow"])
 # The bandwidth names 2->5; the latency (a round trip under oversubscribed processes whose median may be
 # milliseconds) names 2<->5 or, when the median is that slow, nothing; no other pair either way.

@@ -255,6 +255,10 @@ Command add_commbench(CLI::App& app) {
         ->capture_default_str();
     cmd->add_option("--pair-bytes", a->pair_bytes, "pairs: message size for bandwidth")->capture_default_str();
     cmd->add_option("--latency-bytes", a->pairs.pairs.small, "pairs: message size for latency")->capture_default_str();
+    cmd->add_option("--repeat", a->pairs.pairs.repeat,
+                    "pairs: passes over every pair; each cell is the median of its passes (3 or more keeps a pair "
+                    "that stalled once on a busy machine from being named)")
+        ->capture_default_str();
     cmd->add_option("--slow-factor", a->pairs.pairs.slow_factor,
                     "pairs: a pair is slow below the median bandwidth / this or above the median latency x this")
         ->capture_default_str();

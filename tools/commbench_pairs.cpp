@@ -35,6 +35,7 @@ nlohmann::json to_json(const PairsResult& r, const PairsOptions& o) {
                         {"large_bytes", o.large},
                         {"small_bytes", o.small},
                         {"slow_factor", o.slow_factor},
+                        {"repeat", o.repeat},
                         {"bandwidth_gbs", r.bandwidth_gbs},
                         {"loaded_gbs", r.loaded_gbs},
                         {"latency_us", r.latency_us},
@@ -134,9 +135,10 @@ int run_pairs_command(const LaunchOptions& options, const PairsCommand& cmd) {
     launch(options, [&](const std::shared_ptr<Communicator>& comm) {
         if (comm->rank() == 0)
             fmt::print(human(), "# duplex commbench: pairs on {} ranks ({} nodes), backend {}: {} x {} bytes one pair "
-                       "at a time and all pairs at once, ping-pong of {} bytes\n",
+                       "at a time and all pairs at once, ping-pong of {} bytes{}\n",
                        comm->size(), comm->topology().num_nodes(), comm->backend_description(), cmd.pairs.iters,
-                       cmd.pairs.large, cmd.pairs.small);
+                       cmd.pairs.large, cmd.pairs.small,
+                       pairs.repeat > 1 ? fmt::format("; each cell the median of {} passes", pairs.repeat) : "");
         PairsResult r = run_pairs(*comm, pairs);
         std::lock_guard<std::mutex> lock(mu);
         if (comm->rank() == 0) result = std::move(r), backend = comm->backend_description();
