@@ -40,15 +40,14 @@ struct Communicator::Worker {
         gate.posted();
         return id;
     }
-    // Runs the queued tasks up to `id` here, in order, while the worker thread is not running one; true once task
-    // `id` has run (here or before), false if the worker thread holds the queue.
-    bool try_run_inline(uint64_t id) {
+    // Runs the queued tasks up to `id` here, in order, until task `id` has run (here or before) or the worker thread
+    // holds the queue (then it runs them).
+    void try_run_inline(uint64_t id) {
         for (;;) {
             Task task;
             {
                 std::lock_guard<std::mutex> lock(mutex);
-                if (queue.empty() || queue.front().id > id) return true;
-                if (busy) return false;
+                if (queue.empty() || queue.front().id > id || busy) return;
                 task = std::move(queue.front());
                 queue.pop_front();
                 busy = true;

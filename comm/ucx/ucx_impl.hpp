@@ -297,7 +297,7 @@ private:
     std::vector<ucp_ep_h> endpoints_;
     std::vector<PeerRef> peers_;  // error-handler arguments, one per endpoint
     bool peer_errors_ = false;    // UCX's peer failure mode (TCP on one host)
-    bool one_host_ = false;       // every rank on this host (then no TCP interface unless peer errors are on)
+    bool shared_memory_only_ = false;  // every rank on this host: TCP left out of UCX's transports
     std::vector<bool> cma_peer_;  // single copy with this rank (same host, both can read each other)
     long cma_min_ = 0;            // single copy from this many bytes (0: never)
     uint64_t cma_probe_ = 0;      // the word the other ranks of this host read to test single copy

@@ -20,7 +20,7 @@ std::string UcxTransport::describe() const {
     for (int r = 0; r < size_; ++r) mapped += map_to_[r];
     if (mapped > 0) copy += fmt::format(", shared arena mapped by {} of them", mapped);
     return fmt::format("ucx ({}; peer errors {}{})", copy, peer_errors_ ? "on" : "off",
-                       one_host_ && !peer_errors_ && !std::getenv("UCX_TLS") ? "; one host: shared memory only" : "");
+                       shared_memory_only_ ? "; one host: shared memory only" : "");
 }
 
 HostBuffer UcxTransport::allocate_host(size_t bytes) {

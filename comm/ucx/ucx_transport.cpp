@@ -36,20 +36,19 @@ UcxTransport::UcxTransport(std::shared_ptr<Store> store, int rank, int size) : s
     gethostname(host, sizeof(host) - 1);
     store_->set(fmt::format("ucx/host/{}", rank_), host);
     for (int r = 0; r < size_; ++r) hostnames_.push_back(store_->get(fmt::format("ucx/host/{}", r), 120.0));
-    one_host_ = std::all_of(hostnames_.begin(), hostnames_.end(), [&](const std::string& h) { return h == host; });
+    bool one_host = std::all_of(hostnames_.begin(), hostnames_.end(), [&](const std::string& h) { return h == host; });
     if (!peer_errors_ && !std::getenv("UCX_TLS")) {
         // UCX's own CMA copy aborts the process when the peer just died; Duplex's single copy takes those
         // messages instead and fails with an error naming the rank. On one host shared memory reaches every rank, and
         // a TCP interface would only cost each progress call an epoll_wait (a system call per poll of a waiting
         // caller: 2-3x the latency of a small message).
-        const char* tls = cma_min_ > 0 ? (one_host_ ? "^tcp,cma" : "^cma") : (one_host_ ? "^tcp" : nullptr);
+        shared_memory_only_ = one_host;
+        const char* tls = cma_min_ > 0 ? (one_host ? "^tcp,cma" : "^cma") : (one_host ? "^tcp" : nullptr);
         if (tls) DUPLEX_UCX_CHECK(ucp_config_modify(config, "TLS", tls));
-    }
-    if (!peer_errors_ && cma_min_ > 0 && !std::getenv("UCX_TLS")) {
         // Without CMA, UCX's rendezvous on one host is a chain of bounce-buffer fragments (4x the time of an
         // eager send at 32 KiB here): below the single-copy size, eager it is (on every link: UCX 1.13 has one
         // threshold for all).
-        if (!std::getenv("UCX_RNDV_THRESH"))
+        if (cma_min_ > 0 && !std::getenv("UCX_RNDV_THRESH"))
             DUPLEX_UCX_CHECK(ucp_config_modify(config, "RNDV_THRESH", std::to_string(cma_min_).c_str()));
     }
     ucp_params_t params{};
