@@ -57,7 +57,9 @@ TEST(Topology, BindsToACore) {
     }).join();
     EXPECT_EQ(core, 1 % num_cores());
     EXPECT_TRUE(on_allowed) << "ran on CPU " << ran_on;
-    if (num_cores() > 1) EXPECT_LT(allowed, before) << "binding left the thread free on every CPU";
+    if (num_cores() > 1) {
+        EXPECT_LT(allowed, before) << "binding left the thread free on every CPU";
+    }
     EXPECT_GE(allowed, 1);
 }
 

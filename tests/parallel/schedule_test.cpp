@@ -111,8 +111,11 @@ TEST(Schedule, StagesOfRankArePublishedPairing) {
                     if (rank_of_stage[st] == r) held.insert(st);
             for (const std::vector<Instr>& list : {s.ranks[r]})
                 for (const Instr& in : list)
-                    for (const Chunk& c : {in.f, in.b})
-                        if (c.stage >= 0) EXPECT_TRUE(held.count(c.stage)) << "rank " << r << " runs stage " << c.stage;
+                    for (const Chunk& c : {in.f, in.b}) {
+                        if (c.stage >= 0) {
+                            EXPECT_TRUE(held.count(c.stage)) << "rank " << r << " runs stage " << c.stage;
+                        }
+                    }
             V got = stages_of_rank(k, 6, r);
             EXPECT_EQ(std::set<int>(got.begin(), got.end()), held) << "rank " << r;
             EXPECT_EQ(got.front(), r) << "its own stage first";
@@ -286,8 +289,9 @@ TEST(Interleaved, FbPairsCostNothingWithoutOverlapAndHideWithIt) {
                     ASSERT_NEAR(b.makespan, a.makespan, 1e-9) << "p " << p << " v " << v << " m " << m;
                     Costs overlapped = c;
                     overlapped.fb = std::max(c.f, c.b);
-                    if (m * v > (p - 1) * 2 + (v - 1) * p + 1)  // a steady state with pairs in it
+                    if (m * v > (p - 1) * 2 + (v - 1) * p + 1) {  // a steady state with pairs in it
                         ASSERT_LT(replay(pairs, overlapped).makespan, a.makespan) << "p " << p << " v " << v;
+                    }
                     ++checked;
                 }
                 int fb = 0;
