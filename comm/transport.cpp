@@ -84,6 +84,11 @@ bool Request::complete(std::string error) {
     return true;
 }
 
+void Request::complete_unshared(std::string error) {
+    error_ = std::move(error);
+    state_.store(kDone, std::memory_order_release);
+}
+
 bool Request::done() const { return state_.load(std::memory_order_acquire) == kDone; }
 
 bool Request::wait_until(const Deadline& deadline) {

@@ -33,6 +33,9 @@ public:
     // Marks the request complete; a non-empty error makes wait()/test() throw CommError with it.
     // Returns false if it had already completed.
     bool complete(std::string error = {});
+    // complete() for a request no other thread has seen yet (finished inside the call that posted it): no waiter can
+    // exist, so no fence (which would wait for the message's own stores to shared memory to drain).
+    void complete_unshared(std::string error = {});
     bool done() const;
     // Waits until complete or the deadline; false at the deadline.
     bool wait_until(const Deadline& deadline);

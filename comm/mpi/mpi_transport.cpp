@@ -119,7 +119,7 @@ public:
             int flag = 0;
             MPI_Status status{};
             if (MPI_Test(&req->handle, &flag, &status) == MPI_SUCCESS && flag) {
-                finish(*req, status, false);
+                req->complete_unshared(outcome(*req, status, false));
                 return req;
             }
         }
@@ -243,29 +243,30 @@ private:
     }
 
     void finish(MpiRequest& r, const MPI_Status& status, bool errors_in_status) {
+        r.complete(outcome(r, status, errors_in_status));
+    }
+
+    // What a finished request failed with ("" for success): a cancel, an error of MPI, a size that differs from the
+    // posted one.
+    std::string outcome(const MpiRequest& r, const MPI_Status& status, bool errors_in_status) const {
         int cancelled = 0;
         MPI_Test_cancelled(&status, &cancelled);
-        if (cancelled) {
-            r.complete(fmt::format("rank {}: {} to/from rank {} cancelled", rank_, r.is_send ? "send" : "receive", r.peer));
-            return;
-        }
+        if (cancelled)
+            return fmt::format("rank {}: {} to/from rank {} cancelled", rank_, r.is_send ? "send" : "receive", r.peer);
         if (errors_in_status && status.MPI_ERROR != MPI_SUCCESS) {
             char msg[MPI_MAX_ERROR_STRING];
             int len = 0;
             MPI_Error_string(status.MPI_ERROR, msg, &len);
-            r.complete(fmt::format("rank {}: {} rank {} failed ({} bytes): {}", rank_, r.is_send ? "send to" : "receive from",
-                                   r.peer, r.bytes, std::string(msg, len)));
-            return;
+            return fmt::format("rank {}: {} rank {} failed ({} bytes): {}", rank_, r.is_send ? "send to" : "receive from",
+                               r.peer, r.bytes, std::string(msg, len));
         }
         if (!r.is_send) {
             int count = 0;
             MPI_Get_count(&status, MPI_BYTE, &count);
-            if (static_cast<size_t>(count) != r.bytes) {
-                r.complete(size_mismatch_error(r.peer, fmt::format("{} bytes", count), rank_, r.bytes));
-                return;
-            }
+            if (static_cast<size_t>(count) != r.bytes)
+                return size_mismatch_error(r.peer, fmt::format("{} bytes", count), rank_, r.bytes);
         }
-        r.complete();
+        return {};
     }
 
     // A waiting caller reads the clock (its deadline) once per this many rounds.

@@ -27,6 +27,7 @@
 #include "comm/progress_gate.hpp"
 #include "comm/shared_arena.hpp"
 #include "comm/store.hpp"
+#include "comm/topology.hpp"
 #include "comm/transport.hpp"
 #include "core/error.hpp"
 #include "core/host_memory.hpp"
@@ -70,6 +71,10 @@ constexpr double kMinPollSleep_s = 10e-6;
 constexpr double kMaxPollSleep_s = 100e-6;
 // A waiting thread reads the clock (its deadline, how long it has been quiet) once per this many polls of the worker.
 constexpr unsigned kPollsPerClock = 8;
+// With no more ranks than cores on the host, a waiting thread polls this many times before its first yield: a
+// yield is a system call that returns at once when nothing else wants the core, and a message arriving during it
+// is seen that much later (Open MPI spins there too; with more ranks than cores it yields at every empty poll).
+constexpr unsigned kSpinPolls = 64;
 
 constexpr uint64_t kOfferMagic = 0x4450'4C58'434D'4131ull;  // "DPLXCMA1": address is in the sender's memory
 constexpr uint64_t kMappedMagic = 0x4450'4C58'4D41'5031ull;  // "DPLXMAP1": address is an offset in its arena
@@ -183,7 +188,7 @@ private:
         // returns the handle.
         ucs_status_ptr_t h = call(&p);
         if (may_finish_here && !UCS_PTR_IS_PTR(h)) {
-            req->complete(completion_error(*req, UCS_PTR_STATUS(h), req->bytes));
+            req->complete_unshared(completion_error(*req, UCS_PTR_STATUS(h), req->bytes));
             return;
         }
         if (UCS_PTR_IS_ERR(h)) {
@@ -298,6 +303,7 @@ private:
     std::vector<PeerRef> peers_;  // error-handler arguments, one per endpoint
     bool peer_errors_ = false;    // UCX's peer failure mode (TCP on one host)
     bool shared_memory_only_ = false;  // every rank on this host: TCP left out of UCX's transports
+    bool oversubscribed_ = false;      // more ranks on this host than cores
     std::vector<bool> cma_peer_;  // single copy with this rank (same host, both can read each other)
     long cma_min_ = 0;            // single copy from this many bytes (0: never)
     uint64_t cma_probe_ = 0;      // the word the other ranks of this host read to test single copy

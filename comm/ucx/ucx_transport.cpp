@@ -37,6 +37,7 @@ UcxTransport::UcxTransport(std::shared_ptr<Store> store, int rank, int size) : s
     store_->set(fmt::format("ucx/host/{}", rank_), host);
     for (int r = 0; r < size_; ++r) hostnames_.push_back(store_->get(fmt::format("ucx/host/{}", r), 120.0));
     bool one_host = std::all_of(hostnames_.begin(), hostnames_.end(), [&](const std::string& h) { return h == host; });
+    oversubscribed_ = std::count(hostnames_.begin(), hostnames_.end(), std::string(host)) > num_cores();
     if (!peer_errors_ && !std::getenv("UCX_TLS")) {
         // UCX's own CMA copy aborts the process when the peer just died; Duplex's single copy takes those
         // messages instead and fails with an error naming the rank. On one host shared memory reaches every rank, and
@@ -244,6 +245,7 @@ bool UcxTransport::wait(Request& request, const Deadline& deadline) {
                 continue;
             }
         }
+        if (empty_polls < kSpinPolls && !oversubscribed_) continue;
         std::this_thread::yield();
     }
     return true;

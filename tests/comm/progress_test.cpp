@@ -34,6 +34,23 @@ TEST(Request, TheFirstCompletionWinsAndItsErrorStays) {
     EXPECT_NO_THROW(ok.rethrow());
 }
 
+TEST(Request, ACompletionBeforeAnyoneSawItIsFinalToo) {
+    Request failed(1, 7, 64, false);
+    failed.complete_unshared("size mismatch");
+    EXPECT_TRUE(failed.done());
+    EXPECT_TRUE(failed.failed());
+    EXPECT_EQ(failed.error(), "size mismatch");
+    EXPECT_FALSE(failed.complete()) << "completed once already";
+    EXPECT_EQ(failed.error(), "size mismatch");
+    EXPECT_TRUE(failed.wait_until(Deadline(0)));
+    Request sent(1, 7, 64, true);
+    sent.complete_unshared();
+    EXPECT_TRUE(sent.done());
+    EXPECT_FALSE(sent.failed());
+    EXPECT_FALSE(sent.complete("late error"));
+    EXPECT_NO_THROW(sent.rethrow());
+}
+
 TEST(Request, ACompletionFromAnotherThreadWakesEveryWaiterEveryTime) {
     // A lost wake-up (complete() missing a waiter between its check and its sleep) leaves wait_until to its deadline.
     for (int i = 0; i < 2000; ++i) {
