@@ -54,8 +54,8 @@ UcxTransport::UcxTransport(std::shared_ptr<Store> store, int rank, int size) : s
     }
     // Shared memory's FIFO elements are 128 bytes by default, so a message above ~100 bytes (an all-to-all's 128-byte
     // blocks, a count exchange of 16 ranks) went through a separate bounce buffer instead of inline in the element
-    // (1.5-1.8x Open MPI's 8-rank all-to-all at 128 bytes per peer, 1.1-1.3x with these): 1 KiB elements keep
-    // messages up to ~1000 bytes inline, for 64 KiB of FIFO per process.
+    // (the 8-rank all-to-all at 128 bytes per peer took 1.5-1.8x Open MPI's time, 1.3-1.5x since, BENCHMARKS.md):
+    // 1 KiB elements keep messages up to ~1000 bytes inline, for 64 KiB of FIFO per process.
     if (!std::getenv("UCX_MM_FIFO_ELEM_SIZE") && !std::getenv("UCX_POSIX_FIFO_ELEM_SIZE") &&
         !std::getenv("UCX_SYSV_FIFO_ELEM_SIZE"))
         DUPLEX_UCX_CHECK(ucp_config_modify(config, "MM_FIFO_ELEM_SIZE", "1024"));
