@@ -1,5 +1,6 @@
 #include "comm/topology.hpp"
 
+#include <algorithm>
 #include <map>
 
 #include <fmt/format.h>
@@ -87,6 +88,10 @@ int num_cores() {
     if (!hwloc().topo) return 1;
     int n = hwloc_get_nbobjs_by_type(hwloc().topo, HWLOC_OBJ_CORE);
     return n > 0 ? n : 1;
+}
+
+bool ranks_outnumber_cores(const std::vector<std::string>& hostnames, const std::string& host) {
+    return std::count(hostnames.begin(), hostnames.end(), host) > num_cores();
 }
 
 int bind_thread_to_core(int slot) {

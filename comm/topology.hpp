@@ -46,5 +46,8 @@ private:
 // index, or -1 when binding is not supported here (logged, not an error).
 int bind_thread_to_core(int slot);
 int num_cores();
+// More ranks run on `host` (hostnames: one per world rank) than this machine has cores: a waiting rank should then
+// give its core away rather than spin.
+bool ranks_outnumber_cores(const std::vector<std::string>& hostnames, const std::string& host);
 
 }  // namespace duplex

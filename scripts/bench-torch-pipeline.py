@@ -117,7 +117,7 @@ def in_processes(target, a, *args):
     return result
 
 
-def floor_process(rank, a, width, barrier, port, out):
+def floor_process(rank, a, width, barrier, out):
     """module_work(one_pass) of `rank`'s stages, started with the other ranks' (barrier): seconds per step."""
     out.put((rank, module_work(a, width, one_pass=True, rank=rank, barrier=barrier)))
 
@@ -128,7 +128,7 @@ def concurrent_floor(a, width):
     machine whose cores share a physical core or its memory (a VM's vCPUs), this is what two ranks can reach."""
     ctx = mp.get_context("spawn")
     out, barrier = ctx.Queue(), ctx.Barrier(a.stages // 2)
-    procs = [ctx.Process(target=floor_process, args=(r, a, width, barrier, 0, out)) for r in range(a.stages // 2)]
+    procs = [ctx.Process(target=floor_process, args=(r, a, width, barrier, out)) for r in range(a.stages // 2)]
     for p in procs:
         p.start()
     times = [out.get(timeout=600)[1] for _ in procs]

@@ -2,7 +2,6 @@
 
 #include <mpi.h>
 
-#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstdlib>
@@ -89,7 +88,7 @@ public:
         std::vector<char> all(256 * size_t(size_));
         DUPLEX_MPI_CHECK(MPI_Allgather(host, 256, MPI_CHAR, all.data(), 256, MPI_CHAR, comm_));
         for (int r = 0; r < size_; ++r) hostnames_.emplace_back(all.data() + 256 * size_t(r));
-        oversubscribed_ = std::count(hostnames_.begin(), hostnames_.end(), hostnames_[rank_]) > num_cores();
+        oversubscribed_ = ranks_outnumber_cores(hostnames_, hostnames_[rank_]);
         progress_ = std::thread([this] { progress_loop(); });
     }
     ~MpiTransport() override {

@@ -37,7 +37,7 @@ UcxTransport::UcxTransport(std::shared_ptr<Store> store, int rank, int size) : s
     store_->set(fmt::format("ucx/host/{}", rank_), host);
     for (int r = 0; r < size_; ++r) hostnames_.push_back(store_->get(fmt::format("ucx/host/{}", r), 120.0));
     bool one_host = std::all_of(hostnames_.begin(), hostnames_.end(), [&](const std::string& h) { return h == host; });
-    oversubscribed_ = std::count(hostnames_.begin(), hostnames_.end(), std::string(host)) > num_cores();
+    oversubscribed_ = ranks_outnumber_cores(hostnames_, host);
     if (!peer_errors_ && !std::getenv("UCX_TLS")) {
         // UCX's own CMA copy aborts the process when the peer just died; Duplex's single copy takes those
         // messages instead and fails with an error naming the rank. On one host shared memory reaches every rank, and

@@ -3,7 +3,9 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -39,6 +41,16 @@ TEST(Topology, FromHostnamesAndSubset) {
 
 // Where hwloc reports cores, binding must take: the thread's affinity narrows to that core's processing units
 // (all of the machine's when it has one core) and the thread then runs on one of them.
+TEST(Topology, RanksOutnumberCoresCountsOnlyTheirHost) {
+    int cores = num_cores();
+    std::vector<std::string> hosts(size_t(cores), "a");
+    hosts.push_back("b");
+    EXPECT_FALSE(ranks_outnumber_cores(hosts, "a")) << cores << " ranks on " << cores << " cores";
+    hosts.push_back("a");
+    EXPECT_TRUE(ranks_outnumber_cores(hosts, "a")) << cores + 1 << " ranks on " << cores << " cores";
+    EXPECT_FALSE(ranks_outnumber_cores(hosts, "b")) << "one rank on host b";
+}
+
 TEST(Topology, BindsToACore) {
     ASSERT_GE(num_cores(), 1);
     int core = -2, allowed = 0, ran_on = -1, before = 0;
