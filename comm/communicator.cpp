@@ -160,30 +160,27 @@ struct CollectiveCtx {
     uint32_t seq;
     Deadline deadline;
 
-    std::shared_ptr<Request> send(int peer, int phase, const void* buf, size_t bytes) const {
+    // A round's messages in group ranks: collected, then posted together (post) and waited on together (wait).
+    Message send(int peer, int phase, const void* buf, size_t bytes) const {
         comm.count_send(peer, bytes);
-        return comm.transport_->isend(comm.world_rank(peer), tag(phase), buf, bytes);
+        return {comm.world_rank(peer), tag(phase), const_cast<void*>(buf), bytes, true};
     }
-    std::shared_ptr<Request> recv(int peer, int phase, void* buf, size_t bytes) const {
-        return comm.transport_->irecv(comm.world_rank(peer), tag(phase), buf, bytes);
+    Message recv(int peer, int phase, void* buf, size_t bytes) const {
+        return {comm.world_rank(peer), tag(phase), buf, bytes, false};
     }
     uint64_t tag(int phase) const { return comm.wire_tag(true, (seq << 3) | static_cast<uint32_t>(phase)); }
 
-    // Waits for all requests. A timeout or a failed request cancels the rest before the error propagates (the
+    std::unique_ptr<MessageBatch> post(std::vector<Message> messages) const { return comm.transport_->post(std::move(messages)); }
+    // Waits for a posted round. A timeout or a failed message withdraws the rest before the error propagates (the
     // caller then frees their buffers); a timeout names the first peer that did not answer.
-    void wait(std::vector<std::shared_ptr<Request>>& requests) const {
-        for (auto& r : requests) {
-            bool arrived = comm.transport_->wait(*r, deadline);
-            if (arrived && !r->failed()) continue;
-            for (auto& q : requests) comm.transport_->cancel(*q);
-            if (arrived) r->rethrow();
-            int peer = static_cast<int>(std::find(comm.members_.begin(), comm.members_.end(), r->peer) -
-                                        comm.members_.begin());
-            throw TimeoutError(
-                fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer), r->is_send ? "sending" : "receiving", r->bytes),
-                deadline.timeout_s());
-        }
-        requests.clear();
+    void wait(MessageBatch& round) const {
+        int late = round.wait(deadline);
+        if (late < 0) return;
+        const Message& m = round.messages()[late];
+        int peer = static_cast<int>(std::find(comm.members_.begin(), comm.members_.end(), m.peer) - comm.members_.begin());
+        throw TimeoutError(
+            fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer), m.is_send ? "sending" : "receiving", m.bytes),
+            deadline.timeout_s());
     }
 };
 
@@ -290,19 +287,20 @@ void exchange_blocks(const CollectiveCtx& ctx, int phase, const char* send, std:
     if (send_bytes[me] != recv_bytes[me])  // before posting anything: nothing left in flight into the caller's buffers
         throw CommError(fmt::format("{}: sends {} bytes to itself but expects {}", comm_context(me, ctx.op),
                                     send_bytes[me], recv_bytes[me]));
-    std::vector<std::shared_ptr<Request>> requests;
-    requests.reserve(2 * n);
+    std::vector<Message> messages;
+    messages.reserve(2 * size_t(n));
     for (int i = 1; i < n; ++i) {
         int peer = (me - i + n) % n;
-        requests.push_back(ctx.recv(peer, phase, recv + recv_off[peer], recv_bytes[peer]));
+        messages.push_back(ctx.recv(peer, phase, recv + recv_off[peer], recv_bytes[peer]));
     }
     for (int i = 1; i < n; ++i) {
         int peer = (me + i) % n;
-        requests.push_back(ctx.send(peer, phase, send + send_off[peer], send_bytes[peer]));
+        messages.push_back(ctx.send(peer, phase, send + send_off[peer], send_bytes[peer]));
     }
+    auto round = ctx.post(std::move(messages));
     if (send_bytes[me] > 0 && send + send_off[me] != recv + recv_off[me])
         std::memmove(recv + recv_off[me], send + send_off[me], send_bytes[me]);
-    ctx.wait(requests);
+    ctx.wait(*round);
 }
 
 // Sum of the blocks that land on each rank: block p of rank q (counts[p] elements at offsets[p]) is added
@@ -313,17 +311,19 @@ void reduce_scatter_blocks(const CollectiveCtx& ctx, int phase, const char* send
     size_t esize = dtype_size(dtype);
     size_t mine = counts[me];
     std::vector<char> scratch(mine * esize * static_cast<size_t>(n));
-    std::vector<std::shared_ptr<Request>> requests;
+    std::vector<Message> messages;
+    messages.reserve(2 * size_t(n));
     for (int i = 1; i < n; ++i) {
         int peer = (me - i + n) % n;
-        requests.push_back(ctx.recv(peer, phase, scratch.data() + size_t(peer) * mine * esize, mine * esize));
+        messages.push_back(ctx.recv(peer, phase, scratch.data() + size_t(peer) * mine * esize, mine * esize));
     }
     for (int i = 1; i < n; ++i) {
         int peer = (me + i) % n;
-        requests.push_back(ctx.send(peer, phase, send + offsets[peer] * esize, counts[peer] * esize));
+        messages.push_back(ctx.send(peer, phase, send + offsets[peer] * esize, counts[peer] * esize));
     }
+    auto round = ctx.post(std::move(messages));
     if (mine > 0) std::memcpy(scratch.data() + size_t(me) * mine * esize, send + offsets[me] * esize, mine * esize);
-    ctx.wait(requests);
+    ctx.wait(*round);
     if (dtype == DType::BF16) {
         std::vector<float> acc(mine, 0.0f);
         for (int q = 0; q < n; ++q) {
@@ -473,11 +473,9 @@ WorkPtr Communicator::barrier() {
     return enqueue("barrier", [](const CollectiveCtx& ctx) {
         // Dissemination barrier: ceil(log2 n) rounds of empty messages.
         int n = ctx.comm.size(), me = ctx.comm.rank();
-        std::vector<std::shared_ptr<Request>> requests;
         for (int dist = 1, round = 0; dist < n; dist *= 2, ++round) {
-            requests.push_back(ctx.recv((me - dist + n) % n, round, nullptr, 0));
-            requests.push_back(ctx.send((me + dist) % n, round, nullptr, 0));
-            ctx.wait(requests);
+            auto posted = ctx.post({ctx.recv((me - dist + n) % n, round, nullptr, 0), ctx.send((me + dist) % n, round, nullptr, 0)});
+            ctx.wait(*posted);
         }
     });
 }

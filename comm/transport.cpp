@@ -63,6 +63,47 @@ size_t HostBufferPool::free_buffers() const {
 
 HostBuffer Transport::allocate_host(size_t bytes) { return allocate_ordinary_host(bytes); }
 
+namespace {
+
+// Transport::post's default: the messages as requests of the transport, waited on in order.
+class RequestBatch final : public MessageBatch {
+public:
+    RequestBatch(Transport& transport, std::vector<Message> messages)
+        : MessageBatch(std::move(messages)), transport_(transport) {
+        requests_.reserve(messages_.size());
+        for (const Message& m : messages_)
+            requests_.push_back(m.is_send ? transport.isend(m.peer, m.tag, m.buf, m.bytes)
+                                          : transport.irecv(m.peer, m.tag, m.buf, m.bytes));
+    }
+    ~RequestBatch() override { withdraw(); }
+
+    int wait(const Deadline& deadline) override {
+        for (size_t i = 0; i < requests_.size(); ++i) {
+            bool arrived = transport_.wait(*requests_[i], deadline);
+            if (arrived && !requests_[i]->failed()) continue;
+            withdraw();
+            if (arrived) requests_[i]->rethrow();
+            return static_cast<int>(i);
+        }
+        return -1;
+    }
+
+private:
+    void withdraw() {
+        for (auto& r : requests_)
+            if (!r->done()) transport_.cancel(*r);
+    }
+
+    Transport& transport_;
+    std::vector<std::shared_ptr<Request>> requests_;
+};
+
+}  // namespace
+
+std::unique_ptr<MessageBatch> Transport::post(std::vector<Message> messages) {
+    return std::make_unique<RequestBatch>(*this, std::move(messages));
+}
+
 HostBuffer allocate_ordinary_host(size_t bytes) {
     constexpr size_t kPage = 4096;
     size_t rounded = (bytes + kPage - 1) / kPage * kPage;

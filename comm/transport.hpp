@@ -63,6 +63,31 @@ private:
 // 1 sent 128 bytes to rank 0 which posted 64 bytes" (sent: "128 bytes", "more bytes", "a plain message").
 std::string size_mismatch_error(int sender, const std::string& sent, int receiver, size_t posted);
 
+// One message of a MessageBatch: a send from `buf` or a receive into it, posted as isend/irecv would.
+struct Message {
+    int peer;  // world rank
+    uint64_t tag;
+    void* buf;  // read only by a send
+    size_t bytes;
+    bool is_send;
+};
+
+// Messages posted together and waited on together: a collective's round (Transport::post). Destroying a batch
+// before wait() returned withdraws what is still in flight.
+class MessageBatch {
+public:
+    explicit MessageBatch(std::vector<Message> messages) : messages_(std::move(messages)) {}
+    virtual ~MessageBatch() = default;
+    const std::vector<Message>& messages() const { return messages_; }
+    // Waits for every message until the deadline. Returns -1 when all completed, else the index of the first message
+    // that had not (every message withdrawn, its buffer free, when it returns). A failed message: the others are
+    // withdrawn, then its CommError is thrown.
+    virtual int wait(const Deadline& deadline) = 0;
+
+protected:
+    std::vector<Message> messages_;
+};
+
 // Host memory from Transport::allocate_host: move-only, handed back to its allocator when destroyed.
 class HostBuffer {
 public:
@@ -125,6 +150,10 @@ public:
     virtual bool wait(Request& request, const Deadline& deadline) { return request.wait_until(deadline); }
     // Withdraws a request that has not completed (after a timeout); when it returns the buffer is free.
     virtual void cancel(Request& request) = 0;
+    // Posts `messages` in their order. The default posts each with isend/irecv and waits on them one by one; a
+    // backend that waits on many at once cheaper (MPI: one array of its requests, tested together, none of them
+    // listed for the progress thread) overrides it.
+    virtual std::unique_ptr<MessageBatch> post(std::vector<Message> messages);
     // This rank gives up: requests of every rank that wait on it fail with a CommError naming it (where the
     // backend can reach them), and later calls here fail.
     virtual void abort(const std::string& reason) = 0;

@@ -118,7 +118,7 @@ public:
             int flag = 0;
             MPI_Status status{};
             if (MPI_Test(&req->handle, &flag, &status) == MPI_SUCCESS && flag) {
-                req->complete_unshared(outcome(*req, status, false));
+                req->complete_unshared(outcome({peer, tag, nullptr, bytes, true}, status, false));
                 return req;
             }
         }
@@ -151,11 +151,7 @@ public:
                     MPI_Status status{};
                     int rc = MPI_Test(&r.handle, &flag, &status);
                     if (rc != MPI_SUCCESS) {
-                        char msg[MPI_MAX_ERROR_STRING];
-                        int len = 0;
-                        MPI_Error_string(rc, msg, &len);
-                        r.complete(fmt::format("rank {}: {} rank {} failed ({} bytes): {}", rank_,
-                                               r.is_send ? "send to" : "receive from", r.peer, r.bytes, std::string(msg, len)));
+                        r.complete(failure({r.peer, r.tag, nullptr, r.bytes, r.is_send}, rc));
                     } else if (flag) {
                         finish(r, status, false);
                     }
@@ -175,6 +171,89 @@ public:
             if (r.handle != MPI_REQUEST_NULL) MPI_Cancel(&r.handle);
         }
         request.wait_until(Deadline(0));
+    }
+
+    // A collective's round as one array of MPI requests, tested together by the caller that waits (MPI_Testsome);
+    // none is listed for the progress thread, and no Request exists per message.
+    class MpiBatch final : public MessageBatch {
+    public:
+        MpiBatch(MpiTransport& t, std::vector<Message> messages)
+            : MessageBatch(std::move(messages)), t_(t), handles_(messages_.size(), MPI_REQUEST_NULL) {}
+        ~MpiBatch() override { withdraw(); }
+
+        void post() {
+            for (const Message& m : messages_) t_.check_size(m.bytes, m.is_send ? "isend" : "irecv");
+            for (size_t i = 0; i < messages_.size(); ++i) {
+                const Message& m = messages_[i];
+                int count = static_cast<int>(m.bytes);
+                if (m.is_send)
+                    DUPLEX_MPI_CHECK(MPI_Isend(m.buf, count, MPI_BYTE, m.peer, mpi_tag(m.tag), t_.comm_, &handles_[i]));
+                else
+                    DUPLEX_MPI_CHECK(MPI_Irecv(m.buf, count, MPI_BYTE, m.peer, mpi_tag(m.tag), t_.comm_, &handles_[i]));
+            }
+        }
+
+        int wait(const Deadline& deadline) override {
+            size_t n = handles_.size();
+            std::vector<int> indices(n);
+            std::vector<MPI_Status> statuses(n);
+            size_t left = n;
+            ProgressGate::Driving driving(t_.gate_);
+            for (int idle = 0; left > 0;) {
+                int count = 0;
+                int rc = MPI_Testsome(static_cast<int>(n), handles_.data(), &count, indices.data(), statuses.data());
+                if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
+                    std::string error = t_.failure(messages_[first_pending()], rc);
+                    withdraw();
+                    throw CommError(error);
+                }
+                if (count == MPI_UNDEFINED) break;  // every handle is null
+                for (int k = 0; k < count; ++k) {
+                    std::string error = t_.outcome(messages_[indices[k]], statuses[k], rc == MPI_ERR_IN_STATUS);
+                    if (error.empty()) continue;
+                    withdraw();
+                    throw CommError(error);
+                }
+                left -= static_cast<size_t>(count);
+                if (count > 0) {
+                    idle = 0;
+                    continue;
+                }
+                if (idle % kRoundsPerClock == kRoundsPerClock - 1 && deadline.expired()) {
+                    int late = first_pending();
+                    withdraw();
+                    return late;
+                }
+                backoff(idle++);
+            }
+            return -1;
+        }
+
+    private:
+        int first_pending() const {
+            for (size_t i = 0; i < handles_.size(); ++i)
+                if (handles_[i] != MPI_REQUEST_NULL) return static_cast<int>(i);
+            return 0;
+        }
+        // Cancels what is still in flight and waits until MPI let go of its buffers.
+        void withdraw() {
+            bool pending = false;
+            for (MPI_Request& h : handles_)
+                if (h != MPI_REQUEST_NULL) {
+                    MPI_Cancel(&h);
+                    pending = true;
+                }
+            if (pending) MPI_Waitall(static_cast<int>(handles_.size()), handles_.data(), MPI_STATUSES_IGNORE);
+        }
+
+        MpiTransport& t_;
+        std::vector<MPI_Request> handles_;
+    };
+
+    std::unique_ptr<MessageBatch> post(std::vector<Message> messages) override {
+        auto batch = std::make_unique<MpiBatch>(*this, std::move(messages));
+        batch->post();
+        return batch;
     }
 
     void abort(const std::string& reason) override {
@@ -242,23 +321,17 @@ private:
     }
 
     void finish(MpiRequest& r, const MPI_Status& status, bool errors_in_status) {
-        r.complete(outcome(r, status, errors_in_status));
+        r.complete(outcome({r.peer, r.tag, nullptr, r.bytes, r.is_send}, status, errors_in_status));
     }
 
     // What a finished request failed with ("" for success): a cancel, an error of MPI, a size that differs from the
     // posted one.
-    std::string outcome(const MpiRequest& r, const MPI_Status& status, bool errors_in_status) const {
+    std::string outcome(const Message& r, const MPI_Status& status, bool errors_in_status) const {
         int cancelled = 0;
         MPI_Test_cancelled(&status, &cancelled);
         if (cancelled)
             return fmt::format("rank {}: {} to/from rank {} cancelled", rank_, r.is_send ? "send" : "receive", r.peer);
-        if (errors_in_status && status.MPI_ERROR != MPI_SUCCESS) {
-            char msg[MPI_MAX_ERROR_STRING];
-            int len = 0;
-            MPI_Error_string(status.MPI_ERROR, msg, &len);
-            return fmt::format("rank {}: {} rank {} failed ({} bytes): {}", rank_, r.is_send ? "send to" : "receive from",
-                               r.peer, r.bytes, std::string(msg, len));
-        }
+        if (errors_in_status && status.MPI_ERROR != MPI_SUCCESS) return failure(r, status.MPI_ERROR);
         if (!r.is_send) {
             int count = 0;
             MPI_Get_count(&status, MPI_BYTE, &count);
@@ -266,6 +339,15 @@ private:
                 return size_mismatch_error(r.peer, fmt::format("{} bytes", count), rank_, r.bytes);
         }
         return {};
+    }
+
+    // What a message failed with when MPI returned `rc` for it.
+    std::string failure(const Message& m, int rc) const {
+        char msg[MPI_MAX_ERROR_STRING];
+        int len = 0;
+        MPI_Error_string(rc, msg, &len);
+        return fmt::format("rank {}: {} rank {} failed ({} bytes): {}", rank_, m.is_send ? "send to" : "receive from",
+                           m.peer, m.bytes, std::string(msg, len));
     }
 
     // A waiting caller reads the clock (its deadline) once per this many rounds.
