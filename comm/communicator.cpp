@@ -441,6 +441,10 @@ WorkPtr Communicator::reduce_scatter(const void* send, void* recv, size_t count,
     auto s = static_cast<const char*>(send);
     auto r = static_cast<char*>(recv);
     return enqueue("reduce_scatter", [=](const CollectiveCtx& ctx) {
+        if (n == 1) {  // one block, this rank's own
+            if (count > 0 && s != r) std::memmove(r, s, count * dtype_size(dtype));
+            return;
+        }
         std::vector<size_t> counts(n, count), offsets(n);
         for (int i = 0; i < n; ++i) offsets[i] = size_t(i) * count;
         reduce_scatter_blocks(ctx, 0, s, r, counts, offsets, dtype);
@@ -453,6 +457,7 @@ WorkPtr Communicator::all_reduce(void* buf, size_t count, DType dtype, ReduceOp)
     int n = size();
     auto b = static_cast<char*>(buf);
     return enqueue("all_reduce", [=](const CollectiveCtx& ctx) {
+        if (n == 1) return;  // the sum of one rank's values (queued all the same: it completes in order)
         std::vector<size_t> offsets;
         std::vector<size_t> counts = even_split(count, n, offsets);
         size_t esize = dtype_size(dtype);

@@ -85,22 +85,34 @@ struct PipelineTrainer<T>::Impl {
     }
 
     // Sums the gradients of `bufs` (those `keep` selects) over `group`, in place; returns their squared norm after
-    // the sum (0 when none is selected).
+    // the sum (0 when none is selected). A group of one sums nothing: the norm is read off the gradients.
     template <typename Keep>
     double sum_gradients(Communicator& group, std::vector<StateBuffer*> const& bufs, Keep keep) {
+        double sq = 0;
+        auto add_squares = [&sq](const T* g, size_t n) {
+            for (size_t i = 0; i < n; ++i) sq += double(g[i]) * double(g[i]);
+        };
+        if (group.size() == 1) {
+            for (StateBuffer* b : bufs)
+                if (keep(*b)) add_squares(b->grad.template data<T>(), size_t(b->grad.numel()));
+            return sq;
+        }
+        size_t total = 0;
+        for (StateBuffer* b : bufs)
+            if (keep(*b)) total += size_t(b->grad.numel());
+        if (total == 0) return 0;
         std::vector<T> flat;
+        flat.reserve(total);
         for (StateBuffer* b : bufs)
             if (keep(*b)) flat.insert(flat.end(), b->grad.template data<T>(), b->grad.template data<T>() + b->grad.numel());
-        if (flat.empty()) return 0;
         group.all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
         size_t off = 0;
-        double sq = 0;
         for (StateBuffer* b : bufs)
             if (keep(*b)) {
                 std::memcpy(b->grad.raw(), flat.data() + off, b->grad.nbytes());
                 off += size_t(b->grad.numel());
             }
-        for (T g : flat) sq += double(g) * double(g);
+        add_squares(flat.data(), flat.size());
         return sq;
     }
 
