@@ -11,6 +11,7 @@ anything), as processes and in-process.
     .venv/bin/python scripts/bench-torch-pipeline.py --width 16 --no-overhead   # where the schedulers' cost shows
     .venv/bin/python scripts/bench-torch-pipeline.py --profile-calls    # where the width-4 run's time goes
     .venv/bin/python scripts/bench-torch-pipeline.py --split-backward   # B and W three ways, one stage
+    .venv/bin/python scripts/bench-torch-pipeline.py --steal --steps 12  # each step beside the CPU time the VM lost
 Needs PYTHONPATH=build/python (make bench sets it). Both sides use one intra-op thread per rank.
 --profile-calls runs only the width-4 Duplex pipeline, with every method of its Python stages and
 torch.autograd.grad timed by the calling thread's CPU time (time.thread_time: a thread waiting for the GIL
@@ -89,6 +90,49 @@ def duplex_run(a, width, times=None):
     times = [] if times is None else times
     duplex.launch(lambda world: duplex_steps(world, a, blocks, width, times), ranks=a.stages // 2, timeout_s=600)
     return times, instructions_per_rank(a)
+
+
+def stolen_ms():
+    """CPU time the hypervisor gave to others (all of this machine's CPUs, /proc/stat's steal), in ms."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) * 1000.0 / os.sysconf("SC_CLK_TCK")
+
+
+def steal_process(rank, a, width, port, out):
+    """duplex_process's steps, each timed beside the CPU time stolen from the machine meanwhile."""
+    torch.set_num_threads(1)
+    os.environ.update(DUPLEX_RANK=str(rank), DUPLEX_WORLD_SIZE=str(a.stages // 2), DUPLEX_STORE_ADDR=f"127.0.0.1:{port}")
+    import duplex
+    import duplex.torch as dt
+
+    def steps(world):
+        blocks = make_blocks(a.stages, width)
+        pipe = dt.Pipeline(world, lambda s: blocks[s], schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
+                           loss_fn=torch.nn.functional.mse_loss)
+        rows = []
+        for step in range(1, a.steps + 1):
+            world.barrier()
+            t0, s0 = time.perf_counter(), stolen_ms()
+            pipe.step(*batch(step, a.microbatches * a.rows, width))
+            rows.append((time.perf_counter() - t0, stolen_ms() - s0))
+        pipe.close()
+        if world.rank == 0:
+            out.put(rows)
+
+    duplex.launch(steps, backend="ucx", timeout_s=600)
+
+
+def steal(a):
+    """Each step of duplex.torch as processes beside the CPU time the VM lost during it: on a shared VM a stolen tick
+    on either vCPU stalls both ranks of a pipeline, which a plain loop of the same calls barely notices."""
+    rows = in_processes(steal_process, a, a.width)[1:]
+    print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} processes, width {a.width}: step ms, stolen ms (all CPUs)")
+    for t, s in rows:
+        print(f"{1e3 * t:8.1f} {s:6.0f}")
+    calm = [t for t, s in rows if s == 0]
+    if calm:
+        print(f"median step without steal {1e3 * statistics.median(calm):.1f} ms ({len(calm)} of {len(rows)}), "
+              f"with {1e3 * statistics.median([t for t, s in rows if s > 0] or [0]):.1f} ms")
 
 
 def duplex_process(rank, a, width, port, out):
@@ -270,6 +314,8 @@ def main():
     ap.add_argument("--no-overhead", action="store_true",
                     help="skip the width-4 overhead lines after the rounds (when --width is itself small)")
     ap.add_argument("--profile-calls", action="store_true", help="only: where the width-4 Duplex run's time goes")
+    ap.add_argument("--steal", action="store_true",
+                    help="only: each Duplex-as-processes step beside the CPU time the VM lost (/proc/stat steal)")
     ap.add_argument("--split-backward", action="store_true",
                     help="only: a stage's B and W three ways (second pass, from branch points, one pass), one thread")
     a = ap.parse_args()
@@ -277,6 +323,8 @@ def main():
         return profile_calls(a)
     if a.split_backward:
         return split_backward(a)
+    if a.steal:
+        return steal(a)
     print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} ranks, {a.microbatches} microbatches of "
           f"{a.rows} x {a.width}, CPU, one thread per rank; {a.rounds} round(s) of torch, duplex as processes, duplex "
           f"in-process, back to back (median step of each, ms)", flush=True)
