@@ -92,6 +92,12 @@ def duplex_run(a, width, times=None):
     return times, instructions_per_rank(a)
 
 
+def rank_environment(rank, a, port):
+    """The variables torchrun would set for Duplex's launch (rank, world size, the store's address on `port`)."""
+    os.environ.update(DUPLEX_RANK=str(rank), DUPLEX_WORLD_SIZE=str(a.stages // 2),
+                      DUPLEX_STORE_ADDR=f"127.0.0.1:{port}")
+
+
 def stolen_ms():
     """CPU time the hypervisor gave to others (all of this machine's CPUs, /proc/stat's steal), in ms."""
     with open("/proc/stat") as f:
@@ -101,7 +107,7 @@ def stolen_ms():
 def steal_process(rank, a, width, port, out):
     """duplex_process's steps, each timed beside the CPU time stolen from the machine meanwhile."""
     torch.set_num_threads(1)
-    os.environ.update(DUPLEX_RANK=str(rank), DUPLEX_WORLD_SIZE=str(a.stages // 2), DUPLEX_STORE_ADDR=f"127.0.0.1:{port}")
+    rank_environment(rank, a, port)
     import duplex
     import duplex.torch as dt
 
@@ -126,19 +132,19 @@ def steal(a):
     """Each step of duplex.torch as processes beside the CPU time the VM lost during it: on a shared VM a stolen tick
     on either vCPU stalls both ranks of a pipeline, which a plain loop of the same calls barely notices."""
     rows = in_processes(steal_process, a, a.width)[1:]
-    print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} processes, width {a.width}: step ms, stolen ms (all CPUs)")
+    print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} processes, width {a.width}: "
+          "step ms, stolen ms (all CPUs)")
     for t, s in rows:
         print(f"{1e3 * t:8.1f} {s:6.0f}")
-    calm = [t for t, s in rows if s == 0]
-    if calm:
-        print(f"median step without steal {1e3 * statistics.median(calm):.1f} ms ({len(calm)} of {len(rows)}), "
-              f"with {1e3 * statistics.median([t for t, s in rows if s > 0] or [0]):.1f} ms")
+    for name, part in (("without", [t for t, s in rows if s == 0]), ("with", [t for t, s in rows if s > 0])):
+        if part:
+            print(f"median step {name} stolen time: {1e3 * statistics.median(part):.1f} ms ({len(part)} of {len(rows)})")
 
 
 def duplex_process(rank, a, width, port, out):
     """Duplex with one rank per process, as torchrun starts them (the UCX backend, the store on `port`)."""
     torch.set_num_threads(1)
-    os.environ.update(DUPLEX_RANK=str(rank), DUPLEX_WORLD_SIZE=str(a.stages // 2), DUPLEX_STORE_ADDR=f"127.0.0.1:{port}")
+    rank_environment(rank, a, port)
     import duplex
     times = []
     duplex.launch(lambda world: duplex_steps(world, a, make_blocks(a.stages, width), width, times), backend="ucx",
@@ -251,7 +257,8 @@ def profile_calls(a):
     times, instructions = duplex_run(a, 4, Counting())
     counted = steps - 1
     print(f"# width-4 DualPipeV, {a.stages} stages on {a.stages // 2} in-process ranks, {a.microbatches} microbatches; "
-          f"steps {1e3 * statistics.median(times[1:]):.2f} ms (median); CPU time per call, all ranks, after the warm-up:")
+          f"steps {1e3 * statistics.median(times[1:]):.2f} ms (median); "
+          "CPU time per call, all ranks, after the warm-up:")
     for name in sorted(spent, key=lambda n: -spent[n]):
         print(f"{name:24s} {calls[name] / counted:6.1f} calls/step  {1e6 * spent[name] / calls[name]:8.1f} us/call  "
               f"{1e3 * spent[name] / counted:7.2f} ms/step")
