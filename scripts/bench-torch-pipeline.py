@@ -138,7 +138,8 @@ def steal(a):
         print(f"{1e3 * t:8.1f} {s:6.0f}")
     for name, part in (("without", [t for t, s in rows if s == 0]), ("with", [t for t, s in rows if s > 0])):
         if part:
-            print(f"median step {name} stolen time: {1e3 * statistics.median(part):.1f} ms ({len(part)} of {len(rows)})")
+            median = 1e3 * statistics.median(part)
+            print(f"median step {name} stolen time: {median:.1f} ms ({len(part)} of {len(rows)})")
 
 
 def duplex_process(rank, a, width, port, out):
