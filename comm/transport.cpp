@@ -71,9 +71,14 @@ public:
     RequestBatch(Transport& transport, std::vector<Message> messages)
         : MessageBatch(std::move(messages)), transport_(transport) {
         requests_.reserve(messages_.size());
-        for (const Message& m : messages_)
-            requests_.push_back(m.is_send ? transport.isend(m.peer, m.tag, m.buf, m.bytes)
-                                          : transport.irecv(m.peer, m.tag, m.buf, m.bytes));
+        try {
+            for (const Message& m : messages_)
+                requests_.push_back(m.is_send ? transport.isend(m.peer, m.tag, m.buf, m.bytes)
+                                              : transport.irecv(m.peer, m.tag, m.buf, m.bytes));
+        } catch (...) {
+            withdraw();  // what was posted before the failure (no destructor runs for a half-built batch)
+            throw;
+        }
     }
     ~RequestBatch() override { withdraw(); }
 

@@ -86,6 +86,51 @@ struct Listed : Request, InFlightLinks<Listed> {
     using Request::Request;
 };
 
+// A transport whose requests stay pending until cancelled, and whose `fail_at`-th post throws.
+class PendingTransport : public Transport {
+public:
+    explicit PendingTransport(int fail_at) : fail_at_(fail_at) {}
+    const char* name() const override { return "pending"; }
+    int rank() const override { return 0; }
+    int size() const override { return 2; }
+    std::shared_ptr<Request> isend(int peer, uint64_t tag, const void*, size_t bytes) override {
+        return make(peer, tag, bytes, true);
+    }
+    std::shared_ptr<Request> irecv(int peer, uint64_t tag, void*, size_t bytes) override {
+        return make(peer, tag, bytes, false);
+    }
+    bool wait(Request& r, const Deadline&) override { return r.done(); }
+    void cancel(Request& r) override {
+        if (r.complete("cancelled")) ++cancelled;
+    }
+    void abort(const std::string&) override {}
+    std::vector<std::string> hostnames() const override { return {"a", "a"}; }
+    int cancelled = 0;
+
+private:
+    std::shared_ptr<Request> make(int peer, uint64_t tag, size_t bytes, bool is_send) {
+        if (++posts_ == fail_at_) throw CommError("the transport refused the post");
+        return std::make_shared<Request>(peer, tag, bytes, is_send);
+    }
+    int fail_at_, posts_ = 0;
+};
+
+// Transport::post's default: a post that fails part-way withdraws what it had posted (the caller frees the buffers
+// when the error reaches it), and a round that does not complete by its deadline names its first pending message
+// with every message withdrawn. Bug it catches: a half-posted batch left in flight (no destructor runs for it).
+TEST(MessageBatch, AFailedPostWithdrawsWhatWasPostedAndATimeoutEverything) {
+    std::vector<Message> round = {{1, 5, nullptr, 8, false}, {1, 5, nullptr, 8, true}, {1, 6, nullptr, 8, false}};
+    PendingTransport failing(3);
+    EXPECT_THROW(failing.post(round), CommError);
+    EXPECT_EQ(failing.cancelled, 2);
+
+    PendingTransport pending(0);
+    auto batch = pending.post(round);
+    EXPECT_EQ(batch->wait(Deadline(1e-3)), 0);
+    EXPECT_EQ(pending.cancelled, 3);
+    EXPECT_EQ(batch->messages().size(), 3u);
+}
+
 TEST(InFlight, ListsUnlistsAndReleasesWhatIsLeft) {
     std::weak_ptr<Listed> left_behind;
     {
