@@ -170,17 +170,20 @@ struct CollectiveCtx {
     }
     uint64_t tag(int phase) const { return comm.wire_tag(true, (seq << 3) | static_cast<uint32_t>(phase)); }
 
-    std::unique_ptr<MessageBatch> post(std::vector<Message> messages) const { return comm.transport_->post(std::move(messages)); }
+    std::unique_ptr<MessageBatch> post(std::vector<Message> messages) const {
+        return comm.transport_->post(std::move(messages));
+    }
     // Waits for a posted round. A timeout or a failed message withdraws the rest before the error propagates (the
     // caller then frees their buffers); a timeout names the first peer that did not answer.
     void wait(MessageBatch& round) const {
         int late = round.wait(deadline);
         if (late < 0) return;
         const Message& m = round.messages()[late];
-        int peer = static_cast<int>(std::find(comm.members_.begin(), comm.members_.end(), m.peer) - comm.members_.begin());
-        throw TimeoutError(
-            fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer), m.is_send ? "sending" : "receiving", m.bytes),
-            deadline.timeout_s());
+        auto member = std::find(comm.members_.begin(), comm.members_.end(), m.peer);
+        auto peer = static_cast<int>(member - comm.members_.begin());
+        throw TimeoutError(fmt::format("{} ({} {} bytes)", comm_context(comm.rank(), op, peer),
+                                       m.is_send ? "sending" : "receiving", m.bytes),
+                           deadline.timeout_s());
     }
 };
 
@@ -479,7 +482,8 @@ WorkPtr Communicator::barrier() {
         // Dissemination barrier: ceil(log2 n) rounds of empty messages.
         int n = ctx.comm.size(), me = ctx.comm.rank();
         for (int dist = 1, round = 0; dist < n; dist *= 2, ++round) {
-            auto posted = ctx.post({ctx.recv((me - dist + n) % n, round, nullptr, 0), ctx.send((me + dist) % n, round, nullptr, 0)});
+            int from = (me - dist + n) % n, to = (me + dist) % n;
+            auto posted = ctx.post({ctx.recv(from, round, nullptr, 0), ctx.send(to, round, nullptr, 0)});
             ctx.wait(*posted);
         }
     });

@@ -68,17 +68,20 @@ def torch_rank(rank, a, port, out):
 
 
 def duplex_steps(world, a, blocks, width, times):
-    """This rank's share of the Duplex run: a.steps steps of DualPipeV; rank 0 appends each step's time."""
+    """This rank's share of the Duplex run: a.steps steps of DualPipeV; rank 0 appends each step's time (with --steal,
+    (time, ms of CPU time stolen from the machine meanwhile))."""
     import duplex.torch as dt
     pipe = dt.Pipeline(world, lambda s: blocks[s], schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
                        loss_fn=torch.nn.functional.mse_loss)
+    with_steal = getattr(a, "steal", False)
     for step in range(1, a.steps + 1):
         world.barrier()
-        t0 = time.perf_counter()
+        t0, s0 = time.perf_counter(), stolen_ms() if with_steal else 0
         pipe.step(*batch(step, a.microbatches * a.rows, width))
         world.barrier()
         if world.rank == 0:
-            times.append(time.perf_counter() - t0)
+            t = time.perf_counter() - t0
+            times.append((t, stolen_ms() - s0) if with_steal else t)
     pipe.close()
 
 
@@ -104,34 +107,11 @@ def stolen_ms():
         return int(f.readline().split()[8]) * 1000.0 / os.sysconf("SC_CLK_TCK")
 
 
-def steal_process(rank, a, width, port, out):
-    """duplex_process's steps, each timed beside the CPU time stolen from the machine meanwhile."""
-    torch.set_num_threads(1)
-    rank_environment(rank, a, port)
-    import duplex
-    import duplex.torch as dt
-
-    def steps(world):
-        blocks = make_blocks(a.stages, width)
-        pipe = dt.Pipeline(world, lambda s: blocks[s], schedule="dualpipev", pp=a.stages, microbatches=a.microbatches,
-                           loss_fn=torch.nn.functional.mse_loss)
-        rows = []
-        for step in range(1, a.steps + 1):
-            world.barrier()
-            t0, s0 = time.perf_counter(), stolen_ms()
-            pipe.step(*batch(step, a.microbatches * a.rows, width))
-            rows.append((time.perf_counter() - t0, stolen_ms() - s0))
-        pipe.close()
-        if world.rank == 0:
-            out.put(rows)
-
-    duplex.launch(steps, backend="ucx", timeout_s=600)
-
-
 def steal(a):
-    """Each step of duplex.torch as processes beside the CPU time the VM lost during it: on a shared VM a stolen tick
-    on either vCPU stalls both ranks of a pipeline, which a plain loop of the same calls barely notices."""
-    rows = in_processes(steal_process, a, a.width)[1:]
+    """Each step of duplex.torch as processes (duplex_process) beside the CPU time the VM lost during it: on a shared
+    VM a stolen tick on either vCPU stalls both ranks of a pipeline, which a plain loop of the same calls barely
+    notices."""
+    rows = in_processes(duplex_process, a, a.width)[1:]
     print(f"# DualPipeV, {a.stages} stages on {a.stages // 2} processes, width {a.width}: "
           "step ms, stolen ms (all CPUs)")
     for t, s in rows:

@@ -118,7 +118,7 @@ public:
             int flag = 0;
             MPI_Status status{};
             if (MPI_Test(&req->handle, &flag, &status) == MPI_SUCCESS && flag) {
-                req->complete_unshared(outcome({peer, tag, nullptr, bytes, true}, status, false));
+                req->complete_unshared(outcome(message_of(*req), status, false));
                 return req;
             }
         }
@@ -151,7 +151,7 @@ public:
                     MPI_Status status{};
                     int rc = MPI_Test(&r.handle, &flag, &status);
                     if (rc != MPI_SUCCESS) {
-                        r.complete(failure({r.peer, r.tag, nullptr, r.bytes, r.is_send}, rc));
+                        r.complete(failure(message_of(r), rc));
                     } else if (flag) {
                         finish(r, status, false);
                     }
@@ -178,7 +178,11 @@ public:
     class MpiBatch final : public MessageBatch {
     public:
         MpiBatch(MpiTransport& t, std::vector<Message> messages)
-            : MessageBatch(std::move(messages)), t_(t), handles_(messages_.size(), MPI_REQUEST_NULL) {}
+            : MessageBatch(std::move(messages)),
+              t_(t),
+              handles_(messages_.size(), MPI_REQUEST_NULL),
+              indices_(messages_.size()),
+              statuses_(messages_.size()) {}
         ~MpiBatch() override { withdraw(); }
 
         void post() {
@@ -194,14 +198,11 @@ public:
         }
 
         int wait(const Deadline& deadline) override {
-            size_t n = handles_.size();
-            std::vector<int> indices(n);
-            std::vector<MPI_Status> statuses(n);
-            size_t left = n;
+            size_t n = handles_.size(), left = n;
             ProgressGate::Driving driving(t_.gate_);
             for (int idle = 0; left > 0;) {
                 int count = 0;
-                int rc = MPI_Testsome(static_cast<int>(n), handles_.data(), &count, indices.data(), statuses.data());
+                int rc = MPI_Testsome(static_cast<int>(n), handles_.data(), &count, indices_.data(), statuses_.data());
                 if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
                     std::string error = t_.failure(messages_[first_pending()], rc);
                     withdraw();
@@ -209,7 +210,7 @@ public:
                 }
                 if (count == MPI_UNDEFINED) break;  // every handle is null
                 for (int k = 0; k < count; ++k) {
-                    std::string error = t_.outcome(messages_[indices[k]], statuses[k], rc == MPI_ERR_IN_STATUS);
+                    std::string error = t_.outcome(messages_[indices_[k]], statuses_[k], rc == MPI_ERR_IN_STATUS);
                     if (error.empty()) continue;
                     withdraw();
                     throw CommError(error);
@@ -248,6 +249,8 @@ public:
 
         MpiTransport& t_;
         std::vector<MPI_Request> handles_;
+        std::vector<int> indices_;         // MPI_Testsome's answers
+        std::vector<MPI_Status> statuses_;
     };
 
     std::unique_ptr<MessageBatch> post(std::vector<Message> messages) override {
@@ -321,8 +324,11 @@ private:
     }
 
     void finish(MpiRequest& r, const MPI_Status& status, bool errors_in_status) {
-        r.complete(outcome({r.peer, r.tag, nullptr, r.bytes, r.is_send}, status, errors_in_status));
+        r.complete(outcome(message_of(r), status, errors_in_status));
     }
+
+    // A request as the message it carries (what outcome() and failure() name).
+    static Message message_of(const Request& r) { return {r.peer, r.tag, nullptr, r.bytes, r.is_send}; }
 
     // What a finished request failed with ("" for success): a cancel, an error of MPI, a size that differs from the
     // posted one.

@@ -88,31 +88,30 @@ struct PipelineTrainer<T>::Impl {
     // the sum (0 when none is selected). A group of one sums nothing: the norm is read off the gradients.
     template <typename Keep>
     double sum_gradients(Communicator& group, std::vector<StateBuffer*> const& bufs, Keep keep) {
-        double sq = 0;
-        auto add_squares = [&sq](const T* g, size_t n) {
-            for (size_t i = 0; i < n; ++i) sq += double(g[i]) * double(g[i]);
-        };
-        if (group.size() == 1) {
-            for (StateBuffer* b : bufs)
-                if (keep(*b)) add_squares(b->grad.template data<T>(), size_t(b->grad.numel()));
-            return sq;
-        }
+        std::vector<StateBuffer*> kept;
         size_t total = 0;
         for (StateBuffer* b : bufs)
-            if (keep(*b)) total += size_t(b->grad.numel());
-        if (total == 0) return 0;
-        std::vector<T> flat;
-        flat.reserve(total);
-        for (StateBuffer* b : bufs)
-            if (keep(*b)) flat.insert(flat.end(), b->grad.template data<T>(), b->grad.template data<T>() + b->grad.numel());
-        group.all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
-        size_t off = 0;
-        for (StateBuffer* b : bufs)
             if (keep(*b)) {
+                kept.push_back(b);
+                total += size_t(b->grad.numel());
+            }
+        if (group.size() > 1 && total > 0) {
+            std::vector<T> flat;
+            flat.reserve(total);
+            for (StateBuffer* b : kept)
+                flat.insert(flat.end(), b->grad.template data<T>(), b->grad.template data<T>() + b->grad.numel());
+            group.all_reduce(flat.data(), flat.size(), dtype_of<T>())->wait();
+            size_t off = 0;
+            for (StateBuffer* b : kept) {
                 std::memcpy(b->grad.raw(), flat.data() + off, b->grad.nbytes());
                 off += size_t(b->grad.numel());
             }
-        add_squares(flat.data(), flat.size());
+        }
+        double sq = 0;
+        for (StateBuffer* b : kept) {
+            const T* g = b->grad.template data<T>();
+            for (int64_t i = 0; i < b->grad.numel(); ++i) sq += double(g[i]) * double(g[i]);
+        }
         return sq;
     }
 
